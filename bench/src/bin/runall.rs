@@ -1,0 +1,811 @@
+//! Runs every benchmark against the crate's `chat` example and the
+//! `baseline` server, alternating (crate, baseline, crate, baseline, …),
+//! each measurement on a freshly started server, and prints a markdown
+//! table of the medians with the ratio crate/baseline.
+//!
+//! Normally started through `bench/run.sh`, which builds everything and
+//! raises `ulimit -n` first. See `bench/README.md`.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tower_channels_bench::{err, median, procfs, Args, Result};
+
+const USAGE: &str =
+    "usage: runall [--smoke] [--redis URL] [--rounds N] [--only echo,fanout,idle,connections]
+              [--connections-baseline] [--crate-bin PATH] [--baseline-bin PATH]
+              [--loadgen-bin PATH] [--json-out FILE] [--verbose]";
+
+/// How long a server may take to print its `listening on` line.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Echo,
+    Fanout,
+    Idle,
+    Connections,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Echo, Mode::Fanout, Mode::Idle, Mode::Connections];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+            Mode::Fanout => "fanout",
+            Mode::Idle => "idle",
+            Mode::Connections => "connections",
+        }
+    }
+}
+
+/// Workload sizes.
+#[derive(Debug)]
+struct Sizes {
+    echo_conns: u32,
+    echo_size: u32,
+    echo_duration: f64,
+    echo_warmup: f64,
+    fanout_subs: u32,
+    fanout_msgs: u32,
+    fanout_size: u32,
+    idle_conns: u32,
+    conn_total: u32,
+    conn_procs: u32,
+    conn_ips: &'static str,
+}
+
+const FULL: Sizes = Sizes {
+    echo_conns: 50,
+    echo_size: 64,
+    echo_duration: 10.0,
+    echo_warmup: 1.0,
+    fanout_subs: 1000,
+    fanout_msgs: 500,
+    fanout_size: 100,
+    idle_conns: 5000,
+    conn_total: 19_900,
+    conn_procs: 4,
+    conn_ips: "127.0.0.2-127.0.0.5",
+};
+
+const SMOKE: Sizes = Sizes {
+    echo_conns: 5,
+    echo_size: 64,
+    echo_duration: 1.0,
+    echo_warmup: 0.0,
+    fanout_subs: 20,
+    fanout_msgs: 20,
+    fanout_size: 100,
+    idle_conns: 50,
+    conn_total: 200,
+    conn_procs: 2,
+    conn_ips: "127.0.0.2-127.0.0.3",
+};
+
+#[derive(Debug)]
+struct Config {
+    smoke: bool,
+    rounds: u32,
+    redis: Option<String>,
+    modes: Vec<Mode>,
+    connections_baseline: bool,
+    crate_bin: PathBuf,
+    baseline_bin: PathBuf,
+    loadgen_bin: PathBuf,
+    json_out: Option<PathBuf>,
+    verbose: bool,
+    sizes: &'static Sizes,
+}
+
+/// One measurement.
+#[derive(Debug)]
+struct Run {
+    mode: Mode,
+    /// "crate", "baseline" or "crate-redis".
+    server: &'static str,
+    ok: bool,
+    json: Value,
+    failure: Option<String>,
+}
+
+impl Run {
+    fn metric(&self, key: &str) -> Option<f64> {
+        self.json.get(key).and_then(Value::as_f64)
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("runall: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<bool> {
+    let cfg = parse_config()?;
+    for bin in [&cfg.crate_bin, &cfg.baseline_bin, &cfg.loadgen_bin] {
+        if !bin.is_file() {
+            return err(format!(
+                "{} not found (build first, or use bench/run.sh)",
+                bin.display()
+            ));
+        }
+    }
+    let needed = u64::from(cfg.sizes.conn_total.max(cfg.sizes.idle_conns)) + 32;
+    let limit = procfs::open_files_limit().unwrap_or(0);
+    if limit < needed {
+        eprintln!(
+            "runall: warning: open-file limit is {limit}, the servers need about {needed}; \
+             raise it with `ulimit -n` (bench/run.sh does)"
+        );
+    }
+
+    println!(
+        "# tower-channels benchmarks ({}; {} CPUs; {} round(s) per server)",
+        if cfg.smoke { "smoke" } else { "full" },
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        cfg.rounds
+    );
+    println!("crate server:    {}", cfg.crate_bin.display());
+    println!("baseline server: {}", cfg.baseline_bin.display());
+    println!();
+
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for &mode in &cfg.modes {
+        let mut servers: Vec<&'static str> = vec!["crate", "baseline"];
+        if mode == Mode::Connections && !cfg.connections_baseline {
+            servers.truncate(1);
+        }
+        for round in 1..=cfg.rounds {
+            for &server in &servers {
+                let run = measure(&cfg, mode, server, round);
+                report(&cfg, &run, round)?;
+                runs.push(run);
+            }
+        }
+    }
+    if cfg.redis.is_some() {
+        for round in 1..=cfg.rounds {
+            let run = measure(&cfg, Mode::Fanout, "crate-redis", round);
+            report(&cfg, &run, round)?;
+            runs.push(run);
+        }
+    }
+
+    println!();
+    print!("{}", table(&cfg, &runs));
+    let failures: Vec<&Run> = runs.iter().filter(|r| !r.ok).collect();
+    println!();
+    println!(
+        "{} run(s) in {:.0} s, {} failed",
+        runs.len(),
+        started.elapsed().as_secs_f64(),
+        failures.len()
+    );
+    for r in &failures {
+        println!(
+            "FAILED: {} on {}: {}",
+            r.mode.name(),
+            r.server,
+            r.failure.as_deref().unwrap_or("see output above")
+        );
+    }
+    Ok(failures.is_empty())
+}
+
+fn parse_config() -> Result<Config> {
+    let mut args = Args::parse(
+        std::env::args().skip(1),
+        &["smoke", "connections-baseline", "verbose", "help"],
+    )?;
+    if args.flag("help") {
+        println!("{USAGE}");
+        std::process::exit(0);
+    }
+    let smoke = args.flag("smoke");
+    let rounds = args.get("rounds", if smoke { 1 } else { 2 })?;
+    let redis = args.opt("redis");
+    let modes = match args.opt("only") {
+        None => Mode::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|m| {
+                Mode::ALL
+                    .into_iter()
+                    .find(|x| x.name() == m.trim())
+                    .map_or_else(|| err(format!("unknown mode `{m}`\n{USAGE}")), Ok)
+            })
+            .collect::<Result<_>>()?,
+    };
+    // Binaries default to the directory runall itself was built into.
+    let dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = |args: &mut Args, key: &str, default: PathBuf| -> PathBuf {
+        args.opt(key).map_or(default, PathBuf::from)
+    };
+    let crate_bin = path(&mut args, "crate-bin", dir.join("examples").join("chat"));
+    let baseline_bin = path(&mut args, "baseline-bin", dir.join("baseline"));
+    let loadgen_bin = path(&mut args, "loadgen-bin", dir.join("loadgen"));
+    let json_out = args.opt("json-out").map(PathBuf::from);
+    let connections_baseline = args.flag("connections-baseline");
+    let verbose = args.flag("verbose");
+    args.finish()?;
+    if rounds == 0 {
+        return err("--rounds must be at least 1");
+    }
+    Ok(Config {
+        smoke,
+        rounds,
+        redis,
+        modes,
+        connections_baseline,
+        crate_bin,
+        baseline_bin,
+        loadgen_bin,
+        json_out,
+        verbose,
+        sizes: if smoke { &SMOKE } else { &FULL },
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+
+/// A server child process; killed when dropped.
+struct Server {
+    label: String,
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<VecDeque<String>>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts `bin --addr 127.0.0.1:0 [extra…]` and waits for its
+    /// `listening on <addr>` line.
+    fn start(label: &str, bin: &Path, extra: &[&str], verbose: bool) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = mpsc::channel();
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(collect_output(
+                label,
+                out,
+                Arc::clone(&log),
+                Some(tx),
+                verbose,
+            ));
+        }
+        if let Some(errout) = child.stderr.take() {
+            readers.push(collect_output(
+                label,
+                errout,
+                Arc::clone(&log),
+                None,
+                verbose,
+            ));
+        }
+        let mut server = Self {
+            label: label.to_owned(),
+            child,
+            addr: String::new(),
+            log,
+            readers,
+        };
+        match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(addr) => {
+                server.addr = addr;
+                Ok(server)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => err(format!(
+                "{label} did not print `listening on <addr>` within {} s{}",
+                STARTUP_TIMEOUT.as_secs(),
+                server.tail()
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Its stdout closed: let it exit and collect all its output.
+                let _ = server.child.wait();
+                for reader in server.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                err(format!(
+                    "{label} exited without printing `listening on <addr>`{}",
+                    server.tail()
+                ))
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// None if still running, else a description of how it ended.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(None) => None,
+            Ok(Some(status)) => Some(format!("{} exited ({status}){}", self.label, self.tail())),
+            Err(e) => Some(format!("{}: {e}", self.label)),
+        }
+    }
+
+    /// The last lines the server printed, for error messages.
+    fn tail(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.is_empty() {
+            String::new()
+        } else {
+            let lines: Vec<&str> = log.iter().map(String::as_str).collect();
+            format!("; last output:\n    {}", lines.join("\n    "))
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keeps the last lines of a server's output (so its pipe never fills up);
+/// sends the address of the first `listening on <addr>` line to `listening`.
+fn collect_output(
+    label: &str,
+    pipe: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<VecDeque<String>>>,
+    mut listening: Option<mpsc::Sender<String>>,
+    verbose: bool,
+) -> thread::JoinHandle<()> {
+    let label = label.to_owned();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if verbose {
+                eprintln!("  [{label}] {line}");
+            }
+            if let Some(pos) = line.find("listening on ") {
+                if let Some(tx) = listening.take() {
+                    let addr = line[pos + "listening on ".len()..].trim();
+                    let addr = addr
+                        .trim_start_matches("http://")
+                        .trim_start_matches("ws://")
+                        .trim_end_matches('/');
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+            let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+            if log.len() == 20 {
+                log.pop_front();
+            }
+            log.push_back(line);
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Measurements
+
+fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
+    let failed = |msg: String| Run {
+        mode,
+        server,
+        ok: false,
+        json: Value::Null,
+        failure: Some(msg),
+    };
+    let mut servers = Vec::new();
+    let start = |label: &str, bin: &Path, extra: &[&str]| {
+        Server::start(&format!("{label}#{round}"), bin, extra, cfg.verbose)
+    };
+    let started = match server {
+        "crate" => start("crate", &cfg.crate_bin, &[]).map(|s| vec![s]),
+        "baseline" => start("baseline", &cfg.baseline_bin, &[]).map(|s| vec![s]),
+        _ => {
+            let url = cfg.redis.as_deref().unwrap_or_default();
+            start("crate-redis-a", &cfg.crate_bin, &["--redis", url]).and_then(|a| {
+                start("crate-redis-b", &cfg.crate_bin, &["--redis", url]).map(|b| vec![a, b])
+            })
+        }
+    };
+    match started {
+        Ok(s) => servers.extend(s),
+        Err(e) => return failed(e.to_string()),
+    }
+
+    let s = cfg.sizes;
+    let addr = servers[0].addr.clone();
+    let mut args: Vec<String> = vec![mode.name().into(), "--addr".into(), addr];
+    let mut push = |k: &str, v: String| {
+        args.push(format!("--{k}"));
+        args.push(v);
+    };
+    match mode {
+        Mode::Echo => {
+            push("conns", s.echo_conns.to_string());
+            push("size", s.echo_size.to_string());
+            push("duration", s.echo_duration.to_string());
+            push("warmup", s.echo_warmup.to_string());
+        }
+        Mode::Fanout => {
+            push("subs", s.fanout_subs.to_string());
+            push("msgs", s.fanout_msgs.to_string());
+            push("size", s.fanout_size.to_string());
+            if let Some(b) = servers.get(1) {
+                push("addr2", b.addr.clone());
+            }
+        }
+        Mode::Idle => push("conns", s.idle_conns.to_string()),
+        Mode::Connections => {
+            push("conns", s.conn_total.to_string());
+            push("procs", s.conn_procs.to_string());
+            push("local-ip", s.conn_ips.to_owned());
+        }
+    }
+    for srv in &servers {
+        push("server-pid", srv.pid().to_string());
+    }
+    if cfg.verbose {
+        eprintln!("  $ {} {}", cfg.loadgen_bin.display(), args.join(" "));
+    }
+
+    let output = match Command::new(&cfg.loadgen_bin)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => return failed(format!("cannot run loadgen: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut json = Value::Null;
+    for line in stdout.lines() {
+        if line.starts_with('{') {
+            json = serde_json::from_str(line).unwrap_or(Value::Null);
+        } else if !line.trim().is_empty() {
+            println!("  {server} #{round}: {line}");
+        }
+    }
+    let crashed: Vec<String> = servers.iter_mut().filter_map(Server::exited).collect();
+    let reported_ok = json.get("ok").and_then(Value::as_bool) == Some(true);
+    let failure = if !crashed.is_empty() {
+        Some(crashed.join("; "))
+    } else if json.is_null() {
+        Some(format!("loadgen produced no result ({})", output.status))
+    } else if !output.status.success() || !reported_ok {
+        Some(format!("loadgen reported failure ({})", output.status))
+    } else {
+        None
+    };
+    drop(servers);
+    Run {
+        mode,
+        server,
+        ok: failure.is_none(),
+        json,
+        failure,
+    }
+}
+
+/// Prints one run's JSON line (tagged with server and round) and appends it
+/// to `--json-out`.
+fn report(cfg: &Config, run: &Run, round: u32) -> Result<()> {
+    let mut json = match &run.json {
+        Value::Object(m) => Value::Object(m.clone()),
+        _ => serde_json::json!({ "mode": run.mode.name(), "ok": false }),
+    };
+    json["server"] = Value::from(run.server);
+    json["round"] = Value::from(round);
+    if let Some(f) = &run.failure {
+        json["failure"] = Value::from(f.as_str());
+        println!("  {} #{round}: FAILED: {f}", run.server);
+    }
+    println!("{json}");
+    if let Some(path) = &cfg.json_out {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(file, "{json}")?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Table
+
+/// Median of `key` over the successful runs of `mode` on `server`.
+fn med(runs: &[Run], mode: Mode, server: &str, key: &str) -> Option<f64> {
+    let values: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.mode == mode && r.server == server && r.ok)
+        .filter_map(|r| r.metric(key))
+        .collect();
+    median(&values)
+}
+
+/// Sum of `key` over all runs of `mode` on `server` (for loss counters).
+fn total(runs: &[Run], mode: Mode, server: &str, key: &str) -> Option<f64> {
+    let values: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.mode == mode && r.server == server)
+        .filter_map(|r| r.metric(key))
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+fn had_failure(runs: &[Run], mode: Mode, server: &str) -> bool {
+    runs.iter()
+        .any(|r| r.mode == mode && r.server == server && !r.ok)
+}
+
+fn fmt_num(x: Option<f64>) -> String {
+    let Some(x) = x else {
+        return "—".to_owned();
+    };
+    if x.abs() >= 1000.0 {
+        let s = format!("{:.0}", x.abs());
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        if x < 0.0 {
+            out.insert(0, '-');
+        }
+        out
+    } else if x.abs() >= 10.0 || x == x.trunc() {
+        format!("{x:.1}").trim_end_matches(".0").to_owned()
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "—".to_owned(),
+    }
+}
+
+struct Row {
+    label: String,
+    key: &'static str,
+    better: &'static str,
+    /// Sum over runs instead of the median.
+    sum: bool,
+    /// Divide the value by 1000 (µs -> ms).
+    ms: bool,
+}
+
+fn row(label: impl Into<String>, key: &'static str, better: &'static str) -> Row {
+    Row {
+        label: label.into(),
+        key,
+        better,
+        sum: false,
+        ms: false,
+    }
+}
+
+fn table(cfg: &Config, runs: &[Run]) -> String {
+    let s = cfg.sizes;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## Results (median of {} round(s); ratio = tower-channels / baseline)\n",
+        cfg.rounds
+    );
+    let _ = writeln!(
+        out,
+        "| benchmark | metric | better | tower-channels | baseline | ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+
+    let echo = format!("echo ({} conns, {} B)", s.echo_conns, s.echo_size);
+    let fan = format!(
+        "fan-out ({} subs, {} msgs, {} B)",
+        s.fanout_subs, s.fanout_msgs, s.fanout_size
+    );
+    let idle = format!("idle ({} conns)", s.idle_conns);
+    let conns = format!("connections ({})", s.conn_total);
+    let ms = |mut r: Row| {
+        r.ms = true;
+        r
+    };
+    let sum = |mut r: Row| {
+        r.sum = true;
+        r
+    };
+    let sections: Vec<(Mode, &str, Vec<Row>)> = vec![
+        (
+            Mode::Echo,
+            &echo,
+            vec![
+                row("msgs/s", "msgs_per_s", "higher"),
+                row("server CPU µs/msg", "cpu_us_per_msg", "lower"),
+                row("RTT p50 µs", "rtt_p50_us", "lower"),
+                row("RTT p99 µs", "rtt_p99_us", "lower"),
+            ],
+        ),
+        (
+            Mode::Fanout,
+            &fan,
+            vec![
+                row("deliveries/s", "deliveries_per_s", "higher"),
+                row("server CPU µs/delivery", "cpu_us_per_delivery", "lower"),
+                ms(row("latency p50 ms", "latency_p50_us", "lower")),
+                ms(row("latency p99 ms", "latency_p99_us", "lower")),
+                ms(row(
+                    "broadcast completion p50 ms",
+                    "completion_p50_us",
+                    "lower",
+                )),
+                ms(row(
+                    "broadcast completion p99 ms",
+                    "completion_p99_us",
+                    "lower",
+                )),
+                ms(row(
+                    "broadcast completion max ms",
+                    "completion_max_us",
+                    "lower",
+                )),
+                sum(row("lost (all rounds)", "lost", "0")),
+            ],
+        ),
+        (
+            Mode::Idle,
+            &idle,
+            vec![row("server KiB/conn", "kib_per_conn", "lower")],
+        ),
+        (
+            Mode::Connections,
+            &conns,
+            vec![
+                row("established", "established", "all"),
+                row("answered echo", "answered", "all"),
+                row("server KiB/conn", "kib_per_conn", "lower"),
+                row("seconds to open all", "open_s", "lower"),
+                row("server CPU µs/conn", "cpu_us_per_conn", "lower"),
+            ],
+        ),
+    ];
+    for (mode, title, rows) in &sections {
+        if !cfg.modes.contains(mode) {
+            continue;
+        }
+        for r in rows {
+            let value = |server: &str| {
+                let v = if r.sum {
+                    total(runs, *mode, server, r.key)
+                } else {
+                    med(runs, *mode, server, r.key)
+                };
+                v.map(|x| if r.ms { x / 1000.0 } else { x })
+            };
+            let cell = |server: &str, v: Option<f64>| {
+                if had_failure(runs, *mode, server) && !r.sum {
+                    format!("{} (FAIL)", fmt_num(v))
+                } else {
+                    fmt_num(v)
+                }
+            };
+            let (a, b) = (value("crate"), value("baseline"));
+            let ratio = if r.sum {
+                "—".to_owned()
+            } else {
+                fmt_ratio(a, b)
+            };
+            let base_cell = if *mode == Mode::Connections && !cfg.connections_baseline {
+                "not run".to_owned()
+            } else {
+                cell("baseline", b)
+            };
+            let _ = writeln!(
+                out,
+                "| {title} | {} | {} | {} | {} | {} |",
+                r.label,
+                r.better,
+                cell("crate", a),
+                base_cell,
+                ratio
+            );
+        }
+    }
+
+    if cfg.redis.is_some() {
+        let _ = writeln!(
+            out,
+            "\n## Cross-process fan-out through Redis ({} subs split over 2 crate processes, \
+             publisher on the first; CPU summed over both)\n",
+            s.fanout_subs
+        );
+        let _ = writeln!(
+            out,
+            "| metric | better | in-memory (1 process) | Redis (2 processes) | Redis / in-memory |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|");
+        let rows = [
+            row("deliveries/s", "deliveries_per_s", "higher"),
+            row("server CPU µs/delivery", "cpu_us_per_delivery", "lower"),
+            ms(row("latency p50 ms", "latency_p50_us", "lower")),
+            ms(row("latency p99 ms", "latency_p99_us", "lower")),
+            sum(row("lost (all rounds)", "lost", "0")),
+        ];
+        for r in &rows {
+            let value = |server: &str| {
+                let v = if r.sum {
+                    total(runs, Mode::Fanout, server, r.key)
+                } else {
+                    med(runs, Mode::Fanout, server, r.key)
+                };
+                v.map(|x| if r.ms { x / 1000.0 } else { x })
+            };
+            let (mem, redis) = (value("crate"), value("crate-redis"));
+            let fail = if had_failure(runs, Mode::Fanout, "crate-redis") && !r.sum {
+                " (FAIL)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {}{fail} | {} |",
+                r.label,
+                r.better,
+                fmt_num(mem),
+                fmt_num(redis),
+                if r.sum {
+                    "—".to_owned()
+                } else {
+                    fmt_ratio(redis, mem)
+                }
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_formatting() {
+        assert_eq!(fmt_num(Some(830_402.8)), "830,403");
+        assert_eq!(fmt_num(Some(1000.0)), "1,000");
+        assert_eq!(fmt_num(Some(12.34)), "12.3");
+        assert_eq!(fmt_num(Some(0.0)), "0");
+        assert_eq!(fmt_num(Some(1.2345)), "1.23");
+        assert_eq!(fmt_num(None), "—");
+        assert_eq!(fmt_ratio(Some(1.0), Some(2.0)), "0.50");
+    }
+}
