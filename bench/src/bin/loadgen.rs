@@ -551,10 +551,10 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let size: usize = args.get("size", 100)?;
     let timeout: f64 = args.get("timeout", 30.0)?;
     let base = Instant::now();
-    let room: String = args.get(
-        "room",
-        format!("bench{}x{}", std::process::id(), base.elapsed().as_nanos()),
-    )?;
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let room: String = args.get("room", format!("bench{}x{unique}", std::process::id()))?;
     let pids = pids(&mut args)?;
     args.finish()?;
     let path = format!("/ws/chat/{room}");
