@@ -1,0 +1,161 @@
+//! The chat app of the Django Channels tutorial, on axum, with the in-memory
+//! channel layer (or Redis with `--redis`).
+//!
+//! ```text
+//! cargo run --example chat -- --addr 127.0.0.1:8000
+//! ```
+//!
+//! Then open <http://127.0.0.1:8000/>, pick a room in two tabs and talk.
+//!
+//! * `GET /`: the chat page;
+//! * `/ws/chat/{room}`: send `{"message": "..."}`, every member of the room
+//!   (the sender included) receives `{"message": "..."}`;
+//! * `/ws/echo`: echoes every message;
+//! * `POST /rooms/{room}/messages`: an ordinary HTTP handler that sends the
+//!   request body to everyone in the room through the channel layer.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::Html,
+    routing::{get, post},
+    Router,
+};
+use serde::Deserialize;
+use tower_channels::{
+    channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
+    consumer::{consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer},
+    message::Message,
+    ChannelsLayer,
+};
+
+#[derive(Deserialize)]
+struct ChatIn {
+    message: String,
+}
+
+/// One per connection on `/ws/chat/{room}`.
+struct Chat {
+    group: String,
+}
+
+impl JsonWebsocketConsumer for Chat {
+    type Incoming = ChatIn;
+
+    async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+        if validate_group_name(&self.group).is_err() {
+            return Err(Reject::new(StatusCode::BAD_REQUEST).body("invalid room name"));
+        }
+        ctx.group_add(&self.group).await?;
+        Ok(Accept::new())
+    }
+
+    async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
+        ctx.group_send(&self.group, chat_event(&msg.message)).await?;
+        Ok(())
+    }
+}
+
+/// The `chat.message` event: the outgoing frame, encoded once for every member.
+fn chat_event(message: &str) -> Event {
+    let text = serde_json::json!({ "message": message }).to_string();
+    Event::text("chat.message", text)
+}
+
+/// `/ws/echo`: sends every message back.
+struct Echo;
+
+impl WebsocketConsumer for Echo {
+    async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
+        ctx.send(msg)?;
+        Ok(())
+    }
+}
+
+async fn post_message(
+    State(layer): State<Arc<dyn ChannelLayer>>,
+    Path(room): Path<String>,
+    body: String,
+) -> Result<String, (StatusCode, String)> {
+    let report = layer
+        .group_send(&format!("chat_{room}"), chat_event(&body))
+        .await
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(format!("delivered to {} connections\n", report.delivered))
+}
+
+struct Args {
+    addr: SocketAddr,
+    redis: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        addr: ([127, 0, 0, 1], 8000).into(),
+        redis: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--addr" => {
+                let v = it.next().ok_or("--addr needs a value")?;
+                args.addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
+            }
+            "--redis" => args.redis = Some(it.next().ok_or("--redis needs a URL")?),
+            "-h" | "--help" => {
+                return Err("usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379]".into())
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    let mut channels = ChannelsLayer::new()
+        .route(
+            "/ws/chat/{room}",
+            json_consumer(|scope| Chat {
+                group: format!("chat_{}", scope.param("room").unwrap_or_default()),
+            }),
+        )
+        .route("/ws/echo", consumer(|_| Echo));
+    if let Some(url) = &args.redis {
+        channels = channels.with_channel_layer(redis_layer(url).await?);
+    }
+    let app = Router::new()
+        .route("/", get(|| async { Html(include_str!("index.html")) }))
+        .route("/rooms/{room}/messages", post(post_message))
+        .with_state(channels.channel_layer())
+        .layer(channels);
+
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    Ok(())
+}
+
+#[cfg(feature = "redis")]
+async fn redis_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Ok(Arc::new(tower_channels::channel_layer::redis::RedisChannelLayer::connect(url).await?))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Err("--redis needs the `redis` feature: cargo run --features redis --example chat".into())
+}

@@ -1,0 +1,304 @@
+use std::{any::Any, borrow::Cow, fmt, sync::Arc};
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::error::EventCodecError;
+use crate::message::{Message, Utf8Bytes};
+
+type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError>;
+
+/// A message on a channel layer: a `type` used for dispatch (Django's
+/// `"type": "chat.message"`) and a body.
+///
+/// Cloning is cheap (one reference count), so a group send hands every member
+/// the same event.
+///
+/// The body is one of:
+///
+/// * **a typed value** ([`Event::new`]): on the in-memory layer it travels as
+///   the value itself, never serialized; a receiver reads it back with
+///   [`Event::body`] (a clone) or [`Event::downcast_ref`]. Backends that cross
+///   processes serialize it once with MessagePack.
+/// * **a WebSocket message** ([`Event::message`]), Phoenix's "fastlane": encode
+///   the outgoing frame once and every member forwards the same bytes. The
+///   default [`event`](crate::consumer::WebsocketConsumer::event) handler of
+///   consumers forwards such events to the client unchanged.
+/// * **nothing** ([`Event::bare`]).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tower_channels::channel_layer::Event;
+///
+/// #[derive(Clone, Serialize, Deserialize, PartialEq, Debug)]
+/// struct Chat { message: String }
+///
+/// let event = Event::new("chat.message", Chat { message: "hi".into() });
+/// assert_eq!(event.kind(), "chat.message");
+/// assert_eq!(event.body::<Chat>().unwrap(), Chat { message: "hi".into() });
+///
+/// // Through the wire format, as a Redis backend would carry it:
+/// let decoded = Event::decode(&event.encode().unwrap()).unwrap();
+/// assert_eq!(decoded.body::<Chat>().unwrap().message, "hi");
+/// ```
+#[derive(Clone)]
+pub struct Event(Arc<Inner>);
+
+struct Inner {
+    kind: Cow<'static, str>,
+    payload: Payload,
+}
+
+enum Payload {
+    None,
+    Typed {
+        value: Box<dyn Any + Send + Sync>,
+        encode: EncodeFn,
+        type_name: &'static str,
+    },
+    Encoded(Bytes),
+    Message(Message),
+}
+
+fn encode_typed<T: Serialize + 'static>(v: &(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError> {
+    let v = v
+        .downcast_ref::<T>()
+        .ok_or_else(|| EventCodecError::new("event body changed type"))?;
+    rmp_serde::to_vec_named(v).map_err(EventCodecError::new)
+}
+
+impl Event {
+    /// An event with a typed body. On the in-memory layer the value is passed
+    /// along as is; other backends serialize it once with MessagePack.
+    pub fn new<T>(kind: impl Into<Cow<'static, str>>, body: T) -> Self
+    where
+        T: Serialize + Send + Sync + 'static,
+    {
+        Self::from_payload(
+            kind,
+            Payload::Typed {
+                value: Box::new(body),
+                encode: encode_typed::<T>,
+                type_name: std::any::type_name::<T>(),
+            },
+        )
+    }
+
+    /// An event without a body.
+    pub fn bare(kind: impl Into<Cow<'static, str>>) -> Self {
+        Self::from_payload(kind, Payload::None)
+    }
+
+    /// An event whose body is a ready WebSocket message ("fastlane"): encoded
+    /// once by the sender, forwarded unchanged by every receiving consumer.
+    pub fn message(kind: impl Into<Cow<'static, str>>, message: impl Into<Message>) -> Self {
+        Self::from_payload(kind, Payload::Message(message.into()))
+    }
+
+    /// An event with a text message body; see [`Event::message`].
+    pub fn text(kind: impl Into<Cow<'static, str>>, text: impl Into<Utf8Bytes>) -> Self {
+        Self::message(kind, Message::Text(text.into()))
+    }
+
+    /// An event whose body is already MessagePack-encoded (what a backend
+    /// produces when it receives an event from the wire).
+    pub fn from_msgpack(kind: impl Into<Cow<'static, str>>, body: Bytes) -> Self {
+        Self::from_payload(kind, Payload::Encoded(body))
+    }
+
+    fn from_payload(kind: impl Into<Cow<'static, str>>, payload: Payload) -> Self {
+        Event(Arc::new(Inner {
+            kind: kind.into(),
+            payload,
+        }))
+    }
+
+    /// The event's type, e.g. `"chat.message"`.
+    pub fn kind(&self) -> &str {
+        &self.0.kind
+    }
+
+    /// The handler name Django would dispatch to: the type with `.` replaced by `_`
+    /// (`"chat.message"` -> `"chat_message"`).
+    pub fn handler_name(&self) -> String {
+        self.0.kind.replace('.', "_")
+    }
+
+    /// The WebSocket message carried by a [`Event::message`] event.
+    pub fn as_message(&self) -> Option<&Message> {
+        match &self.0.payload {
+            Payload::Message(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Whether the event has no body.
+    pub fn is_bare(&self) -> bool {
+        matches!(self.0.payload, Payload::None)
+    }
+
+    /// Borrows a typed body without copying, when the event still holds a
+    /// value of type `T` (always the case on the in-memory layer when sender
+    /// and receiver agree on the type).
+    pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
+        match &self.0.payload {
+            Payload::Typed { value, .. } => value.downcast_ref(),
+            _ => None,
+        }
+    }
+
+    /// Reads the body as `T`: a clone when the event holds a `T`, otherwise a
+    /// decode of its MessagePack form (so a receiver may use another type
+    /// with the same shape, e.g. `serde_json::Value`).
+    pub fn body<T>(&self) -> Result<T, EventCodecError>
+    where
+        T: DeserializeOwned + Clone + 'static,
+    {
+        if let Some(v) = self.downcast_ref::<T>() {
+            return Ok(v.clone());
+        }
+        match &self.0.payload {
+            Payload::None => Err(EventCodecError::new(format_args!(
+                "event {:?} has no body",
+                self.kind()
+            ))),
+            Payload::Message(_) => Err(EventCodecError::new(format_args!(
+                "event {:?} carries a WebSocket message, not a typed body",
+                self.kind()
+            ))),
+            Payload::Encoded(bytes) => rmp_serde::from_slice(bytes).map_err(|e| {
+                EventCodecError::new(format_args!("event {:?}: {e}", self.kind()))
+            }),
+            Payload::Typed { value, encode, .. } => {
+                let bytes = encode(value.as_ref())?;
+                rmp_serde::from_slice(&bytes).map_err(|e| {
+                    EventCodecError::new(format_args!("event {:?}: {e}", self.kind()))
+                })
+            }
+        }
+    }
+
+    /// Encodes the event for the wire (see the [module docs](super#wire-format)).
+    pub fn encode(&self) -> Result<Bytes, EventCodecError> {
+        let (tag, data): (u8, Cow<'_, [u8]>) = match &self.0.payload {
+            Payload::None => (TAG_NONE, Cow::Borrowed(&[])),
+            Payload::Typed { value, encode, .. } => (TAG_BODY, Cow::Owned(encode(value.as_ref())?)),
+            Payload::Encoded(b) => (TAG_BODY, Cow::Borrowed(b)),
+            Payload::Message(Message::Text(t)) => (TAG_TEXT, Cow::Borrowed(t.as_bytes())),
+            Payload::Message(Message::Binary(b)) => (TAG_BINARY, Cow::Borrowed(b)),
+            Payload::Message(other) => {
+                return Err(EventCodecError::new(format_args!(
+                    "only text and binary messages can travel in events, not {other:?}"
+                )))
+            }
+        };
+        let wire = Wire {
+            kind: &self.0.kind,
+            tag,
+            data: serde_bytes::Bytes::new(&data),
+        };
+        rmp_serde::to_vec(&wire)
+            .map(Bytes::from)
+            .map_err(EventCodecError::new)
+    }
+
+    /// Decodes an event produced by [`Event::encode`]. Never panics on
+    /// malformed input.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EventCodecError> {
+        let wire: WireOwned =
+            rmp_serde::from_slice(bytes).map_err(|e| EventCodecError::new(format_args!("malformed event: {e}")))?;
+        let data = Bytes::from(wire.data.into_vec());
+        let payload = match wire.tag {
+            TAG_NONE => Payload::None,
+            TAG_BODY => Payload::Encoded(data),
+            TAG_TEXT => Payload::Message(Message::Text(
+                Utf8Bytes::try_from_bytes(data)
+                    .map_err(|e| EventCodecError::new(format_args!("malformed event text: {e}")))?,
+            )),
+            TAG_BINARY => Payload::Message(Message::Binary(data)),
+            other => {
+                return Err(EventCodecError::new(format_args!(
+                    "malformed event: unknown payload tag {other}"
+                )))
+            }
+        };
+        Ok(Self::from_payload(wire.kind, payload))
+    }
+}
+
+const TAG_NONE: u8 = 0;
+const TAG_BODY: u8 = 1;
+const TAG_TEXT: u8 = 2;
+const TAG_BINARY: u8 = 3;
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    kind: &'a str,
+    tag: u8,
+    data: &'a serde_bytes::Bytes,
+}
+
+#[derive(Deserialize)]
+struct WireOwned {
+    kind: String,
+    tag: u8,
+    data: serde_bytes::ByteBuf,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Event");
+        d.field("type", &self.kind());
+        match &self.0.payload {
+            Payload::None => d.field("body", &"none"),
+            Payload::Typed { type_name, .. } => d.field("body", type_name),
+            Payload::Encoded(b) => d.field("msgpack_len", &b.len()),
+            Payload::Message(m) => d.field("message", m),
+        };
+        d.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Chat {
+        message: String,
+    }
+
+    #[test]
+    fn typed_roundtrip_in_memory_and_wire() {
+        let e = Event::new("chat.message", Chat { message: "hi".into() });
+        assert_eq!(e.handler_name(), "chat_message");
+        assert!(e.downcast_ref::<Chat>().is_some());
+        let v: serde_json::Value = e.body().unwrap();
+        assert_eq!(v["message"], "hi");
+        let d = Event::decode(&e.encode().unwrap()).unwrap();
+        assert_eq!(d.kind(), "chat.message");
+        assert_eq!(d.body::<Chat>().unwrap(), Chat { message: "hi".into() });
+        assert!(d.downcast_ref::<Chat>().is_none());
+    }
+
+    #[test]
+    fn message_roundtrip() {
+        let e = Event::text("chat.message", "{\"message\":\"x\"}");
+        let d = Event::decode(&e.encode().unwrap()).unwrap();
+        assert_eq!(d.as_message(), Some(&Message::text("{\"message\":\"x\"}")));
+        assert!(d.body::<Chat>().is_err());
+        let b = Event::message("blob", Bytes::from_static(b"\x00\xff"));
+        let d = Event::decode(&b.encode().unwrap()).unwrap();
+        assert_eq!(d.as_message(), Some(&Message::binary(Bytes::from_static(b"\x00\xff"))));
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        assert!(Event::decode(b"").is_err());
+        assert!(Event::decode(b"\x93\xa1a\x09\xc4\x00").is_err());
+        assert!(Event::decode(b"\x93\xa1a\x02\xc4\x01\xff").is_err());
+        let e = Event::bare("x");
+        assert!(e.body::<Chat>().is_err());
+        assert!(Event::decode(&e.encode().unwrap()).unwrap().is_bare());
+    }
+}

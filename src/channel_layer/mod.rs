@@ -1,0 +1,194 @@
+//! Channel layers: how consumers, HTTP handlers and workers talk to each other.
+//!
+//! A [`ChannelLayer`] is Django Channels' channel layer as a dyn-compatible
+//! trait, used as `Arc<dyn ChannelLayer>`:
+//!
+//! * every connection gets a unique **channel** ([`ChannelLayer::new_channel`]);
+//!   anyone holding the layer can [`send`](ChannelLayer::send) an [`Event`] to it
+//!   by name, and the consumer's `event` handler runs;
+//! * channels join and leave **groups** ([`group_add`](ChannelLayer::group_add),
+//!   [`group_discard`](ChannelLayer::group_discard)), and
+//!   [`group_send`](ChannelLayer::group_send) reaches every member;
+//! * named channels such as `"thumbnails"` are consumed with
+//!   [`receive`](ChannelLayer::receive), which is how workers get their work.
+//!
+//! [`InMemoryChannelLayer`] (the default) works inside one process. The
+//! `redis` feature adds a Redis layer that spans processes.
+//!
+//! # Example
+//!
+//! Send to a connection from anywhere, e.g. an axum handler that holds the layer:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tower_channels::channel_layer::{ChannelLayer, Event, InMemoryChannelLayer};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let layer: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::new());
+//!
+//! // What a connection does when it opens:
+//! let mut inbox = layer.new_channel().await?;
+//! let name = inbox.name().to_owned();
+//!
+//! // What an HTTP handler or background task does:
+//! layer.send(&name, Event::text("notify", "your export is ready")).await?;
+//!
+//! let event = inbox.recv().await.unwrap();
+//! assert_eq!(event.kind(), "notify");
+//! # Ok::<_, tower_channels::channel_layer::ChannelLayerError>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # Delivery semantics
+//!
+//! At most once, as in Django Channels. A direct send to a full channel fails
+//! with [`ChannelLayerError::ChannelFull`]; a group send never waits for a
+//! slow member: it drops the event for that member, counts it in
+//! [`GroupSendReport::dropped`] and marks the member's receiver as lagging
+//! ([`RecvError::Lagged`]), which makes a connection close itself with
+//! [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER) rather than
+//! silently miss events.
+//!
+//! # Names
+//!
+//! Channel and group names follow Django: ASCII letters, digits, `-`, `_`,
+//! `.`, shorter than 100 characters; channel names may contain one `!`.
+//! Invalid names fail with [`ChannelLayerError::InvalidName`].
+//!
+//! # Wire format
+//!
+//! Backends that cross processes encode events with [`Event::encode`]: a
+//! MessagePack array `[type: str, tag: int, data: bin]`, where tag `0` means
+//! no body, `1` a MessagePack-encoded body (maps with field names), `2` a
+//! text WebSocket message (UTF-8 bytes) and `3` a binary one.
+//!
+//! # Writing a backend
+//!
+//! Implement [`ChannelLayer`]; every method returns a [`BoxFuture`], so no
+//! `async-trait` is needed. Deliver incoming events into the bounded queues
+//! made by [`channel()`]: keep the [`ChannelSender`], return the
+//! [`ChannelReceiver`] (use [`ChannelReceiver::on_drop`] to forget a channel
+//! when its receiver goes away), use [`ChannelSender::try_send`] for direct
+//! sends and [`ChannelSender::send_lossy`] for group fan-out. Then run the
+//! conformance suite in [`crate::testing::conformance`] against your type.
+
+mod error;
+mod event;
+mod memory;
+mod names;
+mod queue;
+
+use std::{fmt, future::Future, pin::Pin};
+
+pub use self::{
+    error::{BoxError, ChannelLayerError, EventCodecError, InvalidName},
+    event::Event,
+    memory::{InMemoryChannelLayer, DEFAULT_CAPACITY},
+    names::{validate_channel_name, validate_group_name, MAX_NAME_LENGTH},
+    queue::{channel, ChannelReceiver, ChannelSender, Delivery, RecvError, TrySendError},
+};
+
+/// A boxed, `Send` future: what [`ChannelLayer`] methods return so the trait
+/// stays dyn-compatible.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a [`group_send`](ChannelLayer::group_send) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupSendReport {
+    /// Members (on the in-memory layer) or receiving processes (on layers
+    /// that fan out per process) the event was handed to.
+    pub delivered: usize,
+    /// Members whose channel was full: the event was dropped for them and
+    /// they were marked as lagging.
+    pub dropped: usize,
+}
+
+/// Counters a channel layer keeps since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LayerStats {
+    /// Group sends made through this layer.
+    pub group_sends: u64,
+    /// Events handed to local receivers by group sends.
+    pub delivered: u64,
+    /// Events dropped because a member's channel was full.
+    pub dropped_full: u64,
+    /// Events that could not be decoded or delivered for another reason
+    /// (e.g. a backend error on the receive path).
+    pub dropped_other: u64,
+}
+
+/// A channel layer backend: Django Channels' channel-layer API.
+///
+/// Dyn-compatible: use it as `Arc<dyn ChannelLayer>`. See the
+/// [module docs](self) for semantics and for how to write a backend.
+pub trait ChannelLayer: fmt::Debug + Send + Sync + 'static {
+    /// Creates a new channel with a unique name (available as
+    /// [`ChannelReceiver::name`]) and returns its receiver. The channel exists
+    /// until the receiver is dropped, which also removes it from its groups.
+    fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>>;
+
+    /// Starts receiving the named channel `channel` (e.g. `"thumbnails"`):
+    /// how workers consume work sent to a well-known name.
+    fn receive<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>>;
+
+    /// Sends `event` to one channel. Fails with
+    /// [`ChannelLayerError::ChannelFull`] when the channel is full and
+    /// [`ChannelLayerError::NoSuchChannel`] when the layer knows nobody
+    /// receives it.
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>>;
+
+    /// Adds `channel` to `group`. Adding twice is not an error.
+    fn group_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>>;
+
+    /// Removes `channel` from `group`. Removing a non-member is not an error.
+    fn group_discard<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>>;
+
+    /// Sends `event` to every member of `group`, never waiting on a slow
+    /// member (see [delivery semantics](self#delivery-semantics)).
+    fn group_send<'a>(
+        &'a self,
+        group: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>>;
+
+    /// Drops every group and every queued event (Django's `flush`), for tests.
+    fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>>;
+
+    /// Counters since the layer was created. The default returns zeros.
+    fn stats(&self) -> LayerStats {
+        LayerStats::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn dyn_channel_layer_is_send_sync() {
+        assert_send_sync::<std::sync::Arc<dyn ChannelLayer>>();
+        assert_send_sync::<InMemoryChannelLayer>();
+        assert_send_sync::<Event>();
+        assert_send_sync::<ChannelReceiver>();
+        assert_send_sync::<ChannelSender>();
+    }
+}

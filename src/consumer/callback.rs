@@ -1,0 +1,160 @@
+use std::{convert::Infallible, fmt, future::Future, task::Poll};
+
+use tower_service::Service;
+
+use super::{driver, Accept, Connection, Context, Reject};
+use crate::{
+    channel_layer::{BoxError, BoxFuture, Event},
+    message::{CloseCode, Message},
+    Scope,
+};
+
+/// A consumer written as callbacks: Django's `AsyncWebsocketConsumer`.
+///
+/// A new value is made for every connection (see [`consumer`]). Every method
+/// has a default, so implement only what you need.
+///
+/// # When the callbacks are called
+///
+/// * [`connect`](Self::connect) once, before the handshake is answered: return
+///   [`Accept`] (optionally choosing a subprotocol) or a [`Reject`] with the
+///   HTTP status the client gets (403 by default).
+/// * [`receive`](Self::receive) for every text or binary message.
+/// * [`event`](Self::event) for every channel-layer event sent to this
+///   connection's channel or one of its groups.
+/// * [`disconnect`](Self::disconnect) once, with the close code, after the
+///   connection closed for any reason (client close, server close, timeout,
+///   handler error). Not called if `connect` rejected, nor after a panic.
+///
+/// Handlers of one connection run one at a time, in order; other connections
+/// are unaffected by a slow handler. While a handler runs, the connection
+/// keeps answering pings and writing what the handler sends.
+///
+/// A handler returning `Err` closes the connection with 1011 and the error is
+/// logged; a handler that panics closes with 1011, its groups are left, and
+/// only this connection is affected.
+///
+/// # Example
+///
+/// ```
+/// use tower_channels::consumer::{Context, WebsocketConsumer};
+/// use tower_channels::channel_layer::{BoxError, Event};
+/// use tower_channels::message::Message;
+///
+/// struct Chat { group: String }
+///
+/// impl WebsocketConsumer for Chat {
+///     async fn connect(&mut self, ctx: &mut Context) -> Result<tower_channels::consumer::Accept, tower_channels::consumer::Reject> {
+///         ctx.group_add(&self.group).await?;
+///         Ok(Default::default())
+///     }
+///
+///     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
+///         if let Message::Text(text) = msg {
+///             // Encoded once, forwarded by every member's default `event`.
+///             ctx.group_send(&self.group, Event::text("chat.message", text)).await?;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait WebsocketConsumer: Send + 'static {
+    /// Decides the handshake. The default accepts without a subprotocol.
+    fn connect(&mut self, ctx: &mut Context) -> impl Future<Output = Result<Accept, Reject>> + Send {
+        let _ = ctx;
+        async { Ok(Accept::new()) }
+    }
+
+    /// Handles a text or binary message from the client. The default ignores it.
+    fn receive(
+        &mut self,
+        ctx: &mut Context,
+        message: Message,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = (ctx, message);
+        async { Ok(()) }
+    }
+
+    /// Handles a channel-layer event.
+    ///
+    /// The default forwards events that carry a WebSocket message
+    /// ([`Event::message`], the "fastlane") to the client unchanged, and fails
+    /// on any other event, as Django does for a type without a handler.
+    /// Dispatch on [`Event::kind`] to handle typed events.
+    fn event(&mut self, ctx: &mut Context, event: Event) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let result = forward_event(ctx, &event);
+        async move { result }
+    }
+
+    /// Runs once after the connection closed, with the close code (the
+    /// client's, or the server's when it closed first; 1006 when the
+    /// connection dropped without a close frame).
+    fn disconnect(&mut self, ctx: &mut Context, code: CloseCode) -> impl Future<Output = ()> + Send {
+        let _ = (ctx, code);
+        async {}
+    }
+}
+
+/// The default `event` behaviour: forward fastlane messages, fail on others.
+pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
+    match event.as_message() {
+        Some(m) => Ok(ctx.send(m.clone())?),
+        None => Err(format!("no handler for event type {:?}", event.kind()).into()),
+    }
+}
+
+/// Makes a consumer service from a factory that builds one
+/// [`WebsocketConsumer`] per connection from its scope.
+///
+/// ```
+/// use tower_channels::{consumer::{consumer, WebsocketConsumer}, ChannelsLayer};
+///
+/// struct Room { name: String }
+/// impl WebsocketConsumer for Room {}
+///
+/// let layer = ChannelsLayer::new().route(
+///     "/ws/chat/{room}",
+///     consumer(|scope| Room { name: scope.param("room").unwrap_or_default().to_owned() }),
+/// );
+/// ```
+pub fn consumer<F, C>(factory: F) -> ConsumerService<F>
+where
+    F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
+    C: WebsocketConsumer,
+{
+    ConsumerService { factory }
+}
+
+/// The [`Service`] made by [`consumer`]: runs a [`WebsocketConsumer`] per connection.
+#[derive(Clone)]
+pub struct ConsumerService<F> {
+    factory: F,
+}
+
+impl<F> fmt::Debug for ConsumerService<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerService").finish_non_exhaustive()
+    }
+}
+
+impl<F, C> Service<Connection> for ConsumerService<F>
+where
+    F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
+    C: WebsocketConsumer,
+{
+    type Response = ();
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<(), Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: Connection) -> Self::Future {
+        let consumer = (self.factory)(conn.scope());
+        Box::pin(async move {
+            driver::run(consumer, conn).await;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,275 @@
+use std::{fmt, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::oneshot;
+use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
+
+use super::{transport::Transport, WebSocket};
+use crate::{
+    channel_layer::{BoxError, ChannelLayer, ChannelReceiver},
+    handshake::rejection::{ConsumerFailed, HandshakeRejection},
+    layer::Runtime,
+    Error, Scope,
+};
+
+/// How a connection attempt gets its transport once the handshake is answered.
+pub(crate) enum UpgradeSource {
+    /// hyper hands over the upgraded connection after the 101/200 response.
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// An in-process transport (the test [`Communicator`](crate::testing::Communicator)).
+    Ready(Transport),
+}
+
+/// What the consumer decided about the handshake.
+pub(crate) enum Decision {
+    Accept {
+        protocol: Option<String>,
+        headers: HeaderMap,
+    },
+    Reject(http::Response<Bytes>),
+}
+
+/// A WebSocket handshake waiting for its consumer's decision: the request
+/// every consumer [`Service`](tower_service::Service) is called with.
+///
+/// Inspect the [`scope`](Self::scope), then [`accept`](Self::accept) it (the
+/// client gets `101 Switching Protocols`, you get a [`WebSocket`]) or
+/// [`reject`](Self::reject) it with an HTTP status. Dropping it undecided
+/// rejects with 403, as closing before `accept()` does in Django.
+pub struct Connection {
+    pub(crate) scope: Scope,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) upgrade: Option<UpgradeSource>,
+    pub(crate) decision: Option<oneshot::Sender<Decision>>,
+    pub(crate) inbox: Option<ChannelReceiver>,
+}
+
+impl Connection {
+    /// The request that opened the connection.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The channel layer this connection uses.
+    pub fn channel_layer(&self) -> &Arc<dyn ChannelLayer> {
+        &self.runtime.channel_layer
+    }
+
+    /// Creates this connection's channel now (it is otherwise created on
+    /// accept) and returns its name, so `connect` code can join groups first.
+    pub async fn channel_name(&mut self) -> Result<&str, Error> {
+        if self.inbox.is_none() {
+            self.inbox = Some(self.runtime.channel_layer.new_channel().await?);
+        }
+        Ok(self.inbox.as_ref().map_or("", |i| i.name()))
+    }
+
+    /// Accepts the handshake and waits for the upgraded connection.
+    ///
+    /// Fails if the chosen subprotocol was not offered by the client (the
+    /// client then gets 500: a browser would fail the connection anyway), if
+    /// the channel layer cannot create a channel, or if the client went away.
+    pub async fn accept(mut self, accept: Accept) -> Result<WebSocket, Error> {
+        if let Some(p) = &accept.subprotocol {
+            if !self.scope.subprotocols().iter().any(|o| o == p) {
+                self.send_decision(Decision::Reject(HandshakeRejection::from(ConsumerFailed).into_response()));
+                return Err(Error::handshake(format!(
+                    "subprotocol {p:?} was not offered by the client"
+                )));
+            }
+        }
+        let inbox = match self.inbox.take() {
+            Some(i) => i,
+            None => match self.runtime.channel_layer.new_channel().await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.send_decision(Decision::Reject(
+                        HandshakeRejection::from(ConsumerFailed).into_response(),
+                    ));
+                    return Err(e.into());
+                }
+            },
+        };
+        let protocol = accept.subprotocol.clone();
+        if !self.send_decision(Decision::Accept {
+            protocol: accept.subprotocol,
+            headers: accept.headers,
+        }) {
+            return Err(Error::handshake("the client went away during the handshake"));
+        }
+        let transport = match self.upgrade.take() {
+            Some(UpgradeSource::Hyper(on)) => {
+                let upgraded = on.await.map_err(Error::handshake)?;
+                Transport::upgraded(upgraded)
+            }
+            Some(UpgradeSource::Ready(t)) => t,
+            None => return Err(Error::handshake("connection already accepted")),
+        };
+        let config = self.runtime.config.tungstenite();
+        let stream = WebSocketStream::from_raw_socket(transport, Role::Server, Some(config)).await;
+        Ok(WebSocket::new(
+            stream,
+            inbox,
+            self.scope.clone(),
+            self.runtime.clone(),
+            protocol,
+        ))
+    }
+
+    /// Refuses the handshake with `reject`'s status (403 by default).
+    pub fn reject(mut self, reject: Reject) {
+        if let Some(err) = &reject.error {
+            tracing::error!(error = %err, route = self.scope.route(), "consumer failed in connect");
+        }
+        self.send_decision(Decision::Reject(reject.into_response()));
+    }
+
+    fn send_decision(&mut self, d: Decision) -> bool {
+        self.decision.take().is_some_and(|tx| tx.send(d).is_ok())
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to accept a handshake: an optional subprotocol (one the client offered)
+/// and extra response headers.
+///
+/// ```
+/// use tower_channels::consumer::Accept;
+///
+/// let accept = Accept::new().subprotocol("graphql-ws").header("x-server", "demo");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Accept {
+    pub(crate) subprotocol: Option<String>,
+    pub(crate) headers: HeaderMap,
+}
+
+impl Accept {
+    /// Accept without a subprotocol or extra headers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chooses one of the subprotocols the client offered
+    /// ([`Scope::subprotocols`]).
+    pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
+        self.subprotocol = Some(protocol.into());
+        self
+    }
+
+    /// Adds a response header to the handshake response.
+    ///
+    /// # Panics
+    ///
+    /// If `name` or `value` is not a valid header name or value.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        let name = HeaderName::try_from(name).expect("invalid header name in Accept::header");
+        let value = HeaderValue::try_from(value).expect("invalid header value in Accept::header");
+        self.headers.append(name, value);
+        self
+    }
+}
+
+/// How to refuse a handshake: an HTTP status (403 by default) and a body.
+///
+/// Any error converts into a `Reject` with 500 (and is logged), so `?`
+/// works in `connect`:
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_channels::consumer::Reject;
+///
+/// let r = Reject::new(StatusCode::UNAUTHORIZED).body("log in first");
+/// assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+/// assert_eq!(Reject::default().status(), StatusCode::FORBIDDEN);
+///
+/// let from_err: Reject = std::io::Error::other("db down").into();
+/// assert_eq!(from_err.status(), StatusCode::INTERNAL_SERVER_ERROR);
+/// ```
+#[derive(Debug)]
+pub struct Reject {
+    status: StatusCode,
+    body: Bytes,
+    headers: HeaderMap,
+    error: Option<BoxError>,
+}
+
+impl Default for Reject {
+    fn default() -> Self {
+        Self::new(StatusCode::FORBIDDEN)
+    }
+}
+
+impl Reject {
+    /// A rejection with `status` and the status' reason as body.
+    pub fn new(status: StatusCode) -> Self {
+        Self {
+            status,
+            body: Bytes::from_static(status.canonical_reason().unwrap_or("rejected").as_bytes()),
+            headers: HeaderMap::new(),
+            error: None,
+        }
+    }
+
+    /// 403 Forbidden, the default.
+    pub fn forbidden() -> Self {
+        Self::default()
+    }
+
+    /// Sets the plain-text body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Adds a response header.
+    ///
+    /// # Panics
+    ///
+    /// If `name` or `value` is not a valid header name or value.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        let name = HeaderName::try_from(name).expect("invalid header name in Reject::header");
+        let value = HeaderValue::try_from(value).expect("invalid header value in Reject::header");
+        self.headers.append(name, value);
+        self
+    }
+
+    /// The status the client will get.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn into_response(self) -> http::Response<Bytes> {
+        let mut res = http::Response::new(self.body);
+        *res.status_mut() = self.status;
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        for (name, value) in self.headers {
+            if let Some(name) = name {
+                res.headers_mut().append(name, value);
+            }
+        }
+        res
+    }
+}
+
+impl<E> From<E> for Reject
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(e: E) -> Self {
+        let mut r = Reject::new(StatusCode::INTERNAL_SERVER_ERROR);
+        r.error = Some(Box::new(e));
+        r
+    }
+}

@@ -1,0 +1,163 @@
+use std::{
+    fmt,
+    future::poll_fn,
+    sync::{Arc, Mutex},
+};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{Channels, Runtime};
+use crate::{
+    channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
+    consumer::Connection,
+    metrics::{Metrics, Stats},
+    route::{Params, RoutePattern},
+    WebSocketConfig,
+};
+
+pub(crate) type BoxConsumer = Arc<dyn Fn(Connection) -> BoxFuture<'static, ()> + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub(crate) pattern: RoutePattern,
+    pub(crate) consumer: BoxConsumer,
+}
+
+/// The tower [`Layer`] that answers WebSocket handshakes on its routes and
+/// runs a consumer per connection. See the [crate docs](crate) for an example.
+///
+/// Cheap to clone (an `Arc`). Requests that do not match a route, or that do
+/// not ask for a WebSocket, go to the inner service untouched.
+#[derive(Clone)]
+pub struct ChannelsLayer {
+    pub(crate) routes: Arc<[Route]>,
+    pub(crate) runtime: Arc<Runtime>,
+}
+
+impl Default for ChannelsLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChannelsLayer {
+    /// A layer with no routes, an [`InMemoryChannelLayer`] and default
+    /// [`WebSocketConfig`].
+    pub fn new() -> Self {
+        Self {
+            routes: Arc::new([]),
+            runtime: Arc::new(Runtime {
+                channel_layer: Arc::new(InMemoryChannelLayer::new()),
+                config: WebSocketConfig::default(),
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    /// Adds a route: requests for paths matching `pattern` (e.g.
+    /// `/ws/chat/{room}`) that ask for a WebSocket are handed to `consumer`,
+    /// any [`Service`] taking a [`Connection`]: see [`crate::consumer`].
+    /// Routes are tried in the order they were added.
+    ///
+    /// # Panics
+    ///
+    /// If `pattern` is not a valid [`RoutePattern`].
+    pub fn route<S>(mut self, pattern: &str, consumer: S) -> Self
+    where
+        S: Service<Connection> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        let pattern = RoutePattern::new(pattern).unwrap_or_else(|e| panic!("{e}"));
+        let consumer = Mutex::new(consumer);
+        let consumer: BoxConsumer = Arc::new(move |conn: Connection| {
+            let mut svc = consumer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Box::pin(async move {
+                let route = conn.scope().route().to_owned();
+                if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
+                    let e: BoxError = e.into();
+                    tracing::error!(error = %e, route, "consumer service not ready");
+                    return;
+                }
+                if let Err(e) = svc.call(conn).await {
+                    let e: BoxError = e.into();
+                    tracing::error!(error = %e, route, "consumer failed");
+                }
+            })
+        });
+        let mut routes = self.routes.to_vec();
+        routes.push(Route { pattern, consumer });
+        self.routes = routes.into();
+        self
+    }
+
+    /// Uses `layer` as the channel layer (e.g. a shared Redis layer, or an
+    /// in-memory layer you also hand to HTTP handlers).
+    pub fn with_channel_layer(mut self, layer: Arc<dyn ChannelLayer>) -> Self {
+        self.update_runtime(|r| r.channel_layer = layer);
+        self
+    }
+
+    /// Sets the per-connection settings.
+    pub fn with_config(mut self, config: WebSocketConfig) -> Self {
+        self.update_runtime(|r| r.config = config);
+        self
+    }
+
+    fn update_runtime(&mut self, f: impl FnOnce(&mut Runtime)) {
+        let mut runtime = Runtime {
+            channel_layer: self.runtime.channel_layer.clone(),
+            config: self.runtime.config.clone(),
+            metrics: Metrics::default(),
+        };
+        f(&mut runtime);
+        self.runtime = Arc::new(runtime);
+    }
+
+    /// The channel layer, for sending to connections from HTTP handlers,
+    /// background tasks or workers.
+    pub fn channel_layer(&self) -> Arc<dyn ChannelLayer> {
+        self.runtime.channel_layer.clone()
+    }
+
+    /// The per-connection settings.
+    pub fn config(&self) -> &WebSocketConfig {
+        &self.runtime.config
+    }
+
+    /// Counters since the layer was built.
+    pub fn stats(&self) -> Stats {
+        self.runtime.metrics.snapshot()
+    }
+
+    pub(crate) fn match_route(&self, path: &str) -> Option<(&Route, Params)> {
+        self.routes
+            .iter()
+            .find_map(|r| r.pattern.matches(path).map(|p| (r, p)))
+    }
+}
+
+impl fmt::Debug for ChannelsLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelsLayer")
+            .field(
+                "routes",
+                &self.routes.iter().map(|r| r.pattern.as_str()).collect::<Vec<_>>(),
+            )
+            .field("channel_layer", &self.runtime.channel_layer)
+            .field("config", &self.runtime.config)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for ChannelsLayer {
+    type Service = Channels<S>;
+
+    fn layer(&self, inner: S) -> Channels<S> {
+        Channels {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}

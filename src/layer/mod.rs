@@ -1,0 +1,43 @@
+//! The tower middleware: [`ChannelsLayer`] makes [`Channels`] services.
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, ChannelsLayer};
+//!
+//! struct Echo;
+//! impl WebsocketConsumer for Echo {
+//!     async fn receive(
+//!         &mut self,
+//!         ctx: &mut tower_channels::consumer::Context,
+//!         msg: tower_channels::message::Message,
+//!     ) -> Result<(), tower_channels::channel_layer::BoxError> {
+//!         ctx.send(msg)?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let channels = ChannelsLayer::new().route("/ws/echo", consumer(|_| Echo));
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(channels);
+//! ```
+
+mod body;
+mod future;
+#[allow(clippy::module_inception)]
+mod layer;
+mod service;
+
+pub use self::{body::ResponseBody, future::ResponseFuture, layer::ChannelsLayer, service::Channels};
+
+use std::sync::Arc;
+
+use crate::{channel_layer::ChannelLayer, metrics::Metrics, WebSocketConfig};
+
+/// What every connection of a layer shares.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    pub(crate) channel_layer: Arc<dyn ChannelLayer>,
+    pub(crate) config: WebSocketConfig,
+    pub(crate) metrics: Metrics,
+}

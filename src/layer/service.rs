@@ -1,0 +1,98 @@
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tokio::sync::oneshot;
+use tower_service::Service;
+use tracing::Instrument;
+
+use super::{ChannelsLayer, ResponseBody, ResponseFuture};
+use crate::{
+    consumer::{Connection, UpgradeSource},
+    handshake::{self, rejection::UpgradeUnavailable, HandshakeRejection},
+    Scope,
+};
+
+/// The middleware made by [`ChannelsLayer`]: answers WebSocket handshakes on
+/// its routes and passes every other request to `S`.
+#[derive(Clone, Debug)]
+pub struct Channels<S> {
+    pub(crate) inner: S,
+    pub(crate) layer: ChannelsLayer,
+}
+
+impl<S> Channels<S> {
+    /// Wraps `inner` with `layer`.
+    pub fn new(inner: S, layer: ChannelsLayer) -> Self {
+        Self { inner, layer }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The layer's configuration and handles.
+    pub fn layer(&self) -> &ChannelsLayer {
+        &self.layer
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Channels<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        if !handshake::wants_websocket(&req) || self.layer.match_route(req.uri().path()).is_none() {
+            return ResponseFuture::future(self.inner.call(req));
+        }
+        match self.layer.start_handshake(req) {
+            Ok((decision, kind)) => ResponseFuture::handshake(decision, kind),
+            Err(rejection) => {
+                self.layer.runtime.metrics.rejected();
+                tracing::debug!(%rejection, status = %rejection.status(), "handshake rejected");
+                ResponseFuture::respond(rejection.into_response())
+            }
+        }
+    }
+}
+
+impl ChannelsLayer {
+    /// Validates a handshake and spawns its consumer, which decides.
+    fn start_handshake<B>(
+        &self,
+        mut req: Request<B>,
+    ) -> Result<(oneshot::Receiver<crate::consumer::Decision>, handshake::Kind), HandshakeRejection> {
+        let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+        let (parts, _body) = req.into_parts();
+        let (route, params) = self
+            .match_route(parts.uri.path())
+            .ok_or(HandshakeRejection::from(crate::handshake::rejection::ConnectionRejected))?;
+        let (kind, protocols) = handshake::validate(&parts, self.runtime.config.max_subprotocols)?;
+        let on_upgrade = on_upgrade.ok_or(UpgradeUnavailable)?;
+        let scope = Scope::new(route.pattern.as_str().into(), parts, params, protocols);
+        let (tx, rx) = oneshot::channel();
+        let span = tracing::info_span!(
+            "websocket",
+            route = scope.route(),
+            path = scope.path(),
+            peer = scope.peer_addr().map(tracing::field::display),
+        );
+        let conn = Connection {
+            scope,
+            runtime: self.runtime.clone(),
+            upgrade: Some(UpgradeSource::Hyper(on_upgrade)),
+            decision: Some(tx),
+            inbox: None,
+        };
+        tokio::spawn((route.consumer)(conn).instrument(span));
+        Ok((rx, kind))
+    }
+}

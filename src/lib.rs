@@ -1,0 +1,27 @@
+//! Django Channels for tower: WebSocket consumers, groups and channel layers
+//! as tower middleware.
+//!
+//! Put a [`ChannelsLayer`] in front of any hyper-based service (an axum
+//! `Router`, a warp filter, a plain hyper service). Requests on its routes
+//! that ask for a WebSocket get a **consumer** each; everything else goes to
+//! the inner service untouched.
+pub mod channel_layer;
+mod config;
+pub mod consumer;
+mod error;
+pub mod handshake;
+pub mod layer;
+pub mod message;
+mod metrics;
+pub mod route;
+mod scope;
+pub mod testing;
+
+pub use self::{
+    config::WebSocketConfig,
+    error::Error,
+    layer::{Channels, ChannelsLayer},
+    metrics::Stats,
+    scope::{PeerAddr, Scope},
+};
+

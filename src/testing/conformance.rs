@@ -1,0 +1,1 @@
+//! The channel-layer conformance suite (being written).
