@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 /// | [`close_timeout`](Self::close_timeout) | 5 s |
 /// | [`max_buffered_messages`](Self::max_buffered_messages) | 64 |
 /// | [`max_subprotocols`](Self::max_subprotocols) | 16 |
+/// | [`max_connections`](Self::max_connections) | unlimited |
+/// | [`rate_limit`](Self::rate_limit) | off |
 ///
 /// ```
 /// use std::time::Duration;
@@ -43,6 +45,26 @@ pub struct WebSocketConfig {
     pub(crate) close_timeout: Duration,
     pub(crate) max_buffered_messages: usize,
     pub(crate) max_subprotocols: usize,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) rate_limit: Option<RateLimit>,
+}
+
+/// A per-connection budget of incoming messages: `per_second` on average,
+/// with bursts of up to `burst` (a token bucket). A client that keeps
+/// exceeding it is closed with 1008 (policy violation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained messages per second.
+    pub per_second: f64,
+    /// Messages allowed in a burst above the sustained rate.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// `per_second` messages per second with bursts of `burst`.
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self { per_second, burst }
+    }
 }
 
 impl Default for WebSocketConfig {
@@ -58,6 +80,8 @@ impl Default for WebSocketConfig {
             close_timeout: Duration::from_secs(5),
             max_buffered_messages: 64,
             max_subprotocols: 16,
+            max_connections: None,
+            rate_limit: None,
         }
     }
 }
@@ -125,6 +149,16 @@ impl WebSocketConfig {
     setting!(
         /// Handshakes offering more subprotocols than this are rejected with 400.
         max_subprotocols, get_max_subprotocols: usize
+    );
+
+    setting!(
+        /// Most connections (open plus handshaking) the layer serves at once;
+        /// past it handshakes get `503` with `Retry-After`. `None`: no limit.
+        max_connections, get_max_connections: Option<usize>
+    );
+    setting!(
+        /// Per-connection inbound message budget; `None` (the default) is off.
+        rate_limit, get_rate_limit: Option<RateLimit>
     );
 
     pub(crate) fn tungstenite(&self) -> TsConfig {

@@ -13,12 +13,13 @@ pub mod handshake;
 pub mod layer;
 pub mod message;
 mod metrics;
+pub mod origin;
 pub mod route;
 mod scope;
 pub mod testing;
 
 pub use self::{
-    config::WebSocketConfig,
+    config::{RateLimit, WebSocketConfig},
     error::Error,
     layer::{Channels, ChannelsLayer},
     metrics::Stats,

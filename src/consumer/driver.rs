@@ -14,14 +14,17 @@ use std::{
 };
 
 use futures_util::{FutureExt, Sink, Stream};
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::futures::OwnedNotified,
+    time::{Instant, Sleep},
+};
 use tokio_tungstenite::tungstenite::Message as TsMessage;
 
 use super::{context::Outbound, Connection, Context, Reject, WebSocket, WebsocketConsumer};
 use crate::{
     channel_layer::{BoxError, Event, RecvError},
     message::{close_code, CloseCode, CloseFrame, Message},
-    Error, WebSocketConfig,
+    Error, RateLimit, WebSocketConfig,
 };
 
 enum Input {
@@ -162,6 +165,10 @@ struct Io {
     last_seen: Instant,
     next_ping: Option<Instant>,
     close_deadline: Option<Instant>,
+    /// Registered once on the first poll; woken when shutdown starts.
+    shutdown: Option<Pin<Box<OwnedNotified>>>,
+    shutdown_registered: bool,
+    rate: Option<(RateLimit, f64, Instant)>,
 }
 
 impl Io {
@@ -187,7 +194,13 @@ impl Io {
             last_seen: now,
             next_ping: config.ping_interval.map(|i| now + i),
             close_deadline: None,
+            shutdown: None,
+            shutdown_registered: false,
+            rate: config
+                .rate_limit
+                .map(|r| (r, f64::from(r.burst.max(1)), now)),
         };
+        io.shutdown = Some(Box::pin(io.ws.runtime.tracker.signal.clone().notified_owned()));
         io.rearm_timer();
         io
     }
@@ -244,9 +257,23 @@ impl Io {
     /// for the consumer; without, only buffers input (a handler is running).
     /// Returns `Closed` once the connection is over.
     fn poll_io(&mut self, cx: &mut TaskContext<'_>, accept: bool) -> Poll<Input> {
+        if !self.shutdown_registered {
+            // One poll registers this task's waker with the shutdown signal;
+            // polling again on every wake-up would take the shared lock.
+            self.shutdown_registered = true;
+            if let Some(n) = &mut self.shutdown {
+                if n.as_mut().poll(cx).is_ready() {
+                    self.shutdown = None;
+                }
+            }
+        }
         loop {
             if let Some(code) = self.terminated {
                 return Poll::Ready(Input::Closed(code));
+            }
+            if self.closing.is_none() && self.ws.runtime.tracker.is_shutting_down() {
+                self.shutdown = None;
+                self.start_close(close_code::AWAY, "server shutting down");
             }
             self.poll_write(cx);
             if self.terminated.is_some() {
@@ -266,6 +293,11 @@ impl Io {
                             TsMessage::Text(_) | TsMessage::Binary(_) => {
                                 if let (true, Some(m)) = (open, Message::from_tungstenite(msg)) {
                                     self.ws.runtime.metrics.message_in();
+                                    if !self.take_token() {
+                                        tracing::debug!("rate limit exceeded; closing with 1008");
+                                        self.start_close(close_code::POLICY, "rate limit exceeded");
+                                        continue;
+                                    }
                                     if accept && self.pending_in.is_empty() {
                                         return Poll::Ready(Input::Message(m));
                                     }
@@ -350,6 +382,23 @@ impl Io {
                 continue;
             }
             return Poll::Pending;
+        }
+    }
+
+    /// Spends one token of the rate limit; false when the budget is exhausted.
+    fn take_token(&mut self) -> bool {
+        let Some((limit, tokens, last)) = &mut self.rate else {
+            return true;
+        };
+        let now = Instant::now();
+        let refill = now.duration_since(*last).as_secs_f64() * limit.per_second;
+        *tokens = (*tokens + refill).min(f64::from(limit.burst.max(1)));
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 

@@ -7,11 +7,12 @@ use std::{
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Channels, Runtime};
+use super::{Channels, Runtime, ShutdownHandle};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::Connection,
     metrics::{Metrics, Stats},
+    origin::AllowedOrigins,
     route::{Params, RoutePattern},
     WebSocketConfig,
 };
@@ -50,7 +51,9 @@ impl ChannelsLayer {
             runtime: Arc::new(Runtime {
                 channel_layer: Arc::new(InMemoryChannelLayer::new()),
                 config: WebSocketConfig::default(),
+                origins: AllowedOrigins::default(),
                 metrics: Metrics::default(),
+                tracker: Default::default(),
             }),
         }
     }
@@ -105,11 +108,26 @@ impl ChannelsLayer {
         self
     }
 
+    /// Sets which `Origin`s may connect (default: any); see [`crate::origin`].
+    pub fn allowed_origins(mut self, origins: AllowedOrigins) -> Self {
+        self.update_runtime(|r| r.origins = origins);
+        self
+    }
+
+    /// A handle for graceful shutdown of this layer's connections.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            tracker: self.runtime.tracker.clone(),
+        }
+    }
+
     fn update_runtime(&mut self, f: impl FnOnce(&mut Runtime)) {
         let mut runtime = Runtime {
             channel_layer: self.runtime.channel_layer.clone(),
             config: self.runtime.config.clone(),
+            origins: self.runtime.origins.clone(),
             metrics: Metrics::default(),
+            tracker: self.runtime.tracker.clone(),
         };
         f(&mut runtime);
         self.runtime = Arc::new(runtime);

@@ -27,17 +27,26 @@ mod future;
 #[allow(clippy::module_inception)]
 mod layer;
 mod service;
+mod shutdown;
 
-pub use self::{body::ResponseBody, future::ResponseFuture, layer::ChannelsLayer, service::Channels};
+pub use self::{
+    body::ResponseBody,
+    future::ResponseFuture,
+    layer::ChannelsLayer,
+    service::Channels,
+    shutdown::{ShutdownHandle, ShutdownReport},
+};
 
 use std::sync::Arc;
 
-use crate::{channel_layer::ChannelLayer, metrics::Metrics, WebSocketConfig};
+use crate::{channel_layer::ChannelLayer, metrics::Metrics, origin::AllowedOrigins, WebSocketConfig};
 
 /// What every connection of a layer shares.
 #[derive(Debug)]
 pub(crate) struct Runtime {
     pub(crate) channel_layer: Arc<dyn ChannelLayer>,
     pub(crate) config: WebSocketConfig,
+    pub(crate) origins: AllowedOrigins,
     pub(crate) metrics: Metrics,
+    pub(crate) tracker: Arc<shutdown::Tracker>,
 }

@@ -8,7 +8,11 @@ use tracing::Instrument;
 use super::{ChannelsLayer, ResponseBody, ResponseFuture};
 use crate::{
     consumer::{Connection, UpgradeSource},
-    handshake::{self, rejection::UpgradeUnavailable, HandshakeRejection},
+    handshake::{
+        self,
+        rejection::{OriginNotAllowed, ShuttingDown, TooManyConnections, UpgradeUnavailable},
+        HandshakeRejection,
+    },
     Scope,
 };
 
@@ -76,6 +80,20 @@ impl ChannelsLayer {
             .match_route(parts.uri.path())
             .ok_or(HandshakeRejection::from(crate::handshake::rejection::ConnectionRejected))?;
         let (kind, protocols) = handshake::validate(&parts, self.runtime.config.max_subprotocols)?;
+        let runtime = &self.runtime;
+        if runtime.tracker.is_shutting_down() {
+            return Err(ShuttingDown.into());
+        }
+        if !runtime.origins.allows(&parts) {
+            return Err(OriginNotAllowed.into());
+        }
+        if runtime
+            .config
+            .max_connections
+            .is_some_and(|max| runtime.tracker.len() >= max)
+        {
+            return Err(TooManyConnections.into());
+        }
         let on_upgrade = on_upgrade.ok_or(UpgradeUnavailable)?;
         let scope = Scope::new(route.pattern.as_str().into(), parts, params, protocols);
         let (tx, rx) = oneshot::channel();
@@ -92,7 +110,17 @@ impl ChannelsLayer {
             decision: Some(tx),
             inbox: None,
         };
-        tokio::spawn((route.consumer)(conn).instrument(span));
+        let tracker = runtime.tracker.clone();
+        let id = tracker.next_id();
+        let consumer = (route.consumer)(conn);
+        let task = tokio::spawn(
+            async move {
+                consumer.await;
+                tracker.finished(id);
+            }
+            .instrument(span),
+        );
+        runtime.tracker.register(id, task.abort_handle());
         Ok((rx, kind))
     }
 }

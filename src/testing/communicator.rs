@@ -1,0 +1,364 @@
+use std::{fmt, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
+use tower_service::Service;
+
+use crate::{
+    channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
+    consumer::{transport::Transport, Connection, Decision, UpgradeSource},
+    layer::{ChannelsLayer, Runtime},
+    message::{CloseCode, CloseFrame, Message, Utf8Bytes},
+    metrics::Metrics,
+    origin::AllowedOrigins,
+    route::RoutePattern,
+    Scope, WebSocketConfig,
+};
+
+/// How long [`Communicator::receive`] waits by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long [`Communicator::receive_nothing`] listens.
+pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Tests a consumer without a network: Django's `WebsocketCommunicator`.
+///
+/// The consumer runs exactly as under the layer (same driver, limits and
+/// channel layer); only the transport is an in-memory pipe, driven by a real
+/// WebSocket client.
+///
+/// ```
+/// use tower_channels::channel_layer::BoxError;
+/// use tower_channels::consumer::{consumer, Context, WebsocketConsumer};
+/// use tower_channels::message::Message;
+/// use tower_channels::testing::Communicator;
+///
+/// struct Echo;
+/// impl WebsocketConsumer for Echo {
+///     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
+///         ctx.send(msg)?;
+///         Ok(())
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let mut comm = Communicator::new(consumer(|_| Echo), "/ws/echo");
+/// comm.connect().await.expect("accepted");
+/// comm.send_text("hello").await;
+/// assert_eq!(comm.receive_text().await.unwrap(), "hello");
+/// assert!(comm.receive_nothing().await);
+/// comm.disconnect(1000).await;
+/// # });
+/// ```
+pub struct Communicator {
+    start: Option<Start>,
+    client: Option<WebSocketStream<tokio::io::DuplexStream>>,
+    task: Option<JoinHandle<()>>,
+    layer: Arc<dyn ChannelLayer>,
+}
+
+struct Start {
+    runtime: Arc<Runtime>,
+    scope: Scope,
+    consumer: Box<dyn FnOnce(Connection) -> crate::channel_layer::BoxFuture<'static, ()> + Send>,
+}
+
+/// The consumer accepted the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Accepted {
+    /// The subprotocol it chose.
+    pub subprotocol: Option<String>,
+}
+
+/// The consumer (or the layer) refused the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Rejected {
+    /// The HTTP status the client would get.
+    pub status: StatusCode,
+    /// The response body.
+    pub body: Bytes,
+}
+
+/// What went wrong while receiving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// Nothing arrived in time.
+    #[error("nothing received within {0:?}")]
+    Timeout(Duration),
+    /// The connection closed (with this close frame, if any).
+    #[error("connection closed: {0:?}")]
+    Closed(Option<CloseFrame>),
+    /// A message of another kind arrived.
+    #[error("unexpected message: {0:?}")]
+    Unexpected(Message),
+    /// The text was not the JSON expected.
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The connection is not open (call `connect` first).
+    #[error("not connected")]
+    NotConnected,
+}
+
+impl Communicator {
+    /// A communicator for `consumer` (any consumer service) and a GET of
+    /// `path`, on a fresh [`InMemoryChannelLayer`].
+    pub fn new<S>(consumer: S, path: &str) -> Self
+    where
+        S: Service<Connection> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        let request = http::Request::get(path)
+            .body(())
+            .unwrap_or_else(|_| http::Request::new(()));
+        Self::with_request(consumer, path, request, Arc::new(InMemoryChannelLayer::new()))
+    }
+
+    /// A communicator for `consumer` with a full request as scope (headers,
+    /// extensions, subprotocols...), matched against the `route` pattern, on
+    /// `layer` (share one layer between communicators to test groups).
+    pub fn with_request<S>(
+        mut consumer: S,
+        route: &str,
+        request: http::Request<()>,
+        layer: Arc<dyn ChannelLayer>,
+    ) -> Self
+    where
+        S: Service<Connection> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        let runtime = Arc::new(Runtime {
+            channel_layer: layer.clone(),
+            config: WebSocketConfig::default(),
+            origins: AllowedOrigins::default(),
+            metrics: Metrics::default(),
+            tracker: Default::default(),
+        });
+        let scope = Scope::for_test(route, request);
+        Self {
+            start: Some(Start {
+                runtime,
+                scope,
+                consumer: Box::new(move |conn| {
+                    Box::pin(async move {
+                        if std::future::poll_fn(|cx| consumer.poll_ready(cx)).await.is_ok() {
+                            if let Err(e) = consumer.call(conn).await {
+                                let e: BoxError = e.into();
+                                tracing::error!(error = %e, "consumer failed");
+                            }
+                        }
+                    })
+                }),
+            }),
+            client: None,
+            task: None,
+            layer,
+        }
+    }
+
+    /// A communicator for the route of `layer` that matches `request`'s path,
+    /// using the layer's channel layer and settings.
+    ///
+    /// # Panics
+    ///
+    /// If no route of `layer` matches the path.
+    pub fn from_layer(layer: &ChannelsLayer, request: http::Request<()>) -> Self {
+        let path = request.uri().path().to_owned();
+        let (route, _) = layer
+            .match_route(&path)
+            .unwrap_or_else(|| panic!("no route of the layer matches {path:?}"));
+        let consumer = route.consumer.clone();
+        let pattern: RoutePattern = route.pattern.clone();
+        let scope = Scope::for_test(pattern.as_str(), request);
+        Self {
+            start: Some(Start {
+                runtime: layer.runtime.clone(),
+                scope,
+                consumer: Box::new(move |conn| consumer(conn)),
+            }),
+            client: None,
+            task: None,
+            layer: layer.channel_layer(),
+        }
+    }
+
+    /// The channel layer the consumer uses.
+    pub fn channel_layer(&self) -> &Arc<dyn ChannelLayer> {
+        &self.layer
+    }
+
+    /// Runs the handshake: the consumer's `connect` decides.
+    ///
+    /// # Panics
+    ///
+    /// If called twice.
+    pub async fn connect(&mut self) -> Result<Accepted, Rejected> {
+        let start = self.start.take().expect("Communicator::connect called twice");
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let (tx, rx) = oneshot::channel();
+        let conn = Connection {
+            scope: start.scope,
+            runtime: start.runtime,
+            upgrade: Some(UpgradeSource::Ready(Transport::Duplex(server))),
+            decision: Some(tx),
+            inbox: None,
+        };
+        self.task = Some(tokio::spawn((start.consumer)(conn)));
+        match rx.await {
+            Ok(Decision::Accept { protocol, .. }) => {
+                self.client = Some(WebSocketStream::from_raw_socket(client, Role::Client, None).await);
+                Ok(Accepted {
+                    subprotocol: protocol,
+                })
+            }
+            Ok(Decision::Reject(res)) => Err(Rejected {
+                status: res.status(),
+                body: res.into_body(),
+            }),
+            Err(_) => Err(Rejected {
+                status: StatusCode::FORBIDDEN,
+                body: Bytes::from_static(b"connection rejected"),
+            }),
+        }
+    }
+
+    fn client(&mut self) -> &mut WebSocketStream<tokio::io::DuplexStream> {
+        self.client
+            .as_mut()
+            .expect("the communicator is not connected: call connect() first")
+    }
+
+    /// Sends a message to the consumer.
+    ///
+    /// # Panics
+    ///
+    /// If not connected, or if the consumer's side is gone.
+    pub async fn send(&mut self, message: impl Into<Message>) {
+        let m = message.into().into_tungstenite();
+        self.client()
+            .send(m)
+            .await
+            .unwrap_or_else(|e| panic!("send to consumer failed: {e}"));
+    }
+
+    /// Sends a text message.
+    pub async fn send_text(&mut self, text: impl Into<Utf8Bytes>) {
+        self.send(Message::Text(text.into())).await;
+    }
+
+    /// Sends a binary message.
+    pub async fn send_binary(&mut self, data: impl Into<Bytes>) {
+        self.send(Message::Binary(data.into())).await;
+    }
+
+    /// Sends `value` as a JSON text message.
+    ///
+    /// # Panics
+    ///
+    /// If `value` cannot be serialized.
+    pub async fn send_json<T: Serialize + ?Sized>(&mut self, value: &T) {
+        let text = serde_json::to_string(value).expect("value serializes to JSON");
+        self.send_text(text).await;
+    }
+
+    /// The next message, waiting at most [`DEFAULT_TIMEOUT`]. A close from the
+    /// consumer is returned as [`Message::Close`].
+    pub async fn receive(&mut self) -> Result<Message, ReceiveError> {
+        self.receive_timeout(DEFAULT_TIMEOUT).await
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub async fn receive_timeout(&mut self, timeout: Duration) -> Result<Message, ReceiveError> {
+        let client = self.client.as_mut().ok_or(ReceiveError::NotConnected)?;
+        loop {
+            let next = tokio::time::timeout(timeout, client.next())
+                .await
+                .map_err(|_| ReceiveError::Timeout(timeout))?;
+            match next {
+                Some(Ok(m)) => match Message::from_tungstenite(m) {
+                    Some(Message::Ping(_) | Message::Pong(_)) | None => continue,
+                    Some(m) => return Ok(m),
+                },
+                Some(Err(_)) | None => return Err(ReceiveError::Closed(None)),
+            }
+        }
+    }
+
+    /// The next message, which must be text.
+    pub async fn receive_text(&mut self) -> Result<String, ReceiveError> {
+        match self.receive().await? {
+            Message::Text(t) => Ok(t.as_str().to_owned()),
+            Message::Close(c) => Err(ReceiveError::Closed(c)),
+            other => Err(ReceiveError::Unexpected(other)),
+        }
+    }
+
+    /// The next message, which must be binary.
+    pub async fn receive_binary(&mut self) -> Result<Bytes, ReceiveError> {
+        match self.receive().await? {
+            Message::Binary(b) => Ok(b),
+            Message::Close(c) => Err(ReceiveError::Closed(c)),
+            other => Err(ReceiveError::Unexpected(other)),
+        }
+    }
+
+    /// The next message, which must be JSON text decoding into `T`.
+    pub async fn receive_json<T: DeserializeOwned>(&mut self) -> Result<T, ReceiveError> {
+        let text = self.receive_text().await?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The next message, which must be a close; returns its code (1005 if none).
+    pub async fn receive_close(&mut self) -> Result<CloseCode, ReceiveError> {
+        match self.receive().await? {
+            Message::Close(c) => Ok(c.map_or(crate::message::close_code::STATUS, |c| c.code)),
+            other => Err(ReceiveError::Unexpected(other)),
+        }
+    }
+
+    /// Whether nothing arrives within [`NOTHING_TIMEOUT`] (Django's `receive_nothing`).
+    pub async fn receive_nothing(&mut self) -> bool {
+        matches!(
+            self.receive_timeout(NOTHING_TIMEOUT).await,
+            Err(ReceiveError::Timeout(_))
+        )
+    }
+
+    /// Closes the connection with `code` and waits until the consumer's
+    /// `disconnect` has run and its task ended.
+    pub async fn disconnect(mut self, code: CloseCode) {
+        if let Some(mut client) = self.client.take() {
+            let frame = CloseFrame::new(code, "");
+            let _ = client.send(Message::Close(Some(frame)).into_tungstenite()).await;
+            // Read until the consumer's side finishes the closing handshake.
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(DEFAULT_TIMEOUT, client.next()).await {}
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(DEFAULT_TIMEOUT * 5, task).await;
+        }
+    }
+
+    /// Waits until the consumer's task has ended (e.g. after it closed the
+    /// connection itself), at most `timeout`; returns whether it ended.
+    pub async fn wait_finished(&mut self, timeout: Duration) -> bool {
+        match self.task.as_mut() {
+            Some(task) => tokio::time::timeout(timeout, task).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
+impl fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Communicator")
+            .field("connected", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
