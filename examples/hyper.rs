@@ -1,0 +1,151 @@
+//! The echo and chat consumers in front of a plain hyper service.
+//!
+//! ```text
+//! cargo run --example hyper -- --addr 127.0.0.1:8000
+//! ```
+//!
+//! * `GET /`: answered by the inner `service_fn`;
+//! * `/ws/echo`: echoes every text and binary message;
+//! * `/ws/chat/{room}`: send `{"message": "..."}`, every member of the room
+//!   (the sender included) receives `{"message": "..."}`.
+//!
+//! The accept loop inserts [`PeerAddr`] into every request so consumers see
+//! the client's address in their scope.
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto::Builder,
+};
+use serde::Deserialize;
+use tower::ServiceExt;
+use tower_channels::{
+    channel_layer::{validate_group_name, BoxError, Event},
+    consumer::{
+        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+    },
+    message::Message,
+    ChannelsLayer, PeerAddr,
+};
+use tower_layer::Layer;
+
+/// `/ws/echo`: sends every message back.
+struct Echo;
+
+impl WebsocketConsumer for Echo {
+    async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
+        ctx.send(msg)?;
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatIn {
+    message: String,
+}
+
+/// `/ws/chat/{room}`: one per connection, member of the room's group.
+struct Chat {
+    group: String,
+}
+
+impl JsonWebsocketConsumer for Chat {
+    type Incoming = ChatIn;
+
+    async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+        if validate_group_name(&self.group).is_err() {
+            return Err(Reject::new(StatusCode::BAD_REQUEST).body("invalid room name"));
+        }
+        ctx.group_add(&self.group).await?;
+        Ok(Accept::new())
+    }
+
+    async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
+        let text = serde_json::json!({ "message": msg.message }).to_string();
+        ctx.group_send(&self.group, Event::text("chat.message", text))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Everything that is not a WebSocket handshake on a consumer route.
+async fn inner(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/") => (StatusCode::OK, "hello from hyper\n"),
+        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    Ok(res)
+}
+
+fn parse_addr() -> Result<SocketAddr, String> {
+    let mut addr: SocketAddr = ([127, 0, 0, 1], 8000).into();
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--addr" => {
+                let v = it.next().ok_or("--addr needs a value")?;
+                addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; usage: hyper [--addr 127.0.0.1:8000]"
+                ))
+            }
+        }
+    }
+    Ok(addr)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let addr = parse_addr().unwrap_or_else(|msg| {
+        eprintln!("{msg}");
+        std::process::exit(2)
+    });
+
+    let channels = ChannelsLayer::new()
+        .route("/ws/echo", consumer(|_| Echo))
+        .route(
+            "/ws/chat/{room}",
+            json_consumer(|scope| Chat {
+                group: format!("chat_{}", scope.param("room").unwrap_or_default()),
+            }),
+        );
+    let service = channels.layer(tower::service_fn(inner));
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let service = service.clone();
+        tokio::spawn(async move {
+            // hyper's `Service` takes `&self`; each request gets a clone of the
+            // tower service, with the client's address as an extension.
+            let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                service.clone().oneshot(req)
+            });
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder.http2().enable_connect_protocol();
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                .await
+            {
+                tracing::debug!(error = %e, "connection error");
+            }
+        });
+    }
+}

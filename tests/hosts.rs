@@ -1,0 +1,359 @@
+//! The layer under every server it supports: axum, warp and plain hyper, over
+//! HTTP/1.1 upgrades and HTTP/2 extended CONNECT (RFC 8441), plus the warp
+//! and hyper example binaries.
+
+mod common;
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, task::Poll};
+
+use axum::{routing::get, Router};
+use bytes::Bytes;
+use common::*;
+use futures_util::SinkExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    tungstenite::{protocol::Role, Message},
+    WebSocketStream,
+};
+use tower_channels::{
+    channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
+    consumer::{consumer, Context, WebsocketConsumer},
+    layer::{ResponseBody, ResponseFuture},
+    message, Channels, ChannelsLayer, Scope,
+};
+use tower_layer::Layer;
+
+/// Echoes every message; on connect, sends a description of its scope.
+struct Echo;
+
+impl WebsocketConsumer for Echo {
+    async fn connect(
+        &mut self,
+        ctx: &mut Context,
+    ) -> Result<tower_channels::consumer::Accept, tower_channels::consumer::Reject> {
+        let s = ctx.scope();
+        let peer = s.peer_addr().map_or("none".to_owned(), |a| a.to_string());
+        ctx.send_text(format!(
+            "hello {:?} {} {} peer={peer}",
+            s.version(),
+            s.method(),
+            s.path()
+        ))?;
+        Ok(Default::default())
+    }
+
+    async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
+        ctx.send(msg)?;
+        Ok(())
+    }
+}
+
+fn channels() -> ChannelsLayer {
+    ChannelsLayer::new().route("/ws/echo", consumer(|_| Echo))
+}
+
+fn axum_app() -> Router {
+    Router::new()
+        .route("/", get(|| async { "inner" }))
+        .route(
+            "/ws/echo",
+            get(|| async { "inner page on a WebSocket path" }),
+        )
+        .layer(channels())
+}
+
+/// Connects to `/ws/echo`, checks the greeting, echoes text and binary.
+async fn check_echo(addr: SocketAddr, server: &str) {
+    let mut ws = connect(addr, "/ws/echo").await;
+    let local = match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(s) => s.local_addr().expect("local addr"),
+        _ => unreachable!("plain TCP"),
+    };
+    assert_eq!(
+        next_text(&mut ws).await,
+        format!("hello HTTP/1.1 GET /ws/echo peer={local}"),
+        "{server}: greeting with the scope (peer address must be the client's)"
+    );
+    echo_text(&mut ws, &format!("text via {server}")).await;
+    echo_binary(&mut ws, b"\x00\x01binary\xff").await;
+    close(&mut ws).await;
+}
+
+#[tokio::test]
+async fn axum_upgrade_and_echo() {
+    let addr = serve_axum(axum_app()).await;
+    check_echo(addr, "axum").await;
+}
+
+#[tokio::test]
+async fn warp_upgrade_and_echo() {
+    use warp::Filter;
+    let filter = warp::path::end().map(|| String::from("inner"));
+    let addr = serve_tower(channels().layer(warp::service(filter))).await;
+    check_echo(addr, "warp").await;
+    let reply = http1(addr, empty(get_req(addr, "/"))).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "inner"),
+        "warp inner service"
+    );
+}
+
+async fn hyper_inner(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from_static(b"inner"))))
+}
+
+#[tokio::test]
+async fn hyper_upgrade_and_echo() {
+    let addr = serve_tower(channels().layer(tower::service_fn(hyper_inner))).await;
+    check_echo(addr, "hyper").await;
+    let reply = http1(addr, empty(get_req(addr, "/"))).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "inner"),
+        "hyper inner service"
+    );
+}
+
+/// Opens an HTTP/2 connection and waits until the server's SETTINGS enabled
+/// extended CONNECT (no sleeping: the connection is polled until it is).
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    let mut conn = Box::pin(conn);
+    // hyper runs the h2 connection on a task of its own, which applies the
+    // server's SETTINGS without waking us: drive our half, then yield to it.
+    within("the server's SETTINGS_ENABLE_CONNECT_PROTOCOL", async {
+        while !conn.is_extended_connect_protocol_enabled() {
+            std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                Poll::Ready(r) => panic!("HTTP/2 connection ended early: {r:?}"),
+                Poll::Pending => Poll::Ready(()),
+            })
+            .await;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    tokio::spawn(conn);
+    sender
+}
+
+fn h2_connect(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{addr}{path}"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::new())
+        .expect("valid request")
+}
+
+async fn check_h2_echo(addr: SocketAddr, server: &str) {
+    let mut sender = h2_client(addr).await;
+    let mut res = within(
+        "the CONNECT response",
+        sender.send_request(h2_connect(addr, "/ws/echo")),
+    )
+    .await
+    .expect("send CONNECT");
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "{server}: extended CONNECT answered with 200"
+    );
+    let upgraded = within("the HTTP/2 upgrade", hyper::upgrade::on(&mut res))
+        .await
+        .expect("upgraded stream");
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    let greeting = next_text(&mut ws).await;
+    assert!(
+        greeting.starts_with("hello HTTP/2.0 CONNECT /ws/echo peer=127.0.0.1:"),
+        "{server}: scope over HTTP/2, got {greeting:?}"
+    );
+    echo_text(&mut ws, "over h2").await;
+    echo_binary(&mut ws, b"h2 bytes").await;
+
+    // A second WebSocket multiplexed on the same connection.
+    let mut res2 = sender
+        .send_request(h2_connect(addr, "/ws/echo"))
+        .await
+        .expect("second CONNECT");
+    assert_eq!(res2.status(), StatusCode::OK);
+    let upgraded2 = hyper::upgrade::on(&mut res2).await.expect("second upgrade");
+    let mut ws2 =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded2), Role::Client, None).await;
+    next_text(&mut ws2).await;
+    echo_text(&mut ws2, "second stream").await;
+    echo_text(&mut ws, "first stream still works").await;
+
+    ws.close(None).await.expect("close");
+    assert!(
+        matches!(next_msg(&mut ws).await, Message::Close(_)),
+        "close reply"
+    );
+
+    // A plain GET on the same HTTP/2 connection still reaches the inner service.
+    let req = Request::get(format!("http://{addr}/"))
+        .body(Empty::new())
+        .expect("request");
+    let res = sender.send_request(req).await.expect("GET over h2");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "inner", "{server}: inner service over HTTP/2");
+}
+
+#[tokio::test]
+async fn http2_extended_connect_under_axum() {
+    let addr = serve_axum(axum_app()).await;
+    check_h2_echo(addr, "axum").await;
+}
+
+#[tokio::test]
+async fn http2_extended_connect_under_hyper() {
+    let addr = serve_tower(channels().layer(tower::service_fn(hyper_inner))).await;
+    check_h2_echo(addr, "hyper").await;
+}
+
+#[tokio::test]
+async fn http2_connect_handshake_needs_version_13() {
+    let addr = serve_axum(axum_app()).await;
+    let mut sender = h2_client(addr).await;
+    let mut req = h2_connect(addr, "/ws/echo");
+    req.headers_mut().remove("sec-websocket-version");
+    let res = sender.send_request(req).await.expect("send CONNECT");
+    assert_eq!(res.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(res.headers()["sec-websocket-version"], "13");
+}
+
+#[tokio::test]
+async fn pass_through_to_inner_service() {
+    let addr = serve_axum(axum_app()).await;
+    // A path no consumer route matches, even when it asks for a WebSocket.
+    let reply = http1(addr, empty(ws_req(addr, "/"))).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "inner"),
+        "non-matching path"
+    );
+    // A plain GET (no Upgrade header) on a WebSocket route.
+    let reply = http1(addr, empty(get_req(addr, "/ws/echo"))).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "inner page on a WebSocket path"),
+        "plain GET on a WebSocket path"
+    );
+    // `Upgrade: h2c` is not a WebSocket request.
+    let reply = http1(
+        addr,
+        empty(
+            get_req(addr, "/ws/echo")
+                .header("upgrade", "h2c")
+                .header("connection", "upgrade"),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "Upgrade: h2c passes through");
+    // Unknown paths still get the inner service's 404.
+    let reply = http1(addr, empty(get_req(addr, "/nope"))).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn axum_peer_address_comes_from_connect_info() {
+    // `check_echo` asserts the exact peer address; this also checks a server
+    // without connect info gives none.
+    let layer = channels();
+    let app = Router::new()
+        .route("/", get(|| async { "inner" }))
+        .layer(layer);
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    let mut ws = connect(addr, "/ws/echo").await;
+    assert_eq!(
+        next_text(&mut ws).await,
+        "hello HTTP/1.1 GET /ws/echo peer=none"
+    );
+}
+
+#[tokio::test]
+async fn warp_example_serves_echo_chat_and_index() {
+    check_example("warp", "hello from warp\n").await;
+}
+
+#[tokio::test]
+async fn hyper_example_serves_echo_chat_and_index() {
+    check_example("hyper", "hello from hyper\n").await;
+}
+
+async fn check_example(name: &str, index: &str) {
+    let (_child, addr) = spawn_example(name);
+    let reply = http1(addr, empty(get_req(addr, "/"))).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, index),
+        "{name}: GET /"
+    );
+
+    let mut echo = connect(addr, "/ws/echo").await;
+    echo_text(&mut echo, "hi").await;
+    echo_binary(&mut echo, b"\x01\x02").await;
+
+    let mut a1 = connect(addr, "/ws/chat/lobby").await;
+    let mut a2 = connect(addr, "/ws/chat/lobby").await;
+    let mut b = connect(addr, "/ws/chat/other").await;
+    a1.send(Message::text(r#"{"message":"hello room"}"#))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_text(&mut a1).await,
+        r#"{"message":"hello room"}"#,
+        "{name}: sender"
+    );
+    assert_eq!(
+        next_text(&mut a2).await,
+        r#"{"message":"hello room"}"#,
+        "{name}: member"
+    );
+    b.send(Message::text(r#"{"message":"b only"}"#))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_text(&mut b).await,
+        r#"{"message":"b only"}"#,
+        "{name}: other room"
+    );
+    a1.send(Message::text("not json")).await.expect("send");
+    assert_eq!(
+        next_close(&mut a1).await.0,
+        1007,
+        "{name}: bad JSON closes with 1007"
+    );
+}
+
+// Compile-time: everything a server hands between threads is Send + Sync.
+#[allow(dead_code)]
+fn assert_send_sync<T: Send + Sync>() {}
+#[allow(dead_code)]
+fn assert_send<T: Send>() {}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    assert_send_sync::<ChannelsLayer>();
+    assert_send_sync::<Channels<Router>>();
+    assert_send_sync::<Arc<dyn ChannelLayer>>();
+    assert_send_sync::<InMemoryChannelLayer>();
+    assert_send_sync::<Scope>();
+    assert_send_sync::<tower_channels::channel_layer::Event>();
+    assert_send::<ResponseBody<axum::body::Body>>();
+    type RouterFuture = <Router as tower::Service<Request<axum::body::Body>>>::Future;
+    assert_send::<ResponseFuture<RouterFuture>>();
+    assert_send_sync::<ResponseFuture<std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>>>(
+    );
+}
