@@ -6,12 +6,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 
 /// Settings applied to every connection of a [`ChannelsLayer`](crate::ChannelsLayer).
 ///
-/// The defaults keep an idle connection small (a 4 KiB read buffer instead of
+/// The defaults keep an idle connection small (a 2 KiB read buffer instead of
 /// tungstenite's 128 KiB) and cap what a peer can make the server hold.
 ///
 /// | setting | default |
 /// |---|---|
-/// | [`read_buffer_size`](Self::read_buffer_size) | 4 KiB |
+/// | [`read_buffer_size`](Self::read_buffer_size) | 2 KiB |
 /// | [`write_buffer_size`](Self::write_buffer_size) | 64 KiB |
 /// | [`max_message_size`](Self::max_message_size) | 1 MiB |
 /// | [`max_frame_size`](Self::max_frame_size) | 1 MiB |
@@ -70,7 +70,7 @@ impl RateLimit {
 impl Default for WebSocketConfig {
     fn default() -> Self {
         Self {
-            read_buffer_size: 4 * 1024,
+            read_buffer_size: 2 * 1024,
             write_buffer_size: 64 * 1024,
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{Extensions, HeaderMap, Method, Uri, Version};
+use http::{Extensions, HeaderMap, HeaderValue, Method, Uri, Version};
 
 use crate::route::Params;
 
@@ -67,13 +67,13 @@ impl Scope {
         Scope(Arc::new(Inner {
             route,
             method: parts.method,
-            uri: parts.uri,
+            uri: detach_uri(parts.uri),
             version: parts.version,
             params,
-            headers: parts.headers,
+            headers: detach_headers(&parts.headers),
             subprotocols,
             peer_addr,
-            extensions: parts.extensions,
+            extensions: detach_extensions(parts.extensions),
         }))
     }
 
@@ -161,6 +161,42 @@ impl Scope {
     pub fn extensions(&self) -> &Extensions {
         &self.0.extensions
     }
+}
+
+/// Copies header values into their own allocations.
+///
+/// hyper parses headers as slices of its connection read buffer (8-16 KiB);
+/// a scope that kept those slices would keep the whole buffer alive for the
+/// life of the WebSocket. Copying a few hundred bytes once saves that memory
+/// on every idle connection.
+fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), copy);
+    }
+    out
+}
+
+/// Re-creates the URI from its text, for the same reason as [`detach_headers`].
+fn detach_uri(uri: Uri) -> Uri {
+    Uri::try_from(uri.to_string()).unwrap_or(uri)
+}
+
+/// axum inserts `OriginalUri`, a clone of the request URI that shares hyper's
+/// read buffer; replace it by a detached copy (see [`detach_headers`]).
+#[cfg(feature = "axum")]
+fn detach_extensions(mut ext: Extensions) -> Extensions {
+    if let Some(original) = ext.get_mut::<axum::extract::OriginalUri>() {
+        original.0 = detach_uri(original.0.clone());
+    }
+    ext
+}
+
+#[cfg(not(feature = "axum"))]
+fn detach_extensions(ext: Extensions) -> Extensions {
+    ext
 }
 
 #[cfg(feature = "axum")]

@@ -13,7 +13,8 @@
 //!   [`receive`](ChannelLayer::receive), which is how workers get their work.
 //!
 //! [`InMemoryChannelLayer`] (the default) works inside one process. The
-//! `redis` feature adds a Redis layer that spans processes.
+//! `redis` feature adds `redis::RedisChannelLayer`, which spans processes
+//! (its module docs describe how, and what it guarantees).
 //!
 //! # Example
 //!
@@ -77,6 +78,8 @@ mod event;
 mod memory;
 mod names;
 mod queue;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::{fmt, future::Future, pin::Pin};
 

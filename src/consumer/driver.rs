@@ -40,48 +40,16 @@ enum Outcome {
 }
 
 /// Runs `consumer` on `conn` from handshake to disconnect.
-pub(crate) async fn run<C: WebsocketConsumer>(mut consumer: C, mut conn: Connection) {
-    let runtime = conn.runtime.clone();
-    let channel_name = match conn.channel_name().await {
-        Ok(n) => n.to_owned(),
-        Err(e) => {
-            conn.reject(Reject::from(e));
-            return;
-        }
+///
+/// The handshake and the final cleanup run in boxed futures of their own, so
+/// the state this task keeps for the (long) life of the connection holds only
+/// what the message loop needs: that is most of an idle connection's memory.
+pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
+    let Some((mut consumer, mut ctx, mut io)) = Box::pin(open(consumer, conn)).await else {
+        return;
     };
-    let outbound = Arc::new(Outbound::new(runtime.config.max_outbound_bytes));
-    let mut ctx = Context::new(
-        conn.scope.clone(),
-        runtime.channel_layer.clone(),
-        channel_name,
-        outbound.clone(),
-    );
-
-    let decided = AssertUnwindSafe(consumer.connect(&mut ctx)).catch_unwind().await;
-    let accept = match decided {
-        Ok(Ok(accept)) => accept,
-        Ok(Err(reject)) => {
-            conn.reject(reject);
-            ctx.leave_groups().await;
-            return;
-        }
-        Err(panic) => {
-            tracing::error!(panic = %panic_message(&*panic), "consumer panicked in connect");
-            conn.reject(Reject::new(http::StatusCode::INTERNAL_SERVER_ERROR));
-            ctx.leave_groups().await;
-            return;
-        }
-    };
-    let ws = match conn.accept(accept).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            tracing::debug!(error = %e, "handshake not completed");
-            ctx.leave_groups().await;
-            return;
-        }
-    };
+    let runtime = io.ws.runtime.clone();
     runtime.metrics.opened();
-    let mut io = Io::new(ws, outbound, &runtime.config);
     let mut panicked = false;
     let code = loop {
         let outcome = match poll_fn(|cx| io.poll_io(cx, true)).await {
@@ -103,13 +71,65 @@ pub(crate) async fn run<C: WebsocketConsumer>(mut consumer: C, mut conn: Connect
             }
         }
     };
+    drop(io);
+    Box::pin(finish(consumer, ctx, code, panicked)).await;
+    runtime.metrics.closed();
+}
+
+/// The handshake: creates the channel, runs `connect`, answers the client.
+async fn open<C: WebsocketConsumer>(mut consumer: C, mut conn: Connection) -> Option<(C, Context, Io)> {
+    let runtime = conn.runtime.clone();
+    let channel_name = match conn.channel_name().await {
+        Ok(n) => n.to_owned(),
+        Err(e) => {
+            conn.reject(Reject::from(e));
+            return None;
+        }
+    };
+    let outbound = Arc::new(Outbound::new(runtime.config.max_outbound_bytes));
+    let mut ctx = Context::new(
+        conn.scope.clone(),
+        runtime.channel_layer.clone(),
+        channel_name,
+        outbound.clone(),
+    );
+    let decided = AssertUnwindSafe(consumer.connect(&mut ctx)).catch_unwind().await;
+    let accept = match decided {
+        Ok(Ok(accept)) => accept,
+        Ok(Err(reject)) => {
+            conn.reject(reject);
+            ctx.leave_groups().await;
+            return None;
+        }
+        Err(panic) => {
+            tracing::error!(panic = %panic_message(&*panic), "consumer panicked in connect");
+            conn.reject(Reject::new(http::StatusCode::INTERNAL_SERVER_ERROR));
+            ctx.leave_groups().await;
+            return None;
+        }
+    };
+    match conn.accept(accept).await {
+        Ok(ws) => {
+            let io = Io::new(ws, outbound, &runtime.config);
+            Some((consumer, ctx, io))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake not completed");
+            ctx.leave_groups().await;
+            None
+        }
+    }
+}
+
+/// After the connection closed: `disconnect` (unless a handler panicked),
+/// then leave every group.
+async fn finish<C: WebsocketConsumer>(mut consumer: C, mut ctx: Context, code: CloseCode, panicked: bool) {
     if !panicked {
         if let Err(p) = AssertUnwindSafe(consumer.disconnect(&mut ctx, code)).catch_unwind().await {
             tracing::error!(panic = %panic_message(&*p), "consumer panicked in disconnect");
         }
     }
     ctx.leave_groups().await;
-    runtime.metrics.closed();
     tracing::debug!(code, "connection closed");
 }
 

@@ -77,7 +77,8 @@ impl ChannelsLayer {
         let consumer: BoxConsumer = Arc::new(move |conn: Connection| {
             let mut svc = consumer.lock().unwrap_or_else(|e| e.into_inner()).clone();
             Box::pin(async move {
-                let route = conn.scope().route().to_owned();
+                let route = conn.scope().route();
+                let route = route.to_owned();
                 if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
                     let e: BoxError = e.into();
                     tracing::error!(error = %e, route, "consumer service not ready");

@@ -1,1 +1,455 @@
-//! The channel-layer conformance suite (being written).
+//! The channel-layer conformance suite: the behaviour every
+//! [`ChannelLayer`] backend must share with
+//! [`InMemoryChannelLayer`](crate::channel_layer::InMemoryChannelLayer).
+//!
+//! Run [`run_all`] with a function that makes a fresh layer (a fresh key
+//! prefix for backends that store state outside the process, and a small
+//! capacity such as 16: the suite fills channels until they are full), and
+//! [`run_pair`] with one that makes two instances sharing state, like two
+//! processes of one application. For a backend confined to one process the
+//! pair is two clones of one layer. Each check is also a public function, so
+//! a backend can run them as separate tests.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tower_channels::channel_layer::{ChannelLayer, InMemoryChannelLayer};
+//! use tower_channels::testing::conformance;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! conformance::run_all(|| async {
+//!     Arc::new(InMemoryChannelLayer::with_capacity(16)) as Arc<dyn ChannelLayer>
+//! })
+//! .await;
+//! conformance::run_pair(|| async {
+//!     let layer: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::with_capacity(16));
+//!     (layer.clone(), layer)
+//! })
+//! .await;
+//! # });
+//! ```
+//!
+//! The checks never sleep to wait for something: they await receivers with
+//! a timeout ([`RECV_TIMEOUT`]), and check that an event did *not* arrive by
+//! sending a sentinel event afterwards and expecting the sentinel first.
+//! They panic on failure, like assertions.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::channel_layer::{
+    validate_channel_name, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, RecvError,
+};
+use crate::message::Message;
+
+/// How long a check waits for an event that must arrive.
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends before a check gives up filling a channel.
+const MAX_FILL: usize = 100_000;
+
+const SENTINEL: &str = "conformance.sentinel";
+
+/// The typed body the checks send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Body {
+    text: String,
+    n: u32,
+    tags: Vec<String>,
+}
+
+fn body(n: u32) -> Body {
+    Body {
+        text: format!("héllo {n}"),
+        n,
+        tags: vec!["a".into(), "b".into()],
+    }
+}
+
+/// Runs every single-layer check, each on a fresh layer from `make`.
+pub async fn run_all<F, Fut>(mut make: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Arc<dyn ChannelLayer>>,
+{
+    macro_rules! check {
+        ($($name:ident),* $(,)?) => {$(
+            let layer = make().await;
+            $name(&*layer).await;
+            eprintln!("conformance: {} ok", stringify!($name));
+        )*};
+    }
+    check!(
+        new_channel_names,
+        send_receive_roundtrip,
+        no_such_channel,
+        channel_full,
+        groups,
+        no_delivery_to_other_groups,
+        full_member_lags,
+        dropped_receiver_leaves_groups,
+        invalid_names,
+        flush,
+        worker_channel,
+        stats,
+    );
+}
+
+/// Runs every check on two layer instances that share state (two processes
+/// of one application), each pair fresh from `make_pair`.
+pub async fn run_pair<F, Fut>(mut make_pair: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (Arc<dyn ChannelLayer>, Arc<dyn ChannelLayer>)>,
+{
+    macro_rules! check {
+        ($($name:ident),* $(,)?) => {$(
+            let (a, b) = make_pair().await;
+            $name(&*a, &*b).await;
+            eprintln!("conformance: {} ok", stringify!($name));
+        )*};
+    }
+    check!(pair_direct, pair_groups, pair_worker);
+}
+
+// ---------------------------------------------------------------- helpers
+
+async fn recv(rx: &mut ChannelReceiver) -> Event {
+    match tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await {
+        Ok(Ok(event)) => event,
+        Ok(Err(e)) => panic!("channel {:?}: expected an event, got {e}", rx.name()),
+        Err(_) => panic!("channel {:?}: no event within {RECV_TIMEOUT:?}", rx.name()),
+    }
+}
+
+async fn expect_kind(rx: &mut ChannelReceiver, kind: &str) -> Event {
+    let event = recv(rx).await;
+    assert_eq!(event.kind(), kind, "channel {:?} received the wrong event", rx.name());
+    event
+}
+
+/// Checks that nothing is queued for `rx`: sends a sentinel through `via`
+/// and expects it to be the next event.
+async fn expect_nothing(via: &dyn ChannelLayer, rx: &mut ChannelReceiver) {
+    let name = rx.name().to_owned();
+    via.send(&name, Event::bare(SENTINEL))
+        .await
+        .unwrap_or_else(|e| panic!("sending the sentinel to {name:?}: {e}"));
+    expect_kind(rx, SENTINEL).await;
+}
+
+async fn new_channel(layer: &dyn ChannelLayer) -> ChannelReceiver {
+    layer
+        .new_channel()
+        .await
+        .unwrap_or_else(|e| panic!("new_channel: {e}"))
+}
+
+async fn ok<T>(what: &str, fut: impl Future<Output = Result<T, ChannelLayerError>>) -> T {
+    fut.await.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Direct-sends until the channel is full; returns how many were accepted.
+async fn fill(layer: &dyn ChannelLayer, channel: &str) -> usize {
+    for n in 0..MAX_FILL {
+        match layer.send(channel, Event::new("conformance.fill", n)).await {
+            Ok(()) => {}
+            Err(e) if e.is_channel_full() => {
+                assert!(n > 0, "channel {channel:?} was full before the first send");
+                return n;
+            }
+            Err(e) => panic!("filling {channel:?}: unexpected error {e}"),
+        }
+    }
+    panic!("channel {channel:?} accepted {MAX_FILL} events without becoming full; use a smaller capacity")
+}
+
+// ---------------------------------------------------------------- checks
+
+/// `new_channel` returns unique, valid, process-specific (`!`) names.
+pub async fn new_channel_names(layer: &dyn ChannelLayer) {
+    let mut receivers = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..64 {
+        let rx = new_channel(layer).await;
+        let name = rx.name().to_owned();
+        validate_channel_name(&name).unwrap_or_else(|e| panic!("new_channel made an invalid name: {e}"));
+        assert!(name.contains('!'), "new_channel names are process-specific (`!`): {name:?}");
+        assert!(names.insert(name.clone()), "new_channel returned {name:?} twice");
+        receivers.push(rx);
+    }
+}
+
+/// Typed bodies, text and binary messages and bare events arrive intact and in order.
+pub async fn send_receive_roundtrip(layer: &dyn ChannelLayer) {
+    let mut rx = new_channel(layer).await;
+    let name = rx.name().to_owned();
+    ok("send typed", layer.send(&name, Event::new("conformance.typed", body(7)))).await;
+    ok("send text", layer.send(&name, Event::text("conformance.text", "{\"message\":\"hi ✓\"}"))).await;
+    ok("send binary", layer.send(&name, Event::message("conformance.binary", vec![0u8, 255, 7]))).await;
+    ok("send bare", layer.send(&name, Event::bare("conformance.bare"))).await;
+    for n in 0..5u32 {
+        ok("send", layer.send(&name, Event::new("conformance.seq", n))).await;
+    }
+
+    let typed = expect_kind(&mut rx, "conformance.typed").await;
+    assert_eq!(typed.handler_name(), "conformance_typed");
+    assert_eq!(typed.body::<Body>().expect("typed body"), body(7));
+    let json: serde_json::Value = typed.body().expect("typed body as JSON");
+    assert_eq!(json["n"], 7);
+    let text = expect_kind(&mut rx, "conformance.text").await;
+    assert_eq!(text.as_message(), Some(&Message::text("{\"message\":\"hi ✓\"}")));
+    let binary = expect_kind(&mut rx, "conformance.binary").await;
+    assert_eq!(binary.as_message(), Some(&Message::binary(vec![0u8, 255, 7])));
+    assert!(expect_kind(&mut rx, "conformance.bare").await.is_bare());
+    for n in 0..5u32 {
+        let event = expect_kind(&mut rx, "conformance.seq").await;
+        assert_eq!(event.body::<u32>().expect("u32 body"), n, "events arrived out of order");
+    }
+}
+
+/// Sends to a channel nobody receives fail with `NoSuchChannel`.
+pub async fn no_such_channel(layer: &dyn ChannelLayer) {
+    let rx = new_channel(layer).await;
+    let name = rx.name().to_owned();
+    drop(rx);
+    for channel in [name.as_str(), "specific.conformance0nobody!1"] {
+        match layer.send(channel, Event::bare("conformance.lost")).await {
+            Err(ChannelLayerError::NoSuchChannel { channel: c }) => assert_eq!(c, channel),
+            other => panic!("send to {channel:?}: expected NoSuchChannel, got {other:?}"),
+        }
+    }
+}
+
+/// A direct send to a full channel fails with `ChannelFull`, and succeeds
+/// again once the receiver made room.
+pub async fn channel_full(layer: &dyn ChannelLayer) {
+    let mut rx = new_channel(layer).await;
+    let name = rx.name().to_owned();
+    let accepted = fill(layer, &name).await;
+    match layer.send(&name, Event::bare("conformance.over")).await {
+        Err(ChannelLayerError::ChannelFull { channel }) => assert_eq!(channel, name),
+        other => panic!("expected ChannelFull, got {other:?}"),
+    }
+    let first = expect_kind(&mut rx, "conformance.fill").await;
+    assert_eq!(first.body::<usize>().expect("fill body"), 0);
+    ok("send after making room", layer.send(&name, Event::bare("conformance.room"))).await;
+    for n in 1..accepted {
+        let event = expect_kind(&mut rx, "conformance.fill").await;
+        assert_eq!(event.body::<usize>().expect("fill body"), n);
+    }
+    expect_kind(&mut rx, "conformance.room").await;
+}
+
+/// group_add / group_send / group_discard; adding twice and discarding a
+/// non-member are not errors.
+pub async fn groups(layer: &dyn ChannelLayer) {
+    let mut a = new_channel(layer).await;
+    let mut b = new_channel(layer).await;
+    ok("group_add a", layer.group_add("conformance", a.name())).await;
+    ok("group_add b", layer.group_add("conformance", b.name())).await;
+    ok("group_add b again", layer.group_add("conformance", b.name())).await;
+
+    let report = ok("group_send", layer.group_send("conformance", Event::new("conformance.g1", body(1)))).await;
+    assert!(report.delivered >= 1, "group_send reported no delivery: {report:?}");
+    assert_eq!(report.dropped, 0);
+    assert_eq!(expect_kind(&mut a, "conformance.g1").await.body::<Body>().expect("body"), body(1));
+    assert_eq!(expect_kind(&mut b, "conformance.g1").await.body::<Body>().expect("body"), body(1));
+    // Added twice, delivered once.
+    expect_nothing(layer, &mut b).await;
+
+    ok("group_discard b", layer.group_discard("conformance", b.name())).await;
+    ok("group_discard b again", layer.group_discard("conformance", b.name())).await;
+    ok("group_discard unknown group", layer.group_discard("conformance.unknown", b.name())).await;
+    ok("group_send", layer.group_send("conformance", Event::text("conformance.g2", "two"))).await;
+    assert_eq!(
+        expect_kind(&mut a, "conformance.g2").await.as_message(),
+        Some(&Message::text("two"))
+    );
+    expect_nothing(layer, &mut b).await;
+
+    let report = ok("group_send to empty group", layer.group_send("conformance.empty", Event::bare("x"))).await;
+    assert_eq!((report.delivered, report.dropped), (0, 0));
+}
+
+/// A group send reaches only that group's members.
+pub async fn no_delivery_to_other_groups(layer: &dyn ChannelLayer) {
+    let mut a = new_channel(layer).await;
+    let mut c = new_channel(layer).await;
+    ok("group_add", layer.group_add("conformance.one", a.name())).await;
+    ok("group_add", layer.group_add("conformance.two", c.name())).await;
+    ok("group_send", layer.group_send("conformance.one", Event::bare("conformance.one"))).await;
+    expect_kind(&mut a, "conformance.one").await;
+    expect_nothing(layer, &mut c).await;
+}
+
+/// A group send never waits for a full member: it drops the event for it,
+/// counts it in the report and the stats, and the member sees `Lagged`.
+pub async fn full_member_lags(layer: &dyn ChannelLayer) {
+    let mut full = new_channel(layer).await;
+    let mut fine = new_channel(layer).await;
+    let full_name = full.name().to_owned();
+    ok("group_add", layer.group_add("conformance.lag", &full_name)).await;
+    ok("group_add", layer.group_add("conformance.lag", fine.name())).await;
+    let accepted = fill(layer, &full_name).await;
+    let before = layer.stats();
+
+    let report = ok("group_send", layer.group_send("conformance.lag", Event::bare("conformance.g"))).await;
+    assert_eq!(report.dropped, 1, "the full member must be counted as dropped: {report:?}");
+    assert!(report.delivered >= 1, "{report:?}");
+    let after = layer.stats();
+    assert_eq!(after.dropped_full, before.dropped_full + 1, "stats: {after:?}");
+
+    expect_kind(&mut fine, "conformance.g").await;
+    match tokio::time::timeout(RECV_TIMEOUT, full.recv()).await {
+        Ok(Err(RecvError::Lagged(1))) => {}
+        other => panic!("the full member must see Lagged(1), got {other:?}"),
+    }
+    for _ in 0..accepted {
+        expect_kind(&mut full, "conformance.fill").await;
+    }
+    expect_nothing(layer, &mut full).await;
+}
+
+/// Dropping a receiver removes its channel from every group.
+pub async fn dropped_receiver_leaves_groups(layer: &dyn ChannelLayer) {
+    let rx = new_channel(layer).await;
+    ok("group_add", layer.group_add("conformance.drop", rx.name())).await;
+    ok("group_add", layer.group_add("conformance.drop2", rx.name())).await;
+    drop(rx);
+    for group in ["conformance.drop", "conformance.drop2"] {
+        let report = ok("group_send", layer.group_send(group, Event::bare("conformance.g"))).await;
+        assert_eq!(
+            (report.delivered, report.dropped),
+            (0, 0),
+            "a dropped receiver is still in {group:?}"
+        );
+    }
+    // The group still works for new members.
+    let mut again = new_channel(layer).await;
+    ok("group_add", layer.group_add("conformance.drop", again.name())).await;
+    ok("group_send", layer.group_send("conformance.drop", Event::bare("conformance.g2"))).await;
+    expect_kind(&mut again, "conformance.g2").await;
+}
+
+/// Names that break Django's rules are refused with `InvalidName`.
+pub async fn invalid_names(layer: &dyn ChannelLayer) {
+    let rx = new_channel(layer).await;
+    let good = rx.name().to_owned();
+    let long = "x".repeat(100);
+    let check = |what: &str, result: Result<(), ChannelLayerError>| match result {
+        Err(ChannelLayerError::InvalidName(_)) => {}
+        other => panic!("{what}: expected InvalidName, got {other:?}"),
+    };
+    for bad in ["", "bad name", "a!b!c", "!a", "ünï", long.as_str()] {
+        check(bad, layer.send(bad, Event::bare("x")).await);
+        check(bad, layer.receive(bad).await.map(drop));
+        check(bad, layer.group_add("conformance", bad).await);
+        check(bad, layer.group_discard("conformance", bad).await);
+    }
+    for bad in ["", "bad/group", "a!b", long.as_str()] {
+        check(bad, layer.group_add(bad, &good).await);
+        check(bad, layer.group_discard(bad, &good).await);
+        check(bad, layer.group_send(bad, Event::bare("x")).await.map(drop));
+    }
+}
+
+/// `flush` drops every group and every queued event; channels keep working.
+pub async fn flush(layer: &dyn ChannelLayer) {
+    let mut rx = new_channel(layer).await;
+    let name = rx.name().to_owned();
+    ok("group_add", layer.group_add("conformance.flush", &name)).await;
+    ok("send", layer.send(&name, Event::bare("conformance.queued"))).await;
+    ok("flush", layer.flush()).await;
+    assert!(rx.try_recv().is_none(), "flush must drop queued events");
+    let report = ok("group_send", layer.group_send("conformance.flush", Event::bare("conformance.g"))).await;
+    assert_eq!(report.delivered, 0, "flush must drop groups: {report:?}");
+    expect_nothing(layer, &mut rx).await;
+}
+
+/// A named channel (no `!`) is received with `receive` and sent to by name.
+pub async fn worker_channel(layer: &dyn ChannelLayer) {
+    let mut rx = ok("receive", layer.receive("conformance.worker")).await;
+    assert_eq!(rx.name(), "conformance.worker");
+    ok("send", layer.send("conformance.worker", Event::new("conformance.job", body(3)))).await;
+    ok("send", layer.send("conformance.worker", Event::text("conformance.job2", "two"))).await;
+    assert_eq!(expect_kind(&mut rx, "conformance.job").await.body::<Body>().expect("body"), body(3));
+    expect_kind(&mut rx, "conformance.job2").await;
+}
+
+/// `stats` counts group sends and local deliveries.
+pub async fn stats(layer: &dyn ChannelLayer) {
+    let mut a = new_channel(layer).await;
+    let mut b = new_channel(layer).await;
+    ok("group_add", layer.group_add("conformance.stats", a.name())).await;
+    ok("group_add", layer.group_add("conformance.stats", b.name())).await;
+    let before = layer.stats();
+    for _ in 0..3 {
+        ok("group_send", layer.group_send("conformance.stats", Event::bare("conformance.s"))).await;
+    }
+    for _ in 0..3 {
+        expect_kind(&mut a, "conformance.s").await;
+        expect_kind(&mut b, "conformance.s").await;
+    }
+    let after = layer.stats();
+    assert_eq!(after.group_sends, before.group_sends + 3, "{after:?}");
+    assert_eq!(after.delivered, before.delivered + 6, "{after:?}");
+    assert_eq!(after.dropped_full, before.dropped_full, "{after:?}");
+}
+
+/// Direct sends between two instances, both ways.
+pub async fn pair_direct(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    let mut on_a = new_channel(a).await;
+    let mut on_b = new_channel(b).await;
+    ok("b -> a", b.send(on_a.name(), Event::new("conformance.direct", body(1)))).await;
+    ok("a -> b", a.send(on_b.name(), Event::text("conformance.direct", "to b"))).await;
+    assert_eq!(expect_kind(&mut on_a, "conformance.direct").await.body::<Body>().expect("body"), body(1));
+    assert_eq!(
+        expect_kind(&mut on_b, "conformance.direct").await.as_message(),
+        Some(&Message::text("to b"))
+    );
+    // A channel is received where it was made, whoever sends to it.
+    expect_nothing(b, &mut on_a).await;
+    expect_nothing(a, &mut on_b).await;
+}
+
+/// Groups spanning two instances; membership changed from either side.
+pub async fn pair_groups(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    let mut on_a = new_channel(a).await;
+    let mut on_b = new_channel(b).await;
+    ok("group_add on a", a.group_add("conformance.pair", on_a.name())).await;
+    ok("group_add on b", b.group_add("conformance.pair", on_b.name())).await;
+    for (n, from) in [a, b].into_iter().enumerate() {
+        ok("group_send", from.group_send("conformance.pair", Event::new("conformance.p", n))).await;
+        for rx in [&mut on_a, &mut on_b] {
+            assert_eq!(expect_kind(rx, "conformance.p").await.body::<usize>().expect("body"), n);
+        }
+    }
+
+    // b adds a's channel to a group, and removes it again.
+    ok("group_add from b", b.group_add("conformance.pair2", on_a.name())).await;
+    ok("group_send", b.group_send("conformance.pair2", Event::bare("conformance.p2"))).await;
+    expect_kind(&mut on_a, "conformance.p2").await;
+    ok("group_discard from b", b.group_discard("conformance.pair2", on_a.name())).await;
+    ok("group_send", b.group_send("conformance.pair2", Event::bare("conformance.p3"))).await;
+    expect_nothing(b, &mut on_a).await;
+
+    // A connection closing on b leaves the group for everyone.
+    drop(on_b);
+    ok("group_send", a.group_send("conformance.pair", Event::bare("conformance.p4"))).await;
+    expect_kind(&mut on_a, "conformance.p4").await;
+    ok("group_send", b.group_send("conformance.pair", Event::bare("conformance.p5"))).await;
+    expect_kind(&mut on_a, "conformance.p5").await;
+    expect_nothing(a, &mut on_a).await;
+}
+
+/// A named channel received on one instance gets what the other sends.
+pub async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    let mut jobs = ok("receive on a", a.receive("conformance.pair-worker")).await;
+    for n in 0..3u32 {
+        ok("send from b", b.send("conformance.pair-worker", Event::new("conformance.job", n))).await;
+    }
+    for n in 0..3u32 {
+        assert_eq!(expect_kind(&mut jobs, "conformance.job").await.body::<u32>().expect("body"), n);
+    }
+}

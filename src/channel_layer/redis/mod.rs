@@ -1,0 +1,1103 @@
+//! A channel layer on Redis that spans processes (feature `redis`).
+//!
+//! [`RedisChannelLayer`] lets consumers in several server processes (or
+//! machines) share groups and send to each other, like Django's
+//! `channels_redis` `RedisPubSubChannelLayer`.
+//!
+//! ```
+//! use std::{sync::Arc, time::Duration};
+//! use tower_channels::channel_layer::redis::RedisChannelLayer;
+//! use tower_channels::channel_layer::{BoxError, ChannelLayer, Event};
+//!
+//! async fn doc_main() -> Result<(), BoxError> {
+//!     // `RedisChannelLayer::connect(url)` takes every default.
+//!     let layer = RedisChannelLayer::builder("redis://127.0.0.1:6379")
+//!         .prefix("myapp") // keys and Pub/Sub channels start with "myapp:"
+//!         .capacity(100) // events a channel holds before sends fail or drop
+//!         .group_expiry(Duration::from_secs(24 * 3600))
+//!         .build()
+//!         .await?;
+//!     let layer: Arc<dyn ChannelLayer> = Arc::new(layer);
+//!
+//!     // A connection's channel, and a group it joins:
+//!     let mut inbox = layer.new_channel().await?;
+//!     layer.group_add("lobby", inbox.name()).await?;
+//!
+//!     // From any process sharing the Redis server and prefix:
+//!     layer.group_send("lobby", Event::text("chat.message", "hello")).await?;
+//!     let event = inbox.recv().await?;
+//!     assert_eq!(event.kind(), "chat.message");
+//!
+//!     // A worker channel, load-balanced across the processes receiving it:
+//!     let mut jobs = layer.receive("thumbnails").await?;
+//!     layer.send("thumbnails", Event::bare("thumbnail.make")).await?;
+//!     assert_eq!(jobs.recv().await?.kind(), "thumbnail.make");
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # How it works
+//!
+//! Each layer instance (normally one per process) keeps the same local state
+//! as [`InMemoryChannelLayer`](super::InMemoryChannelLayer): its channels, and
+//! which of them belong to which group. Redis only carries traffic between
+//! processes, so a fan-out costs O(processes), not O(members):
+//!
+//! * **Process channels.** Every instance gets a random process name
+//!   `specific.<token>` and [`new_channel`](ChannelLayer::new_channel) names
+//!   its channels `specific.<token>!<n>` (Django's process-specific channel
+//!   names). The instance subscribes once to the Pub/Sub channel
+//!   `{prefix}:proc:specific.<token>`, so a [`send`](ChannelLayer::send) to
+//!   such a name from another process is one `PUBLISH`. When Redis reports no
+//!   subscriber (the process is gone), the send fails with
+//!   [`ChannelLayerError::NoSuchChannel`]. Sends to a channel of the sending
+//!   instance itself never touch Redis.
+//! * **Groups.** An instance subscribes to `{prefix}:group:{group}` while at
+//!   least one of its channels is a member. [`group_send`](ChannelLayer::group_send)
+//!   encodes the event once and `PUBLISH`es it once; every subscribed process
+//!   decodes it once and hands the same [`Event`] to its local members with
+//!   [`ChannelSender::send_lossy`] (a full member drops it, is counted and
+//!   sees [`RecvError::Lagged`](super::RecvError::Lagged)). The sending
+//!   instance delivers to its own members directly, so its
+//!   [`GroupSendReport`] counts them exactly; other processes add one each to
+//!   `delivered`, and count their members in their own [`stats`](ChannelLayer::stats).
+//! * **Named channels** without `!` (worker channels such as `"thumbnails"`,
+//!   consumed with [`receive`](ChannelLayer::receive)) are Redis lists
+//!   `{prefix}:channel:{name}`: a send is an `LPUSH` (refused with
+//!   [`ChannelLayerError::ChannelFull`] when the list holds `capacity`
+//!   events; the list expires `expiry` after the last push), and each receiver
+//!   runs a `BRPOP` loop on its own connection, so each event goes to exactly
+//!   one receiver across all processes.
+//! * **Membership.** [`group_add`](ChannelLayer::group_add) and
+//!   [`group_discard`](ChannelLayer::group_discard) on a channel of this
+//!   instance change local state and (un)subscribe before returning. On a
+//!   channel of another process they ask that process over its process
+//!   channel and wait for its reply. Dropping a receiver (a connection closing)
+//!   removes its channel from every group at once, and a group with no local
+//!   member left is unsubscribed. Memberships of process channels are never
+//!   stored in Redis: when a process crashes its subscriptions vanish with its
+//!   connection, so its members cannot linger. Named channels can be group
+//!   members too; those memberships are kept in the sorted set
+//!   `{prefix}:group:{group}` (score: time added), expire after
+//!   `group_expiry` unless added again, and receive a group send as an `LPUSH`
+//!   done by the same script that publishes it.
+//!
+//! # Delivery semantics
+//!
+//! At most once, as in Django Channels: an event is delivered once or lost,
+//! never duplicated. Events published while a process is disconnected from
+//! Redis are lost for that process, and so are events queued in Redis lists
+//! when a Redis server without persistence restarts (with the named-channel
+//! memberships stored there). A direct send from another process to a full
+//! channel cannot fail synchronously (Pub/Sub does not answer): the
+//! receiving process drops the event, counts it in
+//! [`LayerStats::dropped_full`] and marks the receiver as lagging, as a
+//! group send would. Events for a channel whose receiver is gone are counted
+//! in [`LayerStats::dropped_other`].
+//!
+//! # Faults
+//!
+//! Every Redis command has a timeout (2 s by default, see
+//! [`RedisChannelLayerBuilder::timeout`]), so while Redis is unreachable
+//! sends fail promptly with [`ChannelLayerError::Backend`] instead of
+//! hanging. One background task owns the Pub/Sub connection; when it breaks
+//! (Redis restarted, network failure, a missed health-check `PING`) the task
+//! reconnects with exponential backoff (50 ms doubling up to 1 s) and
+//! subscribes again to the process channel and every group that has a local
+//! member, so messages flow again without any action by the application.
+//! Command connections are re-established the same way by redis-rs's
+//! [`ConnectionManager`](::redis::aio::ConnectionManager).
+//!
+//! # Wire format
+//!
+//! Every Pub/Sub message and list item is a MessagePack array
+//! `[origin: str, op: int, id: int, group: str, channel: str, event: bin]`:
+//! `origin` is the sending process (`specific.<token>`), `event` an
+//! [`Event::encode`]d event (see the [channel layer wire
+//! format](super#wire-format)) and `op` one of `0` (event for a group),
+//! `1` (event for `channel`), `2`/`3` (add/discard `channel` to/from `group`,
+//! request `id`), `4`/`5`/`6` (reply to request `id`: done, no such channel,
+//! failed). Keys and channels are `{prefix}:proc:{process}`,
+//! `{prefix}:group:{group}` and `{prefix}:channel:{name}`.
+//!
+//! # Why redis-rs
+//!
+//! [redis-rs](https://docs.rs/redis) (re-exported as [`redis`](self::redis))
+//! is the most used Redis client for Rust and the only one with both a
+//! multiplexed, self-reconnecting command connection
+//! ([`ConnectionManager`](::redis::aio::ConnectionManager)) and an async
+//! Pub/Sub connection that can subscribe while messages stream in
+//! ([`PubSub::split`](::redis::aio::PubSub::split)), on tokio, with TLS,
+//! Sentinel and RESP3 available behind its own features.
+
+mod subscriber;
+mod wire;
+mod worker;
+
+pub use redis;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    Cmd, FromRedisValue, RedisError,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use self::{
+    subscriber::{Command, Subscriber},
+    wire::Envelope,
+};
+use super::{
+    channel, names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer,
+    ChannelLayerError, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
+    LayerStats, TrySendError, DEFAULT_CAPACITY,
+};
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "tower-channels";
+/// How long a named channel's membership of a group lasts unless renewed
+/// (Django's default: one day).
+pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
+/// How long events wait in a named channel's list after the last push.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
+/// The default timeout of each Redis command.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// `KEYS[1]` list; `ARGV`: payload, capacity, expiry (s). Returns 1 if pushed, 0 if full.
+const SEND_SCRIPT: &str = r"
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// `KEYS[1]` group (Pub/Sub channel and sorted set of named members);
+/// `ARGV`: payload, now (s), group expiry (s), capacity, expiry (s), list key prefix.
+/// Returns `{subscribers, pushed, full}`.
+const GROUP_SEND_SCRIPT: &str = r"
+local receivers = redis.call('PUBLISH', KEYS[1], ARGV[1])
+local pushed, full = 0, 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+  local cap = tonumber(ARGV[4])
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local key = ARGV[6] .. member
+    if redis.call('LLEN', key) < cap then
+      redis.call('LPUSH', key, ARGV[1])
+      redis.call('EXPIRE', key, ARGV[5])
+      pushed = pushed + 1
+    else
+      full = full + 1
+    end
+  end
+end
+return {receivers, pushed, full}
+";
+
+/// Configures and connects a [`RedisChannelLayer`]; made by
+/// [`RedisChannelLayer::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call .build().await to connect"]
+pub struct RedisChannelLayerBuilder {
+    url: String,
+    prefix: String,
+    capacity: usize,
+    group_expiry: Duration,
+    expiry: Duration,
+    timeout: Duration,
+}
+
+impl RedisChannelLayerBuilder {
+    /// The prefix of every key and Pub/Sub channel (default
+    /// [`DEFAULT_PREFIX`]). Applications sharing one Redis server use
+    /// different prefixes; processes of one application use the same.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Events a channel holds before direct sends fail with
+    /// [`ChannelLayerError::ChannelFull`] and group sends drop (default
+    /// [`DEFAULT_CAPACITY`]). Applies to local queues and to named channels'
+    /// Redis lists.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// How long a named channel stays in a group after its last
+    /// [`group_add`](ChannelLayer::group_add) (default [`DEFAULT_GROUP_EXPIRY`]).
+    pub fn group_expiry(mut self, expiry: Duration) -> Self {
+        self.group_expiry = expiry.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How long events wait in a named channel's list after the last push
+    /// (default [`DEFAULT_EXPIRY`]).
+    pub fn expiry(mut self, expiry: Duration) -> Self {
+        self.expiry = expiry.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The timeout of each Redis command (default [`DEFAULT_TIMEOUT`]):
+    /// how long an operation may take while Redis is unreachable before it
+    /// fails.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Connects to Redis and subscribes to this process's channel. Fails
+    /// when Redis cannot be reached within the timeout.
+    pub async fn build(self) -> Result<RedisChannelLayer, ChannelLayerError> {
+        if self.prefix.is_empty() {
+            return Err(BackendError::Other("the Redis key prefix must not be empty".into()).into());
+        }
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| BackendError::Redis("invalid Redis URL".into(), e))?;
+        let config = Config {
+            capacity: self.capacity,
+            group_expiry: self.group_expiry,
+            expiry: self.expiry,
+            timeout: self.timeout,
+            group_prefix: format!("{}:group:", self.prefix),
+            list_prefix: format!("{}:channel:", self.prefix),
+            prefix: self.prefix,
+        };
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(config.timeout)))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(RECONNECT_MIN)
+            .set_max_delay(RECONNECT_MAX);
+        let conn = match tokio::time::timeout(
+            config.timeout + CONNECT_TIMEOUT,
+            ConnectionManager::new_with_config(client.clone(), manager_config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(BackendError::Redis("cannot connect to Redis".into(), e).into()),
+            Err(_) => {
+                return Err(BackendError::Timeout("connecting to Redis".into(), config.timeout + CONNECT_TIMEOUT).into())
+            }
+        };
+
+        let head = format!("specific.{}", names::random_token(12));
+        let proc_channel = format!("{}:proc:{head}", config.prefix);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            scripts: Scripts {
+                send: LuaScript::new(SEND_SCRIPT),
+                group_send: LuaScript::new(GROUP_SEND_SCRIPT),
+            },
+            config,
+            head,
+            proc_channel,
+            client,
+            conn,
+            next_id: AtomicU64::new(0),
+            next_request: AtomicU64::new(1),
+            state: RwLock::default(),
+            subscribed: Mutex::default(),
+            connected: AtomicBool::new(false),
+            pending: Mutex::default(),
+            commands,
+            counters: Arc::default(),
+        });
+        inner.load_scripts().await?;
+        let pubsub = subscriber::open(&inner)
+            .await
+            .map_err(|e| BackendError::Other(format!("cannot subscribe to Redis: {e}")))?;
+        inner.connected.store(true, Ordering::Relaxed);
+        tokio::spawn(Subscriber::new(&inner, commands_rx, pubsub).run());
+        Ok(RedisChannelLayer { inner })
+    }
+}
+
+/// A [`ChannelLayer`] on Redis Pub/Sub and lists, for applications that run
+/// in several processes. See the [module docs](self).
+///
+/// Cloning is cheap and shares the connection and local state (a clone is
+/// the same "process"). Dropping the last clone closes the connections.
+#[derive(Clone)]
+pub struct RedisChannelLayer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisChannelLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisChannelLayer")
+            .field("prefix", &self.inner.config.prefix)
+            .field("process", &self.inner.head)
+            .field("capacity", &self.inner.config.capacity)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisChannelLayer {
+    /// Connects with every default (prefix [`DEFAULT_PREFIX`], capacity
+    /// [`DEFAULT_CAPACITY`], ...). `url` is a redis-rs URL such as
+    /// `redis://127.0.0.1:6379`, `redis://:password@host/2` or `rediss://host`
+    /// (TLS needs one of redis-rs's TLS features).
+    pub async fn connect(url: &str) -> Result<Self, ChannelLayerError> {
+        Self::builder(url).build().await
+    }
+
+    /// A builder to set the prefix, capacity, expiries and timeout before connecting.
+    pub fn builder(url: impl Into<String>) -> RedisChannelLayerBuilder {
+        RedisChannelLayerBuilder {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            capacity: DEFAULT_CAPACITY,
+            group_expiry: DEFAULT_GROUP_EXPIRY,
+            expiry: DEFAULT_EXPIRY,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.config.prefix
+    }
+
+    /// This instance's process name, `specific.<token>`: the part of its
+    /// channel names before the `!`.
+    pub fn process_name(&self) -> &str {
+        &self.inner.head
+    }
+
+    /// Events a channel holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.config.capacity
+    }
+
+    /// Whether the Pub/Sub connection is up (false while reconnecting).
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// Number of this process's channels in `group`.
+    pub fn local_group_len(&self, group: &str) -> usize {
+        self.inner.read().groups.get(group).map_or(0, HashMap::len)
+    }
+
+    /// Number of this process's channels that have a receiver.
+    pub fn channel_count(&self) -> usize {
+        self.inner.read().channels.len()
+    }
+}
+
+#[derive(Debug)]
+struct Config {
+    prefix: String,
+    /// `{prefix}:group:`
+    group_prefix: String,
+    /// `{prefix}:channel:`
+    list_prefix: String,
+    capacity: usize,
+    group_expiry: Duration,
+    expiry: Duration,
+    timeout: Duration,
+}
+
+impl Config {
+    fn group_key(&self, group: &str) -> String {
+        format!("{}{group}", self.group_prefix)
+    }
+
+    fn list_key(&self, channel: &str) -> String {
+        format!("{}{channel}", self.list_prefix)
+    }
+
+    fn proc_key(&self, process: &str) -> String {
+        format!("{}:proc:{process}", self.prefix)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    group_sends: AtomicU64,
+    delivered: AtomicU64,
+    dropped_full: AtomicU64,
+    dropped_other: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LuaScript {
+    code: &'static str,
+    sha: Mutex<String>,
+}
+
+impl LuaScript {
+    fn new(code: &'static str) -> Self {
+        Self {
+            code,
+            sha: Mutex::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Scripts {
+    send: LuaScript,
+    group_send: LuaScript,
+}
+
+struct Inner {
+    config: Config,
+    /// This process's name, `specific.<token>`.
+    head: String,
+    /// `{prefix}:proc:{head}`.
+    proc_channel: String,
+    client: redis::Client,
+    conn: ConnectionManager,
+    scripts: Scripts,
+    next_id: AtomicU64,
+    next_request: AtomicU64,
+    state: RwLock<State>,
+    /// Groups whose Pub/Sub subscription Redis confirmed; written by the subscriber task.
+    subscribed: Mutex<HashSet<String>>,
+    connected: AtomicBool,
+    /// Remote group add/discard requests waiting for their reply.
+    pending: Mutex<HashMap<u64, oneshot::Sender<u8>>>,
+    commands: mpsc::UnboundedSender<Command>,
+    counters: Arc<Counters>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner")
+            .field("config", &self.config)
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    channels: HashMap<String, Entry>,
+    groups: HashMap<String, HashMap<String, ChannelSender>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    sender: ChannelSender,
+    groups: HashSet<String>,
+}
+
+/// A backend failure, wrapped in [`ChannelLayerError::Backend`].
+#[derive(Debug, thiserror::Error)]
+enum BackendError {
+    #[error("{0}: {1}")]
+    Redis(String, #[source] RedisError),
+    #[error("{0} timed out after {1:?} (is Redis reachable?)")]
+    Timeout(String, Duration),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<BackendError> for ChannelLayerError {
+    fn from(e: BackendError) -> Self {
+        ChannelLayerError::backend(e)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections only insert and remove entries; poisoning cannot
+    // leave them inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn no_such_channel(channel: &str) -> ChannelLayerError {
+    ChannelLayerError::NoSuchChannel {
+        channel: channel.to_owned(),
+    }
+}
+
+impl Inner {
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The process part of a process-specific channel name, if `channel` has a `!`.
+    fn process_of(channel: &str) -> Option<&str> {
+        channel.split_once('!').map(|(head, _)| head)
+    }
+
+    fn is_local(&self, channel: &str) -> bool {
+        Self::process_of(channel) == Some(self.head.as_str())
+    }
+
+    /// Runs one command with the layer's timeout.
+    async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, ChannelLayerError> {
+        self.query_raw(cmd).await.map_err(|e| e.context(what))
+    }
+
+    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QueryError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(QueryError::Redis(e)),
+            Err(_) => Err(QueryError::Timeout(self.config.timeout)),
+        }
+    }
+
+    async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
+        for script in [&self.scripts.send, &self.scripts.group_send] {
+            let sha: String = self
+                .query("loading a Lua script", redis::cmd("SCRIPT").arg("LOAD").arg(script.code))
+                .await?;
+            *lock(&script.sha) = sha;
+        }
+        Ok(())
+    }
+
+    /// Runs a script by its SHA1, falling back to `EVAL` (which also caches
+    /// it again) after Redis forgot it, e.g. on a restart.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        what: &str,
+        script: &LuaScript,
+        args: impl Fn(&mut Cmd),
+    ) -> Result<T, ChannelLayerError> {
+        let sha = lock(&script.sha).clone();
+        if !sha.is_empty() {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&sha);
+            args(&mut cmd);
+            match self.query_raw(&cmd).await {
+                Err(QueryError::Redis(e)) if e.code() == Some("NOSCRIPT") => {}
+                other => return other.map_err(|e| e.context(what)),
+            }
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script.code);
+        args(&mut cmd);
+        self.query(what, &cmd).await
+    }
+
+    async fn publish(&self, channel: &str, payload: &[u8]) -> Result<usize, ChannelLayerError> {
+        self.query("PUBLISH", redis::cmd("PUBLISH").arg(channel).arg(payload)).await
+    }
+
+    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
+        let (tx, rx) = channel(name.clone(), self.config.capacity);
+        {
+            let mut st = self.write();
+            if let Some(existing) = st.channels.get(&name) {
+                if !existing.sender.is_closed() {
+                    return Err(BackendError::Other(format!(
+                        "channel {name:?} already has a receiver in this process"
+                    ))
+                    .into());
+                }
+            }
+            st.channels.insert(
+                name.clone(),
+                Entry {
+                    sender: tx,
+                    groups: HashSet::new(),
+                },
+            );
+        }
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        Ok(rx.on_drop(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.forget(&name);
+            }
+        }))
+    }
+
+    /// A receiver was dropped: forget its channel and leave its groups,
+    /// unsubscribing from those left without a local member.
+    fn forget(&self, name: &str) {
+        let mut emptied = Vec::new();
+        {
+            let mut st = self.write();
+            let Some(entry) = st.channels.get(name) else { return };
+            if !entry.sender.is_closed() {
+                return;
+            }
+            let Some(entry) = st.channels.remove(name) else { return };
+            for group in entry.groups {
+                if let Some(members) = st.groups.get_mut(&group) {
+                    members.remove(name);
+                    if members.is_empty() {
+                        st.groups.remove(&group);
+                        emptied.push(group);
+                    }
+                }
+            }
+        }
+        for group in emptied {
+            // The task is gone only when the layer is, and then nothing is subscribed.
+            let _ = self.commands.send(Command::Sync { group, ack: None });
+        }
+    }
+
+    /// Adds a local channel to a group in local state.
+    fn local_group_add(&self, group: &str, channel: &str) -> Result<(), ChannelLayerError> {
+        let mut st = self.write();
+        let entry = st
+            .channels
+            .get_mut(channel)
+            .filter(|e| !e.sender.is_closed())
+            .ok_or_else(|| no_such_channel(channel))?;
+        entry.groups.insert(group.to_owned());
+        let sender = entry.sender.clone();
+        st.groups
+            .entry(group.to_owned())
+            .or_default()
+            .insert(channel.to_owned(), sender);
+        Ok(())
+    }
+
+    fn local_group_discard(&self, group: &str, channel: &str) {
+        let mut st = self.write();
+        if let Some(entry) = st.channels.get_mut(channel) {
+            entry.groups.remove(group);
+        }
+        if let Some(members) = st.groups.get_mut(group) {
+            members.remove(channel);
+            if members.is_empty() {
+                st.groups.remove(group);
+            }
+        }
+    }
+
+    fn has_local_members(&self, group: &str) -> bool {
+        self.read().groups.get(group).is_some_and(|m| !m.is_empty())
+    }
+
+    /// Hands `event` to every local member of `group`; returns (delivered, dropped).
+    fn fan_out(&self, group: &str, event: &Event) -> (usize, usize) {
+        let (mut delivered, mut dropped) = (0, 0);
+        let st = self.read();
+        if let Some(members) = st.groups.get(group) {
+            for sender in members.values() {
+                match sender.send_lossy(event.clone()) {
+                    Delivery::Delivered => delivered += 1,
+                    Delivery::Dropped => dropped += 1,
+                    // Receiver dropped; its on_drop hook removes it.
+                    Delivery::Closed => {}
+                }
+            }
+        }
+        drop(st);
+        Counters::add(&self.counters.delivered, delivered);
+        Counters::add(&self.counters.dropped_full, dropped);
+        (delivered, dropped)
+    }
+
+    /// An event from another process for one of our channels.
+    fn deliver_remote(&self, channel: &str, event: Event) {
+        let st = self.read();
+        let delivery = st.channels.get(channel).map(|e| e.sender.send_lossy(event));
+        drop(st);
+        match delivery {
+            Some(Delivery::Delivered) => {}
+            Some(Delivery::Dropped) => Counters::add(&self.counters.dropped_full, 1),
+            Some(Delivery::Closed) | None => Counters::add(&self.counters.dropped_other, 1),
+        }
+    }
+
+    /// Makes the subscription of `group` match local membership, waiting for
+    /// the subscriber task to confirm it.
+    async fn sync_group(&self, group: &str) -> Result<(), ChannelLayerError> {
+        if lock(&self.subscribed).contains(group) == self.has_local_members(group) {
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.commands
+            .send(Command::Sync {
+                group: group.to_owned(),
+                ack: Some(ack),
+            })
+            .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
+        self.wait_ack(done, format!("subscribing to group {group:?}")).await
+    }
+
+    async fn wait_ack(
+        &self,
+        done: oneshot::Receiver<Result<(), String>>,
+        what: String,
+    ) -> Result<(), ChannelLayerError> {
+        // Connecting may take the connect timeout before the command runs.
+        match tokio::time::timeout(self.config.timeout + CONNECT_TIMEOUT, done).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(msg))) => Err(BackendError::Other(format!("{what}: {msg}")).into()),
+            Ok(Err(_)) => Err(BackendError::Other(format!("{what}: the Redis subscriber task has stopped")).into()),
+            Err(_) => Err(BackendError::Timeout(what, self.config.timeout + CONNECT_TIMEOUT).into()),
+        }
+    }
+
+    /// Asks the process owning `channel` to add it to or discard it from
+    /// `group`, and waits for its reply.
+    async fn remote_membership(
+        &self,
+        op: u8,
+        process: &str,
+        group: &str,
+        channel: &str,
+    ) -> Result<(), ChannelLayerError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let payload = Envelope::control(&self.head, op, id, group, channel).to_bytes()?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let _cleanup = PendingGuard { inner: self, id };
+        let receivers = self.publish(&self.config.proc_key(process), &payload).await?;
+        if receivers == 0 {
+            return if op == wire::OP_GROUP_ADD {
+                Err(no_such_channel(channel))
+            } else {
+                Ok(())
+            };
+        }
+        let what = format!("asking process {process:?} to update group {group:?}");
+        match tokio::time::timeout(self.config.timeout, rx).await {
+            Ok(Ok(wire::OP_REPLY_OK)) => Ok(()),
+            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) if op == wire::OP_GROUP_ADD => Err(no_such_channel(channel)),
+            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
+            Ok(Ok(_)) => Err(BackendError::Other(format!("{what}: it could not subscribe")).into()),
+            Ok(Err(_)) => Err(BackendError::Other(format!("{what}: no reply")).into()),
+            Err(_) => Err(BackendError::Timeout(what, self.config.timeout).into()),
+        }
+    }
+
+    /// A reply to one of our requests arrived.
+    fn complete_request(&self, id: u64, op: u8) {
+        if let Some(tx) = lock(&self.pending).remove(&id) {
+            let _ = tx.send(op);
+        }
+    }
+
+    async fn flush_keys(&self) -> Result<(), ChannelLayerError> {
+        let pattern = format!("{}:*", escape_glob(&self.config.prefix));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .query(
+                    "SCAN",
+                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(500),
+                )
+                .await?;
+            if !keys.is_empty() {
+                self.query::<()>("DEL", redis::cmd("DEL").arg(&keys)).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+struct PendingGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.pending).remove(&self.id);
+    }
+}
+
+enum QueryError {
+    Redis(RedisError),
+    Timeout(Duration),
+}
+
+impl QueryError {
+    fn context(self, what: &str) -> ChannelLayerError {
+        match self {
+            QueryError::Redis(e) => BackendError::Redis(format!("Redis {what} failed"), e).into(),
+            QueryError::Timeout(d) => BackendError::Timeout(format!("Redis {what}"), d).into(),
+        }
+    }
+}
+
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl ChannelLayer for RedisChannelLayer {
+    fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let result = self.inner.register(format!("{}!{id}", self.inner.head));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn receive<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            match Inner::process_of(channel) {
+                Some(process) if process == inner.head => inner.register(channel.to_owned()),
+                Some(process) => Err(BackendError::Other(format!(
+                    "channel {channel:?} belongs to process {process:?}: only the layer that \
+                     created it can receive it (use new_channel, or a name without '!')"
+                ))
+                .into()),
+                None => worker::start(inner, channel).await,
+            }
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            match Inner::process_of(channel) {
+                Some(process) if process == inner.head => {
+                    let st = inner.read();
+                    let entry = st.channels.get(channel).ok_or_else(|| no_such_channel(channel))?;
+                    match entry.sender.try_send(event) {
+                        Ok(()) => Ok(()),
+                        Err(TrySendError::Full(_)) => Err(ChannelLayerError::ChannelFull {
+                            channel: channel.to_owned(),
+                        }),
+                        Err(_) => Err(no_such_channel(channel)),
+                    }
+                }
+                Some(process) => {
+                    let payload = wire::event_envelope(&inner.head, wire::OP_CHANNEL_EVENT, "", channel, &event)?;
+                    match inner.publish(&inner.config.proc_key(process), &payload).await? {
+                        0 => Err(no_such_channel(channel)),
+                        _ => Ok(()),
+                    }
+                }
+                None => {
+                    let payload = wire::event_envelope(&inner.head, wire::OP_CHANNEL_EVENT, "", channel, &event)?;
+                    let key = inner.config.list_key(channel);
+                    let pushed: i64 = inner
+                        .eval("LPUSH", &inner.scripts.send, |c| {
+                            c.arg(1)
+                                .arg(&key)
+                                .arg(&payload)
+                                .arg(inner.config.capacity)
+                                .arg(inner.config.expiry.as_secs());
+                        })
+                        .await?;
+                    if pushed == 0 {
+                        Err(ChannelLayerError::ChannelFull {
+                            channel: channel.to_owned(),
+                        })
+                    } else {
+                        Ok(())
+                    }
+                }
+            }
+        })
+    }
+
+    fn group_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            match Inner::process_of(channel) {
+                Some(process) if process == inner.head => {
+                    inner.local_group_add(group, channel)?;
+                    inner.sync_group(group).await
+                }
+                Some(process) => inner.remote_membership(wire::OP_GROUP_ADD, process, group, channel).await,
+                None => {
+                    let key = inner.config.group_key(group);
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
+                        .cmd("ZADD")
+                        .arg(&key)
+                        .arg(unix_now())
+                        .arg(channel)
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(inner.config.group_expiry.as_secs())
+                        .ignore();
+                    let mut conn = inner.conn.clone();
+                    match tokio::time::timeout(inner.config.timeout, pipe.query_async::<()>(&mut conn)).await {
+                        Ok(r) => r.map_err(|e| QueryError::Redis(e).context("ZADD")),
+                        Err(_) => Err(QueryError::Timeout(inner.config.timeout).context("ZADD")),
+                    }
+                }
+            }
+        })
+    }
+
+    fn group_discard<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            match Inner::process_of(channel) {
+                Some(process) if process == inner.head => {
+                    inner.local_group_discard(group, channel);
+                    inner.sync_group(group).await
+                }
+                Some(process) => {
+                    inner
+                        .remote_membership(wire::OP_GROUP_DISCARD, process, group, channel)
+                        .await
+                }
+                None => {
+                    inner
+                        .query::<()>(
+                            "ZREM",
+                            redis::cmd("ZREM").arg(inner.config.group_key(group)).arg(channel),
+                        )
+                        .await
+                }
+            }
+        })
+    }
+
+    fn group_send<'a>(
+        &'a self,
+        group: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            let inner = &self.inner;
+            let payload = wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
+            let key = inner.config.group_key(group);
+            let (receivers, pushed, full): (usize, usize, usize) = inner
+                .eval("group send", &inner.scripts.group_send, |c| {
+                    c.arg(1)
+                        .arg(&key)
+                        .arg(&payload)
+                        .arg(unix_now())
+                        .arg(inner.config.group_expiry.as_secs())
+                        .arg(inner.config.capacity)
+                        .arg(inner.config.expiry.as_secs())
+                        .arg(&inner.config.list_prefix);
+                })
+                .await?;
+            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+            // This process ignores its own publication and delivers here.
+            let (delivered, dropped) = inner.fan_out(group, &event);
+            let own = usize::from(lock(&inner.subscribed).contains(group));
+            Ok(GroupSendReport {
+                delivered: delivered + receivers.saturating_sub(own) + pushed,
+                dropped: dropped + full,
+            })
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            {
+                let mut st = inner.write();
+                st.groups.clear();
+                for entry in st.channels.values_mut() {
+                    entry.groups.clear();
+                    entry.sender.clear();
+                }
+            }
+            let (ack, done) = oneshot::channel();
+            inner
+                .commands
+                .send(Command::SyncAll { ack })
+                .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
+            inner.wait_ack(done, "unsubscribing from every group".into()).await?;
+            inner.flush_keys().await
+        })
+    }
+
+    fn stats(&self) -> LayerStats {
+        let c = &self.inner.counters;
+        LayerStats {
+            group_sends: c.group_sends.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            dropped_full: c.dropped_full.load(Ordering::Relaxed),
+            dropped_other: c.dropped_other.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_escaping() {
+        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        assert_eq!(escape_glob("tower-channels"), "tower-channels");
+    }
+
+    #[test]
+    fn process_of_names() {
+        assert_eq!(Inner::process_of("specific.abc!1"), Some("specific.abc"));
+        assert_eq!(Inner::process_of("thumbnails"), None);
+    }
+
+    #[tokio::test]
+    async fn unreachable_redis_fails_promptly() {
+        let started = std::time::Instant::now();
+        let err = RedisChannelLayer::builder("redis://127.0.0.1:1")
+            .timeout(Duration::from_millis(500))
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(RedisChannelLayer::connect("not a url").await.is_err());
+    }
+}
