@@ -1,0 +1,468 @@
+//! End to end in a real browser: the chat example's page in headless
+//! Chromium, driven through chromedriver with the `fantoccini` WebDriver
+//! client.
+//!
+//! Three browsers open the page: two join room A, one joins room B. A message
+//! typed on the first page (sent with the Send button) and one typed on the
+//! second (sent with Enter) reach both room A pages and never room B's, and a
+//! sentinel sent in room B reaches only room B.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/setup.sh` installs
+//! them). Without them the test prints `skipped: ...` and passes, unless
+//! `TOWER_CHANNELS_REQUIRE_BROWSER=1`, as in CI, where it fails.
+//!
+//! Every wait is bounded; nothing sleeps to synchronize (polls only).
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use fantoccini::{key::Key, Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const SKIPPED: &str = "skipped: no chromium (install Debian packages chromium and chromium-driver)";
+
+/// How long one wait (a process starting, a page element reaching a state)
+/// may take before the test fails.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the whole browser scenario may take.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Between two reads of a page element while waiting for it to change.
+const POLL: Duration = Duration::from_millis(50);
+
+type Result<T, E = String> = std::result::Result<T, E>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_in_headless_chromium() {
+    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
+        if std::env::var("TOWER_CHANNELS_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!("{SKIPPED}");
+        }
+        println!("{SKIPPED}");
+        return;
+    }
+    let started = Instant::now();
+
+    // Declared before the processes so that they are removed after the
+    // browsers are gone (locals drop in reverse order).
+    let profiles: Vec<TempDir> = (0..3).map(TempDir::new).collect();
+    let chat = Chat::start();
+    let driver = Driver::start();
+
+    let mut sessions = Vec::new();
+    let result = tokio::time::timeout(
+        SCENARIO_TIMEOUT,
+        scenario(chat.addr, driver.port, &profiles, &mut sessions),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("the scenario took more than {SCENARIO_TIMEOUT:?}")));
+
+    // Close the sessions on every path: chromedriver then quits its browsers.
+    for session in sessions {
+        let _ = tokio::time::timeout(TIMEOUT, session.close()).await;
+    }
+    if let Err(e) = result {
+        panic!(
+            "{e}\n--- chat example output (last lines) ---\n{}\n--- chromedriver output (last lines) ---\n{}",
+            chat.process.output(),
+            driver.process.output(),
+        );
+    }
+    println!("browser test passed in {:?}", started.elapsed());
+}
+
+/// The scenario. Every session it opens is pushed to `sessions`, which the
+/// caller closes whatever happens here.
+async fn scenario(
+    addr: SocketAddr,
+    port: u16,
+    profiles: &[TempDir],
+    sessions: &mut Vec<Client>,
+) -> Result<()> {
+    let webdriver = format!("http://127.0.0.1:{port}");
+    let (a, b, c) = tokio::join!(
+        new_session(&webdriver, &profiles[0]),
+        new_session(&webdriver, &profiles[1]),
+        new_session(&webdriver, &profiles[2]),
+    );
+    // Keep whichever sessions opened, so that they are closed even if another
+    // one failed.
+    sessions.extend([&a, &b, &c].into_iter().flatten().cloned());
+    let (a1, a2, b1) = (a?, b?, c?);
+
+    let pid = std::process::id();
+    let room_a = format!("e2e{pid}");
+    let room_b = format!("e2e{pid}other");
+    let url = format!("http://{addr}/");
+    let (r1, r2, r3) = tokio::join!(
+        join_room(&a1, &url, &room_a),
+        join_room(&a2, &url, &room_a),
+        join_room(&b1, &url, &room_b),
+    );
+    r1.map_err(|e| format!("page 1: {e}"))?;
+    r2.map_err(|e| format!("page 2: {e}"))?;
+    r3.map_err(|e| format!("page 3: {e}"))?;
+
+    // Page 1 types a message and clicks Send: both room A pages show it.
+    let first = format!("hello from page 1 ({pid})");
+    type_message(&a1, &first).await?;
+    click(&a1, "send").await?;
+    wait_for_log(&a1, "page 1", &first).await?;
+    wait_for_log(&a2, "page 2", &first).await?;
+
+    // Page 3, in room B, sends a sentinel and waits for its own echo: its
+    // socket is live and delivers, and the first message (fanned out before
+    // the sentinel was even sent) did not reach it.
+    let sentinel = format!("sentinel in room B ({pid})");
+    type_message(&b1, &sentinel).await?;
+    click(&b1, "send").await?;
+    wait_for_log(&b1, "page 3", &sentinel).await?;
+
+    // Page 2 answers with Enter in the message input: both room A pages show
+    // it, after the first message and without the room B sentinel.
+    let second = format!("reply from page 2 ({pid})");
+    type_message(&a2, &format!("{second}{}", char::from(Key::Enter))).await?;
+    wait_for_log(&a1, "page 1", &second).await?;
+    wait_for_log(&a2, "page 2", &second).await?;
+
+    let expected_a = format!("{first}\n{second}\n");
+    let expected_b = format!("{sentinel}\n");
+    for (page, name, expected) in [
+        (&a1, "page 1 (room A)", &expected_a),
+        (&a2, "page 2 (room A)", &expected_a),
+        (&b1, "page 3 (room B)", &expected_b),
+    ] {
+        let log = prop(page, "log", "value").await?;
+        if &log != expected {
+            return Err(format!(
+                "{name}: #log is {log:?}, expected exactly {expected:?}"
+            ));
+        }
+    }
+    // The inputs were cleared after sending.
+    for (page, name) in [(&a1, "page 1"), (&a2, "page 2"), (&b1, "page 3")] {
+        let value = prop(page, "message", "value").await?;
+        if !value.is_empty() {
+            return Err(format!(
+                "{name}: #message not cleared after sending: {value:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A WebDriver session on a fresh headless Chromium with its own profile.
+async fn new_session(webdriver: &str, profile: &TempDir) -> Result<Client> {
+    let caps = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": [
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                format!("--user-data-dir={}", profile.0.display()),
+            ],
+        },
+    });
+    let serde_json::Value::Object(caps) = caps else {
+        unreachable!("capabilities are an object")
+    };
+    let mut builder = ClientBuilder::new(HttpConnector::new());
+    builder.capabilities(caps);
+    tokio::time::timeout(TIMEOUT * 2, builder.connect(webdriver))
+        .await
+        .map_err(|_| format!("no WebDriver session from {webdriver} in {:?}", TIMEOUT * 2))?
+        .map_err(|e| format!("WebDriver session from {webdriver}: {e}"))
+}
+
+/// Opens the chat page, enters `room`, clicks Join and waits until the page
+/// says it is connected.
+async fn join_room(page: &Client, url: &str, room: &str) -> Result<()> {
+    page.goto(url)
+        .await
+        .map_err(|e| format!("opening {url}: {e}"))?;
+    let input = find(page, "room").await?;
+    input
+        .clear()
+        .await
+        .map_err(|e| format!("clearing #room: {e}"))?;
+    input
+        .send_keys(room)
+        .await
+        .map_err(|e| format!("typing in #room: {e}"))?;
+    click(page, "join").await?;
+    let connected = format!("connected to {room}");
+    wait_for(
+        page,
+        "status",
+        "textContent",
+        &format!("#status = {connected:?}"),
+        |s| s == connected,
+    )
+    .await
+    .map(drop)
+}
+
+async fn type_message(page: &Client, text: &str) -> Result<()> {
+    find(page, "message")
+        .await?
+        .send_keys(text)
+        .await
+        .map_err(|e| format!("typing in #message: {e}"))
+}
+
+async fn click(page: &Client, id: &str) -> Result<()> {
+    find(page, id)
+        .await?
+        .click()
+        .await
+        .map_err(|e| format!("clicking #{id}: {e}"))
+}
+
+async fn find(page: &Client, id: &str) -> Result<fantoccini::elements::Element> {
+    page.find(Locator::Id(id))
+        .await
+        .map_err(|e| format!("finding #{id}: {e}"))
+}
+
+/// An element's DOM property (`value` for inputs and the textarea).
+async fn prop(page: &Client, id: &str, name: &str) -> Result<String> {
+    Ok(find(page, id)
+        .await?
+        .prop(name)
+        .await
+        .map_err(|e| format!("reading #{id}.{name}: {e}"))?
+        .unwrap_or_default())
+}
+
+/// Waits until `#log` has `line` as one of its lines.
+async fn wait_for_log(page: &Client, name: &str, line: &str) -> Result<()> {
+    wait_for(
+        page,
+        "log",
+        "value",
+        &format!("{name}: #log has line {line:?}"),
+        |log| log.lines().any(|l| l == line),
+    )
+    .await
+    .map(drop)
+}
+
+/// Polls `#id.prop` until `ready` holds, for at most [`TIMEOUT`].
+async fn wait_for(
+    page: &Client,
+    id: &str,
+    prop_name: &str,
+    what: &str,
+    ready: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let value = prop(page, id, prop_name).await?;
+        if ready(&value) {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "timed out after {TIMEOUT:?} waiting for {what}; #{id}.{prop_name} is {value:?}"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The chat example, started with `--addr 127.0.0.1:0`.
+struct Chat {
+    process: Process,
+    addr: SocketAddr,
+}
+
+impl Chat {
+    fn start() -> Self {
+        let mut command = Command::new(example_binary("chat"));
+        command.args(["--addr", "127.0.0.1:0"]);
+        let (process, line) = Process::start("chat example", command, |line| {
+            line.strip_prefix("listening on ").map(str::to_owned)
+        });
+        let addr = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("chat example printed a bad address {line:?}: {e}"));
+        Chat { process, addr }
+    }
+}
+
+/// `target/<profile>/examples/<name>`, built by `cargo test` (the test binary
+/// is `target/<profile>/deps/browser-<hash>`).
+fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary is in target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo test` (which builds the examples), or `cargo build --examples` first",
+        path.display()
+    );
+    path
+}
+
+/// chromedriver on a port of its choosing (`--port=0`), read from its
+/// "started successfully on port N." line.
+struct Driver {
+    process: Process,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let mut command = Command::new(CHROMEDRIVER);
+        command.arg("--port=0");
+        let (process, port) = Process::start("chromedriver", command, |line| {
+            let (_, rest) = line.split_once("started successfully on port ")?;
+            Some(rest.trim_end_matches(['.', ' ', '\r']).to_owned())
+        });
+        let port = port
+            .parse()
+            .unwrap_or_else(|e| panic!("chromedriver printed a bad port {port:?}: {e}"));
+        Driver { process, port }
+    }
+}
+
+/// A child process in a process group of its own, killed with everything it
+/// started (the browsers under chromedriver) when dropped. Its stdout and
+/// stderr are drained by threads that keep the last lines for diagnostics.
+struct Process {
+    child: Child,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Process {
+    /// Starts `command` and waits until a line of its stdout gives
+    /// `ready(line)`, which is returned.
+    fn start(
+        name: &str,
+        mut command: Command,
+        ready: impl Fn(&str) -> Option<String>,
+    ) -> (Self, String) {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        drain(stdout, Arc::clone(&tail), Some(tx));
+        drain(stderr, Arc::clone(&tail), None);
+        let process = Process { child, tail };
+
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(found) = ready(&line) {
+                        return (process, found);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{name} not ready in {TIMEOUT:?}:\n{}", process.output())
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "{name} closed its stdout before it was ready:\n{}",
+                        process.output()
+                    )
+                }
+            }
+        }
+    }
+
+    /// The last lines it printed.
+    fn output(&self) -> String {
+        let tail = self
+            .tail
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // The whole group: chromedriver's browsers are in it too.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads `from` to its end on a thread, keeping the last lines in `tail` and
+/// sending each line to `lines` while someone listens.
+fn drain(
+    from: impl Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    lines: Option<mpsc::Sender<String>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if let Some(tx) = &lines {
+                let _ = tx.send(line.clone());
+            }
+            let mut tail = tail
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if tail.len() == 40 {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    });
+}
+
+/// A fresh browser profile directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(n: usize) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("tower-channels-browser-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
