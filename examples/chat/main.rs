@@ -13,6 +13,9 @@
 //! * `/ws/echo`: echoes every message;
 //! * `POST /rooms/{room}/messages`: an ordinary HTTP handler that sends the
 //!   request body to everyone in the room through the channel layer.
+//!
+//! `--max-message-size BYTES` raises the incoming message and frame limits
+//! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -28,7 +31,7 @@ use tower_channels::{
     channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
     consumer::{consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer},
     message::Message,
-    ChannelsLayer,
+    ChannelsLayer, WebSocketConfig,
 };
 
 #[derive(Deserialize)]
@@ -89,12 +92,14 @@ async fn post_message(
 struct Args {
     addr: SocketAddr,
     redis: Option<String>,
+    max_message_size: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: ([127, 0, 0, 1], 8000).into(),
         redis: None,
+        max_message_size: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -104,8 +109,19 @@ fn parse_args() -> Result<Args, String> {
                 args.addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
             }
             "--redis" => args.redis = Some(it.next().ok_or("--redis needs a URL")?),
+            "--max-message-size" => {
+                let v = it.next().ok_or("--max-message-size needs a value")?;
+                let n = v
+                    .parse()
+                    .map_err(|e| format!("bad --max-message-size {v:?}: {e}"))?;
+                args.max_message_size = Some(n);
+            }
             "-h" | "--help" => {
-                return Err("usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379]".into())
+                return Err(
+                    "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
+                     [--max-message-size BYTES]"
+                        .into(),
+                )
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -135,6 +151,13 @@ async fn main() -> Result<(), BoxError> {
             }),
         )
         .route("/ws/echo", consumer(|_| Echo));
+    if let Some(n) = args.max_message_size {
+        channels = channels.with_config(
+            WebSocketConfig::default()
+                .max_message_size(n)
+                .max_frame_size(n),
+        );
+    }
     if let Some(url) = &args.redis {
         channels = channels.with_channel_layer(redis_layer(url).await?);
     }
