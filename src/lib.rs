@@ -5,6 +5,10 @@
 //! `Router`, a warp filter, a plain hyper service). Requests on its routes
 //! that ask for a WebSocket get a **consumer** each; everything else goes to
 //! the inner service untouched.
+// Library code must not unwrap (peers control most inputs); tests may.
+#![warn(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod channel_layer;
 mod config;
 pub mod consumer;
@@ -17,6 +21,7 @@ pub mod origin;
 pub mod route;
 mod scope;
 pub mod testing;
+pub mod worker;
 
 pub use self::{
     config::{RateLimit, WebSocketConfig},

@@ -33,12 +33,14 @@ use http::{header, request::Parts, HeaderValue, Uri};
 #[derive(Clone, Default)]
 pub struct AllowedOrigins(Inner);
 
+type Predicate = Arc<dyn Fn(&HeaderValue, &Parts) -> bool + Send + Sync>;
+
 #[derive(Clone, Default)]
 enum Inner {
     #[default]
     Any,
     List(Vec<HeaderValue>),
-    Predicate(Arc<dyn Fn(&HeaderValue, &Parts) -> bool + Send + Sync>),
+    Predicate(Predicate),
     SameHost,
 }
 

@@ -126,7 +126,19 @@ impl Connection {
     }
 
     fn send_decision(&mut self, d: Decision) -> bool {
+        if matches!(d, Decision::Reject(_)) {
+            self.runtime.metrics.rejected();
+        }
         self.decision.take().is_some_and(|tx| tx.send(d).is_ok())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Dropped undecided: the client gets 403, which counts as a rejection.
+        if self.decision.is_some() {
+            self.runtime.metrics.rejected();
+        }
     }
 }
 

@@ -124,7 +124,12 @@ async fn recv(rx: &mut ChannelReceiver) -> Event {
 
 async fn expect_kind(rx: &mut ChannelReceiver, kind: &str) -> Event {
     let event = recv(rx).await;
-    assert_eq!(event.kind(), kind, "channel {:?} received the wrong event", rx.name());
+    assert_eq!(
+        event.kind(),
+        kind,
+        "channel {:?} received the wrong event",
+        rx.name()
+    );
     event
 }
 
@@ -173,9 +178,16 @@ pub async fn new_channel_names(layer: &dyn ChannelLayer) {
     for _ in 0..64 {
         let rx = new_channel(layer).await;
         let name = rx.name().to_owned();
-        validate_channel_name(&name).unwrap_or_else(|e| panic!("new_channel made an invalid name: {e}"));
-        assert!(name.contains('!'), "new_channel names are process-specific (`!`): {name:?}");
-        assert!(names.insert(name.clone()), "new_channel returned {name:?} twice");
+        validate_channel_name(&name)
+            .unwrap_or_else(|e| panic!("new_channel made an invalid name: {e}"));
+        assert!(
+            name.contains('!'),
+            "new_channel names are process-specific (`!`): {name:?}"
+        );
+        assert!(
+            names.insert(name.clone()),
+            "new_channel returned {name:?} twice"
+        );
         receivers.push(rx);
     }
 }
@@ -184,10 +196,32 @@ pub async fn new_channel_names(layer: &dyn ChannelLayer) {
 pub async fn send_receive_roundtrip(layer: &dyn ChannelLayer) {
     let mut rx = new_channel(layer).await;
     let name = rx.name().to_owned();
-    ok("send typed", layer.send(&name, Event::new("conformance.typed", body(7)))).await;
-    ok("send text", layer.send(&name, Event::text("conformance.text", "{\"message\":\"hi ✓\"}"))).await;
-    ok("send binary", layer.send(&name, Event::message("conformance.binary", vec![0u8, 255, 7]))).await;
-    ok("send bare", layer.send(&name, Event::bare("conformance.bare"))).await;
+    ok(
+        "send typed",
+        layer.send(&name, Event::new("conformance.typed", body(7))),
+    )
+    .await;
+    ok(
+        "send text",
+        layer.send(
+            &name,
+            Event::text("conformance.text", "{\"message\":\"hi ✓\"}"),
+        ),
+    )
+    .await;
+    ok(
+        "send binary",
+        layer.send(
+            &name,
+            Event::message("conformance.binary", vec![0u8, 255, 7]),
+        ),
+    )
+    .await;
+    ok(
+        "send bare",
+        layer.send(&name, Event::bare("conformance.bare")),
+    )
+    .await;
     for n in 0..5u32 {
         ok("send", layer.send(&name, Event::new("conformance.seq", n))).await;
     }
@@ -198,13 +232,23 @@ pub async fn send_receive_roundtrip(layer: &dyn ChannelLayer) {
     let json: serde_json::Value = typed.body().expect("typed body as JSON");
     assert_eq!(json["n"], 7);
     let text = expect_kind(&mut rx, "conformance.text").await;
-    assert_eq!(text.as_message(), Some(&Message::text("{\"message\":\"hi ✓\"}")));
+    assert_eq!(
+        text.as_message(),
+        Some(&Message::text("{\"message\":\"hi ✓\"}"))
+    );
     let binary = expect_kind(&mut rx, "conformance.binary").await;
-    assert_eq!(binary.as_message(), Some(&Message::binary(vec![0u8, 255, 7])));
+    assert_eq!(
+        binary.as_message(),
+        Some(&Message::binary(vec![0u8, 255, 7]))
+    );
     assert!(expect_kind(&mut rx, "conformance.bare").await.is_bare());
     for n in 0..5u32 {
         let event = expect_kind(&mut rx, "conformance.seq").await;
-        assert_eq!(event.body::<u32>().expect("u32 body"), n, "events arrived out of order");
+        assert_eq!(
+            event.body::<u32>().expect("u32 body"),
+            n,
+            "events arrived out of order"
+        );
     }
 }
 
@@ -233,7 +277,11 @@ pub async fn channel_full(layer: &dyn ChannelLayer) {
     }
     let first = expect_kind(&mut rx, "conformance.fill").await;
     assert_eq!(first.body::<usize>().expect("fill body"), 0);
-    ok("send after making room", layer.send(&name, Event::bare("conformance.room"))).await;
+    ok(
+        "send after making room",
+        layer.send(&name, Event::bare("conformance.room")),
+    )
+    .await;
     for n in 1..accepted {
         let event = expect_kind(&mut rx, "conformance.fill").await;
         assert_eq!(event.body::<usize>().expect("fill body"), n);
@@ -248,27 +296,70 @@ pub async fn groups(layer: &dyn ChannelLayer) {
     let mut b = new_channel(layer).await;
     ok("group_add a", layer.group_add("conformance", a.name())).await;
     ok("group_add b", layer.group_add("conformance", b.name())).await;
-    ok("group_add b again", layer.group_add("conformance", b.name())).await;
+    ok(
+        "group_add b again",
+        layer.group_add("conformance", b.name()),
+    )
+    .await;
 
-    let report = ok("group_send", layer.group_send("conformance", Event::new("conformance.g1", body(1)))).await;
-    assert!(report.delivered >= 1, "group_send reported no delivery: {report:?}");
+    let report = ok(
+        "group_send",
+        layer.group_send("conformance", Event::new("conformance.g1", body(1))),
+    )
+    .await;
+    assert!(
+        report.delivered >= 1,
+        "group_send reported no delivery: {report:?}"
+    );
     assert_eq!(report.dropped, 0);
-    assert_eq!(expect_kind(&mut a, "conformance.g1").await.body::<Body>().expect("body"), body(1));
-    assert_eq!(expect_kind(&mut b, "conformance.g1").await.body::<Body>().expect("body"), body(1));
+    assert_eq!(
+        expect_kind(&mut a, "conformance.g1")
+            .await
+            .body::<Body>()
+            .expect("body"),
+        body(1)
+    );
+    assert_eq!(
+        expect_kind(&mut b, "conformance.g1")
+            .await
+            .body::<Body>()
+            .expect("body"),
+        body(1)
+    );
     // Added twice, delivered once.
     expect_nothing(layer, &mut b).await;
 
-    ok("group_discard b", layer.group_discard("conformance", b.name())).await;
-    ok("group_discard b again", layer.group_discard("conformance", b.name())).await;
-    ok("group_discard unknown group", layer.group_discard("conformance.unknown", b.name())).await;
-    ok("group_send", layer.group_send("conformance", Event::text("conformance.g2", "two"))).await;
+    ok(
+        "group_discard b",
+        layer.group_discard("conformance", b.name()),
+    )
+    .await;
+    ok(
+        "group_discard b again",
+        layer.group_discard("conformance", b.name()),
+    )
+    .await;
+    ok(
+        "group_discard unknown group",
+        layer.group_discard("conformance.unknown", b.name()),
+    )
+    .await;
+    ok(
+        "group_send",
+        layer.group_send("conformance", Event::text("conformance.g2", "two")),
+    )
+    .await;
     assert_eq!(
         expect_kind(&mut a, "conformance.g2").await.as_message(),
         Some(&Message::text("two"))
     );
     expect_nothing(layer, &mut b).await;
 
-    let report = ok("group_send to empty group", layer.group_send("conformance.empty", Event::bare("x"))).await;
+    let report = ok(
+        "group_send to empty group",
+        layer.group_send("conformance.empty", Event::bare("x")),
+    )
+    .await;
     assert_eq!((report.delivered, report.dropped), (0, 0));
 }
 
@@ -278,7 +369,11 @@ pub async fn no_delivery_to_other_groups(layer: &dyn ChannelLayer) {
     let mut c = new_channel(layer).await;
     ok("group_add", layer.group_add("conformance.one", a.name())).await;
     ok("group_add", layer.group_add("conformance.two", c.name())).await;
-    ok("group_send", layer.group_send("conformance.one", Event::bare("conformance.one"))).await;
+    ok(
+        "group_send",
+        layer.group_send("conformance.one", Event::bare("conformance.one")),
+    )
+    .await;
     expect_kind(&mut a, "conformance.one").await;
     expect_nothing(layer, &mut c).await;
 }
@@ -294,11 +389,22 @@ pub async fn full_member_lags(layer: &dyn ChannelLayer) {
     let accepted = fill(layer, &full_name).await;
     let before = layer.stats();
 
-    let report = ok("group_send", layer.group_send("conformance.lag", Event::bare("conformance.g"))).await;
-    assert_eq!(report.dropped, 1, "the full member must be counted as dropped: {report:?}");
+    let report = ok(
+        "group_send",
+        layer.group_send("conformance.lag", Event::bare("conformance.g")),
+    )
+    .await;
+    assert_eq!(
+        report.dropped, 1,
+        "the full member must be counted as dropped: {report:?}"
+    );
     assert!(report.delivered >= 1, "{report:?}");
     let after = layer.stats();
-    assert_eq!(after.dropped_full, before.dropped_full + 1, "stats: {after:?}");
+    assert_eq!(
+        after.dropped_full,
+        before.dropped_full + 1,
+        "stats: {after:?}"
+    );
 
     expect_kind(&mut fine, "conformance.g").await;
     match tokio::time::timeout(RECV_TIMEOUT, full.recv()).await {
@@ -318,7 +424,11 @@ pub async fn dropped_receiver_leaves_groups(layer: &dyn ChannelLayer) {
     ok("group_add", layer.group_add("conformance.drop2", rx.name())).await;
     drop(rx);
     for group in ["conformance.drop", "conformance.drop2"] {
-        let report = ok("group_send", layer.group_send(group, Event::bare("conformance.g"))).await;
+        let report = ok(
+            "group_send",
+            layer.group_send(group, Event::bare("conformance.g")),
+        )
+        .await;
         assert_eq!(
             (report.delivered, report.dropped),
             (0, 0),
@@ -327,8 +437,16 @@ pub async fn dropped_receiver_leaves_groups(layer: &dyn ChannelLayer) {
     }
     // The group still works for new members.
     let mut again = new_channel(layer).await;
-    ok("group_add", layer.group_add("conformance.drop", again.name())).await;
-    ok("group_send", layer.group_send("conformance.drop", Event::bare("conformance.g2"))).await;
+    ok(
+        "group_add",
+        layer.group_add("conformance.drop", again.name()),
+    )
+    .await;
+    ok(
+        "group_send",
+        layer.group_send("conformance.drop", Event::bare("conformance.g2")),
+    )
+    .await;
     expect_kind(&mut again, "conformance.g2").await;
 }
 
@@ -362,7 +480,11 @@ pub async fn flush(layer: &dyn ChannelLayer) {
     ok("send", layer.send(&name, Event::bare("conformance.queued"))).await;
     ok("flush", layer.flush()).await;
     assert!(rx.try_recv().is_none(), "flush must drop queued events");
-    let report = ok("group_send", layer.group_send("conformance.flush", Event::bare("conformance.g"))).await;
+    let report = ok(
+        "group_send",
+        layer.group_send("conformance.flush", Event::bare("conformance.g")),
+    )
+    .await;
     assert_eq!(report.delivered, 0, "flush must drop groups: {report:?}");
     expect_nothing(layer, &mut rx).await;
 }
@@ -371,9 +493,23 @@ pub async fn flush(layer: &dyn ChannelLayer) {
 pub async fn worker_channel(layer: &dyn ChannelLayer) {
     let mut rx = ok("receive", layer.receive("conformance.worker")).await;
     assert_eq!(rx.name(), "conformance.worker");
-    ok("send", layer.send("conformance.worker", Event::new("conformance.job", body(3)))).await;
-    ok("send", layer.send("conformance.worker", Event::text("conformance.job2", "two"))).await;
-    assert_eq!(expect_kind(&mut rx, "conformance.job").await.body::<Body>().expect("body"), body(3));
+    ok(
+        "send",
+        layer.send("conformance.worker", Event::new("conformance.job", body(3))),
+    )
+    .await;
+    ok(
+        "send",
+        layer.send("conformance.worker", Event::text("conformance.job2", "two")),
+    )
+    .await;
+    assert_eq!(
+        expect_kind(&mut rx, "conformance.job")
+            .await
+            .body::<Body>()
+            .expect("body"),
+        body(3)
+    );
     expect_kind(&mut rx, "conformance.job2").await;
 }
 
@@ -385,7 +521,11 @@ pub async fn stats(layer: &dyn ChannelLayer) {
     ok("group_add", layer.group_add("conformance.stats", b.name())).await;
     let before = layer.stats();
     for _ in 0..3 {
-        ok("group_send", layer.group_send("conformance.stats", Event::bare("conformance.s"))).await;
+        ok(
+            "group_send",
+            layer.group_send("conformance.stats", Event::bare("conformance.s")),
+        )
+        .await;
     }
     for _ in 0..3 {
         expect_kind(&mut a, "conformance.s").await;
@@ -401,11 +541,27 @@ pub async fn stats(layer: &dyn ChannelLayer) {
 pub async fn pair_direct(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let mut on_a = new_channel(a).await;
     let mut on_b = new_channel(b).await;
-    ok("b -> a", b.send(on_a.name(), Event::new("conformance.direct", body(1)))).await;
-    ok("a -> b", a.send(on_b.name(), Event::text("conformance.direct", "to b"))).await;
-    assert_eq!(expect_kind(&mut on_a, "conformance.direct").await.body::<Body>().expect("body"), body(1));
+    ok(
+        "b -> a",
+        b.send(on_a.name(), Event::new("conformance.direct", body(1))),
+    )
+    .await;
+    ok(
+        "a -> b",
+        a.send(on_b.name(), Event::text("conformance.direct", "to b")),
+    )
+    .await;
     assert_eq!(
-        expect_kind(&mut on_b, "conformance.direct").await.as_message(),
+        expect_kind(&mut on_a, "conformance.direct")
+            .await
+            .body::<Body>()
+            .expect("body"),
+        body(1)
+    );
+    assert_eq!(
+        expect_kind(&mut on_b, "conformance.direct")
+            .await
+            .as_message(),
         Some(&Message::text("to b"))
     );
     // A channel is received where it was made, whoever sends to it.
@@ -417,28 +573,70 @@ pub async fn pair_direct(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
 pub async fn pair_groups(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let mut on_a = new_channel(a).await;
     let mut on_b = new_channel(b).await;
-    ok("group_add on a", a.group_add("conformance.pair", on_a.name())).await;
-    ok("group_add on b", b.group_add("conformance.pair", on_b.name())).await;
+    ok(
+        "group_add on a",
+        a.group_add("conformance.pair", on_a.name()),
+    )
+    .await;
+    ok(
+        "group_add on b",
+        b.group_add("conformance.pair", on_b.name()),
+    )
+    .await;
     for (n, from) in [a, b].into_iter().enumerate() {
-        ok("group_send", from.group_send("conformance.pair", Event::new("conformance.p", n))).await;
+        ok(
+            "group_send",
+            from.group_send("conformance.pair", Event::new("conformance.p", n)),
+        )
+        .await;
         for rx in [&mut on_a, &mut on_b] {
-            assert_eq!(expect_kind(rx, "conformance.p").await.body::<usize>().expect("body"), n);
+            assert_eq!(
+                expect_kind(rx, "conformance.p")
+                    .await
+                    .body::<usize>()
+                    .expect("body"),
+                n
+            );
         }
     }
 
     // b adds a's channel to a group, and removes it again.
-    ok("group_add from b", b.group_add("conformance.pair2", on_a.name())).await;
-    ok("group_send", b.group_send("conformance.pair2", Event::bare("conformance.p2"))).await;
+    ok(
+        "group_add from b",
+        b.group_add("conformance.pair2", on_a.name()),
+    )
+    .await;
+    ok(
+        "group_send",
+        b.group_send("conformance.pair2", Event::bare("conformance.p2")),
+    )
+    .await;
     expect_kind(&mut on_a, "conformance.p2").await;
-    ok("group_discard from b", b.group_discard("conformance.pair2", on_a.name())).await;
-    ok("group_send", b.group_send("conformance.pair2", Event::bare("conformance.p3"))).await;
+    ok(
+        "group_discard from b",
+        b.group_discard("conformance.pair2", on_a.name()),
+    )
+    .await;
+    ok(
+        "group_send",
+        b.group_send("conformance.pair2", Event::bare("conformance.p3")),
+    )
+    .await;
     expect_nothing(b, &mut on_a).await;
 
     // A connection closing on b leaves the group for everyone.
     drop(on_b);
-    ok("group_send", a.group_send("conformance.pair", Event::bare("conformance.p4"))).await;
+    ok(
+        "group_send",
+        a.group_send("conformance.pair", Event::bare("conformance.p4")),
+    )
+    .await;
     expect_kind(&mut on_a, "conformance.p4").await;
-    ok("group_send", b.group_send("conformance.pair", Event::bare("conformance.p5"))).await;
+    ok(
+        "group_send",
+        b.group_send("conformance.pair", Event::bare("conformance.p5")),
+    )
+    .await;
     expect_kind(&mut on_a, "conformance.p5").await;
     expect_nothing(a, &mut on_a).await;
 }
@@ -447,9 +645,19 @@ pub async fn pair_groups(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
 pub async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let mut jobs = ok("receive on a", a.receive("conformance.pair-worker")).await;
     for n in 0..3u32 {
-        ok("send from b", b.send("conformance.pair-worker", Event::new("conformance.job", n))).await;
+        ok(
+            "send from b",
+            b.send("conformance.pair-worker", Event::new("conformance.job", n)),
+        )
+        .await;
     }
     for n in 0..3u32 {
-        assert_eq!(expect_kind(&mut jobs, "conformance.job").await.body::<u32>().expect("body"), n);
+        assert_eq!(
+            expect_kind(&mut jobs, "conformance.job")
+                .await
+                .body::<u32>()
+                .expect("body"),
+            n
+        );
     }
 }

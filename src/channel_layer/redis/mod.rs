@@ -264,7 +264,9 @@ impl RedisChannelLayerBuilder {
     /// when Redis cannot be reached within the timeout.
     pub async fn build(self) -> Result<RedisChannelLayer, ChannelLayerError> {
         if self.prefix.is_empty() {
-            return Err(BackendError::Other("the Redis key prefix must not be empty".into()).into());
+            return Err(
+                BackendError::Other("the Redis key prefix must not be empty".into()).into(),
+            );
         }
         let client = redis::Client::open(self.url.as_str())
             .map_err(|e| BackendError::Redis("invalid Redis URL".into(), e))?;
@@ -290,9 +292,15 @@ impl RedisChannelLayerBuilder {
         .await
         {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(BackendError::Redis("cannot connect to Redis".into(), e).into()),
+            Ok(Err(e)) => {
+                return Err(BackendError::Redis("cannot connect to Redis".into(), e).into())
+            }
             Err(_) => {
-                return Err(BackendError::Timeout("connecting to Redis".into(), config.timeout + CONNECT_TIMEOUT).into())
+                return Err(BackendError::Timeout(
+                    "connecting to Redis".into(),
+                    config.timeout + CONNECT_TIMEOUT,
+                )
+                .into())
             }
         };
 
@@ -562,7 +570,11 @@ impl Inner {
     }
 
     /// Runs one command with the layer's timeout.
-    async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, ChannelLayerError> {
+    async fn query<T: FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &Cmd,
+    ) -> Result<T, ChannelLayerError> {
         self.query_raw(cmd).await.map_err(|e| e.context(what))
     }
 
@@ -578,7 +590,10 @@ impl Inner {
     async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
         for script in [&self.scripts.send, &self.scripts.group_send] {
             let sha: String = self
-                .query("loading a Lua script", redis::cmd("SCRIPT").arg("LOAD").arg(script.code))
+                .query(
+                    "loading a Lua script",
+                    redis::cmd("SCRIPT").arg("LOAD").arg(script.code),
+                )
                 .await?;
             *lock(&script.sha) = sha;
         }
@@ -610,7 +625,8 @@ impl Inner {
     }
 
     async fn publish(&self, channel: &str, payload: &[u8]) -> Result<usize, ChannelLayerError> {
-        self.query("PUBLISH", redis::cmd("PUBLISH").arg(channel).arg(payload)).await
+        self.query("PUBLISH", redis::cmd("PUBLISH").arg(channel).arg(payload))
+            .await
     }
 
     fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
@@ -647,11 +663,15 @@ impl Inner {
         let mut emptied = Vec::new();
         {
             let mut st = self.write();
-            let Some(entry) = st.channels.get(name) else { return };
+            let Some(entry) = st.channels.get(name) else {
+                return;
+            };
             if !entry.sender.is_closed() {
                 return;
             }
-            let Some(entry) = st.channels.remove(name) else { return };
+            let Some(entry) = st.channels.remove(name) else {
+                return;
+            };
             for group in entry.groups {
                 if let Some(members) = st.groups.get_mut(&group) {
                     members.remove(name);
@@ -747,7 +767,8 @@ impl Inner {
                 ack: Some(ack),
             })
             .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
-        self.wait_ack(done, format!("subscribing to group {group:?}")).await
+        self.wait_ack(done, format!("subscribing to group {group:?}"))
+            .await
     }
 
     async fn wait_ack(
@@ -759,8 +780,13 @@ impl Inner {
         match tokio::time::timeout(self.config.timeout + CONNECT_TIMEOUT, done).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(msg))) => Err(BackendError::Other(format!("{what}: {msg}")).into()),
-            Ok(Err(_)) => Err(BackendError::Other(format!("{what}: the Redis subscriber task has stopped")).into()),
-            Err(_) => Err(BackendError::Timeout(what, self.config.timeout + CONNECT_TIMEOUT).into()),
+            Ok(Err(_)) => Err(BackendError::Other(format!(
+                "{what}: the Redis subscriber task has stopped"
+            ))
+            .into()),
+            Err(_) => {
+                Err(BackendError::Timeout(what, self.config.timeout + CONNECT_TIMEOUT).into())
+            }
         }
     }
 
@@ -778,7 +804,9 @@ impl Inner {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let _cleanup = PendingGuard { inner: self, id };
-        let receivers = self.publish(&self.config.proc_key(process), &payload).await?;
+        let receivers = self
+            .publish(&self.config.proc_key(process), &payload)
+            .await?;
         if receivers == 0 {
             return if op == wire::OP_GROUP_ADD {
                 Err(no_such_channel(channel))
@@ -789,7 +817,9 @@ impl Inner {
         let what = format!("asking process {process:?} to update group {group:?}");
         match tokio::time::timeout(self.config.timeout, rx).await {
             Ok(Ok(wire::OP_REPLY_OK)) => Ok(()),
-            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) if op == wire::OP_GROUP_ADD => Err(no_such_channel(channel)),
+            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) if op == wire::OP_GROUP_ADD => {
+                Err(no_such_channel(channel))
+            }
             Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
             Ok(Ok(_)) => Err(BackendError::Other(format!("{what}: it could not subscribe")).into()),
             Ok(Err(_)) => Err(BackendError::Other(format!("{what}: no reply")).into()),
@@ -811,11 +841,17 @@ impl Inner {
             let (next, keys): (u64, Vec<Vec<u8>>) = self
                 .query(
                     "SCAN",
-                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(500),
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500),
                 )
                 .await?;
             if !keys.is_empty() {
-                self.query::<()>("DEL", redis::cmd("DEL").arg(&keys)).await?;
+                self.query::<()>("DEL", redis::cmd("DEL").arg(&keys))
+                    .await?;
             }
             if next == 0 {
                 return Ok(());
@@ -898,7 +934,10 @@ impl ChannelLayer for RedisChannelLayer {
             match Inner::process_of(channel) {
                 Some(process) if process == inner.head => {
                     let st = inner.read();
-                    let entry = st.channels.get(channel).ok_or_else(|| no_such_channel(channel))?;
+                    let entry = st
+                        .channels
+                        .get(channel)
+                        .ok_or_else(|| no_such_channel(channel))?;
                     match entry.sender.try_send(event) {
                         Ok(()) => Ok(()),
                         Err(TrySendError::Full(_)) => Err(ChannelLayerError::ChannelFull {
@@ -908,14 +947,29 @@ impl ChannelLayer for RedisChannelLayer {
                     }
                 }
                 Some(process) => {
-                    let payload = wire::event_envelope(&inner.head, wire::OP_CHANNEL_EVENT, "", channel, &event)?;
-                    match inner.publish(&inner.config.proc_key(process), &payload).await? {
+                    let payload = wire::event_envelope(
+                        &inner.head,
+                        wire::OP_CHANNEL_EVENT,
+                        "",
+                        channel,
+                        &event,
+                    )?;
+                    match inner
+                        .publish(&inner.config.proc_key(process), &payload)
+                        .await?
+                    {
                         0 => Err(no_such_channel(channel)),
                         _ => Ok(()),
                     }
                 }
                 None => {
-                    let payload = wire::event_envelope(&inner.head, wire::OP_CHANNEL_EVENT, "", channel, &event)?;
+                    let payload = wire::event_envelope(
+                        &inner.head,
+                        wire::OP_CHANNEL_EVENT,
+                        "",
+                        channel,
+                        &event,
+                    )?;
                     let key = inner.config.list_key(channel);
                     let pushed: i64 = inner
                         .eval("LPUSH", &inner.scripts.send, |c| {
@@ -952,7 +1006,11 @@ impl ChannelLayer for RedisChannelLayer {
                     inner.local_group_add(group, channel)?;
                     inner.sync_group(group).await
                 }
-                Some(process) => inner.remote_membership(wire::OP_GROUP_ADD, process, group, channel).await,
+                Some(process) => {
+                    inner
+                        .remote_membership(wire::OP_GROUP_ADD, process, group, channel)
+                        .await
+                }
                 None => {
                     let key = inner.config.group_key(group);
                     let mut pipe = redis::pipe();
@@ -967,7 +1025,12 @@ impl ChannelLayer for RedisChannelLayer {
                         .arg(inner.config.group_expiry.as_secs())
                         .ignore();
                     let mut conn = inner.conn.clone();
-                    match tokio::time::timeout(inner.config.timeout, pipe.query_async::<()>(&mut conn)).await {
+                    match tokio::time::timeout(
+                        inner.config.timeout,
+                        pipe.query_async::<()>(&mut conn),
+                    )
+                    .await
+                    {
                         Ok(r) => r.map_err(|e| QueryError::Redis(e).context("ZADD")),
                         Err(_) => Err(QueryError::Timeout(inner.config.timeout).context("ZADD")),
                     }
@@ -999,7 +1062,9 @@ impl ChannelLayer for RedisChannelLayer {
                     inner
                         .query::<()>(
                             "ZREM",
-                            redis::cmd("ZREM").arg(inner.config.group_key(group)).arg(channel),
+                            redis::cmd("ZREM")
+                                .arg(inner.config.group_key(group))
+                                .arg(channel),
                         )
                         .await
                 }
@@ -1015,8 +1080,14 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            let payload = wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
+            let payload =
+                wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
             let key = inner.config.group_key(group);
+            // Whether Redis counted this process among the receivers: it was
+            // if the subscription was confirmed before the PUBLISH ran and
+            // its removal (if any) confirmed after. During (un)subscription
+            // races the count of other processes may be off by one.
+            let subscribed_before = lock(&inner.subscribed).contains(group);
             let (receivers, pushed, full): (usize, usize, usize) = inner
                 .eval("group send", &inner.scripts.group_send, |c| {
                     c.arg(1)
@@ -1032,7 +1103,7 @@ impl ChannelLayer for RedisChannelLayer {
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
             // This process ignores its own publication and delivers here.
             let (delivered, dropped) = inner.fan_out(group, &event);
-            let own = usize::from(lock(&inner.subscribed).contains(group));
+            let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
             Ok(GroupSendReport {
                 delivered: delivered + receivers.saturating_sub(own) + pushed,
                 dropped: dropped + full,
@@ -1056,7 +1127,9 @@ impl ChannelLayer for RedisChannelLayer {
                 .commands
                 .send(Command::SyncAll { ack })
                 .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
-            inner.wait_ack(done, "unsubscribing from every group".into()).await?;
+            inner
+                .wait_ack(done, "unsubscribing from every group".into())
+                .await?;
             inner.flush_keys().await
         })
     }

@@ -48,7 +48,12 @@ pub(super) struct PubSub {
 /// every group with a local member.
 pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
     let timeout = inner.config.timeout;
-    let pubsub = match tokio::time::timeout(CONNECT_TIMEOUT.min(timeout) + timeout, inner.client.get_async_pubsub()).await {
+    let pubsub = match tokio::time::timeout(
+        CONNECT_TIMEOUT.min(timeout) + timeout,
+        inner.client.get_async_pubsub(),
+    )
+    .await
+    {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
         Err(_) => return Err("connecting timed out".into()),
@@ -66,7 +71,11 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
     Ok(PubSub { sink, stream })
 }
 
-async fn subscribe(sink: &mut PubSubSink, channels: Vec<String>, timeout: Duration) -> Result<(), String> {
+async fn subscribe(
+    sink: &mut PubSubSink,
+    channels: Vec<String>,
+    timeout: Duration,
+) -> Result<(), String> {
     match tokio::time::timeout(timeout, sink.subscribe(channels)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("SUBSCRIBE failed: {e}")),
@@ -74,7 +83,11 @@ async fn subscribe(sink: &mut PubSubSink, channels: Vec<String>, timeout: Durati
     }
 }
 
-async fn unsubscribe(sink: &mut PubSubSink, channels: Vec<String>, timeout: Duration) -> Result<(), String> {
+async fn unsubscribe(
+    sink: &mut PubSubSink,
+    channels: Vec<String>,
+    timeout: Duration,
+) -> Result<(), String> {
     match tokio::time::timeout(timeout, sink.unsubscribe(channels)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("UNSUBSCRIBE failed: {e}")),
@@ -99,7 +112,11 @@ enum Wake {
 }
 
 impl Subscriber {
-    pub(super) fn new(inner: &Arc<Inner>, commands: mpsc::UnboundedReceiver<Command>, conn: PubSub) -> Self {
+    pub(super) fn new(
+        inner: &Arc<Inner>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        conn: PubSub,
+    ) -> Self {
         Self {
             inner: Arc::downgrade(inner),
             counters: inner.counters.clone(),
@@ -115,7 +132,8 @@ impl Subscriber {
         let mut ping = tokio::time::interval_at(Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.conn.is_none() && Instant::now() >= self.next_attempt && !self.reconnect().await {
+            if self.conn.is_none() && Instant::now() >= self.next_attempt && !self.reconnect().await
+            {
                 return;
             }
             let wake = match self.conn.as_mut() {
@@ -143,7 +161,9 @@ impl Subscriber {
 
     /// Returns false when the layer is gone.
     async fn reconnect(&mut self) -> bool {
-        let Some(inner) = self.inner.upgrade() else { return false };
+        let Some(inner) = self.inner.upgrade() else {
+            return false;
+        };
         match open(&inner).await {
             Ok(conn) => {
                 tracing::info!(process = %inner.head, "reconnected to Redis Pub/Sub and re-subscribed");
@@ -174,8 +194,13 @@ impl Subscriber {
     }
 
     async fn ping(&mut self) {
-        let Some(conn) = self.conn.as_mut() else { return };
-        let timeout = self.inner.upgrade().map_or(CONNECT_TIMEOUT, |i| i.config.timeout);
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let timeout = self
+            .inner
+            .upgrade()
+            .map_or(CONNECT_TIMEOUT, |i| i.config.timeout);
         match tokio::time::timeout(timeout, conn.sink.ping::<redis::Value>()).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => self.disconnected(&format!("Redis Pub/Sub PING failed: {e}")),
@@ -184,7 +209,9 @@ impl Subscriber {
     }
 
     async fn command(&mut self, cmd: Command) {
-        let Some(inner) = self.inner.upgrade() else { return };
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
         match cmd {
             Command::Sync { group, ack } => {
                 let result = self.reconcile(&inner, vec![group]).await;
@@ -251,7 +278,9 @@ impl Subscriber {
     }
 
     async fn message(&mut self, msg: &Msg) {
-        let Some(inner) = self.inner.upgrade() else { return };
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
         let channel = msg.get_channel_name();
         let env = match Envelope::from_bytes(msg.get_payload_bytes()) {
             Ok(env) => env,
@@ -322,14 +351,19 @@ impl Subscriber {
 
 /// Answers a membership request without holding up the message loop.
 fn reply(inner: &Inner, process: &str, id: u64, status: u8) {
-    let Ok(payload) = Envelope::control(&inner.head, status, id, "", "").to_bytes() else { return };
+    let Ok(payload) = Envelope::control(&inner.head, status, id, "", "").to_bytes() else {
+        return;
+    };
     let channel = inner.config.proc_key(process);
     let mut conn = inner.conn.clone();
     let timeout = inner.config.timeout;
     tokio::spawn(async move {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(&channel).arg(payload);
-        if !matches!(tokio::time::timeout(timeout, publish.query_async::<i64>(&mut conn)).await, Ok(Ok(_))) {
+        if !matches!(
+            tokio::time::timeout(timeout, publish.query_async::<i64>(&mut conn)).await,
+            Ok(Ok(_))
+        ) {
             tracing::debug!(channel, "could not reply to a group membership request");
         }
     });

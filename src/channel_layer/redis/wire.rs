@@ -36,7 +36,13 @@ pub(super) struct Envelope<'a> {
 }
 
 impl<'a> Envelope<'a> {
-    pub(super) fn control(origin: &'a str, op: u8, id: u64, group: &'a str, channel: &'a str) -> Self {
+    pub(super) fn control(
+        origin: &'a str,
+        op: u8,
+        id: u64,
+        group: &'a str,
+        channel: &'a str,
+    ) -> Self {
         Envelope {
             origin,
             op,
@@ -48,11 +54,13 @@ impl<'a> Envelope<'a> {
     }
 
     pub(super) fn to_bytes(&self) -> Result<Vec<u8>, ChannelLayerError> {
-        rmp_serde::to_vec(self).map_err(|e| EventCodecError::new(format_args!("envelope: {e}")).into())
+        rmp_serde::to_vec(self)
+            .map_err(|e| EventCodecError::new(format_args!("envelope: {e}")).into())
     }
 
     pub(super) fn from_bytes(bytes: &'a [u8]) -> Result<Self, EventCodecError> {
-        rmp_serde::from_slice(bytes).map_err(|e| EventCodecError::new(format_args!("malformed envelope: {e}")))
+        rmp_serde::from_slice(bytes)
+            .map_err(|e| EventCodecError::new(format_args!("malformed envelope: {e}")))
     }
 
     pub(super) fn decode_event(&self) -> Result<Event, EventCodecError> {
@@ -86,10 +94,19 @@ mod tests {
 
     #[test]
     fn roundtrip_and_garbage() {
-        let bytes = event_envelope("specific.abc", OP_GROUP_EVENT, "lobby", "", &Event::text("chat.message", "hi"))
-            .unwrap();
+        let bytes = event_envelope(
+            "specific.abc",
+            OP_GROUP_EVENT,
+            "lobby",
+            "",
+            &Event::text("chat.message", "hi"),
+        )
+        .unwrap();
         let env = Envelope::from_bytes(&bytes).unwrap();
-        assert_eq!((env.origin, env.op, env.group), ("specific.abc", OP_GROUP_EVENT, "lobby"));
+        assert_eq!(
+            (env.origin, env.op, env.group),
+            ("specific.abc", OP_GROUP_EVENT, "lobby")
+        );
         assert_eq!(env.decode_event().unwrap().kind(), "chat.message");
         assert!(Envelope::from_bytes(b"\x01\x02").is_err());
         assert!(Envelope::from_bytes(&bytes[..bytes.len() - 1]).is_err());

@@ -6,8 +6,8 @@ use redis::{aio::MultiplexedConnection, AsyncConnectionConfig};
 use tokio::sync::oneshot;
 
 use super::{
-    channel, wire::Envelope, BackendError, ChannelLayerError, ChannelReceiver, ChannelSender, Counters, Inner,
-    TrySendError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    channel, wire::Envelope, BackendError, ChannelLayerError, ChannelReceiver, ChannelSender,
+    Counters, Inner, TrySendError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How long one `BRPOP` blocks.
@@ -15,11 +15,19 @@ const BLOCK: Duration = Duration::from_secs(5);
 /// How often a popped event is offered again to a full local queue.
 const FULL_RETRY: Duration = Duration::from_millis(5);
 
-async fn connect(client: &redis::Client, timeout: Duration) -> Result<MultiplexedConnection, String> {
+async fn connect(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<MultiplexedConnection, String> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
         .set_response_timeout(Some(BLOCK + timeout));
-    match tokio::time::timeout(CONNECT_TIMEOUT.min(timeout) + timeout, client.get_multiplexed_async_connection_with_config(&config)).await {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT.min(timeout) + timeout,
+        client.get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("timed out after {timeout:?}")),
@@ -30,7 +38,9 @@ async fn connect(client: &redis::Client, timeout: Duration) -> Result<Multiplexe
 pub(super) async fn start(inner: &Inner, name: &str) -> Result<ChannelReceiver, ChannelLayerError> {
     let conn = connect(&inner.client, inner.config.timeout)
         .await
-        .map_err(|e| BackendError::Other(format!("cannot connect to Redis to receive {name:?}: {e}")))?;
+        .map_err(|e| {
+            BackendError::Other(format!("cannot connect to Redis to receive {name:?}: {e}"))
+        })?;
     let (tx, rx) = channel(name, inner.config.capacity);
     let (stop_tx, stop) = oneshot::channel::<()>();
     let worker = Worker {
