@@ -1,0 +1,528 @@
+//! `RedisChannelLayer` against a real Redis server.
+//!
+//! Redis is taken from `REDIS_URL` (default `redis://127.0.0.1:6379`); if
+//! nothing answers there and `redis-server` is installed, each test starts
+//! its own server on a free port. With neither, the tests print
+//! `skipped: no Redis (...)` and pass, unless `TOWER_CHANNELS_REQUIRE_REDIS=1`.
+//! The restart test always runs its own server, which it kills and restarts.
+#![cfg(feature = "redis")]
+
+use std::{
+    collections::HashSet,
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tower_channels::channel_layer::{
+    redis::{redis, RedisChannelLayer},
+    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, RecvError,
+};
+use tower_channels::testing::conformance;
+
+// ------------------------------------------------------------------ servers
+
+/// A `redis-server` this test started; killed when dropped.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl RedisServer {
+    fn available() -> bool {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
+
+    async fn start() -> Self {
+        let mut server = RedisServer {
+            child: None,
+            port: Self::free_port(),
+        };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        // Wait for the new process to accept connections (process start-up,
+        // not event synchronization).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !answers(&self.url()).await {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let ping = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ping).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Where a test finds Redis; keeps a server it started alive.
+struct Target {
+    url: String,
+    _server: Option<RedisServer>,
+}
+
+fn skip(why: &str) -> Option<Target> {
+    if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+        panic!("no Redis ({why}) and TOWER_CHANNELS_REQUIRE_REDIS=1");
+    }
+    eprintln!("skipped: no Redis ({why})");
+    None
+}
+
+async fn redis() -> Option<Target> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    if answers(&url).await {
+        return Some(Target { url, _server: None });
+    }
+    if !RedisServer::available() {
+        return skip(&format!(
+            "nothing answers at {url} and redis-server is not installed"
+        ));
+    }
+    let server = RedisServer::start().await;
+    Some(Target {
+        url: server.url(),
+        _server: Some(server),
+    })
+}
+
+fn unique_prefix(test: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "tc-test:{test}:{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn layer(url: &str, prefix: &str, capacity: usize) -> RedisChannelLayer {
+    RedisChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(capacity)
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+const RECV: Duration = Duration::from_secs(5);
+
+async fn recv(rx: &mut ChannelReceiver) -> Event {
+    match tokio::time::timeout(RECV, rx.recv()).await {
+        Ok(Ok(e)) => e,
+        other => panic!("{}: expected an event, got {other:?}", rx.name()),
+    }
+}
+
+// -------------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn conformance_suite() {
+    let Some(redis) = redis().await else { return };
+    let url = redis.url.clone();
+    conformance::run_all(|| {
+        let url = url.clone();
+        async move {
+            Arc::new(layer(&url, &unique_prefix("conformance"), 16).await) as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+    conformance::run_pair(|| {
+        let url = url.clone();
+        async move {
+            let prefix = unique_prefix("conformance-pair");
+            let a = layer(&url, &prefix, 16).await;
+            let b = layer(&url, &prefix, 16).await;
+            assert_ne!(a.process_name(), b.process_name());
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_multi_thread() {
+    let Some(redis) = redis().await else { return };
+    let url = redis.url.clone();
+    conformance::run_all(|| {
+        let url = url.clone();
+        async move {
+            Arc::new(layer(&url, &unique_prefix("conformance-mt"), 16).await)
+                as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+}
+
+/// Two instances (two processes) exchange group and direct messages; a full
+/// member in one is counted and lags when the other sends to its group; and
+/// once an instance is gone its channels are gone for the other.
+#[tokio::test]
+async fn two_instances() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("two");
+    let a = layer(&redis.url, &prefix, 4).await;
+    let b = layer(&redis.url, &prefix, 4).await;
+
+    let mut on_a = a.new_channel().await.unwrap();
+    let mut on_b = b.new_channel().await.unwrap();
+    a.group_add("room", on_a.name()).await.unwrap();
+    b.group_add("room", on_b.name()).await.unwrap();
+    let report = a
+        .group_send("room", Event::text("chat.message", "hi"))
+        .await
+        .unwrap();
+    // One local member plus one other process.
+    assert_eq!((report.delivered, report.dropped), (2, 0));
+    assert_eq!(recv(&mut on_a).await.kind(), "chat.message");
+    assert_eq!(recv(&mut on_b).await.kind(), "chat.message");
+    b.send(on_a.name(), Event::bare("direct")).await.unwrap();
+    assert_eq!(recv(&mut on_a).await.kind(), "direct");
+
+    // Fill b's member, then group send from a: b drops it, counts it and
+    // marks the member as lagging.
+    let fill = b.capacity();
+    for _ in 0..fill {
+        b.send(on_b.name(), Event::bare("fill")).await.unwrap();
+    }
+    let before = b.stats();
+    a.group_send("room", Event::bare("overflow")).await.unwrap();
+    assert_eq!(recv(&mut on_a).await.kind(), "overflow");
+    match tokio::time::timeout(RECV, on_b.recv()).await {
+        Ok(Err(RecvError::Lagged(1))) => {}
+        other => panic!("expected Lagged(1), got {other:?}"),
+    }
+    assert_eq!(b.stats().dropped_full, before.dropped_full + 1);
+    for _ in 0..fill {
+        assert_eq!(recv(&mut on_b).await.kind(), "fill");
+    }
+
+    // b goes away (a crash looks the same to Redis): its subscriptions go
+    // with its connection, so its channels stop existing for a.
+    let b_channel = on_b.name().to_owned();
+    drop(on_b);
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match a.send(&b_channel, Event::bare("anyone?")).await {
+            Err(ChannelLayerError::NoSuchChannel { .. }) => break,
+            Ok(()) => assert!(
+                Instant::now() < deadline,
+                "b's channel still has a subscriber"
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        tokio::task::yield_now().await;
+    }
+    let report = a.group_send("room", Event::bare("alone")).await.unwrap();
+    assert_eq!(
+        report.delivered, 1,
+        "only a's own member is left: {report:?}"
+    );
+    assert_eq!(recv(&mut on_a).await.kind(), "alone");
+}
+
+/// Worker channels are load-balanced: every job is received exactly once,
+/// by one of the instances receiving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_channel_across_instances() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("worker");
+    let a = layer(&redis.url, &prefix, 64).await;
+    let b = layer(&redis.url, &prefix, 64).await;
+    let sender = layer(&redis.url, &prefix, 64).await;
+    let jobs = 200u32;
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let total = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for (who, l) in [("a", &a), ("b", &b)] {
+        let mut rx = l.receive("thumbnails").await.unwrap();
+        let seen = seen.clone();
+        let total = total.clone();
+        handles.push(tokio::spawn(async move {
+            let mut mine = 0;
+            while total.load(Ordering::SeqCst) < jobs as usize {
+                match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                    Ok(Ok(event)) => {
+                        let n: u32 = event.body().unwrap();
+                        seen.lock().unwrap().push(n);
+                        total.fetch_add(1, Ordering::SeqCst);
+                        mine += 1;
+                    }
+                    Ok(Err(e)) => panic!("{who}: {e}"),
+                    Err(_) => {}
+                }
+            }
+            (who, mine)
+        }));
+    }
+    for n in 0..jobs {
+        sender
+            .send("thumbnails", Event::new("thumbnail.make", n))
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut split = Vec::new();
+        for h in handles {
+            split.push(h.await.unwrap());
+        }
+        split
+    });
+    let split = deadline.await.expect("every job received within 20 s");
+    let seen = seen.lock().unwrap().clone();
+    let unique: HashSet<u32> = seen.iter().copied().collect();
+    assert_eq!(seen.len(), jobs as usize, "a job was received twice");
+    assert_eq!(unique.len(), jobs as usize);
+    eprintln!("worker channel: {jobs} jobs split {split:?}");
+}
+
+/// Redis is killed mid-traffic: sends fail promptly; when it is back on the
+/// same port, both instances reconnect and re-subscribe by themselves.
+#[tokio::test]
+async fn redis_restart() {
+    if !RedisServer::available() {
+        skip("redis-server is not installed (needed to restart it)");
+        return;
+    }
+    let mut server = RedisServer::start().await;
+    let url = server.url();
+    let prefix = unique_prefix("restart");
+    let a = RedisChannelLayer::builder(&url)
+        .prefix(&prefix)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let b = RedisChannelLayer::builder(&url)
+        .prefix(&prefix)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let mut member = b.new_channel().await.unwrap();
+    b.group_add("room", member.name()).await.unwrap();
+    let mut worker = b.receive("jobs").await.unwrap();
+    a.group_send("room", Event::bare("before")).await.unwrap();
+    assert_eq!(recv(&mut member).await.kind(), "before");
+
+    server.kill();
+    let member_name = member.name().to_owned();
+    let attempts: [(&str, BoxFuture<'_, Result<(), ChannelLayerError>>); 3] = [
+        (
+            "group_send",
+            Box::pin(async { a.group_send("room", Event::bare("lost")).await.map(drop) }),
+        ),
+        (
+            "send to b",
+            Box::pin(a.send(&member_name, Event::bare("lost"))),
+        ),
+        (
+            "send to worker",
+            Box::pin(a.send("jobs", Event::bare("lost"))),
+        ),
+    ];
+    for (what, attempt) in attempts {
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .unwrap_or_else(|_| panic!("{what} hung while Redis was down"));
+        let took = started.elapsed();
+        let err = result.expect_err("a send while Redis is down must fail");
+        assert!(
+            matches!(err, ChannelLayerError::Backend(_)),
+            "{what}: {err}"
+        );
+        eprintln!("redis down: {what} failed after {took:?}: {err}");
+        assert!(took < Duration::from_secs(3), "{what} took {took:?}");
+    }
+    // A send within this process needs no Redis.
+    b.send(&member_name, Event::bare("local")).await.unwrap();
+    assert_eq!(recv(&mut member).await.kind(), "local");
+
+    server.restart().await;
+    let restarted = Instant::now();
+    // Retry until the event arrives: the layers reconnect on their own.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "no delivery 30 s after the restart"
+        );
+        if a.group_send("room", Event::bare("after")).await.is_err() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), member.recv()).await {
+            Ok(Ok(e)) if e.kind() == "after" => break,
+            Ok(Ok(e)) => panic!("unexpected {e:?}"),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {}
+        }
+    }
+    let group_back = restarted.elapsed();
+    assert!(a.is_connected() && b.is_connected());
+    // The process channel and the worker are back too.
+    a.send(&member_name, Event::bare("direct-after"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut member).await.kind(), "direct-after");
+    a.send("jobs", Event::bare("job-after")).await.unwrap();
+    assert_eq!(recv(&mut worker).await.kind(), "job-after");
+    // Drain "after" events from earlier tries that were published but not yet seen.
+    let report = a.group_send("room", Event::bare("final")).await.unwrap();
+    assert_eq!(report.delivered, 1);
+    loop {
+        let e = recv(&mut member).await;
+        if e.kind() == "final" {
+            break;
+        }
+        assert_eq!(e.kind(), "after");
+    }
+    eprintln!(
+        "redis restart: group delivery resumed {group_back:?} after the server was back ({tries} tries)"
+    );
+}
+
+/// Fan-out figures: one publisher, two subscriber instances with 500
+/// members each, 1000 group sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_figures() {
+    let Some(redis) = redis().await else { return };
+    const MEMBERS: usize = 500;
+    const SENDS: usize = 1000;
+    let prefix = unique_prefix("fanout");
+    let publisher = layer(&redis.url, &prefix, 2048).await;
+    let subscribers = [
+        layer(&redis.url, &prefix, 2048).await,
+        layer(&redis.url, &prefix, 2048).await,
+    ];
+
+    let received = Arc::new(AtomicUsize::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let mut lagged = 0u64;
+    for sub in &subscribers {
+        for _ in 0..MEMBERS {
+            let mut rx = sub.new_channel().await.unwrap();
+            sub.group_add("fanout", rx.name()).await.unwrap();
+            let received = received.clone();
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                // Stop after every send, or after 10 s without an event.
+                while n < SENDS {
+                    match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                        Ok(Ok(_)) => {
+                            n += 1;
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(RecvError::Lagged(_))) => continue,
+                        _ => break,
+                    }
+                }
+                let _ = done_tx.send(n);
+            });
+        }
+    }
+    drop(done_tx);
+
+    let payload = format!("{{\"message\":\"{}\"}}", "x".repeat(80));
+    let started = Instant::now();
+    for _ in 0..SENDS {
+        let report = publisher
+            .group_send("fanout", Event::text("chat.message", payload.clone()))
+            .await
+            .unwrap();
+        assert_eq!(report.delivered, 2, "two subscriber processes");
+    }
+    let published = started.elapsed();
+    let mut finished = 0;
+    let mut got = 0;
+    while let Some(n) = done_rx.recv().await {
+        finished += 1;
+        got += n;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(finished, 2 * MEMBERS);
+    let expected = 2 * MEMBERS * SENDS;
+    let lost = expected - got;
+    for sub in &subscribers {
+        let s = sub.stats();
+        lagged += s.dropped_full;
+        assert_eq!(s.dropped_other, 0);
+    }
+    eprintln!(
+        "fan-out: {SENDS} group sends to 2 processes x {MEMBERS} members: published in {published:?} \
+         ({:.0} sends/s); {got}/{expected} delivered in {elapsed:?} ({:.0} deliveries/s); lost {lost} \
+         (dropped full {lagged})",
+        SENDS as f64 / published.as_secs_f64(),
+        got as f64 / elapsed.as_secs_f64(),
+    );
+    assert_eq!(received.load(Ordering::Relaxed), got);
+    assert_eq!(lost, 0);
+}
