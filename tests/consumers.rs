@@ -215,7 +215,6 @@ async fn groups_are_left_automatically_when_the_connection_ends() {
 }
 
 #[tokio::test]
-#[ignore = "src bug: a dropped TCP connection is reported to disconnect as 1002, not 1006"]
 async fn dropped_connection_disconnects_with_1006() {
     let mut srv = chat_server().await;
     let ws = connect(srv.addr, "/ws/auto/y").await;

@@ -384,7 +384,6 @@ async fn rejections_are_counted() {
 }
 
 #[tokio::test]
-#[ignore = "src bug: consumer rejections are not counted in Stats::rejected_handshakes"]
 async fn consumer_rejections_are_counted() {
     let channels = ChannelsLayer::new().route("/ws/private", consumer(|_| Gatekeeper));
     let addr = serve_axum(Router::new().layer(channels.clone())).await;
