@@ -17,7 +17,7 @@
 //! `--max-message-size BYTES` raises the incoming message and frame limits
 //! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     extract::{Path, State},
@@ -31,6 +31,7 @@ use tower_channels::{
     channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
     consumer::{consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer},
     message::Message,
+    origin::AllowedOrigins,
     ChannelsLayer, WebSocketConfig,
 };
 
@@ -150,7 +151,10 @@ async fn main() -> Result<(), BoxError> {
                 group: format!("chat_{}", scope.param("room").unwrap_or_default()),
             }),
         )
-        .route("/ws/echo", consumer(|_| Echo));
+        .route("/ws/echo", consumer(|_| Echo))
+        // Only pages served by this host may open sockets (defence against
+        // cross-site WebSocket hijacking); clients without Origin are allowed.
+        .allowed_origins(AllowedOrigins::same_host());
     if let Some(n) = args.max_message_size {
         channels = channels.with_config(
             WebSocketConfig::default()
@@ -161,15 +165,26 @@ async fn main() -> Result<(), BoxError> {
     if let Some(url) = &args.redis {
         channels = channels.with_channel_layer(redis_layer(url).await?);
     }
+    // axum's graceful shutdown does not reach upgraded sockets: on Ctrl-C,
+    // close them with 1001 and run every disconnect, then let axum finish.
+    let websockets = channels.shutdown_handle();
     let app = Router::new()
         .route("/", get(|| async { Html(include_str!("index.html")) }))
         .route("/rooms/{room}/messages", post(post_message))
         .with_state(channels.channel_layer())
         .layer(channels);
 
+    let shutdown = async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let report = websockets.shutdown(Duration::from_secs(10)).await;
+        tracing::info!(closed = report.closed, aborted = report.aborted, "websockets shut down");
+    };
+
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 
