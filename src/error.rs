@@ -101,7 +101,9 @@ impl From<tungstenite::Error> for Error {
             E::ConnectionClosed | E::AlreadyClosed => Kind::Closed,
             E::Io(_) => Kind::Io,
             // The peer dropped the TCP connection without a close frame.
-            E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => Kind::Io,
+            E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+                Kind::Io
+            }
             E::Capacity(_) => Kind::Capacity,
             E::Utf8(_) => Kind::Utf8,
             E::Protocol(_) => Kind::Protocol,

@@ -30,4 +30,3 @@ pub use self::{
     metrics::Stats,
     scope::{PeerAddr, Scope},
 };
-

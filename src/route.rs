@@ -98,7 +98,8 @@ impl RoutePattern {
                     Some(n) => (true, n),
                     None => (false, inner),
                 };
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
                     return Err(fail("capture names use letters, digits and '_'"));
                 }
                 if names.contains(&name) {
@@ -192,7 +193,10 @@ mod tests {
         assert!(echo.matches("/ws/ech").is_none());
         assert!(echo.matches("ws/echo").is_none());
         let chat = RoutePattern::new("/ws/chat/{room}").unwrap();
-        assert_eq!(chat.matches("/ws/chat/a%2Fb").unwrap().get("room"), Some("a/b"));
+        assert_eq!(
+            chat.matches("/ws/chat/a%2Fb").unwrap().get("room"),
+            Some("a/b")
+        );
         assert!(chat.matches("/ws/chat/").is_none());
         assert!(chat.matches("/ws/chat/%FF").is_none());
         let two = RoutePattern::new("/r/{a}/x/{b}").unwrap();

@@ -128,7 +128,12 @@ impl Scope {
                 return None;
             }
             let v = v.replace('+', " ");
-            Some(percent_encoding::percent_decode_str(&v).decode_utf8().ok()?.into_owned())
+            Some(
+                percent_encoding::percent_decode_str(&v)
+                    .decode_utf8()
+                    .ok()?
+                    .into_owned(),
+            )
         })
     }
 
@@ -201,7 +206,8 @@ fn detach_extensions(ext: Extensions) -> Extensions {
 
 #[cfg(feature = "axum")]
 fn connect_info(ext: &Extensions) -> Option<SocketAddr> {
-    ext.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0)
+    ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
 }
 
 #[cfg(not(feature = "axum"))]

@@ -53,11 +53,13 @@ use tokio::{
 };
 
 use crate::channel_layer::{
-    BoxError, BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupSendReport, RecvError,
+    BoxError, BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupSendReport,
+    RecvError,
 };
 
 type Tagged = futures_util::stream::BoxStream<'static, (Arc<str>, Result<Event, RecvError>)>;
-type Handler = Arc<dyn Fn(WorkerContext, Event) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+type Handler =
+    Arc<dyn Fn(WorkerContext, Event) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
 
 /// What a worker handler gets besides the event: the layer, to reply.
 #[derive(Clone)]
@@ -83,7 +85,11 @@ impl WorkerContext {
     }
 
     /// Sends `event` to every member of `group`.
-    pub async fn group_send(&self, group: &str, event: Event) -> Result<GroupSendReport, ChannelLayerError> {
+    pub async fn group_send(
+        &self,
+        group: &str,
+        event: Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
         self.layer.group_send(group, event).await
     }
 }
@@ -276,7 +282,9 @@ async fn run(
             }
             next = receivers.next() => next,
         };
-        let Some((channel, received)) = next else { break };
+        let Some((channel, received)) = next else {
+            break;
+        };
         let event = match received {
             Ok(e) => e,
             Err(RecvError::Lagged(n)) => {

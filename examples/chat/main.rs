@@ -29,7 +29,9 @@ use axum::{
 use serde::Deserialize;
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
-    consumer::{consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer},
+    consumer::{
+        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+    },
     message::Message,
     origin::AllowedOrigins,
     ChannelsLayer, WebSocketConfig,
@@ -57,7 +59,8 @@ impl JsonWebsocketConsumer for Chat {
     }
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
-        ctx.group_send(&self.group, chat_event(&msg.message)).await?;
+        ctx.group_send(&self.group, chat_event(&msg.message))
+            .await?;
         Ok(())
     }
 }
@@ -177,20 +180,29 @@ async fn main() -> Result<(), BoxError> {
     let shutdown = async move {
         let _ = tokio::signal::ctrl_c().await;
         let report = websockets.shutdown(Duration::from_secs(10)).await;
-        tracing::info!(closed = report.closed, aborted = report.aborted, "websockets shut down");
+        tracing::info!(
+            closed = report.closed,
+            aborted = report.aborted,
+            "websockets shut down"
+        );
     };
 
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     Ok(())
 }
 
 #[cfg(feature = "redis")]
 async fn redis_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
-    Ok(Arc::new(tower_channels::channel_layer::redis::RedisChannelLayer::connect(url).await?))
+    Ok(Arc::new(
+        tower_channels::channel_layer::redis::RedisChannelLayer::connect(url).await?,
+    ))
 }
 
 #[cfg(not(feature = "redis"))]

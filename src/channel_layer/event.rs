@@ -60,7 +60,9 @@ enum Payload {
     Message(Message),
 }
 
-fn encode_typed<T: Serialize + 'static>(v: &(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError> {
+fn encode_typed<T: Serialize + 'static>(
+    v: &(dyn Any + Send + Sync),
+) -> Result<Vec<u8>, EventCodecError> {
     let v = v
         .downcast_ref::<T>()
         .ok_or_else(|| EventCodecError::new("event body changed type"))?;
@@ -166,14 +168,12 @@ impl Event {
                 "event {:?} carries a WebSocket message, not a typed body",
                 self.kind()
             ))),
-            Payload::Encoded(bytes) => rmp_serde::from_slice(bytes).map_err(|e| {
-                EventCodecError::new(format_args!("event {:?}: {e}", self.kind()))
-            }),
+            Payload::Encoded(bytes) => rmp_serde::from_slice(bytes)
+                .map_err(|e| EventCodecError::new(format_args!("event {:?}: {e}", self.kind()))),
             Payload::Typed { value, encode, .. } => {
                 let bytes = encode(value.as_ref())?;
-                rmp_serde::from_slice(&bytes).map_err(|e| {
-                    EventCodecError::new(format_args!("event {:?}: {e}", self.kind()))
-                })
+                rmp_serde::from_slice(&bytes)
+                    .map_err(|e| EventCodecError::new(format_args!("event {:?}: {e}", self.kind())))
             }
         }
     }
@@ -205,8 +205,8 @@ impl Event {
     /// Decodes an event produced by [`Event::encode`]. Never panics on
     /// malformed input.
     pub fn decode(bytes: &[u8]) -> Result<Self, EventCodecError> {
-        let wire: WireOwned =
-            rmp_serde::from_slice(bytes).map_err(|e| EventCodecError::new(format_args!("malformed event: {e}")))?;
+        let wire: WireOwned = rmp_serde::from_slice(bytes)
+            .map_err(|e| EventCodecError::new(format_args!("malformed event: {e}")))?;
         let data = Bytes::from(wire.data.into_vec());
         let payload = match wire.tag {
             TAG_NONE => Payload::None,
@@ -270,14 +270,24 @@ mod tests {
 
     #[test]
     fn typed_roundtrip_in_memory_and_wire() {
-        let e = Event::new("chat.message", Chat { message: "hi".into() });
+        let e = Event::new(
+            "chat.message",
+            Chat {
+                message: "hi".into(),
+            },
+        );
         assert_eq!(e.handler_name(), "chat_message");
         assert!(e.downcast_ref::<Chat>().is_some());
         let v: serde_json::Value = e.body().unwrap();
         assert_eq!(v["message"], "hi");
         let d = Event::decode(&e.encode().unwrap()).unwrap();
         assert_eq!(d.kind(), "chat.message");
-        assert_eq!(d.body::<Chat>().unwrap(), Chat { message: "hi".into() });
+        assert_eq!(
+            d.body::<Chat>().unwrap(),
+            Chat {
+                message: "hi".into()
+            }
+        );
         assert!(d.downcast_ref::<Chat>().is_none());
     }
 
@@ -289,7 +299,10 @@ mod tests {
         assert!(d.body::<Chat>().is_err());
         let b = Event::message("blob", Bytes::from_static(b"\x00\xff"));
         let d = Event::decode(&b.encode().unwrap()).unwrap();
-        assert_eq!(d.as_message(), Some(&Message::binary(Bytes::from_static(b"\x00\xff"))));
+        assert_eq!(
+            d.as_message(),
+            Some(&Message::binary(Bytes::from_static(b"\x00\xff")))
+        );
     }
 
     #[test]

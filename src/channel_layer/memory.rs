@@ -145,11 +145,15 @@ impl Inner {
     fn forget(&self, name: &str) {
         let mut st = self.write();
         // Only forget the entry if it still belongs to the dropped receiver.
-        let Some(entry) = st.channels.get(name) else { return };
+        let Some(entry) = st.channels.get(name) else {
+            return;
+        };
         if !entry.sender.is_closed() {
             return;
         }
-        let Some(entry) = st.channels.remove(name) else { return };
+        let Some(entry) = st.channels.remove(name) else {
+            return;
+        };
         for group in entry.groups {
             if let Some(members) = st.groups.get_mut(&group) {
                 members.remove(name);
@@ -187,12 +191,12 @@ impl ChannelLayer for InMemoryChannelLayer {
         let result = (|| {
             validate_channel_name(channel)?;
             let st = self.inner.read();
-            let entry = st
-                .channels
-                .get(channel)
-                .ok_or_else(|| ChannelLayerError::NoSuchChannel {
-                    channel: channel.to_owned(),
-                })?;
+            let entry =
+                st.channels
+                    .get(channel)
+                    .ok_or_else(|| ChannelLayerError::NoSuchChannel {
+                        channel: channel.to_owned(),
+                    })?;
             match entry.sender.try_send(event) {
                 Ok(()) => Ok(()),
                 Err(TrySendError::Full(_)) => Err(ChannelLayerError::ChannelFull {
@@ -215,12 +219,12 @@ impl ChannelLayer for InMemoryChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let mut st = self.inner.write();
-            let entry = st
-                .channels
-                .get_mut(channel)
-                .ok_or_else(|| ChannelLayerError::NoSuchChannel {
-                    channel: channel.to_owned(),
-                })?;
+            let entry =
+                st.channels
+                    .get_mut(channel)
+                    .ok_or_else(|| ChannelLayerError::NoSuchChannel {
+                        channel: channel.to_owned(),
+                    })?;
             entry.groups.insert(group.to_owned());
             let sender = entry.sender.clone();
             st.groups
@@ -277,8 +281,12 @@ impl ChannelLayer for InMemoryChannelLayer {
             drop(st);
             let inner = &self.inner;
             inner.group_sends.fetch_add(1, Ordering::Relaxed);
-            inner.delivered.fetch_add(report.delivered as u64, Ordering::Relaxed);
-            inner.dropped_full.fetch_add(report.dropped as u64, Ordering::Relaxed);
+            inner
+                .delivered
+                .fetch_add(report.delivered as u64, Ordering::Relaxed);
+            inner
+                .dropped_full
+                .fetch_add(report.dropped as u64, Ordering::Relaxed);
             Ok(report)
         })();
         Box::pin(std::future::ready(result))

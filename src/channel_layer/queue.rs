@@ -363,7 +363,10 @@ mod tests {
         });
         drop(rx);
         assert!(tx.is_closed());
-        assert!(matches!(tx.try_send(Event::bare("x")), Err(TrySendError::Closed(_))));
+        assert!(matches!(
+            tx.try_send(Event::bare("x")),
+            Err(TrySendError::Closed(_))
+        ));
         assert_eq!(tx.send_lossy(Event::bare("x")), Delivery::Closed);
         hook_rx.await.unwrap();
     }

@@ -60,7 +60,10 @@ use crate::{
 /// ```
 pub trait WebsocketConsumer: Send + 'static {
     /// Decides the handshake. The default accepts without a subprotocol.
-    fn connect(&mut self, ctx: &mut Context) -> impl Future<Output = Result<Accept, Reject>> + Send {
+    fn connect(
+        &mut self,
+        ctx: &mut Context,
+    ) -> impl Future<Output = Result<Accept, Reject>> + Send {
         let _ = ctx;
         async { Ok(Accept::new()) }
     }
@@ -81,7 +84,11 @@ pub trait WebsocketConsumer: Send + 'static {
     /// ([`Event::message`], the "fastlane") to the client unchanged, and fails
     /// on any other event, as Django does for a type without a handler.
     /// Dispatch on [`Event::kind`] to handle typed events.
-    fn event(&mut self, ctx: &mut Context, event: Event) -> impl Future<Output = Result<(), BoxError>> + Send {
+    fn event(
+        &mut self,
+        ctx: &mut Context,
+        event: Event,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
         let result = forward_event(ctx, &event);
         async move { result }
     }
@@ -89,7 +96,11 @@ pub trait WebsocketConsumer: Send + 'static {
     /// Runs once after the connection closed, with the close code (the
     /// client's, or the server's when it closed first; 1006 when the
     /// connection dropped without a close frame).
-    fn disconnect(&mut self, ctx: &mut Context, code: CloseCode) -> impl Future<Output = ()> + Send {
+    fn disconnect(
+        &mut self,
+        ctx: &mut Context,
+        code: CloseCode,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (ctx, code);
         async {}
     }

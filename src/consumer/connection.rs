@@ -73,7 +73,9 @@ impl Connection {
     pub async fn accept(mut self, accept: Accept) -> Result<WebSocket, Error> {
         if let Some(p) = &accept.subprotocol {
             if !self.scope.subprotocols().iter().any(|o| o == p) {
-                self.send_decision(Decision::Reject(HandshakeRejection::from(ConsumerFailed).into_response()));
+                self.send_decision(Decision::Reject(
+                    HandshakeRejection::from(ConsumerFailed).into_response(),
+                ));
                 return Err(Error::handshake(format!(
                     "subprotocol {p:?} was not offered by the client"
                 )));
@@ -96,7 +98,9 @@ impl Connection {
             protocol: accept.subprotocol,
             headers: accept.headers,
         }) {
-            return Err(Error::handshake("the client went away during the handshake"));
+            return Err(Error::handshake(
+                "the client went away during the handshake",
+            ));
         }
         let transport = match self.upgrade.take() {
             Some(UpgradeSource::Hyper(on)) => {

@@ -172,7 +172,11 @@ impl Context {
 
     /// Sends `event` to every member of `group` (this connection included, if
     /// it is a member).
-    pub async fn group_send(&self, group: &str, event: Event) -> Result<GroupSendReport, ChannelLayerError> {
+    pub async fn group_send(
+        &self,
+        group: &str,
+        event: Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
         self.layer.group_send(group, event).await
     }
 

@@ -77,7 +77,10 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
 }
 
 /// The handshake: creates the channel, runs `connect`, answers the client.
-async fn open<C: WebsocketConsumer>(mut consumer: C, mut conn: Connection) -> Option<(C, Context, Io)> {
+async fn open<C: WebsocketConsumer>(
+    mut consumer: C,
+    mut conn: Connection,
+) -> Option<(C, Context, Io)> {
     let runtime = conn.runtime.clone();
     let channel_name = match conn.channel_name().await {
         Ok(n) => n.to_owned(),
@@ -93,7 +96,9 @@ async fn open<C: WebsocketConsumer>(mut consumer: C, mut conn: Connection) -> Op
         channel_name,
         outbound.clone(),
     );
-    let decided = AssertUnwindSafe(consumer.connect(&mut ctx)).catch_unwind().await;
+    let decided = AssertUnwindSafe(consumer.connect(&mut ctx))
+        .catch_unwind()
+        .await;
     let accept = match decided {
         Ok(Ok(accept)) => accept,
         Ok(Err(reject)) => {
@@ -123,9 +128,17 @@ async fn open<C: WebsocketConsumer>(mut consumer: C, mut conn: Connection) -> Op
 
 /// After the connection closed: `disconnect` (unless a handler panicked),
 /// then leave every group.
-async fn finish<C: WebsocketConsumer>(mut consumer: C, mut ctx: Context, code: CloseCode, panicked: bool) {
+async fn finish<C: WebsocketConsumer>(
+    mut consumer: C,
+    mut ctx: Context,
+    code: CloseCode,
+    panicked: bool,
+) {
     if !panicked {
-        if let Err(p) = AssertUnwindSafe(consumer.disconnect(&mut ctx, code)).catch_unwind().await {
+        if let Err(p) = AssertUnwindSafe(consumer.disconnect(&mut ctx, code))
+            .catch_unwind()
+            .await
+        {
             tracing::error!(panic = %panic_message(&*p), "consumer panicked in disconnect");
         }
     }
@@ -220,7 +233,9 @@ impl Io {
                 .rate_limit
                 .map(|r| (r, f64::from(r.burst.max(1)), now)),
         };
-        io.shutdown = Some(Box::pin(io.ws.runtime.tracker.signal.clone().notified_owned()));
+        io.shutdown = Some(Box::pin(
+            io.ws.runtime.tracker.signal.clone().notified_owned(),
+        ));
         io.rearm_timer();
         io
     }
@@ -375,7 +390,10 @@ impl Io {
                     Poll::Ready(Err(RecvError::Lagged(n))) => {
                         self.ws.runtime.metrics.dropped_slow(n);
                         tracing::warn!(dropped = n, "slow consumer: events dropped; closing");
-                        self.start_close(close_code::SLOW_CONSUMER, "slow consumer: events dropped");
+                        self.start_close(
+                            close_code::SLOW_CONSUMER,
+                            "slow consumer: events dropped",
+                        );
                         continue;
                     }
                     Poll::Ready(Err(_)) => self.inbox_done = true,
@@ -386,7 +404,8 @@ impl Io {
                 match Pin::new(&mut self.ws.stream).poll_flush(cx) {
                     Poll::Ready(Ok(())) => {
                         self.dirty = false;
-                        if self.fail_fast && self.close_to_send.is_none() && self.closing.is_some() {
+                        if self.fail_fast && self.close_to_send.is_none() && self.closing.is_some()
+                        {
                             self.terminate(self.closing.unwrap_or(close_code::ABNORMAL));
                             continue;
                         }
@@ -437,7 +456,10 @@ impl Io {
                     drop(st);
                     self.ws.runtime.metrics.dropped_slow(1);
                     tracing::warn!("slow consumer: outbound queue full; closing");
-                    self.start_close(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                    self.start_close(
+                        close_code::SLOW_CONSUMER,
+                        "slow consumer: outbound queue full",
+                    );
                     continue;
                 }
                 if st.queue.is_empty() {

@@ -2,7 +2,9 @@ use std::{fmt, future::Future};
 
 use serde::de::DeserializeOwned;
 
-use super::{callback::forward_event, consumer, Accept, ConsumerService, Context, Reject, WebsocketConsumer};
+use super::{
+    callback::forward_event, consumer, Accept, ConsumerService, Context, Reject, WebsocketConsumer,
+};
 use crate::{
     channel_layer::{BoxError, Event},
     message::{close_code, CloseCode, Message},
@@ -48,7 +50,10 @@ pub trait JsonWebsocketConsumer: Send + 'static {
     type Incoming: DeserializeOwned + Send + 'static;
 
     /// Decides the handshake; see [`WebsocketConsumer::connect`].
-    fn connect(&mut self, ctx: &mut Context) -> impl Future<Output = Result<Accept, Reject>> + Send {
+    fn connect(
+        &mut self,
+        ctx: &mut Context,
+    ) -> impl Future<Output = Result<Accept, Reject>> + Send {
         let _ = ctx;
         async { Ok(Accept::new()) }
     }
@@ -71,13 +76,21 @@ pub trait JsonWebsocketConsumer: Send + 'static {
     }
 
     /// Handles a channel-layer event; see [`WebsocketConsumer::event`].
-    fn event(&mut self, ctx: &mut Context, event: Event) -> impl Future<Output = Result<(), BoxError>> + Send {
+    fn event(
+        &mut self,
+        ctx: &mut Context,
+        event: Event,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
         let result = forward_event(ctx, &event);
         async move { result }
     }
 
     /// Runs after the connection closed; see [`WebsocketConsumer::disconnect`].
-    fn disconnect(&mut self, ctx: &mut Context, code: CloseCode) -> impl Future<Output = ()> + Send {
+    fn disconnect(
+        &mut self,
+        ctx: &mut Context,
+        code: CloseCode,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (ctx, code);
         async {}
     }
@@ -126,16 +139,21 @@ impl std::error::Error for JsonDecodeError {
 pub struct Json<C>(pub C);
 
 impl<C: JsonWebsocketConsumer> WebsocketConsumer for Json<C> {
-    fn connect(&mut self, ctx: &mut Context) -> impl Future<Output = Result<Accept, Reject>> + Send {
+    fn connect(
+        &mut self,
+        ctx: &mut Context,
+    ) -> impl Future<Output = Result<Accept, Reject>> + Send {
         self.0.connect(ctx)
     }
 
     async fn receive(&mut self, ctx: &mut Context, message: Message) -> Result<(), BoxError> {
         let decoded = match &message {
-            Message::Text(t) => serde_json::from_str::<C::Incoming>(t).map_err(|e| JsonDecodeError {
-                binary: false,
-                source: Some(e),
-            }),
+            Message::Text(t) => {
+                serde_json::from_str::<C::Incoming>(t).map_err(|e| JsonDecodeError {
+                    binary: false,
+                    source: Some(e),
+                })
+            }
             _ => Err(JsonDecodeError {
                 binary: true,
                 source: None,
@@ -147,17 +165,27 @@ impl<C: JsonWebsocketConsumer> WebsocketConsumer for Json<C> {
         }
     }
 
-    fn event(&mut self, ctx: &mut Context, event: Event) -> impl Future<Output = Result<(), BoxError>> + Send {
+    fn event(
+        &mut self,
+        ctx: &mut Context,
+        event: Event,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
         self.0.event(ctx, event)
     }
 
-    fn disconnect(&mut self, ctx: &mut Context, code: CloseCode) -> impl Future<Output = ()> + Send {
+    fn disconnect(
+        &mut self,
+        ctx: &mut Context,
+        code: CloseCode,
+    ) -> impl Future<Output = ()> + Send {
         self.0.disconnect(ctx, code)
     }
 }
 
 /// Makes a consumer service from a factory of [`JsonWebsocketConsumer`]s.
-pub fn json_consumer<F, C>(factory: F) -> ConsumerService<impl Fn(&Scope) -> Json<C> + Clone + Send + Sync + 'static>
+pub fn json_consumer<F, C>(
+    factory: F,
+) -> ConsumerService<impl Fn(&Scope) -> Json<C> + Clone + Send + Sync + 'static>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
     C: JsonWebsocketConsumer,

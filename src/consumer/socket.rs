@@ -112,7 +112,10 @@ impl WebSocket {
         poll_fn(|cx| self.poll_next_incoming(cx)).await
     }
 
-    fn poll_next_incoming(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Incoming, Error>>> {
+    fn poll_next_incoming(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Incoming, Error>>> {
         loop {
             match Pin::new(&mut self.stream).poll_next(cx) {
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -125,7 +128,9 @@ impl WebSocket {
             }
             return match self.inbox.poll_recv(cx) {
                 Poll::Ready(Ok(e)) => Poll::Ready(Some(Ok(Incoming::Event(e)))),
-                Poll::Ready(Err(RecvError::Lagged(n))) => Poll::Ready(Some(Ok(Incoming::Lagged(n)))),
+                Poll::Ready(Err(RecvError::Lagged(n))) => {
+                    Poll::Ready(Some(Ok(Incoming::Lagged(n))))
+                }
                 // The layer dropped this channel: only client messages remain.
                 Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
             };
@@ -149,7 +154,11 @@ impl WebSocket {
 
     /// Sends a close frame and waits (at most the configured close timeout)
     /// for the client's reply, then leaves the groups this socket joined.
-    pub async fn close(mut self, code: CloseCode, reason: impl Into<Utf8Bytes>) -> Result<(), Error> {
+    pub async fn close(
+        mut self,
+        code: CloseCode,
+        reason: impl Into<Utf8Bytes>,
+    ) -> Result<(), Error> {
         let frame = CloseFrame::new(code, reason);
         let res = self.send(Message::Close(Some(frame))).await;
         let timeout = self.runtime.config.close_timeout;
@@ -163,7 +172,10 @@ impl WebSocket {
 
     /// Adds this connection to `group`; it leaves automatically on close.
     pub async fn group_add(&mut self, group: &str) -> Result<(), Error> {
-        self.runtime.channel_layer.group_add(group, self.inbox.name()).await?;
+        self.runtime
+            .channel_layer
+            .group_add(group, self.inbox.name())
+            .await?;
         if !self.groups.iter().any(|g| g == group) {
             self.groups.push(group.to_owned());
         }
@@ -172,7 +184,10 @@ impl WebSocket {
 
     /// Removes this connection from `group`.
     pub async fn group_discard(&mut self, group: &str) -> Result<(), Error> {
-        self.runtime.channel_layer.group_discard(group, self.inbox.name()).await?;
+        self.runtime
+            .channel_layer
+            .group_discard(group, self.inbox.name())
+            .await?;
         self.groups.retain(|g| g != group);
         Ok(())
     }
@@ -185,7 +200,12 @@ impl WebSocket {
     /// Leaves every group this socket joined.
     pub(crate) async fn leave_groups(&mut self) {
         for g in std::mem::take(&mut self.groups) {
-            if let Err(e) = self.runtime.channel_layer.group_discard(&g, self.inbox.name()).await {
+            if let Err(e) = self
+                .runtime
+                .channel_layer
+                .group_discard(&g, self.inbox.name())
+                .await
+            {
                 tracing::warn!(group = %g, error = %e, "group_discard failed while closing");
             }
         }
@@ -244,7 +264,9 @@ impl futures_util::Sink<Message> for WebSocket {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Pin::new(&mut self.get_mut().stream).poll_ready(cx).map_err(Into::into)
+        Pin::new(&mut self.get_mut().stream)
+            .poll_ready(cx)
+            .map_err(Into::into)
     }
 
     fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Error> {
@@ -254,10 +276,14 @@ impl futures_util::Sink<Message> for WebSocket {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx).map_err(Into::into)
+        Pin::new(&mut self.get_mut().stream)
+            .poll_flush(cx)
+            .map_err(Into::into)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Pin::new(&mut self.get_mut().stream).poll_close(cx).map_err(Into::into)
+        Pin::new(&mut self.get_mut().stream)
+            .poll_close(cx)
+            .map_err(Into::into)
     }
 }

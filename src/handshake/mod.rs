@@ -12,8 +12,8 @@ pub mod rejection;
 use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use self::rejection::*;
 pub use self::rejection::HandshakeRejection;
+use self::rejection::*;
 
 /// What kind of handshake a request is.
 #[derive(Debug, Clone)]
@@ -46,7 +46,10 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 }
 
 /// Validates a request that [`wants_websocket`].
-pub(crate) fn validate(parts: &Parts, max_subprotocols: usize) -> Result<(Kind, Vec<String>), HandshakeRejection> {
+pub(crate) fn validate(
+    parts: &Parts,
+    max_subprotocols: usize,
+) -> Result<(Kind, Vec<String>), HandshakeRejection> {
     let headers = &parts.headers;
     let kind = if parts.version == Version::HTTP_2 || parts.method == Method::CONNECT {
         if parts.method != Method::CONNECT {
@@ -172,7 +175,10 @@ mod tests {
         let res = accept_response(&kind, Some("b"), HeaderMap::new());
         assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
         // The RFC 6455 section 1.3 example.
-        assert_eq!(res.headers()["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            res.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
         assert_eq!(res.headers()["sec-websocket-protocol"], "b");
     }
 
@@ -194,20 +200,29 @@ mod tests {
                 .header("upgrade", "websocket")
                 .header("sec-websocket-version", "13")
         });
-        assert_eq!(validate(&no_key, 2).unwrap_err(), MissingWebSocketKey.into());
+        assert_eq!(
+            validate(&no_key, 2).unwrap_err(),
+            MissingWebSocketKey.into()
+        );
         let bad_key = parts(|b| {
             b.header("connection", "upgrade")
                 .header("upgrade", "websocket")
                 .header("sec-websocket-version", "13")
                 .header("sec-websocket-key", "short")
         });
-        assert_eq!(validate(&bad_key, 2).unwrap_err(), InvalidWebSocketKey.into());
+        assert_eq!(
+            validate(&bad_key, 2).unwrap_err(),
+            InvalidWebSocketKey.into()
+        );
         let no_conn = parts(|b| {
             b.header("upgrade", "websocket")
                 .header("sec-websocket-version", "13")
                 .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
         });
-        assert_eq!(validate(&no_conn, 2).unwrap_err(), ConnectionNotUpgradable.into());
+        assert_eq!(
+            validate(&no_conn, 2).unwrap_err(),
+            ConnectionNotUpgradable.into()
+        );
         let many = parts(|b| good(b).header("sec-websocket-protocol", "a,b,c"));
         assert_eq!(validate(&many, 2).unwrap_err(), InvalidSubprotocols.into());
     }
@@ -216,9 +231,15 @@ mod tests {
     fn wants_websocket_only_when_asked() {
         let plain = http::Request::get("/ws").body(()).unwrap();
         assert!(!wants_websocket(&plain));
-        let h2c = http::Request::get("/ws").header("upgrade", "h2c").body(()).unwrap();
+        let h2c = http::Request::get("/ws")
+            .header("upgrade", "h2c")
+            .body(())
+            .unwrap();
         assert!(!wants_websocket(&h2c));
-        let ws = http::Request::get("/ws").header("upgrade", "WebSocket").body(()).unwrap();
+        let ws = http::Request::get("/ws")
+            .header("upgrade", "WebSocket")
+            .body(())
+            .unwrap();
         assert!(wants_websocket(&ws));
         let mut connect = http::Request::connect("/ws").body(()).unwrap();
         connect

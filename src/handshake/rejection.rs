@@ -117,7 +117,10 @@ impl HandshakeRejection {
                 h.insert(header::ALLOW, HeaderValue::from_static("GET"));
             }
             HandshakeRejection::InvalidWebSocketVersion(_) => {
-                h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                h.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             HandshakeRejection::TooManyConnections(_) | HandshakeRejection::ShuttingDown(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

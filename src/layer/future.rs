@@ -12,7 +12,11 @@ use tokio::sync::oneshot;
 use super::ResponseBody;
 use crate::{
     consumer::Decision,
-    handshake::{self, rejection::{ConnectionRejected, HandshakeRejection}, Kind},
+    handshake::{
+        self,
+        rejection::{ConnectionRejected, HandshakeRejection},
+        Kind,
+    },
 };
 
 pin_project! {
@@ -69,7 +73,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let response = match self.project().inner.project() {
             InnerProj::Future { future } => {
-                return future.poll(cx).map(|r| r.map(|res| res.map(ResponseBody::inner)));
+                return future
+                    .poll(cx)
+                    .map(|r| r.map(|res| res.map(ResponseBody::inner)));
             }
             InnerProj::Respond { response } => response
                 .take()

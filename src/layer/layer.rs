@@ -162,7 +162,11 @@ impl fmt::Debug for ChannelsLayer {
         f.debug_struct("ChannelsLayer")
             .field(
                 "routes",
-                &self.routes.iter().map(|r| r.pattern.as_str()).collect::<Vec<_>>(),
+                &self
+                    .routes
+                    .iter()
+                    .map(|r| r.pattern.as_str())
+                    .collect::<Vec<_>>(),
             )
             .field("channel_layer", &self.runtime.channel_layer)
             .field("config", &self.runtime.config)

@@ -39,7 +39,9 @@ pub use self::{
 
 use std::sync::Arc;
 
-use crate::{channel_layer::ChannelLayer, metrics::Metrics, origin::AllowedOrigins, WebSocketConfig};
+use crate::{
+    channel_layer::ChannelLayer, metrics::Metrics, origin::AllowedOrigins, WebSocketConfig,
+};
 
 /// What every connection of a layer shares.
 #[derive(Debug)]

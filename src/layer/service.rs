@@ -73,12 +73,20 @@ impl ChannelsLayer {
     fn start_handshake<B>(
         &self,
         mut req: Request<B>,
-    ) -> Result<(oneshot::Receiver<crate::consumer::Decision>, handshake::Kind), HandshakeRejection> {
+    ) -> Result<
+        (
+            oneshot::Receiver<crate::consumer::Decision>,
+            handshake::Kind,
+        ),
+        HandshakeRejection,
+    > {
         let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
         let (parts, _body) = req.into_parts();
-        let (route, params) = self
-            .match_route(parts.uri.path())
-            .ok_or(HandshakeRejection::from(crate::handshake::rejection::ConnectionRejected))?;
+        let (route, params) =
+            self.match_route(parts.uri.path())
+                .ok_or(HandshakeRejection::from(
+                    crate::handshake::rejection::ConnectionRejected,
+                ))?;
         let (kind, protocols) = handshake::validate(&parts, self.runtime.config.max_subprotocols)?;
         let runtime = &self.runtime;
         if runtime.tracker.is_shutting_down() {

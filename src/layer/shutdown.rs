@@ -151,7 +151,10 @@ impl ShutdownHandle {
         for h in &handles {
             h.abort();
         }
-        tracing::warn!(aborted = handles.len(), "shutdown deadline passed; dropping connections");
+        tracing::warn!(
+            aborted = handles.len(),
+            "shutdown deadline passed; dropping connections"
+        );
         ShutdownReport {
             closed: before.saturating_sub(handles.len()),
             aborted: handles.len(),

@@ -117,7 +117,12 @@ impl Communicator {
         let request = http::Request::get(path)
             .body(())
             .unwrap_or_else(|_| http::Request::new(()));
-        Self::with_request(consumer, path, request, Arc::new(InMemoryChannelLayer::new()))
+        Self::with_request(
+            consumer,
+            path,
+            request,
+            Arc::new(InMemoryChannelLayer::new()),
+        )
     }
 
     /// A communicator for `consumer` with a full request as scope (headers,
@@ -148,7 +153,10 @@ impl Communicator {
                 scope,
                 consumer: Box::new(move |conn| {
                     Box::pin(async move {
-                        if std::future::poll_fn(|cx| consumer.poll_ready(cx)).await.is_ok() {
+                        if std::future::poll_fn(|cx| consumer.poll_ready(cx))
+                            .await
+                            .is_ok()
+                        {
                             if let Err(e) = consumer.call(conn).await {
                                 let e: BoxError = e.into();
                                 tracing::error!(error = %e, "consumer failed");
@@ -200,7 +208,10 @@ impl Communicator {
     ///
     /// If called twice.
     pub async fn connect(&mut self) -> Result<Accepted, Rejected> {
-        let start = self.start.take().expect("Communicator::connect called twice");
+        let start = self
+            .start
+            .take()
+            .expect("Communicator::connect called twice");
         let (server, client) = tokio::io::duplex(64 * 1024);
         let (tx, rx) = oneshot::channel();
         let conn = Connection {
@@ -213,7 +224,8 @@ impl Communicator {
         self.task = Some(tokio::spawn((start.consumer)(conn)));
         match rx.await {
             Ok(Decision::Accept { protocol, .. }) => {
-                self.client = Some(WebSocketStream::from_raw_socket(client, Role::Client, None).await);
+                self.client =
+                    Some(WebSocketStream::from_raw_socket(client, Role::Client, None).await);
                 Ok(Accepted {
                     subprotocol: protocol,
                 })
@@ -284,7 +296,14 @@ impl Communicator {
             match next {
                 Some(Ok(m)) => match Message::from_tungstenite(m) {
                     Some(Message::Ping(_) | Message::Pong(_)) | None => continue,
-                    Some(m) => return Ok(m),
+                    Some(m) => {
+                        if m.is_close() {
+                            // Send the close reply tungstenite queued, as a
+                            // browser would, so the consumer can finish.
+                            let _ = client.flush().await;
+                        }
+                        return Ok(m);
+                    }
                 },
                 Some(Err(_)) | None => return Err(ReceiveError::Closed(None)),
             }
@@ -336,9 +355,12 @@ impl Communicator {
     pub async fn disconnect(mut self, code: CloseCode) {
         if let Some(mut client) = self.client.take() {
             let frame = CloseFrame::new(code, "");
-            let _ = client.send(Message::Close(Some(frame)).into_tungstenite()).await;
+            let _ = client
+                .send(Message::Close(Some(frame)).into_tungstenite())
+                .await;
             // Read until the consumer's side finishes the closing handshake.
-            while let Ok(Some(Ok(_))) = tokio::time::timeout(DEFAULT_TIMEOUT, client.next()).await {}
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(DEFAULT_TIMEOUT, client.next()).await {
+            }
         }
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(DEFAULT_TIMEOUT * 5, task).await;
