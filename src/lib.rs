@@ -148,3 +148,8 @@ pub use self::{
     metrics::Stats,
     scope::{PeerAddr, Scope},
 };
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
