@@ -60,8 +60,16 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
         match outcome {
             Outcome::Done => {}
             Outcome::Failed(e) => {
-                tracing::error!(error = %e, "consumer handler failed; closing with 1011");
-                io.start_close(close_code::ERROR, "internal error");
+                if io.closing.is_some() || io.terminated.is_some() {
+                    // Typically a send that failed because the connection is closing.
+                    tracing::debug!(error = %e, "consumer handler failed while closing");
+                } else if io.outbound.lock().overflow {
+                    // The send failed because the client is too slow: poll_write
+                    // closes with SLOW_CONSUMER, not as a consumer error.
+                } else {
+                    tracing::error!(error = %e, "consumer handler failed; closing with 1011");
+                    io.start_close(close_code::ERROR, "internal error");
+                }
             }
             Outcome::Panicked(msg) => {
                 tracing::error!(panic = %msg, "consumer panicked; closing with 1011");
@@ -89,6 +97,7 @@ async fn open<C: WebsocketConsumer>(
             return None;
         }
     };
+    tracing::Span::current().record("channel", channel_name.as_str());
     let outbound = Arc::new(Outbound::new(runtime.config.max_outbound_bytes));
     let mut ctx = Context::new(
         conn.scope.clone(),
@@ -241,6 +250,10 @@ impl Io {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        if self.closing.is_some() {
+            // Pings and idleness no longer matter, only the close handshake.
+            return self.close_deadline;
+        }
         let idle = self.idle_timeout.map(|t| self.last_seen + t);
         [self.close_deadline, idle, self.next_ping]
             .into_iter()

@@ -110,6 +110,7 @@ impl ChannelsLayer {
             route = scope.route(),
             path = scope.path(),
             peer = scope.peer_addr().map(tracing::field::display),
+            channel = tracing::field::Empty,
         );
         let conn = Connection {
             scope,
