@@ -233,3 +233,49 @@ async fn a_channel_has_one_worker_per_process() {
         .shutdown()
         .await;
 }
+
+/// The same consumer/worker round trip across two Redis layer instances
+/// (two "processes"): the consumer on one, the worker on the other.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn worker_on_another_process_through_redis() {
+    use tower_channels::channel_layer::redis::RedisChannelLayer;
+
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("tc-worker-test-{}", std::process::id());
+    let connect = || {
+        RedisChannelLayer::builder(url.clone())
+            .prefix(prefix.clone())
+            .timeout(Duration::from_secs(2))
+            .build()
+    };
+    let web = match connect().await {
+        Ok(layer) => layer,
+        Err(e) if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").as_deref() == Ok("1") => {
+            panic!("no Redis at {url}: {e} (TOWER_CHANNELS_REQUIRE_REDIS=1)")
+        }
+        Err(e) => {
+            eprintln!("skipped: no Redis ({url}: {e})");
+            return;
+        }
+    };
+    let web: Arc<dyn ChannelLayer> = Arc::new(web);
+    let background: Arc<dyn ChannelLayer> = Arc::new(connect().await.unwrap());
+    let worker = Worker::new(background)
+        .channel("jobs")
+        .concurrency(2)
+        .on("job.square", square)
+        .start()
+        .await
+        .unwrap();
+    let request = http::Request::get("/ws/jobs").body(()).unwrap();
+    let mut comm = Communicator::with_request(consumer(|_| Client), "/ws/jobs", request, web);
+    comm.connect().await.unwrap();
+    for n in [7u64, 9] {
+        comm.send_text(n.to_string()).await;
+        let reply = comm.receive_timeout(WAIT).await.unwrap();
+        assert_eq!(reply.as_text(), Some((n * n).to_string().as_str()));
+    }
+    comm.disconnect(1000).await;
+    assert_eq!(worker.shutdown().await.handled, 2);
+}
