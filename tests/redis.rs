@@ -367,10 +367,12 @@ async fn redis_restart() {
     let mut member = b.new_channel().await.unwrap();
     b.group_add("room", member.name()).await.unwrap();
     let mut worker = b.receive("jobs").await.unwrap();
+    let mut on_a = a.new_channel().await.unwrap();
     a.group_send("room", Event::bare("before")).await.unwrap();
     assert_eq!(recv(&mut member).await.kind(), "before");
 
     server.kill();
+    let killed = Instant::now();
     let member_name = member.name().to_owned();
     let attempts: [(&str, BoxFuture<'_, Result<(), ChannelLayerError>>); 3] = [
         (
@@ -400,6 +402,31 @@ async fn redis_restart() {
         eprintln!("redis down: {what} failed after {took:?}: {err}");
         assert!(took < Duration::from_secs(3), "{what} took {took:?}");
     }
+    // Keep Redis down for a while: every attempt keeps failing promptly
+    // (also once redis-rs's own reconnect attempts are used up), and the
+    // layers' reconnect backoff reaches its cap.
+    let mut failures = 0;
+    while killed.elapsed() < Duration::from_secs(3) {
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            a.send(&member_name, Event::bare("lost")),
+        )
+        .await
+        .expect("send hung while Redis was down");
+        assert!(result.is_err(), "a send while Redis is down must fail");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        failures += 1;
+    }
+    assert!(
+        !b.is_connected(),
+        "b cannot be subscribed while Redis is down"
+    );
+    eprintln!("redis down: {failures} more sends failed promptly in 3 s");
     // A send within this process needs no Redis.
     b.send(&member_name, Event::bare("local")).await.unwrap();
     assert_eq!(recv(&mut member).await.kind(), "local");
@@ -426,7 +453,20 @@ async fn redis_restart() {
         }
     }
     let group_back = restarted.elapsed();
-    assert!(a.is_connected() && b.is_connected());
+    assert!(b.is_connected());
+    // a's process channel is subscribed again too.
+    loop {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "a's channel not back 30 s after the restart"
+        );
+        b.send(on_a.name(), Event::bare("to-a")).await.ok();
+        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(200), on_a.recv()).await {
+            assert_eq!(e.kind(), "to-a");
+            break;
+        }
+    }
+    assert!(a.is_connected());
     // The process channel and the worker are back too.
     a.send(&member_name, Event::bare("direct-after"))
         .await

@@ -106,7 +106,11 @@
 //! subscribes again to the process channel and every group that has a local
 //! member, so messages flow again without any action by the application.
 //! Command connections are re-established the same way by redis-rs's
-//! [`ConnectionManager`](::redis::aio::ConnectionManager).
+//! [`ConnectionManager`].
+//!
+//! Redis Cluster is not supported (the group-send script touches keys it
+//! does not declare); use a single primary, optionally behind Sentinel or a
+//! proxy that forwards Pub/Sub.
 //!
 //! # Wire format
 //!
@@ -122,10 +126,10 @@
 //!
 //! # Why redis-rs
 //!
-//! [redis-rs](https://docs.rs/redis) (re-exported as [`redis`](self::redis))
+//! [redis-rs](https://docs.rs/redis) (re-exported as [`redis`])
 //! is the most used Redis client for Rust and the only one with both a
 //! multiplexed, self-reconnecting command connection
-//! ([`ConnectionManager`](::redis::aio::ConnectionManager)) and an async
+//! ([`ConnectionManager`]) and an async
 //! Pub/Sub connection that can subscribe while messages stream in
 //! ([`PubSub::split`](::redis::aio::PubSub::split)), on tokio, with TLS,
 //! Sentinel and RESP3 available behind its own features.
