@@ -341,6 +341,60 @@ async fn worker_channel_across_instances() {
     eprintln!("worker channel: {jobs} jobs split {split:?}");
 }
 
+/// A named (worker) channel can be a group member: its membership lives in
+/// Redis, expires after `group_expiry`, and a group send pushes onto its list.
+#[tokio::test]
+async fn named_channel_in_group() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("named-group");
+    let a = layer(&redis.url, &prefix, 16).await;
+    let b = layer(&redis.url, &prefix, 16).await;
+    let mut mailer = a.receive("mailer").await.unwrap();
+
+    b.group_add("news", "mailer").await.unwrap();
+    let report = b
+        .group_send("news", Event::text("news.item", "one"))
+        .await
+        .unwrap();
+    assert_eq!((report.delivered, report.dropped), (1, 0));
+    assert_eq!(recv(&mut mailer).await.kind(), "news.item");
+
+    // A membership older than group_expiry (a day) is dropped, not delivered to.
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}:group:news");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    redis::cmd("ZADD")
+        .arg(&key)
+        .arg(now - 2 * 86_400)
+        .arg("stale-worker")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let report = a.group_send("news", Event::bare("news.two")).await.unwrap();
+    assert_eq!(report.delivered, 1, "only mailer: {report:?}");
+    let stale: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&key)
+        .arg("stale-worker")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stale, None);
+    assert_eq!(recv(&mut mailer).await.kind(), "news.two");
+
+    a.group_discard("news", "mailer").await.unwrap();
+    let report = b
+        .group_send("news", Event::bare("news.three"))
+        .await
+        .unwrap();
+    assert_eq!(report.delivered, 0);
+    b.send("mailer", Event::bare("sentinel")).await.unwrap();
+    assert_eq!(recv(&mut mailer).await.kind(), "sentinel");
+}
+
 /// Redis is killed mid-traffic: sends fail promptly; when it is back on the
 /// same port, both instances reconnect and re-subscribe by themselves.
 #[tokio::test]

@@ -93,7 +93,9 @@
 //! receiving process drops the event, counts it in
 //! [`LayerStats::dropped_full`] and marks the receiver as lagging, as a
 //! group send would. Events for a channel whose receiver is gone are counted
-//! in [`LayerStats::dropped_other`].
+//! in [`LayerStats::dropped_other`]. A process too slow to read its Pub/Sub
+//! traffic is disconnected by Redis (`client-output-buffer-limit pubsub`),
+//! reconnects, and loses what was published in between.
 //!
 //! # Faults
 //!
@@ -106,11 +108,19 @@
 //! subscribes again to the process channel and every group that has a local
 //! member, so messages flow again without any action by the application.
 //! Command connections are re-established the same way by redis-rs's
-//! [`ConnectionManager`].
+//! [`ConnectionManager`], and worker receivers by their own loop.
 //!
-//! Redis Cluster is not supported (the group-send script touches keys it
-//! does not declare); use a single primary, optionally behind Sentinel or a
-//! proxy that forwards Pub/Sub.
+//! While Redis is unreachable a group send fails as a whole (local members
+//! do not get the event either), and so does a direct send to another
+//! process or a named channel; sends to channels of the same instance keep
+//! working. A [`group_add`](ChannelLayer::group_add) of a local channel
+//! fails too, but the membership is kept and takes effect on reconnection
+//! (the connection's consumer usually closes on the error, which removes it).
+//!
+//! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (two small Lua
+//! scripts), list and sorted-set commands. Redis Cluster is not supported
+//! (the group-send script touches keys it does not declare); use a single
+//! primary, optionally behind Sentinel or a proxy that forwards Pub/Sub.
 //!
 //! # Wire format
 //!
