@@ -37,6 +37,7 @@ pub fn channel(name: impl Into<String>, capacity: usize) -> (ChannelSender, Chan
             lagged: 0,
             receiver_alive: true,
             senders: 1,
+            space_waiters: Vec::new(),
         }),
     });
     (
@@ -63,6 +64,9 @@ struct State {
     lagged: u64,
     receiver_alive: bool,
     senders: usize,
+    /// Senders waiting for space ([`ChannelSender::send`]); empty (and
+    /// unallocated) unless a channel is full.
+    space_waiters: Vec<Waker>,
 }
 
 impl Shared {
@@ -134,6 +138,37 @@ impl ChannelSender {
             w.wake();
         }
         Ok(())
+    }
+
+    /// Queues the event, waiting while the channel is full; gives the event
+    /// back if the receiver is gone. For producers that may wait (e.g. a
+    /// backend's worker-channel loop), never for group fan-out.
+    pub async fn send(&self, event: Event) -> Result<(), Event> {
+        let mut event = Some(event);
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            let Some(e) = event.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            if !st.receiver_alive {
+                return Poll::Ready(Err(e));
+            }
+            if st.queue.len() >= self.shared.capacity {
+                event = Some(e);
+                if !st.space_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.space_waiters.push(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            st.queue.push_back(e);
+            let waker = st.waker.take();
+            drop(st);
+            if let Some(w) = waker {
+                w.wake();
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// Queues the event; when the channel is full the event is dropped and
@@ -267,6 +302,7 @@ impl ChannelReceiver {
         let n = st.queue.len().min(max);
         if n > 0 {
             out.extend(st.queue.drain(..n));
+            Self::wake_space_waiters(&mut st);
             if st.queue.is_empty() && st.queue.capacity() > 64 {
                 st.queue.shrink_to(16);
             }
@@ -285,12 +321,19 @@ impl ChannelReceiver {
             return Some(Err(RecvError::Lagged(n)));
         }
         if let Some(e) = st.queue.pop_front() {
+            Self::wake_space_waiters(st);
             return Some(Ok(e));
         }
         if st.senders == 0 {
             return Some(Err(RecvError::Closed));
         }
         None
+    }
+
+    fn wake_space_waiters(st: &mut State) {
+        for w in st.space_waiters.drain(..) {
+            w.wake();
+        }
     }
 
     /// Number of events waiting.
@@ -310,6 +353,7 @@ impl Drop for ChannelReceiver {
             let mut st = self.shared.lock();
             st.receiver_alive = false;
             st.queue.clear();
+            Self::wake_space_waiters(&mut st);
         }
         if let Some(f) = self.on_drop.take() {
             f();
@@ -340,6 +384,26 @@ impl futures_util::Stream for ChannelReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn send_waits_for_space_and_fails_when_closed() {
+        let (tx, mut rx) = channel("c", 1);
+        tx.send(Event::bare("1")).await.unwrap();
+        let tx2 = tx.clone();
+        let blocked = tokio::spawn(async move { tx2.send(Event::bare("2")).await.is_ok() });
+        assert_eq!(rx.recv().await.unwrap().kind(), "1");
+        assert!(blocked.await.unwrap());
+        assert_eq!(rx.recv().await.unwrap().kind(), "2");
+        tx.send(Event::bare("3")).await.unwrap();
+        let tx3 = tx.clone();
+        let waiting = tokio::spawn(async move { tx3.send(Event::bare("4")).await.is_err() });
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert!(
+            waiting.await.unwrap(),
+            "a dropped receiver fails the waiting send"
+        );
+    }
 
     #[tokio::test]
     async fn lossy_send_counts_and_reports_lag() {

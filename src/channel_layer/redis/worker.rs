@@ -7,13 +7,12 @@ use tokio::sync::oneshot;
 
 use super::{
     channel, wire::Envelope, BackendError, ChannelLayerError, ChannelReceiver, ChannelSender,
-    Counters, Inner, TrySendError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, Inner, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How long one `BRPOP` blocks.
 const BLOCK: Duration = Duration::from_secs(5);
 /// How often a popped event is offered again to a full local queue.
-const FULL_RETRY: Duration = Duration::from_millis(5);
 
 async fn connect(
     client: &redis::Client,
@@ -118,7 +117,7 @@ impl Worker {
     /// Returns false when the receiver is gone.
     async fn deliver(&mut self, payload: &[u8]) -> bool {
         let decoded = Envelope::from_bytes(payload).and_then(|env| env.decode_event());
-        let mut event = match decoded {
+        let event = match decoded {
             Ok(event) => event,
             Err(e) => {
                 tracing::warn!(key = %self.key, "dropping an event: {e}");
@@ -126,21 +125,16 @@ impl Worker {
                 return true;
             }
         };
-        loop {
-            match self.sender.try_send(event) {
-                Ok(()) => return true,
-                Err(TrySendError::Full(e)) => event = e,
-                Err(_) => {
-                    Counters::add(&self.counters.dropped_other, 1);
-                    return false;
-                }
+        tokio::select! {
+            _ = &mut self.stop => {
+                Counters::add(&self.counters.dropped_other, 1);
+                false
             }
-            tokio::select! {
-                _ = &mut self.stop => {
+            sent = self.sender.send(event) => {
+                if sent.is_err() {
                     Counters::add(&self.counters.dropped_other, 1);
-                    return false;
                 }
-                () = tokio::time::sleep(FULL_RETRY) => {}
+                sent.is_ok()
             }
         }
     }
