@@ -1,0 +1,1070 @@
+//! Hardening over real sockets: size limits (1009), rate limits (1008),
+//! connection limits (503), missing pongs, slow clients (4008), graceful
+//! shutdown (1001) and origin checks (403).
+//!
+//! Every server is a real axum server on 127.0.0.1:0 with the layer; clients
+//! are tokio-tungstenite or raw TCP where a misbehaving client is needed.
+//! Nothing sleeps to synchronize: the tests wait for signals from the
+//! consumers, or poll a condition in a bounded loop.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use axum::Router;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    sync::{mpsc, Notify, RwLock},
+};
+use tokio_tungstenite::tungstenite::{
+    self,
+    client::IntoClientRequest,
+    protocol::{
+        frame::{
+            coding::{Data, OpCode},
+            Frame,
+        },
+        WebSocketConfig as ClientConfig,
+    },
+    Message,
+};
+use tower_channels::{
+    channel_layer::{BoxError, Event},
+    consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
+    message::{self, close_code, CloseCode},
+    origin::AllowedOrigins,
+    ChannelsLayer, RateLimit, WebSocketConfig,
+};
+
+/// The slow-client test saturates both cores and measures the process' RSS:
+/// it runs alone (write lock); the other tests, which depend on timers
+/// (pings, rate budgets), share the read lock.
+static LOAD: RwLock<()> = RwLock::const_new(());
+
+// ---------------------------------------------------------------------------
+// A probe consumer and helpers
+// ---------------------------------------------------------------------------
+
+/// Echoes text and binary messages and reports its disconnect code.
+///
+/// * `"block"`: reports on `entered`, waits for `release`, then sends `"released"`;
+/// * `"hang"`: reports on `entered`, then never returns.
+#[derive(Clone)]
+struct Probe {
+    gone: mpsc::UnboundedSender<CloseCode>,
+    entered: mpsc::UnboundedSender<()>,
+    release: Arc<Notify>,
+}
+
+impl WebsocketConsumer for Probe {
+    async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
+        match msg.as_text() {
+            Some("block") => {
+                let _ = self.entered.send(());
+                self.release.notified().await;
+                ctx.send_text("released")?;
+            }
+            Some("hang") => {
+                let _ = self.entered.send(());
+                std::future::pending::<()>().await;
+            }
+            _ => ctx.send(msg)?,
+        }
+        Ok(())
+    }
+
+    async fn disconnect(&mut self, _ctx: &mut Context, code: CloseCode) {
+        let _ = self.gone.send(code);
+    }
+}
+
+/// A [`Probe`] and the receiving ends of its signals.
+struct Probes {
+    probe: Probe,
+    gone: mpsc::UnboundedReceiver<CloseCode>,
+    entered: mpsc::UnboundedReceiver<()>,
+}
+
+fn probes() -> Probes {
+    let (gone_tx, gone) = mpsc::unbounded_channel();
+    let (entered_tx, entered) = mpsc::unbounded_channel();
+    Probes {
+        probe: Probe {
+            gone: gone_tx,
+            entered: entered_tx,
+            release: Arc::new(Notify::new()),
+        },
+        gone,
+        entered,
+    }
+}
+
+impl Probes {
+    /// A layer with the probe on `/ws/probe` and `config`.
+    fn layer(&self, config: WebSocketConfig) -> ChannelsLayer {
+        let probe = self.probe.clone();
+        ChannelsLayer::new()
+            .with_config(config)
+            .route("/ws/probe", consumer(move |_| probe.clone()))
+    }
+
+    /// The code the next finished connection's `disconnect` got.
+    async fn next_disconnect(&mut self) -> CloseCode {
+        within("a consumer's disconnect", self.gone.recv())
+            .await
+            .expect("the probe's sender lives as long as the layer")
+    }
+}
+
+async fn serve(channels: &ChannelsLayer) -> SocketAddr {
+    serve_axum(Router::new().layer(channels.clone())).await
+}
+
+/// Waits until `cond` holds, re-checking after letting other tasks run;
+/// bounded by [`TIMEOUT`].
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+/// Reads until the stream ends, so the client answers a close frame.
+async fn drain<S>(ws: &mut S)
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    within("the connection to end", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// The reply to a WebSocket handshake on `path` with extra headers, read whole.
+async fn handshake_reply(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = ws_req(addr, path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    http1(addr, empty(req)).await
+}
+
+/// A tokio-tungstenite handshake that must be refused: the HTTP status.
+async fn refused_status(req: impl IntoClientRequest + Unpin) -> StatusCode {
+    match within("a refused handshake", tokio_tungstenite::connect_async(req)).await {
+        Err(tungstenite::Error::Http(res)) => res.status(),
+        Err(e) => panic!("expected an HTTP error response, got {e}"),
+        Ok((_, res)) => panic!("expected a refusal, got {}", res.status()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Size limits
+// ---------------------------------------------------------------------------
+
+/// Sends `msgs` from another task (the server stops reading at the first
+/// frame past a limit, so a full socket could stall a send) while reading
+/// the server's close frame.
+async fn send_expecting_close(addr: SocketAddr, msgs: Vec<Message>) -> (u16, String) {
+    let ws = connect(addr, "/ws/probe").await;
+    let (mut tx, mut rx) = ws.split();
+    let sender = tokio::spawn(async move {
+        for m in msgs {
+            if tx.feed(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.flush().await;
+    });
+    let close = next_close(&mut rx).await;
+    sender.abort();
+    close
+}
+
+fn text_fragments(total: usize, fragment: usize) -> Vec<Message> {
+    let n = total.div_ceil(fragment);
+    (0..n)
+        .map(|i| {
+            let opcode = if i == 0 {
+                OpCode::Data(Data::Text)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let len = fragment.min(total - i * fragment);
+            Message::Frame(Frame::message(vec![b'f'; len], opcode, i + 1 == n))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn oversize_message_closes_1009_with_default_limits() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let channels = p.layer(WebSocketConfig::default());
+    assert_eq!(channels.config().get_max_message_size(), 1 << 20);
+    assert_eq!(channels.config().get_max_frame_size(), 1 << 20);
+    let addr = serve(&channels).await;
+
+    // Just under the limits: echoed.
+    let mut ws = connect(addr, "/ws/probe").await;
+    let big = "a".repeat((1 << 20) - 16);
+    ws.send(Message::text(big.clone())).await.expect("send");
+    assert_eq!(
+        next_text(&mut ws).await.len(),
+        big.len(),
+        "1 MiB - 16 echoed"
+    );
+    close(&mut ws).await;
+    assert_eq!(p.next_disconnect().await, close_code::NORMAL);
+
+    // 2 MiB of text in one frame.
+    let started = Instant::now();
+    let (code, reason) = send_expecting_close(addr, vec![Message::text("x".repeat(2 << 20))]).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1009, "message too big"),
+        "a 2 MiB message"
+    );
+    assert_eq!(p.next_disconnect().await, close_code::SIZE);
+    eprintln!(
+        "2 MiB single frame: closed 1009 after {:?}",
+        started.elapsed()
+    );
+
+    // 2 MiB of text in 512 KiB fragments: every frame is within
+    // max_frame_size, the message is not.
+    let (code, _) = send_expecting_close(addr, text_fragments(2 << 20, 512 << 10)).await;
+    assert_eq!(code, 1009, "a 2 MiB message in four 512 KiB frames");
+    assert_eq!(p.next_disconnect().await, close_code::SIZE);
+}
+
+#[tokio::test]
+async fn oversize_frame_closes_1009_even_when_the_message_would_fit() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let config = WebSocketConfig::default()
+        .max_frame_size(16 << 10)
+        .max_message_size(256 << 10);
+    let addr = serve(&p.layer(config)).await;
+
+    // 64 KiB in 8 KiB fragments: each frame is small, the message fits.
+    let mut ws = connect(addr, "/ws/probe").await;
+    for m in text_fragments(64 << 10, 8 << 10) {
+        ws.feed(m).await.expect("feed fragment");
+    }
+    ws.flush().await.expect("flush");
+    assert_eq!(
+        next_text(&mut ws).await.len(),
+        64 << 10,
+        "fragmented 64 KiB echoed"
+    );
+    close(&mut ws).await;
+    assert_eq!(p.next_disconnect().await, close_code::NORMAL);
+
+    // The same 64 KiB as one frame: past max_frame_size.
+    let (code, reason) =
+        send_expecting_close(addr, vec![Message::text("z".repeat(64 << 10))]).await;
+    assert_eq!((code, reason.as_str()), (1009, "message too big"));
+    assert_eq!(p.next_disconnect().await, close_code::SIZE);
+
+    // A message past max_message_size made of small frames.
+    let (code, _) = send_expecting_close(addr, text_fragments(512 << 10, 8 << 10)).await;
+    assert_eq!(code, 1009, "512 KiB message in 8 KiB frames");
+    assert_eq!(p.next_disconnect().await, close_code::SIZE);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Rate limit
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rate_limit_closes_a_flooding_client_with_1008_and_spares_a_polite_one() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let channels = p.layer(WebSocketConfig::default().rate_limit(Some(RateLimit::new(10.0, 5))));
+    let addr = serve(&channels).await;
+    let mut polite = connect(addr, "/ws/probe").await;
+    let mut flood = connect(addr, "/ws/probe").await;
+
+    let started = Instant::now();
+    for i in 0..100 {
+        flood
+            .feed(Message::text(format!("flood {i}")))
+            .await
+            .expect("feed");
+    }
+    flood.flush().await.expect("flush");
+    let mut echoed = 0u32;
+    let (code, reason) = within("the flooder's close", async {
+        loop {
+            match flood.next().await {
+                Some(Ok(Message::Text(_))) => echoed += 1,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(Some(f)))) => {
+                    break (u16::from(f.code), f.reason.as_str().to_owned())
+                }
+                other => panic!("expected echoes then a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (code, reason.as_str()),
+        (1008, "rate limit exceeded"),
+        "100 messages at once"
+    );
+    // At most the burst plus what refilled meanwhile (queued echoes are
+    // dropped when the close starts, so fewer may arrive).
+    let budget = 5 + (elapsed.as_secs_f64() * 10.0).ceil() as u32;
+    assert!(
+        echoed <= budget,
+        "{echoed} echoes, budget {budget} after {elapsed:?}"
+    );
+    drain(&mut flood).await;
+    assert_eq!(p.next_disconnect().await, close_code::POLICY);
+    eprintln!("flood: {echoed} echoes before 1008 after {elapsed:?}");
+
+    // 15 messages at ~6.7/s, more than the burst: never closed.
+    let mut tick = tokio::time::interval(Duration::from_millis(150));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for i in 0..15 {
+        tick.tick().await;
+        echo_text(&mut polite, &format!("polite {i}")).await;
+    }
+    close(&mut polite).await;
+    assert_eq!(
+        p.next_disconnect().await,
+        close_code::NORMAL,
+        "the polite client closed itself"
+    );
+    assert_eq!(
+        channels.stats().messages_in,
+        15 + 100.min(channels.stats().messages_in - 15)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Connection limit
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn connection_limit_answers_503_with_retry_after_until_a_slot_frees() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let channels = p.layer(WebSocketConfig::default().max_connections(Some(2)));
+    let handle = channels.shutdown_handle();
+    let addr = serve(&channels).await;
+    let mut a = connect(addr, "/ws/probe").await;
+    let mut b = connect(addr, "/ws/probe").await;
+
+    let reply = handshake_reply(addr, "/ws/probe", &[]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let retry_after = reply
+        .headers
+        .get("retry-after")
+        .expect("Retry-After on 503")
+        .to_str()
+        .expect("ASCII Retry-After");
+    assert!(
+        retry_after.parse::<u64>().is_ok_and(|s| s > 0),
+        "Retry-After in seconds: {retry_after:?}"
+    );
+    assert_eq!(
+        reply.body, "too many WebSocket connections; retry later",
+        "plain-text body"
+    );
+    assert_eq!(
+        reply.headers["content-type"], "text/plain; charset=utf-8",
+        "content type"
+    );
+    let url = format!("ws://{addr}/ws/probe");
+    assert_eq!(
+        refused_status(url.as_str()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(channels.stats().rejected_handshakes, 2);
+    echo_text(&mut a, "a still works").await;
+    echo_text(&mut b, "b still works").await;
+
+    close(&mut a).await;
+    assert_eq!(p.next_disconnect().await, close_code::NORMAL);
+    // The slot is released when the connection task ends, just after
+    // `disconnect` returned.
+    wait_until("the closed connection's slot", || handle.connections() < 2).await;
+    let mut c = connect(addr, "/ws/probe").await;
+    echo_text(&mut c, "c got the freed slot").await;
+    echo_text(&mut b, "b unaffected").await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. Missing pongs
+// ---------------------------------------------------------------------------
+
+const PING: Duration = Duration::from_millis(100);
+const IDLE: Duration = Duration::from_millis(300);
+
+fn ping_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .ping_interval(Some(PING))
+        .idle_timeout(Some(IDLE))
+}
+
+/// Completes a handshake by hand over `stream` and returns it positioned at
+/// the first WebSocket frame.
+async fn raw_handshake(mut stream: TcpStream, addr: SocketAddr, path: &str) -> TcpStream {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("write handshake");
+    let mut head = Vec::new();
+    within("the 101 response", async {
+        // Byte by byte, so no frame byte is consumed with the head.
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.expect("read the response head"));
+        }
+    })
+    .await;
+    let head = String::from_utf8(head).expect("ASCII head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    stream
+}
+
+/// Server frames in `buf` (unmasked, short payloads): (opcode, payload).
+fn parse_frames(mut buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while buf.len() >= 2 {
+        let opcode = buf[0] & 0x0f;
+        assert_eq!(buf[1] & 0x80, 0, "server frames are not masked");
+        let len = usize::from(buf[1] & 0x7f);
+        assert!(len < 126, "only control frames expected");
+        frames.push((opcode, buf[2..2 + len].to_vec()));
+        buf = &buf[2 + len..];
+    }
+    assert!(buf.is_empty(), "trailing partial frame");
+    frames
+}
+
+#[tokio::test]
+async fn client_that_never_answers_pings_is_closed_and_disconnect_runs() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let addr = serve(&p.layer(ping_config())).await;
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut stream = raw_handshake(stream, addr, "/ws/probe").await;
+    let open = Instant::now();
+
+    // Never read, never answer: the idle timeout closes it.
+    let code = within("disconnect of the silent client", p.gone.recv()).await;
+    let after = open.elapsed();
+    eprintln!("silent client: disconnect({code:?}) after {after:?}");
+    assert_eq!(
+        code,
+        Some(close_code::ABNORMAL),
+        "documented: the peer is gone, disconnect sees 1006"
+    );
+    assert!(after >= IDLE, "not before the idle timeout: {after:?}");
+    assert!(after < Duration::from_secs(3), "promptly: {after:?}");
+
+    // What the server sent meanwhile: pings, then close 1001, then EOF.
+    let mut buf = Vec::new();
+    within("EOF from the server", stream.read_to_end(&mut buf))
+        .await
+        .expect("the server closes the TCP connection cleanly");
+    let frames = parse_frames(&buf);
+    let pings = frames.iter().filter(|(op, _)| *op == 0x9).count();
+    let (op, close) = frames.last().expect("at least a close frame");
+    assert_eq!(*op, 0x8, "last frame is a close: {frames:?}");
+    assert_eq!(
+        (u16::from_be_bytes([close[0], close[1]]), &close[2..]),
+        (1001, &b"idle timeout"[..])
+    );
+    assert!(
+        pings >= 1,
+        "pinged before giving up: {pings} pings in {frames:?}"
+    );
+    assert_eq!(
+        pings + 1,
+        frames.len(),
+        "only pings and the close: {frames:?}"
+    );
+}
+
+#[tokio::test]
+async fn pongs_keep_a_client_alive_while_its_consumer_is_busy() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let addr = serve(&p.layer(ping_config())).await;
+    let mut ws = connect(addr, "/ws/probe").await;
+    ws.send(Message::text("block")).await.expect("send");
+    within("the handler to start", p.entered.recv()).await;
+
+    // Keep reading (tungstenite answers each ping on the next read) for five
+    // idle timeouts while the handler waits.
+    let window = 5 * IDLE;
+    let deadline = tokio::time::Instant::now() + window;
+    let mut pings = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(other) => {
+                panic!("the connection must stay open while the handler is busy: {other:?}")
+            }
+        }
+    }
+    eprintln!("busy consumer: {pings} pings answered in {window:?}");
+    assert!(pings >= 5, "{pings} pings in {window:?} at {PING:?}");
+    assert!(p.gone.try_recv().is_err(), "no disconnect yet");
+
+    p.probe.release.notify_one();
+    assert_eq!(next_text(&mut ws).await, "released");
+    echo_text(&mut ws, "still open").await;
+    close(&mut ws).await;
+    assert_eq!(p.next_disconnect().await, close_code::NORMAL);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Slow client
+// ---------------------------------------------------------------------------
+
+const SUBSCRIBERS: usize = 500;
+const MESSAGES: usize = 2000;
+const MESSAGE_SIZE: usize = 1024;
+/// Messages the publisher may be ahead of the slowest fast subscriber: far
+/// below the outbound limit (256 messages) and the channel capacity (1024).
+const WINDOW: usize = 128;
+const MAX_OUTBOUND: usize = 256 << 10;
+/// The whole fan-out takes about 5 s in a debug build on 2 cores.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// SO_SNDBUF of the server's sockets (the kernel doubles it).
+const SERVER_SNDBUF: u32 = 32 << 10;
+
+/// A chat room member; reports (whether it is the slow one, disconnect code).
+struct Member {
+    slow: bool,
+    gone: mpsc::UnboundedSender<(bool, CloseCode)>,
+}
+
+impl WebsocketConsumer for Member {
+    async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+        ctx.group_add("room").await?;
+        Ok(Accept::new())
+    }
+
+    async fn disconnect(&mut self, _ctx: &mut Context, code: CloseCode) {
+        let _ = self.gone.send((self.slow, code));
+    }
+}
+
+/// Publishes every text message to the room as a fastlane event.
+struct Publisher;
+
+impl WebsocketConsumer for Publisher {
+    async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
+        if let message::Message::Text(text) = msg {
+            ctx.group_send("room", Event::text("chat.message", text))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Subscribers' progress, for the publisher's flow control.
+struct Progress {
+    received: Vec<AtomicUsize>,
+    advanced: Notify,
+}
+
+impl Progress {
+    fn min(&self) -> usize {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(MESSAGES)
+    }
+}
+
+fn payload(seq: usize) -> String {
+    let mut s = format!("{seq:06}:");
+    s.extend(std::iter::repeat_n('.', MESSAGE_SIZE - s.len()));
+    s
+}
+
+fn vm_rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
+fn small_client_config() -> ClientConfig {
+    ClientConfig::default().read_buffer_size(4 << 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
+    let _exclusive = LOAD.write().await;
+    let t0 = Instant::now();
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let config = WebSocketConfig::default()
+        .max_outbound_bytes(MAX_OUTBOUND)
+        // The server waits this long for the slow client's close reply; the
+        // test reads it only after the fast subscribers are done.
+        .close_timeout(Duration::from_secs(60));
+    let channels = ChannelsLayer::new()
+        .with_config(config)
+        .route(
+            "/ws/room",
+            consumer(move |scope| Member {
+                slow: scope.query() == Some("slow"),
+                gone: gone_tx.clone(),
+            }),
+        )
+        .route("/ws/pub", consumer(|_| Publisher));
+    // Linux grows loopback send buffers up to tcp_wmem's maximum (4 MiB
+    // here), which would swallow the slow client's whole 2 MB stream: cap the
+    // server sockets' SO_SNDBUF (accepted sockets inherit the listener's).
+    let listener = TcpSocket::new_v4().expect("socket");
+    listener
+        .set_send_buffer_size(SERVER_SNDBUF)
+        .expect("SO_SNDBUF");
+    listener
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let listener = listener.listen(1024).expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let app = Router::new().layer(channels.clone());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("axum::serve failed");
+    });
+    let rss_before = vm_rss_kib("VmRSS:");
+
+    // The slow client: a tiny receive buffer, and it never reads.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = socket.connect(addr).await.expect("connect");
+    let (mut slow, _) = within(
+        "the slow client's handshake",
+        tokio_tungstenite::client_async_with_config(
+            format!("ws://{addr}/ws/room?slow"),
+            stream,
+            Some(small_client_config()),
+        ),
+    )
+    .await
+    .expect("slow client handshake");
+
+    // The subscribers, one task each.
+    let progress = Arc::new(Progress {
+        received: (0..SUBSCRIBERS).map(|_| AtomicUsize::new(0)).collect(),
+        advanced: Notify::new(),
+    });
+    let url = format!("ws://{addr}/ws/room");
+    let mut subscribers = Vec::with_capacity(SUBSCRIBERS);
+    for chunk in (0..SUBSCRIBERS).collect::<Vec<_>>().chunks(50) {
+        let connected = futures_util::future::join_all(chunk.iter().map(|_| {
+            tokio_tungstenite::connect_async_with_config(
+                url.as_str(),
+                Some(small_client_config()),
+                false,
+            )
+        }));
+        for r in within("50 subscribers to connect", connected).await {
+            subscribers.push(r.expect("subscriber handshake").0);
+        }
+    }
+    let t_connected = t0.elapsed();
+    let rss_connected = vm_rss_kib("VmRSS:");
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while n < MESSAGES {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) => {
+                            assert_eq!(t.len(), MESSAGE_SIZE, "subscriber {i}: message size");
+                            assert_eq!(
+                                t[..6].parse::<usize>().ok(),
+                                Some(n),
+                                "subscriber {i}: messages in order, none missing"
+                            );
+                            n += 1;
+                            progress.received[i].store(n, Ordering::Release);
+                            if n % 16 == 0 || n == MESSAGES {
+                                progress.advanced.notify_waiters();
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        other => panic!("subscriber {i} after {n} messages: {other:?}"),
+                    }
+                }
+                (n, ws)
+            })
+        })
+        .collect();
+
+    // The publisher, a chat client whose messages its consumer group-sends.
+    let mut publisher = connect(addr, "/ws/pub").await;
+    for seq in 0..MESSAGES {
+        if seq >= progress.min() + WINDOW {
+            publisher.flush().await.expect("flush");
+            loop {
+                let advanced = progress.advanced.notified();
+                tokio::pin!(advanced);
+                advanced.as_mut().enable();
+                if seq < progress.min() + WINDOW {
+                    break;
+                }
+                within("the subscribers to catch up", advanced).await;
+            }
+        }
+        publisher
+            .feed(Message::text(payload(seq)))
+            .await
+            .expect("publish");
+    }
+    publisher.flush().await.expect("flush");
+
+    let mut clients = Vec::with_capacity(SUBSCRIBERS);
+    let mut total = 0;
+    let delivered = tokio::time::timeout(DELIVERY_TIMEOUT, futures_util::future::join_all(readers))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "not delivered within {DELIVERY_TIMEOUT:?}: slowest subscriber at {}; {:?}",
+                progress.min(),
+                channels.stats()
+            )
+        });
+    for r in delivered {
+        let (n, ws) = r.expect("subscriber task");
+        total += n;
+        clients.push(ws);
+    }
+    let t_delivered = t0.elapsed();
+    let rss_after = vm_rss_kib("VmRSS:");
+    let hwm = vm_rss_kib("VmHWM:");
+    let stats = channels.stats();
+    assert_eq!(
+        total,
+        SUBSCRIBERS * MESSAGES,
+        "every subscriber got every message"
+    );
+
+    // Now read the slow client: what got through, then the close frame.
+    let mut slow_received = 0usize;
+    let mut close = None;
+    eprintln!("slow client: stats once delivered {stats:?} at {t_delivered:?}");
+    let end = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match slow.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(
+                        t[..6].parse::<usize>().ok(),
+                        Some(slow_received),
+                        "the slow client's messages are in order too"
+                    );
+                    slow_received += 1;
+                }
+                Some(Ok(Message::Close(f))) => close = f,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "timed out reading the slow client after {slow_received} messages (close: {close:?}); {:?}",
+            channels.stats()
+        )
+    });
+    let slow_gone = match within("the slow member's disconnect", gone.recv()).await {
+        Some((true, code)) => code,
+        Some((false, code)) => panic!("a fast subscriber disconnected first, with {code}"),
+        None => unreachable!("the layer holds a sender"),
+    };
+    let t_end = t0.elapsed();
+
+    eprintln!(
+        "slow client: {SUBSCRIBERS} subscribers x {MESSAGES} messages of {MESSAGE_SIZE} B; \
+         connected in {t_connected:?}, delivered by {t_delivered:?}, total {t_end:?}"
+    );
+    eprintln!(
+        "slow client: fast subscribers received {total} messages; the slow one {slow_received} \
+         then close {close:?} (stream end: {end:?}); its disconnect got {slow_gone}"
+    );
+    eprintln!(
+        "slow client: RSS before {} KiB, with {} connections {} KiB, after delivery {} KiB \
+         (growth {} KiB), peak {} KiB",
+        rss_before,
+        SUBSCRIBERS + 1,
+        rss_connected,
+        rss_after,
+        rss_after.saturating_sub(rss_before),
+        hwm
+    );
+    eprintln!("slow client: stats {stats:?}");
+
+    let close = close.expect("the slow client got a close frame");
+    assert_eq!(
+        (u16::from(close.code), slow_gone),
+        (4008, close_code::SLOW_CONSUMER),
+        "the slow client is closed as a slow consumer: {close:?}"
+    );
+    assert!(
+        slow_received < MESSAGES,
+        "the slow client missed messages: it got {slow_received}"
+    );
+    assert!(stats.dropped_slow >= 1, "{stats:?}");
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 << 10,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert!(gone.try_recv().is_err(), "no fast subscriber disconnected");
+    drop(clients);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Graceful shutdown
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn graceful_shutdown_closes_every_connection_with_1001() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let channels = p.layer(WebSocketConfig::default());
+    let handle = channels.shutdown_handle();
+    let addr = serve(&channels).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut ws = connect(addr, "/ws/probe").await;
+        echo_text(&mut ws, &format!("client {i}")).await;
+        clients.push(ws);
+    }
+    assert_eq!(handle.connections(), 20);
+
+    let started = Instant::now();
+    let shutdown = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.shutdown(Duration::from_secs(5)).await }
+    });
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let close = next_close(&mut ws).await;
+                drain(&mut ws).await;
+                close
+            })
+        })
+        .collect();
+
+    wait_until("shutdown to start", || handle.is_shutting_down()).await;
+    let reply = handshake_reply(addr, "/ws/probe", &[]).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+        "a handshake during shutdown"
+    );
+    assert!(reply.headers.contains_key("retry-after"));
+
+    for r in readers {
+        assert_eq!(
+            r.await.expect("reader task"),
+            (1001, "server shutting down".to_owned())
+        );
+    }
+    let report = within("shutdown", shutdown).await.expect("shutdown task");
+    eprintln!("shutdown of 20: {report:?} in {:?}", started.elapsed());
+    assert_eq!((report.closed, report.aborted), (20, 0), "{report:?}");
+    let mut codes = Vec::new();
+    while let Ok(code) = p.gone.try_recv() {
+        codes.push(code);
+    }
+    assert_eq!(
+        codes,
+        vec![close_code::AWAY; 20],
+        "every disconnect ran before shutdown returned"
+    );
+    assert_eq!(handle.connections(), 0);
+    assert_eq!(channels.stats().open_connections, 0);
+
+    let reply = handshake_reply(addr, "/ws/probe", &[]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "after shutdown"
+    );
+    let url = format!("ws://{addr}/ws/probe");
+    assert_eq!(
+        refused_status(url.as_str()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn shutdown_deadline_aborts_a_consumer_stuck_in_a_handler() {
+    let _shared = LOAD.read().await;
+    let mut p = probes();
+    let channels = p.layer(WebSocketConfig::default());
+    let handle = channels.shutdown_handle();
+    let addr = serve(&channels).await;
+    let mut stuck = connect(addr, "/ws/probe").await;
+    let mut fine = connect(addr, "/ws/probe").await;
+    stuck.send(Message::text("hang")).await.expect("send");
+    within("the handler to hang", p.entered.recv()).await;
+
+    let fine_reader = tokio::spawn(async move {
+        let close = next_close(&mut fine).await;
+        drain(&mut fine).await;
+        close
+    });
+    let stuck_reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        within("the stuck connection to end", async {
+            while let Some(Ok(m)) = stuck.next().await {
+                seen.push(m);
+            }
+        })
+        .await;
+        (seen, Instant::now())
+    });
+
+    let deadline = Duration::from_millis(500);
+    let started = Instant::now();
+    let report = within("shutdown", handle.shutdown(deadline)).await;
+    let took = started.elapsed();
+    eprintln!("shutdown with a stuck handler: {report:?} in {took:?}");
+    assert_eq!((report.closed, report.aborted), (1, 1), "{report:?}");
+    assert!(took >= deadline, "waited for the deadline: {took:?}");
+
+    assert_eq!(
+        fine_reader.await.expect("reader"),
+        (1001, "server shutting down".to_owned())
+    );
+    assert_eq!(
+        p.next_disconnect().await,
+        close_code::AWAY,
+        "the well-behaved consumer's disconnect"
+    );
+    let (seen, ended) = stuck_reader.await.expect("reader");
+    eprintln!(
+        "stuck connection saw {seen:?}, ended {:?} after shutdown started",
+        ended - started
+    );
+    assert!(
+        p.gone.try_recv().is_err(),
+        "the aborted consumer's disconnect did not run"
+    );
+    assert_eq!(handle.connections(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Origin
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn same_host_origin_policy_refuses_other_origins_before_consumer_code() {
+    let _shared = LOAD.read().await;
+    let p = probes();
+    let made = Arc::new(AtomicBool::new(false));
+    let probe = p.probe.clone();
+    let flag = made.clone();
+    let channels = ChannelsLayer::new()
+        .allowed_origins(AllowedOrigins::same_host())
+        .route(
+            "/ws/probe",
+            consumer(move |_| {
+                flag.store(true, Ordering::SeqCst);
+                probe.clone()
+            }),
+        );
+    let addr = serve(&channels).await;
+
+    for origin in [
+        "http://evil.example".to_owned(),
+        // Same host, another port: another origin.
+        format!("http://127.0.0.1:{}", addr.port().wrapping_add(1).max(1)),
+        "null".to_owned(),
+    ] {
+        let reply = handshake_reply(addr, "/ws/probe", &[("origin", &origin)]).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::FORBIDDEN, "origin not allowed"),
+            "Origin: {origin}"
+        );
+    }
+    let mut req = format!("ws://{addr}/ws/probe")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "origin",
+        "http://evil.example".parse().expect("header value"),
+    );
+    assert_eq!(refused_status(req).await, StatusCode::FORBIDDEN);
+    assert!(
+        !made.load(Ordering::SeqCst),
+        "no consumer was made for a refused origin"
+    );
+    assert_eq!(channels.stats().rejected_handshakes, 4);
+    assert_eq!(channels.stats().accepted_connections, 0);
+
+    // The page's own origin (same host and port as Host): accepted.
+    let mut req = format!("ws://{addr}/ws/probe")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "origin",
+        format!("http://{addr}").parse().expect("header value"),
+    );
+    let (mut ws, res) = within(
+        "a same-origin handshake",
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("same-origin handshake");
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert!(made.load(Ordering::SeqCst), "the consumer was made");
+    echo_text(&mut ws, "same origin").await;
+
+    // No Origin (not a browser): accepted.
+    let mut ws = connect(addr, "/ws/probe").await;
+    echo_text(&mut ws, "no origin").await;
+    assert_eq!(channels.stats().accepted_connections, 2);
+}
