@@ -1,15 +1,11 @@
-use std::{
-    collections::{HashMap, HashSet},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Weak,
 };
 
 use super::{
-    channel, names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer,
-    ChannelLayerError, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
-    LayerStats, TrySendError,
+    channel, local::Registry, names, validate_channel_name, validate_group_name, BoxFuture,
+    ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupSendReport, LayerStats,
 };
 
 /// Default number of events a channel holds before sends to it fail
@@ -48,22 +44,10 @@ struct Inner {
     prefix: String,
     capacity: usize,
     next_id: AtomicU64,
-    state: RwLock<State>,
+    registry: Registry,
     group_sends: AtomicU64,
     delivered: AtomicU64,
     dropped_full: AtomicU64,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    channels: HashMap<String, Entry>,
-    groups: HashMap<String, HashMap<String, ChannelSender>>,
-}
-
-#[derive(Debug)]
-struct Entry {
-    sender: ChannelSender,
-    groups: HashSet<String>,
 }
 
 impl Default for InMemoryChannelLayer {
@@ -85,7 +69,7 @@ impl InMemoryChannelLayer {
                 prefix: format!("specific.{}!", names::random_token(12)),
                 capacity: capacity.max(1),
                 next_id: AtomicU64::new(0),
-                state: RwLock::default(),
+                registry: Registry::default(),
                 group_sends: AtomicU64::new(0),
                 delivered: AtomicU64::new(0),
                 dropped_full: AtomicU64::new(0),
@@ -95,73 +79,25 @@ impl InMemoryChannelLayer {
 
     /// Number of members of `group` (0 for an unknown group).
     pub fn group_len(&self, group: &str) -> usize {
-        self.inner.read().groups.get(group).map_or(0, HashMap::len)
+        self.inner.registry.group_len(group)
     }
 
     /// Number of channels that currently have a receiver.
     pub fn channel_count(&self) -> usize {
-        self.inner.read().channels.len()
+        self.inner.registry.channel_count()
     }
 }
 
 impl Inner {
-    fn read(&self) -> RwLockReadGuard<'_, State> {
-        // Critical sections only insert and remove map entries; a panic in one
-        // cannot break an invariant, so poisoning is ignored.
-        self.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
         let (tx, rx) = channel(name.clone(), self.capacity);
-        {
-            let mut st = self.write();
-            if let Some(existing) = st.channels.get(&name) {
-                if !existing.sender.is_closed() {
-                    return Err(ChannelLayerError::backend(format!(
-                        "channel {name:?} already has a receiver in this process"
-                    )));
-                }
-            }
-            st.channels.insert(
-                name.clone(),
-                Entry {
-                    sender: tx,
-                    groups: HashSet::new(),
-                },
-            );
-        }
+        self.registry.insert(&name, tx)?;
         let weak: Weak<Inner> = Arc::downgrade(self);
         Ok(rx.on_drop(move || {
             if let Some(inner) = weak.upgrade() {
-                inner.forget(&name);
+                inner.registry.forget(&name);
             }
         }))
-    }
-
-    fn forget(&self, name: &str) {
-        let mut st = self.write();
-        // Only forget the entry if it still belongs to the dropped receiver.
-        let Some(entry) = st.channels.get(name) else {
-            return;
-        };
-        if !entry.sender.is_closed() {
-            return;
-        }
-        let Some(entry) = st.channels.remove(name) else {
-            return;
-        };
-        for group in entry.groups {
-            if let Some(members) = st.groups.get_mut(&group) {
-                members.remove(name);
-                if members.is_empty() {
-                    st.groups.remove(&group);
-                }
-            }
-        }
     }
 }
 
@@ -188,25 +124,9 @@ impl ChannelLayer for InMemoryChannelLayer {
         channel: &'a str,
         event: Event,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        let result = (|| {
-            validate_channel_name(channel)?;
-            let st = self.inner.read();
-            let entry =
-                st.channels
-                    .get(channel)
-                    .ok_or_else(|| ChannelLayerError::NoSuchChannel {
-                        channel: channel.to_owned(),
-                    })?;
-            match entry.sender.try_send(event) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(ChannelLayerError::ChannelFull {
-                    channel: channel.to_owned(),
-                }),
-                Err(_) => Err(ChannelLayerError::NoSuchChannel {
-                    channel: channel.to_owned(),
-                }),
-            }
-        })();
+        let result = validate_channel_name(channel)
+            .map_err(ChannelLayerError::from)
+            .and_then(|()| self.inner.registry.send(channel, event));
         Box::pin(std::future::ready(result))
     }
 
@@ -215,24 +135,10 @@ impl ChannelLayer for InMemoryChannelLayer {
         group: &'a str,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        let result = (|| {
-            validate_group_name(group)?;
-            validate_channel_name(channel)?;
-            let mut st = self.inner.write();
-            let entry =
-                st.channels
-                    .get_mut(channel)
-                    .ok_or_else(|| ChannelLayerError::NoSuchChannel {
-                        channel: channel.to_owned(),
-                    })?;
-            entry.groups.insert(group.to_owned());
-            let sender = entry.sender.clone();
-            st.groups
-                .entry(group.to_owned())
-                .or_default()
-                .insert(channel.to_owned(), sender);
-            Ok(())
-        })();
+        let result = validate_group_name(group)
+            .and_then(|()| validate_channel_name(channel))
+            .map_err(ChannelLayerError::from)
+            .and_then(|()| self.inner.registry.group_add(group, channel));
         Box::pin(std::future::ready(result))
     }
 
@@ -241,21 +147,10 @@ impl ChannelLayer for InMemoryChannelLayer {
         group: &'a str,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        let result = (|| {
-            validate_group_name(group)?;
-            validate_channel_name(channel)?;
-            let mut st = self.inner.write();
-            if let Some(entry) = st.channels.get_mut(channel) {
-                entry.groups.remove(group);
-            }
-            if let Some(members) = st.groups.get_mut(group) {
-                members.remove(channel);
-                if members.is_empty() {
-                    st.groups.remove(group);
-                }
-            }
-            Ok(())
-        })();
+        let result = validate_group_name(group)
+            .and_then(|()| validate_channel_name(channel))
+            .map_err(ChannelLayerError::from)
+            .map(|()| self.inner.registry.group_discard(group, channel));
         Box::pin(std::future::ready(result))
     }
 
@@ -264,42 +159,25 @@ impl ChannelLayer for InMemoryChannelLayer {
         group: &'a str,
         event: Event,
     ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
-        let result = (|| {
-            validate_group_name(group)?;
-            let mut report = GroupSendReport::default();
-            let st = self.inner.read();
-            if let Some(members) = st.groups.get(group) {
-                for sender in members.values() {
-                    match sender.send_lossy(event.clone()) {
-                        Delivery::Delivered => report.delivered += 1,
-                        Delivery::Dropped => report.dropped += 1,
-                        // Receiver dropped; its on_drop hook removes it shortly.
-                        Delivery::Closed => {}
-                    }
-                }
-            }
-            drop(st);
-            let inner = &self.inner;
-            inner.group_sends.fetch_add(1, Ordering::Relaxed);
-            inner
-                .delivered
-                .fetch_add(report.delivered as u64, Ordering::Relaxed);
-            inner
-                .dropped_full
-                .fetch_add(report.dropped as u64, Ordering::Relaxed);
-            Ok(report)
-        })();
+        let result = validate_group_name(group)
+            .map_err(ChannelLayerError::from)
+            .map(|()| {
+                let (delivered, dropped) = self.inner.registry.fan_out(group, &event);
+                let inner = &self.inner;
+                inner.group_sends.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .delivered
+                    .fetch_add(delivered as u64, Ordering::Relaxed);
+                inner
+                    .dropped_full
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                GroupSendReport { delivered, dropped }
+            });
         Box::pin(std::future::ready(result))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
-        let mut st = self.inner.write();
-        st.groups.clear();
-        for entry in st.channels.values_mut() {
-            entry.groups.clear();
-            entry.sender.clear();
-        }
-        drop(st);
+        self.inner.registry.clear();
         Box::pin(std::future::ready(Ok(())))
     }
 

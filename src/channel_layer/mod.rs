@@ -75,6 +75,7 @@
 
 mod error;
 mod event;
+mod local;
 mod memory;
 mod names;
 mod queue;

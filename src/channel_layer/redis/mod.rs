@@ -155,7 +155,7 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+        Arc, Mutex, MutexGuard, Weak,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -171,9 +171,10 @@ use self::{
     wire::Envelope,
 };
 use super::{
-    channel, names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer,
-    ChannelLayerError, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
-    LayerStats, TrySendError, DEFAULT_CAPACITY,
+    channel,
+    local::{no_such_channel, Registry},
+    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport, LayerStats, DEFAULT_CAPACITY,
 };
 
 /// The default key prefix.
@@ -333,7 +334,7 @@ impl RedisChannelLayerBuilder {
             conn,
             next_id: AtomicU64::new(0),
             next_request: AtomicU64::new(1),
-            state: RwLock::default(),
+            registry: Registry::default(),
             subscribed: Mutex::default(),
             connected: AtomicBool::new(false),
             pending: Mutex::default(),
@@ -415,12 +416,12 @@ impl RedisChannelLayer {
 
     /// Number of this process's channels in `group`.
     pub fn local_group_len(&self, group: &str) -> usize {
-        self.inner.read().groups.get(group).map_or(0, HashMap::len)
+        self.inner.registry.group_len(group)
     }
 
     /// Number of this process's channels that have a receiver.
     pub fn channel_count(&self) -> usize {
-        self.inner.read().channels.len()
+        self.inner.registry.channel_count()
     }
 }
 
@@ -499,7 +500,7 @@ struct Inner {
     scripts: Scripts,
     next_id: AtomicU64,
     next_request: AtomicU64,
-    state: RwLock<State>,
+    registry: Registry,
     /// Groups whose Pub/Sub subscription Redis confirmed; written by the subscriber task.
     subscribed: Mutex<HashSet<String>>,
     connected: AtomicBool,
@@ -516,18 +517,6 @@ impl fmt::Debug for Inner {
             .field("head", &self.head)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, Default)]
-struct State {
-    channels: HashMap<String, Entry>,
-    groups: HashMap<String, HashMap<String, ChannelSender>>,
-}
-
-#[derive(Debug)]
-struct Entry {
-    sender: ChannelSender,
-    groups: HashSet<String>,
 }
 
 /// A backend failure, wrapped in [`ChannelLayerError::Backend`].
@@ -559,22 +548,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn no_such_channel(channel: &str) -> ChannelLayerError {
-    ChannelLayerError::NoSuchChannel {
-        channel: channel.to_owned(),
-    }
-}
-
 impl Inner {
-    fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The process part of a process-specific channel name, if `channel` has a `!`.
     fn process_of(channel: &str) -> Option<&str> {
         channel.split_once('!').map(|(head, _)| head)
     }
@@ -645,24 +619,7 @@ impl Inner {
 
     fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
         let (tx, rx) = channel(name.clone(), self.config.capacity);
-        {
-            let mut st = self.write();
-            if let Some(existing) = st.channels.get(&name) {
-                if !existing.sender.is_closed() {
-                    return Err(BackendError::Other(format!(
-                        "channel {name:?} already has a receiver in this process"
-                    ))
-                    .into());
-                }
-            }
-            st.channels.insert(
-                name.clone(),
-                Entry {
-                    sender: tx,
-                    groups: HashSet::new(),
-                },
-            );
-        }
+        self.registry.insert(&name, tx)?;
         let weak: Weak<Inner> = Arc::downgrade(self);
         Ok(rx.on_drop(move || {
             if let Some(inner) = weak.upgrade() {
@@ -674,83 +631,20 @@ impl Inner {
     /// A receiver was dropped: forget its channel and leave its groups,
     /// unsubscribing from those left without a local member.
     fn forget(&self, name: &str) {
-        let mut emptied = Vec::new();
-        {
-            let mut st = self.write();
-            let Some(entry) = st.channels.get(name) else {
-                return;
-            };
-            if !entry.sender.is_closed() {
-                return;
-            }
-            let Some(entry) = st.channels.remove(name) else {
-                return;
-            };
-            for group in entry.groups {
-                if let Some(members) = st.groups.get_mut(&group) {
-                    members.remove(name);
-                    if members.is_empty() {
-                        st.groups.remove(&group);
-                        emptied.push(group);
-                    }
-                }
-            }
-        }
+        let emptied = self.registry.forget(name);
         for group in emptied {
             // The task is gone only when the layer is, and then nothing is subscribed.
             let _ = self.commands.send(Command::Sync { group, ack: None });
         }
     }
 
-    /// Adds a local channel to a group in local state.
-    fn local_group_add(&self, group: &str, channel: &str) -> Result<(), ChannelLayerError> {
-        let mut st = self.write();
-        let entry = st
-            .channels
-            .get_mut(channel)
-            .filter(|e| !e.sender.is_closed())
-            .ok_or_else(|| no_such_channel(channel))?;
-        entry.groups.insert(group.to_owned());
-        let sender = entry.sender.clone();
-        st.groups
-            .entry(group.to_owned())
-            .or_default()
-            .insert(channel.to_owned(), sender);
-        Ok(())
-    }
-
-    fn local_group_discard(&self, group: &str, channel: &str) {
-        let mut st = self.write();
-        if let Some(entry) = st.channels.get_mut(channel) {
-            entry.groups.remove(group);
-        }
-        if let Some(members) = st.groups.get_mut(group) {
-            members.remove(channel);
-            if members.is_empty() {
-                st.groups.remove(group);
-            }
-        }
-    }
-
     fn has_local_members(&self, group: &str) -> bool {
-        self.read().groups.get(group).is_some_and(|m| !m.is_empty())
+        self.registry.group_len(group) > 0
     }
 
     /// Hands `event` to every local member of `group`; returns (delivered, dropped).
     fn fan_out(&self, group: &str, event: &Event) -> (usize, usize) {
-        let (mut delivered, mut dropped) = (0, 0);
-        let st = self.read();
-        if let Some(members) = st.groups.get(group) {
-            for sender in members.values() {
-                match sender.send_lossy(event.clone()) {
-                    Delivery::Delivered => delivered += 1,
-                    Delivery::Dropped => dropped += 1,
-                    // Receiver dropped; its on_drop hook removes it.
-                    Delivery::Closed => {}
-                }
-            }
-        }
-        drop(st);
+        let (delivered, dropped) = self.registry.fan_out(group, event);
         Counters::add(&self.counters.delivered, delivered);
         Counters::add(&self.counters.dropped_full, dropped);
         (delivered, dropped)
@@ -758,10 +652,7 @@ impl Inner {
 
     /// An event from another process for one of our channels.
     fn deliver_remote(&self, channel: &str, event: Event) {
-        let st = self.read();
-        let delivery = st.channels.get(channel).map(|e| e.sender.send_lossy(event));
-        drop(st);
-        match delivery {
+        match self.registry.send_lossy(channel, event) {
             Some(Delivery::Delivered) => {}
             Some(Delivery::Dropped) => Counters::add(&self.counters.dropped_full, 1),
             Some(Delivery::Closed) | None => Counters::add(&self.counters.dropped_other, 1),
@@ -946,20 +837,7 @@ impl ChannelLayer for RedisChannelLayer {
             validate_channel_name(channel)?;
             let inner = &self.inner;
             match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
-                    let st = inner.read();
-                    let entry = st
-                        .channels
-                        .get(channel)
-                        .ok_or_else(|| no_such_channel(channel))?;
-                    match entry.sender.try_send(event) {
-                        Ok(()) => Ok(()),
-                        Err(TrySendError::Full(_)) => Err(ChannelLayerError::ChannelFull {
-                            channel: channel.to_owned(),
-                        }),
-                        Err(_) => Err(no_such_channel(channel)),
-                    }
-                }
+                Some(process) if process == inner.head => inner.registry.send(channel, event),
                 Some(process) => {
                     let payload = wire::event_envelope(
                         &inner.head,
@@ -1017,7 +895,7 @@ impl ChannelLayer for RedisChannelLayer {
             let inner = &self.inner;
             match Inner::process_of(channel) {
                 Some(process) if process == inner.head => {
-                    inner.local_group_add(group, channel)?;
+                    inner.registry.group_add(group, channel)?;
                     inner.sync_group(group).await
                 }
                 Some(process) => {
@@ -1064,7 +942,7 @@ impl ChannelLayer for RedisChannelLayer {
             let inner = &self.inner;
             match Inner::process_of(channel) {
                 Some(process) if process == inner.head => {
-                    inner.local_group_discard(group, channel);
+                    inner.registry.group_discard(group, channel);
                     inner.sync_group(group).await
                 }
                 Some(process) => {
@@ -1129,12 +1007,7 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             let inner = &self.inner;
             {
-                let mut st = inner.write();
-                st.groups.clear();
-                for entry in st.channels.values_mut() {
-                    entry.groups.clear();
-                    entry.sender.clear();
-                }
+                inner.registry.clear();
             }
             let (ack, done) = oneshot::channel();
             inner

@@ -62,7 +62,7 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
     subscribe(&mut sink, vec![inner.proc_channel.clone()], timeout).await?;
     // Membership may change while we subscribe; the commands queued for
     // those changes reconcile afterwards.
-    let groups: Vec<String> = inner.read().groups.keys().cloned().collect();
+    let groups: Vec<String> = inner.registry.group_names();
     for chunk in groups.chunks(CHUNK) {
         let channels = chunk.iter().map(|g| inner.config.group_key(g)).collect();
         subscribe(&mut sink, channels, timeout).await?;
@@ -221,7 +221,7 @@ impl Subscriber {
             }
             Command::SyncAll { ack } => {
                 let mut groups: HashSet<String> = lock(&inner.subscribed).clone();
-                groups.extend(inner.read().groups.keys().cloned());
+                groups.extend(inner.registry.group_names());
                 let result = self.reconcile(&inner, groups.into_iter().collect()).await;
                 let _ = ack.send(result);
             }
@@ -325,7 +325,7 @@ impl Subscriber {
                 {
                     wire::OP_REPLY_NO_SUCH_CHANNEL
                 } else if env.op == wire::OP_GROUP_ADD {
-                    match inner.local_group_add(env.group, env.channel) {
+                    match inner.registry.group_add(env.group, env.channel) {
                         Err(_) => wire::OP_REPLY_NO_SUCH_CHANNEL,
                         Ok(()) => match self.reconcile(&inner, vec![env.group.to_owned()]).await {
                             Ok(()) => wire::OP_REPLY_OK,
@@ -333,7 +333,7 @@ impl Subscriber {
                         },
                     }
                 } else {
-                    inner.local_group_discard(env.group, env.channel);
+                    inner.registry.group_discard(env.group, env.channel);
                     match self.reconcile(&inner, vec![env.group.to_owned()]).await {
                         Ok(()) => wire::OP_REPLY_OK,
                         Err(_) => wire::OP_REPLY_FAILED,

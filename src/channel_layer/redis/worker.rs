@@ -12,7 +12,6 @@ use super::{
 
 /// How long one `BRPOP` blocks.
 const BLOCK: Duration = Duration::from_secs(5);
-/// How often a popped event is offered again to a full local queue.
 
 async fn connect(
     client: &redis::Client,
