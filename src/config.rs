@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 /// | setting | default |
 /// |---|---|
 /// | [`read_buffer_size`](Self::read_buffer_size) | 2 KiB |
-/// | [`write_buffer_size`](Self::write_buffer_size) | 64 KiB |
+/// | [`write_buffer_size`](Self::write_buffer_size) | 8 KiB |
 /// | [`max_message_size`](Self::max_message_size) | 1 MiB |
 /// | [`max_frame_size`](Self::max_frame_size) | 1 MiB |
 /// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB |
@@ -71,7 +71,7 @@ impl Default for WebSocketConfig {
     fn default() -> Self {
         Self {
             read_buffer_size: 2 * 1024,
-            write_buffer_size: 64 * 1024,
+            write_buffer_size: 8 * 1024,
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             max_outbound_bytes: 1 << 20,
@@ -109,7 +109,8 @@ impl WebSocketConfig {
     );
     setting!(
         /// Outgoing frames are batched up to this many bytes before a write;
-        /// every batch is flushed once the queue is empty.
+        /// every batch is flushed once the queue is empty. The buffer keeps
+        /// its size after a burst, so it is kept small by default.
         write_buffer_size, get_write_buffer_size: usize
     );
     setting!(
