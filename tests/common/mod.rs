@@ -306,8 +306,14 @@ pub(crate) fn example_binary(name: &str) -> PathBuf {
 /// `listening on <addr>` line. Its output keeps being drained (and echoed to
 /// stderr, so it shows on failure) until it exits.
 pub(crate) fn spawn_example(name: &str) -> (ChildGuard, SocketAddr) {
+    spawn_example_with(name, &[])
+}
+
+/// [`spawn_example`] with extra command-line arguments.
+pub(crate) fn spawn_example_with(name: &str, extra: &[&str]) -> (ChildGuard, SocketAddr) {
     let mut child = Command::new(example_binary(name))
         .args(["--addr", "127.0.0.1:0"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
