@@ -126,6 +126,7 @@ impl Registry {
     }
 
     /// Groups with at least one local member.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn group_names(&self) -> Vec<String> {
         self.read().groups.keys().cloned().collect()
     }
@@ -171,6 +172,7 @@ impl Registry {
 
     /// A send that must not wait (an event relayed from another process):
     /// `None` when the channel is unknown here.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn send_lossy(&self, channel: &str, event: Event) -> Option<Delivery> {
         self.read()
             .channels
