@@ -104,7 +104,7 @@
 //! [`origin`] validation against cross-site WebSocket hijacking; graceful
 //! shutdown ([`layer::ShutdownHandle`]); panics and errors in a consumer close
 //! only its own connection with 1011; counters in [`ChannelsLayer::stats`] and
-//! a `tracing` span per connection.
+//! a `tracing` span per connection (DEBUG level: route, path, peer, channel).
 //!
 //! # Feature flags
 //!

@@ -105,7 +105,7 @@ impl ChannelsLayer {
         let on_upgrade = on_upgrade.ok_or(UpgradeUnavailable)?;
         let scope = Scope::new(route.pattern.as_str().into(), parts, params, protocols);
         let (tx, rx) = oneshot::channel();
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "websocket",
             route = scope.route(),
             path = scope.path(),
