@@ -356,3 +356,53 @@ fn public_types_are_send_and_sync() {
     type ReadyFuture = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
     assert_send_sync::<ResponseFuture<ReadyFuture>>();
 }
+
+/// A hyper server that does not enable upgrades (`serve_connection` without
+/// `with_upgrades`): the client is not left hanging and the consumer's
+/// `accept` fails with a handshake error instead of waiting forever.
+#[tokio::test]
+async fn server_without_upgrade_support_does_not_hang() {
+    let (tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let raw =
+        tower_channels::consumer::from_fn(move |conn: tower_channels::consumer::Connection| {
+            let tx = tx.clone();
+            async move {
+                let result = conn.accept(tower_channels::consumer::Accept::new()).await;
+                let _ = tx.send(
+                    result
+                        .map(|_| ())
+                        .map_err(|e| (e.is_handshake(), e.to_string())),
+                );
+                Ok(())
+            }
+        });
+    let svc = ChannelsLayer::new()
+        .route("/ws/raw", raw)
+        .layer(tower::service_fn(hyper_inner));
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            tower::ServiceExt::oneshot(svc.clone(), req)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    });
+    let client = within("the client handshake to end", async {
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/raw")).await
+    })
+    .await;
+    if let Ok((mut ws, _)) = client {
+        // The 101 went out, but the connection cannot be upgraded: it ends.
+        within("the connection to end", async {
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
+        })
+        .await;
+    }
+    let result = within("the consumer's accept to return", accepted.recv())
+        .await
+        .expect("consumer ran");
+    let (is_handshake, message) = result.expect_err("accept cannot succeed without upgrades");
+    assert!(is_handshake, "a handshake error, got: {message}");
+}
