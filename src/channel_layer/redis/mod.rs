@@ -568,7 +568,26 @@ impl Inner {
 
     async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QueryError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(&mut conn)).await {
+        self.within_timeout(cmd.query_async::<T>(&mut conn)).await
+    }
+
+    /// Runs a pipeline (in a `MULTI` if atomic) with the layer's timeout.
+    async fn query_pipe(
+        &self,
+        what: &str,
+        pipe: &redis::Pipeline,
+    ) -> Result<(), ChannelLayerError> {
+        let mut conn = self.conn.clone();
+        self.within_timeout(pipe.query_async::<()>(&mut conn))
+            .await
+            .map_err(|e| e.context(what))
+    }
+
+    async fn within_timeout<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, QueryError> {
+        match tokio::time::timeout(self.config.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(QueryError::Redis(e)),
             Err(_) => Err(QueryError::Timeout(self.config.timeout)),
@@ -916,16 +935,7 @@ impl ChannelLayer for RedisChannelLayer {
                         .arg(&key)
                         .arg(inner.config.group_expiry.as_secs())
                         .ignore();
-                    let mut conn = inner.conn.clone();
-                    match tokio::time::timeout(
-                        inner.config.timeout,
-                        pipe.query_async::<()>(&mut conn),
-                    )
-                    .await
-                    {
-                        Ok(r) => r.map_err(|e| QueryError::Redis(e).context("ZADD")),
-                        Err(_) => Err(QueryError::Timeout(inner.config.timeout).context("ZADD")),
-                    }
+                    inner.query_pipe("ZADD", &pipe).await
                 }
             }
         })
