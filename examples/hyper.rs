@@ -30,7 +30,7 @@ use tower_channels::{
         consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
     },
     message::Message,
-    ChannelsLayer, PeerAddr,
+    PeerAddr, WebSocketLayer,
 };
 use tower_layer::Layer;
 
@@ -116,7 +116,7 @@ async fn main() -> Result<(), BoxError> {
         std::process::exit(2)
     });
 
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .route("/ws/echo", consumer(|_| Echo))
         .route(
             "/ws/chat/{room}",

@@ -26,7 +26,7 @@ use tower_channels::{
         consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
     },
     message::Message,
-    ChannelsLayer,
+    WebSocketLayer,
 };
 use tower_layer::Layer;
 use warp::Filter;
@@ -102,7 +102,7 @@ async fn main() -> Result<(), BoxError> {
         std::process::exit(2)
     });
 
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .route("/ws/echo", consumer(|_| Echo))
         .route(
             "/ws/chat/{room}",

@@ -19,7 +19,7 @@ use tower_channels::{
     consumer::{consumer, Context, WebsocketConsumer},
     message::Message,
     worker::{Worker, WorkerContext},
-    ChannelsLayer,
+    WebSocketLayer,
 };
 
 /// The job a consumer hands to the worker.
@@ -101,7 +101,7 @@ async fn main() -> Result<(), BoxError> {
         .start()
         .await?;
 
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .with_channel_layer(layer)
         .route("/ws/thumbnails", consumer(|_| Thumbnails));
     let app = Router::new().layer(channels);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 
-/// Settings applied to every connection of a [`ChannelsLayer`](crate::ChannelsLayer).
+/// Settings applied to every connection of a [`WebSocketLayer`](crate::WebSocketLayer).
 ///
 /// The defaults keep an idle connection small (a 2 KiB read buffer instead of
 /// tungstenite's 128 KiB) and cap what a peer can make the server hold.

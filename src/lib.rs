@@ -1,7 +1,7 @@
 //! Django Channels for tower: WebSocket consumers, groups and channel layers
 //! as tower middleware.
 //!
-//! Put a [`ChannelsLayer`] in front of any hyper-based service (an axum
+//! Put a [`WebSocketLayer`] in front of any hyper-based service (an axum
 //! `Router`, a warp filter turned into a service, a plain hyper service).
 //! Requests that match one of its routes and ask for a WebSocket are answered
 //! by the layer; every other request goes to the inner service untouched.
@@ -26,7 +26,7 @@
 //! use tower_channels::{
 //!     channel_layer::{BoxError, Event},
 //!     consumer::{json_consumer, Accept, Context, JsonWebsocketConsumer, Reject},
-//!     ChannelsLayer,
+//!     WebSocketLayer,
 //! };
 //!
 //! #[derive(Deserialize)]
@@ -52,7 +52,7 @@
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), BoxError> {
-//!     let channels = ChannelsLayer::new().route(
+//!     let channels = WebSocketLayer::new().route(
 //!         "/ws/chat/{room}",
 //!         json_consumer(|scope| Chat {
 //!             group: format!("chat_{}", scope.param("room").unwrap_or_default()),
@@ -86,7 +86,7 @@
 //!
 //! # Sending from outside a connection
 //!
-//! [`ChannelsLayer::channel_layer`] returns the `Arc<dyn ChannelLayer>`; give
+//! [`WebSocketLayer::channel_layer`] returns the `Arc<dyn ChannelLayer>`; give
 //! it to HTTP handlers (as axum state) or tasks and call
 //! [`send`](channel_layer::ChannelLayer::send) with a connection's channel
 //! name or [`group_send`](channel_layer::ChannelLayer::group_send).
@@ -102,8 +102,8 @@
 //! outbound queue per connection (slow clients are closed with 4008),
 //! heartbeats and idle timeout, optional connection limit and rate limit;
 //! [`origin`] validation against cross-site WebSocket hijacking; graceful
-//! shutdown ([`layer::ShutdownHandle`]); panics and errors in a consumer close
-//! only its own connection with 1011; counters in [`ChannelsLayer::stats`] and
+//! shutdown ([`middleware::ShutdownHandle`]); panics and errors in a consumer close
+//! only its own connection with 1011; counters in [`WebSocketLayer::stats`] and
 //! a `tracing` span per connection (DEBUG level: route, path, peer, channel).
 //!
 //! # Feature flags
@@ -132,9 +132,9 @@ mod config;
 pub mod consumer;
 mod error;
 pub mod handshake;
-pub mod layer;
 pub mod message;
 mod metrics;
+pub mod middleware;
 pub mod origin;
 pub mod route;
 mod scope;
@@ -144,8 +144,8 @@ pub mod worker;
 pub use self::{
     config::{RateLimit, WebSocketConfig},
     error::Error,
-    layer::{Channels, ChannelsLayer},
-    metrics::Stats,
+    metrics::ConnectionStats,
+    middleware::{WebSocketLayer, WebSocketService},
     scope::{PeerAddr, Scope},
 };
 

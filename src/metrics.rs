@@ -2,11 +2,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// A snapshot of a [`ChannelsLayer`](crate::ChannelsLayer)'s counters
-/// since it was built (see [`ChannelsLayer::stats`](crate::ChannelsLayer::stats)).
+/// A snapshot of a [`WebSocketLayer`](crate::WebSocketLayer)'s counters
+/// since it was built (see [`WebSocketLayer::stats`](crate::WebSocketLayer::stats)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Stats {
+pub struct ConnectionStats {
     /// Connections open now.
     pub open_connections: u64,
     /// Connections accepted in total.
@@ -59,8 +59,8 @@ impl Metrics {
         self.panics.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn snapshot(&self) -> Stats {
-        Stats {
+    pub(crate) fn snapshot(&self) -> ConnectionStats {
+        ConnectionStats {
             open_connections: self.open.load(Relaxed),
             accepted_connections: self.accepted.load(Relaxed),
             rejected_handshakes: self.rejected.load(Relaxed),

@@ -13,13 +13,13 @@
 //! cannot carry a victim's cookies.
 //!
 //! ```
-//! use tower_channels::{origin::AllowedOrigins, ChannelsLayer};
+//! use tower_channels::{origin::AllowedOrigins, WebSocketLayer};
 //!
 //! // Only pages served by this same host may connect:
-//! let layer = ChannelsLayer::new().allowed_origins(AllowedOrigins::same_host());
+//! let layer = WebSocketLayer::new().allowed_origins(AllowedOrigins::same_host());
 //!
 //! // Or an explicit list:
-//! let layer = ChannelsLayer::new().allowed_origins(AllowedOrigins::list([
+//! let layer = WebSocketLayer::new().allowed_origins(AllowedOrigins::list([
 //!     "https://example.com",
 //!     "https://app.example.com",
 //! ]));

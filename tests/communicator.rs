@@ -12,7 +12,7 @@ use tower_channels::{
     },
     message::{close_code, CloseCode, Message},
     testing::Communicator,
-    ChannelsLayer,
+    WebSocketLayer,
 };
 
 #[derive(Deserialize)]
@@ -140,7 +140,7 @@ async fn groups_through_two_communicators() {
         .group_send("a", Event::text("room.message", "after"))
         .await
         .unwrap();
-    assert_eq!(report.delivered, 1);
+    assert_eq!(report.local_members, 1);
     assert_eq!(alice.receive_text().await.unwrap(), "after");
 }
 
@@ -183,7 +183,7 @@ impl WebsocketConsumer for Echo {
 
 #[tokio::test]
 async fn communicator_from_a_layer_route() {
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .route("/ws/echo/{name}", consumer(|_| Echo))
         .route(
             "/ws/rooms",

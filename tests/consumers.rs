@@ -23,7 +23,7 @@ use tower_channels::{
         consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
     },
     message::{self, CloseCode},
-    ChannelsLayer,
+    WebSocketLayer,
 };
 
 /// What a chat consumer reports when it goes away.
@@ -92,7 +92,7 @@ async fn chat_server() -> ChatServer {
     let layer = InMemoryChannelLayer::new();
     let (tx, gone) = mpsc::unbounded_channel();
     let tx2 = tx.clone();
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .with_channel_layer(Arc::new(layer.clone()))
         .route(
             "/ws/chat/{room}",
@@ -253,7 +253,7 @@ async fn notify(
 
 #[tokio::test]
 async fn http_handler_sends_to_a_connection_by_channel_name() {
-    let channels = ChannelsLayer::new().route("/ws/named", consumer(|_| Named));
+    let channels = WebSocketLayer::new().route("/ws/named", consumer(|_| Named));
     let app = Router::new()
         .route("/notify/{channel}", post(notify))
         .with_state(channels.channel_layer())
@@ -326,8 +326,10 @@ impl JsonWebsocketConsumer for Calc {
 }
 
 async fn calc_server() -> SocketAddr {
-    serve_axum(Router::new().layer(ChannelsLayer::new().route("/ws/calc", json_consumer(|_| Calc))))
-        .await
+    serve_axum(
+        Router::new().layer(WebSocketLayer::new().route("/ws/calc", json_consumer(|_| Calc))),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -418,7 +420,7 @@ async fn auth(
 
 #[tokio::test]
 async fn scope_sees_extensions_from_outer_middleware_and_peer_address() {
-    let channels = ChannelsLayer::new().route("/ws/me", consumer(|_| WhoAmI));
+    let channels = WebSocketLayer::new().route("/ws/me", consumer(|_| WhoAmI));
     let app = Router::new()
         .layer(channels)
         .layer(axum::middleware::from_fn(auth));
@@ -441,7 +443,7 @@ async fn scope_sees_extensions_from_outer_middleware_and_peer_address() {
     );
 
     // The same with a plain tower layer (MapRequest) instead of axum's.
-    let channels = ChannelsLayer::new().route("/ws/me", consumer(|_| WhoAmI));
+    let channels = WebSocketLayer::new().route("/ws/me", consumer(|_| WhoAmI));
     let app = Router::new()
         .layer(channels)
         .layer(tower::util::MapRequestLayer::new(
@@ -473,8 +475,8 @@ impl WebsocketConsumer for Fragile {
     }
 }
 
-fn fragile_layer() -> ChannelsLayer {
-    ChannelsLayer::new().route("/ws/fragile", consumer(|_| Fragile))
+fn fragile_layer() -> WebSocketLayer {
+    WebSocketLayer::new().route("/ws/fragile", consumer(|_| Fragile))
 }
 
 #[tokio::test]

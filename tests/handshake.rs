@@ -10,7 +10,7 @@ use common::*;
 use http::StatusCode;
 use tower_channels::{
     consumer::{consumer, from_fn, Accept, Connection, Context, Reject, WebsocketConsumer},
-    ChannelsLayer,
+    WebSocketLayer,
 };
 
 /// Accepts with whatever subprotocol the `?proto=` query names.
@@ -45,7 +45,7 @@ impl WebsocketConsumer for Gatekeeper {
 }
 
 async fn server() -> SocketAddr {
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .route("/ws/echo", consumer(|_| Chooser))
         .route("/ws/private", consumer(|_| Gatekeeper))
         .route(
@@ -213,7 +213,7 @@ async fn too_many_subprotocols_is_400() {
     )
     .await;
     // The limit is configurable.
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .with_config(tower_channels::WebSocketConfig::default().max_subprotocols(2))
         .route("/ws/echo", consumer(|_| Chooser));
     let addr = serve_axum(Router::new().layer(channels)).await;
@@ -368,7 +368,7 @@ async fn successful_handshake_response_headers() {
 
 #[tokio::test]
 async fn rejections_are_counted() {
-    let channels = ChannelsLayer::new().route("/ws/echo", consumer(|_| Chooser));
+    let channels = WebSocketLayer::new().route("/ws/echo", consumer(|_| Chooser));
     let addr = serve_axum(Router::new().layer(channels.clone())).await;
     let before = channels.stats().rejected_handshakes;
     let req = get_req(addr, "/ws/echo")
@@ -385,11 +385,11 @@ async fn rejections_are_counted() {
 
 #[tokio::test]
 async fn consumer_rejections_are_counted() {
-    let channels = ChannelsLayer::new().route("/ws/private", consumer(|_| Gatekeeper));
+    let channels = WebSocketLayer::new().route("/ws/private", consumer(|_| Gatekeeper));
     let addr = serve_axum(Router::new().layer(channels.clone())).await;
     let reply = http1(addr, empty(ws_req(addr, "/ws/private"))).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    // `Stats::rejected_handshakes` is documented to include consumers' rejections.
+    // `ConnectionStats::rejected_handshakes` is documented to include consumers' rejections.
     assert_eq!(
         channels.stats().rejected_handshakes,
         1,

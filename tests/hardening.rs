@@ -44,7 +44,7 @@ use tower_channels::{
     consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
     message::{self, close_code, CloseCode},
     origin::AllowedOrigins,
-    ChannelsLayer, RateLimit, WebSocketConfig,
+    RateLimit, WebSocketConfig, WebSocketLayer,
 };
 
 /// The slow-client test saturates both cores and measures the process' RSS:
@@ -112,9 +112,9 @@ fn probes() -> Probes {
 
 impl Probes {
     /// A layer with the probe on `/ws/probe` and `config`.
-    fn layer(&self, config: WebSocketConfig) -> ChannelsLayer {
+    fn layer(&self, config: WebSocketConfig) -> WebSocketLayer {
         let probe = self.probe.clone();
-        ChannelsLayer::new()
+        WebSocketLayer::new()
             .with_config(config)
             .route("/ws/probe", consumer(move |_| probe.clone()))
     }
@@ -127,7 +127,7 @@ impl Probes {
     }
 }
 
-async fn serve(channels: &ChannelsLayer) -> SocketAddr {
+async fn serve(channels: &WebSocketLayer) -> SocketAddr {
     serve_axum(Router::new().layer(channels.clone())).await
 }
 
@@ -637,7 +637,7 @@ async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
         // The server waits this long for the slow client's close reply; the
         // test reads it only after the fast subscribers are done.
         .close_timeout(Duration::from_secs(60));
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .with_config(config)
         .route(
             "/ws/room",
@@ -1006,7 +1006,7 @@ async fn same_host_origin_policy_refuses_other_origins_before_consumer_code() {
     let made = Arc::new(AtomicBool::new(false));
     let probe = p.probe.clone();
     let flag = made.clone();
-    let channels = ChannelsLayer::new()
+    let channels = WebSocketLayer::new()
         .allowed_origins(AllowedOrigins::same_host())
         .route(
             "/ws/probe",

@@ -22,8 +22,8 @@ use tokio_tungstenite::{
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
     consumer::{consumer, Context, WebsocketConsumer},
-    layer::{ResponseBody, ResponseFuture},
-    message, Channels, ChannelsLayer, Scope,
+    middleware::{ResponseBody, ResponseFuture},
+    message, Scope, WebSocketLayer, WebSocketService,
 };
 use tower_layer::Layer;
 
@@ -52,8 +52,8 @@ impl WebsocketConsumer for Echo {
     }
 }
 
-fn channels() -> ChannelsLayer {
-    ChannelsLayer::new().route("/ws/echo", consumer(|_| Echo))
+fn channels() -> WebSocketLayer {
+    WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo))
 }
 
 fn axum_app() -> Router {
@@ -344,8 +344,8 @@ fn assert_send<T: Send>() {}
 
 #[test]
 fn public_types_are_send_and_sync() {
-    assert_send_sync::<ChannelsLayer>();
-    assert_send_sync::<Channels<Router>>();
+    assert_send_sync::<WebSocketLayer>();
+    assert_send_sync::<WebSocketService<Router>>();
     assert_send_sync::<Arc<dyn ChannelLayer>>();
     assert_send_sync::<InMemoryChannelLayer>();
     assert_send_sync::<Scope>();
@@ -376,7 +376,7 @@ async fn server_without_upgrade_support_does_not_hang() {
                 Ok(())
             }
         });
-    let svc = ChannelsLayer::new()
+    let svc = WebSocketLayer::new()
         .route("/ws/raw", raw)
         .layer(tower::service_fn(hyper_inner));
     let (listener, addr) = bind().await;

@@ -236,7 +236,14 @@ async fn two_instances() {
         .await
         .unwrap();
     // One local member plus one other process.
-    assert_eq!((report.delivered, report.dropped), (2, 0));
+    assert_eq!(
+        (
+            report.local_members,
+            report.remote_receivers,
+            report.dropped
+        ),
+        (1, Some(1), 0)
+    );
     assert_eq!(recv(&mut on_a).await.kind(), "chat.message");
     assert_eq!(recv(&mut on_b).await.kind(), "chat.message");
     b.send(on_a.name(), Event::bare("direct")).await.unwrap();
@@ -279,7 +286,8 @@ async fn two_instances() {
     }
     let report = a.group_send("room", Event::bare("alone")).await.unwrap();
     assert_eq!(
-        report.delivered, 1,
+        (report.local_members, report.remote_receivers),
+        (1, Some(0)),
         "only a's own member is left: {report:?}"
     );
     assert_eq!(recv(&mut on_a).await.kind(), "alone");
@@ -356,7 +364,14 @@ async fn named_channel_in_group() {
         .group_send("news", Event::text("news.item", "one"))
         .await
         .unwrap();
-    assert_eq!((report.delivered, report.dropped), (1, 0));
+    assert_eq!(
+        (
+            report.local_members,
+            report.remote_receivers,
+            report.dropped
+        ),
+        (0, Some(1), 0)
+    );
     assert_eq!(recv(&mut mailer).await.kind(), "news.item");
 
     // A membership older than group_expiry (a day) is dropped, not delivered to.
@@ -375,7 +390,7 @@ async fn named_channel_in_group() {
         .await
         .unwrap();
     let report = a.group_send("news", Event::bare("news.two")).await.unwrap();
-    assert_eq!(report.delivered, 1, "only mailer: {report:?}");
+    assert_eq!(report.remote_receivers, Some(1), "only mailer: {report:?}");
     let stale: Option<f64> = redis::cmd("ZSCORE")
         .arg(&key)
         .arg("stale-worker")
@@ -390,7 +405,7 @@ async fn named_channel_in_group() {
         .group_send("news", Event::bare("news.three"))
         .await
         .unwrap();
-    assert_eq!(report.delivered, 0);
+    assert_eq!(report.remote_receivers, Some(0));
     b.send("mailer", Event::bare("sentinel")).await.unwrap();
     assert_eq!(recv(&mut mailer).await.kind(), "sentinel");
 }
@@ -530,7 +545,7 @@ async fn redis_restart() {
     assert_eq!(recv(&mut worker).await.kind(), "job-after");
     // Drain "after" events from earlier tries that were published but not yet seen.
     let report = a.group_send("room", Event::bare("final")).await.unwrap();
-    assert_eq!(report.delivered, 1);
+    assert_eq!(report.remote_receivers, Some(1));
     loop {
         let e = recv(&mut member).await;
         if e.kind() == "final" {
@@ -592,7 +607,7 @@ async fn fan_out_figures() {
             .group_send("fanout", Event::text("chat.message", payload.clone()))
             .await
             .unwrap();
-        assert_eq!(report.delivered, 2, "two subscriber processes");
+        assert_eq!(report.remote_receivers, Some(2), "two subscriber processes");
     }
     let published = started.elapsed();
     let mut finished = 0;

@@ -34,7 +34,7 @@ use tower_channels::{
     },
     message::Message,
     origin::AllowedOrigins,
-    ChannelsLayer, WebSocketConfig,
+    WebSocketConfig, WebSocketLayer,
 };
 
 #[derive(Deserialize)]
@@ -90,7 +90,11 @@ async fn post_message(
         .group_send(&format!("chat_{room}"), chat_event(&body))
         .await
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok(format!("delivered to {} connections\n", report.delivered))
+    Ok(format!(
+        "delivered to {} connections here and {} other processes\n",
+        report.local_members,
+        report.remote_receivers.unwrap_or(0)
+    ))
 }
 
 struct Args {
@@ -147,7 +151,7 @@ async fn main() -> Result<(), BoxError> {
             std::process::exit(2);
         }
     };
-    let mut channels = ChannelsLayer::new()
+    let mut channels = WebSocketLayer::new()
         .route(
             "/ws/chat/{room}",
             json_consumer(|scope| Chat {

@@ -28,7 +28,7 @@ use tower::{service_fn, Layer, ServiceExt};
 use tower_channels::{
     consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
     origin::AllowedOrigins,
-    ChannelsLayer, WebSocketConfig,
+    WebSocketLayer, WebSocketConfig,
 };
 
 const INNER: StatusCode = StatusCode::IM_A_TEAPOT;
@@ -150,7 +150,7 @@ fuzz_target!(|data: &[u8]| {
         .expect("runtime");
     rt.block_on(async move {
         let mode = input.mode;
-        let mut channels = ChannelsLayer::new()
+        let mut channels = WebSocketLayer::new()
             .route("/ws/{x}", consumer(move |_| Probe { mode }))
             .route("/ws/rest/{*rest}", consumer(move |_| Probe { mode }));
         if input.same_host {

@@ -5,7 +5,7 @@ use std::sync::{
 
 use super::{
     channel, local::Registry, names, validate_channel_name, validate_group_name, BoxFuture,
-    ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupSendReport, LayerStats,
+    ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, GroupSendReport,
 };
 
 /// Default number of events a channel holds before sends to it fail
@@ -30,7 +30,7 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 /// let mut rx = layer.new_channel().await.unwrap();
 /// layer.group_add("lobby", rx.name()).await.unwrap();
 /// let report = layer.group_send("lobby", Event::text("chat.message", "hi")).await.unwrap();
-/// assert_eq!(report.delivered, 1);
+/// assert_eq!(report.local_members, 1);
 /// assert_eq!(rx.recv().await.unwrap().kind(), "chat.message");
 /// # });
 /// ```
@@ -171,7 +171,11 @@ impl ChannelLayer for InMemoryChannelLayer {
                 inner
                     .dropped_full
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                GroupSendReport { delivered, dropped }
+                GroupSendReport {
+                    local_members: delivered,
+                    remote_receivers: None,
+                    dropped,
+                }
             });
         Box::pin(std::future::ready(result))
     }
@@ -181,12 +185,12 @@ impl ChannelLayer for InMemoryChannelLayer {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn stats(&self) -> LayerStats {
-        LayerStats {
+    fn stats(&self) -> ChannelLayerStats {
+        ChannelLayerStats {
             group_sends: self.inner.group_sends.load(Ordering::Relaxed),
             delivered: self.inner.delivered.load(Ordering::Relaxed),
             dropped_full: self.inner.dropped_full.load(Ordering::Relaxed),
-            ..LayerStats::default()
+            ..ChannelLayerStats::default()
         }
     }
 }

@@ -97,21 +97,32 @@ pub use self::{
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a [`group_send`](ChannelLayer::group_send) did.
+///
+/// The two counts never mix: `local_members` counts connections (channels)
+/// of this process, `remote_receivers` what a broker reported for everyone
+/// else, so a "delivered to N devices" answer cannot change meaning when the
+/// backend changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GroupSendReport {
-    /// Members (on the in-memory layer) or receiving processes (on layers
-    /// that fan out per process) the event was handed to.
-    pub delivered: usize,
-    /// Members whose channel was full: the event was dropped for them and
-    /// they were marked as lagging.
+    /// Members in this process (channels with a local receiver) the event
+    /// was handed to.
+    pub local_members: usize,
+    /// Receivers outside this process the broker handed the event to: other
+    /// processes subscribed to the group, plus named channels queued on the
+    /// broker. `None` on layers that do not span processes (in-memory).
+    /// A process counts once however many members it has.
+    pub remote_receivers: Option<usize>,
+    /// Local members whose channel was full (the event was dropped for them
+    /// and they were marked as lagging), plus named channels the broker
+    /// found at capacity.
     pub dropped: usize,
 }
 
 /// Counters a channel layer keeps since it was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct LayerStats {
+pub struct ChannelLayerStats {
     /// Group sends made through this layer.
     pub group_sends: u64,
     /// Events handed to local receivers by group sends.
@@ -176,8 +187,8 @@ pub trait ChannelLayer: fmt::Debug + Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>>;
 
     /// Counters since the layer was created. The default returns zeros.
-    fn stats(&self) -> LayerStats {
-        LayerStats::default()
+    fn stats(&self) -> ChannelLayerStats {
+        ChannelLayerStats::default()
     }
 }
 

@@ -118,12 +118,12 @@ pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
 /// [`WebsocketConsumer`] per connection from its scope.
 ///
 /// ```
-/// use tower_channels::{consumer::{consumer, WebsocketConsumer}, ChannelsLayer};
+/// use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
 ///
 /// struct Room { name: String }
 /// impl WebsocketConsumer for Room {}
 ///
-/// let layer = ChannelsLayer::new().route(
+/// let layer = WebSocketLayer::new().route(
 ///     "/ws/chat/{room}",
 ///     consumer(|scope| Room { name: scope.param("room").unwrap_or_default().to_owned() }),
 /// );

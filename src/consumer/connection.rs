@@ -9,7 +9,7 @@ use super::{transport::Transport, WebSocket};
 use crate::{
     channel_layer::{BoxError, ChannelLayer, ChannelReceiver},
     handshake::rejection::{ConsumerFailed, HandshakeRejection},
-    layer::Runtime,
+    middleware::Runtime,
     Error, Scope,
 };
 

@@ -9,7 +9,7 @@ use crate::channel_layer::BoxError;
 ///
 /// ```
 /// use tower_channels::consumer::{from_fn, Accept, Connection};
-/// use tower_channels::ChannelsLayer;
+/// use tower_channels::WebSocketLayer;
 ///
 /// let echo = from_fn(|conn: Connection| async move {
 ///     let mut ws = conn.accept(Accept::new()).await?;
@@ -19,7 +19,7 @@ use crate::channel_layer::BoxError;
 ///     }
 ///     Ok(())
 /// });
-/// let layer = ChannelsLayer::new().route("/ws/echo", echo);
+/// let layer = WebSocketLayer::new().route("/ws/echo", echo);
 /// ```
 pub fn from_fn<F, Fut>(f: F) -> FromFn<F>
 where

@@ -20,7 +20,7 @@
 //! use serde::Deserialize;
 //! use tower_channels::channel_layer::{BoxError, Event};
 //! use tower_channels::consumer::{json_consumer, Accept, Context, JsonWebsocketConsumer, Reject};
-//! use tower_channels::ChannelsLayer;
+//! use tower_channels::WebSocketLayer;
 //!
 //! #[derive(Deserialize)]
 //! struct Incoming { message: String }
@@ -43,7 +43,7 @@
 //!     }
 //! }
 //!
-//! let layer = ChannelsLayer::new().route(
+//! let layer = WebSocketLayer::new().route(
 //!     "/ws/chat/{room}",
 //!     json_consumer(|scope| Chat { group: format!("chat_{}", scope.param("room").unwrap_or("")) }),
 //! );

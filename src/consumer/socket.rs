@@ -12,8 +12,8 @@ use tokio_tungstenite::WebSocketStream;
 use super::transport::Transport;
 use crate::{
     channel_layer::{ChannelLayer, ChannelReceiver, Event, GroupSendReport, RecvError},
-    layer::Runtime,
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
+    middleware::Runtime,
     Error, Scope,
 };
 

@@ -11,9 +11,9 @@ use tower_service::Service;
 use crate::{
     channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
     consumer::{transport::Transport, Connection, Decision, UpgradeSource},
-    layer::{ChannelsLayer, Runtime},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     metrics::Metrics,
+    middleware::{Runtime, WebSocketLayer},
     origin::AllowedOrigins,
     route::RoutePattern,
     Scope, WebSocketConfig,
@@ -177,7 +177,7 @@ impl Communicator {
     /// # Panics
     ///
     /// If no route of `layer` matches the path.
-    pub fn from_layer(layer: &ChannelsLayer, request: http::Request<()>) -> Self {
+    pub fn from_layer(layer: &WebSocketLayer, request: http::Request<()>) -> Self {
         let path = request.uri().path().to_owned();
         let (route, _) = layer
             .match_route(&path)

@@ -59,8 +59,8 @@
 //!   [`ChannelSender::send_lossy`] (a full member drops it, is counted and
 //!   sees [`RecvError::Lagged`](super::RecvError::Lagged)). The sending
 //!   instance delivers to its own members directly, so its
-//!   [`GroupSendReport`] counts them exactly; other processes add one each to
-//!   `delivered`, and count their members in their own [`stats`](ChannelLayer::stats).
+//!   [`GroupSendReport::local_members`] counts them exactly; other processes
+//!   add one each to [`GroupSendReport::remote_receivers`], and count their members in their own [`stats`](ChannelLayer::stats).
 //! * **Named channels** without `!` (worker channels such as `"thumbnails"`,
 //!   consumed with [`receive`](ChannelLayer::receive)) are Redis lists
 //!   `{prefix}:channel:{name}`: a send is an `LPUSH` (refused with
@@ -91,9 +91,9 @@
 //! memberships stored there). A direct send from another process to a full
 //! channel cannot fail synchronously (Pub/Sub does not answer): the
 //! receiving process drops the event, counts it in
-//! [`LayerStats::dropped_full`] and marks the receiver as lagging, as a
+//! [`ChannelLayerStats::dropped_full`] and marks the receiver as lagging, as a
 //! group send would. Events for a channel whose receiver is gone are counted
-//! in [`LayerStats::dropped_other`]. A process too slow to read its Pub/Sub
+//! in [`ChannelLayerStats::dropped_other`]. A process too slow to read its Pub/Sub
 //! traffic is disconnected by Redis (`client-output-buffer-limit pubsub`),
 //! reconnects, and loses what was published in between.
 //!
@@ -174,7 +174,8 @@ use super::{
     channel,
     local::{no_such_channel, Registry},
     names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport, LayerStats, DEFAULT_CAPACITY,
+    ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
+    DEFAULT_CAPACITY,
 };
 
 /// The default key prefix.
@@ -1007,7 +1008,8 @@ impl ChannelLayer for RedisChannelLayer {
             let (delivered, dropped) = inner.fan_out(group, &event);
             let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
             Ok(GroupSendReport {
-                delivered: delivered + receivers.saturating_sub(own) + pushed,
+                local_members: delivered,
+                remote_receivers: Some(receivers.saturating_sub(own) + pushed),
                 dropped: dropped + full,
             })
         })
@@ -1031,9 +1033,9 @@ impl ChannelLayer for RedisChannelLayer {
         })
     }
 
-    fn stats(&self) -> LayerStats {
+    fn stats(&self) -> ChannelLayerStats {
         let c = &self.inner.counters;
-        LayerStats {
+        ChannelLayerStats {
             group_sends: c.group_sends.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
             dropped_full: c.dropped_full.load(Ordering::Relaxed),

@@ -1,8 +1,8 @@
-//! The tower middleware: [`ChannelsLayer`] makes [`Channels`] services.
+//! The tower middleware: [`WebSocketLayer`] makes [`WebSocketService`]s.
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, ChannelsLayer};
+//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
 //!
 //! struct Echo;
 //! impl WebsocketConsumer for Echo {
@@ -16,7 +16,7 @@
 //!     }
 //! }
 //!
-//! let channels = ChannelsLayer::new().route("/ws/echo", consumer(|_| Echo));
+//! let channels = WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo));
 //! let app: Router = Router::new()
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(channels);
@@ -32,8 +32,8 @@ mod shutdown;
 pub use self::{
     body::ResponseBody,
     future::ResponseFuture,
-    layer::ChannelsLayer,
-    service::Channels,
+    layer::WebSocketLayer,
+    service::WebSocketService,
     shutdown::{ShutdownHandle, ShutdownReport},
 };
 

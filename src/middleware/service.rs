@@ -5,7 +5,7 @@ use tokio::sync::oneshot;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::{ChannelsLayer, ResponseBody, ResponseFuture};
+use super::{ResponseBody, ResponseFuture, WebSocketLayer};
 use crate::{
     consumer::{Connection, UpgradeSource},
     handshake::{
@@ -16,17 +16,17 @@ use crate::{
     Scope,
 };
 
-/// The middleware made by [`ChannelsLayer`]: answers WebSocket handshakes on
+/// The middleware made by [`WebSocketLayer`]: answers WebSocket handshakes on
 /// its routes and passes every other request to `S`.
 #[derive(Clone, Debug)]
-pub struct Channels<S> {
+pub struct WebSocketService<S> {
     pub(crate) inner: S,
-    pub(crate) layer: ChannelsLayer,
+    pub(crate) layer: WebSocketLayer,
 }
 
-impl<S> Channels<S> {
+impl<S> WebSocketService<S> {
     /// Wraps `inner` with `layer`.
-    pub fn new(inner: S, layer: ChannelsLayer) -> Self {
+    pub fn new(inner: S, layer: WebSocketLayer) -> Self {
         Self { inner, layer }
     }
 
@@ -36,12 +36,12 @@ impl<S> Channels<S> {
     }
 
     /// The layer's configuration and handles.
-    pub fn layer(&self) -> &ChannelsLayer {
+    pub fn layer(&self) -> &WebSocketLayer {
         &self.layer
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Channels<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for WebSocketService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
@@ -68,7 +68,7 @@ where
     }
 }
 
-impl ChannelsLayer {
+impl WebSocketLayer {
     /// Validates a handshake and spawns its consumer, which decides.
     fn start_handshake<B>(
         &self,

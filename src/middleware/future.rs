@@ -20,7 +20,7 @@ use crate::{
 };
 
 pin_project! {
-    /// Response future of [`Channels`](super::Channels).
+    /// Response future of [`WebSocketService`](super::WebSocketService).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: Inner<F>,

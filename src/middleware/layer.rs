@@ -7,11 +7,11 @@ use std::{
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Channels, Runtime, ShutdownHandle};
+use super::{Runtime, ShutdownHandle, WebSocketService};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::Connection,
-    metrics::{Metrics, Stats},
+    metrics::{ConnectionStats, Metrics},
     origin::AllowedOrigins,
     route::{Params, RoutePattern},
     WebSocketConfig,
@@ -31,18 +31,18 @@ pub(crate) struct Route {
 /// Cheap to clone (an `Arc`). Requests that do not match a route, or that do
 /// not ask for a WebSocket, go to the inner service untouched.
 #[derive(Clone)]
-pub struct ChannelsLayer {
+pub struct WebSocketLayer {
     pub(crate) routes: Arc<[Route]>,
     pub(crate) runtime: Arc<Runtime>,
 }
 
-impl Default for ChannelsLayer {
+impl Default for WebSocketLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl ChannelsLayer {
+impl WebSocketLayer {
     /// A layer with no routes, an [`InMemoryChannelLayer`] and default
     /// [`WebSocketConfig`].
     pub fn new() -> Self {
@@ -146,7 +146,7 @@ impl ChannelsLayer {
     }
 
     /// Counters since the layer was built.
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> ConnectionStats {
         self.runtime.metrics.snapshot()
     }
 
@@ -157,9 +157,9 @@ impl ChannelsLayer {
     }
 }
 
-impl fmt::Debug for ChannelsLayer {
+impl fmt::Debug for WebSocketLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChannelsLayer")
+        f.debug_struct("WebSocketLayer")
             .field(
                 "routes",
                 &self
@@ -174,11 +174,11 @@ impl fmt::Debug for ChannelsLayer {
     }
 }
 
-impl<S> Layer<S> for ChannelsLayer {
-    type Service = Channels<S>;
+impl<S> Layer<S> for WebSocketLayer {
+    type Service = WebSocketService<S>;
 
-    fn layer(&self, inner: S) -> Channels<S> {
-        Channels {
+    fn layer(&self, inner: S) -> WebSocketService<S> {
+        WebSocketService {
             inner,
             layer: self.clone(),
         }

@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// The response body of [`Channels`](super::Channels): the inner service's
+    /// The response body of [`WebSocketService`](super::WebSocketService): the inner service's
     /// body, or the short plain-text body of a handshake response.
     pub struct ResponseBody<B> {
         #[pin]

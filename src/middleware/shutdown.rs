@@ -79,9 +79,9 @@ pub struct ShutdownReport {
     pub aborted: usize,
 }
 
-/// Shuts a [`ChannelsLayer`](crate::ChannelsLayer)'s WebSockets down
+/// Shuts a [`WebSocketLayer`](crate::WebSocketLayer)'s WebSockets down
 /// gracefully; get one from
-/// [`ChannelsLayer::shutdown_handle`](crate::ChannelsLayer::shutdown_handle).
+/// [`WebSocketLayer::shutdown_handle`](crate::WebSocketLayer::shutdown_handle).
 ///
 /// [`shutdown`](Self::shutdown):
 /// 1. new handshakes get `503 Service Unavailable` (with `Retry-After`);
@@ -94,7 +94,7 @@ pub struct ShutdownReport {
 /// outside the HTTP connection), so run both:
 ///
 /// ```no_run
-/// # async fn doc(listener: tokio::net::TcpListener, app: axum::Router, channels: tower_channels::ChannelsLayer) {
+/// # async fn doc(listener: tokio::net::TcpListener, app: axum::Router, channels: tower_channels::WebSocketLayer) {
 /// use std::time::Duration;
 ///
 /// let handle = channels.shutdown_handle();
