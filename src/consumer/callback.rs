@@ -128,27 +128,27 @@ pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
 ///     consumer(|scope| Room { name: scope.param("room").unwrap_or_default().to_owned() }),
 /// );
 /// ```
-pub fn consumer<F, C>(factory: F) -> ConsumerService<F>
+pub fn consumer<F, C>(factory: F) -> CallbackConsumer<F>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
     C: WebsocketConsumer,
 {
-    ConsumerService { factory }
+    CallbackConsumer { factory }
 }
 
 /// The [`Service`] made by [`consumer`]: runs a [`WebsocketConsumer`] per connection.
 #[derive(Clone)]
-pub struct ConsumerService<F> {
+pub struct CallbackConsumer<F> {
     factory: F,
 }
 
-impl<F> fmt::Debug for ConsumerService<F> {
+impl<F> fmt::Debug for CallbackConsumer<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConsumerService").finish_non_exhaustive()
+        f.debug_struct("CallbackConsumer").finish_non_exhaustive()
     }
 }
 
-impl<F, C> Service<Connection> for ConsumerService<F>
+impl<F, C> Service<Connection> for CallbackConsumer<F>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
     C: WebsocketConsumer,

@@ -3,7 +3,7 @@ use std::{fmt, future::Future};
 use serde::de::DeserializeOwned;
 
 use super::{
-    callback::forward_event, consumer, Accept, ConsumerService, Context, Reject, WebsocketConsumer,
+    callback::forward_event, consumer, Accept, CallbackConsumer, Context, Reject, WebsocketConsumer,
 };
 use crate::{
     channel_layer::{BoxError, Event},
@@ -185,7 +185,7 @@ impl<C: JsonWebsocketConsumer> WebsocketConsumer for Json<C> {
 /// Makes a consumer service from a factory of [`JsonWebsocketConsumer`]s.
 pub fn json_consumer<F, C>(
     factory: F,
-) -> ConsumerService<impl Fn(&Scope) -> Json<C> + Clone + Send + Sync + 'static>
+) -> CallbackConsumer<impl Fn(&Scope) -> Json<C> + Clone + Send + Sync + 'static>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
     C: JsonWebsocketConsumer,

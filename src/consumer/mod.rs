@@ -53,18 +53,22 @@ mod callback;
 mod connection;
 mod context;
 mod driver;
+mod factory;
 mod from_fn;
 mod json;
 mod socket;
 pub(crate) mod transport;
 
 pub use self::{
-    callback::{consumer, forward_event, ConsumerService, WebsocketConsumer},
+    callback::{consumer, forward_event, CallbackConsumer, WebsocketConsumer},
     connection::{Accept, Connection, Reject},
     context::Context,
+    factory::{try_consumer, try_json_consumer, BoxConsumerService, ConsumerService, TryConsumer},
     from_fn::{from_fn, FromFn},
     json::{json_consumer, Json, JsonDecodeError, JsonWebsocketConsumer},
     socket::{Incoming, WebSocket},
 };
 
 pub(crate) use self::connection::{Decision, UpgradeSource};
+#[cfg(feature = "axum")]
+pub use self::factory::extract;

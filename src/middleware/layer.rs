@@ -5,12 +5,11 @@ use std::{
 };
 
 use tower_layer::Layer;
-use tower_service::Service;
 
 use super::{Runtime, ShutdownHandle, WebSocketService};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
-    consumer::Connection,
+    consumer::{Connection, ConsumerService},
     metrics::{ConnectionStats, Metrics},
     origin::AllowedOrigins,
     route::{Params, RoutePattern},
@@ -66,12 +65,7 @@ impl WebSocketLayer {
     /// # Panics
     ///
     /// If `pattern` is not a valid [`RoutePattern`].
-    pub fn route<S>(mut self, pattern: &str, consumer: S) -> Self
-    where
-        S: Service<Connection> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-    {
+    pub fn route(mut self, pattern: &str, consumer: impl ConsumerService) -> Self {
         let pattern = RoutePattern::new(pattern).unwrap_or_else(|e| panic!("{e}"));
         let consumer = Mutex::new(consumer);
         let consumer: BoxConsumer = Arc::new(move |conn: Connection| {
