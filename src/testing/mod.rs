@@ -40,7 +40,9 @@
 
 mod communicator;
 pub mod conformance;
+mod wire_check;
 
 pub use self::communicator::{
     Accepted, Communicator, ReceiveError, Rejected, DEFAULT_TIMEOUT, NOTHING_TIMEOUT,
 };
+pub use self::wire_check::WireCheckLayer;
