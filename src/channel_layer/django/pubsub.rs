@@ -104,8 +104,17 @@ impl DjangoPubSubChannelLayer {
             shards.push(Shard { host, commands });
             receivers.push(rx);
         }
+        let head = format!("{}specific.{}", config.prefix, names::random_token(16));
+        validate_channel_name(&format!("{head}!0")).map_err(|e| {
+            BackendError::Other(format!(
+                "the pubsub layer's channel names start with the prefix {:?}, which makes \
+                 them invalid: {}",
+                config.prefix,
+                e.reason()
+            ))
+        })?;
         let inner = Arc::new(Inner {
-            head: format!("{}specific.{}", config.prefix, names::random_token(16)),
+            head,
             group_prefix: format!("{}__group__", config.prefix),
             shards,
             codec,
