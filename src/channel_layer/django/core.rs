@@ -27,6 +27,9 @@ use crate::channel_layer::{
 
 /// How long one `BZPOPMIN` blocks (channels_redis' `brpop_timeout`).
 const BLOCK: Duration = Duration::from_secs(5);
+/// A `BZPOPMIN` reply: key, member, score (nil on timeout).
+type BzPopMin = Option<(Vec<u8>, Vec<u8>, f64)>;
+
 /// Messages taken per `ZPOPMIN` when the process key is not empty.
 const BATCH: usize = 100;
 
@@ -372,7 +375,7 @@ impl Popper {
                 Ok(_) => {
                     let mut bzpop = redis::cmd("BZPOPMIN");
                     bzpop.arg(&self.key).arg(BLOCK.as_secs());
-                    let r: redis::RedisResult<Option<(Vec<u8>, Vec<u8>, f64)>> = tokio::select! {
+                    let r: redis::RedisResult<BzPopMin> = tokio::select! {
                         biased;
                         _ = self.stopped.changed() => return,
                         r = bzpop.query_async(c) => r,
