@@ -155,7 +155,16 @@ impl Django {
         let port = free_port();
         let child = self
             .command("python3")
-            .args(["-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "daphne",
+                "-v",
+                "0",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .arg("mysite.asgi:application")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -617,6 +626,64 @@ async fn core_layer_survives_a_redis_restart() {
     assert_eq!(
         recv(&mut rx).await.body::<ChatMessage>().unwrap().message,
         "after restart"
+    );
+}
+
+/// The pubsub layer re-subscribes after a Redis restart (a Django
+/// `group_send` reaches the Rust member again) and its first command after
+/// the restart succeeds.
+#[tokio::test]
+async fn pubsub_layer_survives_a_redis_restart() {
+    let Some(_url) = env().await else { return };
+    let mut server = RedisServer::start().await;
+    let prefix = unique_prefix("restartps");
+    let django = Django::new("pubsub", &server.url(), &prefix);
+    let layer = DjangoPubSubChannelLayer::connect(
+        &DjangoConfig::new([server.url()])
+            .prefix(&prefix)
+            .timeout(Duration::from_secs(3)),
+    )
+    .await
+    .expect("connect");
+    let mut rx = layer.new_channel().await.unwrap();
+    layer.group_add("chat_restart", rx.name()).await.unwrap();
+
+    server.kill();
+    server.restart().await;
+    // Wait (bounded) until the subscriber task has re-subscribed: Redis
+    // itself tells how many subscribers the group channel has.
+    let mut conn = redis_conn(&server.url()).await;
+    let group_channel = format!("{prefix}__group__chat_restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&group_channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never re-subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    django
+        .layer_py(&["group_send", "chat_restart", "after restart"])
+        .await;
+    assert_eq!(
+        recv(&mut rx).await.body::<ChatMessage>().unwrap().message,
+        "after restart"
+    );
+    // A command on the (re-established) command connection.
+    let report = layer
+        .group_send("chat_restart", chat("from rust"))
+        .await
+        .expect("group_send after a restart");
+    assert_eq!(report.remote_receivers, Some(1));
+    assert_eq!(
+        recv(&mut rx).await.body::<ChatMessage>().unwrap().message,
+        "from rust"
     );
 }
 

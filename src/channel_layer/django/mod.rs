@@ -433,6 +433,15 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn layers_are_send_sync() {
+        assert_send_sync::<DjangoChannelLayer>();
+        assert_send_sync::<DjangoPubSubChannelLayer>();
+        assert_send_sync::<DjangoConfig>();
+    }
+
     #[test]
     fn globs() {
         assert!(glob_match(b"http.response!*", b"http.response!abc"));
