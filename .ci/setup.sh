@@ -30,7 +30,8 @@ echo "setup done: $(python3 -c 'import websockets; print("websockets", websocket
 
 # Django Channels interop (tests/django.rs, bench/django): the tutorial chat
 # app under tests/django runs on Django + channels + channels_redis, served
-# by daphne. Versions that work with Python 3.11.
+# by daphne; cryptography for symmetric_encryption_keys. Versions that work
+# with Python 3.11.
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-  'Django==5.2.*' 'channels==4.3.*' 'channels_redis==4.3.0' 'daphne==4.2.*'
+  'Django==5.2.*' 'channels==4.3.*' 'channels_redis[cryptography]==4.3.0' 'daphne==4.2.*'
 python3 -c 'import django, channels, channels_redis, daphne; print("django", django.__version__, "channels", channels.__version__, "channels_redis", channels_redis.__version__, "daphne", daphne.__version__)'

@@ -522,6 +522,51 @@ async fn capacity_is_shared_with_django() {
     }
 }
 
+/// `symmetric_encryption_keys`: Fernet with channels_redis' key derivation,
+/// both ways.
+#[tokio::test]
+async fn encrypted_messages_cross_both_ways() {
+    let Some(url) = env().await else { return };
+    let prefix = unique_prefix("fernet");
+    let mut django = Django::new("core", &url, &prefix);
+    django
+        .extra
+        .push(("CHANNELS_SYMMETRIC_KEY", "correct horse".into()));
+    let layer = DjangoChannelLayer::connect(
+        &DjangoConfig::new([url.as_str()])
+            .prefix(&prefix)
+            .symmetric_encryption_keys(["correct horse"]),
+    )
+    .await
+    .expect("connect");
+    layer.send("sealed", chat("secret ✓")).await.expect("send");
+    let got = django.layer_py(&["receive", "sealed", "1"]).await;
+    let v: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(v["message"], "secret ✓");
+
+    let mut rx = layer.new_channel().await.unwrap();
+    layer.group_add("chat_sealed", rx.name()).await.unwrap();
+    django
+        .layer_py(&["group_send", "chat_sealed", "from django"])
+        .await;
+    assert_eq!(
+        recv(&mut rx).await.body::<ChatMessage>().unwrap().message,
+        "from django"
+    );
+    // What Redis holds is not readable without the key.
+    layer.send("sealed", chat("plain?")).await.expect("send");
+    let mut conn = redis_conn(&url).await;
+    let raw: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+        .arg(format!("{prefix}sealed"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), 1);
+    assert!(!String::from_utf8_lossy(&raw[0]).contains("plain?"));
+}
+
 // --------------------------------------------------------------- two hosts
 
 /// A two-host ring (crc32 consistent hash, as channels_redis): groups land

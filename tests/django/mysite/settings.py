@@ -7,7 +7,8 @@ channels_redis' core layer and another its pubsub layer:
   or "pubsub" (channels_redis.pubsub.RedisPubSubChannelLayer);
 * CHANNELS_HOSTS: comma-separated Redis URLs (default redis://127.0.0.1:6379);
 * CHANNELS_PREFIX: the key prefix (default "asgi");
-* CHANNELS_CAPACITY, CHANNELS_GROUP_EXPIRY: optional core-layer settings.
+* CHANNELS_CAPACITY, CHANNELS_GROUP_EXPIRY: optional core-layer settings;
+* CHANNELS_SYMMETRIC_KEY: optional, one symmetric_encryption_keys entry.
 """
 
 import os
@@ -26,6 +27,8 @@ _config = {
     "hosts": os.environ.get("CHANNELS_HOSTS", "redis://127.0.0.1:6379").split(","),
     "prefix": os.environ.get("CHANNELS_PREFIX", "asgi"),
 }
+if os.environ.get("CHANNELS_SYMMETRIC_KEY"):
+    _config["symmetric_encryption_keys"] = [os.environ["CHANNELS_SYMMETRIC_KEY"]]
 if _backend == "core":
     for _env, _key in (("CHANNELS_CAPACITY", "capacity"), ("CHANNELS_GROUP_EXPIRY", "group_expiry")):
         if os.environ.get(_env):
