@@ -69,6 +69,25 @@
 //! Django consumers do). Sends to channels of the same layer instance
 //! never touch Redis and keep any event as it is.
 //!
+//! # How the core layer moves events
+//!
+//! As channels_redis does: every channel of one layer instance is named
+//! `specific.<client>!<n>` and its messages go to one sorted set per
+//! process, `<prefix>specific.<client>!`, each message naming its
+//! destination(s) in `__asgi_channel__`. A background task per host pops that
+//! key (`ZPOPMIN` batches, `BZPOPMIN` when empty) and hands each event to its
+//! local channels, so a Django `group_send` to 1,000 Rust sockets in one
+//! process is one Redis message. Groups are sorted sets `<prefix>:group:<name>`
+//! of channel names scored by join time, on the host that crc32 picks
+//! (`_consistent_hash`). A Rust [`group_send`](super::ChannelLayer::group_send)
+//! reads the members, delivers to its own in-process, and writes one message
+//! per other process key or named channel (one Lua script per host, checking
+//! each key's capacity); its [`GroupSendReport`](super::GroupSendReport)
+//! counts local members, the keys written (`remote_receivers`) and, in
+//! `dropped`, full local members plus the channels of keys at capacity.
+//! Named channels (`receive("thumbnails")`) are the key `<prefix>thumbnails`,
+//! read on every host.
+//!
 //! # Configuration
 //!
 //! [`DjangoConfig`] mirrors channels_redis' `CONFIG` names and defaults:
