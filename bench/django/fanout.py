@@ -4,7 +4,7 @@
 Starts the Django tutorial chat app (tests/django, daphne, channels_redis'
 core layer) and the crate's chat example with `--django` on the same Redis
 and key prefix, then for each scenario connects SUBS WebSocket clients
-(Python `websockets`) to one room, sends a burst of MSGS `chat.message`
+(Python `websockets`, split over --procs processes) to one room, sends a burst of MSGS `chat.message`
 events and counts what arrives:
 
 * django -> django: clients on daphne, burst from plain Python
@@ -127,7 +127,9 @@ async def connect_all(url, n):
     import websockets
 
     clients = []
-    sem = asyncio.Semaphore(100)
+    # channels_redis takes a pooled Redis connection per joining consumer;
+    # redis-py 8 caps the pool, so join a few at a time.
+    sem = asyncio.Semaphore(10)
 
     async def one():
         async with sem:
@@ -169,27 +171,73 @@ async def publish_rust(url, msgs):
     return start
 
 
-async def scenario(name, sub_url, publish, args):
-    clients = await connect_all(sub_url, args.subs)
-    tally = Tally(args.subs, args.msgs)
+async def count(sub_url, n, msgs, idle, go):
+    """Connects n clients, awaits `go()`, then counts until every message
+    arrived or nothing came for `idle` seconds."""
+    clients = await connect_all(sub_url, n)
+    tally = Tally(n, msgs)
     readers = [asyncio.create_task(reader(ws, i, tally)) for i, ws in enumerate(clients)]
-    start = await publish()
-    expected = args.subs * args.msgs
-    while tally.total < expected:
+    start = await go()
+    while tally.total < n * msgs:
         tally.progress.clear()
         try:
-            await asyncio.wait_for(tally.progress.wait(), args.idle)
+            await asyncio.wait_for(tally.progress.wait(), idle)
         except asyncio.TimeoutError:
             break
     for ws in clients:
         await ws.close()
     for r in readers:
         r.cancel()
-    elapsed = max(tally.last - start, 1e-9)
+    return start, tally
+
+
+def worker_main(url, n, msgs, idle):
+    """--worker: one share of the subscribers in its own process (one Python
+    process reads ~5-10k messages/s, less than the Rust side delivers)."""
+
+    async def go():
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        return 0.0
+
+    async def run():
+        _, tally = await count(url, n, msgs, idle, go)
+        print(json.dumps({"delivered": tally.total, "bad": tally.bad, "last": tally.last}), flush=True)
+
+    asyncio.run(run())
+
+
+async def scenario(name, sub_url, publish, args):
+    expected = args.subs * args.msgs
+    shares = [args.subs // args.procs + (i < args.subs % args.procs) for i in range(args.procs)]
+    workers = []
+    for share in shares:
+        w = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--worker", sub_url, str(share), str(args.msgs), str(args.idle),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        workers.append(w)
+    for w in workers:
+        line = await w.stdout.readline()
+        if line.strip() != b"ready":
+            raise SystemExit(f"a client process failed to connect: {line!r}")
+    for w in workers:
+        w.stdin.write(b"go\n")
+        await w.stdin.drain()
+    start = await publish()
+    delivered = bad = 0
+    last = 0.0
+    for w in workers:
+        r = json.loads(await w.stdout.readline())
+        delivered += r["delivered"]
+        bad += r["bad"]
+        last = max(last, r["last"])
+        await w.wait()
+    elapsed = max(last - start, 1e-9)
     result = {
-        "scenario": name, "subs": args.subs, "msgs": args.msgs, "expected": expected,
-        "delivered": tally.total, "lost": expected - tally.total, "bad": tally.bad,
-        "seconds": round(elapsed, 3), "deliveries_per_s": round(tally.total / elapsed, 1),
+        "scenario": name, "subs": args.subs, "msgs": args.msgs, "client_procs": args.procs,
+        "expected": expected, "delivered": delivered, "lost": expected - delivered, "bad": bad,
+        "seconds": round(elapsed, 3), "deliveries_per_s": round(delivered / elapsed, 1),
     }
     print(json.dumps(result), flush=True)
     return result
@@ -248,13 +296,18 @@ def main():
     p.add_argument("--subs", type=int, default=1000)
     p.add_argument("--msgs", type=int, default=20)
     p.add_argument("--idle", type=float, default=10.0, help="seconds without progress before counting the rest lost")
+    p.add_argument("--procs", type=int, default=4, help="client processes the subscribers are split over")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--publish", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.publish is not None:
         return publish_main(args.publish)
+    if args.worker is not None:
+        url, n, msgs, idle = args.worker
+        return worker_main(url, int(n), int(msgs), float(idle))
     if args.smoke:
-        args.subs, args.msgs = 20, 5
+        args.subs, args.msgs, args.procs = 20, 5, 2
     asyncio.run(bench(args))
 
 
