@@ -809,3 +809,166 @@ async fn conformance_pubsub() {
     //   non-map bodies across Redis (a Codec error, by design), and a
     //   pubsub group_add only takes channels of its own process.
 }
+
+// -------------------------------------------------------------- benchmark
+
+/// Wall-clock seconds since the Unix epoch (the Python publisher reports
+/// its start in the same clock).
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Connects `subs` clients to `ws://{addr}{path}`, runs `publish` (which
+/// returns the wall-clock time of its first send), and counts deliveries
+/// until all `subs × msgs` arrived or nothing came for 10 s. Returns
+/// (delivered, seconds from the first send to the last arrival).
+async fn fan_out<F, Fut>(
+    addr: SocketAddr,
+    path: &str,
+    subs: usize,
+    msgs: usize,
+    publish: F,
+) -> (usize, f64)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    use futures_util::StreamExt;
+    let total = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(std::sync::Mutex::new(0.0f64));
+    let sem = Arc::new(tokio::sync::Semaphore::new(10));
+    let mut clients = Vec::new();
+    for _ in 0..subs {
+        let sem = sem.clone();
+        let path = path.to_owned();
+        clients.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            connect(addr, &path).await
+        }));
+    }
+    let mut readers = Vec::new();
+    for c in clients {
+        let mut ws = c.await.unwrap();
+        let (total, last) = (total.clone(), last.clone());
+        readers.push(tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(Ok(WsMessage::Text(t))) = ws.next().await {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                let seq: usize = v["message"].as_str().unwrap()[2..].parse().unwrap();
+                assert!(
+                    seq < msgs && seen.insert(seq),
+                    "duplicate or bad message {t}"
+                );
+                total.fetch_add(1, Ordering::Relaxed);
+                *last.lock().unwrap() = unix_now();
+            }
+        }));
+    }
+    let start = publish().await;
+    let expected = (subs * msgs) as u64;
+    let mut seen = 0;
+    let mut idle_since = Instant::now();
+    while total.load(Ordering::Relaxed) < expected && idle_since.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = total.load(Ordering::Relaxed);
+        if now > seen {
+            seen = now;
+            idle_since = Instant::now();
+        }
+    }
+    for r in readers {
+        r.abort();
+    }
+    let delivered = total.load(Ordering::Relaxed) as usize;
+    let elapsed = (*last.lock().unwrap() - start).max(1e-9);
+    (delivered, elapsed)
+}
+
+/// The fan-out benchmark with Rust clients (tokio-tungstenite), which read
+/// faster than the Python clients of `bench/django/fanout.py`:
+///
+/// ```text
+/// cargo test --release --features django --test django -- --ignored --nocapture fanout_benchmark
+/// ```
+///
+/// `BENCH_SUBS` (1000) and `BENCH_MSGS` (20) set the size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture (see bench/django/README.md)"]
+async fn fanout_benchmark() {
+    let Some(url) = env().await else { return };
+    let var = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (subs, msgs) = (var("BENCH_SUBS", 1000), var("BENCH_MSGS", 20));
+    let prefix = unique_prefix("bench");
+    let django = Django::new("core", &url, &prefix);
+    let daphne = django.serve().await;
+    let (_rust, rust_addr) = spawn_example_with("chat", &["--django", &url, "--prefix", &prefix]);
+    let publish_django = || async {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/django/fanout.py");
+        let mut child = tokio::process::Command::from(django.command("python3"))
+            .arg(script)
+            .args(["--publish", &msgs.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("publisher");
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(out.next_line().await.unwrap().as_deref(), Some("ready"));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"go\n")
+            .await
+            .unwrap();
+        let line = out.next_line().await.unwrap().unwrap();
+        let start: f64 = line.trim_start_matches("start ").parse().unwrap();
+        child.wait().await.unwrap();
+        start
+    };
+    let publish_rust = || async {
+        let mut ws = connect(rust_addr, "/ws/chat/bench").await;
+        let start = unix_now();
+        for n in 0..msgs {
+            say(&mut ws, &format!("d {n}")).await;
+        }
+        for _ in 0..msgs {
+            next_text(&mut ws).await;
+        }
+        start
+    };
+    let runs = [
+        (
+            "django -> django",
+            fan_out(daphne.addr, "/ws/chat/bench/", subs, msgs, publish_django).await,
+        ),
+        (
+            "django -> rust",
+            fan_out(rust_addr, "/ws/chat/bench", subs, msgs, publish_django).await,
+        ),
+        (
+            "rust -> django",
+            fan_out(daphne.addr, "/ws/chat/bench/", subs, msgs, publish_rust).await,
+        ),
+    ];
+    let base = runs[0].1 .0 as f64 / runs[0].1 .1;
+    println!("| scenario | subscribers × messages | delivered | lost | deliveries/s | vs django -> django |");
+    println!("|---|---|---|---|---|---|");
+    for (name, (delivered, secs)) in runs {
+        let rate = delivered as f64 / secs;
+        let lost = subs * msgs - delivered;
+        println!(
+            "| {name} | {subs} × {msgs} | {delivered} | {lost} ({:.1}%) | {rate:.0} | {:.1}x |",
+            100.0 * lost as f64 / (subs * msgs) as f64,
+            rate / base
+        );
+    }
+}

@@ -11,7 +11,10 @@ events and counts what arrives:
   (`channel_layer.group_send`, as a view or Celery task does);
 * django -> rust: clients on the Rust chat example, same publisher;
 * rust -> django: clients on daphne, burst from a WebSocket client of the
-  Rust chat example (its consumer calls `group_send`).
+  Rust chat example (its consumer calls `group_send`);
+* rust -> rust, one process: clients and publisher on the Rust chat example
+  (delivered in-process, no Redis): what these Python clients can read at
+  most on this machine, so the figures above are read against it.
 
 Deliveries/s is what arrived divided by the time from the first send to the
 last arrival; lost is what had not arrived when nothing more came for
@@ -252,6 +255,9 @@ async def bench(args):
             await scenario("django -> django", django_url, lambda: publish_django(args, prefix), args),
             await scenario("django -> rust", rust_url, lambda: publish_django(args, prefix), args),
             await scenario("rust -> django", django_url, lambda: publish_rust(rust_url, args.msgs), args),
+            # No Redis on the way: the ceiling of these Python clients.
+            await scenario("rust -> rust, one process (client ceiling)", rust_url,
+                           lambda: publish_rust(rust_url, args.msgs), args),
         ]
     finally:
         for p in (daphne, rust):
