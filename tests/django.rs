@@ -823,17 +823,18 @@ fn unix_now() -> f64 {
 /// Connects `subs` clients to `ws://{addr}{path}`, runs `publish` (which
 /// returns the wall-clock time of its first send), and counts deliveries
 /// until all `subs × msgs` arrived or nothing came for 10 s. Returns
-/// (delivered, seconds from the first send to the last arrival).
+/// (delivered, seconds from the first send to the last arrival, seconds
+/// the burst took, seconds from its end to the last arrival).
 async fn fan_out<F, Fut>(
     addr: SocketAddr,
     path: &str,
     subs: usize,
     msgs: usize,
     publish: F,
-) -> (usize, f64)
+) -> (usize, f64, f64, f64)
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = f64>,
+    Fut: std::future::Future<Output = (f64, f64)>,
 {
     use futures_util::StreamExt;
     let total = Arc::new(AtomicU64::new(0));
@@ -866,7 +867,7 @@ where
             }
         }));
     }
-    let start = publish().await;
+    let (start, end) = publish().await;
     let expected = (subs * msgs) as u64;
     let mut seen = 0;
     let mut idle_since = Instant::now();
@@ -883,8 +884,8 @@ where
         r.abort();
     }
     let delivered = total.load(Ordering::Relaxed) as usize;
-    let elapsed = (*last.lock().unwrap() - start).max(1e-9);
-    (delivered, elapsed)
+    let last = *last.lock().unwrap();
+    (delivered, (last - start).max(1e-9), end - start, last - end)
 }
 
 /// The fan-out benchmark with Rust clients (tokio-tungstenite), which read
@@ -931,8 +932,10 @@ async fn fanout_benchmark() {
             .unwrap();
         let line = out.next_line().await.unwrap().unwrap();
         let start: f64 = line.trim_start_matches("start ").parse().unwrap();
+        let line = out.next_line().await.unwrap().unwrap();
+        let end: f64 = line.trim_start_matches("end ").parse().unwrap();
         child.wait().await.unwrap();
-        start
+        (start, end)
     };
     let publish_rust = || async {
         let mut ws = connect(rust_addr, "/ws/chat/bench").await;
@@ -940,10 +943,11 @@ async fn fanout_benchmark() {
         for n in 0..msgs {
             say(&mut ws, &format!("d {n}")).await;
         }
+        let end = unix_now();
         for _ in 0..msgs {
             next_text(&mut ws).await;
         }
-        start
+        (start, end)
     };
     let runs = [
         (
@@ -960,15 +964,20 @@ async fn fanout_benchmark() {
         ),
     ];
     let base = runs[0].1 .0 as f64 / runs[0].1 .1;
-    println!("| scenario | subscribers × messages | delivered | lost | deliveries/s | vs django -> django |");
-    println!("|---|---|---|---|---|---|");
-    for (name, (delivered, secs)) in runs {
+    println!(
+        "| scenario | subscribers × messages | delivered | lost | deliveries/s \
+         | vs django -> django | publisher burst s | last delivery after burst ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, (delivered, secs, burst, tail)) in runs {
         let rate = delivered as f64 / secs;
         let lost = subs * msgs - delivered;
         println!(
-            "| {name} | {subs} × {msgs} | {delivered} | {lost} ({:.1}%) | {rate:.0} | {:.1}x |",
+            "| {name} | {subs} × {msgs} | {delivered} | {lost} ({:.1}%) | {rate:.0} | {:.1}x \
+             | {burst:.2} | {:.0} |",
             100.0 * lost as f64 / (subs * msgs) as f64,
-            rate / base
+            rate / base,
+            tail * 1000.0
         );
     }
 }

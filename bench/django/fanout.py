@@ -18,7 +18,11 @@ events and counts what arrives:
 
 Deliveries/s is what arrived divided by the time from the first send to the
 last arrival; lost is what had not arrived when nothing more came for
---idle seconds. Prints a markdown table and one JSON line per scenario.
+--idle seconds. The publisher's burst time and how long after its last send
+the last delivery came show which side is the bottleneck: a Django
+publisher's `group_send` costs O(members) (it reads the group and writes the
+member list into each message), so the receiving side can only be as fast as
+the burst; a short tail means the receiver kept up. Prints a markdown table and one JSON line per scenario.
 
     cargo build --release --features django --example chat
     python3 bench/django/fanout.py [--redis redis://127.0.0.1:6379] [--subs 1000] [--msgs 20]
@@ -155,8 +159,9 @@ async def publish_django(args, prefix):
     proc.stdin.write(b"go\n")
     await proc.stdin.drain()
     start = float((await proc.stdout.readline()).split()[1])
+    end = float((await proc.stdout.readline()).split()[1])
     await proc.wait()
-    return start
+    return start, end
 
 
 async def publish_rust(url, msgs):
@@ -166,12 +171,13 @@ async def publish_rust(url, msgs):
         start = time.time()
         for n in range(msgs):
             await ws.send(json.dumps({"message": f"d {n}"}))
+        end = time.time()
         # Our own copies confirm the server handled every send.
         got = 0
         while got < msgs:
             await ws.recv()
             got += 1
-    return start
+    return start, end
 
 
 async def count(sub_url, n, msgs, idle, go):
@@ -227,7 +233,7 @@ async def scenario(name, sub_url, publish, args):
     for w in workers:
         w.stdin.write(b"go\n")
         await w.stdin.drain()
-    start = await publish()
+    start, end = await publish()
     delivered = bad = 0
     last = 0.0
     for w in workers:
@@ -241,6 +247,7 @@ async def scenario(name, sub_url, publish, args):
         "scenario": name, "subs": args.subs, "msgs": args.msgs, "client_procs": args.procs,
         "expected": expected, "delivered": delivered, "lost": expected - delivered, "bad": bad,
         "seconds": round(elapsed, 3), "deliveries_per_s": round(delivered / elapsed, 1),
+        "publisher_s": round(end - start, 3), "tail_ms": round(1000 * (last - end), 1),
     }
     print(json.dumps(result), flush=True)
     return result
@@ -265,18 +272,22 @@ async def bench(args):
             p.wait()
     base = results[0]["deliveries_per_s"] or 1e-9
     print()
-    print("| scenario | subscribers × messages | delivered | lost | deliveries/s | vs django -> django |")
-    print("|---|---|---|---|---|---|")
+    print("| scenario | subscribers × messages | delivered | lost | deliveries/s | vs django -> django "
+          "| publisher burst s | last delivery after burst ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         lost = f'{r["lost"]} ({100 * r["lost"] / r["expected"]:.1f}%)'
         print(f'| {r["scenario"]} | {r["subs"]} × {r["msgs"]} | {r["delivered"]} | {lost} '
-              f'| {r["deliveries_per_s"]:,.0f} | {r["deliveries_per_s"] / base:.1f}x |')
+              f'| {r["deliveries_per_s"]:,.0f} | {r["deliveries_per_s"] / base:.1f}x '
+              f'| {r["publisher_s"]:.2f} | {r["tail_ms"]:,.0f} |')
     if args.smoke and any(r["lost"] or r["bad"] for r in results):
         raise SystemExit("smoke run lost or corrupted messages")
 
 
 def publish_main(msgs):
     """--publish: a burst of group_send calls from plain Python."""
+    sys.path.insert(0, str(APP))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
     import django
 
     django.setup()
@@ -289,6 +300,7 @@ def publish_main(msgs):
         print("start", start, flush=True)
         for n in range(msgs):
             await layer.group_send(GROUP, {"type": "chat.message", "message": f"d {n}"})
+        print("end", time.time(), flush=True)
 
     print("ready", flush=True)
     sys.stdin.readline()
