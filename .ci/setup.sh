@@ -27,3 +27,11 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 echo "setup done: $(python3 -c 'import websockets; print("websockets", websockets.__version__)'), $(redis-cli -h "$host" -p "$port" info server | grep redis_version | tr -d '\r'), $(chromium --version)"
+
+# Django Channels interop (tests/django.rs, bench/django): the tutorial chat
+# app under tests/django runs on Django + channels + channels_redis, served
+# by daphne; cryptography for symmetric_encryption_keys. Versions that work
+# with Python 3.11.
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  'Django==5.2.*' 'channels==4.3.*' 'channels_redis[cryptography]==4.3.0' 'daphne==4.2.*'
+python3 -c 'import django, channels, channels_redis, daphne; print("django", django.__version__, "channels", channels.__version__, "channels_redis", channels_redis.__version__, "daphne", daphne.__version__)'

@@ -112,6 +112,7 @@
 //! |---|---|---|
 //! | `axum` | yes | reads axum's `ConnectInfo<SocketAddr>` (peer address) and keeps `OriginalUri` in the scope |
 //! | `redis` | no | `channel_layer::redis::RedisChannelLayer` |
+//! | `django` | no | `channel_layer::django`: share groups with a Django Channels app (channels_redis core and pubsub formats) |
 //!
 //! # Cancel safety
 //!

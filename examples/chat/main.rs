@@ -1,5 +1,6 @@
 //! The chat app of the Django Channels tutorial, on axum, with the in-memory
-//! channel layer (or Redis with `--redis`).
+//! channel layer (or Redis with `--redis`, or a Django app's channels_redis
+//! with `--django` / `--django-pubsub`).
 //!
 //! ```text
 //! cargo run --example chat -- --addr 127.0.0.1:8000
@@ -14,10 +15,23 @@
 //! * `POST /rooms/{room}/messages`: an ordinary HTTP handler that sends the
 //!   request body to everyone in the room through the channel layer.
 //!
+//! `--django redis://127.0.0.1:6379` (channels_redis' core layer) or
+//! `--django-pubsub URL` (its pubsub layer, with `--prefix`, default `asgi`; needs
+//! `--features django`) shares the rooms with the Django Channels tutorial
+//! app: its group is `chat_<room>` and its event the tutorial's
+//! `{"type": "chat.message", "message": ...}`.
+//!
 //! `--max-message-size BYTES` raises the incoming message and frame limits
 //! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use axum::{
     extract::{Path, State},
@@ -26,7 +40,7 @@ use axum::{
     routing::{get, post},
     Router,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
     consumer::{
@@ -63,10 +77,38 @@ impl JsonWebsocketConsumer for Chat {
             .await?;
         Ok(())
     }
+
+    async fn event(&mut self, ctx: &mut Context, event: Event) -> Result<(), BoxError> {
+        match event.as_message() {
+            Some(frame) => ctx.send(frame.clone())?,
+            // A typed `chat.message` (Django's dict): render it, as the tutorial's
+            // `chat_message` handler does.
+            None if event.kind() == "chat.message" => {
+                let chat: ChatMessage = event.body()?;
+                ctx.send_json(&chat)?;
+            }
+            None => return Err(format!("no handler for event type {:?}", event.kind()).into()),
+        }
+        Ok(())
+    }
 }
 
-/// The `chat.message` event: the outgoing frame, encoded once for every member.
+/// Django's `{"type": "chat.message", "message": ...}` without its type.
+#[derive(Clone, Serialize, Deserialize)]
+struct ChatMessage {
+    message: String,
+}
+
+/// Whether events must have a Django dict form (`--django*`).
+static DJANGO_EVENTS: AtomicBool = AtomicBool::new(false);
+
+/// The `chat.message` event: the outgoing frame, encoded once for every
+/// member; with `--django*` the tutorial's dict, which each member renders.
 fn chat_event(message: &str) -> Event {
+    if DJANGO_EVENTS.load(Ordering::Relaxed) {
+        let message = message.to_owned();
+        return Event::new("chat.message", ChatMessage { message });
+    }
     let text = serde_json::json!({ "message": message }).to_string();
     Event::text("chat.message", text)
 }
@@ -100,6 +142,8 @@ async fn post_message(
 struct Args {
     addr: SocketAddr,
     redis: Option<String>,
+    django: Option<(String, bool)>,
+    prefix: Option<String>,
     max_message_size: Option<usize>,
 }
 
@@ -107,6 +151,8 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: ([127, 0, 0, 1], 8000).into(),
         redis: None,
+        django: None,
+        prefix: None,
         max_message_size: None,
     };
     let mut it = std::env::args().skip(1);
@@ -117,6 +163,11 @@ fn parse_args() -> Result<Args, String> {
                 args.addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
             }
             "--redis" => args.redis = Some(it.next().ok_or("--redis needs a URL")?),
+            "--django" => args.django = Some((it.next().ok_or("--django needs a URL")?, false)),
+            "--prefix" => args.prefix = Some(it.next().ok_or("--prefix needs a value")?),
+            "--django-pubsub" => {
+                args.django = Some((it.next().ok_or("--django-pubsub needs a URL")?, true))
+            }
             "--max-message-size" => {
                 let v = it.next().ok_or("--max-message-size needs a value")?;
                 let n = v
@@ -127,7 +178,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
-                     [--max-message-size BYTES]"
+                     [--django URL | --django-pubsub URL [--prefix asgi]] [--max-message-size BYTES]"
                         .into(),
                 )
             }
@@ -172,6 +223,11 @@ async fn main() -> Result<(), BoxError> {
     if let Some(url) = &args.redis {
         channels = channels.with_channel_layer(redis_layer(url).await?);
     }
+    if let Some((url, pubsub)) = &args.django {
+        DJANGO_EVENTS.store(true, Ordering::Relaxed);
+        channels =
+            channels.with_channel_layer(django_layer(url, *pubsub, args.prefix.as_deref()).await?);
+    }
     // axum's graceful shutdown does not reach upgraded sockets: on Ctrl-C,
     // close them with 1001 and run every disconnect, then let axum finish.
     let websockets = channels.shutdown_handle();
@@ -212,4 +268,30 @@ async fn redis_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
 #[cfg(not(feature = "redis"))]
 async fn redis_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
     Err("--redis needs the `redis` feature: cargo run --features redis --example chat".into())
+}
+
+#[cfg(feature = "django")]
+async fn django_layer(
+    url: &str,
+    pubsub: bool,
+    prefix: Option<&str>,
+) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    use tower_channels::channel_layer::django::{
+        DjangoChannelLayer, DjangoConfig, DjangoPubSubChannelLayer,
+    };
+    let config = DjangoConfig::new([url]).prefix(prefix.unwrap_or("asgi"));
+    Ok(if pubsub {
+        Arc::new(DjangoPubSubChannelLayer::connect(&config).await?)
+    } else {
+        Arc::new(DjangoChannelLayer::connect(&config).await?)
+    })
+}
+
+#[cfg(not(feature = "django"))]
+async fn django_layer(
+    _url: &str,
+    _pubsub: bool,
+    _prefix: Option<&str>,
+) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Err("--django needs the `django` feature: cargo run --features django --example chat".into())
 }

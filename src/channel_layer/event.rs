@@ -178,6 +178,23 @@ impl Event {
         }
     }
 
+    /// The body as MessagePack (maps with field names): `None` for a bare
+    /// event, an error for a WebSocket-message event. Used by backends that
+    /// speak another system's format (the `django` layer).
+    #[cfg_attr(not(feature = "django"), allow(dead_code))]
+    pub(crate) fn body_msgpack(&self) -> Result<Option<Cow<'_, [u8]>>, EventCodecError> {
+        match &self.0.payload {
+            Payload::None => Ok(None),
+            Payload::Typed { value, encode, .. } => Ok(Some(Cow::Owned(encode(value.as_ref())?))),
+            Payload::Encoded(b) => Ok(Some(Cow::Borrowed(b))),
+            Payload::Message(_) => Err(EventCodecError::new(format_args!(
+                "event {:?} carries a WebSocket message (Event::text/binary/message), which \
+                 has no dict form: send Event::new with a struct or map body instead",
+                self.kind()
+            ))),
+        }
+    }
+
     /// Encodes the event for the wire (see the [module docs](super#wire-format)).
     pub fn encode(&self) -> Result<Bytes, EventCodecError> {
         let (tag, data): (u8, Cow<'_, [u8]>) = match &self.0.payload {

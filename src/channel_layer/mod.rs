@@ -14,7 +14,9 @@
 //!
 //! [`InMemoryChannelLayer`] (the default) works inside one process. The
 //! `redis` feature adds `redis::RedisChannelLayer`, which spans processes
-//! (its module docs describe how, and what it guarantees).
+//! (its module docs describe how, and what it guarantees). The `django`
+//! feature adds `django::DjangoChannelLayer` and `django::DjangoPubSubChannelLayer`,
+//! which speak channels_redis' formats so Rust and Django consumers share groups.
 //!
 //! # Example
 //!
@@ -73,6 +75,8 @@
 //! sends and [`ChannelSender::send_lossy`] for group fan-out. Then run the
 //! conformance suite in [`crate::testing::conformance`] against your type.
 
+#[cfg(feature = "django")]
+pub mod django;
 mod error;
 mod event;
 mod local;

@@ -1,0 +1,157 @@
+//! One Redis host of the ring: a self-reconnecting command connection whose
+//! commands have a deadline and are retried once after a connection error
+//! (so the first command after a Redis restart succeeds).
+
+use std::{future::Future, time::Duration};
+
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, RedisResult,
+};
+use tokio::time::{timeout_at, Instant};
+
+use super::BackendError;
+use crate::channel_layer::ChannelLayerError;
+
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
+pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub(super) struct Host {
+    pub(super) url: String,
+    pub(super) client: redis::Client,
+    conn: ConnectionManager,
+    pub(super) timeout: Duration,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `e` means the connection (not the command) failed, so the
+/// command did not run and may be retried on a fresh connection.
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error()
+}
+
+impl Host {
+    pub(super) async fn connect(url: &str, timeout: Duration) -> Result<Self, ChannelLayerError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BackendError::Redis(format!("invalid Redis URL {url:?}"), e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(RECONNECT_MIN)
+            .set_max_delay(RECONNECT_MAX);
+        let conn = match tokio::time::timeout(
+            timeout + CONNECT_TIMEOUT,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                return Err(
+                    BackendError::Redis(format!("cannot connect to Redis at {url}"), e).into(),
+                )
+            }
+            Err(_) => {
+                return Err(BackendError::Timeout(
+                    format!("connecting to Redis at {url}"),
+                    timeout + CONNECT_TIMEOUT,
+                )
+                .into())
+            }
+        };
+        Ok(Host {
+            url: url.to_owned(),
+            client,
+            conn,
+            timeout,
+        })
+    }
+
+    /// Runs `op` on the command connection within the timeout; after a
+    /// connection-level error it runs it once more (redis-rs reconnects in
+    /// between) if time is left.
+    pub(super) async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T, ChannelLayerError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let timed_out = || BackendError::Timeout(format!("Redis {what}"), self.timeout).into();
+        let failed = |e| BackendError::Redis(format!("Redis {what} failed"), e).into();
+        match timeout_at(deadline, op(self.conn.clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if is_connection_error(&e) => {
+                tracing::debug!(host = %self.url, "Redis {what}: {e}; retrying once");
+                match timeout_at(deadline, op(self.conn.clone())).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(failed(e)),
+                    Err(_) => Err(timed_out()),
+                }
+            }
+            Ok(Err(e)) => Err(failed(e)),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    pub(super) async fn query<T: FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &Cmd,
+    ) -> Result<T, ChannelLayerError> {
+        self.run(what, |mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    pub(super) async fn query_pipe<T: FromRedisValue>(
+        &self,
+        what: &str,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, ChannelLayerError> {
+        self.run(what, |mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// `EVALSHA`, falling back to `EVAL` when Redis forgot the script.
+    pub(super) async fn eval<T: FromRedisValue>(
+        &self,
+        what: &str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, ChannelLayerError> {
+        self.run(what, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    /// A dedicated connection for blocking commands (`BZPOPMIN`), whose
+    /// responses may take `block` plus the timeout.
+    pub(super) async fn blocking_connection(
+        &self,
+        block: Duration,
+    ) -> Result<MultiplexedConnection, String> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(self.timeout)))
+            .set_response_timeout(Some(block + self.timeout));
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT.min(self.timeout) + self.timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+        }
+    }
+}
