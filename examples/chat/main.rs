@@ -1,5 +1,6 @@
 //! The chat app of the Django Channels tutorial, on axum, with the in-memory
-//! channel layer (or Redis with `--redis`).
+//! channel layer (or Redis with `--redis`, a Redis Cluster with
+//! `--redis-cluster URL,URL,...`, NATS with `--nats URL`).
 //!
 //! ```text
 //! cargo run --example chat -- --addr 127.0.0.1:8000
@@ -59,8 +60,12 @@ impl JsonWebsocketConsumer for Chat {
     }
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
-        ctx.group_send(&self.group, chat_event(&msg.message))
-            .await?;
+        if let Err(e) = ctx.group_send(&self.group, chat_event(&msg.message)).await {
+            // A broker outage (Redis or NATS restarting) is temporary: tell
+            // this client its message was not delivered and keep the socket.
+            let error = serde_json::json!({ "error": format!("not delivered: {e}") });
+            ctx.send(Message::text(error.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -100,6 +105,8 @@ async fn post_message(
 struct Args {
     addr: SocketAddr,
     redis: Option<String>,
+    redis_cluster: Option<String>,
+    nats: Option<String>,
     max_message_size: Option<usize>,
 }
 
@@ -107,6 +114,8 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: ([127, 0, 0, 1], 8000).into(),
         redis: None,
+        redis_cluster: None,
+        nats: None,
         max_message_size: None,
     };
     let mut it = std::env::args().skip(1);
@@ -117,6 +126,10 @@ fn parse_args() -> Result<Args, String> {
                 args.addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
             }
             "--redis" => args.redis = Some(it.next().ok_or("--redis needs a URL")?),
+            "--redis-cluster" => {
+                args.redis_cluster = Some(it.next().ok_or("--redis-cluster needs URL,URL,...")?)
+            }
+            "--nats" => args.nats = Some(it.next().ok_or("--nats needs a URL")?),
             "--max-message-size" => {
                 let v = it.next().ok_or("--max-message-size needs a value")?;
                 let n = v
@@ -127,6 +140,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
+                     [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
                      [--max-message-size BYTES]"
                         .into(),
                 )
@@ -172,6 +186,12 @@ async fn main() -> Result<(), BoxError> {
     if let Some(url) = &args.redis {
         channels = channels.with_channel_layer(redis_layer(url).await?);
     }
+    if let Some(urls) = &args.redis_cluster {
+        channels = channels.with_channel_layer(redis_cluster_layer(urls).await?);
+    }
+    if let Some(url) = &args.nats {
+        channels = channels.with_channel_layer(nats_layer(url).await?);
+    }
     // axum's graceful shutdown does not reach upgraded sockets: on Ctrl-C,
     // close them with 1001 and run every disconnect, then let axum finish.
     let websockets = channels.shutdown_handle();
@@ -212,4 +232,28 @@ async fn redis_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
 #[cfg(not(feature = "redis"))]
 async fn redis_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
     Err("--redis needs the `redis` feature: cargo run --features redis --example chat".into())
+}
+
+#[cfg(feature = "redis-cluster")]
+async fn redis_cluster_layer(urls: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    use tower_channels::channel_layer::redis::RedisClusterChannelLayer;
+    Ok(Arc::new(
+        RedisClusterChannelLayer::connect(urls.split(',').map(str::trim)).await?,
+    ))
+}
+
+#[cfg(not(feature = "redis-cluster"))]
+async fn redis_cluster_layer(_urls: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Err("--redis-cluster needs the `redis-cluster` feature".into())
+}
+
+#[cfg(feature = "nats")]
+async fn nats_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    use tower_channels::channel_layer::nats::NatsChannelLayer;
+    Ok(Arc::new(NatsChannelLayer::connect(url).await?))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Err("--nats needs the `nats` feature: cargo run --features nats --example chat".into())
 }
