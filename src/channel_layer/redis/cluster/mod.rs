@@ -86,6 +86,16 @@
 //! sorted-set commands, `SCAN` (only for [`flush`](ChannelLayer::flush)),
 //! and RESP3 (set for you).
 //!
+//! # Known issue
+//!
+//! While a node is down, redis-rs's cluster connection recovers from the
+//! lost node in the same task that forwards push messages; in our tests
+//! (`chat_survives_node_restarts`) messages from the *healthy* shards could
+//! be held up (or, rarely, lost) until the dead node came back. A layer
+//! built on one plain connection per node would avoid that; it was not
+//! built here because redis-rs does everything else (routing, redirects,
+//! re-subscription) right.
+//!
 //! # Limits
 //!
 //! redis-rs keeps an unbounded queue between a node connection and the
