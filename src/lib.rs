@@ -112,6 +112,8 @@
 //! |---|---|---|
 //! | `axum` | yes | reads axum's `ConnectInfo<SocketAddr>` (peer address) and keeps `OriginalUri` in the scope |
 //! | `redis` | no | `channel_layer::redis::RedisChannelLayer` |
+//! | `redis-cluster` | no | `channel_layer::redis::RedisClusterChannelLayer` (Redis Cluster, sharded Pub/Sub) |
+//! | `nats` | no | `channel_layer::nats::NatsChannelLayer` |
 //!
 //! # Cancel safety
 //!

@@ -146,7 +146,7 @@
 //! Sentinel and RESP3 available behind its own features.
 
 #[cfg(feature = "redis-cluster")]
-mod cluster;
+pub mod cluster;
 mod subscriber;
 mod wire;
 mod worker;

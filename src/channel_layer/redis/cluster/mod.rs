@@ -57,15 +57,19 @@
 //! # Redirects, restarts and slot migration
 //!
 //! Routing, `MOVED`/`ASK` redirects, reconnection and re-subscription come
-//! from redis-rs's `cluster-async` connection (re-exported as
-//! [`redis`](super::redis)); redis 1.x supports sharded Pub/Sub there
-//! (`ClusterConnection::ssubscribe`, RESP3 pushes delivered to a
-//! `push_sender`), so this layer keeps no slot map of its own:
+//! from redis-rs's cluster connection
+//! ([`redis::cluster_async`](super::redis::cluster_async)); redis 1.x
+//! supports sharded Pub/Sub there (`ClusterConnection::ssubscribe`, RESP3
+//! pushes delivered to a `push_sender`), so this layer keeps no slot map of
+//! its own:
 //!
 //! * a command sent to a node that no longer owns the slot is redirected
 //!   and redis-rs refreshes its slot map;
-//! * when a node restarts, redis-rs reconnects and subscribes again on it
-//!   to every shard channel it had confirmed there;
+//! * when a node connection drops (a restart), redis-rs reconnects; in our
+//!   tests its own re-subscription did not always restore the shard
+//!   channels, so on redis-rs's disconnection push the layer waits until
+//!   every primary answers `PING` and then `SSUBSCRIBE`s again to
+//!   everything it needs (a repeated `SSUBSCRIBE` is harmless);
 //! * when a slot migrates, the old owner ends its shard subscriptions with
 //!   `SUNSUBSCRIBE` pushes; the layer subscribes again to each one it still
 //!   needs, which redis-rs routes to the new owner;
