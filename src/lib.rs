@@ -113,6 +113,8 @@
 //! | `axum` | yes | reads axum's `ConnectInfo<SocketAddr>` (peer address) and keeps `OriginalUri` in the scope |
 //! | `redis` | no | `channel_layer::redis::RedisChannelLayer` |
 //! | `django` | no | `channel_layer::django`: share groups with a Django Channels app (channels_redis core and pubsub formats) |
+//! | `redis-cluster` | no | `channel_layer::redis::RedisClusterChannelLayer` (Redis Cluster, sharded Pub/Sub) |
+//! | `nats` | no | `channel_layer::nats::NatsChannelLayer` |
 //!
 //! # Cancel safety
 //!

@@ -1,6 +1,7 @@
 //! The chat app of the Django Channels tutorial, on axum, with the in-memory
-//! channel layer (or Redis with `--redis`, or a Django app's channels_redis
-//! with `--django` / `--django-pubsub`).
+//! channel layer (or Redis with `--redis`, a Redis Cluster with
+//! `--redis-cluster URL,URL,...`, NATS with `--nats URL`, or a Django app's
+//! channels_redis with `--django` / `--django-pubsub`).
 //!
 //! ```text
 //! cargo run --example chat -- --addr 127.0.0.1:8000
@@ -73,8 +74,12 @@ impl JsonWebsocketConsumer for Chat {
     }
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
-        ctx.group_send(&self.group, chat_event(&msg.message))
-            .await?;
+        if let Err(e) = ctx.group_send(&self.group, chat_event(&msg.message)).await {
+            // A broker outage (Redis or NATS restarting) is temporary: tell
+            // this client its message was not delivered and keep the socket.
+            let error = serde_json::json!({ "error": format!("not delivered: {e}") });
+            ctx.send(Message::text(error.to_string()))?;
+        }
         Ok(())
     }
 
@@ -144,6 +149,8 @@ struct Args {
     redis: Option<String>,
     django: Option<(String, bool)>,
     prefix: Option<String>,
+    redis_cluster: Option<String>,
+    nats: Option<String>,
     max_message_size: Option<usize>,
 }
 
@@ -153,6 +160,8 @@ fn parse_args() -> Result<Args, String> {
         redis: None,
         django: None,
         prefix: None,
+        redis_cluster: None,
+        nats: None,
         max_message_size: None,
     };
     let mut it = std::env::args().skip(1);
@@ -168,6 +177,10 @@ fn parse_args() -> Result<Args, String> {
             "--django-pubsub" => {
                 args.django = Some((it.next().ok_or("--django-pubsub needs a URL")?, true))
             }
+            "--redis-cluster" => {
+                args.redis_cluster = Some(it.next().ok_or("--redis-cluster needs URL,URL,...")?)
+            }
+            "--nats" => args.nats = Some(it.next().ok_or("--nats needs a URL")?),
             "--max-message-size" => {
                 let v = it.next().ok_or("--max-message-size needs a value")?;
                 let n = v
@@ -178,7 +191,9 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
-                     [--django URL | --django-pubsub URL [--prefix asgi]] [--max-message-size BYTES]"
+                     [--django URL | --django-pubsub URL [--prefix asgi]] \
+                     [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
+                     [--max-message-size BYTES]"
                         .into(),
                 )
             }
@@ -227,6 +242,12 @@ async fn main() -> Result<(), BoxError> {
         DJANGO_EVENTS.store(true, Ordering::Relaxed);
         channels =
             channels.with_channel_layer(django_layer(url, *pubsub, args.prefix.as_deref()).await?);
+    }
+    if let Some(urls) = &args.redis_cluster {
+        channels = channels.with_channel_layer(redis_cluster_layer(urls).await?);
+    }
+    if let Some(url) = &args.nats {
+        channels = channels.with_channel_layer(nats_layer(url).await?);
     }
     // axum's graceful shutdown does not reach upgraded sockets: on Ctrl-C,
     // close them with 1001 and run every disconnect, then let axum finish.
@@ -294,4 +315,28 @@ async fn django_layer(
     _prefix: Option<&str>,
 ) -> Result<Arc<dyn ChannelLayer>, BoxError> {
     Err("--django needs the `django` feature: cargo run --features django --example chat".into())
+}
+
+#[cfg(feature = "redis-cluster")]
+async fn redis_cluster_layer(urls: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    use tower_channels::channel_layer::redis::RedisClusterChannelLayer;
+    Ok(Arc::new(
+        RedisClusterChannelLayer::connect(urls.split(',').map(str::trim)).await?,
+    ))
+}
+
+#[cfg(not(feature = "redis-cluster"))]
+async fn redis_cluster_layer(_urls: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Err("--redis-cluster needs the `redis-cluster` feature".into())
+}
+
+#[cfg(feature = "nats")]
+async fn nats_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    use tower_channels::channel_layer::nats::NatsChannelLayer;
+    Ok(Arc::new(NatsChannelLayer::connect(url).await?))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+    Err("--nats needs the `nats` feature: cargo run --features nats --example chat".into())
 }

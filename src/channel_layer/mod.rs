@@ -16,7 +16,9 @@
 //! `redis` feature adds `redis::RedisChannelLayer`, which spans processes
 //! (its module docs describe how, and what it guarantees). The `django`
 //! feature adds `django::DjangoChannelLayer` and `django::DjangoPubSubChannelLayer`,
-//! which speak channels_redis' formats so Rust and Django consumers share groups.
+//! which speak channels_redis' formats so Rust and Django consumers share groups;
+//! `redis-cluster` adds `redis::RedisClusterChannelLayer` for a Redis Cluster
+//! (sharded Pub/Sub), and `nats` adds `nats::NatsChannelLayer`.
 //!
 //! # Example
 //!
@@ -82,6 +84,8 @@ mod event;
 mod local;
 mod memory;
 mod names;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -114,8 +118,9 @@ pub struct GroupSendReport {
     pub local_members: usize,
     /// Receivers outside this process the broker handed the event to: other
     /// processes subscribed to the group, plus named channels queued on the
-    /// broker. `None` on layers that do not span processes (in-memory).
-    /// A process counts once however many members it has.
+    /// broker. A process counts once however many members it has. `None` on layers
+    /// that do not span processes (in-memory) or whose broker does not tell
+    /// (NATS).
     pub remote_receivers: Option<usize>,
     /// Local members whose channel was full (the event was dropped for them
     /// and they were marked as lagging), plus named channels the broker

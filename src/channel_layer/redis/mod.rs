@@ -118,9 +118,10 @@
 //! (the connection's consumer usually closes on the error, which removes it).
 //!
 //! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (two small Lua
-//! scripts), list and sorted-set commands. Redis Cluster is not supported
-//! (the group-send script touches keys it does not declare); use a single
-//! primary, optionally behind Sentinel or a proxy that forwards Pub/Sub.
+//! scripts), list and sorted-set commands. It does not run on a Redis
+//! Cluster (the group-send script touches keys it does not declare); use a
+//! single primary, optionally behind Sentinel, or `RedisClusterChannelLayer`
+//! (feature `redis-cluster`), which uses the cluster's sharded Pub/Sub.
 //!
 //! # Wire format
 //!
@@ -144,11 +145,16 @@
 //! ([`PubSub::split`](::redis::aio::PubSub::split)), on tokio, with TLS,
 //! Sentinel and RESP3 available behind its own features.
 
+#[cfg(feature = "redis-cluster")]
+pub mod cluster;
 mod subscriber;
 mod wire;
 mod worker;
 
 pub use redis;
+
+#[cfg(feature = "redis-cluster")]
+pub use self::cluster::{RedisClusterChannelLayer, RedisClusterChannelLayerBuilder};
 
 use std::{
     collections::{HashMap, HashSet},

@@ -1,0 +1,510 @@
+//! `NatsChannelLayer` against a real nats-server.
+//!
+//! NATS is taken from `NATS_URL` (as `.ci/setup.sh` starts it); if nothing
+//! answers there and `nats-server` is installed, each test starts its own
+//! on a free port. With neither, the tests print `skipped: no NATS (...)`
+//! and pass, unless `TOWER_CHANNELS_REQUIRE_NATS=1`. Tests that restart the
+//! server always run their own.
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::SinkExt;
+use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tower_channels::channel_layer::{
+    nats::NatsChannelLayer, ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
+};
+use tower_channels::testing::conformance;
+
+// ------------------------------------------------------------------ server
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A nats-server this test started (JetStream on, temporary store); killed
+/// and its directory removed when dropped.
+struct NatsServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    fn available() -> bool {
+        Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    async fn start() -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tower-channels-nats-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("NATS store directory");
+        let mut server = NatsServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Process start-up: poll until it greets.
+        while !answers(&self.url()).await {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {} did not start",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether a NATS server greets at `url` (it sends `INFO` first).
+async fn answers(url: &str) -> bool {
+    let hostport = url.trim_start_matches("nats://").to_owned();
+    let greet = async {
+        let mut stream = tokio::net::TcpStream::connect(&hostport).await.ok()?;
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.ok()?;
+        Some(buf == *b"INFO")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), greet).await,
+        Ok(Some(true))
+    )
+}
+
+struct Target {
+    url: String,
+    _server: Option<NatsServer>,
+}
+
+fn skip(why: &str) {
+    if std::env::var("TOWER_CHANNELS_REQUIRE_NATS").is_ok_and(|v| v == "1") {
+        panic!("no NATS ({why}) and TOWER_CHANNELS_REQUIRE_NATS=1");
+    }
+    eprintln!("skipped: no NATS ({why})");
+}
+
+async fn nats() -> Option<Target> {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    if answers(&url).await {
+        return Some(Target { url, _server: None });
+    }
+    own_server(&format!("nothing answers at {url}"))
+        .await
+        .map(|s| Target {
+            url: s.url(),
+            _server: Some(s),
+        })
+}
+
+async fn own_server(why: &str) -> Option<NatsServer> {
+    if !NatsServer::available() {
+        skip(&format!("{why} and nats-server is not installed"));
+        return None;
+    }
+    Some(NatsServer::start().await)
+}
+
+fn unique_prefix(test: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "tc-test.{test}.p{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn layer(url: &str, prefix: &str, capacity: usize) -> NatsChannelLayer {
+    NatsChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(capacity)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+const RECV: Duration = Duration::from_secs(5);
+
+async fn recv(rx: &mut ChannelReceiver) -> Event {
+    match tokio::time::timeout(RECV, rx.recv()).await {
+        Ok(Ok(e)) => e,
+        other => panic!("{}: expected an event, got {other:?}", rx.name()),
+    }
+}
+
+// -------------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn conformance_suite() {
+    let Some(nats) = nats().await else { return };
+    let url = nats.url.clone();
+    conformance::run_all(|| {
+        let url = url.clone();
+        async move {
+            Arc::new(layer(&url, &unique_prefix("conformance"), 16).await) as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+    conformance::run_pair(|| {
+        let url = url.clone();
+        async move {
+            let prefix = unique_prefix("conformance-pair");
+            let a = layer(&url, &prefix, 16).await;
+            let b = layer(&url, &prefix, 16).await;
+            assert_ne!(a.process_name(), b.process_name());
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_multi_thread() {
+    let Some(nats) = nats().await else { return };
+    let url = nats.url.clone();
+    conformance::run_all(|| {
+        let url = url.clone();
+        async move {
+            Arc::new(layer(&url, &unique_prefix("conformance-mt"), 16).await)
+                as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+}
+
+/// Direct sends across processes answer exactly: full, gone, delivered; a
+/// named channel cannot join a group (not supported without JetStream).
+#[tokio::test]
+async fn direct_sends_and_limits() {
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("direct");
+    let a = layer(&nats.url, &prefix, 2).await;
+    let b = layer(&nats.url, &prefix, 2).await;
+    let mut on_b = b.new_channel().await.unwrap();
+    a.send(on_b.name(), Event::bare("1")).await.unwrap();
+    a.send(on_b.name(), Event::bare("2")).await.unwrap();
+    match a.send(on_b.name(), Event::bare("3")).await {
+        Err(ChannelLayerError::ChannelFull { .. }) => {}
+        other => panic!("expected ChannelFull, got {other:?}"),
+    }
+    assert_eq!(recv(&mut on_b).await.kind(), "1");
+    assert_eq!(recv(&mut on_b).await.kind(), "2");
+    let name = on_b.name().to_owned();
+    drop(on_b);
+    assert!(matches!(
+        a.send(&name, Event::bare("gone")).await,
+        Err(ChannelLayerError::NoSuchChannel { .. })
+    ));
+    assert!(matches!(
+        a.send("nobody-receives-this", Event::bare("x")).await,
+        Err(ChannelLayerError::NoSuchChannel { .. })
+    ));
+    let err = a.group_add("news", "mailer").await.unwrap_err();
+    assert!(err.to_string().contains("JetStream"), "{err}");
+    let report = a.group_send("empty", Event::bare("x")).await.unwrap();
+    assert_eq!(report.remote_receivers, None);
+}
+
+/// Worker channels are load-balanced over the processes receiving them:
+/// every job arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_channel_across_processes() {
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("worker");
+    let a = layer(&nats.url, &prefix, 256).await;
+    let b = layer(&nats.url, &prefix, 256).await;
+    let sender = layer(&nats.url, &prefix, 256).await;
+    let jobs = 200u32;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let total = Arc::new(AtomicUsize::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for (who, l) in [("a", &a), ("b", &b)] {
+        let mut rx = l.receive("thumbnails").await.unwrap();
+        let (seen, total, done_tx) = (seen.clone(), total.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let mut mine = 0;
+            loop {
+                tokio::select! {
+                    event = rx.recv() => {
+                        let n: u32 = event.unwrap().body().unwrap();
+                        seen.lock().unwrap().push(n);
+                        mine += 1;
+                        if total.fetch_add(1, Ordering::SeqCst) + 1 == jobs as usize {
+                            let _ = done_tx.send(());
+                        }
+                    }
+                    () = done_tx.closed() => break,
+                }
+                if total.load(Ordering::SeqCst) >= jobs as usize {
+                    break;
+                }
+            }
+            (who, mine)
+        });
+    }
+    for n in 0..jobs {
+        sender
+            .send("thumbnails", Event::new("thumbnail.make", n))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), done_rx.recv())
+        .await
+        .expect("every job received within 20 s");
+    let seen = seen.lock().unwrap().clone();
+    let unique: HashSet<u32> = seen.iter().copied().collect();
+    assert_eq!(seen.len(), jobs as usize, "a job was received twice");
+    assert_eq!(unique.len(), jobs as usize);
+}
+
+/// The NATS server is killed mid-traffic: sends to other processes fail at
+/// once; when it is back on the same port, async-nats reconnects and
+/// re-subscribes groups, process and worker channels by itself.
+#[tokio::test]
+async fn nats_restart() {
+    let Some(mut server) = own_server("the restart test needs its own server").await else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix("restart");
+    let a = layer(&url, &prefix, 16).await;
+    let b = layer(&url, &prefix, 16).await;
+    let mut member = b.new_channel().await.unwrap();
+    b.group_add("room", member.name()).await.unwrap();
+    let mut worker = b.receive("jobs").await.unwrap();
+    a.group_send("room", Event::bare("before")).await.unwrap();
+    assert_eq!(recv(&mut member).await.kind(), "before");
+
+    server.kill();
+    // The client notices the closed connection on its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.is_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "a still connected 10 s after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let err = a.group_send("room", Event::bare("lost")).await.unwrap_err();
+    assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
+    assert!(err.to_string().contains("not connected to NATS"), "{err}");
+    let err = a
+        .send(member.name(), Event::bare("lost"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Sends within a process need no NATS.
+    b.send(member.name(), Event::bare("local")).await.unwrap();
+    assert_eq!(recv(&mut member).await.kind(), "local");
+
+    server.restart().await;
+    let restarted = Instant::now();
+    loop {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "no group delivery 30 s after the restart"
+        );
+        if a.group_send("room", Event::bare("after")).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), member.recv()).await {
+            Ok(Ok(e)) if e.kind() == "after" => break,
+            Ok(Ok(e)) => panic!("unexpected {e:?}"),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {}
+        }
+    }
+    eprintln!(
+        "nats restart: group delivery resumed {:?} after the server was back",
+        restarted.elapsed()
+    );
+    a.send(member.name(), Event::bare("direct-after"))
+        .await
+        .unwrap();
+    a.send("jobs", Event::bare("job-after")).await.unwrap();
+    assert_eq!(recv(&mut worker).await.kind(), "job-after");
+    loop {
+        let e = recv(&mut member).await;
+        if e.kind() == "direct-after" {
+            break;
+        }
+        assert_eq!(e.kind(), "after");
+    }
+}
+
+// ------------------------------------------------------------- chat example
+
+use common::*;
+
+async fn send_text(ws: &mut Client, text: &str) {
+    ws.send(WsMessage::text(text.to_owned())).await.unwrap();
+}
+
+/// Two chat example processes share rooms through NATS.
+#[tokio::test]
+async fn two_chat_processes_share_a_room() {
+    let Some(nats) = nats().await else { return };
+    let (_a, addr_a) = spawn_example_with("chat", &["--nats", &nats.url]);
+    let (_b, addr_b) = spawn_example_with("chat", &["--nats", &nats.url]);
+    let room = format!("/ws/chat/nats-e2e-{}", std::process::id());
+    let mut on_a = connect(addr_a, &room).await;
+    let mut on_b = connect(addr_b, &room).await;
+    let mut elsewhere = connect(addr_b, &format!("{room}-other")).await;
+    send_text(&mut on_a, r#"{"message":"from a"}"#).await;
+    assert_eq!(next_text(&mut on_a).await, r#"{"message":"from a"}"#);
+    assert_eq!(next_text(&mut on_b).await, r#"{"message":"from a"}"#);
+    send_text(&mut on_b, r#"{"message":"from b"}"#).await;
+    assert_eq!(next_text(&mut on_b).await, r#"{"message":"from b"}"#);
+    assert_eq!(next_text(&mut on_a).await, r#"{"message":"from b"}"#);
+    send_text(&mut elsewhere, r#"{"message":"other room"}"#).await;
+    assert_eq!(
+        next_text(&mut elsewhere).await,
+        r#"{"message":"other room"}"#
+    );
+}
+
+/// The NATS server restarts under two chat processes: messages sent while
+/// it is down get an error frame, and the same sockets carry messages
+/// again once it is back, without being closed.
+#[tokio::test]
+async fn chat_survives_nats_restart() {
+    let Some(mut server) = own_server("the restart test needs its own server").await else {
+        return;
+    };
+    let url = server.url();
+    let (_a, addr_a) = spawn_example_with("chat", &["--nats", &url]);
+    let (_b, addr_b) = spawn_example_with("chat", &["--nats", &url]);
+    let mut on_a = connect(addr_a, "/ws/chat/restart").await;
+    let mut on_b = connect(addr_b, "/ws/chat/restart").await;
+    send_text(&mut on_a, r#"{"message":"hello"}"#).await;
+    assert_eq!(next_text(&mut on_a).await, r#"{"message":"hello"}"#);
+    assert_eq!(next_text(&mut on_b).await, r#"{"message":"hello"}"#);
+
+    server.kill();
+    // Until a's client notices, a send may still be accepted; once it has,
+    // the sender is told its message was not delivered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no error frame while NATS was down"
+        );
+        send_text(&mut on_a, r#"{"message":"during"}"#).await;
+        if next_text(&mut on_a).await.contains("not delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    server.restart().await;
+    let started = Instant::now();
+    let text = r#"{"message":"after restart"}"#;
+    'retry: loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "room silent 30 s after NATS restarted"
+        );
+        send_text(&mut on_a, text).await;
+        if next_text(&mut on_a).await.contains("not delivered") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        // b may first get "during" sends that a's client accepted before it
+        // noticed the outage and flushed after reconnecting.
+        let got = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                let t = next_text(&mut on_b).await;
+                if t != r#"{"message":"during"}"# {
+                    return t;
+                }
+            }
+        })
+        .await;
+        if let Ok(got) = got {
+            assert_eq!(got, text);
+            send_text(&mut on_a, r#"{"message":"sync"}"#).await;
+            assert_eq!(next_text(&mut on_a).await, r#"{"message":"sync"}"#);
+            loop {
+                let t = next_text(&mut on_b).await;
+                if t == r#"{"message":"sync"}"# {
+                    break 'retry;
+                }
+                assert_eq!(t, text);
+            }
+        }
+    }
+}

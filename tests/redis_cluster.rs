@@ -1,0 +1,717 @@
+//! `RedisClusterChannelLayer` against a real Redis Cluster (Redis 7+).
+//!
+//! The shared cluster is taken from `REDIS_CLUSTER_URLS` (comma-separated
+//! seed URLs, as `.ci/setup.sh` starts it); without it, and with
+//! `redis-server` and `redis-cli` installed, each test starts its own
+//! 3-node cluster on free ports. With neither, the tests print
+//! `skipped: ...` and pass, unless `TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER=1`.
+//! Tests that kill a node or move a slot always start their own cluster.
+#![cfg(feature = "redis-cluster")]
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tower_channels::channel_layer::{
+    redis::{redis, RedisClusterChannelLayer},
+    ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
+};
+use tower_channels::testing::conformance;
+
+// ------------------------------------------------------------------ cluster
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct Node {
+    port: u16,
+    bus: u16,
+    child: Option<Child>,
+}
+
+/// A 3-primary cluster this test started; its servers are killed and its
+/// directory removed when dropped.
+struct Cluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn available() -> bool {
+        installed("redis-server") && installed("redis-cli")
+    }
+
+    async fn start() -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tower-channels-cluster-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        let mut cluster = Cluster {
+            dir,
+            nodes: (0..3)
+                .map(|_| Node {
+                    port: free_port(),
+                    bus: free_port(),
+                    child: None,
+                })
+                .collect(),
+        };
+        for i in 0..3 {
+            cluster.spawn(i).await;
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    async fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "node {i} already running");
+        let port = node.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-port", &node.bus.to_string()])
+            .arg("--cluster-config-file")
+            .arg(self.dir.join(format!("nodes-{port}.conf")))
+            .arg("--dir")
+            .arg(&self.dir)
+            // A shard that is down must not stop the others.
+            .args(["--cluster-require-full-coverage", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        node.child = Some(child);
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Process start-up: poll until it answers.
+        while query::<String>(&url, &mut redis::cmd("PING"))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts a killed node on the same port; it keeps its identity and
+    /// slots (its `nodes.conf`).
+    async fn restart(&mut self, i: usize) {
+        self.spawn(i).await;
+        self.wait_ok().await;
+    }
+
+    async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for url in self.urls() {
+            loop {
+                let info = query::<String>(&url, redis::cmd("CLUSTER").arg("INFO")).await;
+                if info.is_ok_and(|i| i.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{url}: cluster_state not ok");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One command on one node (not through the cluster client).
+async fn query<T: redis::FromRedisValue>(url: &str, cmd: &mut redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(url)?;
+    let run = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        cmd.query_async::<T>(&mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), run).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+    }
+}
+
+/// `(node id, port, slot ranges)` of every primary, from `CLUSTER NODES`.
+async fn primaries(url: &str) -> Vec<(String, u16, Vec<(u16, u16)>)> {
+    let nodes: String = query(url, redis::cmd("CLUSTER").arg("NODES"))
+        .await
+        .expect("CLUSTER NODES");
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields.get(2)?.contains("master") {
+                return None;
+            }
+            let port = fields[1]
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let ranges = fields[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some((fields[0].to_owned(), port, ranges))
+        })
+        .collect()
+}
+
+async fn keyslot(url: &str, key: &str) -> u16 {
+    query(url, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+        .await
+        .expect("CLUSTER KEYSLOT")
+}
+
+/// The port of the primary that owns `key`.
+async fn owner(url: &str, key: &str) -> u16 {
+    let slot = keyslot(url, key).await;
+    primaries(url)
+        .await
+        .into_iter()
+        .find(|(_, _, ranges)| ranges.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+        .map(|(_, port, _)| port)
+        .unwrap_or_else(|| panic!("no primary owns slot {slot}"))
+}
+
+/// Where a test finds a cluster; keeps one it started alive.
+struct Target {
+    urls: Vec<String>,
+    _cluster: Option<Cluster>,
+}
+
+fn skip(why: &str) {
+    if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER").is_ok_and(|v| v == "1") {
+        panic!("no Redis Cluster ({why}) and TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER=1");
+    }
+    eprintln!("skipped: no Redis Cluster ({why})");
+}
+
+async fn cluster() -> Option<Target> {
+    if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+        let info = query::<String>(&urls[0], redis::cmd("CLUSTER").arg("INFO")).await;
+        if info.is_ok_and(|i| i.contains("cluster_state:ok")) {
+            return Some(Target {
+                urls,
+                _cluster: None,
+            });
+        }
+        if !Cluster::available() {
+            skip(&format!("REDIS_CLUSTER_URLS={urls:?} does not answer"));
+            return None;
+        }
+    }
+    own_cluster().await.map(|c| Target {
+        urls: c.urls(),
+        _cluster: Some(c),
+    })
+}
+
+async fn own_cluster() -> Option<Cluster> {
+    if !Cluster::available() {
+        skip("REDIS_CLUSTER_URLS is not set and redis-server/redis-cli are not installed");
+        return None;
+    }
+    Some(Cluster::start().await)
+}
+
+fn unique_prefix(test: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "tc-test:{test}:{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn layer(urls: &[String], prefix: &str, capacity: usize) -> RedisClusterChannelLayer {
+    RedisClusterChannelLayer::builder(urls.iter().cloned())
+        .prefix(prefix)
+        .capacity(capacity)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {urls:?}: {e}"))
+}
+
+const RECV: Duration = Duration::from_secs(5);
+
+async fn recv(rx: &mut ChannelReceiver) -> Event {
+    match tokio::time::timeout(RECV, rx.recv()).await {
+        Ok(Ok(e)) => e,
+        other => panic!("{}: expected an event, got {other:?}", rx.name()),
+    }
+}
+
+/// Group sends of `kind` from `from` until `rx` receives one (the layers
+/// are re-subscribing): returns how long it took.
+async fn until_delivered(
+    from: &RedisClusterChannelLayer,
+    group: &str,
+    rx: &mut ChannelReceiver,
+    kind: &'static str,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no delivery to {group:?} within 30 s"
+        );
+        if from.group_send(group, Event::bare(kind)).await.is_err() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            Ok(Ok(e)) if e.kind() == kind => return started.elapsed(),
+            // Late copies of earlier sends.
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Drains earlier retries of `kind` until a final, once-sent event arrives.
+async fn drain_until(
+    from: &RedisClusterChannelLayer,
+    group: &str,
+    rx: &mut ChannelReceiver,
+    kind: &'static str,
+) {
+    from.group_send(group, Event::bare("final")).await.unwrap();
+    loop {
+        let e = recv(rx).await;
+        if e.kind() == "final" {
+            return;
+        }
+        assert_eq!(e.kind(), kind);
+    }
+}
+
+// -------------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn conformance_suite() {
+    let Some(target) = cluster().await else {
+        return;
+    };
+    let urls = target.urls.clone();
+    conformance::run_all(|| {
+        let urls = urls.clone();
+        async move {
+            Arc::new(layer(&urls, &unique_prefix("conformance"), 16).await) as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+    conformance::run_pair(|| {
+        let urls = urls.clone();
+        async move {
+            let prefix = unique_prefix("conformance-pair");
+            let a = layer(&urls, &prefix, 16).await;
+            let b = layer(&urls, &prefix, 16).await;
+            assert_ne!(a.process_name(), b.process_name());
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+/// Groups live on the shard of their name: a dozen groups span at least two
+/// nodes (asked from the servers with `CLUSTER KEYSLOT` / `CLUSTER NODES`),
+/// and every one of them carries group sends between two processes.
+#[tokio::test]
+async fn groups_spread_over_shards() {
+    let Some(target) = cluster().await else {
+        return;
+    };
+    let prefix = unique_prefix("spread");
+    let a = layer(&target.urls, &prefix, 16).await;
+    let b = layer(&target.urls, &prefix, 16).await;
+    let mut owners = HashSet::new();
+    let mut members = Vec::new();
+    for n in 0..12 {
+        let group = format!("room-{n}");
+        let mut rx = b.new_channel().await.unwrap();
+        b.group_add(&group, rx.name()).await.unwrap();
+        let report = a.group_send(&group, Event::new("spread", n)).await.unwrap();
+        assert_eq!(report.remote_receivers, Some(1), "{group}: {report:?}");
+        assert_eq!(recv(&mut rx).await.body::<i32>().unwrap(), n);
+        let key = a.group_key(&group);
+        owners.insert(owner(&target.urls[0], &key).await);
+        members.push(rx);
+    }
+    eprintln!("12 groups on {} of 3 primaries", owners.len());
+    assert!(owners.len() >= 2, "groups all on one node: {owners:?}");
+}
+
+/// The node owning a group's slot is killed mid-traffic: sends to that group
+/// fail promptly with an error naming it, other shards keep working, and
+/// once the node is back both processes deliver again on their own.
+#[tokio::test]
+async fn node_restart() {
+    let Some(mut cluster) = own_cluster().await else {
+        return;
+    };
+    let urls = cluster.urls();
+    let prefix = unique_prefix("restart");
+    let a = layer(&urls, &prefix, 16).await;
+    let b = layer(&urls, &prefix, 16).await;
+    let c = layer(&urls, &prefix, 16).await;
+    let victim_port = cluster.nodes[0].port;
+    // A group on the victim, one elsewhere.
+    let mut on_victim = None;
+    let mut elsewhere = None;
+    for n in 0.. {
+        let group = format!("room-{n}");
+        let port = owner(&urls[0], &a.group_key(&group)).await;
+        match (port == victim_port, &on_victim, &elsewhere) {
+            (true, None, _) => on_victim = Some(group),
+            (false, _, None) => elsewhere = Some(group),
+            _ => {}
+        }
+        if on_victim.is_some() && elsewhere.is_some() {
+            break;
+        }
+    }
+    let (down, up) = (on_victim.unwrap(), elsewhere.unwrap());
+    let mut rx_down = b.new_channel().await.unwrap();
+    let mut rx_up = b.new_channel().await.unwrap();
+    b.group_add(&down, rx_down.name()).await.unwrap();
+    b.group_add(&up, rx_up.name()).await.unwrap();
+    a.group_send(&down, Event::bare("before")).await.unwrap();
+    assert_eq!(recv(&mut rx_down).await.kind(), "before");
+
+    cluster.kill(0);
+    let started = Instant::now();
+    let err = a
+        .group_send(&down, Event::bare("lost"))
+        .await
+        .expect_err("a group send to a shard that is down must fail");
+    let took = started.elapsed();
+    eprintln!("shard down: group send failed after {took:?}: {err}");
+    assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
+    assert!(
+        err.to_string().contains(&down),
+        "the error names the group: {err}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    // The other shard is unaffected.
+    a.group_send(&up, Event::bare("still-up")).await.unwrap();
+    assert_eq!(recv(&mut rx_up).await.kind(), "still-up");
+    // A process without members there cannot subscribe to the dead shard:
+    // its group_add fails with a clear error (b, already subscribed, would
+    // just record the member).
+    let mut late = c.new_channel().await.unwrap();
+    let err = c.group_add(&down, late.name()).await.unwrap_err();
+    eprintln!("shard down: group_add failed: {err}");
+    assert!(err.to_string().contains(&down), "{err}");
+
+    cluster.restart(0).await;
+    let back = until_delivered(&a, &down, &mut rx_down, "after").await;
+    eprintln!("node restart: group delivery resumed {back:?} after the node was back");
+    drain_until(&a, &down, &mut rx_down, "after").await;
+    // The membership that failed to subscribe took effect in the background.
+    until_delivered(&a, &down, &mut late, "late").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(a.is_connected() && b.is_connected() && c.is_connected()) {
+        assert!(
+            Instant::now() < deadline,
+            "layers never reported connected again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A group's slot migrates to another node: the old owner ends the shard
+/// subscription, the layer subscribes again at the new owner, and a sender
+/// with a stale slot map is redirected (`MOVED`).
+#[tokio::test]
+async fn slot_migration() {
+    let Some(cluster) = own_cluster().await else {
+        return;
+    };
+    let urls = cluster.urls();
+    let prefix = unique_prefix("migrate");
+    let a = layer(&urls, &prefix, 16).await;
+    let b = layer(&urls, &prefix, 16).await;
+    let group = "migrating-room";
+    let key = a.group_key(group);
+    let mut rx = b.new_channel().await.unwrap();
+    b.group_add(group, rx.name()).await.unwrap();
+    // A named member too, so the group has a key that must move with the slot.
+    let mut mailer = b.receive("mailer").await.unwrap();
+    a.group_add(group, "mailer").await.unwrap();
+    a.group_send(group, Event::bare("before")).await.unwrap();
+    assert_eq!(recv(&mut rx).await.kind(), "before");
+    assert_eq!(recv(&mut mailer).await.kind(), "before");
+
+    let slot = keyslot(&urls[0], &key).await;
+    let nodes = primaries(&urls[0]).await;
+    let from_port = owner(&urls[0], &key).await;
+    let (from_id, _, _) = nodes.iter().find(|n| n.1 == from_port).unwrap().clone();
+    let (to_id, to_port, _) = nodes.iter().find(|n| n.1 != from_port).unwrap().clone();
+    let url = |port: u16| format!("redis://127.0.0.1:{port}");
+    let setslot = |state: &str, id: &str| {
+        let mut c = redis::cmd("CLUSTER");
+        c.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        c
+    };
+    query::<()>(&url(to_port), &mut setslot("IMPORTING", &from_id))
+        .await
+        .unwrap();
+    query::<()>(&url(from_port), &mut setslot("MIGRATING", &to_id))
+        .await
+        .unwrap();
+    let keys: Vec<String> = query(
+        &url(from_port),
+        redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100),
+    )
+    .await
+    .unwrap();
+    assert!(keys.contains(&key), "{keys:?}");
+    for k in &keys {
+        query::<()>(
+            &url(from_port),
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to_port)
+                .arg(k)
+                .arg(0)
+                .arg(5000),
+        )
+        .await
+        .unwrap();
+    }
+    for (_, port, _) in &nodes {
+        query::<()>(&url(*port), &mut setslot("NODE", &to_id))
+            .await
+            .unwrap();
+    }
+    assert_eq!(owner(&url(to_port), &key).await, to_port);
+
+    let took = until_delivered(&a, group, &mut rx, "after").await;
+    eprintln!("slot migration: group delivery resumed {took:?} after the slot moved");
+    drain_until(&a, group, &mut rx, "after").await;
+    // The named member's membership moved with the slot.
+    let mut got_after = false;
+    loop {
+        let e = recv(&mut mailer).await;
+        match e.kind() {
+            "after" => got_after = true,
+            "final" => break,
+            other => panic!("mailer got {other:?}"),
+        }
+    }
+    assert!(got_after);
+}
+
+// ------------------------------------------------------------- chat example
+
+use common::*;
+
+async fn send_text(ws: &mut Client, text: &str) {
+    ws.send(WsMessage::text(text.to_owned())).await.unwrap();
+}
+
+/// Two chat example processes share rooms through the cluster.
+#[tokio::test]
+async fn two_chat_processes_share_rooms() {
+    let Some(target) = cluster().await else {
+        return;
+    };
+    let urls = target.urls.join(",");
+    let (_a, addr_a) = spawn_example_with("chat", &["--redis-cluster", &urls]);
+    let (_b, addr_b) = spawn_example_with("chat", &["--redis-cluster", &urls]);
+    // Several rooms, so they land on different shards.
+    for n in 0..4 {
+        let room = format!("/ws/chat/cluster-e2e-{}-{n}", std::process::id());
+        let mut on_a = connect(addr_a, &room).await;
+        let mut on_b = connect(addr_b, &room).await;
+        send_text(&mut on_a, r#"{"message":"from a"}"#).await;
+        assert_eq!(next_text(&mut on_a).await, r#"{"message":"from a"}"#);
+        assert_eq!(next_text(&mut on_b).await, r#"{"message":"from a"}"#);
+        send_text(&mut on_b, r#"{"message":"from b"}"#).await;
+        assert_eq!(next_text(&mut on_b).await, r#"{"message":"from b"}"#);
+        assert_eq!(next_text(&mut on_a).await, r#"{"message":"from b"}"#);
+    }
+}
+
+/// Each node of the cluster is restarted in turn while two chat processes
+/// carry a room on every shard: the same sockets carry messages again
+/// afterwards, without being closed.
+#[tokio::test]
+async fn chat_survives_node_restarts() {
+    let Some(mut cluster) = own_cluster().await else {
+        return;
+    };
+    let urls = cluster.urls();
+    let (_a, addr_a) = spawn_example_with("chat", &["--redis-cluster", &urls.join(",")]);
+    let (_b, addr_b) = spawn_example_with("chat", &["--redis-cluster", &urls.join(",")]);
+    // One room per node (the example's groups are `chat_<room>`, default prefix).
+    let mut rooms = Vec::new();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    for n in 0.. {
+        let room = format!("restart-{n}");
+        let port = owner(&urls[0], &format!("tower-channels:group:{{chat_{room}}}")).await;
+        let i = ports.iter().position(|&p| p == port).unwrap();
+        if !rooms.iter().any(|(j, _)| *j == i) {
+            rooms.push((i, room));
+        }
+        if rooms.len() == ports.len() {
+            break;
+        }
+    }
+    let mut sockets = Vec::new();
+    for (i, room) in &rooms {
+        let path = format!("/ws/chat/{room}");
+        let mut on_a = connect(addr_a, &path).await;
+        let mut on_b = connect(addr_b, &path).await;
+        send_text(&mut on_a, r#"{"message":"hello"}"#).await;
+        assert_eq!(next_text(&mut on_a).await, r#"{"message":"hello"}"#);
+        assert_eq!(next_text(&mut on_b).await, r#"{"message":"hello"}"#);
+        sockets.push((*i, on_a, on_b));
+    }
+    for victim in 0..ports.len() {
+        cluster.kill(victim);
+        // Mid-outage: the room on the dead shard answers with an error frame
+        // (the example keeps the socket); the others accept the message.
+        // (b's copies of those may be held up while redis-rs recovers from
+        // the lost node; see the module docs' "Known issue".)
+        for (i, on_a, _) in &mut sockets {
+            send_text(on_a, r#"{"message":"during"}"#).await;
+            let reply = next_text(on_a).await;
+            if *i == victim {
+                assert!(reply.contains("not delivered"), "{reply}");
+            } else {
+                assert_eq!(reply, r#"{"message":"during"}"#);
+            }
+        }
+        cluster.restart(victim).await;
+        for (i, on_a, on_b) in &mut sockets {
+            // Retry until the re-subscribed shard carries the message: the
+            // sender gets an error frame or nothing while it is not.
+            let started = Instant::now();
+            let text = format!(r#"{{"message":"after restart of node {victim}"}}"#);
+            'retry: loop {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "room on node {i} silent 30 s after node {victim} restarted"
+                );
+                send_text(on_a, &text).await;
+                // The sender's own copy, or an error frame while its
+                // process is not reconnected yet.
+                let mine = next_text(on_a).await;
+                if mine.contains("not delivered") {
+                    continue;
+                }
+                assert_eq!(mine, text, "a's copy");
+                let got = tokio::time::timeout(Duration::from_millis(300), async {
+                    loop {
+                        let t = next_text(on_b).await;
+                        if t != r#"{"message":"during"}"# {
+                            return t;
+                        }
+                    }
+                })
+                .await;
+                if let Ok(got) = got {
+                    assert_eq!(got, text);
+                    // Drain copies of earlier tries that arrive late.
+                    send_text(on_a, r#"{"message":"sync"}"#).await;
+                    assert_eq!(next_text(on_a).await, r#"{"message":"sync"}"#);
+                    loop {
+                        let t = next_text(on_b).await;
+                        if t == r#"{"message":"sync"}"# {
+                            break 'retry;
+                        }
+                        assert!(t == text || t == r#"{"message":"during"}"#, "{t}");
+                    }
+                }
+            }
+        }
+    }
+}
