@@ -141,6 +141,10 @@ mod scope;
 pub mod testing;
 pub mod worker;
 
+/// A boxed error: what handlers, consumers and channel-layer backends return
+/// (the same type as [`channel_layer::BoxError`]).
+pub use self::channel_layer::BoxError;
+
 pub use self::{
     config::{RateLimit, WebSocketConfig},
     error::Error,
