@@ -187,3 +187,23 @@ async fn chat_example_survives_a_redis_restart() {
     assert_eq!(next_text(&mut alice).await, r#"{"message":"again"}"#);
     assert_eq!(next_text(&mut bob).await, r#"{"message":"again"}"#);
 }
+
+/// Issue 10 (10): with Redis down, the chat example's `POST` answers 503
+/// without internal error text.
+#[tokio::test]
+async fn chat_post_answers_503_while_redis_is_down() {
+    if skip() {
+        return;
+    }
+    let mut server = RedisServer::start().await;
+    let url = server.url();
+    let (_chat, addr) = spawn_example_with("chat", &["--redis", &url]);
+    server.kill();
+    let req = http::Request::post("/rooms/down/messages")
+        .header("host", addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"hi")))
+        .unwrap();
+    let reply = http1(addr, req).await;
+    assert_eq!(reply.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.body, "temporarily unavailable\n");
+}
