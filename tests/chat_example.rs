@@ -107,3 +107,56 @@ async fn non_ascii_room_names_work_and_stay_apart() {
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
     assert_eq!(reply.body, "room name too long");
 }
+
+/// Issue 14 (13): the chat example's `GET /metrics` in Prometheus' format
+/// reflects real traffic.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_endpoint_is_scraped() {
+    let (_chat, addr) = spawn_example("chat");
+    let mut ws = connect(addr, "/ws/chat/metrics").await;
+    ws.send(WsMessage::text(r#"{"message":"counted"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ws).await, r#"{"message":"counted"}"#);
+    // A refused handshake (cross-site) is counted too.
+    let evil = empty(ws_req(addr, "/ws/chat/metrics").header("origin", "http://evil.example"));
+    assert_eq!(http1(addr, evil).await.status, StatusCode::FORBIDDEN);
+    close(&mut ws).await;
+
+    // The close is recorded after `disconnect` ran; poll the scrape until it shows.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let text = loop {
+        let reply = http1(addr, empty(get_req(addr, "/metrics"))).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        if reply
+            .body
+            .contains("tower_channels_closes_total{code=\"1000\"} 1")
+        {
+            break reply.body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no close in:\n{}",
+            reply.body
+        );
+        tokio::task::yield_now().await;
+    };
+    for line in [
+        "tower_channels_connections_accepted_total 1",
+        "tower_channels_connections_open 0",
+        "tower_channels_handshakes_rejected_total 1",
+        "tower_channels_messages_received_total 1",
+        "tower_channels_messages_sent_total 1",
+        "tower_channels_received_bytes_total 21",
+        "tower_channels_sent_bytes_total 21",
+        "tower_channels_group_sends_total 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE tower_channels_handler_duration_seconds summary")
+            || text.contains("# TYPE tower_channels_handler_duration_seconds histogram"),
+        "{text}"
+    );
+}

@@ -21,6 +21,10 @@
 //! with `{"type":"error","error":"temporarily unavailable"}` and the socket
 //! stays open.
 //!
+//! With `--features metrics`, `GET /metrics` serves the layer's metrics in
+//! Prometheus' text format (`metrics-exporter-prometheus`, rendered into an
+//! axum route).
+//!
 //! `--max-message-size BYTES` raises the incoming message and frame limits
 //! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
 
@@ -253,6 +257,7 @@ async fn main() -> Result<(), BoxError> {
     let websockets = channels.shutdown_handle();
     let app = Router::new()
         .route("/", get(|| async { Html(include_str!("index.html")) }))
+        .merge(metrics_route()?)
         .route(
             "/rooms/{room}/messages",
             // axum stops reading a body past this limit (413).
@@ -284,6 +289,28 @@ async fn main() -> Result<(), BoxError> {
     .with_graceful_shutdown(shutdown)
     .await?;
     Ok(())
+}
+
+/// `GET /metrics` in Prometheus' text format: installs the process's
+/// `metrics` recorder and renders it on request.
+#[cfg(feature = "metrics")]
+fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    // Histograms need periodic upkeep when no exporter task of the crate runs.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(Router::new().route("/metrics", get(move || std::future::ready(handle.render()))))
+}
+
+#[cfg(not(feature = "metrics"))]
+fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
+    Ok(Router::new())
 }
 
 #[cfg(feature = "redis")]

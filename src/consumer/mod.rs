@@ -94,6 +94,7 @@ mod from_fn;
 mod json;
 mod socket;
 pub(crate) mod transport;
+mod unhandled;
 
 pub use self::{
     callback::{consumer, forward_event, ConsumerService, WebsocketConsumer},
@@ -102,6 +103,7 @@ pub use self::{
     from_fn::{from_fn, FromFn},
     json::{json_consumer, Json, JsonDecodeError, JsonWebsocketConsumer},
     socket::{Incoming, WebSocket},
+    unhandled::{forward_event_strict, UnhandledEvent},
 };
 
 pub(crate) use self::connection::{Decision, UpgradeSource};

@@ -1061,6 +1061,7 @@ impl ChannelLayer for RedisChannelLayer {
                 })
                 .await?;
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::group_sent(dropped + full);
             let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
             Ok(GroupSendReport {
                 local_members: delivered,
