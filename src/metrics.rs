@@ -2,30 +2,7 @@
 //! feature the same figures through the [`metrics`](https://docs.rs/metrics)
 //! facade, for Prometheus or any other exporter.
 //!
-//! # Metrics emitted (feature `metrics`)
-//!
-//! Names follow Prometheus' conventions (`_total` counters, base units), all
-//! prefixed `tower_channels_`. Nothing is recorded until the application
-//! installs a recorder (e.g. `metrics-exporter-prometheus`; the chat example
-//! serves `GET /metrics`).
-//!
-//! | name | kind | labels | what |
-//! |---|---|---|---|
-//! | `tower_channels_connections_open` | gauge | | connections open now |
-//! | `tower_channels_connections_accepted_total` | counter | | handshakes accepted |
-//! | `tower_channels_handshakes_rejected_total` | counter | | handshakes refused |
-//! | `tower_channels_messages_received_total` | counter | | data messages from clients |
-//! | `tower_channels_messages_sent_total` | counter | | data messages to clients |
-//! | `tower_channels_received_bytes_total` | counter | | their payload bytes |
-//! | `tower_channels_sent_bytes_total` | counter | | their payload bytes |
-//! | `tower_channels_closes_total` | counter | `code` | closed connections by close code (`1000`...`1015`, `4008`, else `other`) |
-//! | `tower_channels_slow_client_closes_total` | counter | | connections closed with 4008 |
-//! | `tower_channels_dropped_total` | counter | | events and messages dropped for slow clients |
-//! | `tower_channels_ignored_events_total` | counter | | events no handler took, ignored |
-//! | `tower_channels_group_sends_total` | counter | | `group_send` calls that succeeded |
-//! | `tower_channels_group_send_dropped_total` | counter | | members a group send skipped (full) |
-//! | `tower_channels_handler_duration_seconds` | histogram | | time in `receive`/`event` handlers |
-//! | `tower_channels_panics_total` | counter | | handlers that panicked |
+//! The table of emitted metrics is in the [crate docs](crate#metrics).
 
 use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
