@@ -16,6 +16,7 @@
 //! that sends half a request holds its connection forever).
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use tracing_subscriber::prelude::*;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -119,11 +120,17 @@ fn parse_args() -> Result<(SocketAddr, Duration), String> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    // `RUST_LOG` as `level` or `target=level,...` (tracing-subscriber's
+    // `Targets`: no regex engine to compile, unlike `EnvFilter`).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let (addr, header_read_timeout) = parse_args().unwrap_or_else(|msg| {
         eprintln!("{msg}");

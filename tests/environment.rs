@@ -50,7 +50,7 @@ const CHECKS: &[Check] = &[
         name: "chromium",
         require: "TOWER_CHANNELS_REQUIRE_BROWSER",
         tests: "tests/browser.rs",
-        probe: chromium,
+        probe: chromium_and_feature,
     },
     Check {
         name: "django",
@@ -76,6 +76,8 @@ fn features() -> Result<(), String> {
     let missing: Vec<&str> = [
         ("redis", cfg!(feature = "redis")),
         ("metrics", cfg!(feature = "metrics")),
+        ("example-warp", cfg!(feature = "example-warp")),
+        ("test-browser", cfg!(feature = "test-browser")),
     ]
     .into_iter()
     .filter_map(|(name, on)| (!on).then_some(name))
@@ -136,6 +138,15 @@ fn chromium() -> Result<(), String> {
             "no /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver)"
                 .into(),
         )
+    }
+}
+
+fn chromium_and_feature() -> Result<(), String> {
+    chromium()?;
+    if cfg!(feature = "test-browser") {
+        Ok(())
+    } else {
+        Err("built without feature test-browser (cargo test --all-features)".into())
     }
 }
 

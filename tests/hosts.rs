@@ -90,6 +90,7 @@ async fn axum_upgrade_and_echo() {
     check_echo(addr, "axum").await;
 }
 
+#[cfg(feature = "example-warp")]
 #[tokio::test]
 async fn warp_upgrade_and_echo() {
     use warp::Filter;
@@ -283,6 +284,7 @@ async fn axum_peer_address_comes_from_connect_info() {
     );
 }
 
+#[cfg(feature = "example-warp")]
 #[tokio::test]
 async fn warp_example_serves_echo_chat_and_index() {
     check_example("warp", "hello from warp\n", "?token=secret").await;
@@ -295,6 +297,7 @@ async fn hyper_example_serves_echo_chat_and_index() {
 
 /// warp's auth filter guards its own routes, not the sockets the layer
 /// answers first; the chat consumer checks the token in `connect`.
+#[cfg(feature = "example-warp")]
 #[tokio::test]
 async fn warp_example_auth_filters_and_sockets() {
     let (_child, addr) = spawn_example("warp");
@@ -316,7 +319,12 @@ async fn warp_example_auth_filters_and_sockets() {
 #[tokio::test]
 async fn examples_close_half_sent_handshakes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    for name in ["hyper", "warp"] {
+    let examples: &[&str] = if cfg!(feature = "example-warp") {
+        &["hyper", "warp"]
+    } else {
+        &["hyper"]
+    };
+    for &name in examples {
         let (_child, addr) = spawn_example_with(name, &["--header-read-timeout", "0.3"]);
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         stream
@@ -455,6 +463,7 @@ async fn server_without_upgrade_support_does_not_hang() {
 
 /// Issue 14 (10): Ctrl-C on the warp example closes sockets with 1001, then
 /// the process exits.
+#[cfg(feature = "example-warp")]
 #[tokio::test]
 async fn warp_example_shuts_down_gracefully() {
     let (mut child, addr) = spawn_example("warp");

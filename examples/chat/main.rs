@@ -29,6 +29,7 @@
 //! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tracing_subscriber::prelude::*;
 
 use axum::{
     extract::{DefaultBodyLimit, Path, State},
@@ -215,10 +216,17 @@ fn parse_args() -> Result<Args, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    // `RUST_LOG` as `level` or `target=level,...` (tracing-subscriber's
+    // `Targets`: no regex engine to compile, unlike `EnvFilter`).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
         .init();
     let args = match parse_args() {
         Ok(a) => a,
