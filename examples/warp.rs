@@ -2,7 +2,7 @@
 //! shutdown, the peer address and a header-read timeout.
 //!
 //! ```text
-//! cargo run --example warp -- --addr 127.0.0.1:8000 [--header-read-timeout SECS]
+//! cargo run --features example-warp --example warp -- --addr 127.0.0.1:8000 [--header-read-timeout SECS]
 //! ```
 //!
 //! * `GET /`: answered by warp;

@@ -76,7 +76,10 @@
 //!   `into_make_service_with_connect_info::<SocketAddr>()` to get
 //!   [`Scope::peer_addr`].
 //! * **warp**: wrap `warp::service(filter)` with the layer and serve it with
-//!   hyper-util (`examples/warp.rs`).
+//!   hyper-util (`examples/warp.rs`: peer address, graceful shutdown,
+//!   header-read timeout). The layer runs before every warp filter, so warp's
+//!   auth filters never see handshakes on its routes: authenticate sockets
+//!   in `connect` or with a tower layer outside.
 //! * **hyper**: wrap any `Service<Request<Incoming>>` and serve with
 //!   `serve_connection_with_upgrades` (`examples/hyper.rs`); insert
 //!   [`PeerAddr`] for the peer address.
@@ -126,6 +129,7 @@
 //! | `axum` | yes | reads axum's `ConnectInfo<SocketAddr>` (peer address) and keeps `OriginalUri` in the scope |
 //! | `redis` | no | `channel_layer::redis::RedisChannelLayer` |
 //! | `metrics` | no | counters, gauges and a histogram through the [`metrics`](https://docs.rs/metrics) facade (below) |
+//! | `example-warp`, `test-browser` | no | not API: only build `examples/warp.rs` and `tests/browser.rs` |
 //!
 //! # Metrics
 //!
