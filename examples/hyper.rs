@@ -71,8 +71,14 @@ impl JsonWebsocketConsumer for Chat {
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
         let text = serde_json::json!({ "message": msg.message }).to_string();
-        ctx.group_send(&self.group, Event::text("chat.message", text))
-            .await?;
+        // A broker failure is reported to the client; the socket stays open.
+        if let Err(e) = ctx
+            .group_send(&self.group, Event::text("chat.message", text))
+            .await
+        {
+            tracing::warn!(error = %e, "group send failed");
+            ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+        }
         Ok(())
     }
 }

@@ -44,8 +44,15 @@ impl WebsocketConsumer for Thumbnails {
         };
         // Returns at once: the worker replies later through our channel, and
         // the default `event` handler forwards its message to the client.
-        ctx.send_to("thumbnails", Event::new("thumbnail.make", job))
-            .await?;
+        // A full queue or a Redis outage is the client's to retry, not a
+        // reason to drop its socket.
+        if let Err(e) = ctx
+            .send_to("thumbnails", Event::new("thumbnail.make", job))
+            .await
+        {
+            tracing::warn!(error = %e, "could not queue the job");
+            ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+        }
         Ok(())
     }
 }
