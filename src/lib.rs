@@ -129,7 +129,7 @@
 //! | `axum` | yes | reads axum's `ConnectInfo<SocketAddr>` (peer address) and keeps `OriginalUri` in the scope |
 //! | `redis` | no | `channel_layer::redis::RedisChannelLayer` |
 //! | `metrics` | no | counters, gauges and a histogram through the [`metrics`](https://docs.rs/metrics) facade (below) |
-//! | `example-warp`, `test-browser` | no | not API: only build `examples/warp.rs` and `tests/browser.rs` |
+//! | `example-warp`, `test-browser`, `example-metrics` | no | not API: only build `examples/warp.rs`, `tests/browser.rs` and the chat example's `GET /metrics` |
 //!
 //! # Metrics
 //!

@@ -110,7 +110,7 @@ async fn non_ascii_room_names_work_and_stay_apart() {
 
 /// Issue 14 (13): the chat example's `GET /metrics` in Prometheus' format
 /// reflects real traffic.
-#[cfg(feature = "metrics")]
+#[cfg(feature = "example-metrics")]
 #[tokio::test]
 async fn metrics_endpoint_is_scraped() {
     let (_chat, addr) = spawn_example("chat");

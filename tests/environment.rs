@@ -78,6 +78,7 @@ fn features() -> Result<(), String> {
         ("metrics", cfg!(feature = "metrics")),
         ("example-warp", cfg!(feature = "example-warp")),
         ("test-browser", cfg!(feature = "test-browser")),
+        ("example-metrics", cfg!(feature = "example-metrics")),
     ]
     .into_iter()
     .filter_map(|(name, on)| (!on).then_some(name))

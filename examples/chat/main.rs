@@ -21,7 +21,7 @@
 //! with `{"type":"error","error":"temporarily unavailable"}` and the socket
 //! stays open.
 //!
-//! With `--features metrics`, `GET /metrics` serves the layer's metrics in
+//! With `--features example-metrics`, `GET /metrics` serves the layer's metrics in
 //! Prometheus' text format (`metrics-exporter-prometheus`, rendered into an
 //! axum route).
 //!
@@ -301,7 +301,7 @@ async fn main() -> Result<(), BoxError> {
 
 /// `GET /metrics` in Prometheus' text format: installs the process's
 /// `metrics` recorder and renders it on request.
-#[cfg(feature = "metrics")]
+#[cfg(feature = "example-metrics")]
 fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     // Histograms need periodic upkeep when no exporter task of the crate runs.
@@ -316,7 +316,7 @@ fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxErr
     Ok(Router::new().route("/metrics", get(move || std::future::ready(handle.render()))))
 }
 
-#[cfg(not(feature = "metrics"))]
+#[cfg(not(feature = "example-metrics"))]
 fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
     Ok(Router::new())
 }
