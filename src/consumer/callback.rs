@@ -31,7 +31,8 @@ use crate::{
 /// keeps answering pings and writing what the handler sends.
 ///
 /// A handler returning `Err` closes the connection with 1011 and the error is
-/// logged; a handler that panics closes with 1011, its groups are left, and
+/// logged (except [`UnhandledEvent`](super::UnhandledEvent), which is
+/// ignored and counted); a handler that panics closes with 1011, its groups are left, and
 /// only this connection is affected.
 ///
 /// # Example
