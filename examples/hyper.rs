@@ -10,16 +10,20 @@
 //!   (the sender included) receives `{"message": "..."}`.
 //!
 //! The accept loop inserts [`PeerAddr`] into every request so consumers see
-//! the client's address in their scope.
+//! the client's address in their scope, and gives hyper a timer so that
+//! connections whose request headers do not arrive within 10 s are closed
+//! (`header_read_timeout`; without a timer hyper has none, and a client
+//! that sends half a request holds its connection forever).
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use tracing_subscriber::prelude::*;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto::Builder,
 };
 use serde::Deserialize;
@@ -67,8 +71,14 @@ impl JsonWebsocketConsumer for Chat {
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
         let text = serde_json::json!({ "message": msg.message }).to_string();
-        ctx.group_send(&self.group, Event::text("chat.message", text))
-            .await?;
+        // A broker failure is reported to the client; the socket stays open.
+        if let Err(e) = ctx
+            .group_send(&self.group, Event::text("chat.message", text))
+            .await
+        {
+            tracing::warn!(error = %e, "group send failed");
+            ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+        }
         Ok(())
     }
 }
@@ -84,8 +94,10 @@ async fn inner(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallib
     Ok(res)
 }
 
-fn parse_addr() -> Result<SocketAddr, String> {
+/// `--addr ADDR` and `--header-read-timeout SECS` (default 10).
+fn parse_args() -> Result<(SocketAddr, Duration), String> {
     let mut addr: SocketAddr = ([127, 0, 0, 1], 8000).into();
+    let mut header_read_timeout = Duration::from_secs(10);
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -93,25 +105,40 @@ fn parse_addr() -> Result<SocketAddr, String> {
                 let v = it.next().ok_or("--addr needs a value")?;
                 addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
             }
+            "--header-read-timeout" => {
+                let v = it.next().ok_or("--header-read-timeout needs seconds")?;
+                header_read_timeout = v
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .ok_or_else(|| format!("bad --header-read-timeout {v:?}"))?;
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: hyper [--addr 127.0.0.1:8000]"
+                    "unknown argument {other:?}; usage: hyper [--addr 127.0.0.1:8000] \
+                     [--header-read-timeout SECS]"
                 ))
             }
         }
     }
-    Ok(addr)
+    Ok((addr, header_read_timeout))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    // `RUST_LOG` as `level` or `target=level,...` (tracing-subscriber's
+    // `Targets`: no regex engine to compile, unlike `EnvFilter`).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
-    let addr = parse_addr().unwrap_or_else(|msg| {
+    let (addr, header_read_timeout) = parse_args().unwrap_or_else(|msg| {
         eprintln!("{msg}");
         std::process::exit(2)
     });
@@ -139,6 +166,10 @@ async fn main() -> Result<(), BoxError> {
                 service.clone().oneshot(req)
             });
             let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
             builder.http2().enable_connect_protocol();
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)

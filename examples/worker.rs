@@ -11,6 +11,7 @@
 //! and the web process can be separate processes.
 
 use std::{net::SocketAddr, sync::Arc};
+use tracing_subscriber::prelude::*;
 
 use axum::Router;
 use serde::{Deserialize, Serialize};
@@ -43,8 +44,15 @@ impl WebsocketConsumer for Thumbnails {
         };
         // Returns at once: the worker replies later through our channel, and
         // the default `event` handler forwards its message to the client.
-        ctx.send_to("thumbnails", Event::new("thumbnail.make", job))
-            .await?;
+        // A full queue or a Redis outage is the client's to retry, not a
+        // reason to drop its socket.
+        if let Err(e) = ctx
+            .send_to("thumbnails", Event::new("thumbnail.make", job))
+            .await
+        {
+            tracing::warn!(error = %e, "could not queue the job");
+            ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+        }
         Ok(())
     }
 }
@@ -74,10 +82,17 @@ async fn make_thumbnail(ctx: WorkerContext, event: Event) -> Result<(), BoxError
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    // `RUST_LOG` as `level` or `target=level,...` (tracing-subscriber's
+    // `Targets`: no regex engine to compile, unlike `EnvFilter`).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
         .init();
     let mut addr: SocketAddr = ([127, 0, 0, 1], 8002).into();
     let mut redis: Option<String> = None;

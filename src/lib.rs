@@ -76,13 +76,29 @@
 //!   `into_make_service_with_connect_info::<SocketAddr>()` to get
 //!   [`Scope::peer_addr`].
 //! * **warp**: wrap `warp::service(filter)` with the layer and serve it with
-//!   hyper-util (`examples/warp.rs`).
+//!   hyper-util (`examples/warp.rs`: peer address, graceful shutdown,
+//!   header-read timeout). The layer runs before every warp filter, so warp's
+//!   auth filters never see handshakes on its routes: authenticate sockets
+//!   in `connect` or with a tower layer outside.
 //! * **hyper**: wrap any `Service<Request<Incoming>>` and serve with
 //!   `serve_connection_with_upgrades` (`examples/hyper.rs`); insert
 //!   [`PeerAddr`] for the peer address.
 //!
 //! A server without upgrade support gets a clear `500` answer
 //! ([`handshake::rejection::UpgradeUnavailable`]) instead of a hang.
+//!
+//! In axum, the layer added last runs first (`.layer(channels).layer(auth)`
+//! authenticates handshakes), `route_layer` does not see the layer's paths,
+//! and a nested router needs [`WebSocketLayer::into_router`]: see
+//! [`middleware`](middleware#layer-order).
+//!
+//! **Header-read timeout.** hyper closes a connection whose request headers
+//! are incomplete after a timeout only when it has a timer; `axum::serve`
+//! gives it none, so half-sent requests are held forever. With hyper-util
+//! (hyper, warp, or an axum `Router` served by hand) set
+//! `builder.http1().timer(TokioTimer::new()).header_read_timeout(..)` as
+//! `examples/hyper.rs` and `examples/warp.rs` do; in front of `axum::serve`,
+//! let a reverse proxy enforce it (nginx `client_header_timeout`).
 //!
 //! # Sending from outside a connection
 //!
@@ -115,6 +131,32 @@
 //! | `django` | no | `channel_layer::django`: share groups with a Django Channels app (channels_redis core and pubsub formats) |
 //! | `redis-cluster` | no | `channel_layer::redis::RedisClusterChannelLayer` (Redis Cluster, sharded Pub/Sub) |
 //! | `nats` | no | `channel_layer::nats::NatsChannelLayer` |
+//! | `metrics` | no | counters, gauges and a histogram through the [`metrics`](https://docs.rs/metrics) facade (below) |
+//! | `example-warp`, `test-browser`, `example-metrics` | no | not API: only build `examples/warp.rs`, `tests/browser.rs` and the chat example's `GET /metrics` |
+//!
+//! # Metrics
+//!
+//! [`WebSocketLayer::stats`] returns counters to poll. With the `metrics`
+//! feature the same figures, and more, go to whatever recorder the
+//! application installs (e.g. `metrics-exporter-prometheus`: the chat
+//! example serves it on `GET /metrics`). Names follow Prometheus'
+//! conventions, prefixed `tower_channels_`:
+//!
+//! | name | kind | what |
+//! |---|---|---|
+//! | `tower_channels_connections_open` | gauge | connections open now |
+//! | `tower_channels_connections_accepted_total` | counter | handshakes accepted |
+//! | `tower_channels_handshakes_rejected_total` | counter | handshakes refused |
+//! | `tower_channels_messages_received_total` / `_sent_total` | counter | data messages from / to clients |
+//! | `tower_channels_received_bytes_total` / `sent_bytes_total` | counter | their payload bytes |
+//! | `tower_channels_closes_total{code}` | counter | closed connections by close code (`1000`..`1015`, `4008`, else `other`) |
+//! | `tower_channels_slow_client_closes_total` | counter | connections closed with 4008 |
+//! | `tower_channels_dropped_total` | counter | events and messages dropped for slow clients |
+//! | `tower_channels_ignored_events_total` | counter | events no handler took ([`consumer::UnhandledEvent`]) |
+//! | `tower_channels_group_sends_total` | counter | successful group sends (built-in layers) |
+//! | `tower_channels_group_send_dropped_total` | counter | members a group send skipped (queue full) |
+//! | `tower_channels_handler_duration_seconds` | histogram | time in `receive` / `event` handlers |
+//! | `tower_channels_panics_total` | counter | handlers that panicked |
 //!
 //! # Cancel safety
 //!
@@ -143,6 +185,10 @@ pub mod route;
 mod scope;
 pub mod testing;
 pub mod worker;
+
+/// A boxed error: what handlers, consumers and channel-layer backends return
+/// (the same type as [`channel_layer::BoxError`]).
+pub use self::channel_layer::BoxError;
 
 pub use self::{
     config::{RateLimit, WebSocketConfig},

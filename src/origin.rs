@@ -12,6 +12,29 @@
 //! on WebSocket handshakes, so its absence means a non-browser client, which
 //! cannot carry a victim's cookies.
 //!
+//! # Which one to use
+//!
+//! In a deployment, name your origins with [`AllowedOrigins::list`] (or
+//! [`exact`](AllowedOrigins::exact)). [`AllowedOrigins::same_host`] is a
+//! convenience for development and single-host setups: it compares `Origin`
+//! with the request's own `Host`, and `Host` is chosen by whoever sends the
+//! request, so it proves nothing by itself:
+//!
+//! * **DNS rebinding.** A hostile page at `http://evil.example:8000` makes
+//!   `evil.example` resolve to your server (often `127.0.0.1` or a private
+//!   address); the browser then sends `Origin: http://evil.example:8000` *and*
+//!   `Host: evil.example:8000`, which match. Nothing but a fixed list of
+//!   expected origins (or a check of `Host` itself against your domains)
+//!   stops it. Cookies set for your real domain are not sent to the rebound
+//!   name, but anything that trusts the network position (a local dev
+//!   server, an internal service, IP-based access) is exposed.
+//! * **Forged `Host`/`Origin` pairs.** A non-browser client can send any pair;
+//!   that is harmless for cookie authentication (it holds no victim's
+//!   cookies) but means `same_host` is no access control.
+//! * **Proxies.** Behind a reverse proxy that rewrites `Host`, `same_host`
+//!   compares against the proxy's upstream name and refuses real pages; list
+//!   the public origins instead.
+//!
 //! ```
 //! use tower_channels::{origin::AllowedOrigins, WebSocketLayer};
 //!
@@ -84,13 +107,30 @@ impl AllowedOrigins {
 
     /// Origins whose host and port equal the request's `Host` (or HTTP/2
     /// `:authority`): pages served by this same server. Django's
-    /// `AllowedHostsOriginValidator` in spirit.
+    /// `AllowedHostsOriginValidator` in spirit, but without `ALLOWED_HOSTS`:
+    /// it trusts the `Host` header, so it does not stop DNS rebinding (see
+    /// [which one to use](self#which-one-to-use)). Prefer
+    /// [`list`](Self::list) for deployments.
     pub fn same_host() -> Self {
         Self(Inner::SameHost)
     }
 
-    /// Whether the request's origin is allowed.
-    pub(crate) fn allows(&self, parts: &Parts) -> bool {
+    /// Whether the request's origin is allowed (a request without `Origin`
+    /// is). The layer calls it on every handshake; call it yourself to hold
+    /// other endpoints, such as a `POST` that sends to a group, to the same
+    /// policy (CSRF).
+    ///
+    /// ```
+    /// use tower_channels::origin::AllowedOrigins;
+    ///
+    /// let origins = AllowedOrigins::list(["https://example.com"]);
+    /// let req = http::Request::post("/rooms/lobby/messages")
+    ///     .header("origin", "https://evil.example")
+    ///     .body(())
+    ///     .unwrap();
+    /// assert!(!origins.allows(&req.into_parts().0));
+    /// ```
+    pub fn allows(&self, parts: &Parts) -> bool {
         let Some(origin) = parts.headers.get(header::ORIGIN) else {
             return true;
         };

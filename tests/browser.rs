@@ -12,6 +12,7 @@
 //! `TOWER_CHANNELS_REQUIRE_BROWSER=1`, as in CI, where it fails.
 //!
 //! Every wait is bounded; nothing sleeps to synchronize (polls only).
+#![cfg(feature = "test-browser")] // fantoccini is an optional dependency (build time)
 
 use std::{
     collections::VecDeque,

@@ -90,6 +90,7 @@ async fn axum_upgrade_and_echo() {
     check_echo(addr, "axum").await;
 }
 
+#[cfg(feature = "example-warp")]
 #[tokio::test]
 async fn warp_upgrade_and_echo() {
     use warp::Filter;
@@ -283,17 +284,69 @@ async fn axum_peer_address_comes_from_connect_info() {
     );
 }
 
+#[cfg(feature = "example-warp")]
 #[tokio::test]
 async fn warp_example_serves_echo_chat_and_index() {
-    check_example("warp", "hello from warp\n").await;
+    check_example("warp", "hello from warp\n", "?token=secret").await;
 }
 
 #[tokio::test]
 async fn hyper_example_serves_echo_chat_and_index() {
-    check_example("hyper", "hello from hyper\n").await;
+    check_example("hyper", "hello from hyper\n", "").await;
 }
 
-async fn check_example(name: &str, index: &str) {
+/// warp's auth filter guards its own routes, not the sockets the layer
+/// answers first; the chat consumer checks the token in `connect`.
+#[cfg(feature = "example-warp")]
+#[tokio::test]
+async fn warp_example_auth_filters_and_sockets() {
+    let (_child, addr) = spawn_example("warp");
+    let reply = http1(addr, empty(get_req(addr, "/private"))).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let authed = get_req(addr, "/private").header("authorization", "Bearer secret");
+    let reply = http1(addr, empty(authed)).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "secret stuff\n")
+    );
+    let reply = http1(addr, empty(ws_req(addr, "/ws/chat/lobby"))).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.body);
+    assert_eq!(reply.body, "token required");
+}
+
+/// Issue 10 (9): the examples that serve with hyper-util close a connection
+/// whose request headers never complete (here after 0.3 s).
+#[tokio::test]
+async fn examples_close_half_sent_handshakes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let examples: &[&str] = if cfg!(feature = "example-warp") {
+        &["hyper", "warp"]
+    } else {
+        &["hyper"]
+    };
+    for &name in examples {
+        let (_child, addr) = spawn_example_with(name, &["--header-read-timeout", "0.3"]);
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+            .await
+            .expect("write half a request");
+        let mut rest = Vec::new();
+        // EOF (or a reset) within the test timeout: the server hung up.
+        let read = within(
+            "the server closing a half-sent request",
+            stream.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(
+            read.is_err() || rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+            "{name}: unexpected {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+async fn check_example(name: &str, index: &str, chat_query: &str) {
     let (_child, addr) = spawn_example(name);
     let reply = http1(addr, empty(get_req(addr, "/"))).await;
     assert_eq!(
@@ -306,9 +359,9 @@ async fn check_example(name: &str, index: &str) {
     echo_text(&mut echo, "hi").await;
     echo_binary(&mut echo, b"\x01\x02").await;
 
-    let mut a1 = connect(addr, "/ws/chat/lobby").await;
-    let mut a2 = connect(addr, "/ws/chat/lobby").await;
-    let mut b = connect(addr, "/ws/chat/other").await;
+    let mut a1 = connect(addr, &format!("/ws/chat/lobby{chat_query}")).await;
+    let mut a2 = connect(addr, &format!("/ws/chat/lobby{chat_query}")).await;
+    let mut b = connect(addr, &format!("/ws/chat/other{chat_query}")).await;
     a1.send(Message::text(r#"{"message":"hello room"}"#))
         .await
         .expect("send");
@@ -406,4 +459,32 @@ async fn server_without_upgrade_support_does_not_hang() {
         .expect("consumer ran");
     let (is_handshake, message) = result.expect_err("accept cannot succeed without upgrades");
     assert!(is_handshake, "a handshake error, got: {message}");
+}
+
+/// Issue 14 (10): Ctrl-C on the warp example closes sockets with 1001, then
+/// the process exits.
+#[cfg(feature = "example-warp")]
+#[tokio::test]
+async fn warp_example_shuts_down_gracefully() {
+    let (mut child, addr) = spawn_example("warp");
+    let mut ws = connect(addr, "/ws/echo").await;
+    echo_text(&mut ws, "before").await;
+    let pid = child.0.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    assert_eq!(next_close(&mut ws).await.0, 1001);
+    // Send the close reply tungstenite queued, so the server need not wait
+    // for its close timeout.
+    let _ = ws.flush().await;
+    let exit = within(
+        "the warp example to exit",
+        tokio::task::spawn_blocking(move || child.0.wait()),
+    )
+    .await
+    .expect("join")
+    .expect("wait");
+    assert!(exit.success(), "{exit:?}");
 }

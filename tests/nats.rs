@@ -464,7 +464,10 @@ async fn chat_survives_nats_restart() {
             "no error frame while NATS was down"
         );
         send_text(&mut on_a, r#"{"message":"during"}"#).await;
-        if next_text(&mut on_a).await.contains("not delivered") {
+        if next_text(&mut on_a)
+            .await
+            .contains("temporarily unavailable")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -479,7 +482,10 @@ async fn chat_survives_nats_restart() {
             "room silent 30 s after NATS restarted"
         );
         send_text(&mut on_a, text).await;
-        if next_text(&mut on_a).await.contains("not delivered") {
+        if next_text(&mut on_a)
+            .await
+            .contains("temporarily unavailable")
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }

@@ -14,7 +14,18 @@
 //!   (the sender included) receives `{"message": "..."}`;
 //! * `/ws/echo`: echoes every message;
 //! * `POST /rooms/{room}/messages`: an ordinary HTTP handler that sends the
-//!   request body to everyone in the room through the channel layer.
+//!   request body to everyone in the room through the channel layer (same
+//!   origin check and size limit as the WebSocket; `503` when the channel
+//!   layer fails).
+//!
+//! Room names are any text (`café` included): [`room_group`] maps each to a
+//! valid group name. A failed `group_send` (Redis restarting) is answered
+//! with `{"type":"error","error":"temporarily unavailable"}` and the socket
+//! stays open.
+//!
+//! With `--features example-metrics`, `GET /metrics` serves the layer's metrics in
+//! Prometheus' text format (`metrics-exporter-prometheus`, rendered into an
+//! axum route).
 //!
 //! `--django redis://127.0.0.1:6379` (channels_redis' core layer) or
 //! `--django-pubsub URL` (its pubsub layer, with `--prefix`, default `asgi`; needs
@@ -33,10 +44,11 @@ use std::{
     },
     time::Duration,
 };
+use tracing_subscriber::prelude::*;
 
 use axum::{
-    extract::{Path, State},
-    http::StatusCode,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{request::Parts, StatusCode},
     response::Html,
     routing::{get, post},
     Router,
@@ -45,7 +57,8 @@ use serde::{Deserialize, Serialize};
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
     consumer::{
-        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+        consumer, forward_event, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject,
+        WebsocketConsumer,
     },
     message::Message,
     origin::AllowedOrigins,
@@ -67,18 +80,19 @@ impl JsonWebsocketConsumer for Chat {
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         if validate_group_name(&self.group).is_err() {
-            return Err(Reject::new(StatusCode::BAD_REQUEST).body("invalid room name"));
+            return Err(Reject::new(StatusCode::BAD_REQUEST).body("room name too long"));
         }
         ctx.group_add(&self.group).await?;
         Ok(Accept::new())
     }
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
+        // A broker blip (Redis or NATS restarting) is not this client's
+        // fault: tell it and keep the socket (members in this process got the
+        // message anyway; members elsewhere may or may not have).
         if let Err(e) = ctx.group_send(&self.group, chat_event(&msg.message)).await {
-            // A broker outage (Redis or NATS restarting) is temporary: tell
-            // this client its message was not delivered and keep the socket.
-            let error = serde_json::json!({ "error": format!("not delivered: {e}") });
-            ctx.send(Message::text(error.to_string()))?;
+            tracing::warn!(error = %e, group = %self.group, "group send failed");
+            ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
         }
         Ok(())
     }
@@ -92,7 +106,8 @@ impl JsonWebsocketConsumer for Chat {
                 let chat: ChatMessage = event.body()?;
                 ctx.send_json(&chat)?;
             }
-            None => return Err(format!("no handler for event type {:?}", event.kind()).into()),
+            // Other types (e.g. from a newer deploy): ignored and counted.
+            None => forward_event(ctx, &event)?,
         }
         Ok(())
     }
@@ -114,8 +129,28 @@ fn chat_event(message: &str) -> Event {
         let message = message.to_owned();
         return Event::new("chat.message", ChatMessage { message });
     }
-    let text = serde_json::json!({ "message": message }).to_string();
-    Event::text("chat.message", text)
+    Event::text("chat.message", chat_frame(message))
+}
+
+/// The group of a chat room. Group names allow only ASCII letters, digits,
+/// `-`, `_` and `.`; other room names (`café`, `a b`) are hex-encoded under a
+/// prefix a plain name cannot produce, so the mapping is one-to-one. Names
+/// too long for a group (100 characters) are refused by `connect`.
+fn room_group(room: &str) -> String {
+    let plain = room
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if plain && !room.is_empty() {
+        format!("chat_{room}")
+    } else {
+        let hex: String = room.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("chat-x.{hex}")
+    }
+}
+
+/// `{"message": ...}`, the frame every member receives.
+fn chat_frame(message: &str) -> String {
+    serde_json::json!({ "message": message }).to_string()
 }
 
 /// `/ws/echo`: sends every message back.
@@ -128,15 +163,55 @@ impl WebsocketConsumer for Echo {
     }
 }
 
+/// What the HTTP handlers share.
+#[derive(Clone)]
+struct AppState {
+    channel_layer: Arc<dyn ChannelLayer>,
+    /// The WebSocket's origin policy, applied to `POST`s too.
+    origins: AllowedOrigins,
+    /// The WebSocket's message size limit, applied to `POST` bodies and the
+    /// frames they become.
+    max_message_size: usize,
+}
+
+/// Refuses cross-site requests (CSRF): a browser's `Sec-Fetch-Site:
+/// cross-site`, or an `Origin` the WebSocket would refuse. Non-browser
+/// clients send neither and pass, as on the WebSocket.
+fn same_site(state: &AppState, parts: &Parts) -> bool {
+    let cross_site = parts
+        .headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+    !cross_site && state.origins.allows(parts)
+}
+
 async fn post_message(
-    State(layer): State<Arc<dyn ChannelLayer>>,
+    State(state): State<AppState>,
     Path(room): Path<String>,
+    parts: Parts,
     body: String,
-) -> Result<String, (StatusCode, String)> {
-    let report = layer
-        .group_send(&format!("chat_{room}"), chat_event(&body))
+) -> Result<String, (StatusCode, &'static str)> {
+    if !same_site(&state, &parts) {
+        return Err((StatusCode::FORBIDDEN, "cross-site request refused\n"));
+    }
+    let group = room_group(&room);
+    if validate_group_name(&group).is_err() {
+        return Err((StatusCode::BAD_REQUEST, "room name too long\n"));
+    }
+    // The frame, not only the body, must fit (JSON escaping can grow it).
+    let frame = chat_frame(&body);
+    if frame.len() > state.max_message_size {
+        return Err((StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
+    }
+    let report = state
+        .channel_layer
+        .group_send(&group, chat_event(&body))
         .await
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(|e| {
+            // Logged here; the client learns only that it may retry.
+            tracing::warn!(error = %e, group, "group send failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable\n")
+        })?;
     Ok(format!(
         "delivered to {} connections here and {} other processes\n",
         report.local_members,
@@ -205,10 +280,17 @@ fn parse_args() -> Result<Args, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    // `RUST_LOG` as `level` or `target=level,...` (tracing-subscriber's
+    // `Targets`: no regex engine to compile, unlike `EnvFilter`).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
         .init();
     let args = match parse_args() {
         Ok(a) => a,
@@ -221,13 +303,16 @@ async fn main() -> Result<(), BoxError> {
         .route(
             "/ws/chat/{room}",
             json_consumer(|scope| Chat {
-                group: format!("chat_{}", scope.param("room").unwrap_or_default()),
+                group: room_group(scope.param("room").unwrap_or_default()),
             }),
         )
-        .route("/ws/echo", consumer(|_| Echo))
-        // Only pages served by this host may open sockets (defence against
-        // cross-site WebSocket hijacking); clients without Origin are allowed.
-        .allowed_origins(AllowedOrigins::same_host());
+        .route("/ws/echo", consumer(|_| Echo));
+    // Only pages served by this host may open sockets or POST (defence
+    // against cross-site WebSocket hijacking and CSRF); clients without
+    // Origin are allowed. Behind a proxy or in production, list the origins
+    // instead: `same_host` trusts the Host header (see `tower_channels::origin`).
+    let origins = AllowedOrigins::same_host();
+    channels = channels.allowed_origins(origins.clone());
     if let Some(n) = args.max_message_size {
         channels = channels.with_config(
             WebSocketConfig::default()
@@ -235,6 +320,7 @@ async fn main() -> Result<(), BoxError> {
                 .max_frame_size(n),
         );
     }
+    let max_message_size = channels.config().get_max_message_size();
     if let Some(url) = &args.redis {
         channels = channels.with_channel_layer(redis_layer(url).await?);
     }
@@ -254,8 +340,17 @@ async fn main() -> Result<(), BoxError> {
     let websockets = channels.shutdown_handle();
     let app = Router::new()
         .route("/", get(|| async { Html(include_str!("index.html")) }))
-        .route("/rooms/{room}/messages", post(post_message))
-        .with_state(channels.channel_layer())
+        .merge(metrics_route()?)
+        .route(
+            "/rooms/{room}/messages",
+            // axum stops reading a body past this limit (413).
+            post(post_message).layer(DefaultBodyLimit::max(max_message_size)),
+        )
+        .with_state(AppState {
+            channel_layer: channels.channel_layer(),
+            origins,
+            max_message_size,
+        })
         .layer(channels);
 
     let shutdown = async move {
@@ -277,6 +372,28 @@ async fn main() -> Result<(), BoxError> {
     .with_graceful_shutdown(shutdown)
     .await?;
     Ok(())
+}
+
+/// `GET /metrics` in Prometheus' text format: installs the process's
+/// `metrics` recorder and renders it on request.
+#[cfg(feature = "example-metrics")]
+fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    // Histograms need periodic upkeep when no exporter task of the crate runs.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(Router::new().route("/metrics", get(move || std::future::ready(handle.render()))))
+}
+
+#[cfg(not(feature = "example-metrics"))]
+fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
+    Ok(Router::new())
 }
 
 #[cfg(feature = "redis")]

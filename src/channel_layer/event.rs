@@ -195,6 +195,57 @@ impl Event {
         }
     }
 
+    /// Decodes the event into a serde enum tagged by the event type: `E`
+    /// is `#[serde(tag = "type")]`, each variant renamed to an event type
+    /// (`#[serde(rename = "chat.message")]`) and holding the body's fields.
+    /// The body must be a map (a struct) or absent (a unit variant). This is
+    /// typed dispatch: one `match` in `event`, with unknown types left to
+    /// [`forward_event`](crate::consumer::forward_event) (ignored by default).
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use tower_channels::channel_layer::Event;
+    ///
+    /// #[derive(Serialize, Deserialize, Clone)]
+    /// struct Joined { user: String }
+    ///
+    /// #[derive(Deserialize, Debug, PartialEq)]
+    /// #[serde(tag = "type")]
+    /// enum RoomEvent {
+    ///     #[serde(rename = "user.joined")]
+    ///     Joined { user: String },
+    ///     #[serde(rename = "room.closed")]
+    ///     Closed,
+    /// }
+    ///
+    /// let e = Event::new("user.joined", Joined { user: "ada".into() });
+    /// assert_eq!(e.decode_tagged::<RoomEvent>().unwrap(), RoomEvent::Joined { user: "ada".into() });
+    /// // Through the wire format, as from another process:
+    /// let wire = Event::decode(&e.encode().unwrap()).unwrap();
+    /// assert!(matches!(wire.decode_tagged::<RoomEvent>(), Ok(RoomEvent::Joined { .. })));
+    /// assert_eq!(Event::bare("room.closed").decode_tagged::<RoomEvent>().unwrap(), RoomEvent::Closed);
+    /// // A type the enum does not know is an error: leave it to `forward_event`.
+    /// assert!(Event::bare("room.renamed").decode_tagged::<RoomEvent>().is_err());
+    /// ```
+    pub fn decode_tagged<E: DeserializeOwned>(&self) -> Result<E, EventCodecError> {
+        use serde_json::{Map, Value};
+        let mut fields = match &self.0.payload {
+            Payload::None => Map::new(),
+            _ => match self.body::<Value>()? {
+                Value::Object(map) => map,
+                _ => {
+                    return Err(EventCodecError::new(format_args!(
+                        "event {:?}: the body is not a map",
+                        self.kind()
+                    )))
+                }
+            },
+        };
+        fields.insert("type".into(), Value::String(self.kind().to_owned()));
+        serde_json::from_value(Value::Object(fields))
+            .map_err(|e| EventCodecError::new(format_args!("event {:?}: {e}", self.kind())))
+    }
+
     /// Encodes the event for the wire (see the [module docs](super#wire-format)).
     pub fn encode(&self) -> Result<Bytes, EventCodecError> {
         let (tag, data): (u8, Cow<'_, [u8]>) = match &self.0.payload {

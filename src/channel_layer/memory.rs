@@ -171,6 +171,7 @@ impl ChannelLayer for InMemoryChannelLayer {
                 inner
                     .dropped_full
                     .fetch_add(dropped as u64, Ordering::Relaxed);
+                crate::metrics::group_sent(dropped);
                 GroupSendReport {
                     local_members: delivered,
                     remote_receivers: None,

@@ -54,6 +54,21 @@
 //! [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER) rather than
 //! silently miss events.
 //!
+//! **An error means "unknown", not "not delivered".** A backend that crosses
+//! processes gives each operation a timeout; when a send times out (or the
+//! connection breaks mid-command) the broker may still run it afterwards, so
+//! some or all members may get the event later: still at most once each, but
+//! the sender cannot know. Members in the sending process get a group send
+//! before the broker is asked, so they have it even when the call fails.
+//! Handle an error as a service would handle any "maybe" (tell the client it
+//! may retry, keep its socket: see [`consumer`](crate::consumer#when-a-send-fails));
+//! do not resend blindly when duplicates would hurt, or make events
+//! idempotent (an id the client de-duplicates).
+//!
+//! **Order.** Events one task sends (awaiting each send) reach each member in
+//! the order sent, whichever backend; events from different senders, or one
+//! sender's events to different members, have no order between them.
+//!
 //! # Names
 //!
 //! Channel and group names follow Django: ASCII letters, digits, `-`, `_`,

@@ -31,7 +31,8 @@ use crate::{
 /// keeps answering pings and writing what the handler sends.
 ///
 /// A handler returning `Err` closes the connection with 1011 and the error is
-/// logged; a handler that panics closes with 1011, its groups are left, and
+/// logged (except [`UnhandledEvent`](super::UnhandledEvent), which is
+/// ignored and counted); a handler that panics closes with 1011, its groups are left, and
 /// only this connection is affected.
 ///
 /// # Example
@@ -81,9 +82,12 @@ pub trait WebsocketConsumer: Send + 'static {
     /// Handles a channel-layer event.
     ///
     /// The default forwards events that carry a WebSocket message
-    /// ([`Event::message`], the "fastlane") to the client unchanged, and fails
-    /// on any other event, as Django does for a type without a handler.
-    /// Dispatch on [`Event::kind`] to handle typed events.
+    /// ([`Event::message`], the "fastlane") to the client unchanged and
+    /// ignores any other event with a warning and a count
+    /// ([`UnhandledEvent`](super::UnhandledEvent)); Django closes instead,
+    /// which [`forward_event_strict`](super::forward_event_strict) does.
+    /// Dispatch on [`Event::kind`], or decode into a serde enum with
+    /// [`Event::decode_tagged`], to handle typed events.
     fn event(
         &mut self,
         ctx: &mut Context,
@@ -106,11 +110,13 @@ pub trait WebsocketConsumer: Send + 'static {
     }
 }
 
-/// The default `event` behaviour: forward fastlane messages, fail on others.
+/// The default `event` behaviour: forward fastlane messages; for any other
+/// event return [`UnhandledEvent`](super::UnhandledEvent), which the
+/// connection logs, counts and ignores (it does not close).
 pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
     match event.as_message() {
         Some(m) => Ok(ctx.send(m.clone())?),
-        None => Err(format!("no handler for event type {:?}", event.kind()).into()),
+        None => Err(super::UnhandledEvent::new(event.kind()).into()),
     }
 }
 

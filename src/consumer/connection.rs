@@ -279,13 +279,34 @@ impl Reject {
     }
 }
 
+/// Any error, a [`BoxError`](crate::BoxError) included, is a 500 (logged,
+/// never shown to the client): `?` works on them in `connect`.
+///
+/// ```
+/// use tower_channels::{consumer::Reject, BoxError};
+///
+/// fn load_user(token: &str) -> Result<String, BoxError> {
+///     Err(format!("no user for {token:?}").into())
+/// }
+///
+/// fn connect(token: &str) -> Result<String, Reject> {
+///     let user = load_user(token)?; // BoxError -> Reject
+///     let _port: u16 = "80".parse()?; // any std::error::Error -> Reject
+///     Ok(user)
+/// }
+///
+/// let r = connect("t").unwrap_err();
+/// assert_eq!(r.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+/// ```
+// Bounded by `Into<BoxError>`, not `std::error::Error`: `BoxError` itself is
+// no `Error`, and a separate `From<BoxError>` impl would overlap (E0119).
 impl<E> From<E> for Reject
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: Into<BoxError>,
 {
     fn from(e: E) -> Self {
         let mut r = Reject::new(StatusCode::INTERNAL_SERVER_ERROR);
-        r.error = Some(Box::new(e));
+        r.error = Some(e.into());
         r
     }
 }

@@ -52,17 +52,24 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
     runtime.metrics.opened();
     let mut panicked = false;
     let code = loop {
-        let outcome = match poll_fn(|cx| io.poll_io(cx, true)).await {
+        let input = poll_fn(|cx| io.poll_io(cx, true)).await;
+        let started = std::time::Instant::now();
+        let outcome = match input {
             Input::Message(m) => run_handler(consumer.receive(&mut ctx, m), &mut io).await,
             Input::Event(e) => run_handler(consumer.event(&mut ctx, e), &mut io).await,
             Input::Closed(code) => break code,
         };
+        runtime.metrics.handler_time(started.elapsed());
         match outcome {
             Outcome::Done => {}
             Outcome::Failed(e) => {
                 if io.closing.is_some() || io.terminated.is_some() {
                     // Typically a send that failed because the connection is closing.
                     tracing::debug!(error = %e, "consumer handler failed while closing");
+                } else if let Some(unhandled) = e.downcast_ref::<super::UnhandledEvent>() {
+                    // An event type this consumer does not know: not fatal.
+                    super::unhandled::log_ignored(unhandled.kind());
+                    runtime.metrics.ignored_event();
                 } else if io.outbound.lock().overflow {
                     // The send failed because the client is too slow: poll_write
                     // closes with SLOW_CONSUMER, not as a consumer error.
@@ -82,6 +89,7 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
     drop(io);
     Box::pin(finish(consumer, ctx, code, panicked)).await;
     runtime.metrics.closed();
+    runtime.metrics.closed_with(code);
 }
 
 /// The handshake: creates the channel, runs `connect`, answers the client.
@@ -341,6 +349,7 @@ impl Io {
                             TsMessage::Text(_) | TsMessage::Binary(_) => {
                                 if let (true, Some(m)) = (open, Message::from_tungstenite(msg)) {
                                     self.ws.runtime.metrics.message_in();
+                                    self.ws.runtime.metrics.bytes_in(m.len());
                                     if !self.take_token() {
                                         tracing::debug!("rate limit exceeded; closing with 1008");
                                         self.start_close(close_code::POLICY, "rate limit exceeded");
@@ -503,6 +512,7 @@ impl Io {
                 match self.outbound.pop() {
                     Some(m) => {
                         self.ws.runtime.metrics.message_out();
+                        self.ws.runtime.metrics.bytes_out(m.len());
                         m
                     }
                     None => continue,

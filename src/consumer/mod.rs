@@ -48,6 +48,43 @@
 //!     json_consumer(|scope| Chat { group: format!("chat_{}", scope.param("room").unwrap_or("")) }),
 //! );
 //! ```
+//!
+//! # When a send fails
+//!
+//! A handler that returns an error closes its connection with 1011, which
+//! is right for a bug and wrong for a broker blip: with `?` on
+//! `group_send`, a Redis restart disconnects everyone who speaks in that
+//! second. A channel-layer error means "maybe not delivered" (see the
+//! [delivery semantics](crate::channel_layer#delivery-semantics)); answer
+//! it as a production app answers a failed request: log it, tell the client
+//! (which may retry or show a notice), keep the socket.
+//!
+//! ```
+//! # use serde::Deserialize;
+//! # use tower_channels::{channel_layer::Event, consumer::{Context, JsonWebsocketConsumer}, BoxError};
+//! # #[derive(Deserialize)] struct Incoming { message: String }
+//! # struct Chat { group: String }
+//! impl JsonWebsocketConsumer for Chat {
+//!     type Incoming = Incoming;
+//!
+//!     async fn receive_json(&mut self, ctx: &mut Context, msg: Incoming) -> Result<(), BoxError> {
+//!         let text = serde_json::json!({ "message": msg.message }).to_string();
+//!         if let Err(e) = ctx.group_send(&self.group, Event::text("chat.message", text)).await {
+//!             tracing::warn!(error = %e, "group send failed");
+//!             // The details stay in the log; the client learns it may retry.
+//!             ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! ```
+//!
+//! Keep `?` for what should close the socket: a failed `ctx.send` (the
+//! connection is gone) or a broken invariant. In `connect`, `?` on a
+//! `group_add` error refuses the handshake with 500, which a client retries
+//! like any failed request. An HTTP handler that sends to a group answers
+//! `503 Service Unavailable` (`examples/chat/main.rs`, `POST
+//! /rooms/{room}/messages`).
 
 mod callback;
 mod connection;
@@ -58,6 +95,7 @@ mod from_fn;
 mod json;
 mod socket;
 pub(crate) mod transport;
+mod unhandled;
 
 pub use self::{
     callback::{consumer, forward_event, CallbackConsumer, WebsocketConsumer},
@@ -67,6 +105,7 @@ pub use self::{
     from_fn::{from_fn, FromFn},
     json::{json_consumer, Json, JsonDecodeError, JsonWebsocketConsumer},
     socket::{Incoming, WebSocket},
+    unhandled::{forward_event_strict, UnhandledEvent},
 };
 
 pub(crate) use self::connection::{Decision, UpgradeSource};

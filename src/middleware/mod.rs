@@ -21,11 +21,71 @@
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(channels);
 //! ```
+//!
+//! # Layer order
+//!
+//! In axum each `.layer(x)` wraps everything added before it, so the layer
+//! added **last runs first**. The WebSocket layer answers its handshakes
+//! itself and passes everything else inward:
+//!
+//! ```text
+//! Router::new().route(..).layer(channels).layer(auth)
+//!
+//!   request ──▶ auth ──▶ channels ──┬─ WebSocket on its routes ──▶ consumer
+//!                                   └─ anything else ─────────────▶ routes
+//!
+//! Router::new().route(..).layer(auth).layer(channels)
+//!
+//!   request ──▶ channels ──┬─ WebSocket on its routes ──▶ consumer   (auth never runs)
+//!                          └─ anything else ──▶ auth ──▶ routes
+//! ```
+//!
+//! * `.layer(channels).layer(auth)`: auth sees every handshake first; it can
+//!   refuse it (its own 401) or put a `User` in the request extensions,
+//!   which the consumer reads from [`Scope::extensions`](crate::Scope::extensions).
+//!   This is usually what you want.
+//! * `.layer(auth).layer(channels)`: sockets bypass auth (the consumer sees
+//!   no `User`); only HTTP routes are protected.
+//! * `.route_layer(auth)` wraps matched axum routes only, and the layer's
+//!   paths are not axum routes: auth never runs for them. Use `.layer`, or
+//!   merge the layer's routes as real routes with
+//!   [`WebSocketLayer::into_router`] (feature `axum`), which `route_layer`
+//!   then covers.
+//! * tower's `ServiceBuilder::new().layer(a).layer(b)` reads the other way
+//!   round: `a` is outermost and runs first.
+//!
+//! # Nested routers
+//!
+//! `Router::nest("/api", api)` hands the nested router only the requests
+//! that match one of *its* routes (with `/api` stripped from the path). A
+//! WebSocket layer applied to `api` therefore never sees `/api/ws`, and axum
+//! answers 404. Either put the layer on the outer router with the full path
+//! (`route("/api/ws", ..)`), or merge its routes into the nested router:
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+//!
+//! struct Echo;
+//! impl WebsocketConsumer for Echo {}
+//!
+//! let channels = WebSocketLayer::new().route("/ws", consumer(|_| Echo));
+//! let api: Router = Router::new()
+//!     .route("/users", get(|| async { "[]" }))
+//!     .merge(channels.into_router()); // a route of `api`: /api/ws once nested
+//! let app: Router = Router::new().nest("/api", api);
+//! ```
+//!
+//! Patterns are matched against the path the router hands down
+//! (`req.uri().path()`, prefix stripped); the full path stays in axum's
+//! `OriginalUri`.
 
 mod body;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+#[cfg(feature = "axum")]
+mod router;
 mod service;
 mod shutdown;
 

@@ -4,6 +4,9 @@
 //! Every wait is bounded by [`TIMEOUT`]; nothing sleeps.
 #![allow(dead_code)]
 
+#[cfg(feature = "redis")]
+pub(crate) mod redis_server;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,

@@ -58,7 +58,8 @@
 //!   decodes it once and hands the same [`Event`] to its local members with
 //!   [`ChannelSender::send_lossy`] (a full member drops it, is counted and
 //!   sees [`RecvError::Lagged`](super::RecvError::Lagged)). The sending
-//!   instance delivers to its own members directly, so its
+//!   instance delivers to its own members directly, before the `PUBLISH`
+//!   (they never wait for Redis, and ignore their own publication), so its
 //!   [`GroupSendReport::local_members`] counts them exactly; other processes
 //!   add one each to [`GroupSendReport::remote_receivers`], and count their members in their own [`stats`](ChannelLayer::stats).
 //! * **Named channels** without `!` (worker channels such as `"thumbnails"`,
@@ -97,12 +98,36 @@
 //! traffic is disconnected by Redis (`client-output-buffer-limit pubsub`),
 //! reconnects, and loses what was published in between.
 //!
+//! ## Timeouts: "timed out" means "unknown"
+//!
+//! A command that times out was sent and may still run: with Redis stalled
+//! (paused, swapping, a long script), a [`group_send`](ChannelLayer::group_send)
+//! fails after the timeout, then Redis runs the queued `PUBLISH` and the
+//! other processes' members get the event, once. The same holds for a
+//! connection that breaks while a command is in flight. So an error from a
+//! send means "delivered to some, all or none of the members elsewhere",
+//! never "delivered twice": nothing here resends a command that may have
+//! reached Redis. This process's own members got a group send before Redis
+//! was asked, error or not.
+//!
+//! ## Order
+//!
+//! Every command goes over one multiplexed connection, in the order sent,
+//! and each process's Pub/Sub task fans out in the order Redis delivers. So
+//! events one task sends (awaiting each) reach every member in that order,
+//! local and remote; events from different senders are not ordered. A send
+//! that timed out may still run, but before any later send of the same
+//! layer, or not at all.
+//!
 //! # Faults
 //!
 //! Every Redis command has a timeout (2 s by default, see
 //! [`RedisChannelLayerBuilder::timeout`]), so while Redis is unreachable
 //! sends fail promptly with [`ChannelLayerError::Backend`] instead of
-//! hanging. One background task owns the Pub/Sub connection; when it breaks
+//! hanging. A command refused because the connection manager's last
+//! reconnect failed (it had never reached Redis) is tried once more, on a
+//! fresh connection, within the same timeout: the first command after Redis
+//! comes back succeeds instead of reporting the outage that just ended. One background task owns the Pub/Sub connection; when it breaks
 //! (Redis restarted, network failure, a missed health-check `PING`) the task
 //! reconnects with exponential backoff (50 ms doubling up to 1 s) and
 //! subscribes again to the process channel and every group that has a local
@@ -110,12 +135,15 @@
 //! Command connections are re-established the same way by redis-rs's
 //! [`ConnectionManager`], and worker receivers by their own loop.
 //!
-//! While Redis is unreachable a group send fails as a whole (local members
-//! do not get the event either), and so does a direct send to another
+//! While Redis is unreachable a group send fails (its members in this
+//! process still get the event), and so does a direct send to another
 //! process or a named channel; sends to channels of the same instance keep
 //! working. A [`group_add`](ChannelLayer::group_add) of a local channel
-//! fails too, but the membership is kept and takes effect on reconnection
-//! (the connection's consumer usually closes on the error, which removes it).
+//! waits, within the timeout, for the Pub/Sub connection to come back (it
+//! is retried at once instead of after the full backoff) and then succeeds;
+//! if Redis stays away it fails, but the membership is kept and takes effect
+//! on reconnection (the connection's consumer usually closes on the error,
+//! which removes it).
 //!
 //! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (two small Lua
 //! scripts), list and sorted-set commands. It does not run on a Redis
@@ -574,8 +602,11 @@ impl Inner {
     }
 
     async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QueryError> {
-        let mut conn = self.conn.clone();
-        self.within_timeout(cmd.query_async::<T>(&mut conn)).await
+        self.within_timeout(|| {
+            let mut conn = self.conn.clone();
+            async move { cmd.query_async::<T>(&mut conn).await }
+        })
+        .await
     }
 
     /// Runs a pipeline (in a `MULTI` if atomic) with the layer's timeout.
@@ -584,17 +615,34 @@ impl Inner {
         what: &str,
         pipe: &redis::Pipeline,
     ) -> Result<(), ChannelLayerError> {
-        let mut conn = self.conn.clone();
-        self.within_timeout(pipe.query_async::<()>(&mut conn))
-            .await
-            .map_err(|e| e.context(what))
+        self.within_timeout(|| {
+            let mut conn = self.conn.clone();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        })
+        .await
+        .map_err(|e| e.context(what))
     }
 
-    async fn within_timeout<T>(
-        &self,
-        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, QueryError> {
-        match tokio::time::timeout(self.config.timeout, fut).await {
+    /// Runs `attempt` within the layer's timeout. An attempt that failed
+    /// because the connection was refused (the connection manager's last
+    /// reconnect failed, so the command never reached Redis) is made once
+    /// more, on the connection the manager re-establishes, within the same
+    /// timeout: the first command after a Redis restart then succeeds.
+    /// Errors that may have reached Redis are never retried (at most once).
+    async fn within_timeout<T, F>(&self, attempt: impl Fn() -> F) -> Result<T, QueryError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            match attempt().await {
+                Err(e) if never_sent(&e) => {
+                    tracing::debug!(error = %e, "Redis command retried after reconnecting");
+                    attempt().await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.config.timeout, attempts).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(QueryError::Redis(e)),
             Err(_) => Err(QueryError::Timeout(self.config.timeout)),
@@ -817,6 +865,12 @@ impl QueryError {
     }
 }
 
+/// Whether a failed command certainly did not reach Redis, so one retry
+/// cannot run it twice.
+fn never_sent(e: &RedisError) -> bool {
+    e.is_connection_refusal()
+}
+
 fn escape_glob(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -997,6 +1051,9 @@ impl ChannelLayer for RedisChannelLayer {
             // its removal (if any) confirmed after. During (un)subscription
             // races the count of other processes may be off by one.
             let subscribed_before = lock(&inner.subscribed).contains(group);
+            // This process ignores its own publication and delivers here,
+            // first: its members never wait for (or miss) a Redis round trip.
+            let (delivered, dropped) = inner.fan_out(group, &event);
             let (receivers, pushed, full): (usize, usize, usize) = inner
                 .eval("group send", &inner.scripts.group_send, |c| {
                     c.arg(1)
@@ -1010,8 +1067,7 @@ impl ChannelLayer for RedisChannelLayer {
                 })
                 .await?;
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-            // This process ignores its own publication and delivers here.
-            let (delivered, dropped) = inner.fan_out(group, &event);
+            crate::metrics::group_sent(dropped + full);
             let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
             Ok(GroupSendReport {
                 local_members: delivered,

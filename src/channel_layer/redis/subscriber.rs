@@ -102,6 +102,9 @@ pub(super) struct Subscriber {
     conn: Option<PubSub>,
     backoff: Duration,
     next_attempt: Instant,
+    /// Membership changes made while disconnected, acknowledged once `open`
+    /// has subscribed again (their waiters time out on their own).
+    waiting: Vec<Ack>,
 }
 
 enum Wake {
@@ -124,6 +127,7 @@ impl Subscriber {
             conn: Some(conn),
             backoff: RECONNECT_MIN,
             next_attempt: Instant::now(),
+            waiting: Vec::new(),
         }
     }
 
@@ -170,6 +174,9 @@ impl Subscriber {
                 self.conn = Some(conn);
                 self.backoff = RECONNECT_MIN;
                 inner.connected.store(true, Ordering::Relaxed);
+                for ack in self.waiting.drain(..) {
+                    let _ = ack.send(Ok(()));
+                }
             }
             Err(e) => {
                 tracing::debug!(process = %inner.head, retry_in = ?self.backoff, "Redis Pub/Sub reconnect failed: {e}");
@@ -212,6 +219,21 @@ impl Subscriber {
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
+        if self.conn.is_none() {
+            // `open` subscribes to every group with local members: answer
+            // after it, and try it soon instead of after the full backoff,
+            // so a `group_add` right after a Redis restart succeeds.
+            let ack = match cmd {
+                Command::Sync { ack, .. } => ack,
+                Command::SyncAll { ack } => Some(ack),
+            };
+            if let Some(ack) = ack {
+                self.waiting.retain(|a| !a.is_closed());
+                self.waiting.push(ack);
+                self.next_attempt = self.next_attempt.min(Instant::now() + RECONNECT_MIN);
+            }
+            return;
+        }
         match cmd {
             Command::Sync { group, ack } => {
                 let result = self.reconcile(&inner, vec![group]).await;

@@ -1,0 +1,110 @@
+//! A `redis-server` a test starts on a free port, and may stop, restart,
+//! pause (`SIGSTOP`) and resume (`SIGCONT`).
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tower_channels::channel_layer::redis::redis;
+
+/// A `redis-server` this test started; killed when dropped.
+pub(crate) struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Whether `redis-server` can be run.
+    pub(crate) fn available() -> bool {
+        Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Starts a server on a free port and waits until it answers `PING`.
+    pub(crate) async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = RedisServer { child: None, port };
+        server.restart().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again (after [`kill`](Self::kill)) on the same port.
+    pub(crate) async fn restart(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        // Wait for the process to accept connections (start-up, not event
+        // synchronization).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !answers(&self.url()).await {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Kills the server and waits for it to exit.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` (`"STOP"`, `"CONT"`) to the server process.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A stopped process cannot act on SIGKILL's cleanup until resumed.
+            self.signal("CONT");
+        }
+        self.kill();
+    }
+}
+
+/// Whether a Redis server answers `PING` at `url` within a second.
+pub(crate) async fn answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let ping = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ping).await,
+        Ok(Ok(_))
+    )
+}
