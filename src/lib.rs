@@ -130,6 +130,7 @@
 pub mod channel_layer;
 mod config;
 pub mod consumer;
+mod engine;
 mod error;
 pub mod handshake;
 pub mod message;

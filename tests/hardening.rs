@@ -634,6 +634,9 @@ async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
     let (gone_tx, mut gone) = mpsc::unbounded_channel();
     let config = WebSocketConfig::default()
         .max_outbound_bytes(MAX_OUTBOUND)
+        // The stalled client is over its budget within the first few hundred
+        // messages; closed half a second later.
+        .slow_client_timeout(Duration::from_millis(500))
         // The server waits this long for the slow client's close reply; the
         // test reads it only after the fast subscribers are done.
         .close_timeout(Duration::from_secs(60));
@@ -785,6 +788,12 @@ async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
         "every subscriber got every message"
     );
 
+    // The stalled client was closed while the others were served (by time:
+    // it stayed above its budget); once it reads it gets the close frame.
+    wait_until("the stalled client to be closed", || {
+        channels.stats().dropped_slow >= 1
+    })
+    .await;
     // Now read the slow client: what got through, then the close frame.
     let mut slow_received = 0usize;
     let mut close = None;

@@ -56,7 +56,6 @@ mod driver;
 mod from_fn;
 mod json;
 mod socket;
-pub(crate) mod transport;
 
 pub use self::{
     callback::{consumer, forward_event, ConsumerService, WebsocketConsumer},

@@ -4,19 +4,18 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
 use tower_service::Service;
 
 use crate::{
     channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
-    consumer::{transport::Transport, Connection, Decision, UpgradeSource},
+    consumer::{Connection, Decision, UpgradeSource},
+    engine::{Runtime, Transport},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
-    metrics::Metrics,
-    middleware::{Runtime, WebSocketLayer},
-    origin::AllowedOrigins,
+    middleware::WebSocketLayer,
     route::RoutePattern,
-    Scope, WebSocketConfig,
+    Scope,
 };
 
 /// How long [`Communicator::receive`] waits by default.
@@ -139,13 +138,7 @@ impl Communicator {
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
     {
-        let runtime = Arc::new(Runtime {
-            channel_layer: layer.clone(),
-            config: WebSocketConfig::default(),
-            origins: AllowedOrigins::default(),
-            metrics: Metrics::default(),
-            tracker: Default::default(),
-        });
+        let runtime = Arc::new(Runtime::new(layer.clone()));
         let scope = Scope::for_test(route, request);
         Self {
             start: Some(Start {
@@ -213,15 +206,13 @@ impl Communicator {
             .take()
             .expect("Communicator::connect called twice");
         let (server, client) = tokio::io::duplex(64 * 1024);
-        let (tx, rx) = oneshot::channel();
-        let conn = Connection {
-            scope: start.scope,
-            runtime: start.runtime,
-            upgrade: Some(UpgradeSource::Ready(Transport::Duplex(server))),
-            decision: Some(tx),
-            inbox: None,
-        };
-        self.task = Some(tokio::spawn((start.consumer)(conn)));
+        let (rx, host) = Connection::start(
+            start.scope,
+            start.runtime,
+            UpgradeSource::Ready(Transport::Duplex(server)),
+            start.consumer,
+        );
+        self.task = Some(tokio::spawn(host));
         match rx.await {
             Ok(Decision::Accept { protocol, .. }) => {
                 self.client =
