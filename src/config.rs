@@ -32,13 +32,15 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 /// A client is slow when it does not read what the server sends. The policy
 /// is by time, not by burst size:
 ///
-/// * [`max_outbound_bytes`](Self::max_outbound_bytes) is a **soft budget**:
-///   the bytes a connection has queued and not yet written to the socket
-///   (its own queue plus the frame writer's buffer) may exceed it, but for
-///   at most [`slow_client_timeout`](Self::slow_client_timeout) at a time.
-///   A client that keeps reading brings the queue back under the budget and
-///   the clock restarts; a burst of 3,000 x 4 KB messages therefore passes
-///   a reading client, however large the burst is relative to the budget.
+/// * [`max_outbound_bytes`](Self::max_outbound_bytes) is a **soft budget**
+///   on the bytes a connection has queued and not yet written to the socket
+///   (its own queue plus the frame writer's buffer). A connection above it
+///   must read at least one budget's worth within every
+///   [`slow_client_timeout`](Self::slow_client_timeout) (1 MiB per 5 s by
+///   default, i.e. 200 KiB/s): each time it has, the clock restarts. A burst
+///   of 3,000 x 4 KB messages therefore passes a client that keeps reading,
+///   however large the burst is relative to the budget, while a client that
+///   stops reading is closed `slow_client_timeout` after it fell behind.
 /// * **16 x the soft budget is a hard cap**: a send that would cross it
 ///   closes the connection at once. This bounds the memory one connection
 ///   can hold whatever the timing.
@@ -170,8 +172,9 @@ impl WebSocketConfig {
         max_outbound_bytes, get_max_outbound_bytes: usize
     );
     setting!(
-        /// How long a connection may stay above its soft outbound budget
-        /// before it is closed with 4008. See [Slow clients](Self#slow-clients).
+        /// How long a connection above its soft outbound budget may go without
+        /// reading a budget's worth before it is closed with 4008. See
+        /// [Slow clients](Self#slow-clients).
         slow_client_timeout, get_slow_client_timeout: Duration
     );
     setting!(

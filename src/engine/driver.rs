@@ -78,8 +78,11 @@ pub(crate) struct Engine {
     hold_until: Option<Instant>,
     last_seen: Instant,
     next_ping: Option<Instant>,
-    /// Since when the queue has been above the soft budget.
-    over_budget_since: Option<Instant>,
+    /// Since when the queue has been above the soft budget, and `drained`
+    /// at that moment.
+    over_budget_since: Option<(Instant, usize)>,
+    /// Bytes of application output moved to the writer so far.
+    drained: usize,
     shutdown: Option<Pin<Box<OwnedNotified>>>,
     rate: Option<(RateLimit, f64, Instant)>,
 }
@@ -121,6 +124,7 @@ impl Engine {
             last_seen: now,
             next_ping: config.ping_interval.map(|i| now + i),
             over_budget_since: None,
+            drained: 0,
             shutdown: Some(Box::pin(runtime.tracker.signal.clone().notified_owned())),
             rate: config
                 .rate_limit
@@ -339,6 +343,7 @@ impl Engine {
                 };
                 match next {
                     Some(out) => {
+                        self.drained += out.len();
                         self.link.runtime.metrics.message_out();
                         socket.queue(out)
                     }
@@ -561,8 +566,12 @@ impl Engine {
         let queued =
             self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Socket::queued_bytes);
         if queued > self.soft_budget {
-            let since = *self.over_budget_since.get_or_insert(now);
-            if now.duration_since(since) >= self.slow_client_timeout {
+            let (since, at) = *self.over_budget_since.get_or_insert((now, self.drained));
+            if self.drained - at >= self.soft_budget {
+                // The client read a whole budget's worth: it is reading,
+                // just behind a burst. The clock restarts.
+                self.over_budget_since = Some((now, self.drained));
+            } else if now.duration_since(since) >= self.slow_client_timeout {
                 self.slow_close("slow consumer: outbound queue full");
             }
         } else {
@@ -577,7 +586,9 @@ impl Engine {
             Phase::Closed { .. } => None,
             Phase::Open => {
                 let idle = self.idle_timeout.map(|t| self.last_seen + t);
-                let slow = self.over_budget_since.map(|s| s + self.slow_client_timeout);
+                let slow = self
+                    .over_budget_since
+                    .map(|(s, _)| s + self.slow_client_timeout);
                 [idle, self.next_ping, slow, self.hold_until]
                     .into_iter()
                     .flatten()
