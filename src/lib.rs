@@ -128,8 +128,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod channel_layer;
+mod compression;
 mod config;
 pub mod consumer;
+mod engine;
 mod error;
 pub mod handshake;
 pub mod message;
@@ -142,6 +144,7 @@ pub mod testing;
 pub mod worker;
 
 pub use self::{
+    compression::Compression,
     config::{RateLimit, WebSocketConfig},
     error::Error,
     metrics::ConnectionStats,
