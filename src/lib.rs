@@ -128,6 +128,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod channel_layer;
+mod compression;
 mod config;
 pub mod consumer;
 mod engine;
@@ -143,6 +144,7 @@ pub mod testing;
 pub mod worker;
 
 pub use self::{
+    compression::Compression,
     config::{RateLimit, WebSocketConfig},
     error::Error,
     metrics::ConnectionStats,

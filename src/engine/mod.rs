@@ -58,6 +58,7 @@ mod link;
 mod runtime;
 mod socket;
 mod transport;
+pub(crate) mod wire;
 
 pub(crate) use self::{
     driver::Engine,
