@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
+use crate::Compression;
 
 /// Settings applied to every connection of a [`WebSocketLayer`](crate::WebSocketLayer).
 ///
-/// The defaults keep an idle connection small (a 2 KiB read buffer instead of
-/// tungstenite's 128 KiB) and cap what a peer can make the server hold.
+/// The defaults keep an idle connection small (a 2 KiB read buffer, no write
+/// buffer and no deflate state between messages) and cap what a peer can make
+/// the server hold.
 ///
 /// | setting | default |
 /// |---|---|
@@ -19,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 /// | [`slow_client_timeout`](Self::slow_client_timeout) | 5 s |
 /// | [`max_read_ahead_bytes`](Self::max_read_ahead_bytes) | 64 KiB |
 /// | [`write_delay`](Self::write_delay) | off |
+/// | [`compression`](Self::compression) | permessage-deflate when the client offers it ([`Compression::default`]) |
 /// | [`ping_interval`](Self::ping_interval) | 25 s |
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s |
 /// | [`close_timeout`](Self::close_timeout) | 5 s |
@@ -80,6 +82,7 @@ pub struct WebSocketConfig {
     pub(crate) slow_client_timeout: Duration,
     pub(crate) max_read_ahead_bytes: usize,
     pub(crate) write_delay: Option<Duration>,
+    pub(crate) compression: Compression,
     pub(crate) ping_interval: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) close_timeout: Duration,
@@ -118,6 +121,7 @@ impl Default for WebSocketConfig {
             slow_client_timeout: Duration::from_secs(5),
             max_read_ahead_bytes: 64 << 10,
             write_delay: None,
+            compression: Compression::default(),
             ping_interval: Some(Duration::from_secs(25)),
             idle_timeout: Some(Duration::from_secs(60)),
             close_timeout: Duration::from_secs(5),
@@ -216,6 +220,13 @@ impl WebSocketConfig {
         max_buffered_messages, get_max_buffered_messages: usize
     );
     setting!(
+        /// permessage-deflate (RFC 7692): negotiated when the client offers
+        /// it, by default without context takeover, level 1, for messages of
+        /// 256 bytes and more; [`Compression::disabled`] turns it off. See
+        /// [`Compression`].
+        compression, get_compression: Compression
+    );
+    setting!(
         /// Handshakes offering more subprotocols than this are rejected with 400.
         max_subprotocols, get_max_subprotocols: usize
     );
@@ -233,18 +244,5 @@ impl WebSocketConfig {
     /// The hard cap of queued outgoing bytes (16 x the soft budget).
     pub(crate) fn outbound_hard_limit(&self) -> usize {
         self.max_outbound_bytes.saturating_mul(16)
-    }
-
-    pub(crate) fn tungstenite(&self) -> TsConfig {
-        TsConfig::default()
-            .read_buffer_size(self.read_buffer_size)
-            .write_buffer_size(self.write_buffer_size)
-            .max_write_buffer_size(
-                self.write_buffer_size
-                    .saturating_add(self.max_outbound_bytes)
-                    .saturating_add(self.max_message_size),
-            )
-            .max_message_size(Some(self.max_message_size))
-            .max_frame_size(Some(self.max_frame_size))
     }
 }

@@ -235,7 +235,7 @@ async fn oversize_message_closes_1009_with_default_limits() {
     let (code, reason) = send_expecting_close(addr, vec![Message::text("x".repeat(2 << 20))]).await;
     assert_eq!(
         (code, reason.as_str()),
-        (1009, "message too big"),
+        (1009, "message too large"),
         "a 2 MiB message"
     );
     assert_eq!(p.next_disconnect().await, close_code::SIZE);
@@ -277,7 +277,7 @@ async fn oversize_frame_closes_1009_even_when_the_message_would_fit() {
     // The same 64 KiB as one frame: past max_frame_size.
     let (code, reason) =
         send_expecting_close(addr, vec![Message::text("z".repeat(64 << 10))]).await;
-    assert_eq!((code, reason.as_str()), (1009, "message too big"));
+    assert_eq!((code, reason.as_str()), (1009, "frame too large"));
     assert_eq!(p.next_disconnect().await, close_code::SIZE);
 
     // A message past max_message_size made of small frames.

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 use super::WebSocket;
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer},
-    engine::{Engine, Host, Link, Runtime, Slot, Socket, Transport},
+    engine::{wire::DeflateParams, Engine, Host, Link, Runtime, Slot, Socket, Transport},
     handshake::rejection::{ConsumerFailed, HandshakeRejection},
     Error, Scope,
 };
@@ -45,6 +45,9 @@ pub struct Connection {
     link: Option<Arc<Link>>,
     /// Where `accept` leaves the engine for the connection task's [`Host`].
     slot: Arc<Slot>,
+    /// permessage-deflate as negotiated from the request, with the
+    /// response's `Sec-WebSocket-Extensions` value.
+    deflate: Option<(DeflateParams, HeaderValue)>,
 }
 
 impl Connection {
@@ -55,6 +58,7 @@ impl Connection {
         scope: Scope,
         runtime: Arc<Runtime>,
         upgrade: UpgradeSource,
+        deflate: Option<(DeflateParams, HeaderValue)>,
         consumer: impl FnOnce(Connection) -> BoxFuture<'static, ()>,
     ) -> (oneshot::Receiver<Decision>, Host) {
         let (tx, rx) = oneshot::channel();
@@ -66,6 +70,7 @@ impl Connection {
             decision: Some(tx),
             link: None,
             slot: slot.clone(),
+            deflate,
         };
         let app = consumer(conn);
         (rx, Host::new(runtime, slot, app))
@@ -129,9 +134,14 @@ impl Connection {
                 return Err(e);
             }
         };
+        let mut headers = accept.headers;
+        let deflate = self.deflate.take().map(|(params, answer)| {
+            headers.insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            params
+        });
         if !self.send_decision(Decision::Accept {
             protocol: accept.subprotocol,
-            headers: accept.headers,
+            headers,
         }) {
             return Err(Error::handshake(
                 "the client went away during the handshake",
@@ -145,7 +155,7 @@ impl Connection {
             Some(UpgradeSource::Ready(t)) => t,
             None => return Err(Error::handshake("connection already accepted")),
         };
-        let socket = Socket::new(transport, &self.runtime.config).await;
+        let socket = Socket::new(transport, &self.runtime.config, deflate);
         self.slot.put(Engine::new(link.clone(), socket));
         Ok(link)
     }

@@ -41,8 +41,9 @@ struct Closing {
     code: CloseCode,
     /// Give up (drop the socket) at this instant.
     deadline: Instant,
-    /// Our close frame, until it is handed to the writer.
-    to_send: Option<CloseFrame>,
+    /// Our close frame (or our reply to the peer's: `Some(None)` is an
+    /// empty close), until it is handed to the writer.
+    to_send: Option<Option<CloseFrame>>,
     /// Queued application output is still written before `to_send`.
     drain: bool,
     /// The peer's close arrived (or its reply to ours).
@@ -61,6 +62,9 @@ pub(crate) struct Engine {
     /// Leaving the groups once a close started.
     leaving: Option<BoxFuture<'static, ()>>,
     read_done: bool,
+    /// The peer's close, held until the application took the messages
+    /// read before it.
+    deferred_close: Option<Option<CloseFrame>>,
     ping_due: bool,
     pong_due: Option<Bytes>,
     timer: Pin<Box<Sleep>>,
@@ -107,6 +111,7 @@ impl Engine {
             phase: Phase::Open,
             leaving: None,
             read_done: false,
+            deferred_close: None,
             ping_due: false,
             pong_due: None,
             timer: Box::pin(tokio::time::sleep_until(now)),
@@ -145,7 +150,7 @@ impl Engine {
         self.enter_closing(Closing {
             code,
             deadline: Instant::now() + self.close_timeout,
-            to_send: Some(frame),
+            to_send: Some(Some(frame)),
             drain,
             peer_closed: false,
             fail_fast,
@@ -261,6 +266,11 @@ impl Engine {
         if !matches!(self.phase, Phase::Open) {
             return;
         }
+        if self.deferred_close.is_some() && self.link.lock().incoming.is_empty() {
+            let frame = self.deferred_close.take().flatten();
+            self.peer_closed(frame);
+            return;
+        }
         let (overflow, close) = {
             let mut st = self.link.lock();
             let overflow = st.overflow;
@@ -345,7 +355,7 @@ impl Engine {
                     Some(out) => {
                         self.drained += out.len();
                         self.link.runtime.metrics.message_out();
-                        socket.queue(out)
+                        socket.queue(&out)
                     }
                     None if close_ready => {
                         let Phase::Closing(c) = &mut self.phase else {
@@ -398,7 +408,7 @@ impl Engine {
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
-        while !self.read_done {
+        while !self.read_done && self.deferred_close.is_none() {
             if matches!(self.phase, Phase::Open) {
                 let st = self.link.lock();
                 if !st.incoming.is_empty()
@@ -479,25 +489,35 @@ impl Engine {
                 self.last_seen = Instant::now();
                 match &mut self.phase {
                     Phase::Open => {
-                        let code = frame.as_ref().map_or(close_code::STATUS, |f| f.code);
-                        if let Some(socket) = &mut self.socket {
-                            let _ = socket.queue_close_reply(frame.as_ref());
+                        if self.link.lock().incoming.is_empty() {
+                            self.peer_closed(frame);
+                        } else {
+                            // Let the application take the messages that
+                            // came before the close (and queue its answers)
+                            // first; nothing more is read meanwhile.
+                            self.deferred_close = Some(frame);
                         }
-                        self.link.lock().peer_close = Some(frame);
-                        self.enter_closing(Closing {
-                            code,
-                            deadline: Instant::now() + self.close_timeout,
-                            to_send: None,
-                            drain: false,
-                            peer_closed: true,
-                            fail_fast: false,
-                        });
                     }
                     Phase::Closing(c) => c.peer_closed = true,
                     Phase::Closed { .. } => {}
                 }
             }
         }
+    }
+
+    /// The peer closed: reply (echoing its code) after the queued output.
+    fn peer_closed(&mut self, frame: Option<CloseFrame>) {
+        let code = frame.as_ref().map_or(close_code::STATUS, |f| f.code);
+        let reply = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
+        self.link.lock().peer_close = Some(frame);
+        self.enter_closing(Closing {
+            code,
+            deadline: Instant::now() + self.close_timeout,
+            to_send: Some(reply),
+            drain: true,
+            peer_closed: true,
+            fail_fast: false,
+        });
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> bool {

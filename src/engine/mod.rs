@@ -73,10 +73,16 @@ use std::any::Any;
 
 use crate::message::Message;
 
+pub(crate) use self::wire::SharedPayload;
+
 /// An outgoing message, as the application queued it.
 #[derive(Debug, Clone)]
 pub(crate) enum Out {
+    /// A message of this connection.
     Message(Message),
+    /// A payload shared with other connections (a group send), compressed
+    /// once per negotiated parameter set.
+    Shared(SharedPayload),
 }
 
 impl Out {
@@ -84,12 +90,7 @@ impl Out {
     pub(crate) fn len(&self) -> usize {
         match self {
             Out::Message(m) => m.len(),
-        }
-    }
-
-    pub(crate) fn into_message(self) -> Message {
-        match self {
-            Out::Message(m) => m,
+            Out::Shared(p) => p.len(),
         }
     }
 }

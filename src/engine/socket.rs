@@ -1,40 +1,28 @@
-//! The engine's only contact with the wire: reads frames into messages,
-//! queues and flushes outgoing frames.
+//! The engine's only contact with the wire: the [`wire`](super::wire) codec
+//! over the upgraded transport.
 
 use std::{
     io,
-    pin::Pin,
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
-use futures_util::{Sink, Stream};
-use tokio_tungstenite::{
-    tungstenite::{self as ts, protocol::Role},
-    WebSocketStream,
-};
 
-use super::{Out, Transport};
+use super::{
+    wire::{DeflateParams, FrameReader, FrameWriter, Outbound, WireError, WireLimits},
+    Out, Transport,
+};
 use crate::{
-    message::{close_code, CloseCode, CloseFrame, Message, Utf8Bytes},
+    message::{CloseCode, CloseFrame, Message},
     WebSocketConfig,
 };
 
-/// A message read from the client.
-#[derive(Debug)]
-pub(crate) enum Inbound {
-    Text(Utf8Bytes),
-    Binary(Bytes),
-    Ping(Bytes),
-    #[allow(dead_code)] // the payload of our pings is empty
-    Pong(Bytes),
-    Close(Option<CloseFrame>),
-}
+pub(crate) use super::wire::Inbound;
 
 /// Why reading stopped.
 #[derive(Debug)]
 pub(crate) enum ReadError {
-    /// The transport failed or ended without a close frame.
+    /// The transport failed or ended inside a frame.
     Io,
     /// The peer broke the protocol or a limit: close with this code.
     Protocol {
@@ -43,117 +31,103 @@ pub(crate) enum ReadError {
     },
 }
 
+/// A server-side WebSocket over `Transport`: a frame reader and a frame
+/// writer with their own buffers (both return to their idle size after a
+/// large message).
+#[derive(Debug)]
 pub(crate) struct Socket {
-    ws: WebSocketStream<Transport>,
-    dirty: bool,
-}
-
-impl std::fmt::Debug for Socket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Socket").finish_non_exhaustive()
-    }
+    io: Transport,
+    reader: FrameReader,
+    writer: FrameWriter,
+    deflate: bool,
 }
 
 impl Socket {
-    pub(crate) async fn new(transport: Transport, config: &WebSocketConfig) -> Self {
-        let ws =
-            WebSocketStream::from_raw_socket(transport, Role::Server, Some(config.tungstenite()))
-                .await;
-        Self { ws, dirty: false }
+    pub(crate) fn new(
+        io: Transport,
+        config: &WebSocketConfig,
+        deflate: Option<DeflateParams>,
+    ) -> Self {
+        let limits = WireLimits {
+            max_message_size: config.max_message_size,
+            max_frame_size: config.max_frame_size,
+        };
+        Self {
+            io,
+            reader: FrameReader::new(limits, deflate, config.read_buffer_size),
+            writer: FrameWriter::new(deflate, config.write_buffer_size),
+            deflate: deflate.is_some(),
+        }
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    #[allow(dead_code)]
+    pub(crate) fn compressing(&self) -> bool {
+        self.deflate
     }
 
     pub(crate) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Inbound>, ReadError>> {
-        loop {
-            return match Pin::new(&mut self.ws).poll_next(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(None) => Poll::Ready(Ok(None)),
-                Poll::Ready(Some(Ok(m))) => {
-                    let Some(m) = Message::from_tungstenite(m) else {
-                        continue;
-                    };
-                    // tungstenite queues pong and close replies itself.
-                    self.dirty = true;
-                    Poll::Ready(Ok(Some(match m {
-                        Message::Text(t) => Inbound::Text(t),
-                        Message::Binary(b) => Inbound::Binary(b),
-                        Message::Ping(b) => Inbound::Ping(b),
-                        Message::Pong(b) => Inbound::Pong(b),
-                        Message::Close(c) => Inbound::Close(c),
-                    })))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Err(read_error(&e))),
-            };
+        self.reader
+            .poll_read(&mut self.io, cx)
+            .map_err(|e| match e {
+                WireError::Io(_) => ReadError::Io,
+                WireError::Protocol(p) => ReadError::Protocol {
+                    code: p.close_code(),
+                    reason: p.reason(),
+                },
+            })
+    }
+
+    /// Ready when another frame may be queued (the engine bounds how much it
+    /// queues by [`queued_bytes`](Self::queued_bytes)).
+    pub(crate) fn poll_writable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    pub(crate) fn queue(&mut self, out: &Out) -> io::Result<()> {
+        match out {
+            Out::Message(m) => self.writer.queue(Outbound::Message(m)),
+            Out::Shared(p) => self.writer.queue(Outbound::Shared(p)),
         }
-    }
-
-    /// Ready when another frame may be queued.
-    pub(crate) fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws)
-            .poll_ready(cx)
-            .map_err(io::Error::other)
-    }
-
-    pub(crate) fn queue(&mut self, out: Out) -> io::Result<()> {
-        self.dirty = true;
-        Pin::new(&mut self.ws)
-            .start_send(out.into_message().into_tungstenite())
-            .map_err(io::Error::other)
-    }
-
-    pub(crate) fn queue_ping(&mut self) -> io::Result<()> {
-        self.queue(Out::Message(Message::Ping(Bytes::new())))
-    }
-
-    /// Answers a ping (tungstenite answers by itself: nothing to do).
-    pub(crate) fn queue_pong(&mut self, _payload: Bytes) -> io::Result<()> {
         Ok(())
     }
 
-    pub(crate) fn queue_close(&mut self, frame: CloseFrame) -> io::Result<()> {
-        self.queue(Out::Message(Message::Close(Some(frame))))
+    pub(crate) fn queue_ping(&mut self) -> io::Result<()> {
+        self.writer
+            .queue(Outbound::Message(&Message::Ping(Bytes::new())));
+        Ok(())
     }
 
-    /// Replies to the peer's close (tungstenite replies by itself).
-    pub(crate) fn queue_close_reply(&mut self, _frame: Option<&CloseFrame>) -> io::Result<()> {
+    pub(crate) fn queue_pong(&mut self, payload: Bytes) -> io::Result<()> {
+        self.writer
+            .queue(Outbound::Message(&Message::Pong(payload)));
+        Ok(())
+    }
+
+    pub(crate) fn queue_close(&mut self, frame: Option<CloseFrame>) -> io::Result<()> {
+        self.writer.queue(Outbound::Message(&Message::Close(frame)));
         Ok(())
     }
 
     pub(crate) fn has_unflushed(&self) -> bool {
-        self.dirty
+        self.writer.queued_bytes() > 0
     }
 
-    /// Bytes queued in the writer and not yet on the socket (an estimate).
+    /// Bytes queued in the writer and not yet on the socket.
     pub(crate) fn queued_bytes(&self) -> usize {
-        0
+        self.writer.queued_bytes()
+    }
+
+    /// Heap bytes the reader and writer hold now (tests, docs).
+    #[allow(dead_code)]
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        self.reader.buffered_bytes() + self.writer.buffered_bytes()
     }
 
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.ws).poll_flush(cx) {
-            Poll::Ready(Ok(())) => {
-                self.dirty = false;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(ts::Error::ConnectionClosed)) => {
-                self.dirty = false;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(io::Error::other(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        self.writer.poll_flush(&mut self.io, cx)
     }
-}
-
-fn read_error(e: &ts::Error) -> ReadError {
-    use ts::{error::ProtocolError as P, Error as E};
-    let (code, reason) = match e {
-        E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => return ReadError::Io,
-        E::Protocol(P::ResetWithoutClosingHandshake) => return ReadError::Io,
-        E::Capacity(_) => (close_code::SIZE, "message too big"),
-        E::Utf8(_) => (close_code::INVALID, "invalid utf-8"),
-        _ => (close_code::PROTOCOL, "protocol error"),
-    };
-    ReadError::Protocol { code, reason }
 }

@@ -103,6 +103,14 @@ impl WebSocketLayer {
             return Err(TooManyConnections.into());
         }
         let on_upgrade = on_upgrade.ok_or(UpgradeUnavailable)?;
+        // permessage-deflate: answered on the 101 (HTTP/1.1) or the 200
+        // (HTTP/2 extended CONNECT) alike.
+        let deflate = crate::engine::wire::negotiate(
+            parts
+                .headers
+                .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS),
+            &runtime.config.compression,
+        );
         let scope = Scope::new(route.pattern.as_str().into(), parts, params, protocols);
         let span = tracing::debug_span!(
             "websocket",
@@ -115,6 +123,7 @@ impl WebSocketLayer {
             scope,
             self.runtime.clone(),
             UpgradeSource::Hyper(on_upgrade),
+            deflate,
             |conn| (route.consumer)(conn),
         );
         let tracker = runtime.tracker.clone();

@@ -9,7 +9,7 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use flate2::Decompress;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio_tungstenite::tungstenite::protocol::frame::{
+use tungstenite::protocol::frame::{
     coding::{CloseCode as TsCloseCode, Control, Data, OpCode},
     FrameHeader,
 };

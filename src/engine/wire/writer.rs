@@ -10,7 +10,7 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use flate2::Compress;
 use tokio::io::AsyncWrite;
-use tokio_tungstenite::tungstenite::protocol::frame::{
+use tungstenite::protocol::frame::{
     coding::{Control, Data, OpCode},
     FrameHeader,
 };
