@@ -27,3 +27,11 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 echo "setup done: $(python3 -c 'import websockets; print("websockets", websockets.__version__)'), $(redis-cli -h "$host" -p "$port" info server | grep redis_version | tr -d '\r'), $(chromium --version)"
+
+# Node's `ws` client for tests/interop_node.rs (permessage-deflate interop),
+# pinned by tests/interop/node/package-lock.json.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+(cd "$(dirname "$0")/../tests/interop/node" && npm ci --no-audit --no-fund --silent)
+echo "setup done: node $(node --version), ws $(node -p 'require("./tests/interop/node/node_modules/ws/package.json").version')"
