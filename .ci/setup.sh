@@ -33,5 +33,6 @@ echo "setup done: $(python3 -c 'import websockets; print("websockets", websocket
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
-(cd "$(dirname "$0")/../tests/interop/node" && npm ci --no-audit --no-fund --silent)
-echo "setup done: node $(node --version), ws $(node -p 'require("./tests/interop/node/node_modules/ws/package.json").version')"
+node_dir="$(cd "$(dirname "$0")/../tests/interop/node" && pwd)"
+(cd "$node_dir" && npm ci --no-audit --no-fund --silent)
+echo "setup done: node $(node --version), ws $(cd "$node_dir" && node -p 'require("ws/package.json").version')"
