@@ -325,6 +325,12 @@ impl Engine {
                 }
                 Poll::Pending => break,
             }
+            if let Phase::Closing(c) = &self.phase {
+                if c.to_send.is_none() || c.peer_closed {
+                    // Our close is out (or the peer's arrived): no more pongs.
+                    self.pong_due = None;
+                }
+            }
             let res = if let Some(p) = self.pong_due.take() {
                 socket.queue_pong(p)
             } else if std::mem::take(&mut self.ping_due) {
@@ -476,12 +482,29 @@ impl Engine {
                 st.incoming.push_back(m);
                 st.wake_app();
             }
-            // Only the latest ping is answered (RFC 6455 5.5.3), and a ping
-            // is not liveness: a client flooding pings while never reading
-            // holds one pong and is still timed out.
+            // Every ping is answered while the writer has room; when it is
+            // backed up (the client does not read) only the latest is kept
+            // (RFC 6455 5.5.3 allows it). A ping is not liveness: a client
+            // flooding pings while never reading holds one pong and is still
+            // timed out.
             Inbound::Ping(p) => {
-                if matches!(self.phase, Phase::Open | Phase::Closing(_)) {
-                    self.pong_due = Some(p);
+                let answer = match &self.phase {
+                    Phase::Open => true,
+                    // Nothing follows our close frame (or the peer's).
+                    Phase::Closing(c) => c.to_send.is_some() && !c.peer_closed,
+                    Phase::Closed { .. } => false,
+                };
+                if !answer {
+                    return;
+                }
+                match &mut self.socket {
+                    Some(socket) if socket.queued_bytes() < self.write_buffer => {
+                        if let Some(older) = self.pong_due.take() {
+                            let _ = socket.queue_pong(older);
+                        }
+                        let _ = socket.queue_pong(p);
+                    }
+                    _ => self.pong_due = Some(p),
                 }
             }
             Inbound::Pong(_) => self.last_seen = Instant::now(),
