@@ -92,3 +92,11 @@ if ! nats_ok; then
 fi
 nats_ok || { echo "nats-server did not start" >&2; exit 1; }
 echo "Redis Cluster at $(cat "$services/redis-cluster-urls"); NATS at $(cat "$services/nats-url") ($(nats-server --version))"
+# Node's `ws` client for tests/interop_node.rs (permessage-deflate interop),
+# pinned by tests/interop/node/package-lock.json.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+node_dir="$(cd "$(dirname "$0")/../tests/interop/node" && pwd)"
+(cd "$node_dir" && npm ci --no-audit --no-fund --silent)
+echo "setup done: node $(node --version), ws $(cd "$node_dir" && node -p 'require("ws/package.json").version')"

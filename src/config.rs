@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
+use crate::Compression;
 
 /// Settings applied to every connection of a [`WebSocketLayer`](crate::WebSocketLayer).
 ///
-/// The defaults keep an idle connection small (a 2 KiB read buffer instead of
-/// tungstenite's 128 KiB) and cap what a peer can make the server hold.
+/// The defaults keep an idle connection small (a 2 KiB read buffer, no write
+/// buffer and no deflate state between messages) and cap what a peer can make
+/// the server hold.
 ///
 /// | setting | default |
 /// |---|---|
@@ -15,7 +16,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 /// | [`write_buffer_size`](Self::write_buffer_size) | 8 KiB |
 /// | [`max_message_size`](Self::max_message_size) | 1 MiB |
 /// | [`max_frame_size`](Self::max_frame_size) | 1 MiB |
-/// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB |
+/// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB (soft; hard cap 16x) |
+/// | [`slow_client_timeout`](Self::slow_client_timeout) | 5 s |
+/// | [`max_read_ahead_bytes`](Self::max_read_ahead_bytes) | 64 KiB |
+/// | [`write_delay`](Self::write_delay) | off |
+/// | [`compression`](Self::compression) | permessage-deflate when the client offers it ([`Compression::default`]) |
 /// | [`ping_interval`](Self::ping_interval) | 25 s |
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s |
 /// | [`close_timeout`](Self::close_timeout) | 5 s |
@@ -23,6 +28,40 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as TsConfig;
 /// | [`max_subprotocols`](Self::max_subprotocols) | 16 |
 /// | [`max_connections`](Self::max_connections) | unlimited |
 /// | [`rate_limit`](Self::rate_limit) | off |
+///
+/// # Slow clients
+///
+/// A client is slow when it does not read what the server sends. The policy
+/// is by time, not by burst size:
+///
+/// * [`max_outbound_bytes`](Self::max_outbound_bytes) is a **soft budget**
+///   on the bytes a connection has queued and not yet written to the socket
+///   (its own queue plus the frame writer's buffer). A connection above it
+///   must read at least one budget's worth within every
+///   [`slow_client_timeout`](Self::slow_client_timeout) (1 MiB per 5 s by
+///   default, i.e. 200 KiB/s): each time it has, the clock restarts. A burst
+///   of 3,000 x 4 KB messages therefore passes a client that keeps reading,
+///   however large the burst is relative to the budget, while a client that
+///   stops reading is closed `slow_client_timeout` after it fell behind.
+/// * **16 x the soft budget is a hard cap**: a send that would cross it
+///   closes the connection at once. This bounds the memory one connection
+///   can hold whatever the timing.
+/// * Either way the connection is closed with
+///   [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER) (4008): its
+///   queue is dropped at once, it leaves its groups and its inbox is dropped
+///   at once, and the close frame is still written after the bytes already
+///   in the socket's write buffer (the client sees why it was closed if it
+///   ever reads again), waiting at most [`close_timeout`](Self::close_timeout).
+///
+/// Bytes are counted as the client's lag on the wire: a group message shared
+/// by 1,000 members counts its full length against each member's budget,
+/// because each member must read all of it; the payload itself is held once
+/// in memory for the whole group (see [`Event::text`](crate::channel_layer::Event::text)).
+///
+/// For comparison, Centrifugo closes a client whose queue exceeds 1 MiB at
+/// once (close code 3008), without a grace period; Phoenix does not bound a
+/// socket's outbound queue at all (the process mailbox grows until the VM
+/// runs out of memory).
 ///
 /// ```
 /// use std::time::Duration;
@@ -40,6 +79,10 @@ pub struct WebSocketConfig {
     pub(crate) max_message_size: usize,
     pub(crate) max_frame_size: usize,
     pub(crate) max_outbound_bytes: usize,
+    pub(crate) slow_client_timeout: Duration,
+    pub(crate) max_read_ahead_bytes: usize,
+    pub(crate) write_delay: Option<Duration>,
+    pub(crate) compression: Compression,
     pub(crate) ping_interval: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) close_timeout: Duration,
@@ -75,6 +118,10 @@ impl Default for WebSocketConfig {
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             max_outbound_bytes: 1 << 20,
+            slow_client_timeout: Duration::from_secs(5),
+            max_read_ahead_bytes: 64 << 10,
+            write_delay: None,
+            compression: Compression::default(),
             ping_interval: Some(Duration::from_secs(25)),
             idle_timeout: Some(Duration::from_secs(60)),
             close_timeout: Duration::from_secs(5),
@@ -123,10 +170,34 @@ impl WebSocketConfig {
         max_frame_size, get_max_frame_size: usize
     );
     setting!(
-        /// Bytes of outgoing messages a connection may have queued and not yet
-        /// written. A client that falls further behind is closed with
-        /// [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER) (4008).
+        /// The soft budget of outgoing bytes a connection may have queued and
+        /// not yet written; 16 times it is the hard cap. See
+        /// [Slow clients](Self#slow-clients).
         max_outbound_bytes, get_max_outbound_bytes: usize
+    );
+    setting!(
+        /// How long a connection above its soft outbound budget may go without
+        /// reading a budget's worth before it is closed with 4008. See
+        /// [Slow clients](Self#slow-clients).
+        slow_client_timeout, get_slow_client_timeout: Duration
+    );
+    setting!(
+        /// Bytes of complete incoming messages read ahead while the consumer
+        /// is busy (e.g. a handler waiting on a slow backend). When full, the
+        /// server stops reading the socket, so the client is held back by
+        /// TCP flow control instead of growing server memory. A single
+        /// message larger than this is still read (up to
+        /// [`max_message_size`](Self::max_message_size)), one at a time.
+        max_read_ahead_bytes, get_max_read_ahead_bytes: usize
+    );
+    setting!(
+        /// Waits up to this long after the first outgoing message before
+        /// writing, so that messages produced meanwhile go out in one write
+        /// (Centrifugo's `client_write_delay`). Saves system calls and TCP
+        /// segments at very high fan-out rates, at the price of that much
+        /// latency. `None` (the default) writes as soon as possible; control
+        /// frames (pongs, close) are never delayed.
+        write_delay, get_write_delay: Option<Duration>
     );
     setting!(
         /// How often the server pings the client; `None` disables pings.
@@ -143,9 +214,17 @@ impl WebSocketConfig {
         close_timeout, get_close_timeout: std::time::Duration
     );
     setting!(
-        /// Incoming messages read ahead while a handler is still running; past
-        /// this the server stops reading (TCP backpressure).
+        /// Incoming messages read ahead while a handler is still running, in
+        /// addition to [`max_read_ahead_bytes`](Self::max_read_ahead_bytes);
+        /// past either the server stops reading (TCP backpressure).
         max_buffered_messages, get_max_buffered_messages: usize
+    );
+    setting!(
+        /// permessage-deflate (RFC 7692): negotiated when the client offers
+        /// it, by default without context takeover, level 1, for messages of
+        /// 256 bytes and more; [`Compression::disabled`] turns it off. See
+        /// [`Compression`].
+        compression, get_compression: Compression
     );
     setting!(
         /// Handshakes offering more subprotocols than this are rejected with 400.
@@ -162,16 +241,8 @@ impl WebSocketConfig {
         rate_limit, get_rate_limit: Option<RateLimit>
     );
 
-    pub(crate) fn tungstenite(&self) -> TsConfig {
-        TsConfig::default()
-            .read_buffer_size(self.read_buffer_size)
-            .write_buffer_size(self.write_buffer_size)
-            .max_write_buffer_size(
-                self.write_buffer_size
-                    .saturating_add(self.max_outbound_bytes)
-                    .saturating_add(self.max_message_size),
-            )
-            .max_message_size(Some(self.max_message_size))
-            .max_frame_size(Some(self.max_frame_size))
+    /// The hard cap of queued outgoing bytes (16 x the soft budget).
+    pub(crate) fn outbound_hard_limit(&self) -> usize {
+        self.max_outbound_bytes.saturating_mul(16)
     }
 }

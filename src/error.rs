@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-use tokio_tungstenite::tungstenite;
-
 use crate::channel_layer::ChannelLayerError;
 
 /// An error from a WebSocket operation ([`WebSocket`](crate::consumer::WebSocket),
@@ -20,10 +18,6 @@ pub struct Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Closed,
-    Io,
-    Protocol,
-    Capacity,
-    Utf8,
     ChannelLayer,
     Handshake,
     Encode,
@@ -51,26 +45,6 @@ impl Error {
         self.kind == Kind::Closed
     }
 
-    /// The transport failed (reset, broken pipe...).
-    pub fn is_io(&self) -> bool {
-        self.kind == Kind::Io
-    }
-
-    /// The peer broke the WebSocket protocol.
-    pub fn is_protocol(&self) -> bool {
-        self.kind == Kind::Protocol
-    }
-
-    /// A message or frame exceeded the configured size limits.
-    pub fn is_capacity(&self) -> bool {
-        self.kind == Kind::Capacity
-    }
-
-    /// A text message was not valid UTF-8.
-    pub fn is_utf8(&self) -> bool {
-        self.kind == Kind::Utf8
-    }
-
     /// The channel layer failed.
     pub fn is_channel_layer(&self) -> bool {
         self.kind == Kind::ChannelLayer
@@ -80,36 +54,6 @@ impl Error {
     /// server could not upgrade the connection).
     pub fn is_handshake(&self) -> bool {
         self.kind == Kind::Handshake
-    }
-
-    /// The close code that fits this error when the server closes because of it.
-    pub(crate) fn close_code(&self) -> crate::message::CloseCode {
-        use crate::message::close_code;
-        match self.kind {
-            Kind::Protocol => close_code::PROTOCOL,
-            Kind::Capacity => close_code::SIZE,
-            Kind::Utf8 => close_code::INVALID,
-            _ => close_code::ERROR,
-        }
-    }
-}
-
-impl From<tungstenite::Error> for Error {
-    fn from(e: tungstenite::Error) -> Self {
-        use tungstenite::Error as E;
-        let kind = match &e {
-            E::ConnectionClosed | E::AlreadyClosed => Kind::Closed,
-            E::Io(_) => Kind::Io,
-            // The peer dropped the TCP connection without a close frame.
-            E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-                Kind::Io
-            }
-            E::Capacity(_) => Kind::Capacity,
-            E::Utf8(_) => Kind::Utf8,
-            E::Protocol(_) => Kind::Protocol,
-            _ => Kind::Protocol,
-        };
-        Self::new(kind, Some(Box::new(e)))
     }
 }
 
@@ -134,18 +78,12 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.kind {
             Kind::Closed => "websocket connection closed",
-            Kind::Io => "websocket transport error",
-            Kind::Protocol => "websocket protocol error",
-            Kind::Capacity => "websocket message too big",
-            Kind::Utf8 => "websocket text was not valid utf-8",
             Kind::ChannelLayer => "channel layer error",
             Kind::Handshake => "websocket handshake failed",
             Kind::Encode => "message could not be encoded",
         };
-        match &self.source {
-            Some(s) => write!(f, "{what}: {s}"),
-            None => f.write_str(what),
-        }
+        // The cause is `source()`, not repeated here.
+        f.write_str(what)
     }
 }
 

@@ -173,8 +173,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod channel_layer;
+mod compression;
 mod config;
 pub mod consumer;
+mod engine;
 mod error;
 pub mod handshake;
 pub mod message;
@@ -191,6 +193,7 @@ pub mod worker;
 pub use self::channel_layer::BoxError;
 
 pub use self::{
+    compression::Compression,
     config::{RateLimit, WebSocketConfig},
     error::Error,
     metrics::ConnectionStats,

@@ -1,7 +1,7 @@
 //! WebSocket messages as the crate's own types.
 //!
-//! These mirror axum's `Message`: the crate converts to and from
-//! tungstenite privately, so a tungstenite upgrade never breaks your code.
+//! These mirror axum's `Message`: no type of the WebSocket implementation
+//! underneath is part of the API, so upgrading it never breaks your code.
 //!
 //! ```
 //! use tower_channels::message::{close_code, CloseFrame, Message};
@@ -16,7 +16,7 @@
 use std::{fmt, ops::Deref};
 
 use bytes::Bytes;
-use tokio_tungstenite::tungstenite as ts;
+use tungstenite as ts;
 
 /// A WebSocket close code (RFC 6455 section 7.4).
 ///
@@ -83,10 +83,6 @@ impl Utf8Bytes {
     /// Checks that `bytes` are UTF-8 and wraps them without copying.
     pub fn try_from_bytes(bytes: Bytes) -> Result<Self, std::str::Utf8Error> {
         ts::Utf8Bytes::try_from(bytes).map(Self)
-    }
-
-    pub(crate) fn into_tungstenite(self) -> ts::Utf8Bytes {
-        self.0
     }
 }
 
@@ -242,34 +238,6 @@ impl Message {
     /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    pub(crate) fn into_tungstenite(self) -> ts::Message {
-        match self {
-            Message::Text(t) => ts::Message::Text(t.into_tungstenite()),
-            Message::Binary(b) => ts::Message::Binary(b),
-            Message::Ping(b) => ts::Message::Ping(b),
-            Message::Pong(b) => ts::Message::Pong(b),
-            Message::Close(c) => ts::Message::Close(c.map(|c| ts::protocol::CloseFrame {
-                code: c.code.into(),
-                reason: c.reason.into_tungstenite(),
-            })),
-        }
-    }
-
-    /// Converts a message read from tungstenite; raw frames never come out of a read.
-    pub(crate) fn from_tungstenite(m: ts::Message) -> Option<Self> {
-        Some(match m {
-            ts::Message::Text(t) => Message::Text(Utf8Bytes(t)),
-            ts::Message::Binary(b) => Message::Binary(b),
-            ts::Message::Ping(b) => Message::Ping(b),
-            ts::Message::Pong(b) => Message::Pong(b),
-            ts::Message::Close(c) => Message::Close(c.map(|c| CloseFrame {
-                code: c.code.into(),
-                reason: Utf8Bytes(c.reason),
-            })),
-            ts::Message::Frame(_) => return None,
-        })
     }
 }
 

@@ -511,3 +511,135 @@ async fn handler_panic_closes_1011_and_spares_other_connections() {
     let mut newcomer = connect(addr, "/ws/fragile").await;
     echo_text(&mut newcomer, "new connection works").await;
 }
+
+/// Keeps a presence count: +1 in `connect`, -1 in `disconnect`; panics in
+/// `receive` on "panic", in `event` on any event, and in `disconnect` when
+/// told to.
+struct Presence {
+    online: Arc<std::sync::atomic::AtomicIsize>,
+    gone: mpsc::UnboundedSender<CloseCode>,
+    panic_in_disconnect: bool,
+}
+
+impl WebsocketConsumer for Presence {
+    async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+        ctx.group_add("presence").await?;
+        self.online
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Accept::new())
+    }
+
+    async fn receive(&mut self, _ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
+        if msg.as_text() == Some("panic") {
+            panic!("receive panicked (expected by the test)");
+        }
+        Ok(())
+    }
+
+    async fn event(&mut self, _ctx: &mut Context, _event: Event) -> Result<(), BoxError> {
+        panic!("event panicked (expected by the test)");
+    }
+
+    async fn disconnect(&mut self, _ctx: &mut Context, code: CloseCode) {
+        self.online
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.gone.send(code);
+        if self.panic_in_disconnect {
+            panic!("disconnect panicked (expected by the test)");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_still_gets_disconnect() {
+    let online = Arc::new(std::sync::atomic::AtomicIsize::new(0));
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let memory = InMemoryChannelLayer::new();
+    let channels = WebSocketLayer::new()
+        .with_channel_layer(Arc::new(memory.clone()))
+        .route(
+            "/ws/presence",
+            consumer({
+                let online = online.clone();
+                move |scope| Presence {
+                    online: online.clone(),
+                    gone: gone_tx.clone(),
+                    panic_in_disconnect: scope.query() == Some("panic-again"),
+                }
+            }),
+        );
+    let addr = serve_axum(Router::new().layer(channels.clone())).await;
+
+    // A panic in `receive`: 1011 to the client, `disconnect` runs.
+    let mut ws = connect(addr, "/ws/presence").await;
+    ws.send(Message::text("panic")).await.expect("send");
+    assert_eq!(
+        next_close(&mut ws).await,
+        (1011, "internal error".to_owned())
+    );
+    finish(&mut ws).await;
+    assert_eq!(next_gone(&mut gone).await, 1011);
+    assert_eq!(online.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // A panic in `event`.
+    let mut ws = connect(addr, "/ws/presence").await;
+    wait_for(|| memory.group_len("presence") == 1).await;
+    let layer = channels.channel_layer();
+    layer
+        .group_send("presence", Event::bare("anything"))
+        .await
+        .expect("group_send");
+    assert_eq!(
+        next_close(&mut ws).await,
+        (1011, "internal error".to_owned())
+    );
+    finish(&mut ws).await;
+    assert_eq!(next_gone(&mut gone).await, 1011);
+    assert_eq!(online.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // `disconnect` itself panics after a handler panic: logged and counted,
+    // nothing else breaks.
+    let mut ws = connect(addr, "/ws/presence?panic-again").await;
+    ws.send(Message::text("panic")).await.expect("send");
+    assert_eq!(
+        next_close(&mut ws).await,
+        (1011, "internal error".to_owned())
+    );
+    finish(&mut ws).await;
+    assert_eq!(next_gone(&mut gone).await, 1011);
+    wait_for(|| channels.stats().panics == 4).await;
+    wait_for(|| channels.stats().open_connections == 0).await;
+    assert_eq!(
+        memory.group_len("presence"),
+        0,
+        "groups left after every panic"
+    );
+    let mut ws = connect(addr, "/ws/presence").await;
+    ws.send(Message::text("fine")).await.expect("send");
+    close(&mut ws).await;
+    assert_eq!(next_gone(&mut gone).await, 1000);
+}
+
+/// Waits until `cond` holds (bounded by the common timeout).
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    within("a condition", async {
+        while !cond() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+async fn next_gone(gone: &mut mpsc::UnboundedReceiver<CloseCode>) -> CloseCode {
+    within("disconnect", gone.recv())
+        .await
+        .expect("sender alive")
+}
+
+/// Reads to the end, so the client's close reply is written.
+async fn finish(ws: &mut Client) {
+    within("the connection to end", async {
+        while let Some(Ok(_)) = futures_util::StreamExt::next(ws).await {}
+    })
+    .await;
+}

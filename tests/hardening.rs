@@ -40,8 +40,8 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 use tower_channels::{
-    channel_layer::{BoxError, Event},
-    consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
+    channel_layer::{BoxError, Event, InMemoryChannelLayer},
+    consumer::{consumer, from_fn, Accept, Connection, Context, Reject, WebsocketConsumer},
     message::{self, close_code, CloseCode},
     origin::AllowedOrigins,
     RateLimit, WebSocketConfig, WebSocketLayer,
@@ -235,7 +235,7 @@ async fn oversize_message_closes_1009_with_default_limits() {
     let (code, reason) = send_expecting_close(addr, vec![Message::text("x".repeat(2 << 20))]).await;
     assert_eq!(
         (code, reason.as_str()),
-        (1009, "message too big"),
+        (1009, "message too large"),
         "a 2 MiB message"
     );
     assert_eq!(p.next_disconnect().await, close_code::SIZE);
@@ -277,7 +277,7 @@ async fn oversize_frame_closes_1009_even_when_the_message_would_fit() {
     // The same 64 KiB as one frame: past max_frame_size.
     let (code, reason) =
         send_expecting_close(addr, vec![Message::text("z".repeat(64 << 10))]).await;
-    assert_eq!((code, reason.as_str()), (1009, "message too big"));
+    assert_eq!((code, reason.as_str()), (1009, "frame too large"));
     assert_eq!(p.next_disconnect().await, close_code::SIZE);
 
     // A message past max_message_size made of small frames.
@@ -634,6 +634,9 @@ async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
     let (gone_tx, mut gone) = mpsc::unbounded_channel();
     let config = WebSocketConfig::default()
         .max_outbound_bytes(MAX_OUTBOUND)
+        // The stalled client is over its budget within the first few hundred
+        // messages; closed half a second later.
+        .slow_client_timeout(Duration::from_millis(500))
         // The server waits this long for the slow client's close reply; the
         // test reads it only after the fast subscribers are done.
         .close_timeout(Duration::from_secs(60));
@@ -785,6 +788,12 @@ async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
         "every subscriber got every message"
     );
 
+    // The stalled client was closed while the others were served (by time:
+    // it stayed above its budget); once it reads it gets the close frame.
+    wait_until("the stalled client to be closed", || {
+        channels.stats().dropped_slow >= 1
+    })
+    .await;
     // Now read the slow client: what got through, then the close frame.
     let mut slow_received = 0usize;
     let mut close = None;
@@ -1067,4 +1076,568 @@ async fn same_host_origin_policy_refuses_other_origins_before_consumer_code() {
     let mut ws = connect(addr, "/ws/probe").await;
     echo_text(&mut ws, "no origin").await;
     assert_eq!(channels.stats().accepted_connections, 2);
+}
+
+// ---------------------------------------------------------------------------
+// 7. The raw form runs on the same engine
+// ---------------------------------------------------------------------------
+
+/// A raw `from_fn` consumer: echoes until the connection ends, reports how
+/// its `recv` loop ended (the close code it saw, 1006 for a plain end).
+fn raw_echo(ended: mpsc::UnboundedSender<CloseCode>) -> WebSocketLayer {
+    WebSocketLayer::new().route(
+        "/ws/raw",
+        from_fn(move |conn: Connection| {
+            let ended = ended.clone();
+            async move {
+                let mut ws = conn.accept(Accept::new()).await?;
+                let mut code = close_code::ABNORMAL;
+                while let Some(Ok(msg)) = ws.recv().await {
+                    if let message::Message::Close(frame) = &msg {
+                        code = frame.as_ref().map_or(close_code::STATUS, |f| f.code);
+                        break;
+                    }
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = ended.send(code);
+                Ok(())
+            }
+        }),
+    )
+}
+
+/// A listener whose accepted sockets have small kernel buffers, so a client
+/// that does not read is felt by the server at once.
+async fn serve_small_buffers(channels: &WebSocketLayer) -> SocketAddr {
+    let listener = TcpSocket::new_v4().expect("socket");
+    listener
+        .set_send_buffer_size(SERVER_SNDBUF)
+        .expect("SO_SNDBUF");
+    listener
+        .set_recv_buffer_size(SERVER_SNDBUF)
+        .expect("SO_RCVBUF");
+    listener
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let listener = listener.listen(1024).expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let app = Router::new().layer(channels.clone());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("axum::serve failed");
+    });
+    addr
+}
+
+/// A client socket with a 4 KiB receive buffer.
+async fn small_client(addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.set_send_buffer_size(4096).expect("SO_SNDBUF");
+    socket.connect(addr).await.expect("connect")
+}
+
+#[tokio::test]
+async fn raw_form_gets_pings_and_the_idle_timeout_and_counts_in_stats() {
+    let _shared = LOAD.read().await;
+    let (ended_tx, mut ended) = mpsc::unbounded_channel();
+    let channels = raw_echo(ended_tx).with_config(ping_config());
+    let addr = serve(&channels).await;
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut stream = raw_handshake(stream, addr, "/ws/raw").await;
+    wait_until("the raw connection to count as open", || {
+        channels.stats().open_connections == 1
+    })
+    .await;
+    assert_eq!(channels.stats().accepted_connections, 1);
+
+    // Never answer: pings, then the idle timeout closes it.
+    let code = within("the raw consumer's recv loop to end", ended.recv()).await;
+    assert_eq!(
+        code,
+        Some(close_code::ABNORMAL),
+        "recv ends without a close"
+    );
+    let mut buf = Vec::new();
+    within("EOF from the server", stream.read_to_end(&mut buf))
+        .await
+        .expect("clean EOF");
+    let frames = parse_frames(&buf);
+    let pings = frames.iter().filter(|(op, _)| *op == 0x9).count();
+    let (op, close) = frames.last().expect("a close frame");
+    assert_eq!(*op, 0x8, "{frames:?}");
+    assert_eq!(
+        (u16::from_be_bytes([close[0], close[1]]), &close[2..]),
+        (1001, &b"idle timeout"[..])
+    );
+    assert!(pings >= 1, "the raw form is pinged: {frames:?}");
+    wait_until("the raw connection to count as closed", || {
+        channels.stats().open_connections == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn raw_form_gets_1001_on_shutdown_and_finishes_the_close() {
+    let _shared = LOAD.read().await;
+    let (ended_tx, mut ended) = mpsc::unbounded_channel();
+    let channels = raw_echo(ended_tx);
+    let handle = channels.shutdown_handle();
+    let addr = serve(&channels).await;
+    let mut ws = connect(addr, "/ws/raw").await;
+    echo_text(&mut ws, "before shutdown").await;
+
+    let shutdown = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.shutdown(Duration::from_secs(10)).await }
+    });
+    assert_eq!(
+        next_close(&mut ws).await,
+        (1001, "server shutting down".to_owned())
+    );
+    drain(&mut ws).await;
+    let report = within("shutdown", shutdown).await.expect("shutdown task");
+    assert_eq!((report.closed, report.aborted), (1, 0), "{report:?}");
+    assert_eq!(
+        within("the raw consumer", ended.recv()).await,
+        Some(close_code::ABNORMAL),
+        "the raw consumer's recv saw the end"
+    );
+    assert_eq!(channels.stats().open_connections, 0);
+}
+
+#[tokio::test]
+async fn raw_form_outbound_budget_closes_a_stalled_client_with_4008() {
+    let _shared = LOAD.read().await;
+    let (result_tx, mut result) = mpsc::unbounded_channel();
+    let config = WebSocketConfig::default()
+        .max_outbound_bytes(64 << 10)
+        .slow_client_timeout(Duration::from_millis(200));
+    let channels = WebSocketLayer::new().with_config(config).route(
+        "/ws/firehose",
+        from_fn(move |conn: Connection| {
+            let result_tx = result_tx.clone();
+            async move {
+                let mut ws = conn.accept(Accept::new()).await?;
+                let chunk = bytes::Bytes::from(vec![b'x'; 16 << 10]);
+                let mut sent = 0usize;
+                // `feed` waits while the queue is over budget; the engine
+                // closes the stalled client, and the wait ends with an error.
+                let err = loop {
+                    if let Err(e) = ws.feed(message::Message::Binary(chunk.clone())).await {
+                        break e;
+                    }
+                    sent += 1;
+                };
+                let _ = result_tx.send((sent, err.is_closed()));
+                Ok(())
+            }
+        }),
+    );
+    let addr = serve_small_buffers(&channels).await;
+    let stream = small_client(addr).await;
+    let (mut ws, _) = within(
+        "the handshake",
+        tokio_tungstenite::client_async_with_config(
+            format!("ws://{addr}/ws/firehose"),
+            stream,
+            Some(small_client_config()),
+        ),
+    )
+    .await
+    .expect("handshake");
+    // Never read until the server gave up on us.
+    let (sent, closed) = within("the firehose to be stopped", result.recv())
+        .await
+        .expect("result");
+    assert!(closed, "feed fails as closed");
+    assert!(sent < 100, "backpressure held the producer: {sent} chunks");
+    assert_eq!(channels.stats().dropped_slow, 1);
+    // What was in flight, then the close frame: the client learns why.
+    let close = within("the close frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), close_code::SLOW_CONSUMER);
+}
+
+// ---------------------------------------------------------------------------
+// 8. Memory bounded under every input (issue 10)
+// ---------------------------------------------------------------------------
+
+/// A masked client frame, formatted by tungstenite.
+fn client_frame(mut frame: Frame) -> Vec<u8> {
+    frame.header_mut().mask = Some([0x37, 0xfa, 0x21, 0x3d]);
+    let mut out = Vec::new();
+    frame.format(&mut out).expect("format");
+    out
+}
+
+/// Echoes binary messages; counts in `parked` the connections that finished
+/// their echo and are idle.
+fn blob_echo(parked: Arc<AtomicUsize>) -> WebSocketLayer {
+    struct Blob(Arc<AtomicUsize>);
+    impl WebsocketConsumer for Blob {
+        async fn receive(
+            &mut self,
+            ctx: &mut Context,
+            msg: message::Message,
+        ) -> Result<(), BoxError> {
+            ctx.send(msg)?;
+            self.0.fetch_add(1, Ordering::AcqRel);
+            Ok(())
+        }
+    }
+    WebSocketLayer::new()
+        .with_config(WebSocketConfig::default().max_message_size(2 << 20))
+        .route("/ws/blob", consumer(move |_| Blob(parked.clone())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffers_return_to_idle_size_after_a_large_message() {
+    let _exclusive = LOAD.write().await;
+    const CONNECTIONS: usize = 100;
+    const SIZE: usize = 1 << 20;
+    let parked = Arc::new(AtomicUsize::new(0));
+    let channels = blob_echo(parked.clone());
+    let addr = serve(&channels).await;
+    let mut streams = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        streams.push(raw_handshake(stream, addr, "/ws/blob").await);
+    }
+    let rss_idle = vm_rss_kib("VmRSS:");
+    // One connection at a time: each reads a 1 MiB message and writes it
+    // back; the client discards the echo as it reads it (no client buffer).
+    let frame = client_frame(Frame::message(
+        vec![b'm'; SIZE],
+        OpCode::Data(Data::Binary),
+        true,
+    ));
+    let mut sink = vec![0u8; 64 << 10];
+    for (i, s) in streams.iter_mut().enumerate() {
+        s.write_all(&frame).await.expect("send 1 MiB");
+        let mut left = SIZE + 10; // 127-length header: 2 + 8 bytes
+        within("the 1 MiB echo", async {
+            while left > 0 {
+                let n = s
+                    .read(&mut sink[..left.min(64 << 10)])
+                    .await
+                    .expect("read the echo");
+                assert!(n > 0, "connection {i} ended");
+                left -= n;
+            }
+        })
+        .await;
+    }
+    wait_until("every echo to be counted", || {
+        parked.load(Ordering::Acquire) == CONNECTIONS
+    })
+    .await;
+    let rss_after = vm_rss_kib("VmRSS:");
+    let growth = rss_after.saturating_sub(rss_idle);
+    eprintln!(
+        "large message: {CONNECTIONS} connections each echoed 1 MiB: RSS idle {rss_idle} KiB, \
+         after {rss_after} KiB (growth {growth} KiB, {} KiB per connection)",
+        growth / CONNECTIONS as u64
+    );
+    // tungstenite kept its read and write buffers at their peak (~2 MiB per
+    // connection, 200 MiB here); the engine's go back to their idle size.
+    assert!(
+        growth < 32 << 10,
+        "RSS grew {growth} KiB after {CONNECTIONS} x 1 MiB echoes"
+    );
+    drop(streams);
+}
+
+#[tokio::test]
+async fn read_ahead_is_bounded_in_bytes_while_a_handler_is_busy() {
+    let _shared = LOAD.read().await;
+    const MESSAGES: usize = 40;
+    const SIZE: usize = 256 << 10;
+    let mut p = probes();
+    let channels = p.layer(WebSocketConfig::default());
+    assert_eq!(channels.config().get_max_read_ahead_bytes(), 64 << 10);
+    let addr = serve_small_buffers(&channels).await;
+    let stream = small_client(addr).await;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/ws/probe"),
+        stream,
+        Some(small_client_config()),
+    )
+    .await
+    .expect("handshake");
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::text("block")).await.expect("send");
+    within("the handler to start", p.entered.recv()).await;
+
+    let sender = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            let body = format!("{i:04}").repeat(SIZE / 4);
+            tx.feed(Message::text(body)).await.expect("feed");
+        }
+        tx.flush().await.expect("flush");
+        tx
+    });
+    // While the handler waits, the server reads one message ahead (64 KiB
+    // of read-ahead is less than one message) and then leaves the socket
+    // alone: the client cannot get its 10 MiB out.
+    let mut sender = sender;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut sender)
+            .await
+            .is_err(),
+        "the client was held back by TCP"
+    );
+    let read = channels.stats().messages_in;
+    eprintln!("read-ahead: {read} messages of {SIZE} B read while the handler was busy");
+    assert!(
+        read <= 3,
+        "read ahead of a busy handler: {read} messages of 256 KiB"
+    );
+
+    p.probe.release.notify_one();
+    assert_eq!(next_text(&mut rx).await, "released");
+    for i in 0..MESSAGES {
+        let echo = next_text(&mut rx).await;
+        assert_eq!(echo.len(), SIZE);
+        assert_eq!(&echo[..4], format!("{i:04}"), "in order, none lost");
+    }
+    let _tx = within("the client to finish sending", sender)
+        .await
+        .expect("sender");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_from_a_client_that_never_reads_is_timed_out_holding_one_pong() {
+    let _exclusive = LOAD.write().await;
+    const CLIENTS: usize = 20;
+    let mut p = probes();
+    let channels = p.layer(ping_config());
+    let addr = serve_small_buffers(&channels).await;
+    let rss_before = vm_rss_kib("VmRSS:");
+    let ping = client_frame(Frame::ping(vec![b'p'; 125]));
+    let batch: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 64).collect();
+    let batch = Arc::new(batch);
+    let mut floods = Vec::new();
+    for _ in 0..CLIENTS {
+        let stream = small_client(addr).await;
+        let mut stream = raw_handshake(stream, addr, "/ws/probe").await;
+        let batch = batch.clone();
+        floods.push(tokio::spawn(async move {
+            // Pings until the server hangs up; never a read.
+            let mut sent = 0usize;
+            while stream.write_all(&batch).await.is_ok() {
+                sent += 64;
+            }
+            sent
+        }));
+    }
+    let started = Instant::now();
+    for _ in 0..CLIENTS {
+        // Pings are not liveness: the idle timeout still closes them.
+        assert_eq!(p.next_disconnect().await, close_code::ABNORMAL);
+    }
+    let elapsed = started.elapsed();
+    let rss_after = vm_rss_kib("VmRSS:");
+    let mut pings = 0;
+    for f in floods {
+        pings += within("the flood to stop", f).await.expect("flood task");
+    }
+    eprintln!(
+        "ping flood: {CLIENTS} clients sent {pings} pings of 125 B without reading; all \
+         timed out after {elapsed:?}; RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(pings > CLIENTS * 64, "the clients flooded: {pings} pings");
+    assert!(
+        rss_after.saturating_sub(rss_before) < 16 << 10,
+        "the server held at most one pong per connection: RSS {rss_before} -> {rss_after} KiB"
+    );
+}
+
+#[tokio::test]
+async fn a_closing_connection_leaves_its_groups_at_once_and_its_4008_reaches_the_client() {
+    let _shared = LOAD.read().await;
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let memory = InMemoryChannelLayer::new();
+    let config = WebSocketConfig::default()
+        .max_outbound_bytes(64 << 10)
+        .slow_client_timeout(Duration::from_millis(200))
+        // Far longer than the test: leaving must not wait for it.
+        .close_timeout(Duration::from_secs(60));
+    let channels = WebSocketLayer::new()
+        .with_channel_layer(Arc::new(memory.clone()))
+        .with_config(config)
+        .route(
+            "/ws/room",
+            consumer(move |_| Member {
+                slow: true,
+                gone: gone_tx.clone(),
+            }),
+        )
+        .route("/ws/pub", consumer(|_| Publisher));
+    let addr = serve_small_buffers(&channels).await;
+    let stream = small_client(addr).await;
+    let (mut slow, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/ws/room"),
+        stream,
+        Some(small_client_config()),
+    )
+    .await
+    .expect("handshake");
+    wait_until("the member to join", || memory.group_len("room") == 1).await;
+    let mut publisher = connect(addr, "/ws/pub").await;
+    let chunk = "c".repeat(4000);
+    // Publish until the stalled member is closed as slow.
+    let mut published = 0;
+    while channels.stats().dropped_slow == 0 {
+        publisher
+            .send(Message::text(chunk.clone()))
+            .await
+            .expect("publish");
+        published += 1;
+        assert!(published < 100_000, "never closed: {:?}", channels.stats());
+    }
+    // The close started: out of the group and no inbox at once, not after
+    // the (60 s) close timeout.
+    wait_until("the closing member to leave its group", || {
+        memory.group_len("room") == 0 && memory.channel_count() == 1
+    })
+    .await;
+    // It reads again: what was in flight, then the 4008 close frame.
+    let mut received = 0;
+    let close = within("the slow client's close frame", async {
+        loop {
+            match slow.next().await {
+                Some(Ok(Message::Text(_))) => received += 1,
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(_)) => {}
+                other => panic!("after {received} messages: {other:?}"),
+            }
+        }
+    })
+    .await;
+    let close = close.expect("a close code");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (4008, "slow consumer: outbound queue full")
+    );
+    drain(&mut slow).await;
+    assert_eq!(
+        within("disconnect", gone.recv()).await,
+        Some((true, close_code::SLOW_CONSUMER))
+    );
+    eprintln!("closing member: {published} published, it had read {received} when closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_3000_messages_reaches_50_readers_and_closes_the_stalled_one() {
+    let _exclusive = LOAD.write().await;
+    const READERS: usize = 50;
+    const BURST: usize = 3000;
+    const SIZE: usize = 4000;
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    // Default budget (1 MiB soft, 16 MiB hard, 5 s): the burst is 12 MB per
+    // member, 12 times the soft budget.
+    let channels = WebSocketLayer::new()
+        .route(
+            "/ws/room",
+            consumer(move |scope| Member {
+                slow: scope.query() == Some("stalled"),
+                gone: gone_tx.clone(),
+            }),
+        )
+        .route("/ws/pub", consumer(|_| Publisher));
+    let addr = serve_small_buffers(&channels).await;
+    let rss_before = vm_rss_kib("VmRSS:");
+    let stream = small_client(addr).await;
+    let (mut stalled, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/ws/room?stalled"),
+        stream,
+        Some(small_client_config()),
+    )
+    .await
+    .expect("stalled client handshake");
+    let url = format!("ws://{addr}/ws/room");
+    let mut readers = Vec::new();
+    for i in 0..READERS {
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, false)
+            .await
+            .expect("reader handshake");
+        readers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while n < BURST {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        assert_eq!(t[..6].parse::<usize>().ok(), Some(n), "reader {i} in order");
+                        n += 1;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    other => panic!("reader {i} after {n} messages: {other:?}"),
+                }
+            }
+            (n, ws)
+        }));
+    }
+    let started = Instant::now();
+    let mut publisher = connect(addr, "/ws/pub").await;
+    for seq in 0..BURST {
+        let mut s = format!("{seq:06}:");
+        s.extend(std::iter::repeat_n('.', SIZE - s.len()));
+        publisher.feed(Message::text(s)).await.expect("publish");
+    }
+    publisher.flush().await.expect("flush");
+    let mut clients = Vec::new();
+    for r in readers {
+        let (n, ws) = tokio::time::timeout(DELIVERY_TIMEOUT, r)
+            .await
+            .unwrap_or_else(|_| panic!("not delivered: {:?}", channels.stats()))
+            .expect("reader task");
+        assert_eq!(n, BURST);
+        clients.push(ws);
+    }
+    let delivered = started.elapsed();
+    wait_until("the stalled client to be closed", || {
+        channels.stats().dropped_slow >= 1
+    })
+    .await;
+    let hwm = vm_rss_kib("VmHWM:");
+    let close = within("the stalled client's close frame", async {
+        loop {
+            match stalled.next().await {
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close code");
+    assert_eq!(u16::from(close.code), close_code::SLOW_CONSUMER);
+    drain(&mut stalled).await;
+    assert_eq!(
+        within("the stalled member's disconnect", gone.recv()).await,
+        Some((true, close_code::SLOW_CONSUMER))
+    );
+    assert!(gone.try_recv().is_err(), "no reader was closed");
+    let stats = channels.stats();
+    eprintln!(
+        "burst: {BURST} x {SIZE} B to {READERS} readers delivered in {delivered:?}; the stalled \
+         one closed 4008; RSS before {rss_before} KiB, peak {hwm} KiB; {stats:?}"
+    );
+    assert_eq!(stats.dropped_slow, 1, "{stats:?}");
+    drop(clients);
 }

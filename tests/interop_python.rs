@@ -1,5 +1,7 @@
 //! Interop with a WebSocket client we did not write: the Python `websockets`
-//! package talks to the real chat example binary (built by `cargo test`).
+//! package talks to the real chat example binary (built by `cargo test`),
+//! with permessage-deflate (which `websockets` offers by default) negotiated,
+//! messages below and above the compression threshold both ways.
 //!
 //! Skipped (with a message) when `websockets` is not installed, unless
 //! `TOWER_CHANNELS_REQUIRE_INTEROP=1`, as in CI, which makes that a failure.
@@ -50,7 +52,7 @@ async fn python_websockets_client_talks_to_the_chat_example() {
         "Python client failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         out.status
     );
-    for step in ["chat ok", "echo ok", "bad json ok"] {
+    for step in ["chat ok", "echo ok", "bad json ok", "compression ok"] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
     }
 }

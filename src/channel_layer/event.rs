@@ -4,7 +4,10 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::error::EventCodecError;
-use crate::message::{Message, Utf8Bytes};
+use crate::{
+    engine::SharedPayload,
+    message::{Message, Utf8Bytes},
+};
 
 type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError>;
 
@@ -57,7 +60,23 @@ enum Payload {
         type_name: &'static str,
     },
     Encoded(Bytes),
-    Message(Message),
+    /// A fast-lane message. Text and binary carry a shared payload too: a
+    /// group send hands every member the same one, so it is compressed once
+    /// per negotiated parameter set and its bytes are written to each member
+    /// without a copy.
+    Message {
+        message: Message,
+        shared: Option<SharedPayload>,
+    },
+}
+
+fn message_payload(message: Message) -> Payload {
+    let shared = match &message {
+        Message::Text(t) => Some(SharedPayload::text(t.clone())),
+        Message::Binary(b) => Some(SharedPayload::binary(b.clone())),
+        _ => None,
+    };
+    Payload::Message { message, shared }
 }
 
 fn encode_typed<T: Serialize + 'static>(
@@ -94,7 +113,7 @@ impl Event {
     /// An event whose body is a ready WebSocket message ("fastlane"): encoded
     /// once by the sender, forwarded unchanged by every receiving consumer.
     pub fn message(kind: impl Into<Cow<'static, str>>, message: impl Into<Message>) -> Self {
-        Self::from_payload(kind, Payload::Message(message.into()))
+        Self::from_payload(kind, message_payload(message.into()))
     }
 
     /// An event with a text message body; see [`Event::message`].
@@ -129,7 +148,15 @@ impl Event {
     /// The WebSocket message carried by a [`Event::message`] event.
     pub fn as_message(&self) -> Option<&Message> {
         match &self.0.payload {
-            Payload::Message(m) => Some(m),
+            Payload::Message { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    /// The shared payload of a text or binary fast-lane event.
+    pub(crate) fn shared_payload(&self) -> Option<&SharedPayload> {
+        match &self.0.payload {
+            Payload::Message { shared, .. } => shared.as_ref(),
             _ => None,
         }
     }
@@ -164,7 +191,7 @@ impl Event {
                 "event {:?} has no body",
                 self.kind()
             ))),
-            Payload::Message(_) => Err(EventCodecError::new(format_args!(
+            Payload::Message { .. } => Err(EventCodecError::new(format_args!(
                 "event {:?} carries a WebSocket message, not a typed body",
                 self.kind()
             ))),
@@ -187,7 +214,7 @@ impl Event {
             Payload::None => Ok(None),
             Payload::Typed { value, encode, .. } => Ok(Some(Cow::Owned(encode(value.as_ref())?))),
             Payload::Encoded(b) => Ok(Some(Cow::Borrowed(b))),
-            Payload::Message(_) => Err(EventCodecError::new(format_args!(
+            Payload::Message { .. } => Err(EventCodecError::new(format_args!(
                 "event {:?} carries a WebSocket message (Event::text/binary/message), which \
                  has no dict form: send Event::new with a struct or map body instead",
                 self.kind()
@@ -252,9 +279,15 @@ impl Event {
             Payload::None => (TAG_NONE, Cow::Borrowed(&[])),
             Payload::Typed { value, encode, .. } => (TAG_BODY, Cow::Owned(encode(value.as_ref())?)),
             Payload::Encoded(b) => (TAG_BODY, Cow::Borrowed(b)),
-            Payload::Message(Message::Text(t)) => (TAG_TEXT, Cow::Borrowed(t.as_bytes())),
-            Payload::Message(Message::Binary(b)) => (TAG_BINARY, Cow::Borrowed(b)),
-            Payload::Message(other) => {
+            Payload::Message {
+                message: Message::Text(t),
+                ..
+            } => (TAG_TEXT, Cow::Borrowed(t.as_bytes())),
+            Payload::Message {
+                message: Message::Binary(b),
+                ..
+            } => (TAG_BINARY, Cow::Borrowed(b)),
+            Payload::Message { message: other, .. } => {
                 return Err(EventCodecError::new(format_args!(
                     "only text and binary messages can travel in events, not {other:?}"
                 )))
@@ -279,11 +312,11 @@ impl Event {
         let payload = match wire.tag {
             TAG_NONE => Payload::None,
             TAG_BODY => Payload::Encoded(data),
-            TAG_TEXT => Payload::Message(Message::Text(
+            TAG_TEXT => message_payload(Message::Text(
                 Utf8Bytes::try_from_bytes(data)
                     .map_err(|e| EventCodecError::new(format_args!("malformed event text: {e}")))?,
             )),
-            TAG_BINARY => Payload::Message(Message::Binary(data)),
+            TAG_BINARY => message_payload(Message::Binary(data)),
             other => {
                 return Err(EventCodecError::new(format_args!(
                     "malformed event: unknown payload tag {other}"
@@ -321,7 +354,7 @@ impl fmt::Debug for Event {
             Payload::None => d.field("body", &"none"),
             Payload::Typed { type_name, .. } => d.field("body", type_name),
             Payload::Encoded(b) => d.field("msgpack_len", &b.len()),
-            Payload::Message(m) => d.field("message", m),
+            Payload::Message { message, .. } => d.field("message", message),
         };
         d.finish()
     }

@@ -5,6 +5,7 @@ use tower_service::Service;
 use super::{driver, Accept, Connection, Context, Reject};
 use crate::{
     channel_layer::{BoxError, BoxFuture, Event},
+    engine::Out,
     message::{CloseCode, Message},
     Scope,
 };
@@ -113,7 +114,13 @@ pub trait WebsocketConsumer: Send + 'static {
 /// The default `event` behaviour: forward fastlane messages; for any other
 /// event return [`UnhandledEvent`](super::UnhandledEvent), which the
 /// connection logs, counts and ignores (it does not close).
+///
+/// A text or binary event is written from its shared payload: a group send
+/// to 1,000 members is compressed once per negotiated parameter set.
 pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
+    if let Some(p) = event.shared_payload() {
+        return Ok(ctx.send_out(Out::Shared(p.clone()))?);
+    }
     match event.as_message() {
         Some(m) => Ok(ctx.send(m.clone())?),
         None => Err(super::UnhandledEvent::new(event.kind()).into()),

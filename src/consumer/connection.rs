@@ -3,13 +3,12 @@ use std::{fmt, sync::Arc};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::sync::oneshot;
-use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
 
-use super::{transport::Transport, WebSocket};
+use super::WebSocket;
 use crate::{
-    channel_layer::{BoxError, ChannelLayer, ChannelReceiver},
+    channel_layer::{BoxError, BoxFuture, ChannelLayer},
+    engine::{wire::DeflateParams, Engine, Host, Link, Runtime, Slot, Socket, Transport},
     handshake::rejection::{ConsumerFailed, HandshakeRejection},
-    middleware::Runtime,
     Error, Scope,
 };
 
@@ -40,12 +39,52 @@ pub(crate) enum Decision {
 pub struct Connection {
     pub(crate) scope: Scope,
     pub(crate) runtime: Arc<Runtime>,
-    pub(crate) upgrade: Option<UpgradeSource>,
-    pub(crate) decision: Option<oneshot::Sender<Decision>>,
-    pub(crate) inbox: Option<ChannelReceiver>,
+    upgrade: Option<UpgradeSource>,
+    decision: Option<oneshot::Sender<Decision>>,
+    /// Created with the channel (on accept, or earlier by `channel_name`).
+    link: Option<Arc<Link>>,
+    /// Where `accept` leaves the engine for the connection task's [`Host`].
+    slot: Arc<Slot>,
+    /// permessage-deflate as negotiated from the request, with the
+    /// response's `Sec-WebSocket-Extensions` value.
+    deflate: Option<(DeflateParams, HeaderValue)>,
 }
 
 impl Connection {
+    /// The one constructor: a connection attempt for `consumer`, and the
+    /// task that runs it (the consumer's future and, once accepted, the
+    /// engine). The receiver gets the consumer's decision.
+    pub(crate) fn start(
+        scope: Scope,
+        runtime: Arc<Runtime>,
+        upgrade: UpgradeSource,
+        deflate: Option<(DeflateParams, HeaderValue)>,
+        consumer: impl FnOnce(Connection) -> BoxFuture<'static, ()>,
+    ) -> (oneshot::Receiver<Decision>, Host) {
+        let (tx, rx) = oneshot::channel();
+        let slot = Arc::new(Slot::default());
+        let conn = Connection {
+            scope,
+            runtime: runtime.clone(),
+            upgrade: Some(upgrade),
+            decision: Some(tx),
+            link: None,
+            slot: slot.clone(),
+            deflate,
+        };
+        let app = consumer(conn);
+        (rx, Host::new(runtime, slot, app))
+    }
+
+    /// This connection's shared state, creating its channel if needed.
+    pub(crate) async fn link(&mut self) -> Result<&Arc<Link>, Error> {
+        if self.link.is_none() {
+            let inbox = self.runtime.channel_layer.new_channel().await?;
+            self.link = Some(Link::new(self.runtime.clone(), inbox));
+        }
+        self.link.as_ref().ok_or_else(Error::closed)
+    }
+
     /// The request that opened the connection.
     pub fn scope(&self) -> &Scope {
         &self.scope
@@ -59,10 +98,7 @@ impl Connection {
     /// Creates this connection's channel now (it is otherwise created on
     /// accept) and returns its name, so `connect` code can join groups first.
     pub async fn channel_name(&mut self) -> Result<&str, Error> {
-        if self.inbox.is_none() {
-            self.inbox = Some(self.runtime.channel_layer.new_channel().await?);
-        }
-        Ok(self.inbox.as_ref().map_or("", |i| i.name()))
+        Ok(self.link().await?.channel_name())
     }
 
     /// Accepts the handshake and waits for the upgraded connection.
@@ -70,7 +106,15 @@ impl Connection {
     /// Fails if the chosen subprotocol was not offered by the client (the
     /// client then gets 500: a browser would fail the connection anyway), if
     /// the channel layer cannot create a channel, or if the client went away.
-    pub async fn accept(mut self, accept: Accept) -> Result<WebSocket, Error> {
+    pub async fn accept(self, accept: Accept) -> Result<WebSocket, Error> {
+        let scope = self.scope.clone();
+        let protocol = accept.subprotocol.clone();
+        let link = self.accept_engine(accept).await?;
+        Ok(WebSocket::new(link.app_handle(), scope, protocol))
+    }
+
+    /// Accepts and hands the engine to the connection task; returns the link.
+    pub(crate) async fn accept_engine(mut self, accept: Accept) -> Result<Arc<Link>, Error> {
         if let Some(p) = &accept.subprotocol {
             if !self.scope.subprotocols().iter().any(|o| o == p) {
                 self.send_decision(Decision::Reject(
@@ -81,22 +125,23 @@ impl Connection {
                 )));
             }
         }
-        let inbox = match self.inbox.take() {
-            Some(i) => i,
-            None => match self.runtime.channel_layer.new_channel().await {
-                Ok(i) => i,
-                Err(e) => {
-                    self.send_decision(Decision::Reject(
-                        HandshakeRejection::from(ConsumerFailed).into_response(),
-                    ));
-                    return Err(e.into());
-                }
-            },
+        let link = match self.link().await {
+            Ok(l) => l.clone(),
+            Err(e) => {
+                self.send_decision(Decision::Reject(
+                    HandshakeRejection::from(ConsumerFailed).into_response(),
+                ));
+                return Err(e);
+            }
         };
-        let protocol = accept.subprotocol.clone();
+        let mut headers = accept.headers;
+        let deflate = self.deflate.take().map(|(params, answer)| {
+            headers.insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            params
+        });
         if !self.send_decision(Decision::Accept {
             protocol: accept.subprotocol,
-            headers: accept.headers,
+            headers,
         }) {
             return Err(Error::handshake(
                 "the client went away during the handshake",
@@ -110,15 +155,9 @@ impl Connection {
             Some(UpgradeSource::Ready(t)) => t,
             None => return Err(Error::handshake("connection already accepted")),
         };
-        let config = self.runtime.config.tungstenite();
-        let stream = WebSocketStream::from_raw_socket(transport, Role::Server, Some(config)).await;
-        Ok(WebSocket::new(
-            stream,
-            inbox,
-            self.scope.clone(),
-            self.runtime.clone(),
-            protocol,
-        ))
+        let socket = Socket::new(transport, &self.runtime.config, deflate);
+        self.slot.put(Engine::new(link.clone(), socket));
+        Ok(link)
     }
 
     /// Refuses the handshake with `reject`'s status (403 by default).

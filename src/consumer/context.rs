@@ -1,106 +1,34 @@
-use std::{
-    collections::VecDeque,
-    fmt,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::{fmt, sync::Arc};
 
 use serde::Serialize;
 
 use crate::{
     channel_layer::{ChannelLayer, ChannelLayerError, Event, GroupSendReport},
+    engine::{AppLink, Out},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
 };
-
-/// Messages a handler sent and the connection has not written yet.
-///
-/// Shared between the handler's [`Context`] and the connection driver, which
-/// run in the same task (so the lock is never contended).
-#[derive(Debug)]
-pub(crate) struct Outbound {
-    state: Mutex<OutState>,
-    max_bytes: usize,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct OutState {
-    pub(crate) queue: VecDeque<Message>,
-    pub(crate) bytes: usize,
-    /// A close requested by the handler, sent after the queued messages.
-    pub(crate) close: Option<CloseFrame>,
-    /// Queued bytes exceeded the limit: the client is too slow.
-    pub(crate) overflow: bool,
-    /// No more messages are accepted.
-    pub(crate) closed: bool,
-}
-
-impl Outbound {
-    pub(crate) fn new(max_bytes: usize) -> Self {
-        Self {
-            state: Mutex::default(),
-            max_bytes,
-        }
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, OutState> {
-        // Critical sections are pushes and pops; a poisoned lock holds a valid queue.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn push(&self, msg: Message) -> Result<(), Error> {
-        let mut st = self.lock();
-        if st.closed || st.close.is_some() || st.overflow {
-            return Err(Error::closed());
-        }
-        let len = msg.len();
-        if !st.queue.is_empty() && st.bytes + len > self.max_bytes {
-            st.overflow = true;
-            st.queue.clear();
-            st.bytes = 0;
-            return Err(Error::closed());
-        }
-        st.bytes += len;
-        st.queue.push_back(msg);
-        Ok(())
-    }
-
-    pub(crate) fn pop(&self) -> Option<Message> {
-        let mut st = self.lock();
-        let m = st.queue.pop_front()?;
-        st.bytes -= m.len();
-        Some(m)
-    }
-}
 
 /// What a consumer's handlers use to talk to their connection: Django's
 /// `self.send`, `self.close`, `self.channel_layer`, `self.channel_name`,
 /// `self.scope` and `self.groups`.
 ///
 /// Sending never waits: messages are queued and written by the connection
-/// while the handler goes on. A client that falls more than
-/// [`max_outbound_bytes`](crate::WebSocketConfig::max_outbound_bytes) behind is
-/// closed with [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER).
+/// while the handler goes on. A client that stays behind is closed with
+/// [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER); see
+/// [the slow-client policy](crate::WebSocketConfig#slow-clients).
 pub struct Context {
     scope: Scope,
     layer: Arc<dyn ChannelLayer>,
-    channel_name: String,
-    groups: Vec<String>,
-    pub(crate) outbound: Arc<Outbound>,
+    pub(crate) link: AppLink,
 }
 
 impl Context {
-    pub(crate) fn new(
-        scope: Scope,
-        layer: Arc<dyn ChannelLayer>,
-        channel_name: String,
-        outbound: Arc<Outbound>,
-    ) -> Self {
+    pub(crate) fn new(scope: Scope, link: AppLink) -> Self {
         Self {
             scope,
-            layer,
-            channel_name,
-            groups: Vec::new(),
-            outbound,
+            layer: link.runtime.channel_layer.clone(),
+            link,
         }
     }
 
@@ -111,7 +39,7 @@ impl Context {
 
     /// This connection's unique channel name.
     pub fn channel_name(&self) -> &str {
-        &self.channel_name
+        self.link.channel_name()
     }
 
     /// The channel layer, e.g. to send to another channel.
@@ -119,14 +47,19 @@ impl Context {
         &self.layer
     }
 
-    /// Groups this connection joined through [`group_add`](Self::group_add).
-    pub fn groups(&self) -> &[String] {
-        &self.groups
+    /// Groups this connection joined through [`group_add`](Self::group_add)
+    /// (empty once it started closing: it leaves them then).
+    pub fn groups(&self) -> Vec<String> {
+        self.link.groups()
     }
 
     /// Queues a message for the client. Fails once the connection is closing.
     pub fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
-        self.outbound.push(message.into())
+        self.send_out(Out::Message(message.into()))
+    }
+
+    pub(crate) fn send_out(&self, out: Out) -> Result<(), Error> {
+        self.link.push(out)
     }
 
     /// Queues a text message.
@@ -148,26 +81,18 @@ impl Context {
     /// Closes the connection with `code` and `reason` after the messages
     /// already queued. The consumer's `disconnect` runs once the close completes.
     pub fn close(&self, code: CloseCode, reason: impl Into<Utf8Bytes>) {
-        let mut st = self.outbound.lock();
-        if st.close.is_none() && !st.closed {
-            st.close = Some(CloseFrame::new(code, reason));
-        }
+        self.link.close(CloseFrame::new(code, reason), true);
     }
 
-    /// Adds this connection to `group`; it leaves automatically on disconnect.
+    /// Adds this connection to `group`; it leaves automatically as soon as
+    /// the connection starts closing (a no-op once it has).
     pub async fn group_add(&mut self, group: &str) -> Result<(), ChannelLayerError> {
-        self.layer.group_add(group, &self.channel_name).await?;
-        if !self.groups.iter().any(|g| g == group) {
-            self.groups.push(group.to_owned());
-        }
-        Ok(())
+        self.link.group_add(group).await
     }
 
     /// Removes this connection from `group`.
     pub async fn group_discard(&mut self, group: &str) -> Result<(), ChannelLayerError> {
-        self.layer.group_discard(group, &self.channel_name).await?;
-        self.groups.retain(|g| g != group);
-        Ok(())
+        self.link.group_discard(group).await
     }
 
     /// Sends `event` to every member of `group` (this connection included, if
@@ -184,23 +109,13 @@ impl Context {
     pub async fn send_to(&self, channel: &str, event: Event) -> Result<(), ChannelLayerError> {
         self.layer.send(channel, event).await
     }
-
-    /// Leaves every group (run by the driver on disconnect).
-    pub(crate) async fn leave_groups(&mut self) {
-        for g in std::mem::take(&mut self.groups) {
-            if let Err(e) = self.layer.group_discard(&g, &self.channel_name).await {
-                tracing::warn!(group = %g, error = %e, "group_discard failed on disconnect");
-            }
-        }
-    }
 }
 
 impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
-            .field("channel_name", &self.channel_name)
+            .field("channel_name", &self.channel_name())
             .field("route", &self.scope.route())
-            .field("groups", &self.groups)
             .finish_non_exhaustive()
     }
 }

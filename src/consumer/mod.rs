@@ -94,7 +94,6 @@ mod factory;
 mod from_fn;
 mod json;
 mod socket;
-pub(crate) mod transport;
 mod unhandled;
 
 pub use self::{

@@ -6,14 +6,12 @@ use std::{
     task::{Context as TaskContext, Poll},
 };
 
-use futures_util::{SinkExt, Stream, StreamExt};
-use tokio_tungstenite::WebSocketStream;
+use futures_util::Stream;
 
-use super::transport::Transport;
 use crate::{
-    channel_layer::{ChannelLayer, ChannelReceiver, Event, GroupSendReport, RecvError},
+    channel_layer::{ChannelLayer, Event, GroupSendReport, RecvError},
+    engine::{AppLink, Out},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
-    middleware::Runtime,
     Error, Scope,
 };
 
@@ -35,35 +33,37 @@ pub enum Incoming {
 /// You get one from [`Connection::accept`](super::Connection::accept). It
 /// reads and writes messages and gives access to this connection's channel
 /// (its name, its [`groups`](Self::group_add) and the [events](Self::next)
-/// sent to it). Pings are answered automatically.
+/// sent to it).
 ///
-/// The [`WebsocketConsumer`](super::WebsocketConsumer) trait is built on this
-/// type and adds what long-lived connections need (heartbeats, outbound
-/// limits, panic isolation, concurrent reads while a handler runs); use
-/// `WebSocket` directly when you want full control.
+/// It is a handle on the same connection engine the
+/// [`WebsocketConsumer`](super::WebsocketConsumer) forms use (see
+/// [`crate::engine`'s docs](crate::WebSocketConfig#slow-clients)), so it gets
+/// the same guarantees: pings are sent and answered, an idle client is
+/// closed, size and rate limits apply, the outbound budget applies
+/// ([`send`](Self::send) and [`feed`](Self::feed) wait while the queue is
+/// above it; a client that stays behind is closed with 4008), server
+/// shutdown closes with 1001 and the closing handshake completes, the
+/// connection counts in [`ConnectionStats`](crate::ConnectionStats), and its
+/// groups are left as soon as it starts closing.
+///
+/// Control frames are handled by the engine: [`recv`](Self::recv) yields
+/// text and binary messages, then the peer's close as [`Message::Close`],
+/// then `None`. Protocol errors close the connection with the matching code
+/// (1002, 1007, 1009); `recv` then returns `None`.
+///
+/// Dropping the handle (or returning from the consumer future without it)
+/// closes the connection with 1000.
 pub struct WebSocket {
-    pub(crate) stream: WebSocketStream<Transport>,
-    pub(crate) inbox: ChannelReceiver,
-    pub(crate) scope: Scope,
-    pub(crate) runtime: Arc<Runtime>,
-    pub(crate) groups: Vec<String>,
+    link: AppLink,
+    scope: Scope,
     protocol: Option<String>,
 }
 
 impl WebSocket {
-    pub(crate) fn new(
-        stream: WebSocketStream<Transport>,
-        inbox: ChannelReceiver,
-        scope: Scope,
-        runtime: Arc<Runtime>,
-        protocol: Option<String>,
-    ) -> Self {
+    pub(crate) fn new(link: AppLink, scope: Scope, protocol: Option<String>) -> Self {
         Self {
-            stream,
-            inbox,
+            link,
             scope,
-            runtime,
-            groups: Vec::new(),
             protocol,
         }
     }
@@ -81,28 +81,19 @@ impl WebSocket {
     /// This connection's unique channel name: [`send`](ChannelLayer::send)
     /// events to it from anywhere.
     pub fn channel_name(&self) -> &str {
-        self.inbox.name()
+        self.link.channel_name()
     }
 
     /// The channel layer.
     pub fn channel_layer(&self) -> &Arc<dyn ChannelLayer> {
-        &self.runtime.channel_layer
+        &self.link.runtime.channel_layer
     }
 
     /// Receives the next message from the client; `None` once the connection
-    /// is closed. A received close is answered automatically and returned as
+    /// is closed. The peer's close is answered automatically and returned as
     /// [`Message::Close`]. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Result<Message, Error>> {
-        loop {
-            match self.stream.next().await? {
-                Ok(m) => {
-                    if let Some(m) = Message::from_tungstenite(m) {
-                        return Some(Ok(m));
-                    }
-                }
-                Err(e) => return Some(Err(e.into())),
-            }
-        }
+        poll_fn(|cx| self.link.poll_message(cx)).await.map(Ok)
     }
 
     /// Receives the next message from the client or event from the channel
@@ -116,118 +107,77 @@ impl WebSocket {
         &mut self,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Incoming, Error>>> {
-        loop {
-            match Pin::new(&mut self.stream).poll_next(cx) {
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(Some(Ok(m))) => match Message::from_tungstenite(m) {
-                    Some(m) => return Poll::Ready(Some(Ok(Incoming::Message(m)))),
-                    None => continue,
-                },
-                Poll::Pending => {}
+        if let Poll::Ready(m) = self.link.poll_message(cx) {
+            return Poll::Ready(m.map(|m| Ok(Incoming::Message(m))));
+        }
+        match self.link.poll_event(cx) {
+            Poll::Ready(Some(Ok(e))) => Poll::Ready(Some(Ok(Incoming::Event(e)))),
+            Poll::Ready(Some(Err(RecvError::Lagged(n)))) => {
+                Poll::Ready(Some(Ok(Incoming::Lagged(n))))
             }
-            return match self.inbox.poll_recv(cx) {
-                Poll::Ready(Ok(e)) => Poll::Ready(Some(Ok(Incoming::Event(e)))),
-                Poll::Ready(Err(RecvError::Lagged(n))) => {
-                    Poll::Ready(Some(Ok(Incoming::Lagged(n))))
-                }
-                // The layer dropped this channel: only client messages remain.
-                Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
-            };
+            // The layer dropped this channel: only client messages remain.
+            Poll::Ready(_) | Poll::Pending => Poll::Pending,
         }
     }
 
-    /// Sends a message and flushes it.
+    /// Sends a message and waits until it is written to the socket.
     pub async fn send(&mut self, message: impl Into<Message>) -> Result<(), Error> {
-        Ok(self.stream.send(message.into().into_tungstenite()).await?)
+        self.feed(message).await?;
+        self.flush().await
     }
 
-    /// Queues a message without flushing (call [`flush`](Self::flush) after a batch).
+    /// Queues a message, waiting while the outbound queue is above its soft
+    /// budget; call [`flush`](Self::flush) after a batch (the engine writes
+    /// queued messages anyway, flushing only waits for it).
     pub async fn feed(&mut self, message: impl Into<Message>) -> Result<(), Error> {
-        Ok(self.stream.feed(message.into().into_tungstenite()).await?)
+        let message = message.into();
+        poll_fn(|cx| self.link.poll_ready(cx)).await?;
+        self.push(message)
     }
 
-    /// Writes out everything queued.
+    fn push(&self, message: Message) -> Result<(), Error> {
+        match message {
+            Message::Close(frame) => {
+                self.link.close(
+                    frame
+                        .unwrap_or_else(|| CloseFrame::new(crate::message::close_code::NORMAL, "")),
+                    true,
+                );
+                Ok(())
+            }
+            // Pings and pongs are the engine's business.
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            m => self.link.push(Out::Message(m)),
+        }
+    }
+
+    /// Waits until everything queued is written to the socket.
     pub async fn flush(&mut self) -> Result<(), Error> {
-        Ok(self.stream.flush().await?)
+        poll_fn(|cx| self.link.poll_flushed(cx)).await
     }
 
-    /// Sends a close frame and waits (at most the configured close timeout)
-    /// for the client's reply, then leaves the groups this socket joined.
-    pub async fn close(
-        mut self,
-        code: CloseCode,
-        reason: impl Into<Utf8Bytes>,
-    ) -> Result<(), Error> {
-        let frame = CloseFrame::new(code, reason);
-        let res = self.send(Message::Close(Some(frame))).await;
-        let timeout = self.runtime.config.close_timeout;
-        let _ = tokio::time::timeout(timeout, async {
-            while let Some(Ok(_)) = self.stream.next().await {}
-        })
-        .await;
-        self.leave_groups().await;
-        res
+    /// Sends a close frame after the queued messages and waits (at most the
+    /// configured close timeout) for the closing handshake to complete. The
+    /// groups this socket joined are left as the close starts.
+    pub async fn close(self, code: CloseCode, reason: impl Into<Utf8Bytes>) -> Result<(), Error> {
+        self.link.close(CloseFrame::new(code, reason), true);
+        poll_fn(|cx| self.link.poll_closed(cx)).await;
+        Ok(())
     }
 
     /// Adds this connection to `group`; it leaves automatically on close.
     pub async fn group_add(&mut self, group: &str) -> Result<(), Error> {
-        self.runtime
-            .channel_layer
-            .group_add(group, self.inbox.name())
-            .await?;
-        if !self.groups.iter().any(|g| g == group) {
-            self.groups.push(group.to_owned());
-        }
-        Ok(())
+        Ok(self.link.group_add(group).await?)
     }
 
     /// Removes this connection from `group`.
     pub async fn group_discard(&mut self, group: &str) -> Result<(), Error> {
-        self.runtime
-            .channel_layer
-            .group_discard(group, self.inbox.name())
-            .await?;
-        self.groups.retain(|g| g != group);
-        Ok(())
+        Ok(self.link.group_discard(group).await?)
     }
 
     /// Sends `event` to every member of `group`.
     pub async fn group_send(&self, group: &str, event: Event) -> Result<GroupSendReport, Error> {
-        Ok(self.runtime.channel_layer.group_send(group, event).await?)
-    }
-
-    /// Leaves every group this socket joined.
-    pub(crate) async fn leave_groups(&mut self) {
-        for g in std::mem::take(&mut self.groups) {
-            if let Err(e) = self
-                .runtime
-                .channel_layer
-                .group_discard(&g, self.inbox.name())
-                .await
-            {
-                tracing::warn!(group = %g, error = %e, "group_discard failed while closing");
-            }
-        }
-    }
-}
-
-impl Drop for WebSocket {
-    fn drop(&mut self) {
-        if self.groups.is_empty() {
-            return;
-        }
-        // Leave groups even when the socket is dropped without `close`.
-        let groups = std::mem::take(&mut self.groups);
-        let layer = self.runtime.channel_layer.clone();
-        let channel = self.inbox.name().to_owned();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                for g in groups {
-                    let _ = layer.group_discard(&g, &channel).await;
-                }
-            });
-        }
+        Ok(self.channel_layer().group_send(group, event).await?)
     }
 }
 
@@ -236,7 +186,6 @@ impl fmt::Debug for WebSocket {
         f.debug_struct("WebSocket")
             .field("channel_name", &self.channel_name())
             .field("route", &self.scope.route())
-            .field("groups", &self.groups)
             .finish_non_exhaustive()
     }
 }
@@ -245,18 +194,7 @@ impl Stream for WebSocket {
     type Item = Result<Message, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        loop {
-            return match Pin::new(&mut this.stream).poll_next(cx) {
-                Poll::Ready(Some(Ok(m))) => match Message::from_tungstenite(m) {
-                    Some(m) => Poll::Ready(Some(Ok(m))),
-                    None => continue,
-                },
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            };
-        }
+        self.link.poll_message(cx).map(|m| m.map(Ok))
     }
 }
 
@@ -264,26 +202,22 @@ impl futures_util::Sink<Message> for WebSocket {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Pin::new(&mut self.get_mut().stream)
-            .poll_ready(cx)
-            .map_err(Into::into)
+        self.link.poll_ready(cx)
     }
 
     fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Error> {
-        Pin::new(&mut self.get_mut().stream)
-            .start_send(item.into_tungstenite())
-            .map_err(Into::into)
+        self.push(item)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Pin::new(&mut self.get_mut().stream)
-            .poll_flush(cx)
-            .map_err(Into::into)
+        self.link.poll_flushed(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Pin::new(&mut self.get_mut().stream)
-            .poll_close(cx)
-            .map_err(Into::into)
+        self.link.close(
+            CloseFrame::new(crate::message::close_code::NORMAL, ""),
+            true,
+        );
+        self.link.poll_closed(cx).map(|_| Ok(()))
     }
 }

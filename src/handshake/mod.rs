@@ -10,7 +10,7 @@
 pub mod rejection;
 
 use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tungstenite::handshake::derive_accept_key;
 
 pub use self::rejection::HandshakeRejection;
 use self::rejection::*;

@@ -10,7 +10,7 @@ use super::{Runtime, ShutdownHandle, WebSocketService};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::{Connection, ConsumerService},
-    metrics::{ConnectionStats, Metrics},
+    metrics::ConnectionStats,
     origin::AllowedOrigins,
     route::{Params, RoutePattern},
     WebSocketConfig,
@@ -47,13 +47,7 @@ impl WebSocketLayer {
     pub fn new() -> Self {
         Self {
             routes: Arc::new([]),
-            runtime: Arc::new(Runtime {
-                channel_layer: Arc::new(InMemoryChannelLayer::new()),
-                config: WebSocketConfig::default(),
-                origins: AllowedOrigins::default(),
-                metrics: Metrics::default(),
-                tracker: Default::default(),
-            }),
+            runtime: Arc::new(Runtime::new(Arc::new(InMemoryChannelLayer::new()))),
         }
     }
 
@@ -117,15 +111,7 @@ impl WebSocketLayer {
     }
 
     fn update_runtime(&mut self, f: impl FnOnce(&mut Runtime)) {
-        let mut runtime = Runtime {
-            channel_layer: self.runtime.channel_layer.clone(),
-            config: self.runtime.config.clone(),
-            origins: self.runtime.origins.clone(),
-            metrics: Metrics::default(),
-            tracker: self.runtime.tracker.clone(),
-        };
-        f(&mut runtime);
-        self.runtime = Arc::new(runtime);
+        self.runtime = Arc::new(self.runtime.rebuilt(f));
     }
 
     /// The channel layer, for sending to connections from HTTP handlers,

@@ -97,18 +97,4 @@ pub use self::{
     shutdown::{ShutdownHandle, ShutdownReport},
 };
 
-use std::sync::Arc;
-
-use crate::{
-    channel_layer::ChannelLayer, metrics::Metrics, origin::AllowedOrigins, WebSocketConfig,
-};
-
-/// What every connection of a layer shares.
-#[derive(Debug)]
-pub(crate) struct Runtime {
-    pub(crate) channel_layer: Arc<dyn ChannelLayer>,
-    pub(crate) config: WebSocketConfig,
-    pub(crate) origins: AllowedOrigins,
-    pub(crate) metrics: Metrics,
-    pub(crate) tracker: Arc<shutdown::Tracker>,
-}
+pub(crate) use crate::engine::Runtime;

@@ -103,8 +103,15 @@ impl WebSocketLayer {
             return Err(TooManyConnections.into());
         }
         let on_upgrade = on_upgrade.ok_or(UpgradeUnavailable)?;
+        // permessage-deflate: answered on the 101 (HTTP/1.1) or the 200
+        // (HTTP/2 extended CONNECT) alike.
+        let deflate = crate::engine::wire::negotiate(
+            parts
+                .headers
+                .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS),
+            &runtime.config.compression,
+        );
         let scope = Scope::new(route.pattern.as_str().into(), parts, params, protocols);
-        let (tx, rx) = oneshot::channel();
         let span = tracing::debug_span!(
             "websocket",
             route = scope.route(),
@@ -112,19 +119,18 @@ impl WebSocketLayer {
             peer = scope.peer_addr().map(tracing::field::display),
             channel = tracing::field::Empty,
         );
-        let conn = Connection {
+        let (rx, host) = Connection::start(
             scope,
-            runtime: self.runtime.clone(),
-            upgrade: Some(UpgradeSource::Hyper(on_upgrade)),
-            decision: Some(tx),
-            inbox: None,
-        };
+            self.runtime.clone(),
+            UpgradeSource::Hyper(on_upgrade),
+            deflate,
+            |conn| (route.consumer)(conn),
+        );
         let tracker = runtime.tracker.clone();
         let id = tracker.next_id();
-        let consumer = (route.consumer)(conn);
         let task = tokio::spawn(
             async move {
-                consumer.await;
+                host.await;
                 tracker.finished(id);
             }
             .instrument(span),

@@ -1,73 +1,6 @@
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::Notify, task::AbortHandle};
-
-/// Tracks a layer's connection tasks and drives graceful shutdown.
-#[derive(Debug, Default)]
-struct Tasks {
-    running: HashMap<u64, AbortHandle>,
-    /// Tasks that finished before they were registered (a fast rejection
-    /// on another worker thread).
-    finished_early: Vec<u64>,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Tracker {
-    pub(crate) shutting_down: AtomicBool,
-    /// Woken once when shutdown starts; every connection listens.
-    pub(crate) signal: Arc<Notify>,
-    tasks: Mutex<Tasks>,
-    next_id: AtomicU64,
-    all_done: Notify,
-}
-
-impl Tracker {
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    /// Number of connection tasks (handshakes in progress and open connections).
-    pub(crate) fn len(&self) -> usize {
-        self.tasks().running.len()
-    }
-
-    pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
-        // Map inserts and removals only; poisoning cannot break an invariant.
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn register(&self, id: u64, handle: AbortHandle) {
-        let mut tasks = self.tasks();
-        if let Some(i) = tasks.finished_early.iter().position(|&f| f == id) {
-            tasks.finished_early.swap_remove(i);
-            return;
-        }
-        tasks.running.insert(id, handle);
-    }
-
-    pub(crate) fn finished(&self, id: u64) {
-        let mut tasks = self.tasks();
-        if tasks.running.remove(&id).is_none() {
-            tasks.finished_early.push(id);
-            return;
-        }
-        if tasks.running.is_empty() {
-            drop(tasks);
-            self.all_done.notify_waiters();
-        }
-    }
-}
+use crate::engine::Tracker;
 
 /// What a [`ShutdownHandle::shutdown`] achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,36 +61,21 @@ impl ShutdownHandle {
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let t = &self.tracker;
         let before = t.len();
-        t.shutting_down.store(true, Ordering::Release);
-        t.signal.notify_waiters();
-        let wait = async {
-            loop {
-                let done = t.all_done.notified();
-                tokio::pin!(done);
-                done.as_mut().enable();
-                if t.len() == 0 {
-                    return;
-                }
-                done.await;
-            }
-        };
-        if tokio::time::timeout(deadline, wait).await.is_ok() {
+        t.start_shutdown();
+        if tokio::time::timeout(deadline, t.all_finished())
+            .await
+            .is_ok()
+        {
             return ShutdownReport {
                 closed: before,
                 aborted: 0,
             };
         }
-        let handles: Vec<AbortHandle> = t.tasks().running.drain().map(|(_, h)| h).collect();
-        for h in &handles {
-            h.abort();
-        }
-        tracing::warn!(
-            aborted = handles.len(),
-            "shutdown deadline passed; dropping connections"
-        );
+        let aborted = t.abort_all();
+        tracing::warn!(aborted, "shutdown deadline passed; dropping connections");
         ShutdownReport {
-            closed: before.saturating_sub(handles.len()),
-            aborted: handles.len(),
+            closed: before.saturating_sub(aborted),
+            aborted,
         }
     }
 }

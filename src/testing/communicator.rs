@@ -1,22 +1,20 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::{sync::oneshot, task::JoinHandle};
-use tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
+use tokio::task::JoinHandle;
 use tower_service::Service;
 
+use super::client::Client;
 use crate::{
     channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
-    consumer::{transport::Transport, Connection, Decision, UpgradeSource},
+    consumer::{Connection, Decision, UpgradeSource},
+    engine::{Runtime, Transport},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
-    metrics::Metrics,
-    middleware::{Runtime, WebSocketLayer},
-    origin::AllowedOrigins,
+    middleware::WebSocketLayer,
     route::RoutePattern,
-    Scope, WebSocketConfig,
+    Scope,
 };
 
 /// How long [`Communicator::receive`] waits by default.
@@ -55,7 +53,7 @@ pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 /// ```
 pub struct Communicator {
     start: Option<Start>,
-    client: Option<WebSocketStream<tokio::io::DuplexStream>>,
+    client: Option<Client>,
     task: Option<JoinHandle<()>>,
     layer: Arc<dyn ChannelLayer>,
 }
@@ -139,13 +137,7 @@ impl Communicator {
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
     {
-        let runtime = Arc::new(Runtime {
-            channel_layer: layer.clone(),
-            config: WebSocketConfig::default(),
-            origins: AllowedOrigins::default(),
-            metrics: Metrics::default(),
-            tracker: Default::default(),
-        });
+        let runtime = Arc::new(Runtime::new(layer.clone()));
         let scope = Scope::for_test(route, request);
         Self {
             start: Some(Start {
@@ -213,19 +205,18 @@ impl Communicator {
             .take()
             .expect("Communicator::connect called twice");
         let (server, client) = tokio::io::duplex(64 * 1024);
-        let (tx, rx) = oneshot::channel();
-        let conn = Connection {
-            scope: start.scope,
-            runtime: start.runtime,
-            upgrade: Some(UpgradeSource::Ready(Transport::Duplex(server))),
-            decision: Some(tx),
-            inbox: None,
-        };
-        self.task = Some(tokio::spawn((start.consumer)(conn)));
+        let (rx, host) = Connection::start(
+            start.scope,
+            start.runtime,
+            UpgradeSource::Ready(Transport::Duplex(server)),
+            // The in-memory client does not offer compression.
+            None,
+            start.consumer,
+        );
+        self.task = Some(tokio::spawn(host));
         match rx.await {
             Ok(Decision::Accept { protocol, .. }) => {
-                self.client =
-                    Some(WebSocketStream::from_raw_socket(client, Role::Client, None).await);
+                self.client = Some(Client::new(client));
                 Ok(Accepted {
                     subprotocol: protocol,
                 })
@@ -241,7 +232,7 @@ impl Communicator {
         }
     }
 
-    fn client(&mut self) -> &mut WebSocketStream<tokio::io::DuplexStream> {
+    fn client(&mut self) -> &mut Client {
         self.client
             .as_mut()
             .expect("the communicator is not connected: call connect() first")
@@ -253,7 +244,7 @@ impl Communicator {
     ///
     /// If not connected, or if the consumer's side is gone.
     pub async fn send(&mut self, message: impl Into<Message>) {
-        let m = message.into().into_tungstenite();
+        let m = message.into();
         self.client()
             .send(m)
             .await
@@ -294,17 +285,13 @@ impl Communicator {
                 .await
                 .map_err(|_| ReceiveError::Timeout(timeout))?;
             match next {
-                Some(Ok(m)) => match Message::from_tungstenite(m) {
-                    Some(Message::Ping(_) | Message::Pong(_)) | None => continue,
-                    Some(m) => {
-                        if m.is_close() {
-                            // Send the close reply tungstenite queued, as a
-                            // browser would, so the consumer can finish.
-                            let _ = client.flush().await;
-                        }
-                        return Ok(m);
-                    }
-                },
+                // The client answers pings and the close itself, as a
+                // browser would, so the consumer can finish.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => {
+                    let _ = client.flush().await;
+                    return Ok(m);
+                }
                 Some(Err(_)) | None => return Err(ReceiveError::Closed(None)),
             }
         }
@@ -355,9 +342,7 @@ impl Communicator {
     pub async fn disconnect(mut self, code: CloseCode) {
         if let Some(mut client) = self.client.take() {
             let frame = CloseFrame::new(code, "");
-            let _ = client
-                .send(Message::Close(Some(frame)).into_tungstenite())
-                .await;
+            let _ = client.send(Message::Close(Some(frame))).await;
             // Read until the consumer's side finishes the closing handshake.
             while let Ok(Some(Ok(_))) = tokio::time::timeout(DEFAULT_TIMEOUT, client.next()).await {
             }

@@ -38,6 +38,7 @@
 //! # });
 //! ```
 
+mod client;
 mod communicator;
 pub mod conformance;
 mod wire_check;

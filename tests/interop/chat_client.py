@@ -80,11 +80,40 @@ async def bad_json(base):
     print("bad json ok")
 
 
+def extensions(ws):
+    headers = ws.response.headers if hasattr(ws, "response") else ws.response_headers
+    return headers.get("Sec-WebSocket-Extensions", "")
+
+
+async def compression(base):
+    """permessage-deflate (websockets offers it by default): negotiated, and
+    messages below and above the server's 256-byte threshold go both ways."""
+    big_text = json.dumps({"message": "compressible " * 400})  # ~5 KB
+    big_binary = bytes(range(256)) * 32  # 8 KiB
+    async with connect(f"{base}/ws/echo") as ws:
+        ext = extensions(ws)
+        check("permessage-deflate" in ext, f"no permessage-deflate in {ext!r}")
+        for payload in ("tiny", big_text, b"\x01\x02", big_binary):
+            await ws.send(payload)
+            got = await recv(ws, f"the echo of {len(payload)} bytes")
+            check(got == payload, f"echo of {len(payload)} bytes differs")
+    room = f"{base}/ws/chat/deflate"
+    async with connect(room) as alice, connect(room) as bob:
+        for text in ("short", "long " * 300):
+            await alice.send(json.dumps({"message": text}))
+            expected = json.dumps({"message": text}, separators=(",", ":"), ensure_ascii=False)
+            for who, ws in (("alice", alice), ("bob", bob)):
+                got = await recv(ws, f"a {len(text)}-char group message at {who}")
+                check(got == expected, f"{who} got a different {len(text)}-char message")
+    print("compression ok")
+
+
 async def main(addr):
     base = f"ws://{addr}"
     await chat(base)
     await echo(base)
     await bad_json(base)
+    await compression(base)
 
 
 if __name__ == "__main__":

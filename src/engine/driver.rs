@@ -1,0 +1,743 @@
+//! The per-connection state machine: see the [module docs](super).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    sync::futures::OwnedNotified,
+    time::{Instant, Sleep},
+};
+
+use super::{
+    link::{leave, Link, Status},
+    socket::{Inbound, ReadError, Socket},
+};
+use crate::{
+    channel_layer::BoxFuture,
+    message::{close_code, CloseCode, CloseFrame, Message},
+    RateLimit,
+};
+
+/// Where a connection is in its life.
+#[derive(Debug)]
+enum Phase {
+    /// Messages flow both ways.
+    Open,
+    /// A close started; only the closing handshake matters now.
+    Closing(Closing),
+    /// Done: the socket is dropped; `code` goes to `disconnect`.
+    Closed { code: CloseCode },
+}
+
+#[derive(Debug)]
+struct Closing {
+    /// The code the application's `disconnect` gets.
+    code: CloseCode,
+    /// Give up (drop the socket) at this instant.
+    deadline: Instant,
+    /// Our close frame (or our reply to the peer's: `Some(None)` is an
+    /// empty close), until it is handed to the writer.
+    to_send: Option<Option<CloseFrame>>,
+    /// Queued application output is still written before `to_send`.
+    drain: bool,
+    /// The peer's close arrived (or its reply to ours).
+    peer_closed: bool,
+    /// Drop the connection as soon as our close frame is flushed: the peer
+    /// broke the protocol or stopped answering; no reply is awaited.
+    fail_fast: bool,
+}
+
+/// Drives one WebSocket connection: socket I/O, timers, limits, the outbound
+/// queue and the closing handshake.
+pub(crate) struct Engine {
+    link: Arc<Link>,
+    socket: Option<Socket>,
+    phase: Phase,
+    /// Leaving the groups once a close started.
+    leaving: Option<BoxFuture<'static, ()>>,
+    read_done: bool,
+    /// The peer's close, held until the application took the messages
+    /// read before it.
+    deferred_close: Option<Option<CloseFrame>>,
+    ping_due: bool,
+    pong_due: Option<Bytes>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    ping_interval: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    close_timeout: Duration,
+    slow_client_timeout: Duration,
+    soft_budget: usize,
+    write_buffer: usize,
+    read_ahead_bytes: usize,
+    read_ahead_messages: usize,
+    write_delay: Option<Duration>,
+    /// Outgoing data waits for the write delay until then.
+    hold_until: Option<Instant>,
+    last_seen: Instant,
+    next_ping: Option<Instant>,
+    /// Since when the queue has been above the soft budget, and `drained`
+    /// at that moment.
+    over_budget_since: Option<(Instant, usize)>,
+    /// Bytes of application output moved to the writer so far.
+    drained: usize,
+    shutdown: Option<Pin<Box<OwnedNotified>>>,
+    rate: Option<(RateLimit, f64, Instant)>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(link: Arc<Link>, socket: Socket) -> Self {
+        let now = Instant::now();
+        let runtime = link.runtime.clone();
+        let config = &runtime.config;
+        link.lock().status = Status::Open;
+        runtime.metrics.opened();
+        let mut e = Engine {
+            socket: Some(socket),
+            phase: Phase::Open,
+            leaving: None,
+            read_done: false,
+            deferred_close: None,
+            ping_due: false,
+            pong_due: None,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer_at: None,
+            ping_interval: config.ping_interval,
+            idle_timeout: config.idle_timeout,
+            close_timeout: config.close_timeout,
+            slow_client_timeout: config.slow_client_timeout,
+            soft_budget: config.max_outbound_bytes,
+            write_buffer: config.write_buffer_size.max(1),
+            read_ahead_bytes: config.max_read_ahead_bytes,
+            read_ahead_messages: config.max_buffered_messages.max(1),
+            write_delay: config.write_delay.filter(|d| !d.is_zero()),
+            hold_until: None,
+            last_seen: now,
+            next_ping: config.ping_interval.map(|i| now + i),
+            over_budget_since: None,
+            drained: 0,
+            shutdown: Some(Box::pin(runtime.tracker.signal.clone().notified_owned())),
+            rate: config
+                .rate_limit
+                .map(|r| (r, f64::from(r.burst.max(1)), now)),
+            link,
+        };
+        e.rearm_timer();
+        e
+    }
+
+    /// Starts the closing handshake with our `frame`. With `drain`, queued
+    /// application output is written first; otherwise it is dropped.
+    fn start_close(&mut self, frame: CloseFrame, drain: bool, fail_fast: bool) {
+        if !matches!(self.phase, Phase::Open) {
+            return;
+        }
+        let code = frame.code;
+        self.enter_closing(Closing {
+            code,
+            deadline: Instant::now() + self.close_timeout,
+            to_send: Some(Some(frame)),
+            drain,
+            peer_closed: false,
+            fail_fast,
+        });
+    }
+
+    fn enter_closing(&mut self, closing: Closing) {
+        let drain = closing.drain;
+        self.phase = Phase::Closing(closing);
+        // Leave the groups and drop the inbox at once: no more events are
+        // held for a connection that is going away.
+        let (groups, inbox) = self.link.start_closing(drain);
+        drop(inbox);
+        self.start_leaving(groups);
+        self.ping_due = false;
+        self.over_budget_since = None;
+        self.rearm_timer();
+    }
+
+    fn start_leaving(&mut self, groups: Vec<String>) {
+        if groups.is_empty() {
+            return;
+        }
+        let link = self.link.clone();
+        let fut: BoxFuture<'static, ()> = Box::pin(async move {
+            leave(&link.runtime, link.channel_name(), groups).await;
+        });
+        self.leaving = Some(match self.leaving.take() {
+            Some(before) => Box::pin(async move {
+                before.await;
+                fut.await;
+            }),
+            None => fut,
+        });
+    }
+
+    fn terminate(&mut self, code: CloseCode) {
+        if matches!(self.phase, Phase::Closed { .. }) {
+            return;
+        }
+        self.phase = Phase::Closed { code };
+        // The transport and its buffers go now; disconnect may run long.
+        self.socket = None;
+        let (groups, inbox) = self.link.finish(code);
+        drop(inbox);
+        self.start_leaving(groups);
+    }
+
+    fn closing_code(&self) -> CloseCode {
+        match &self.phase {
+            Phase::Open => close_code::ABNORMAL,
+            Phase::Closing(c) => c.code,
+            Phase::Closed { code } => *code,
+        }
+    }
+
+    /// Drives the connection; ready with the close code once it is over and
+    /// its groups are left.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseCode> {
+        loop {
+            if let Phase::Closed { code } = self.phase {
+                if let Some(l) = &mut self.leaving {
+                    if l.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.leaving = None;
+                }
+                return Poll::Ready(code);
+            }
+            if let Some(l) = &mut self.leaving {
+                if l.as_mut().poll(cx).is_ready() {
+                    self.leaving = None;
+                }
+            }
+            if self.poll_shutdown(cx) {
+                continue;
+            }
+            self.check_application();
+            if matches!(self.phase, Phase::Closed { .. }) {
+                continue;
+            }
+            let wrote = self.poll_write(cx);
+            let read = self.poll_read(cx);
+            if matches!(self.phase, Phase::Closed { .. }) {
+                continue;
+            }
+            let flushed = self.poll_flush(cx);
+            let timed = self.poll_timer(cx);
+            if !(wrote || read || flushed || timed) {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(n) = &mut self.shutdown else {
+            return false;
+        };
+        if n.as_mut().poll(cx).is_pending() && !self.link.runtime.tracker.is_shutting_down() {
+            return false;
+        }
+        self.shutdown = None;
+        self.start_close(
+            CloseFrame::new(close_code::AWAY, "server shutting down"),
+            true,
+            false,
+        );
+        true
+    }
+
+    /// Acts on what the application asked for: a close, or an overflow.
+    fn check_application(&mut self) {
+        if !matches!(self.phase, Phase::Open) {
+            return;
+        }
+        if self.deferred_close.is_some() && self.link.lock().incoming.is_empty() {
+            let frame = self.deferred_close.take().flatten();
+            self.peer_closed(frame);
+            return;
+        }
+        let (overflow, close) = {
+            let mut st = self.link.lock();
+            let overflow = st.overflow;
+            let close = if st.close.as_ref().is_some_and(|c| !c.after_queued) || st.out.is_empty() {
+                st.close.take()
+            } else {
+                None
+            };
+            (overflow, close)
+        };
+        if overflow {
+            self.slow_close("slow consumer: outbound queue full");
+        } else if let Some(req) = close {
+            self.start_close(req.frame, false, false);
+        }
+    }
+
+    fn slow_close(&mut self, reason: &'static str) {
+        self.link.runtime.metrics.dropped_slow(1);
+        tracing::warn!(reason, "slow client; closing with 4008");
+        self.start_close(
+            CloseFrame::new(close_code::SLOW_CONSUMER, reason),
+            false,
+            false,
+        );
+    }
+
+    /// Moves queued output into the writer, up to one write buffer at a time
+    /// (so a close frame is never far behind). Returns whether anything moved.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.socket.is_none() {
+            return false;
+        }
+        let mut progress = false;
+        loop {
+            let holding = self.holding();
+            let Some(socket) = &mut self.socket else {
+                return progress;
+            };
+            if socket.queued_bytes() >= self.write_buffer {
+                break;
+            }
+            let close_ready = match &self.phase {
+                Phase::Closing(c) => c.to_send.is_some(),
+                _ => false,
+            };
+            match socket.poll_writable(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => {
+                    self.terminate(self.closing_code());
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+            if let Phase::Closing(c) = &self.phase {
+                if c.to_send.is_none() || c.peer_closed {
+                    // Our close is out (or the peer's arrived): no more pongs.
+                    self.pong_due = None;
+                }
+            }
+            let res = if let Some(p) = self.pong_due.take() {
+                socket.queue_pong(p)
+            } else if std::mem::take(&mut self.ping_due) {
+                socket.queue_ping()
+            } else {
+                let draining = match &self.phase {
+                    Phase::Open => true,
+                    Phase::Closing(c) => c.drain && c.to_send.is_some(),
+                    Phase::Closed { .. } => false,
+                };
+                let next = if draining && !holding {
+                    let mut st = self.link.lock();
+                    let next = st.out.pop_front();
+                    if let Some(n) = &next {
+                        st.out_bytes -= n.len();
+                        if st.out.is_empty() && st.out.capacity() > 16 {
+                            st.out = Default::default();
+                        }
+                        if st.out_bytes <= self.soft_budget {
+                            st.wake_app();
+                        }
+                    }
+                    next
+                } else {
+                    None
+                };
+                match next {
+                    Some(out) => {
+                        self.drained += out.len();
+                        self.link.runtime.metrics.message_out();
+                        self.link.runtime.metrics.bytes_out(out.len());
+                        socket.queue(&out)
+                    }
+                    None if close_ready => {
+                        let Phase::Closing(c) = &mut self.phase else {
+                            break;
+                        };
+                        match c.to_send.take() {
+                            Some(frame) => socket.queue_close(frame),
+                            None => break,
+                        }
+                    }
+                    None => {
+                        if self.hold_until.is_some_and(|t| Instant::now() >= t) {
+                            // The delayed batch is out; the next one waits again.
+                            self.hold_until = None;
+                        }
+                        break;
+                    }
+                }
+            };
+            if res.is_err() {
+                self.terminate(self.closing_code());
+                return true;
+            }
+            progress = true;
+        }
+        progress
+    }
+
+    /// Whether outgoing data waits for the write delay.
+    fn holding(&mut self) -> bool {
+        let Some(delay) = self.write_delay else {
+            return false;
+        };
+        let now = Instant::now();
+        match self.hold_until {
+            Some(t) if now >= t => false,
+            Some(_) => true,
+            None => {
+                let queued = self.link.lock().out_bytes;
+                if queued == 0 || queued >= self.write_buffer {
+                    // Nothing to wait for, or a full batch is ready.
+                    return false;
+                }
+                self.hold_until = Some(now + delay);
+                self.rearm_timer();
+                true
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        while !self.read_done && self.deferred_close.is_none() {
+            if matches!(self.phase, Phase::Open) {
+                let st = self.link.lock();
+                if !st.incoming.is_empty()
+                    && (st.in_bytes >= self.read_ahead_bytes
+                        || st.incoming.len() >= self.read_ahead_messages)
+                {
+                    // Full: stop reading, TCP holds the client back.
+                    break;
+                }
+            }
+            let Some(socket) = &mut self.socket else {
+                return progress;
+            };
+            let item = match socket.poll_read(cx) {
+                Poll::Pending => break,
+                Poll::Ready(r) => r,
+            };
+            progress = true;
+            match item {
+                Ok(Some(inbound)) => self.on_inbound(inbound),
+                Ok(None) | Err(ReadError::Io) => {
+                    self.read_done = true;
+                    let code = self.closing_code();
+                    self.terminate(code);
+                }
+                Err(ReadError::Protocol { code, reason }) => {
+                    self.read_done = true;
+                    tracing::debug!(code, reason, "peer error; failing the connection");
+                    if matches!(self.phase, Phase::Open) {
+                        self.start_close(CloseFrame::new(code, reason), false, true);
+                    } else {
+                        let code = self.closing_code();
+                        self.terminate(code);
+                    }
+                }
+            }
+        }
+        progress
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Text(_) | Inbound::Binary(_) => {
+                self.last_seen = Instant::now();
+                if !matches!(self.phase, Phase::Open) {
+                    return;
+                }
+                self.link.runtime.metrics.message_in();
+                self.link.runtime.metrics.bytes_in(match &inbound {
+                    Inbound::Text(t) => t.len(),
+                    Inbound::Binary(b) => b.len(),
+                    _ => 0,
+                });
+                if !self.take_token() {
+                    tracing::debug!("rate limit exceeded; closing with 1008");
+                    self.start_close(
+                        CloseFrame::new(close_code::POLICY, "rate limit exceeded"),
+                        false,
+                        false,
+                    );
+                    return;
+                }
+                let m = match inbound {
+                    Inbound::Text(t) => Message::Text(t),
+                    Inbound::Binary(b) => Message::Binary(b),
+                    _ => return,
+                };
+                let mut st = self.link.lock();
+                st.in_bytes += m.len();
+                st.incoming.push_back(m);
+                st.wake_app();
+            }
+            // Every ping is answered while the writer has room; when it is
+            // backed up (the client does not read) only the latest is kept
+            // (RFC 6455 5.5.3 allows it). A ping is not liveness: a client
+            // flooding pings while never reading holds one pong and is still
+            // timed out.
+            Inbound::Ping(p) => {
+                let answer = match &self.phase {
+                    Phase::Open => true,
+                    // Nothing follows our close frame (or the peer's).
+                    Phase::Closing(c) => c.to_send.is_some() && !c.peer_closed,
+                    Phase::Closed { .. } => false,
+                };
+                if !answer {
+                    return;
+                }
+                match &mut self.socket {
+                    Some(socket) if socket.queued_bytes() < self.write_buffer => {
+                        if let Some(older) = self.pong_due.take() {
+                            let _ = socket.queue_pong(older);
+                        }
+                        let _ = socket.queue_pong(p);
+                    }
+                    _ => self.pong_due = Some(p),
+                }
+            }
+            Inbound::Pong(_) => self.last_seen = Instant::now(),
+            Inbound::Close(frame) => {
+                self.last_seen = Instant::now();
+                match &mut self.phase {
+                    Phase::Open => {
+                        if self.link.lock().incoming.is_empty() {
+                            self.peer_closed(frame);
+                        } else {
+                            // Let the application take the messages that
+                            // came before the close (and queue its answers)
+                            // first; nothing more is read meanwhile.
+                            self.deferred_close = Some(frame);
+                        }
+                    }
+                    Phase::Closing(c) => c.peer_closed = true,
+                    Phase::Closed { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// The peer closed: reply (echoing its code) after the queued output.
+    fn peer_closed(&mut self, frame: Option<CloseFrame>) {
+        let code = frame.as_ref().map_or(close_code::STATUS, |f| f.code);
+        let reply = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
+        self.link.lock().peer_close = Some(frame);
+        self.enter_closing(Closing {
+            code,
+            deadline: Instant::now() + self.close_timeout,
+            to_send: Some(reply),
+            drain: true,
+            peer_closed: true,
+            fail_fast: false,
+        });
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(socket) = &mut self.socket else {
+            return false;
+        };
+        if !socket.has_unflushed() {
+            self.after_flush();
+            return false;
+        }
+        match socket.poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.after_flush();
+                true
+            }
+            Poll::Ready(Err(_)) => {
+                self.terminate(self.closing_code());
+                true
+            }
+            Poll::Pending => false,
+        }
+    }
+
+    /// Everything handed to the writer is on the socket.
+    fn after_flush(&mut self) {
+        {
+            let mut st = self.link.lock();
+            if st.out.is_empty() && !st.flushed {
+                st.flushed = true;
+                st.wake_app();
+            }
+        }
+        if let Phase::Closing(c) = &self.phase {
+            if c.to_send.is_none() && (c.peer_closed || c.fail_fast) {
+                // Our close (or reply) is written; the handshake is complete,
+                // or the peer is not worth waiting for.
+                let code = c.code;
+                self.terminate(code);
+            }
+        }
+    }
+
+    /// Spends one token of the rate limit; false when the budget is exhausted.
+    fn take_token(&mut self) -> bool {
+        let Some((limit, tokens, last)) = &mut self.rate else {
+            return true;
+        };
+        let now = Instant::now();
+        let refill = now.duration_since(*last).as_secs_f64() * limit.per_second;
+        *tokens = (*tokens + refill).min(f64::from(limit.burst.max(1)));
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queued bytes above the soft budget start the slow-client clock.
+    fn check_budget(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Open) {
+            self.over_budget_since = None;
+            return;
+        }
+        let queued =
+            self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Socket::queued_bytes);
+        if queued > self.soft_budget {
+            let (since, at) = *self.over_budget_since.get_or_insert((now, self.drained));
+            if self.drained - at >= self.soft_budget {
+                // The client read a whole budget's worth: it is reading,
+                // just behind a burst. The clock restarts.
+                self.over_budget_since = Some((now, self.drained));
+            } else if now.duration_since(since) >= self.slow_client_timeout {
+                self.slow_close("slow consumer: outbound queue full");
+            }
+        } else {
+            self.over_budget_since = None;
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            // Pings and idleness no longer matter, only the close handshake.
+            Phase::Closing(c) => Some(c.deadline),
+            Phase::Closed { .. } => None,
+            Phase::Open => {
+                let idle = self.idle_timeout.map(|t| self.last_seen + t);
+                let slow = self
+                    .over_budget_since
+                    .map(|(s, _)| s + self.slow_client_timeout);
+                [idle, self.next_ping, slow, self.hold_until]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+        }
+    }
+
+    fn rearm_timer(&mut self) {
+        let next = self.next_deadline();
+        if next != self.timer_at {
+            if let Some(d) = next {
+                self.timer.as_mut().reset(d);
+            }
+            self.timer_at = next;
+        }
+    }
+
+    /// Handles the deadlines. Returns whether anything changed.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let now = Instant::now();
+        self.check_budget(now);
+        self.rearm_timer();
+        if self.timer_at.is_none() || self.timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.timer_at = None;
+        match &self.phase {
+            Phase::Closing(c) => {
+                if now >= c.deadline {
+                    let code = c.code;
+                    self.terminate(code);
+                }
+            }
+            Phase::Closed { .. } => {}
+            Phase::Open => {
+                if self.idle_timeout.is_some_and(|t| now >= self.last_seen + t) {
+                    tracing::debug!("idle timeout: the peer sent no data and no pong");
+                    self.start_close(
+                        CloseFrame::new(close_code::AWAY, "idle timeout"),
+                        false,
+                        true,
+                    );
+                    // The peer is gone: report an abnormal closure to disconnect.
+                    if let Phase::Closing(c) = &mut self.phase {
+                        c.code = close_code::ABNORMAL;
+                    }
+                } else if let (Some(at), Some(every)) = (self.next_ping, self.ping_interval) {
+                    if now >= at {
+                        self.ping_due = true;
+                        self.next_ping = Some(now + every);
+                    }
+                }
+                if self.hold_until.is_some_and(|t| now >= t) {
+                    self.hold_until = None;
+                }
+            }
+        }
+        self.rearm_timer();
+        true
+    }
+
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+
+    /// Whether no application handle is left.
+    pub(crate) fn application_detached(&self) -> bool {
+        self.link.handles() == 0
+    }
+
+    /// The application is gone (its future ended and no handle is left):
+    /// close normally if nothing else did.
+    pub(crate) fn application_gone(&mut self) {
+        if matches!(self.phase, Phase::Open) {
+            self.start_close(CloseFrame::new(close_code::NORMAL, ""), true, false);
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.link.runtime.metrics.closed();
+        if !matches!(self.phase, Phase::Closed { .. }) {
+            // Aborted (shutdown deadline): the application sees the end.
+            self.phase = Phase::Closed {
+                code: close_code::ABNORMAL,
+            };
+            let (groups, _inbox) = self.link.finish(close_code::ABNORMAL);
+            self.start_leaving(groups);
+        }
+        if let Phase::Closed { code } = self.phase {
+            self.link.runtime.metrics.closed_with(code);
+        }
+        // Membership must not outlive the connection, even when its task is
+        // dropped at a shutdown deadline.
+        if let (Some(leaving), Ok(rt)) =
+            (self.leaving.take(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(leaving);
+        }
+    }
+}

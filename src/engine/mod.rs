@@ -1,0 +1,104 @@
+//! The connection engine: one per-connection state machine under every
+//! consumer form.
+//!
+//! Every accepted WebSocket, whatever its consumer form
+//! ([`WebsocketConsumer`](crate::consumer::WebsocketConsumer),
+//! [`JsonWebsocketConsumer`](crate::consumer::JsonWebsocketConsumer), or the
+//! raw [`WebSocket`](crate::consumer::WebSocket) of a
+//! [`from_fn`](crate::consumer::from_fn) consumer), and the test
+//! [`Communicator`](crate::testing::Communicator), runs on this engine. It
+//! owns the socket I/O, the timers, the limits and the outbound queue; the
+//! *application* (the callback loop, or the user's future holding a
+//! `WebSocket`) shares a small state with it (`Link`) and is polled in the
+//! same task by the `Host`, so the lock between them is never contended and
+//! no message crosses a channel.
+//!
+//! Dependencies run one way: value types (message, scope, config) <- channel
+//! layer <- engine <- consumer <- middleware / testing.
+//!
+//! # Phases
+//!
+//! A connection is in exactly one phase:
+//!
+//! * **Open**: messages flow both ways. Incoming data is read ahead while the
+//!   application is busy, up to
+//!   [`max_read_ahead_bytes`](crate::WebSocketConfig::max_read_ahead_bytes);
+//!   then the socket is not read (TCP holds the client back). Pings go out
+//!   every [`ping_interval`](crate::WebSocketConfig::ping_interval); only
+//!   data and pongs count as the client being alive (a ping does not), and
+//!   only the latest ping is answered, so a ping flood holds one pong.
+//! * **Closing**: entered when either side sends a close, the server shuts
+//!   down (1001), a limit is crossed (1008, 1009, 4008), the peer breaks the
+//!   protocol (1002, 1007) or goes silent (idle timeout). At that moment the
+//!   connection leaves its groups and drops its inbox, so a closing
+//!   connection holds no events and receives no group sends. Our close frame
+//!   is queued (after the application's queued messages for a graceful
+//!   close, instead of them otherwise) and is written before the engine gives
+//!   up; the engine then waits for the peer's close, at most
+//!   [`close_timeout`](crate::WebSocketConfig::close_timeout).
+//! * **Closed**: the socket and its buffers are dropped; the application
+//!   sees the end (`disconnect` runs with the close code).
+//!
+//! # Outbound budget
+//!
+//! See [`WebSocketConfig`'s slow-client policy](crate::WebSocketConfig#slow-clients):
+//! a soft budget that may be exceeded for at most
+//! [`slow_client_timeout`](crate::WebSocketConfig::slow_client_timeout), a
+//! hard cap at 16 times it, close 4008 either way. The engine moves queued
+//! messages into the frame writer one write buffer at a time, so the
+//! writer's buffer stays small and a close frame is never far behind.
+//!
+//! The raw `WebSocket`'s `send`/`feed` wait while the queue is above the
+//! soft budget (backpressure, as a `Sink`); a [`Context`](crate::consumer::Context)'s
+//! sends never wait and fail at the hard cap.
+
+mod driver;
+mod host;
+mod link;
+mod runtime;
+mod socket;
+mod transport;
+pub(crate) mod wire;
+
+pub(crate) use self::{
+    driver::Engine,
+    host::{Host, Slot},
+    link::{AppLink, Link, Status},
+    runtime::{Runtime, Tracker},
+    socket::Socket,
+    transport::Transport,
+};
+
+use std::any::Any;
+
+use crate::message::Message;
+
+pub(crate) use self::wire::SharedPayload;
+
+/// An outgoing message, as the application queued it.
+#[derive(Debug, Clone)]
+pub(crate) enum Out {
+    /// A message of this connection.
+    Message(Message),
+    /// A payload shared with other connections (a group send), compressed
+    /// once per negotiated parameter set.
+    Shared(SharedPayload),
+}
+
+impl Out {
+    /// What it counts against the outbound budget.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Out::Message(m) => m.len(),
+            Out::Shared(p) => p.len(),
+        }
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}

@@ -1,0 +1,407 @@
+//! Frames in, messages out: the inbound half of the codec.
+
+use std::{
+    future::Future,
+    io::{self, Cursor},
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use flate2::Decompress;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tungstenite::protocol::frame::{
+    coding::{CloseCode as TsCloseCode, Control, Data, OpCode},
+    FrameHeader,
+};
+
+use super::{
+    deflate::{self, TAIL},
+    DeflateParams, Inbound, ProtocolError, WireError, WireLimits,
+};
+use crate::message::{CloseFrame, Utf8Bytes};
+
+/// Longest frame header (2 + 8 length + 4 mask).
+const MAX_HEADER: usize = 14;
+
+/// Reads frames from an `AsyncRead` into messages, with its own read buffer.
+///
+/// Cancel-safe: all progress lives in `self`, so dropping a pending
+/// `poll_read` future loses nothing.
+#[derive(Debug)]
+pub(crate) struct FrameReader {
+    limits: WireLimits,
+    deflate: Option<DeflateParams>,
+    read_buffer_size: usize,
+    buf: BytesMut,
+    /// Bytes needed in `buf` before the next frame can be decoded.
+    need: usize,
+    partial: Option<Partial>,
+    /// The client's deflate context, kept between messages (client context
+    /// takeover only; otherwise a pooled one lives in `Partial`).
+    context: Option<Decompress>,
+    failed: Option<ProtocolError>,
+}
+
+/// A fragmented or compressed message being assembled.
+#[derive(Debug)]
+struct Partial {
+    text: bool,
+    /// Plain (inflated) payload so far.
+    data: Vec<u8>,
+    /// Bytes of `data` known to be valid UTF-8 (text only).
+    utf8_checked: usize,
+    /// The decompressor for this message (compressed messages only).
+    inflater: Option<Inflater>,
+}
+
+#[derive(Debug)]
+enum Inflater {
+    /// Borrowed from the thread's pool for this message.
+    Pooled(Decompress),
+    /// The connection's own (`FrameReader::context`), moved here for the message.
+    Context(Decompress),
+}
+
+impl Inflater {
+    fn get(&mut self) -> &mut Decompress {
+        match self {
+            Inflater::Pooled(d) | Inflater::Context(d) => d,
+        }
+    }
+}
+
+impl FrameReader {
+    /// A reader enforcing `limits`, inflating when `deflate` was negotiated, and
+    /// reading `read_buffer_size` bytes at a time (its idle buffer size).
+    pub(crate) fn new(
+        limits: WireLimits,
+        deflate: Option<DeflateParams>,
+        read_buffer_size: usize,
+    ) -> Self {
+        Self {
+            limits,
+            deflate,
+            read_buffer_size: read_buffer_size.max(MAX_HEADER),
+            buf: BytesMut::new(),
+            need: 2,
+            partial: None,
+            context: None,
+            failed: None,
+        }
+    }
+
+    /// Next message or control frame. `Ready(Ok(None))` = clean EOF (between
+    /// messages). I/O errors, and EOF inside a frame or message, are
+    /// `WireError::Io`. After a protocol error the reader keeps returning it.
+    pub(crate) fn poll_read<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Inbound>, WireError>> {
+        if let Some(e) = &self.failed {
+            return Poll::Ready(Err(e.clone().into()));
+        }
+        loop {
+            match self.decode() {
+                Ok(Some(msg)) => {
+                    self.shrink_if_idle();
+                    return Poll::Ready(Ok(Some(msg)));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.failed = Some(e.clone());
+                    self.release();
+                    return Poll::Ready(Err(e.into()));
+                }
+            }
+            if self.buf.len() >= self.need {
+                // A fragment was consumed; decode the next frame.
+                continue;
+            }
+            let want = self.need.max(self.read_buffer_size);
+            if self.buf.capacity() < want {
+                self.buf.reserve(want - self.buf.len());
+            }
+            // `read_buf` fills the spare capacity without zeroing it; the future is
+            // stateless, so polling it once and dropping it is cancel-safe.
+            let read = std::pin::pin!(io.read_buf(&mut self.buf));
+            let n = ready!(read.poll(cx)).map_err(WireError::Io)?;
+            if n == 0 {
+                return Poll::Ready(if self.buf.is_empty() && self.partial.is_none() {
+                    Ok(None)
+                } else {
+                    Err(WireError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a websocket frame",
+                    )))
+                });
+            }
+        }
+    }
+
+    /// Bytes this reader holds now (read buffer + partial message + inflater
+    /// window estimate), for budgets and tests.
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        let partial = self.partial.as_ref().map_or(0, |p| {
+            p.data.capacity() + p.inflater.as_ref().map_or(0, |_| INFLATER_ESTIMATE)
+        });
+        let context = self.context.as_ref().map_or(0, |_| INFLATER_ESTIMATE);
+        self.buf.capacity() + partial + context
+    }
+
+    /// Decodes at most one frame from `buf`. `Ok(None)`: need more bytes (set
+    /// in `need`) or a fragment was absorbed (`need` <= `buf.len()`).
+    fn decode(&mut self) -> Result<Option<Inbound>, ProtocolError> {
+        let mut cursor = Cursor::new(&self.buf[..]);
+        let Some((header, len)) =
+            FrameHeader::parse(&mut cursor).map_err(|_| ProtocolError::BadOpcode)?
+        else {
+            self.need = (self.buf.len() + 1).max(2);
+            return Ok(None);
+        };
+        let header_len = usize::try_from(cursor.position()).unwrap_or(MAX_HEADER);
+        // Check everything the header tells before buffering the payload.
+        let len = self.check_header(&header, len)?;
+        let total = header_len + len;
+        if self.buf.len() < total {
+            self.need = total;
+            return Ok(None);
+        }
+        let mut payload = self.buf.split_to(total);
+        payload.advance(header_len);
+        if let Some(mask) = header.mask {
+            apply_mask(&mut payload, mask);
+        }
+        self.need = 2;
+        self.frame(&header, payload)
+    }
+
+    fn check_header(&self, h: &FrameHeader, len: u64) -> Result<usize, ProtocolError> {
+        if h.rsv2 || h.rsv3 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        if h.mask.is_none() {
+            return Err(ProtocolError::UnmaskedFrame);
+        }
+        match h.opcode {
+            OpCode::Control(_) => {
+                if h.rsv1 {
+                    return Err(ProtocolError::ReservedBits);
+                }
+                if !h.is_final {
+                    return Err(ProtocolError::FragmentedControl);
+                }
+                if len > 125 {
+                    return Err(ProtocolError::ControlTooLarge);
+                }
+            }
+            OpCode::Data(Data::Continue) => {
+                let Some(p) = &self.partial else {
+                    return Err(ProtocolError::UnexpectedContinuation);
+                };
+                if h.rsv1 {
+                    // RFC 7692 section 6.1: RSV1 only on the first frame.
+                    return Err(ProtocolError::ReservedBits);
+                }
+                if p.inflater.is_none() && exceeds(p.data.len(), len, self.limits.max_message_size)
+                {
+                    return Err(ProtocolError::MessageTooLarge);
+                }
+            }
+            OpCode::Data(_) => {
+                if self.partial.is_some() {
+                    return Err(ProtocolError::ExpectedContinuation);
+                }
+                if h.rsv1 && self.deflate.is_none() {
+                    return Err(ProtocolError::CompressionNotNegotiated);
+                }
+                if !h.rsv1 && exceeds(0, len, self.limits.max_message_size) {
+                    return Err(ProtocolError::MessageTooLarge);
+                }
+            }
+        }
+        if len > self.limits.max_frame_size as u64 {
+            return Err(ProtocolError::FrameTooLarge);
+        }
+        usize::try_from(len).map_err(|_| ProtocolError::FrameTooLarge)
+    }
+
+    fn frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Option<Inbound>, ProtocolError> {
+        let text = match header.opcode {
+            OpCode::Control(Control::Ping) => return Ok(Some(Inbound::Ping(payload.freeze()))),
+            OpCode::Control(Control::Pong) => return Ok(Some(Inbound::Pong(payload.freeze()))),
+            OpCode::Control(Control::Close) => return close(&payload.freeze()).map(Some),
+            // Rejected by `FrameHeader::parse`.
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                return Err(ProtocolError::BadOpcode)
+            }
+            OpCode::Data(Data::Continue) => return self.continuation(header.is_final, &payload),
+            OpCode::Data(Data::Text) => true,
+            OpCode::Data(Data::Binary) => false,
+        };
+        if header.is_final && !header.rsv1 {
+            // The common case: one frame, no copy.
+            return complete(text, payload.freeze()).map(Some);
+        }
+        let inflater = header.rsv1.then(|| self.take_inflater());
+        self.partial = Some(Partial {
+            text,
+            data: Vec::new(),
+            utf8_checked: 0,
+            inflater,
+        });
+        self.continuation(header.is_final, &payload)
+    }
+
+    /// Appends a frame's payload to the partial message; completes it on FIN.
+    fn continuation(
+        &mut self,
+        is_final: bool,
+        payload: &[u8],
+    ) -> Result<Option<Inbound>, ProtocolError> {
+        let limit = self.limits.max_message_size;
+        let Some(p) = self.partial.as_mut() else {
+            return Err(ProtocolError::UnexpectedContinuation);
+        };
+        match p.inflater.as_mut() {
+            Some(inflater) => {
+                deflate::inflate_into(inflater.get(), payload, &mut p.data, limit)?;
+                if is_final {
+                    deflate::inflate_into(inflater.get(), &TAIL, &mut p.data, limit)?;
+                }
+            }
+            None => {
+                // Grow towards the limit without doubling past it.
+                let needed = p.data.len() + payload.len();
+                if needed > p.data.capacity() {
+                    let target = needed.max(p.data.capacity() * 2).min(limit).max(needed);
+                    p.data.reserve_exact(target - p.data.len());
+                }
+                p.data.extend_from_slice(payload);
+            }
+        }
+        if p.text {
+            // Fail fast on invalid UTF-8; an incomplete sequence at the end of
+            // a fragment is fine until the last one.
+            match std::str::from_utf8(&p.data[p.utf8_checked..]) {
+                Ok(_) => p.utf8_checked = p.data.len(),
+                Err(e) if e.error_len().is_some() => return Err(ProtocolError::InvalidUtf8),
+                Err(e) => {
+                    p.utf8_checked += e.valid_up_to();
+                    if is_final {
+                        return Err(ProtocolError::InvalidUtf8);
+                    }
+                }
+            }
+        }
+        if !is_final {
+            return Ok(None);
+        }
+        let Some(p) = self.partial.take() else {
+            return Err(ProtocolError::UnexpectedContinuation);
+        };
+        self.put_back_inflater(p.inflater);
+        complete(p.text, Bytes::from(p.data)).map(Some)
+    }
+
+    fn take_inflater(&mut self) -> Inflater {
+        let client_window = self.deflate.map_or(15, |d| d.client_max_window_bits);
+        match self.deflate {
+            Some(d) if !d.client_no_context_takeover => Inflater::Context(
+                self.context
+                    .take()
+                    .unwrap_or_else(|| deflate::new_inflater(client_window)),
+            ),
+            _ => Inflater::Pooled(deflate::take_pooled_inflater()),
+        }
+    }
+
+    fn put_back_inflater(&mut self, inflater: Option<Inflater>) {
+        match inflater {
+            Some(Inflater::Pooled(d)) => deflate::return_pooled_inflater(d),
+            Some(Inflater::Context(d)) => self.context = Some(d),
+            None => {}
+        }
+    }
+
+    /// Between messages: give back a read buffer that grew past its idle size.
+    fn shrink_if_idle(&mut self) {
+        if self.partial.is_none()
+            && self.buf.is_empty()
+            && self.buf.capacity() > self.read_buffer_size
+        {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// After a protocol error: drop everything held.
+    fn release(&mut self) {
+        self.buf = BytesMut::new();
+        if let Some(p) = self.partial.take() {
+            if let Some(Inflater::Pooled(d)) = p.inflater {
+                deflate::return_pooled_inflater(d);
+            }
+        }
+        self.context = None;
+    }
+}
+
+/// zlib-rs inflate state plus its 32 KiB window (an estimate for budgets).
+const INFLATER_ESTIMATE: usize = 7 * 1024 + 32 * 1024;
+
+fn exceeds(have: usize, add: u64, limit: usize) -> bool {
+    (have as u64).saturating_add(add) > limit as u64
+}
+
+/// A finished data message.
+fn complete(text: bool, data: Bytes) -> Result<Inbound, ProtocolError> {
+    if text {
+        Utf8Bytes::try_from_bytes(data)
+            .map(Inbound::Text)
+            .map_err(|_| ProtocolError::InvalidUtf8)
+    } else {
+        Ok(Inbound::Binary(data))
+    }
+}
+
+/// A close frame's payload: empty, or a valid code and a UTF-8 reason.
+fn close(payload: &Bytes) -> Result<Inbound, ProtocolError> {
+    match payload.len() {
+        0 => Ok(Inbound::Close(None)),
+        1 => Err(ProtocolError::CloseTooShort),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !TsCloseCode::from(code).is_allowed() {
+                return Err(ProtocolError::InvalidCloseCode);
+            }
+            let reason = Utf8Bytes::try_from_bytes(payload.slice(2..))
+                .map_err(|_| ProtocolError::InvalidCloseReason)?;
+            Ok(Inbound::Close(Some(CloseFrame { code, reason })))
+        }
+    }
+}
+
+/// XORs `buf` with the 4-byte client mask (RFC 6455 section 5.3).
+/// tungstenite's `apply_mask` is not public (its `mask` module is private), so
+/// this is the plain XOR, eight bytes at a time.
+fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,291 @@
+//! Messages in, frames out: the outbound half of the codec.
+
+use std::{
+    collections::VecDeque,
+    io::{self, Cursor, IoSlice},
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use flate2::Compress;
+use tokio::io::AsyncWrite;
+use tungstenite::protocol::frame::{
+    coding::{Control, Data, OpCode},
+    FrameHeader,
+};
+
+use super::{deflate, DeflateParams, SharedPayload};
+use crate::message::Message;
+
+/// Payloads at least this long are written from their own `Bytes` (a vectored
+/// write of header + payload); shorter ones are copied into the write buffer.
+/// Copying 4 KiB costs about as much as the extra iovec and the shared
+/// refcount traffic it avoids (a group payload's refcount is touched by every
+/// member's task), so small frames stay batched in one buffer.
+pub(crate) const ZERO_COPY_MIN: usize = 4096;
+
+/// Most slices handed to one vectored write (Linux's `IOV_MAX` is 1024; this
+/// keeps the array on the stack).
+const MAX_IOVECS: usize = 64;
+
+/// What the writer can send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outbound<'a> {
+    /// A message of this connection (data or control).
+    Message(&'a Message),
+    /// A data payload shared with other connections (a group send).
+    Shared(&'a SharedPayload),
+}
+
+/// Encodes and writes frames with one write buffer for small frames and
+/// vectored writes (header + shared `Bytes`, no copy) for large payloads;
+/// drains what is queued before one flush.
+pub(crate) struct FrameWriter {
+    deflate: Option<DeflateParams>,
+    /// The server's deflate context (server context takeover only).
+    context: Option<Compress>,
+    write_buffer_size: usize,
+    /// Small frames, not yet moved to `segments`.
+    buf: BytesMut,
+    /// Frames ready to write, in order.
+    segments: VecDeque<Bytes>,
+    queued: usize,
+}
+
+impl std::fmt::Debug for FrameWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWriter")
+            .field("deflate", &self.deflate)
+            .field("context", &self.context.is_some())
+            .field("queued", &self.queued)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameWriter {
+    /// A writer compressing per `deflate` (when negotiated), allocating
+    /// `write_buffer_size` for small frames when it has something to send and
+    /// releasing it once the queue is written.
+    pub(crate) fn new(deflate: Option<DeflateParams>, write_buffer_size: usize) -> Self {
+        Self {
+            deflate,
+            context: None,
+            write_buffer_size,
+            buf: BytesMut::new(),
+            segments: VecDeque::new(),
+            queued: 0,
+        }
+    }
+
+    /// Encodes one message/frame into the queue (compressing data messages per
+    /// params/threshold; never control frames).
+    pub(crate) fn queue(&mut self, msg: Outbound<'_>) {
+        match msg {
+            Outbound::Message(Message::Text(t)) => self.data(true, t.as_bytes()),
+            Outbound::Message(Message::Binary(b)) => self.data(false, b),
+            Outbound::Message(Message::Ping(b)) => {
+                self.control(Control::Ping, &b[..b.len().min(125)]);
+            }
+            Outbound::Message(Message::Pong(b)) => {
+                self.control(Control::Pong, &b[..b.len().min(125)]);
+            }
+            Outbound::Message(Message::Close(c)) => {
+                let mut payload = [0u8; 125];
+                let len = match c {
+                    None => 0,
+                    Some(c) => {
+                        payload[..2].copy_from_slice(&c.code.to_be_bytes());
+                        // A reason set directly on the public field may be long:
+                        // cut at a character boundary to fit 123 bytes.
+                        let mut end = c.reason.len().min(123);
+                        while !c.reason.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        payload[2..2 + end].copy_from_slice(&c.reason.as_bytes()[..end]);
+                        2 + end
+                    }
+                };
+                self.control(Control::Close, &payload[..len]);
+            }
+            Outbound::Shared(p) => self.shared(p),
+        }
+    }
+
+    /// Writes out everything queued (vectored when the IO supports it) and flushes.
+    pub(crate) fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.seal();
+        while !self.segments.is_empty() {
+            let n = if io.is_write_vectored() && self.segments.len() > 1 {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut count = 0;
+                for (slot, seg) in slices.iter_mut().zip(self.segments.iter()) {
+                    *slot = IoSlice::new(seg);
+                    count += 1;
+                }
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))?
+            } else {
+                let front = self.segments.front().map_or(&[][..], |s| &s[..]);
+                ready!(Pin::new(&mut *io).poll_write(cx, front))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(n);
+        }
+        ready!(Pin::new(&mut *io).poll_flush(cx))?;
+        // Idle: hold no write buffer at all.
+        self.buf = BytesMut::new();
+        self.segments = VecDeque::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Bytes queued and not yet written (counted against the connection's
+    /// outbound budget).
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued
+    }
+
+    /// Heap bytes this writer holds now (buffers and, with server context
+    /// takeover, an estimate of the compressor).
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        let segments: usize = self.segments.iter().map(Bytes::len).sum();
+        self.buf.capacity()
+            + segments
+            + self.segments.capacity() * std::mem::size_of::<Bytes>()
+            + self.context.as_ref().map_or(0, |_| DEFLATER_ESTIMATE)
+    }
+
+    fn data(&mut self, text: bool, payload: &Bytes) {
+        let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
+        match self.deflate {
+            Some(d) if payload.len() >= d.threshold && !payload.is_empty() => {
+                if d.server_no_context_takeover {
+                    match deflate::compress_pooled(d.server_max_window_bits, d.level, payload) {
+                        // Without context takeover, sending plain when deflate
+                        // does not help is always allowed.
+                        Some(c) if c.len() < payload.len() => {
+                            self.frame(opcode, true, &Bytes::from(c));
+                        }
+                        _ => self.frame(opcode, false, payload),
+                    }
+                } else {
+                    self.compress_with_context(opcode, payload, d);
+                }
+            }
+            _ => self.frame(opcode, false, payload),
+        }
+    }
+
+    fn shared(&mut self, p: &SharedPayload) {
+        let opcode = OpCode::Data(if p.is_text() {
+            Data::Text
+        } else {
+            Data::Binary
+        });
+        match self.deflate {
+            Some(d) if p.len() >= d.threshold && !p.is_empty() => {
+                if d.server_no_context_takeover {
+                    match p.compressed(d.server_max_window_bits, d.level) {
+                        Some(c) => self.frame(opcode, true, &c),
+                        None => self.frame(opcode, false, p.plain()),
+                    }
+                } else {
+                    self.compress_with_context(opcode, p.plain(), d);
+                }
+            }
+            _ => self.frame(opcode, false, p.plain()),
+        }
+    }
+
+    /// Compresses with the connection's own deflate context. Always sends the
+    /// compressed form: the data is in the context's window now, and a client
+    /// that never saw it could not resolve references to it.
+    fn compress_with_context(&mut self, opcode: OpCode, payload: &Bytes, d: DeflateParams) {
+        let context = self
+            .context
+            .get_or_insert_with(|| deflate::new_deflater(d.server_max_window_bits, d.level));
+        match deflate::compress_message(context, payload) {
+            Some(c) => self.frame(opcode, true, &Bytes::from(c)),
+            None => {
+                // flate2 failed (it does not in practice). A fresh context only
+                // refers to data sent after it, which the client has too.
+                self.context = None;
+                self.frame(opcode, false, payload);
+            }
+        }
+    }
+
+    fn control(&mut self, control: Control, payload: &[u8]) {
+        self.header(OpCode::Control(control), false, payload.len());
+        self.buf.extend_from_slice(payload);
+        self.queued += payload.len();
+    }
+
+    fn frame(&mut self, opcode: OpCode, compressed: bool, payload: &Bytes) {
+        self.header(opcode, compressed, payload.len());
+        if payload.len() >= ZERO_COPY_MIN {
+            self.seal();
+            self.segments.push_back(payload.clone());
+        } else {
+            self.buf.extend_from_slice(payload);
+        }
+        self.queued += payload.len();
+    }
+
+    fn header(&mut self, opcode: OpCode, rsv1: bool, len: usize) {
+        let header = FrameHeader {
+            is_final: true,
+            rsv1,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask: None,
+        };
+        let mut bytes = [0u8; 14];
+        let mut cursor = Cursor::new(&mut bytes[..]);
+        // 14 bytes always hold an unmasked header; formatting cannot fail.
+        let _ = header.format(len as u64, &mut cursor);
+        let n = usize::try_from(cursor.position()).unwrap_or(0);
+        if self.buf.capacity() == 0 {
+            self.buf
+                .reserve(self.write_buffer_size.max(n + len.min(ZERO_COPY_MIN)));
+        }
+        self.buf.extend_from_slice(&bytes[..n]);
+        self.queued += n;
+    }
+
+    /// Moves the small-frame buffer's content into the segment queue.
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            self.segments.push_back(self.buf.split().freeze());
+        }
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.queued = self.queued.saturating_sub(n);
+        while n > 0 {
+            let Some(front) = self.segments.front_mut() else {
+                return;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.segments.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+/// zlib-rs deflate state at window 15 and the default memory level (an
+/// estimate for budgets; see the module docs for the measurement).
+const DEFLATER_ESTIMATE: usize = 256 * 1024;
+
+#[cfg(test)]
+mod tests;
