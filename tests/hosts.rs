@@ -22,8 +22,9 @@ use tokio_tungstenite::{
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
     consumer::{consumer, Context, WebsocketConsumer},
+    message,
     middleware::{ResponseBody, ResponseFuture},
-    message, Scope, WebSocketLayer, WebSocketService,
+    Scope, WebSocketLayer, WebSocketService,
 };
 use tower_layer::Layer;
 

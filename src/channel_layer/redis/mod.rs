@@ -1011,6 +1011,7 @@ impl ChannelLayer for RedisChannelLayer {
                 local_members: delivered,
                 remote_receivers: Some(receivers.saturating_sub(own) + pushed),
                 dropped: dropped + full,
+                position: None,
             })
         })
     }
