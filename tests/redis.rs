@@ -20,7 +20,9 @@ use std::{
 
 use tower_channels::channel_layer::{
     redis::{redis, RedisChannelLayer},
-    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, RecvError,
+    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupPattern,
+    PresenceChange, PresenceConfig, PresenceInfo, RecoveryFailure, RecvError, PRESENCE_JOIN,
+    PRESENCE_LEAVE,
 };
 use tower_channels::testing::conformance;
 
@@ -201,6 +203,180 @@ async fn conformance_suite() {
         }
     })
     .await;
+}
+
+async fn configured(url: &str, prefix: &str) -> RedisChannelLayer {
+    RedisChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(16)
+        .history(conformance::history_policy())
+        .presence(conformance::presence_config())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+#[tokio::test]
+async fn conformance_presence_history() {
+    let Some(redis) = redis().await else { return };
+    let url = redis.url.clone();
+    conformance::run_presence_history(|| {
+        let url = url.clone();
+        async move {
+            Arc::new(configured(&url, &unique_prefix("conformance-ph")).await)
+                as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+    conformance::run_presence_history_pair(|| {
+        let url = url.clone();
+        async move {
+            let prefix = unique_prefix("conformance-ph-pair");
+            let a = configured(&url, &prefix).await;
+            let b = configured(&url, &prefix).await;
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_presence_history_multi_thread() {
+    let Some(redis) = redis().await else { return };
+    let url = redis.url.clone();
+    conformance::run_presence_history_pair(|| {
+        let url = url.clone();
+        async move {
+            let prefix = unique_prefix("conformance-ph-mt");
+            let a = configured(&url, &prefix).await;
+            let b = configured(&url, &prefix).await;
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+/// Deleting a group's history in Redis (as a flush, restart or eviction
+/// would) starts a new epoch: old positions cannot be recovered.
+#[tokio::test]
+async fn history_epoch_changes_when_redis_loses_it() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("epoch");
+    let layer = configured(&redis.url, &prefix).await;
+    let group = format!("{}.epoch", conformance::HISTORY_GROUPS);
+    let mut last = None;
+    for n in 0..3u32 {
+        last = layer
+            .group_send(&group, Event::new("e", n))
+            .await
+            .expect("group_send")
+            .position;
+    }
+    let last = last.expect("position");
+    assert_eq!(last.offset(), 3);
+    let client = redis::Client::open(redis.url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for key in [
+        format!("{prefix}:history:{group}"),
+        format!("{prefix}:history-meta:{group}"),
+    ] {
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        assert_eq!(deleted, 1, "{key} should have existed");
+    }
+    let r = layer.recover(&group, &last).await.expect("recover");
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+    let next = layer
+        .group_send(&group, Event::new("e", 9u32))
+        .await
+        .expect("group_send")
+        .position
+        .expect("position");
+    assert_eq!(next.offset(), 1, "a new epoch starts at offset 1");
+    assert_ne!(next.epoch(), last.epoch(), "the epoch must change");
+    let r = layer.recover(&group, &last).await.expect("recover");
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+    assert_eq!(r.latest(), Some(&next));
+
+    // Only the stream evicted (meta kept): a new epoch too.
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{prefix}:history:{group}"))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let after = layer
+        .group_send(&group, Event::new("e", 10u32))
+        .await
+        .expect("group_send")
+        .position
+        .expect("position");
+    assert_eq!(after.offset(), 1);
+    assert_ne!(after.epoch(), next.epoch());
+}
+
+/// A process that stops without leaving (its layer dropped, so it never
+/// refreshes nor cleans up) loses its members within the presence TTL, and
+/// the live process announces that they left.
+#[tokio::test]
+async fn crashed_process_members_expire() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("presence-ttl");
+    let ttl = Duration::from_millis(600);
+    let build = || {
+        RedisChannelLayer::builder(&redis.url)
+            .prefix(&prefix)
+            .presence(PresenceConfig::new().notify(GroupPattern::any()).ttl(ttl))
+            .build()
+    };
+    let live = build().await.expect("layer");
+    let doomed = build().await.expect("layer");
+    let group = "room";
+    let mut watcher = live.new_channel().await.expect("channel");
+    live.presence_join(group, watcher.name(), PresenceInfo::new("watcher").unwrap())
+        .await
+        .expect("join");
+    assert_eq!(recv(&mut watcher).await.kind(), PRESENCE_JOIN);
+    let ghost_rx = doomed.new_channel().await.expect("channel");
+    doomed
+        .presence_join(group, ghost_rx.name(), PresenceInfo::new("ghost").unwrap())
+        .await
+        .expect("join");
+    let join = recv(&mut watcher).await;
+    assert_eq!(join.kind(), PRESENCE_JOIN);
+    assert_eq!(join.body::<PresenceChange>().unwrap().user_id, "ghost");
+    let listed = live.presence(group).await.expect("presence");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    // The process dies: nothing runs for it any more.
+    let died = Instant::now();
+    drop(doomed);
+    let leave = recv(&mut watcher).await;
+    assert_eq!(leave.kind(), PRESENCE_LEAVE);
+    assert_eq!(leave.body::<PresenceChange>().unwrap().user_id, "ghost");
+    let listed = live.presence(group).await.expect("presence");
+    assert_eq!(
+        listed.iter().map(|m| m.user_id()).collect::<Vec<_>>(),
+        vec!["watcher"]
+    );
+    // Within the TTL plus one refresh period of the live process.
+    let waited = died.elapsed();
+    assert!(
+        waited < ttl + ttl / 3 + Duration::from_millis(500),
+        "the ghost left after {waited:?}"
+    );
+    drop(ghost_rx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,17 +240,20 @@ impl Recovery {
         self.latest.as_ref()
     }
 
-    /// A cursor that accepts the live events the recovered ones do not
+    /// A cursor for everything the connection delivers from now on: it
+    /// accepts the recovered events, then only the live events they do not
     /// already cover. After a failed recovery it accepts every event (no
     /// history was delivered, so nothing can repeat).
     pub fn cursor(&self) -> StreamCursor {
-        StreamCursor {
-            last: if self.is_recovered() {
-                self.latest.clone()
-            } else {
-                None
-            },
-        }
+        let last = match (&self.failure, self.events.first().and_then(Event::position)) {
+            (Some(_), _) => None,
+            (None, Some(first)) => Some(StreamPosition::new(
+                first.offset.saturating_sub(1),
+                first.epoch.clone(),
+            )),
+            (None, None) => self.latest.clone(),
+        };
+        StreamCursor { last }
     }
 }
 
@@ -296,7 +299,9 @@ mod tests {
     #[test]
     fn cursor_drops_repeats_and_follows_epochs() {
         let at = |o, e: &str| Event::bare("x").with_position(StreamPosition::new(o, e));
-        let mut c = Recovery::recovered(Vec::new(), StreamPosition::new(3, "a")).cursor();
+        let recovered = Recovery::recovered(vec![at(3, "a")], StreamPosition::new(3, "a"));
+        let mut c = recovered.cursor();
+        assert!(c.accept(&recovered.events()[0]));
         assert!(!c.accept(&at(2, "a")));
         assert!(!c.accept(&at(3, "a")));
         assert!(c.accept(&at(4, "a")));

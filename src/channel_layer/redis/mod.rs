@@ -144,6 +144,8 @@
 //! ([`PubSub::split`](::redis::aio::PubSub::split)), on tokio, with TLS,
 //! Sentinel and RESP3 available behind its own features.
 
+mod history;
+mod presence;
 mod subscriber;
 mod wire;
 mod worker;
@@ -172,9 +174,13 @@ use self::{
 };
 use super::{
     channel,
+    history::policy_for,
     local::{no_such_channel, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    names,
+    presence::LocalPresence,
+    validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
     ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
+    HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
     DEFAULT_CAPACITY,
 };
 
@@ -234,9 +240,27 @@ pub struct RedisChannelLayerBuilder {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
+    history: Vec<HistoryPolicy>,
+    presence: PresenceConfig,
 }
 
 impl RedisChannelLayerBuilder {
+    /// Keeps a history for the groups `policy` applies to, in Redis (see
+    /// [history](self#history-and-recovery)); the first matching policy
+    /// wins when called more than once. Every process must use the same
+    /// policies.
+    pub fn history(mut self, policy: HistoryPolicy) -> Self {
+        self.history.push(policy);
+        self
+    }
+
+    /// Sets which groups get presence notifications and how long a
+    /// crashed process's members stay listed (see [presence](self#presence)).
+    pub fn presence(mut self, config: PresenceConfig) -> Self {
+        self.presence = config;
+        self
+    }
+
     /// The prefix of every key and Pub/Sub channel (default
     /// [`DEFAULT_PREFIX`]). Applications sharing one Redis server use
     /// different prefixes; processes of one application use the same.
@@ -294,6 +318,8 @@ impl RedisChannelLayerBuilder {
             group_prefix: format!("{}:group:", self.prefix),
             list_prefix: format!("{}:channel:", self.prefix),
             prefix: self.prefix,
+            history: self.history,
+            presence: self.presence,
         };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT.min(config.timeout)))
@@ -328,6 +354,9 @@ impl RedisChannelLayerBuilder {
                 send: LuaScript::new(SEND_SCRIPT),
                 group_send: LuaScript::new(GROUP_SEND_SCRIPT),
             },
+            history_scripts: history::Scripts::new(),
+            presence_scripts: presence::Scripts::new(),
+            presence: Mutex::default(),
             config,
             head,
             proc_channel,
@@ -348,6 +377,10 @@ impl RedisChannelLayerBuilder {
             .map_err(|e| BackendError::Other(format!("cannot subscribe to Redis: {e}")))?;
         inner.connected.store(true, Ordering::Relaxed);
         tokio::spawn(Subscriber::new(&inner, commands_rx, pubsub).run());
+        tokio::spawn(presence::refresh_loop(
+            Arc::downgrade(&inner),
+            inner.config.presence.time_limit(),
+        ));
         Ok(RedisChannelLayer { inner })
     }
 }
@@ -391,6 +424,8 @@ impl RedisChannelLayer {
             group_expiry: DEFAULT_GROUP_EXPIRY,
             expiry: DEFAULT_EXPIRY,
             timeout: DEFAULT_TIMEOUT,
+            history: Vec::new(),
+            presence: PresenceConfig::new(),
         }
     }
 
@@ -437,6 +472,8 @@ struct Config {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
+    history: Vec<HistoryPolicy>,
+    presence: PresenceConfig,
 }
 
 impl Config {
@@ -470,7 +507,7 @@ impl Counters {
 }
 
 #[derive(Debug)]
-struct LuaScript {
+pub(super) struct LuaScript {
     code: &'static str,
     sha: Mutex<String>,
 }
@@ -499,6 +536,10 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
+    history_scripts: history::Scripts,
+    presence_scripts: presence::Scripts,
+    /// Presence entries of this process's channels, refreshed in Redis.
+    presence: Mutex<LocalPresence>,
     next_id: AtomicU64,
     next_request: AtomicU64,
     registry: Registry,
@@ -596,7 +637,14 @@ impl Inner {
     }
 
     async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
-        for script in [&self.scripts.send, &self.scripts.group_send] {
+        let mut scripts = vec![
+            &self.scripts.send,
+            &self.scripts.group_send,
+            &self.history_scripts.send,
+            &self.history_scripts.recover,
+        ];
+        scripts.extend(self.presence_scripts.all());
+        for script in scripts {
             let sha: String = self
                 .query(
                     "loading a Lua script",
@@ -644,6 +692,7 @@ impl Inner {
         Ok(rx.on_drop(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.forget(&name);
+                inner.forget_presence(&name);
             }
         }))
     }
@@ -660,6 +709,44 @@ impl Inner {
 
     fn has_local_members(&self, group: &str) -> bool {
         self.registry.group_len(group) > 0
+    }
+
+    /// A group send to a group without history: encoded once, published
+    /// once, delivered to local members directly.
+    async fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let payload = wire::event_envelope(&self.head, wire::OP_GROUP_EVENT, group, "", event)?;
+        let key = self.config.group_key(group);
+        // Whether Redis counted this process among the receivers: it was
+        // if the subscription was confirmed before the PUBLISH ran and
+        // its removal (if any) confirmed after. During (un)subscription
+        // races the count of other processes may be off by one.
+        let subscribed_before = lock(&self.subscribed).contains(group);
+        let (receivers, pushed, full): (usize, usize, usize) = self
+            .eval("group send", &self.scripts.group_send, |c| {
+                c.arg(1)
+                    .arg(&key)
+                    .arg(&payload)
+                    .arg(unix_now())
+                    .arg(self.config.group_expiry.as_secs())
+                    .arg(self.config.capacity)
+                    .arg(self.config.expiry.as_secs())
+                    .arg(&self.config.list_prefix);
+            })
+            .await?;
+        self.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+        // This process ignores its own publication and delivers here.
+        let (delivered, dropped) = self.fan_out(group, event);
+        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        Ok(GroupSendReport {
+            local_members: delivered,
+            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
+            dropped: dropped + full,
+            position: None,
+        })
     }
 
     /// Hands `event` to every local member of `group`; returns (delivered, dropped).
@@ -954,7 +1041,9 @@ impl ChannelLayer for RedisChannelLayer {
             match Inner::process_of(channel) {
                 Some(process) if process == inner.head => {
                     inner.registry.group_discard(group, channel);
-                    inner.sync_group(group).await
+                    let synced = inner.sync_group(group).await;
+                    inner.presence_leave(group, channel).await?;
+                    synced
                 }
                 Some(process) => {
                     inner
@@ -983,36 +1072,10 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            let payload =
-                wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
-            let key = inner.config.group_key(group);
-            // Whether Redis counted this process among the receivers: it was
-            // if the subscription was confirmed before the PUBLISH ran and
-            // its removal (if any) confirmed after. During (un)subscription
-            // races the count of other processes may be off by one.
-            let subscribed_before = lock(&inner.subscribed).contains(group);
-            let (receivers, pushed, full): (usize, usize, usize) = inner
-                .eval("group send", &inner.scripts.group_send, |c| {
-                    c.arg(1)
-                        .arg(&key)
-                        .arg(&payload)
-                        .arg(unix_now())
-                        .arg(inner.config.group_expiry.as_secs())
-                        .arg(inner.config.capacity)
-                        .arg(inner.config.expiry.as_secs())
-                        .arg(&inner.config.list_prefix);
-                })
-                .await?;
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-            // This process ignores its own publication and delivers here.
-            let (delivered, dropped) = inner.fan_out(group, &event);
-            let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
-            Ok(GroupSendReport {
-                local_members: delivered,
-                remote_receivers: Some(receivers.saturating_sub(own) + pushed),
-                dropped: dropped + full,
-                position: None,
-            })
+            match policy_for(&inner.config.history, group) {
+                Some(policy) => inner.group_send_with_history(group, &event, policy).await,
+                None => inner.group_send_plain(group, &event).await,
+            }
         })
     }
 
@@ -1021,6 +1084,7 @@ impl ChannelLayer for RedisChannelLayer {
             let inner = &self.inner;
             {
                 inner.registry.clear();
+                lock(&inner.presence).clear();
             }
             let (ack, done) = oneshot::channel();
             inner
@@ -1042,6 +1106,41 @@ impl ChannelLayer for RedisChannelLayer {
             dropped_full: c.dropped_full.load(Ordering::Relaxed),
             dropped_other: c.dropped_other.load(Ordering::Relaxed),
         }
+    }
+
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        self.presence_join_impl(group, channel, info)
+    }
+
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            self.inner.presence_list(group).await
+        })
+    }
+
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            if policy_for(&self.inner.config.history, group).is_none() {
+                return Err(ChannelLayerError::NoHistory {
+                    group: group.to_owned(),
+                });
+            }
+            self.inner.recover(group, since).await
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::{
 use super::{
     lock,
     wire::{self, Envelope},
-    Counters, Inner, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, Inner, StreamPosition, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -293,10 +293,16 @@ impl Subscriber {
         if let Some(group) = channel.strip_prefix(inner.config.group_prefix.as_str()) {
             if env.op != wire::OP_GROUP_EVENT {
                 Counters::add(&self.counters.dropped_other, 1);
-            } else if env.origin != inner.head {
-                // Our own group sends were delivered locally by `group_send`.
+            } else if env.origin != inner.head || env.id != 0 {
+                // Our own group sends were delivered locally by `group_send`,
+                // except those of history groups (`id` is their offset,
+                // `channel` their epoch): they come back in offset order.
                 match env.decode_event() {
                     Ok(event) => {
+                        let event = match env.id {
+                            0 => event,
+                            offset => event.with_position(StreamPosition::new(offset, env.channel)),
+                        };
                         inner.fan_out(group, &event);
                     }
                     Err(e) => {
