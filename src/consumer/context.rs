@@ -7,7 +7,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    channel_layer::{ChannelLayer, ChannelLayerError, Event, GroupSendReport},
+    channel_layer::{
+        ChannelLayer, ChannelLayerError, Event, GroupSendReport, PresenceInfo, PresenceMember,
+        Recovery, StreamPosition,
+    },
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
 };
@@ -183,6 +186,40 @@ impl Context {
     /// Sends `event` to the channel `channel` (another connection or a worker).
     pub async fn send_to(&self, channel: &str, event: Event) -> Result<(), ChannelLayerError> {
         self.layer.send(channel, event).await
+    }
+
+    // Presence and history: thin delegations to the channel layer (see
+    // `channel_layer`'s "Presence" and "History and recovery").
+
+    /// Adds this connection to `group` and lists it in the group's presence
+    /// with `info`; it leaves both automatically on disconnect.
+    pub async fn presence_join(
+        &mut self,
+        group: &str,
+        info: PresenceInfo,
+    ) -> Result<(), ChannelLayerError> {
+        self.layer
+            .presence_join(group, &self.channel_name, info)
+            .await?;
+        if !self.groups.iter().any(|g| g == group) {
+            self.groups.push(group.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Who is present in `group`, across every process, one entry per user.
+    pub async fn presence(&self, group: &str) -> Result<Vec<PresenceMember>, ChannelLayerError> {
+        self.layer.presence(group).await
+    }
+
+    /// The events of `group` after `since` (join the group first; see
+    /// [`Recovery`] for delivering them without a gap or a duplicate).
+    pub async fn recover(
+        &self,
+        group: &str,
+        since: &StreamPosition,
+    ) -> Result<Recovery, ChannelLayerError> {
+        self.layer.recover(group, since).await
     }
 
     /// Leaves every group (run by the driver on disconnect).

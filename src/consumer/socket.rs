@@ -11,7 +11,10 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::transport::Transport;
 use crate::{
-    channel_layer::{ChannelLayer, ChannelReceiver, Event, GroupSendReport, RecvError},
+    channel_layer::{
+        ChannelLayer, ChannelReceiver, Event, GroupSendReport, PresenceInfo, PresenceMember,
+        Recovery, RecvError, StreamPosition,
+    },
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     middleware::Runtime,
     Error, Scope,
@@ -195,6 +198,32 @@ impl WebSocket {
     /// Sends `event` to every member of `group`.
     pub async fn group_send(&self, group: &str, event: Event) -> Result<GroupSendReport, Error> {
         Ok(self.runtime.channel_layer.group_send(group, event).await?)
+    }
+
+    // Presence and history: thin delegations to the channel layer.
+
+    /// Adds this connection to `group` and lists it in the group's presence
+    /// with `info`; it leaves both automatically on close.
+    pub async fn presence_join(&mut self, group: &str, info: PresenceInfo) -> Result<(), Error> {
+        self.runtime
+            .channel_layer
+            .presence_join(group, self.inbox.name(), info)
+            .await?;
+        if !self.groups.iter().any(|g| g == group) {
+            self.groups.push(group.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Who is present in `group`, across every process, one entry per user.
+    pub async fn presence(&self, group: &str) -> Result<Vec<PresenceMember>, Error> {
+        Ok(self.runtime.channel_layer.presence(group).await?)
+    }
+
+    /// The events of `group` after `since` (join the group first; see
+    /// [`Recovery`] for delivering them without a gap or a duplicate).
+    pub async fn recover(&self, group: &str, since: &StreamPosition) -> Result<Recovery, Error> {
+        Ok(self.runtime.channel_layer.recover(group, since).await?)
     }
 
     /// Leaves every group this socket joined.
