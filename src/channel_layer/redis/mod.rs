@@ -82,6 +82,49 @@
 //!   `group_expiry` unless added again, and receive a group send as an `LPUSH`
 //!   done by the same script that publishes it.
 //!
+//! # Presence
+//!
+//! Presence lives in Redis per group and per process, so that a process
+//! that dies cannot leave members behind: with `{base}` =
+//! `{prefix}:presence:{group}`, each process keeps a hash
+//! `{base}:c:{process}` (channel → `[user, data]` as JSON) and a hash
+//! `{base}:u:{process}` (user → its connections there), and the sorted set
+//! `{base}:procs` scores every process by when its entries expire. Every
+//! third of [`PresenceConfig::ttl`] a live process renews its score in the
+//! groups it has members in, and only those (a process in 3 groups makes 3
+//! calls, whatever the number of groups in Redis). A listing
+//! ([`presence`](ChannelLayer::presence)) reads the processes whose score
+//! is in the future, so a crashed process's members disappear within the
+//! TTL; the first live process to refresh the group afterwards removes
+//! their keys and sends the [`PRESENCE_LEAVE`](super::PRESENCE_LEAVE) of
+//! users who had no other connection (their data is not in it: it went
+//! with the dead process). The keys also expire after twice the TTL. Joins
+//! and leaves run one script each, which checks the other live processes
+//! for the same user, so notifications are collapsed per user across
+//! processes. After Redis lost the keys (flush, restart) the next refresh
+//! writes this process's entries again. Times are Redis's (`TIME`), so the
+//! processes' clocks do not matter.
+//!
+//! # History and recovery
+//!
+//! For a group with a [`HistoryPolicy`] (every process must configure the
+//! same ones), [`group_send`](ChannelLayer::group_send) runs one script
+//! that increments the group's offset, appends the event to the capped
+//! stream `{prefix}:history:{group}` (`XADD ... MAXLEN n`, entry id
+//! `{offset}-0`) and `PUBLISH`es it with its offset and epoch, so two
+//! processes sending to one group can never interleave offsets and
+//! payloads. The epoch and last offset are kept in the hash
+//! `{prefix}:history-meta:{group}`; both keys expire
+//! [`ttl`](HistoryPolicy::ttl) after the last send, and when either is
+//! missing (expired, evicted, Redis flushed or restarted without
+//! persistence) the next send starts a new random epoch at offset 1, so
+//! old positions fail to recover with
+//! [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)
+//! instead of silently skipping events. The sending process's own members
+//! get history events back through Pub/Sub like everyone else's, so every
+//! member sees them in offset order. [`recover`](ChannelLayer::recover)
+//! reads the stream in one script.
+//!
 //! # Delivery semantics
 //!
 //! At most once, as in Django Channels: an event is delivered once or lost,
@@ -117,8 +160,8 @@
 //! fails too, but the membership is kept and takes effect on reconnection
 //! (the connection's consumer usually closes on the error, which removes it).
 //!
-//! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (two small Lua
-//! scripts), list and sorted-set commands. Redis Cluster is not supported
+//! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (small Lua
+//! scripts), list, hash, sorted-set and stream commands (Redis 5 or later). Redis Cluster is not supported
 //! (the group-send script touches keys it does not declare); use a single
 //! primary, optionally behind Sentinel or a proxy that forwards Pub/Sub.
 //!
@@ -131,8 +174,11 @@
 //! format](super#wire-format)) and `op` one of `0` (event for a group),
 //! `1` (event for `channel`), `2`/`3` (add/discard `channel` to/from `group`,
 //! request `id`), `4`/`5`/`6` (reply to request `id`: done, no such channel,
-//! failed). Keys and channels are `{prefix}:proc:{process}`,
-//! `{prefix}:group:{group}` and `{prefix}:channel:{name}`.
+//! failed). A group event of a group with history carries its offset in
+//! `id` and its epoch in `channel` (the history script packs it with Redis's
+//! `cmsgpack`). Keys and channels are `{prefix}:proc:{process}`,
+//! `{prefix}:group:{group}`, `{prefix}:channel:{name}`, and those of
+//! [presence](#presence) and [history](#history-and-recovery).
 //!
 //! # Why redis-rs
 //!
