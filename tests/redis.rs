@@ -379,6 +379,58 @@ async fn crashed_process_members_expire() {
     drop(ghost_rx);
 }
 
+/// When Redis loses the presence keys (flushed, restarted without
+/// persistence), the live process writes its members again on its next
+/// refresh.
+#[tokio::test]
+async fn presence_is_restored_after_redis_loses_it() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("presence-restore");
+    let layer = RedisChannelLayer::builder(&redis.url)
+        .prefix(&prefix)
+        .presence(PresenceConfig::new().ttl(Duration::from_millis(600)))
+        .build()
+        .await
+        .expect("layer");
+    let rx = layer.new_channel().await.expect("channel");
+    layer
+        .presence_join("room", rx.name(), PresenceInfo::new("dora").unwrap())
+        .await
+        .expect("join");
+    let client = redis::Client::open(redis.url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:presence:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(!keys.is_empty(), "no presence keys under {prefix}");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert!(layer.presence("room").await.expect("presence").is_empty());
+    // Poll until the refresh (every 200 ms) wrote it back.
+    let deadline = Instant::now() + RECV;
+    loop {
+        let members = layer.presence("room").await.expect("presence");
+        if members.len() == 1 {
+            assert_eq!(members[0].user_id(), "dora");
+            assert_eq!(members[0].connections()[0].channel(), rx.name());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence not restored in {RECV:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_multi_thread() {
     let Some(redis) = redis().await else { return };

@@ -444,3 +444,41 @@ impl ChannelLayer for InMemoryChannelLayer {
         Box::pin(std::future::ready(result))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel_layer::GroupPattern;
+
+    #[tokio::test]
+    async fn history_expires_into_a_new_epoch() {
+        let layer = InMemoryChannelLayer::new()
+            .with_history(HistoryPolicy::new(GroupPattern::exact("g")).ttl(Duration::from_secs(1)));
+        let first = layer
+            .group_send("g", Event::bare("e"))
+            .await
+            .unwrap()
+            .position
+            .unwrap();
+        // Waiting for the TTL to pass is the behaviour under test.
+        std::thread::sleep(Duration::from_millis(1100));
+        let r = layer.recover("g", &first).await.unwrap();
+        assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged));
+        let next = layer
+            .group_send("g", Event::bare("e"))
+            .await
+            .unwrap()
+            .position
+            .unwrap();
+        assert_eq!(next.offset(), 1);
+        assert_ne!(next.epoch(), first.epoch());
+    }
+
+    #[test]
+    #[should_panic(expected = "before cloning")]
+    fn configuring_a_shared_layer_panics() {
+        let layer = InMemoryChannelLayer::new();
+        let _clone = layer.clone();
+        let _ = layer.with_presence(PresenceConfig::new());
+    }
+}

@@ -81,11 +81,13 @@ impl PresenceInfo {
     }
 
     /// How backends store one connection's info: JSON `[user_id, data]`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn to_stored(&self) -> String {
         serde_json::to_string(&(&self.user_id, &self.data)).unwrap_or_default()
     }
 
     /// Reads [`to_stored`](Self::to_stored) output; `None` when malformed.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn from_stored(stored: &[u8]) -> Option<Self> {
         let (user_id, data): (String, Option<String>) = serde_json::from_slice(stored).ok()?;
         (!user_id.is_empty()).then_some(Self { user_id, data })
