@@ -340,6 +340,12 @@ impl LocalPresence {
         self.groups.keys().cloned().collect()
     }
 
+    /// Number of entries of `group`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn len(&self, group: &str) -> usize {
+        self.groups.get(group).map_or(0, |g| g.entries.len())
+    }
+
     /// The entries of `group`.
     pub(crate) fn entries(&self, group: &str) -> Vec<(String, PresenceInfo)> {
         self.groups

@@ -49,9 +49,16 @@ end
 
 /// `ARGV`: base, process, channel, stored info, user, ttl (ms).
 /// Returns 1 when this is the user's first connection in the group.
+///
+/// Idempotent: when a refresh already wrote the entry (it races with the
+/// join), the count is not incremented again.
 const JOIN: &str = r"
-redis.call('HSET', c, ARGV[3], ARGV[4])
-local n = redis.call('HINCRBY', u, ARGV[5], 1)
+local n
+if redis.call('HSET', c, ARGV[3], ARGV[4]) == 1 then
+  n = redis.call('HINCRBY', u, ARGV[5], 1)
+else
+  n = tonumber(redis.call('HGET', u, ARGV[5]) or '1')
+end
 touch(tonumber(ARGV[6]))
 if n == 1 and not present_elsewhere(ARGV[5]) then return 1 end
 return 0
@@ -59,8 +66,14 @@ return 0
 
 /// `ARGV`: base, process, channel, user. Returns 1 when this was the
 /// user's last connection in the group.
+///
+/// When the entry is already gone (a refresh rewrote this process's
+/// entries without it), only answers whether the user is gone.
 const LEAVE: &str = r"
-if redis.call('HDEL', c, ARGV[3]) == 0 then return 0 end
+if redis.call('HDEL', c, ARGV[3]) == 0 then
+  if redis.call('HEXISTS', u, ARGV[4]) == 0 and not present_elsewhere(ARGV[4]) then return 1 end
+  return 0
+end
 local n = redis.call('HINCRBY', u, ARGV[4], -1)
 if n <= 0 then redis.call('HDEL', u, ARGV[4]) end
 if redis.call('HLEN', c) == 0 then
@@ -71,15 +84,18 @@ if n <= 0 and not present_elsewhere(ARGV[4]) then return 1 end
 return 0
 ";
 
-/// `ARGV`: base, process, ttl (ms). Renews this process's entries and
-/// removes those of processes whose TTL passed. Returns `{kept, users who
-/// left with them...}`; `kept` is `'0'` when this process's entries were
-/// gone (Redis flushed or restarted) and must be written again.
+/// `ARGV`: base, process, ttl (ms), number of local entries. Renews this
+/// process's entries and removes those of processes whose TTL passed.
+/// Returns `{kept, users who left with them...}`; `kept` is `'0'` when this
+/// process's entries in Redis do not match its local ones (Redis flushed
+/// or restarted, or a leave failed while Redis was unreachable) and must be
+/// written again.
 const REFRESH: &str = r"
 local ttl = tonumber(ARGV[3])
-local kept = redis.call('EXISTS', c)
+local kept = '0'
+if redis.call('HLEN', c) == tonumber(ARGV[4]) then kept = '1' end
 touch(ttl)
-local out = {tostring(kept)}
+local out = {kept}
 local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', '(' .. now)
 for _, p in ipairs(dead) do
   local users = redis.call('HKEYS', base .. ':u:' .. p)
@@ -291,9 +307,14 @@ impl Inner {
     /// Redis lost them, and announces users of dead processes who left.
     async fn refresh_group(&self, group: &str) -> Result<(), ChannelLayerError> {
         let base = self.presence_base(group);
+        let local = lock(&self.presence).len(group);
         let reply: Vec<String> = self
             .eval("presence refresh", &self.presence_scripts.refresh, |c| {
-                c.arg(0).arg(&base).arg(&self.head).arg(ttl_ms(self));
+                c.arg(0)
+                    .arg(&base)
+                    .arg(&self.head)
+                    .arg(ttl_ms(self))
+                    .arg(local);
             })
             .await?;
         let mut reply = reply.into_iter();
