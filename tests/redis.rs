@@ -431,6 +431,75 @@ async fn presence_is_restored_after_redis_loses_it() {
     }
 }
 
+/// Events of a history group published while a process's Pub/Sub
+/// connection is down are read from the history when it is back: its
+/// members see every offset once, in order. Runs its own Redis, whose
+/// Pub/Sub clients it kills.
+#[tokio::test]
+async fn history_fills_what_pubsub_missed() {
+    if !RedisServer::available() {
+        skip("redis-server is not installed");
+        return;
+    }
+    let server = RedisServer::start().await;
+    let url = server.url();
+    let prefix = unique_prefix("gap");
+    let member_layer = configured(&url, &prefix).await;
+    let sender = configured(&url, &prefix).await;
+    let group = format!("{}.gap", conformance::HISTORY_GROUPS);
+    let mut rx = member_layer.new_channel().await.expect("channel");
+    member_layer
+        .group_add(&group, rx.name())
+        .await
+        .expect("group_add");
+    sender
+        .group_send(&group, Event::new("g", 1u32))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut rx).await.position().map(|p| p.offset()), Some(1));
+
+    // Drop every Pub/Sub connection; the two sends right after it happen
+    // while the member's process is reconnecting (it waits 50 ms first).
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    for n in 2..=3u32 {
+        sender
+            .group_send(&group, Event::new("g", n))
+            .await
+            .expect("send while the member is disconnected");
+    }
+    // Once it is back, the next event reveals the gap.
+    let deadline = Instant::now() + RECV;
+    while !member_layer.is_connected() || !sender.is_connected() {
+        assert!(Instant::now() < deadline, "no reconnection in {RECV:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Re-subscribed: is_connected turns true after the subscriptions.
+    sender
+        .group_send(&group, Event::new("g", 4u32))
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    for _ in 2..=4 {
+        let event = recv(&mut rx).await;
+        got.push((
+            event.position().map(|p| p.offset()),
+            event.body::<u32>().expect("body"),
+        ));
+    }
+    assert_eq!(got, vec![(Some(2), 2), (Some(3), 3), (Some(4), 4)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_multi_thread() {
     let Some(redis) = redis().await else { return };

@@ -2,9 +2,9 @@
 //! by the same script that publishes the event (see the module docs'
 //! "History and recovery").
 
-use std::sync::atomic::Ordering;
+use std::{collections::HashMap, sync::atomic::Ordering};
 
-use super::{lock, names, unix_now, wire, BackendError, Inner, LuaScript};
+use super::{lock, names, unix_now, wire, BackendError, Counters, Inner, LuaScript};
 use crate::channel_layer::{
     ChannelLayerError, Event, GroupSendReport, HistoryPolicy, Recovery, RecoveryFailure,
     StreamPosition,
@@ -87,7 +87,65 @@ impl Scripts {
     }
 }
 
+/// The last offset this process received per history group, to notice
+/// events lost while its Pub/Sub connection was down (Redis restarted, the
+/// network broke, the process was too slow and Redis dropped it).
+#[derive(Debug, Default)]
+pub(super) struct Continuity {
+    last: HashMap<String, StreamPosition>,
+}
+
+impl Continuity {
+    /// Records that `position` arrived for `group`; returns the last
+    /// position before it when events in between were missed.
+    pub(super) fn observe(
+        &mut self,
+        group: &str,
+        position: &StreamPosition,
+    ) -> Option<StreamPosition> {
+        let previous = self.last.insert(group.to_owned(), position.clone())?;
+        (previous.epoch() == position.epoch() && position.offset() > previous.offset() + 1)
+            .then_some(previous)
+    }
+
+    /// Keeps only the groups for which `keep` holds (those still subscribed).
+    pub(super) fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.last.retain(|group, _| keep(group));
+    }
+}
+
 impl Inner {
+    /// Events of `group` after `since` and before `until` were missed:
+    /// hands them to the local members from the history, in order.
+    pub(super) async fn fill_gap(&self, group: &str, since: &StreamPosition, until: u64) {
+        match self.recover(group, since).await {
+            Ok(recovery) if recovery.is_recovered() => {
+                let missed = recovery
+                    .into_events()
+                    .into_iter()
+                    .filter(|e| e.position().is_some_and(|p| p.offset() < until));
+                for event in missed {
+                    self.fan_out(group, &event);
+                }
+            }
+            Ok(recovery) => {
+                let lost = (until - since.offset() - 1) as usize;
+                Counters::add(&self.counters.dropped_other, lost);
+                tracing::warn!(
+                    group,
+                    lost,
+                    "events missed while disconnected cannot be recovered: {}",
+                    recovery
+                        .failure()
+                        .map_or_else(String::new, |f| f.to_string())
+                );
+            }
+            Err(e) => {
+                tracing::warn!(group, "recovering events missed while disconnected: {e}");
+            }
+        }
+    }
+
     fn stream_key(&self, group: &str) -> String {
         format!("{}:history:{group}", self.config.prefix)
     }
@@ -200,6 +258,18 @@ fn parse_recovery(reply: &[Vec<u8>]) -> Option<Recovery> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn continuity_notices_gaps() {
+        let mut c = Continuity::default();
+        let at = |o| StreamPosition::new(o, "e");
+        assert_eq!(c.observe("g", &at(1)), None);
+        assert_eq!(c.observe("g", &at(2)), None);
+        assert_eq!(c.observe("g", &at(5)), Some(at(2)));
+        assert_eq!(c.observe("g", &StreamPosition::new(1, "f")), None);
+        c.retain(|g| g != "g");
+        assert_eq!(c.observe("g", &at(9)), None);
+    }
 
     #[test]
     fn recovery_replies() {

@@ -122,8 +122,10 @@
 //! [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)
 //! instead of silently skipping events. The sending process's own members
 //! get history events back through Pub/Sub like everyone else's, so every
-//! member sees them in offset order. [`recover`](ChannelLayer::recover)
-//! reads the stream in one script.
+//! member sees them in offset order. When the offsets received jump (the
+//! Pub/Sub connection was down, or Redis dropped a slow subscriber), the
+//! process reads the missed events from the stream and delivers them first.
+//! [`recover`](ChannelLayer::recover) reads the stream in one script.
 //!
 //! # Delivery semantics
 //!
@@ -403,6 +405,7 @@ impl RedisChannelLayerBuilder {
             history_scripts: history::Scripts::new(),
             presence_scripts: presence::Scripts::new(),
             presence: Mutex::default(),
+            continuity: Mutex::default(),
             config,
             head,
             proc_channel,
@@ -586,6 +589,8 @@ struct Inner {
     presence_scripts: presence::Scripts,
     /// Presence entries of this process's channels, refreshed in Redis.
     presence: Mutex<LocalPresence>,
+    /// Last offset received per history group; written by the subscriber task.
+    continuity: Mutex<history::Continuity>,
     next_id: AtomicU64,
     next_request: AtomicU64,
     registry: Registry,

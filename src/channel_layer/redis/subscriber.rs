@@ -68,6 +68,9 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
         subscribe(&mut sink, channels, timeout).await?;
     }
     *lock(&inner.subscribed) = groups.into_iter().collect();
+    let subscribed = lock(&inner.subscribed);
+    lock(&inner.continuity).retain(|g| subscribed.contains(g));
+    drop(subscribed);
     Ok(PubSub { sink, stream })
 }
 
@@ -261,6 +264,7 @@ impl Subscriber {
             for group in chunk {
                 subscribed.remove(group);
             }
+            lock(&inner.continuity).retain(|g| subscribed.contains(g));
         }
         if result.is_ok() {
             for chunk in to_subscribe.chunks(CHUNK) {
@@ -301,7 +305,14 @@ impl Subscriber {
                     Ok(event) => {
                         let event = match env.id {
                             0 => event,
-                            offset => event.with_position(StreamPosition::new(offset, env.channel)),
+                            offset => {
+                                let position = StreamPosition::new(offset, env.channel);
+                                let gap = lock(&inner.continuity).observe(group, &position);
+                                if let Some(since) = gap {
+                                    inner.fill_gap(group, &since, offset).await;
+                                }
+                                event.with_position(position)
+                            }
                         };
                         inner.fan_out(group, &event);
                     }
