@@ -163,9 +163,10 @@
 //! (the connection's consumer usually closes on the error, which removes it).
 //!
 //! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (small Lua
-//! scripts), list, hash, sorted-set and stream commands (Redis 5 or later). Redis Cluster is not supported
-//! (the group-send script touches keys it does not declare); use a single
-//! primary, optionally behind Sentinel or a proxy that forwards Pub/Sub.
+//! scripts), list, hash, sorted-set and stream commands (Redis 5 or
+//! later). Redis Cluster is not supported (the scripts touch keys they do
+//! not declare); use a single primary, optionally behind Sentinel or a
+//! proxy that forwards Pub/Sub.
 //!
 //! # Wire format
 //!
