@@ -282,18 +282,26 @@ pub(crate) struct LocalChange {
 
 impl LocalPresence {
     /// Records `channel`'s presence in `group`. A channel joining again
-    /// replaces its info: the old one leaves first (returned second).
+    /// replaces its info: the old one leaves first (returned second); when
+    /// the user stays the same, neither counts as a join or a leave.
     pub(crate) fn join(
         &mut self,
         group: &str,
         channel: &str,
         info: PresenceInfo,
     ) -> (LocalChange, Option<LocalChange>) {
-        let replaced = self.leave(group, channel);
+        let mut replaced = self.leave(group, channel);
         let g = self.groups.entry(group.to_owned()).or_default();
         let count = g.users.entry(info.user_id.clone()).or_default();
         *count += 1;
-        let collapsed = *count == 1;
+        let mut collapsed = *count == 1;
+        if let Some(old) = replaced
+            .as_mut()
+            .filter(|old| old.info.user_id == info.user_id)
+        {
+            old.collapsed = false;
+            collapsed = false;
+        }
         g.entries.insert(channel.to_owned(), info.clone());
         self.by_channel
             .entry(channel.to_owned())
@@ -414,5 +422,10 @@ mod tests {
         assert!(joined.collapsed);
         assert!(replaced.unwrap().collapsed);
         assert_eq!(group_by_user(p.entries("g"))[0].user_id(), "c");
+        // The same user joining again with new data is neither a leave nor a join.
+        let (joined, replaced) = p.join("g", "c3", info("c").with_data(&1).unwrap());
+        assert!(!joined.collapsed);
+        assert!(!replaced.unwrap().collapsed);
+        assert_eq!(p.entries("g")[0].1.data_json(), Some("1"));
     }
 }

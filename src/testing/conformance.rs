@@ -1125,6 +1125,20 @@ pub async fn presence_notifications(layer: &dyn ChannelLayer) {
         own.body::<PresenceChange>().expect("body").user_id,
         "watcher"
     );
+    // Joining again as the same user only updates the info.
+    let updated = info("watcher").with_data(&2).expect("data");
+    ok(
+        "presence_join again",
+        layer.presence_join(&group, watcher.name(), updated),
+    )
+    .await;
+    expect_nothing(layer, &mut watcher).await;
+    let members = ok("presence", layer.presence(&group)).await;
+    assert_eq!(
+        members[0].connections()[0].data_json(),
+        Some("2"),
+        "{members:?}"
+    );
 
     let tab1 = new_channel(layer).await;
     let tab2 = new_channel(layer).await;

@@ -202,8 +202,14 @@ impl Inner {
     ) -> Result<(), ChannelLayerError> {
         let (joined, replaced) = lock(&self.presence).join(group, channel, info);
         let base = self.presence_base(group);
-        if let Some(old) = replaced {
-            self.presence_leave_remote(group, channel, old.info).await?;
+        let same_user = replaced
+            .as_ref()
+            .is_some_and(|old| old.info.user_id() == joined.info.user_id());
+        match replaced {
+            // The join below overwrites the entry; the user stays.
+            Some(_) if same_user => {}
+            Some(old) => self.presence_leave_remote(group, channel, old.info).await?,
+            None => {}
         }
         let first: i64 = self
             .eval("presence join", &self.presence_scripts.join, |c| {
@@ -216,7 +222,7 @@ impl Inner {
                     .arg(ttl_ms(self));
             })
             .await?;
-        if first == 1 {
+        if first == 1 && !same_user {
             self.notify(group, PRESENCE_JOIN, PresenceChange::new(&joined.info))
                 .await;
         }
