@@ -226,10 +226,15 @@ async fn send_rows(
         if i == 0 {
             base = cpu;
         }
+        // CPU time is read in clock ticks: tiny runs may measure none.
+        let ratio = if base > 0.0 {
+            format!("{:.2}×", cpu / base)
+        } else {
+            "–".into()
+        };
         println!(
-            "| {name} | {label} | {} × {sends} | {cpu:.0} | {:.2}× | {wall:.1} | {redis_cpu} |",
-            args.members,
-            cpu / base
+            "| {name} | {label} | {} × {sends} | {cpu:.0} | {ratio} | {wall:.1} | {redis_cpu} |",
+            args.members
         );
     }
     Ok(())
