@@ -4,3 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash bench/run.sh --smoke
+
+# Presence and history costs (bench/src/bin/history.rs) at tiny sizes, on
+# Redis too when REDIS_URL is set.
+cargo run --quiet --release -p tower-channels-bench --bin history -- \
+    --members 5 --sends 50 --redis-sends 20 --presence 100 --rounds 1 \
+    ${REDIS_URL:+--redis "$REDIS_URL"}

@@ -467,3 +467,173 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ------------------------------------------- reconnection with recovery
+
+/// The chat page reconnects on its own when the server drops its socket,
+/// and resumes from the last message it showed: messages sent while it was
+/// disconnected appear once, in order, before the live ones.
+///
+/// The page talks to chat process A; messages are posted through process B
+/// (both on Redis). A is killed (its socket drops without a close), three
+/// messages are posted while it is down, then A starts again on the same
+/// port. Needs Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`) as
+/// well as Chromium; without Redis it prints `skipped: ...` unless
+/// `TOWER_CHANNELS_REQUIRE_REDIS=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_reconnects_and_recovers_missed_messages() {
+    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
+        if std::env::var("TOWER_CHANNELS_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!("{SKIPPED}");
+        }
+        println!("{SKIPPED}");
+        return;
+    }
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let hostport = redis
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:6379")
+        .to_owned();
+    if let Err(e) = tokio::net::TcpStream::connect(&hostport).await {
+        if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").as_deref() == Ok("1") {
+            panic!("no Redis at {redis}: {e} (TOWER_CHANNELS_REQUIRE_REDIS=1)");
+        }
+        println!("skipped: no Redis ({redis}: {e})");
+        return;
+    }
+
+    let profiles = [TempDir::new(10)];
+    // A listens on a port we choose so that it can come back on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr_a = format!("127.0.0.1:{port}");
+    let a = chat_with(&["--addr", &addr_a, "--redis", &redis]);
+    let b = chat_with(&["--addr", "127.0.0.1:0", "--redis", &redis]);
+    let driver = Driver::start();
+
+    let mut sessions = Vec::new();
+    let result = tokio::time::timeout(
+        SCENARIO_TIMEOUT,
+        reconnect_scenario(
+            a,
+            &addr_a,
+            &redis,
+            b.addr,
+            driver.port,
+            &profiles,
+            &mut sessions,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("the scenario took more than {SCENARIO_TIMEOUT:?}")));
+    for session in sessions {
+        let _ = tokio::time::timeout(TIMEOUT, session.close()).await;
+    }
+    if let Err(e) = result {
+        panic!(
+            "{e}\n--- chat example B output (last lines) ---\n{}\n--- chromedriver output (last lines) ---\n{}",
+            b.process.output(),
+            driver.process.output(),
+        );
+    }
+}
+
+async fn reconnect_scenario(
+    a: Chat,
+    addr_a: &str,
+    redis: &str,
+    addr_b: SocketAddr,
+    port: u16,
+    profiles: &[TempDir],
+    sessions: &mut Vec<Client>,
+) -> Result<()> {
+    let page = new_session(&format!("http://127.0.0.1:{port}"), &profiles[0]).await?;
+    sessions.push(page.clone());
+    let room = format!("reconnect{}", std::process::id());
+    join_room(&page, &format!("http://{addr_a}/"), &room).await?;
+
+    let m1 = "before the drop";
+    post(addr_b, &room, m1).await?;
+    wait_for_log(&page, "page", m1).await?;
+
+    // The server goes away: the socket drops without a close frame.
+    drop(a);
+    let missed = ["missed 1", "missed 2", "missed 3"];
+    for m in missed {
+        post(addr_b, &room, m).await?;
+    }
+    wait_for(
+        &page,
+        "status",
+        "textContent",
+        "#status to show the page is reconnecting",
+        |s| s.starts_with("reconnecting") || s == "connecting",
+    )
+    .await?;
+
+    // The server is back: the page reconnects with its last offset.
+    let a = chat_with(&["--addr", addr_a, "--redis", redis]);
+    let connected = format!("connected to {room}");
+    wait_for(&page, "status", "textContent", "#status reconnected", |s| {
+        s == connected
+    })
+    .await
+    .map_err(|e| format!("{e}\n--- chat example A output ---\n{}", a.process.output()))?;
+    wait_for_log(&page, "page", missed[2]).await?;
+    let live = "after the reconnect";
+    post(addr_b, &room, live).await?;
+    wait_for_log(&page, "page", live).await?;
+
+    let log = prop(&page, "log", "value").await?;
+    let expected = format!("{m1}\n{}\n{live}\n", missed.join("\n"));
+    if log != expected {
+        return Err(format!(
+            "#log is {log:?}, expected exactly {expected:?} (no gap, no duplicate)"
+        ));
+    }
+    Ok(())
+}
+
+/// The chat example with `args` (which must include `--addr`).
+fn chat_with(args: &[&str]) -> Chat {
+    let mut command = Command::new(example_binary("chat"));
+    command.args(args);
+    let (process, line) = Process::start("chat example", command, |line| {
+        line.strip_prefix("listening on ").map(str::to_owned)
+    });
+    let addr = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("chat example printed a bad address {line:?}: {e}"));
+    Chat { process, addr }
+}
+
+/// `POST /rooms/{room}/messages` with `text`: the chat example's HTTP
+/// handler sends it to the room through the channel layer.
+async fn post(addr: SocketAddr, room: &str, text: &str) -> Result<()> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("http://{addr}/rooms/{room}/messages"))
+        .body(Full::new(bytes::Bytes::from(text.to_owned())))
+        .map_err(|e| format!("building the POST: {e}"))?;
+    let res = tokio::time::timeout(TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| format!("POST to {addr} timed out"))?
+        .map_err(|e| format!("POST to {addr}: {e}"))?;
+    let status = res.status();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("reading the POST reply: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("POST {text:?}: {status} {body:?}"));
+    }
+    Ok(())
+}

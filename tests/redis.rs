@@ -20,7 +20,9 @@ use std::{
 
 use tower_channels::channel_layer::{
     redis::{redis, RedisChannelLayer},
-    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, RecvError,
+    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupPattern,
+    PresenceChange, PresenceConfig, PresenceInfo, RecoveryFailure, RecvError, PRESENCE_JOIN,
+    PRESENCE_LEAVE,
 };
 use tower_channels::testing::conformance;
 
@@ -201,6 +203,301 @@ async fn conformance_suite() {
         }
     })
     .await;
+}
+
+async fn configured(url: &str, prefix: &str) -> RedisChannelLayer {
+    RedisChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(16)
+        .history(conformance::history_policy())
+        .presence(conformance::presence_config())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+#[tokio::test]
+async fn conformance_presence_history() {
+    let Some(redis) = redis().await else { return };
+    let url = redis.url.clone();
+    conformance::run_presence_history(|| {
+        let url = url.clone();
+        async move {
+            Arc::new(configured(&url, &unique_prefix("conformance-ph")).await)
+                as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+    conformance::run_presence_history_pair(|| {
+        let url = url.clone();
+        async move {
+            let prefix = unique_prefix("conformance-ph-pair");
+            let a = configured(&url, &prefix).await;
+            let b = configured(&url, &prefix).await;
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_presence_history_multi_thread() {
+    let Some(redis) = redis().await else { return };
+    let url = redis.url.clone();
+    conformance::run_presence_history_pair(|| {
+        let url = url.clone();
+        async move {
+            let prefix = unique_prefix("conformance-ph-mt");
+            let a = configured(&url, &prefix).await;
+            let b = configured(&url, &prefix).await;
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+/// Deleting a group's history in Redis (as a flush, restart or eviction
+/// would) starts a new epoch: old positions cannot be recovered.
+#[tokio::test]
+async fn history_epoch_changes_when_redis_loses_it() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("epoch");
+    let layer = configured(&redis.url, &prefix).await;
+    let group = format!("{}.epoch", conformance::HISTORY_GROUPS);
+    let mut last = None;
+    for n in 0..3u32 {
+        last = layer
+            .group_send(&group, Event::new("e", n))
+            .await
+            .expect("group_send")
+            .position;
+    }
+    let last = last.expect("position");
+    assert_eq!(last.offset(), 3);
+    let client = redis::Client::open(redis.url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for key in [
+        format!("{prefix}:history:{group}"),
+        format!("{prefix}:history-meta:{group}"),
+    ] {
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        assert_eq!(deleted, 1, "{key} should have existed");
+    }
+    let r = layer.recover(&group, &last).await.expect("recover");
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+    let next = layer
+        .group_send(&group, Event::new("e", 9u32))
+        .await
+        .expect("group_send")
+        .position
+        .expect("position");
+    assert_eq!(next.offset(), 1, "a new epoch starts at offset 1");
+    assert_ne!(next.epoch(), last.epoch(), "the epoch must change");
+    let r = layer.recover(&group, &last).await.expect("recover");
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+    assert_eq!(r.latest(), Some(&next));
+
+    // Only the stream evicted (meta kept): a new epoch too.
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{prefix}:history:{group}"))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let after = layer
+        .group_send(&group, Event::new("e", 10u32))
+        .await
+        .expect("group_send")
+        .position
+        .expect("position");
+    assert_eq!(after.offset(), 1);
+    assert_ne!(after.epoch(), next.epoch());
+}
+
+/// A process that stops without leaving (its layer dropped, so it never
+/// refreshes nor cleans up) loses its members within the presence TTL, and
+/// the live process announces that they left.
+#[tokio::test]
+async fn crashed_process_members_expire() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("presence-ttl");
+    let ttl = Duration::from_millis(600);
+    let build = || {
+        RedisChannelLayer::builder(&redis.url)
+            .prefix(&prefix)
+            .presence(PresenceConfig::new().notify(GroupPattern::any()).ttl(ttl))
+            .build()
+    };
+    let live = build().await.expect("layer");
+    let doomed = build().await.expect("layer");
+    let group = "room";
+    let mut watcher = live.new_channel().await.expect("channel");
+    live.presence_join(group, watcher.name(), PresenceInfo::new("watcher").unwrap())
+        .await
+        .expect("join");
+    assert_eq!(recv(&mut watcher).await.kind(), PRESENCE_JOIN);
+    let ghost_rx = doomed.new_channel().await.expect("channel");
+    doomed
+        .presence_join(group, ghost_rx.name(), PresenceInfo::new("ghost").unwrap())
+        .await
+        .expect("join");
+    let join = recv(&mut watcher).await;
+    assert_eq!(join.kind(), PRESENCE_JOIN);
+    assert_eq!(join.body::<PresenceChange>().unwrap().user_id, "ghost");
+    let listed = live.presence(group).await.expect("presence");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    // The process dies: nothing runs for it any more.
+    let died = Instant::now();
+    drop(doomed);
+    let leave = recv(&mut watcher).await;
+    assert_eq!(leave.kind(), PRESENCE_LEAVE);
+    assert_eq!(leave.body::<PresenceChange>().unwrap().user_id, "ghost");
+    let listed = live.presence(group).await.expect("presence");
+    assert_eq!(
+        listed.iter().map(|m| m.user_id()).collect::<Vec<_>>(),
+        vec!["watcher"]
+    );
+    // Within the TTL plus one refresh period of the live process.
+    let waited = died.elapsed();
+    assert!(
+        waited < ttl + ttl / 3 + Duration::from_millis(500),
+        "the ghost left after {waited:?}"
+    );
+    drop(ghost_rx);
+}
+
+/// When Redis loses the presence keys (flushed, restarted without
+/// persistence), the live process writes its members again on its next
+/// refresh.
+#[tokio::test]
+async fn presence_is_restored_after_redis_loses_it() {
+    let Some(redis) = redis().await else { return };
+    let prefix = unique_prefix("presence-restore");
+    let layer = RedisChannelLayer::builder(&redis.url)
+        .prefix(&prefix)
+        .presence(PresenceConfig::new().ttl(Duration::from_millis(600)))
+        .build()
+        .await
+        .expect("layer");
+    let rx = layer.new_channel().await.expect("channel");
+    layer
+        .presence_join("room", rx.name(), PresenceInfo::new("dora").unwrap())
+        .await
+        .expect("join");
+    let client = redis::Client::open(redis.url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:presence:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(!keys.is_empty(), "no presence keys under {prefix}");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert!(layer.presence("room").await.expect("presence").is_empty());
+    // Poll until the refresh (every 200 ms) wrote it back.
+    let deadline = Instant::now() + RECV;
+    loop {
+        let members = layer.presence("room").await.expect("presence");
+        if members.len() == 1 {
+            assert_eq!(members[0].user_id(), "dora");
+            assert_eq!(members[0].connections()[0].channel(), rx.name());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence not restored in {RECV:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Events of a history group published while a process's Pub/Sub
+/// connection is down are read from the history when it is back: its
+/// members see every offset once, in order. Runs its own Redis, whose
+/// Pub/Sub clients it kills.
+#[tokio::test]
+async fn history_fills_what_pubsub_missed() {
+    if !RedisServer::available() {
+        skip("redis-server is not installed");
+        return;
+    }
+    let server = RedisServer::start().await;
+    let url = server.url();
+    let prefix = unique_prefix("gap");
+    let member_layer = configured(&url, &prefix).await;
+    let sender = configured(&url, &prefix).await;
+    let group = format!("{}.gap", conformance::HISTORY_GROUPS);
+    let mut rx = member_layer.new_channel().await.expect("channel");
+    member_layer
+        .group_add(&group, rx.name())
+        .await
+        .expect("group_add");
+    sender
+        .group_send(&group, Event::new("g", 1u32))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut rx).await.position().map(|p| p.offset()), Some(1));
+
+    // Drop every Pub/Sub connection; the two sends right after it happen
+    // while the member's process is reconnecting (it waits 50 ms first).
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    for n in 2..=3u32 {
+        sender
+            .group_send(&group, Event::new("g", n))
+            .await
+            .expect("send while the member is disconnected");
+    }
+    // Once it is back, the next event reveals the gap.
+    let deadline = Instant::now() + RECV;
+    while !member_layer.is_connected() || !sender.is_connected() {
+        assert!(Instant::now() < deadline, "no reconnection in {RECV:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Re-subscribed: is_connected turns true after the subscriptions.
+    sender
+        .group_send(&group, Event::new("g", 4u32))
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    for _ in 2..=4 {
+        let event = recv(&mut rx).await;
+        got.push((
+            event.position().map(|p| p.offset()),
+            event.body::<u32>().expect("body"),
+        ));
+    }
+    assert_eq!(got, vec![(Some(2), 2), (Some(3), 3), (Some(4), 4)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

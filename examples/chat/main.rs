@@ -11,7 +11,18 @@
 //!
 //! * `GET /`: the chat page;
 //! * `/ws/chat/{room}`: send `{"message": "..."}`, every member of the room
-//!   (the sender included) receives `{"message": "..."}`;
+//!   (the sender included) receives `{"message": "...", "offset": N,
+//!   "epoch": "E"}` (plus `"user"` when the sender named itself). Rooms keep
+//!   a history of their last 100 messages, and have presence:
+//!   * `?user=NAME` names the member for presence; members get
+//!     `{"type": "join", "user": U}` when a user's first connection joins
+//!     and `{"type": "leave", "user": U}` when its last one leaves;
+//!   * sending `{"type": "presence"}` answers
+//!     `{"type": "presence", "members": [names]}`;
+//!   * connecting with `?offset=N&epoch=E` (the last message seen) first
+//!     delivers the messages missed since, then live ones, with no gap and
+//!     no duplicate; when that is impossible (history reset or trimmed) the
+//!     first message is `{"type": "recovery_failed"}`;
 //! * `/ws/echo`: echoes every message;
 //! * `POST /rooms/{room}/messages`: an ordinary HTTP handler that sends the
 //!   request body to everyone in the room through the channel layer (same
@@ -35,15 +46,10 @@
 //!
 //! `--max-message-size BYTES` raises the incoming message and frame limits
 //! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
+//! `--presence-ttl SECS` sets how long the members of a crashed process stay
+//! listed with `--redis` (30 s by default).
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tracing_subscriber::prelude::*;
 
 use axum::{
@@ -55,7 +61,11 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use tower_channels::{
-    channel_layer::{validate_group_name, BoxError, ChannelLayer, Event},
+    channel_layer::{
+        validate_group_name, BoxError, ChannelLayer, ChannelLayerError, Event, GroupPattern,
+        HistoryPolicy, InMemoryChannelLayer, PresenceChange, PresenceConfig, PresenceInfo,
+        StreamCursor, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
+    },
     consumer::{
         consumer, forward_event, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject,
         WebsocketConsumer,
@@ -65,14 +75,54 @@ use tower_channels::{
     WebSocketConfig, WebSocketLayer,
 };
 
+/// What a chat client sends: `{"message": "..."}` or `{"type": "presence"}`.
 #[derive(Deserialize)]
 struct ChatIn {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    message: Option<String>,
+}
+
+/// The body of a `chat.message` event.
+#[derive(Clone, Serialize, Deserialize)]
+struct ChatBody {
     message: String,
+    user: Option<String>,
 }
 
 /// One per connection on `/ws/chat/{room}`.
 struct Chat {
     group: String,
+    user: Option<String>,
+    /// Drops live messages that recovery already delivered.
+    cursor: StreamCursor,
+}
+
+/// The group of a room: history and presence notifications apply to `chat_*`.
+const ROOMS: &str = "chat_";
+
+fn bad_request(body: &'static str) -> Reject {
+    Reject::new(StatusCode::BAD_REQUEST).body(body)
+}
+
+impl Chat {
+    /// Sends a `chat.message` event to the client with its history position.
+    fn deliver(&mut self, ctx: &Context, event: &Event) -> Result<(), BoxError> {
+        if !self.cursor.accept(event) {
+            return Ok(()); // Already delivered by recovery.
+        }
+        let body: ChatBody = event.body()?;
+        let mut out = serde_json::json!({ "message": body.message });
+        if let Some(pos) = event.position() {
+            out["offset"] = pos.offset().into();
+            out["epoch"] = pos.epoch().into();
+        }
+        if let Some(user) = body.user {
+            out["user"] = user.into();
+        }
+        ctx.send_json(&out)?;
+        Ok(())
+    }
 }
 
 impl JsonWebsocketConsumer for Chat {
@@ -80,77 +130,119 @@ impl JsonWebsocketConsumer for Chat {
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         if validate_group_name(&self.group).is_err() {
-            return Err(Reject::new(StatusCode::BAD_REQUEST).body("room name too long"));
+            return Err(bad_request("room name too long"));
         }
-        ctx.group_add(&self.group).await?;
+        let scope = ctx.scope().clone();
+        let since = match (scope.query_param("offset"), scope.query_param("epoch")) {
+            (None, None) => None,
+            (Some(offset), Some(epoch)) if !epoch.is_empty() => {
+                let offset = offset.parse().map_err(|_| bad_request("invalid offset"))?;
+                Some(StreamPosition::new(offset, epoch))
+            }
+            _ => return Err(bad_request("offset and epoch go together")),
+        };
+        // Join first, then recover: messages sent in between arrive twice
+        // and the cursor drops the live copy. Layers without presence or
+        // history (Django, NATS, Redis Cluster) still chat: the member joins
+        // plainly and a recovery request is answered with `recovery_failed`.
+        let joined = match &self.user {
+            Some(user) => {
+                let info = PresenceInfo::new(user.as_str())
+                    .map_err(|_| bad_request("invalid user name"))?;
+                ctx.presence_join(&self.group, info).await
+            }
+            None => ctx.group_add(&self.group).await,
+        };
+        match joined {
+            Err(ChannelLayerError::Unsupported { .. }) => ctx.group_add(&self.group).await?,
+            other => other?,
+        }
+        if let Some(since) = since {
+            match ctx.recover(&self.group, &since).await {
+                Ok(recovery) => {
+                    self.cursor = recovery.cursor();
+                    if !recovery.is_recovered() {
+                        let _ = ctx.send_json(&serde_json::json!({ "type": "recovery_failed" }));
+                    }
+                    for event in recovery.events() {
+                        self.deliver(ctx, event)
+                            .map_err(|_| Reject::new(StatusCode::INTERNAL_SERVER_ERROR))?;
+                    }
+                }
+                Err(ChannelLayerError::Unsupported { .. }) => {
+                    let _ = ctx.send_json(&serde_json::json!({ "type": "recovery_failed" }));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Accept::new())
     }
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
-        // A broker blip (Redis or NATS restarting) is not this client's
-        // fault: tell it and keep the socket (members in this process got the
-        // message anyway; members elsewhere may or may not have).
-        if let Err(e) = ctx.group_send(&self.group, chat_event(&msg.message)).await {
-            tracing::warn!(error = %e, group = %self.group, "group send failed");
-            ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+        match (msg.kind.as_deref(), msg.message) {
+            (Some("presence"), _) => {
+                let members = ctx.presence(&self.group).await?;
+                let names: Vec<&str> = members.iter().map(|m| m.user_id()).collect();
+                ctx.send_json(&serde_json::json!({ "type": "presence", "members": names }))?;
+            }
+            (None, Some(message)) => {
+                let event = chat_event(message, self.user.clone());
+                // A broker blip (Redis or NATS restarting) is not this
+                // client's fault: tell it and keep the socket (members in
+                // this process got the message anyway; members elsewhere
+                // may or may not have).
+                if let Err(e) = ctx.group_send(&self.group, event).await {
+                    tracing::warn!(error = %e, group = %self.group, "group send failed");
+                    ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
+                }
+            }
+            _ => {
+                ctx.send_json(&serde_json::json!({ "type": "error", "error": "unknown message" }))?
+            }
         }
         Ok(())
     }
 
     async fn event(&mut self, ctx: &mut Context, event: Event) -> Result<(), BoxError> {
-        match event.as_message() {
-            Some(frame) => ctx.send(frame.clone())?,
-            // A typed `chat.message` (Django's dict): render it, as the tutorial's
-            // `chat_message` handler does.
-            None if event.kind() == "chat.message" => {
-                let chat: ChatMessage = event.body()?;
-                ctx.send_json(&chat)?;
+        match event.kind() {
+            "chat.message" => self.deliver(ctx, &event),
+            kind @ (PRESENCE_JOIN | PRESENCE_LEAVE) => {
+                let change: PresenceChange = event.body()?;
+                let kind = if kind == PRESENCE_JOIN {
+                    "join"
+                } else {
+                    "leave"
+                };
+                ctx.send_json(&serde_json::json!({ "type": kind, "user": change.user_id }))?;
+                Ok(())
             }
-            // Other types (e.g. from a newer deploy): ignored and counted.
-            None => forward_event(ctx, &event)?,
+            _ => forward_event(ctx, &event),
         }
-        Ok(())
     }
 }
 
-/// Django's `{"type": "chat.message", "message": ...}` without its type.
-#[derive(Clone, Serialize, Deserialize)]
-struct ChatMessage {
-    message: String,
+/// The `chat.message` event; each member's consumer adds the history
+/// position. As a typed event it is also the Django tutorial's dict
+/// (`{"type": "chat.message", "message": ...}`), so `--django*` works as is.
+fn chat_event(message: String, user: Option<String>) -> Event {
+    Event::new("chat.message", ChatBody { message, user })
 }
 
-/// Whether events must have a Django dict form (`--django*`).
-static DJANGO_EVENTS: AtomicBool = AtomicBool::new(false);
-
-/// The `chat.message` event: the outgoing frame, encoded once for every
-/// member; with `--django*` the tutorial's dict, which each member renders.
-fn chat_event(message: &str) -> Event {
-    if DJANGO_EVENTS.load(Ordering::Relaxed) {
-        let message = message.to_owned();
-        return Event::new("chat.message", ChatMessage { message });
-    }
-    Event::text("chat.message", chat_frame(message))
-}
-
-/// The group of a chat room. Group names allow only ASCII letters, digits,
-/// `-`, `_` and `.`; other room names (`café`, `a b`) are hex-encoded under a
-/// prefix a plain name cannot produce, so the mapping is one-to-one. Names
-/// too long for a group (100 characters) are refused by `connect`.
+/// The group of a chat room, `chat_<room>` as in the Django tutorial. Group
+/// names allow only ASCII letters, digits, `-`, `_` and `.`; other room
+/// names (`café`, `a b`) are hex-encoded under `chat-x.`, a prefix a plain
+/// name cannot produce, so the mapping is one-to-one. Names too long for a
+/// group (100 characters) are refused by `connect`.
 fn room_group(room: &str) -> String {
     let plain = room
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if plain && !room.is_empty() {
-        format!("chat_{room}")
+        format!("{ROOMS}{room}")
     } else {
         let hex: String = room.bytes().map(|b| format!("{b:02x}")).collect();
         format!("chat-x.{hex}")
     }
-}
-
-/// `{"message": ...}`, the frame every member receives.
-fn chat_frame(message: &str) -> String {
-    serde_json::json!({ "message": message }).to_string()
 }
 
 /// `/ws/echo`: sends every message back.
@@ -199,21 +291,22 @@ async fn post_message(
         return Err((StatusCode::BAD_REQUEST, "room name too long\n"));
     }
     // The frame, not only the body, must fit (JSON escaping can grow it).
-    let frame = chat_frame(&body);
-    if frame.len() > state.max_message_size {
+    let frame_len = serde_json::json!({ "message": body }).to_string().len();
+    if frame_len > state.max_message_size {
         return Err((StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
     }
     let report = state
         .channel_layer
-        .group_send(&group, chat_event(&body))
+        .group_send(&group, chat_event(body, None))
         .await
         .map_err(|e| {
             // Logged here; the client learns only that it may retry.
             tracing::warn!(error = %e, group, "group send failed");
             (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable\n")
         })?;
+    let offset = report.position.map_or(0, |p| p.offset());
     Ok(format!(
-        "delivered to {} connections here and {} other processes\n",
+        "delivered to {} connections here and {} other processes (offset {offset})\n",
         report.local_members,
         report.remote_receivers.unwrap_or(0)
     ))
@@ -227,6 +320,7 @@ struct Args {
     redis_cluster: Option<String>,
     nats: Option<String>,
     max_message_size: Option<usize>,
+    presence_ttl: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -238,6 +332,7 @@ fn parse_args() -> Result<Args, String> {
         redis_cluster: None,
         nats: None,
         max_message_size: None,
+        presence_ttl: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -263,12 +358,22 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("bad --max-message-size {v:?}: {e}"))?;
                 args.max_message_size = Some(n);
             }
+            "--presence-ttl" => {
+                let v = it.next().ok_or("--presence-ttl needs a value")?;
+                let secs: f64 = v
+                    .parse()
+                    .map_err(|e| format!("bad --presence-ttl {v:?}: {e}"))?;
+                args.presence_ttl = Some(
+                    Duration::try_from_secs_f64(secs)
+                        .map_err(|e| format!("bad --presence-ttl {v:?}: {e}"))?,
+                );
+            }
             "-h" | "--help" => {
                 return Err(
                     "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
-                     [--max-message-size BYTES]"
+                     [--max-message-size BYTES] [--presence-ttl SECS]"
                         .into(),
                 )
             }
@@ -304,6 +409,8 @@ async fn main() -> Result<(), BoxError> {
             "/ws/chat/{room}",
             json_consumer(|scope| Chat {
                 group: room_group(scope.param("room").unwrap_or_default()),
+                user: scope.query_param("user").filter(|u| !u.is_empty()),
+                cursor: StreamCursor::new(),
             }),
         )
         .route("/ws/echo", consumer(|_| Echo));
@@ -321,11 +428,23 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     let max_message_size = channels.config().get_max_message_size();
-    if let Some(url) = &args.redis {
-        channels = channels.with_channel_layer(redis_layer(url).await?);
+    // Rooms keep their last 100 messages for 5 minutes, and announce who
+    // comes and goes (`chat` covers `chat_<room>` and `chat-x.<hex>`).
+    let history = HistoryPolicy::new(GroupPattern::prefix("chat"));
+    let mut presence = PresenceConfig::new().notify(GroupPattern::prefix("chat"));
+    if let Some(ttl) = args.presence_ttl {
+        presence = presence.ttl(ttl);
     }
+    channels = channels.with_channel_layer(match &args.redis {
+        Some(url) => redis_layer(url, history, presence).await?,
+        None => Arc::new(
+            InMemoryChannelLayer::new()
+                .with_history(history)
+                .with_presence(presence),
+        ),
+    });
+    // Brokers without presence and history yet: plain chat rooms.
     if let Some((url, pubsub)) = &args.django {
-        DJANGO_EVENTS.store(true, Ordering::Relaxed);
         channels =
             channels.with_channel_layer(django_layer(url, *pubsub, args.prefix.as_deref()).await?);
     }
@@ -397,14 +516,26 @@ fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxErr
 }
 
 #[cfg(feature = "redis")]
-async fn redis_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn redis_layer(
+    url: &str,
+    history: HistoryPolicy,
+    presence: PresenceConfig,
+) -> Result<Arc<dyn ChannelLayer>, BoxError> {
     Ok(Arc::new(
-        tower_channels::channel_layer::redis::RedisChannelLayer::connect(url).await?,
+        tower_channels::channel_layer::redis::RedisChannelLayer::builder(url)
+            .history(history)
+            .presence(presence)
+            .build()
+            .await?,
     ))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn redis_layer(
+    _url: &str,
+    _history: HistoryPolicy,
+    _presence: PresenceConfig,
+) -> Result<Arc<dyn ChannelLayer>, BoxError> {
     Err("--redis needs the `redis` feature: cargo run --features redis --example chat".into())
 }
 

@@ -66,6 +66,23 @@ pub enum ChannelLayerError {
     /// The event could not be encoded or decoded for the wire.
     #[error("event codec error: {0}")]
     Codec(#[from] EventCodecError),
+    /// Presence info broke the limits of
+    /// [`PresenceInfo`](super::PresenceInfo).
+    #[error(transparent)]
+    InvalidPresence(#[from] super::InvalidPresence),
+    /// The backend does not implement this feature (presence, history).
+    #[error("this channel layer does not support {feature}")]
+    Unsupported {
+        /// The missing feature, e.g. `"presence"`.
+        feature: &'static str,
+    },
+    /// [`recover`](super::ChannelLayer::recover) was asked for a group
+    /// that no [`HistoryPolicy`](super::HistoryPolicy) applies to.
+    #[error("group {group:?} keeps no history")]
+    NoHistory {
+        /// The group.
+        group: String,
+    },
     /// The backend failed (for example Redis is unreachable).
     #[error("channel layer backend error: {0}")]
     Backend(#[source] BoxError),
@@ -75,6 +92,11 @@ impl ChannelLayerError {
     /// Wraps a backend error.
     pub fn backend(err: impl Into<BoxError>) -> Self {
         ChannelLayerError::Backend(err.into())
+    }
+
+    /// Whether this is [`ChannelLayerError::Unsupported`].
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, ChannelLayerError::Unsupported { .. })
     }
 
     /// Whether this is [`ChannelLayerError::ChannelFull`].

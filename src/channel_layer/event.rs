@@ -3,7 +3,7 @@ use std::{any::Any, borrow::Cow, fmt, sync::Arc};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::error::EventCodecError;
+use super::{error::EventCodecError, StreamPosition};
 use crate::{
     engine::SharedPayload,
     message::{Message, Utf8Bytes},
@@ -45,7 +45,10 @@ type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError>
 /// assert_eq!(decoded.body::<Chat>().unwrap().message, "hi");
 /// ```
 #[derive(Clone)]
-pub struct Event(Arc<Inner>);
+pub struct Event {
+    inner: Arc<Inner>,
+    position: Option<StreamPosition>,
+}
 
 struct Inner {
     kind: Cow<'static, str>,
@@ -128,26 +131,43 @@ impl Event {
     }
 
     fn from_payload(kind: impl Into<Cow<'static, str>>, payload: Payload) -> Self {
-        Event(Arc::new(Inner {
-            kind: kind.into(),
-            payload,
-        }))
+        Event {
+            inner: Arc::new(Inner {
+                kind: kind.into(),
+                payload,
+            }),
+            position: None,
+        }
+    }
+
+    /// Where the event sits in its group's history: set by the channel
+    /// layer on events of groups with a
+    /// [`HistoryPolicy`](super::HistoryPolicy), `None` otherwise.
+    pub fn position(&self) -> Option<&StreamPosition> {
+        self.position.as_ref()
+    }
+
+    /// The same event at `position`: what a backend delivers for a group
+    /// with history. The body is shared, not copied.
+    pub fn with_position(mut self, position: StreamPosition) -> Self {
+        self.position = Some(position);
+        self
     }
 
     /// The event's type, e.g. `"chat.message"`.
     pub fn kind(&self) -> &str {
-        &self.0.kind
+        &self.inner.kind
     }
 
     /// The handler name Django would dispatch to: the type with `.` replaced by `_`
     /// (`"chat.message"` -> `"chat_message"`).
     pub fn handler_name(&self) -> String {
-        self.0.kind.replace('.', "_")
+        self.inner.kind.replace('.', "_")
     }
 
     /// The WebSocket message carried by a [`Event::message`] event.
     pub fn as_message(&self) -> Option<&Message> {
-        match &self.0.payload {
+        match &self.inner.payload {
             Payload::Message { message, .. } => Some(message),
             _ => None,
         }
@@ -155,7 +175,7 @@ impl Event {
 
     /// The shared payload of a text or binary fast-lane event.
     pub(crate) fn shared_payload(&self) -> Option<&SharedPayload> {
-        match &self.0.payload {
+        match &self.inner.payload {
             Payload::Message { shared, .. } => shared.as_ref(),
             _ => None,
         }
@@ -163,14 +183,14 @@ impl Event {
 
     /// Whether the event has no body.
     pub fn is_bare(&self) -> bool {
-        matches!(self.0.payload, Payload::None)
+        matches!(self.inner.payload, Payload::None)
     }
 
     /// Borrows a typed body without copying, when the event still holds a
     /// value of type `T` (always the case on the in-memory layer when sender
     /// and receiver agree on the type).
     pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
-        match &self.0.payload {
+        match &self.inner.payload {
             Payload::Typed { value, .. } => value.downcast_ref(),
             _ => None,
         }
@@ -186,7 +206,7 @@ impl Event {
         if let Some(v) = self.downcast_ref::<T>() {
             return Ok(v.clone());
         }
-        match &self.0.payload {
+        match &self.inner.payload {
             Payload::None => Err(EventCodecError::new(format_args!(
                 "event {:?} has no body",
                 self.kind()
@@ -210,7 +230,7 @@ impl Event {
     /// speak another system's format (the `django` layer).
     #[cfg_attr(not(feature = "django"), allow(dead_code))]
     pub(crate) fn body_msgpack(&self) -> Result<Option<Cow<'_, [u8]>>, EventCodecError> {
-        match &self.0.payload {
+        match &self.inner.payload {
             Payload::None => Ok(None),
             Payload::Typed { value, encode, .. } => Ok(Some(Cow::Owned(encode(value.as_ref())?))),
             Payload::Encoded(b) => Ok(Some(Cow::Borrowed(b))),
@@ -256,7 +276,7 @@ impl Event {
     /// ```
     pub fn decode_tagged<E: DeserializeOwned>(&self) -> Result<E, EventCodecError> {
         use serde_json::{Map, Value};
-        let mut fields = match &self.0.payload {
+        let mut fields = match &self.inner.payload {
             Payload::None => Map::new(),
             _ => match self.body::<Value>()? {
                 Value::Object(map) => map,
@@ -275,7 +295,7 @@ impl Event {
 
     /// Encodes the event for the wire (see the [module docs](super#wire-format)).
     pub fn encode(&self) -> Result<Bytes, EventCodecError> {
-        let (tag, data): (u8, Cow<'_, [u8]>) = match &self.0.payload {
+        let (tag, data): (u8, Cow<'_, [u8]>) = match &self.inner.payload {
             Payload::None => (TAG_NONE, Cow::Borrowed(&[])),
             Payload::Typed { value, encode, .. } => (TAG_BODY, Cow::Owned(encode(value.as_ref())?)),
             Payload::Encoded(b) => (TAG_BODY, Cow::Borrowed(b)),
@@ -294,7 +314,7 @@ impl Event {
             }
         };
         let wire = Wire {
-            kind: &self.0.kind,
+            kind: &self.inner.kind,
             tag,
             data: serde_bytes::Bytes::new(&data),
         };
@@ -350,7 +370,10 @@ impl fmt::Debug for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Event");
         d.field("type", &self.kind());
-        match &self.0.payload {
+        if let Some(p) = &self.position {
+            d.field("position", p);
+        }
+        match &self.inner.payload {
             Payload::None => d.field("body", &"none"),
             Payload::Typed { type_name, .. } => d.field("body", type_name),
             Payload::Encoded(b) => d.field("msgpack_len", &b.len()),

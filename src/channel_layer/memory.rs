@@ -1,11 +1,22 @@
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc, Weak,
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
+    time::{Duration, Instant},
 };
 
 use super::{
-    channel, local::Registry, names, validate_channel_name, validate_group_name, BoxFuture,
-    ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, GroupSendReport,
+    channel,
+    history::policy_for,
+    local::Registry,
+    names,
+    presence::{group_by_user, LocalPresence},
+    validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    ChannelLayerStats, ChannelReceiver, Event, GroupSendReport, HistoryPolicy, PresenceChange,
+    PresenceConfig, PresenceInfo, PresenceMember, Recovery, RecoveryFailure, StreamPosition,
+    PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 
 /// Default number of events a channel holds before sends to it fail
@@ -19,7 +30,14 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 /// WebSocket message ([`Event::message`]) is encoded once for all members.
 ///
 /// Membership needs no expiry here: when a channel's receiver is dropped
-/// (its connection closed) the channel leaves every group at once.
+/// (its connection closed) the channel leaves every group at once, and its
+/// presence with them.
+///
+/// [Presence](super#presence) and [history](super#history-and-recovery)
+/// work as on every backend, inside this process: see
+/// [`with_history`](Self::with_history) and [`with_presence`](Self::with_presence).
+/// A history lives in memory (bounded by its policy's `max_len`) and its
+/// epoch changes when it expires or the process restarts.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -48,6 +66,57 @@ struct Inner {
     group_sends: AtomicU64,
     delivered: AtomicU64,
     dropped_full: AtomicU64,
+    history: Vec<HistoryPolicy>,
+    presence_config: PresenceConfig,
+    streams: Mutex<Streams>,
+    presence: Mutex<LocalPresence>,
+}
+
+/// The histories of groups with a [`HistoryPolicy`].
+#[derive(Debug)]
+struct Streams {
+    map: HashMap<String, Arc<Mutex<Stream>>>,
+    last_sweep: Instant,
+}
+
+/// How often expired histories are dropped from the map.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct Stream {
+    epoch: Arc<str>,
+    top: u64,
+    /// The last events, each carrying its position; offsets
+    /// `top - len + 1 ..= top`.
+    events: VecDeque<Event>,
+    last: Instant,
+    ttl: Duration,
+}
+
+impl Stream {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            epoch: names::random_token(10).into(),
+            top: 0,
+            events: VecDeque::new(),
+            last: Instant::now(),
+            ttl,
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.last) > self.ttl
+    }
+
+    fn latest(&self) -> Option<StreamPosition> {
+        (self.top > 0).then(|| StreamPosition::new(self.top, self.epoch.clone()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections only update maps and queues; poisoning cannot leave
+    // them inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Default for InMemoryChannelLayer {
@@ -73,8 +142,40 @@ impl InMemoryChannelLayer {
                 group_sends: AtomicU64::new(0),
                 delivered: AtomicU64::new(0),
                 dropped_full: AtomicU64::new(0),
+                history: Vec::new(),
+                presence_config: PresenceConfig::new(),
+                streams: Mutex::new(Streams {
+                    map: HashMap::new(),
+                    last_sweep: Instant::now(),
+                }),
+                presence: Mutex::default(),
             }),
         }
+    }
+
+    /// Keeps a history for the groups `policy` applies to (the first
+    /// matching policy wins when called more than once).
+    ///
+    /// # Panics
+    ///
+    /// If the layer was cloned already: configure it before sharing it.
+    pub fn with_history(mut self, policy: HistoryPolicy) -> Self {
+        self.configure().history.push(policy);
+        self
+    }
+
+    /// Sets how presence notifies groups (see [`PresenceConfig`]).
+    ///
+    /// # Panics
+    ///
+    /// If the layer was cloned already: configure it before sharing it.
+    pub fn with_presence(mut self, config: PresenceConfig) -> Self {
+        self.configure().presence_config = config;
+        self
+    }
+
+    fn configure(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("configure an InMemoryChannelLayer before cloning it")
     }
 
     /// Number of members of `group` (0 for an unknown group).
@@ -96,8 +197,98 @@ impl Inner {
         Ok(rx.on_drop(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.registry.forget(&name);
+                let groups = lock(&inner.presence).groups_of(&name);
+                for group in groups {
+                    inner.presence_leave(&group, &name);
+                }
             }
         }))
+    }
+
+    /// Sends a join or leave notification (never part of the history).
+    fn notify(&self, group: &str, kind: &'static str, info: &PresenceInfo) {
+        if self.presence_config.notifies(group) {
+            let event = Event::new(kind, PresenceChange::new(info));
+            self.registry.fan_out(group, &event);
+        }
+    }
+
+    fn presence_leave(&self, group: &str, channel: &str) {
+        let left = lock(&self.presence).leave(group, channel);
+        if let Some(change) = left.filter(|c| c.collapsed) {
+            self.notify(group, PRESENCE_LEAVE, &change.info);
+        }
+    }
+
+    /// The history of `group`, made (or started again) as needed.
+    fn stream(&self, group: &str, policy: &HistoryPolicy) -> Arc<Mutex<Stream>> {
+        let now = Instant::now();
+        let mut streams = lock(&self.streams);
+        if now.duration_since(streams.last_sweep) > SWEEP_EVERY {
+            streams.last_sweep = now;
+            streams.map.retain(|_, s| !lock(s).expired(now));
+        }
+        streams
+            .map
+            .entry(group.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(policy.time_limit()))))
+            .clone()
+    }
+
+    /// A group send to a group with history: the offset is assigned and the
+    /// event delivered under the history's lock, so members see offsets in order.
+    fn send_with_history(
+        &self,
+        group: &str,
+        event: Event,
+        policy: &HistoryPolicy,
+    ) -> (usize, usize, StreamPosition) {
+        let stream = self.stream(group, policy);
+        let mut s = lock(&stream);
+        let now = Instant::now();
+        if s.expired(now) {
+            *s = Stream::new(policy.time_limit());
+        }
+        s.top += 1;
+        s.last = now;
+        s.ttl = policy.time_limit();
+        let position = StreamPosition::new(s.top, s.epoch.clone());
+        let event = event.with_position(position.clone());
+        s.events.push_back(event.clone());
+        while s.events.len() > policy.len_limit() {
+            s.events.pop_front();
+        }
+        let (delivered, dropped) = self.registry.fan_out(group, &event);
+        (delivered, dropped, position)
+    }
+
+    fn recover(&self, group: &str, since: &StreamPosition) -> Result<Recovery, ChannelLayerError> {
+        if policy_for(&self.history, group).is_none() {
+            return Err(ChannelLayerError::NoHistory {
+                group: group.to_owned(),
+            });
+        }
+        let Some(stream) = lock(&self.streams).map.get(group).cloned() else {
+            return Ok(Recovery::failed(RecoveryFailure::EpochChanged, None));
+        };
+        let s = lock(&stream);
+        if s.expired(Instant::now()) {
+            return Ok(Recovery::failed(RecoveryFailure::EpochChanged, None));
+        }
+        let latest = s.latest();
+        if *s.epoch != *since.epoch() || since.offset() > s.top {
+            return Ok(Recovery::failed(RecoveryFailure::EpochChanged, latest));
+        }
+        let first = s.top + 1 - s.events.len() as u64;
+        if since.offset() + 1 < first {
+            return Ok(Recovery::failed(RecoveryFailure::TooOld, latest));
+        }
+        let skip = (since.offset() + 1 - first) as usize;
+        let events = s.events.iter().skip(skip).cloned().collect();
+        Ok(match latest {
+            Some(latest) => Recovery::recovered(events, latest),
+            None => Recovery::failed(RecoveryFailure::EpochChanged, None),
+        })
     }
 }
 
@@ -150,7 +341,10 @@ impl ChannelLayer for InMemoryChannelLayer {
         let result = validate_group_name(group)
             .and_then(|()| validate_channel_name(channel))
             .map_err(ChannelLayerError::from)
-            .map(|()| self.inner.registry.group_discard(group, channel));
+            .map(|()| {
+                self.inner.registry.group_discard(group, channel);
+                self.inner.presence_leave(group, channel);
+            });
         Box::pin(std::future::ready(result))
     }
 
@@ -162,8 +356,17 @@ impl ChannelLayer for InMemoryChannelLayer {
         let result = validate_group_name(group)
             .map_err(ChannelLayerError::from)
             .map(|()| {
-                let (delivered, dropped) = self.inner.registry.fan_out(group, &event);
                 let inner = &self.inner;
+                let (delivered, dropped, position) = match policy_for(&inner.history, group) {
+                    Some(policy) => {
+                        let (d, f, p) = inner.send_with_history(group, event, policy);
+                        (d, f, Some(p))
+                    }
+                    None => {
+                        let (d, f) = inner.registry.fan_out(group, &event);
+                        (d, f, None)
+                    }
+                };
                 inner.group_sends.fetch_add(1, Ordering::Relaxed);
                 inner
                     .delivered
@@ -176,6 +379,7 @@ impl ChannelLayer for InMemoryChannelLayer {
                     local_members: delivered,
                     remote_receivers: None,
                     dropped,
+                    position,
                 }
             });
         Box::pin(std::future::ready(result))
@@ -183,6 +387,8 @@ impl ChannelLayer for InMemoryChannelLayer {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
         self.inner.registry.clear();
+        lock(&self.inner.presence).clear();
+        lock(&self.inner.streams).map.clear();
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -193,5 +399,87 @@ impl ChannelLayer for InMemoryChannelLayer {
             dropped_full: self.inner.dropped_full.load(Ordering::Relaxed),
             ..ChannelLayerStats::default()
         }
+    }
+
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        let result = validate_group_name(group)
+            .and_then(|()| validate_channel_name(channel))
+            .map_err(ChannelLayerError::from)
+            .and_then(|()| self.inner.registry.group_add(group, channel))
+            .map(|()| {
+                let inner = &self.inner;
+                let (joined, replaced) = lock(&inner.presence).join(group, channel, info);
+                if let Some(old) = replaced.filter(|c| c.collapsed) {
+                    inner.notify(group, PRESENCE_LEAVE, &old.info);
+                }
+                if joined.collapsed {
+                    inner.notify(group, PRESENCE_JOIN, &joined.info);
+                }
+            });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        let result = validate_group_name(group)
+            .map_err(ChannelLayerError::from)
+            .map(|()| group_by_user(lock(&self.inner.presence).entries(group)));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        let result = validate_group_name(group)
+            .map_err(ChannelLayerError::from)
+            .and_then(|()| self.inner.recover(group, since));
+        Box::pin(std::future::ready(result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel_layer::GroupPattern;
+
+    #[tokio::test]
+    async fn history_expires_into_a_new_epoch() {
+        let layer = InMemoryChannelLayer::new()
+            .with_history(HistoryPolicy::new(GroupPattern::exact("g")).ttl(Duration::from_secs(1)));
+        let first = layer
+            .group_send("g", Event::bare("e"))
+            .await
+            .unwrap()
+            .position
+            .unwrap();
+        // Waiting for the TTL to pass is the behaviour under test.
+        std::thread::sleep(Duration::from_millis(1100));
+        let r = layer.recover("g", &first).await.unwrap();
+        assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged));
+        let next = layer
+            .group_send("g", Event::bare("e"))
+            .await
+            .unwrap()
+            .position
+            .unwrap();
+        assert_eq!(next.offset(), 1);
+        assert_ne!(next.epoch(), first.epoch());
+    }
+
+    #[test]
+    #[should_panic(expected = "before cloning")]
+    fn configuring_a_shared_layer_panics() {
+        let layer = InMemoryChannelLayer::new();
+        let _clone = layer.clone();
+        let _ = layer.with_presence(PresenceConfig::new());
     }
 }

@@ -75,6 +75,37 @@
 //! `.`, shorter than 100 characters; channel names may contain one `!`.
 //! Invalid names fail with [`ChannelLayerError::InvalidName`].
 //!
+//! # Presence
+//!
+//! [`presence_join`](ChannelLayer::presence_join) adds a channel to a group
+//! with a [`PresenceInfo`] (a user id and a small JSON value), and
+//! [`presence`](ChannelLayer::presence) lists who is in the group across
+//! every process, grouped by user: one user with three tabs is one
+//! [`PresenceMember`] with three [`connections`](PresenceMember::connections).
+//! A channel leaves the presence list when it leaves the group
+//! ([`group_discard`](ChannelLayer::group_discard), or its receiver being
+//! dropped when the connection closes). Groups matching
+//! [`PresenceConfig::notify`] also get [`PRESENCE_JOIN`] and
+//! [`PRESENCE_LEAVE`] events (body [`PresenceChange`]), collapsed per user:
+//! a user's first connection is a join, its last one a leave. Backends that
+//! span processes forget the members of a process that died within
+//! [`PresenceConfig::ttl`].
+//!
+//! # History and recovery
+//!
+//! Groups matching a [`HistoryPolicy`] keep their last events: each
+//! [`group_send`](ChannelLayer::group_send) gets the next offset of the
+//! group's history, returned in [`GroupSendReport::position`] and carried
+//! by every delivered copy ([`Event::position`]). A client that reconnects
+//! with the last [`StreamPosition`] it saw gets what it missed from
+//! [`recover`](ChannelLayer::recover), or a [`RecoveryFailure`] when the
+//! history cannot say (it was reset, or trimmed past the position). Join
+//! first, then recover, then deliver live events through the
+//! [`StreamCursor`] of the [`Recovery`]: no event is missed or repeated
+//! across the switch (see [`Recovery`] for the example).
+//!
+//! Presence and join/leave events are not part of the history.
+//!
 //! # Wire format
 //!
 //! Backends that cross processes encode events with [`Event::encode`]: a
@@ -91,16 +122,25 @@
 //! when its receiver goes away), use [`ChannelSender::try_send`] for direct
 //! sends and [`ChannelSender::send_lossy`] for group fan-out. Then run the
 //! conformance suite in [`crate::testing::conformance`] against your type.
+//! Presence and history are optional: the default
+//! [`presence_join`](ChannelLayer::presence_join),
+//! [`presence`](ChannelLayer::presence) and [`recover`](ChannelLayer::recover)
+//! fail with [`ChannelLayerError::Unsupported`]; a backend that implements
+//! them sets [`Event::with_position`] on delivered history events and runs
+//! [`run_presence_history`](crate::testing::conformance::run_presence_history) too.
 
 #[cfg(feature = "django")]
 pub mod django;
 mod error;
 mod event;
+mod history;
 mod local;
 mod memory;
 mod names;
 #[cfg(feature = "nats")]
 pub mod nats;
+mod pattern;
+mod presence;
 mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -110,8 +150,18 @@ use std::{fmt, future::Future, pin::Pin};
 pub use self::{
     error::{BoxError, ChannelLayerError, EventCodecError, InvalidName},
     event::Event,
+    history::{
+        HistoryPolicy, Recovery, RecoveryFailure, StreamCursor, StreamPosition,
+        DEFAULT_HISTORY_LEN, DEFAULT_HISTORY_TTL, MAX_HISTORY_LEN,
+    },
     memory::{InMemoryChannelLayer, DEFAULT_CAPACITY},
     names::{validate_channel_name, validate_group_name, MAX_NAME_LENGTH},
+    pattern::GroupPattern,
+    presence::{
+        InvalidPresence, PresenceChange, PresenceConfig, PresenceConnection, PresenceInfo,
+        PresenceMember, DEFAULT_PRESENCE_TTL, MAX_PRESENCE_DATA, MAX_USER_ID_LEN, PRESENCE_JOIN,
+        PRESENCE_LEAVE,
+    },
     queue::{channel, ChannelReceiver, ChannelSender, Delivery, RecvError, TrySendError},
 };
 
@@ -125,7 +175,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// of this process, `remote_receivers` what a broker reported for everyone
 /// else, so a "delivered to N devices" answer cannot change meaning when the
 /// backend changes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GroupSendReport {
     /// Members in this process (channels with a local receiver) the event
@@ -141,6 +191,9 @@ pub struct GroupSendReport {
     /// and they were marked as lagging), plus named channels the broker
     /// found at capacity.
     pub dropped: usize,
+    /// Where the event went in the group's history, for groups with a
+    /// [`HistoryPolicy`]; `None` otherwise.
+    pub position: Option<StreamPosition>,
 }
 
 /// Counters a channel layer keeps since it was created.
@@ -213,6 +266,56 @@ pub trait ChannelLayer: fmt::Debug + Send + Sync + 'static {
     /// Counters since the layer was created. The default returns zeros.
     fn stats(&self) -> ChannelLayerStats {
         ChannelLayerStats::default()
+    }
+
+    /// Adds `channel` to `group` (as [`group_add`](Self::group_add)) and
+    /// lists it in the group's [`presence`](Self::presence) with `info`
+    /// (see [presence](self#presence)). It leaves with the group: on
+    /// [`group_discard`](Self::group_discard) or when its receiver is
+    /// dropped. Joining again replaces the info.
+    ///
+    /// The default fails with [`ChannelLayerError::Unsupported`].
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        let _ = (group, channel, info);
+        Box::pin(std::future::ready(Err(ChannelLayerError::Unsupported {
+            feature: "presence",
+        })))
+    }
+
+    /// The members present in `group` across every process of the layer,
+    /// one [`PresenceMember`] per user, ordered by user id.
+    ///
+    /// The default fails with [`ChannelLayerError::Unsupported`].
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        let _ = group;
+        Box::pin(std::future::ready(Err(ChannelLayerError::Unsupported {
+            feature: "presence",
+        })))
+    }
+
+    /// The events of `group` after `since`, from its history (see
+    /// [history](self#history-and-recovery)), or why they cannot be given.
+    /// Fails with [`ChannelLayerError::NoHistory`] for a group without a
+    /// [`HistoryPolicy`].
+    ///
+    /// The default fails with [`ChannelLayerError::Unsupported`].
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        let _ = (group, since);
+        Box::pin(std::future::ready(Err(ChannelLayerError::Unsupported {
+            feature: "history",
+        })))
     }
 }
 

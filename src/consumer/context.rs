@@ -3,7 +3,10 @@ use std::{fmt, sync::Arc};
 use serde::Serialize;
 
 use crate::{
-    channel_layer::{ChannelLayer, ChannelLayerError, Event, GroupSendReport},
+    channel_layer::{
+        ChannelLayer, ChannelLayerError, Event, GroupSendReport, PresenceInfo, PresenceMember,
+        Recovery, StreamPosition,
+    },
     engine::{AppLink, Out},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
@@ -108,6 +111,34 @@ impl Context {
     /// Sends `event` to the channel `channel` (another connection or a worker).
     pub async fn send_to(&self, channel: &str, event: Event) -> Result<(), ChannelLayerError> {
         self.layer.send(channel, event).await
+    }
+
+    // Presence and history: thin delegations to the channel layer (see
+    // `channel_layer`'s "Presence" and "History and recovery").
+
+    /// Adds this connection to `group` and lists it in the group's presence
+    /// with `info`; it leaves both automatically on disconnect.
+    pub async fn presence_join(
+        &mut self,
+        group: &str,
+        info: PresenceInfo,
+    ) -> Result<(), ChannelLayerError> {
+        self.link.presence_join(group, info).await
+    }
+
+    /// Who is present in `group`, across every process, one entry per user.
+    pub async fn presence(&self, group: &str) -> Result<Vec<PresenceMember>, ChannelLayerError> {
+        self.layer.presence(group).await
+    }
+
+    /// The events of `group` after `since` (join the group first; see
+    /// [`Recovery`] for delivering them without a gap or a duplicate).
+    pub async fn recover(
+        &self,
+        group: &str,
+        since: &StreamPosition,
+    ) -> Result<Recovery, ChannelLayerError> {
+        self.layer.recover(group, since).await
     }
 }
 

@@ -9,7 +9,10 @@ use std::{
 use futures_util::Stream;
 
 use crate::{
-    channel_layer::{ChannelLayer, Event, GroupSendReport, RecvError},
+    channel_layer::{
+        ChannelLayer, Event, GroupSendReport, PresenceInfo, PresenceMember, Recovery, RecvError,
+        StreamPosition,
+    },
     engine::{AppLink, Out},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
@@ -178,6 +181,25 @@ impl WebSocket {
     /// Sends `event` to every member of `group`.
     pub async fn group_send(&self, group: &str, event: Event) -> Result<GroupSendReport, Error> {
         Ok(self.channel_layer().group_send(group, event).await?)
+    }
+
+    // Presence and history: thin delegations to the channel layer.
+
+    /// Adds this connection to `group` and lists it in the group's presence
+    /// with `info`; it leaves both automatically on close.
+    pub async fn presence_join(&mut self, group: &str, info: PresenceInfo) -> Result<(), Error> {
+        Ok(self.link.presence_join(group, info).await?)
+    }
+
+    /// Who is present in `group`, across every process, one entry per user.
+    pub async fn presence(&self, group: &str) -> Result<Vec<PresenceMember>, Error> {
+        Ok(self.channel_layer().presence(group).await?)
+    }
+
+    /// The events of `group` after `since` (join the group first; see
+    /// [`Recovery`] for delivering them without a gap or a duplicate).
+    pub async fn recover(&self, group: &str, since: &StreamPosition) -> Result<Recovery, Error> {
+        Ok(self.channel_layer().recover(group, since).await?)
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    channel_layer::{ChannelLayerError, ChannelReceiver, Event, RecvError},
+    channel_layer::{ChannelLayerError, ChannelReceiver, Event, PresenceInfo, RecvError},
     message::{CloseCode, CloseFrame, Message},
     Error,
 };
@@ -261,13 +261,28 @@ impl Link {
     /// Joins `group` (and remembers it, to leave on close). Once closing
     /// started this is a no-op: the connection is leaving its groups.
     pub(crate) async fn group_add(&self, group: &str) -> Result<(), ChannelLayerError> {
+        self.join(group, None).await
+    }
+
+    /// Joins `group` and lists this connection in its presence with `info`;
+    /// both are left on close, as a plain membership.
+    pub(crate) async fn presence_join(
+        &self,
+        group: &str,
+        info: PresenceInfo,
+    ) -> Result<(), ChannelLayerError> {
+        self.join(group, Some(info)).await
+    }
+
+    async fn join(&self, group: &str, info: Option<PresenceInfo>) -> Result<(), ChannelLayerError> {
         if !self.is_live() {
             return Ok(());
         }
-        self.runtime
-            .channel_layer
-            .group_add(group, &self.channel_name)
-            .await?;
+        let layer = &self.runtime.channel_layer;
+        match info {
+            Some(info) => layer.presence_join(group, &self.channel_name, info).await?,
+            None => layer.group_add(group, &self.channel_name).await?,
+        }
         let joined = {
             let mut st = self.lock();
             let live = matches!(st.status, Status::Open | Status::Handshake);

@@ -38,7 +38,9 @@ use std::{future::Future, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::channel_layer::{
-    validate_channel_name, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, RecvError,
+    validate_channel_name, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupPattern,
+    HistoryPolicy, PresenceChange, PresenceConfig, PresenceInfo, PresenceMember, RecoveryFailure,
+    RecvError, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 use crate::message::Message;
 
@@ -663,4 +665,577 @@ pub async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
             n
         );
     }
+}
+
+// ------------------------------------------------------ presence and history
+
+/// Groups with this prefix keep a history in the presence and history
+/// checks: configure the layer under test with [`history_policy`].
+pub const HISTORY_GROUPS: &str = "conformance.history";
+/// Groups with this prefix get join and leave notifications in the
+/// presence checks: configure the layer under test with [`presence_config`].
+pub const NOTIFY_GROUPS: &str = "conformance.notify";
+/// Events the checks' histories keep.
+pub const HISTORY_LEN: usize = 8;
+
+/// The history policy [`run_presence_history`] expects the layer to have.
+pub fn history_policy() -> HistoryPolicy {
+    HistoryPolicy::new(GroupPattern::prefix(HISTORY_GROUPS)).max_len(HISTORY_LEN)
+}
+
+/// The presence configuration [`run_presence_history`] expects the layer to have.
+pub fn presence_config() -> PresenceConfig {
+    PresenceConfig::new().notify(GroupPattern::prefix(NOTIFY_GROUPS))
+}
+
+/// Runs the presence and history checks, each on a fresh layer from `make`
+/// configured with [`history_policy`] and [`presence_config`].
+pub async fn run_presence_history<F, Fut>(mut make: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Arc<dyn ChannelLayer>>,
+{
+    macro_rules! check {
+        ($($name:ident),* $(,)?) => {$(
+            let layer = make().await;
+            $name(&*layer).await;
+            eprintln!("conformance: {} ok", stringify!($name));
+        )*};
+    }
+    check!(
+        history_offsets,
+        history_recovery,
+        recovery_switch_exactly_once,
+        presence_listing,
+        presence_notifications,
+    );
+}
+
+/// Runs the presence and history checks on two instances sharing state,
+/// configured as for [`run_presence_history`].
+pub async fn run_presence_history_pair<F, Fut>(mut make_pair: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (Arc<dyn ChannelLayer>, Arc<dyn ChannelLayer>)>,
+{
+    macro_rules! check {
+        ($($name:ident),* $(,)?) => {$(
+            let (a, b) = make_pair().await;
+            $name(&*a, &*b).await;
+            eprintln!("conformance: {} ok", stringify!($name));
+        )*};
+    }
+    check!(
+        pair_history,
+        pair_recovery_switch_exactly_once,
+        pair_presence
+    );
+}
+
+fn offset_of(event: &Event) -> u64 {
+    event
+        .position()
+        .unwrap_or_else(|| panic!("event {event:?} of a history group has no position"))
+        .offset()
+}
+
+/// Polls `check` (a presence listing) until it holds, for at most [`RECV_TIMEOUT`].
+async fn presence_until(
+    layer: &dyn ChannelLayer,
+    group: &str,
+    what: &str,
+    check: impl Fn(&[PresenceMember]) -> bool,
+) -> Vec<PresenceMember> {
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        let members = ok("presence", layer.presence(group)).await;
+        if check(&members) {
+            return members;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence of {group:?}: {what} within {RECV_TIMEOUT:?}; it is {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn users(members: &[PresenceMember]) -> Vec<(&str, usize)> {
+    members
+        .iter()
+        .map(|m| (m.user_id(), m.connections().len()))
+        .collect()
+}
+
+fn info(user: &str) -> PresenceInfo {
+    PresenceInfo::new(user).expect("valid presence info")
+}
+
+/// Group sends to a history group return consecutive offsets of one epoch,
+/// and members get events carrying them; other groups have no positions.
+pub async fn history_offsets(layer: &dyn ChannelLayer) {
+    let group = format!("{HISTORY_GROUPS}.offsets");
+    let mut rx = new_channel(layer).await;
+    ok("group_add", layer.group_add(&group, rx.name())).await;
+    let mut epoch = None;
+    for n in 1..=3u64 {
+        let report = ok(
+            "group_send",
+            layer.group_send(&group, Event::new("conformance.h", n)),
+        )
+        .await;
+        let pos = report
+            .position
+            .unwrap_or_else(|| panic!("group_send to {group:?} returned no position"));
+        assert_eq!(pos.offset(), n, "offsets start at 1 and grow by one");
+        assert!(!pos.epoch().is_empty(), "empty epoch");
+        let epoch = epoch.get_or_insert_with(|| pos.epoch().to_owned());
+        assert_eq!(
+            pos.epoch(),
+            epoch.as_str(),
+            "the epoch changed between sends"
+        );
+        let event = expect_kind(&mut rx, "conformance.h").await;
+        assert_eq!(event.position(), Some(&pos), "delivered event's position");
+        assert_eq!(event.body::<u64>().expect("body"), n);
+    }
+    ok("group_add", layer.group_add("conformance.plain", rx.name())).await;
+    let report = ok(
+        "group_send",
+        layer.group_send("conformance.plain", Event::bare("conformance.plain")),
+    )
+    .await;
+    assert_eq!(
+        report.position, None,
+        "a group without history has no position"
+    );
+    assert_eq!(
+        expect_kind(&mut rx, "conformance.plain").await.position(),
+        None
+    );
+    match layer
+        .recover("conformance.plain", &StreamPosition::new(1, "x"))
+        .await
+    {
+        Err(ChannelLayerError::NoHistory { group }) => assert_eq!(group, "conformance.plain"),
+        other => panic!("recover on a group without history: expected NoHistory, got {other:?}"),
+    }
+}
+
+/// Recovery gives exactly the events after a position, or says why not.
+pub async fn history_recovery(layer: &dyn ChannelLayer) {
+    let group = format!("{HISTORY_GROUPS}.recovery");
+    let mut positions = Vec::new();
+    for n in 1..=5u64 {
+        let report = ok(
+            "group_send",
+            layer.group_send(&group, Event::new("conformance.h", n)),
+        )
+        .await;
+        positions.push(report.position.expect("position"));
+    }
+    let epoch = positions[0].epoch().to_owned();
+    let r = ok("recover", layer.recover(&group, &positions[1])).await;
+    assert!(r.is_recovered(), "{r:?}");
+    let got: Vec<(u64, u64)> = r
+        .events()
+        .iter()
+        .map(|e| (offset_of(e), e.body::<u64>().expect("body")))
+        .collect();
+    assert_eq!(got, vec![(3, 3), (4, 4), (5, 5)], "events after offset 2");
+    assert_eq!(r.latest(), Some(&positions[4]));
+
+    let r = ok("recover at the top", layer.recover(&group, &positions[4])).await;
+    assert!(r.is_recovered() && r.events().is_empty(), "{r:?}");
+
+    for (what, since) in [
+        ("another epoch", StreamPosition::new(2, format!("{epoch}x"))),
+        (
+            "an offset beyond the history",
+            StreamPosition::new(99, epoch.clone()),
+        ),
+    ] {
+        let r = ok("recover", layer.recover(&group, &since)).await;
+        assert_eq!(
+            r.failure(),
+            Some(RecoveryFailure::EpochChanged),
+            "recover from {what}: {r:?}"
+        );
+        assert!(r.events().is_empty());
+    }
+    let r = ok(
+        "recover in a group never sent to",
+        layer.recover(&format!("{HISTORY_GROUPS}.empty"), &positions[0]),
+    )
+    .await;
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+
+    // Trimmed to the last HISTORY_LEN events.
+    for n in 6..=20u64 {
+        ok(
+            "group_send",
+            layer.group_send(&group, Event::new("conformance.h", n)),
+        )
+        .await;
+    }
+    let r = ok(
+        "recover a trimmed position",
+        layer.recover(&group, &positions[0]),
+    )
+    .await;
+    assert_eq!(r.failure(), Some(RecoveryFailure::TooOld), "{r:?}");
+    let oldest_kept = 20 - HISTORY_LEN as u64;
+    let r = ok(
+        "recover the oldest kept position",
+        layer.recover(&group, &StreamPosition::new(oldest_kept, epoch.clone())),
+    )
+    .await;
+    let offsets: Vec<u64> = r.events().iter().map(offset_of).collect();
+    assert_eq!(offsets, (oldest_kept + 1..=20).collect::<Vec<_>>(), "{r:?}");
+}
+
+/// Publishes `count` events to `group`, one per permit.
+async fn paced_publisher(
+    layer: &dyn ChannelLayer,
+    group: &str,
+    permits: &tokio::sync::Semaphore,
+    count: usize,
+) {
+    for n in 0..count {
+        let Ok(permit) = permits.acquire().await else {
+            return;
+        };
+        permit.forget();
+        layer
+            .group_send(group, Event::new("conformance.flow", n))
+            .await
+            .unwrap_or_else(|e| panic!("publisher: {e}"));
+    }
+}
+
+/// A member joins, recovers and goes live while `publishers` keep sending
+/// to the group; checks it sees every offset after its position exactly
+/// once, in order. Events are paced so the member's channel never fills.
+async fn join_recover_live(
+    member_layer: &dyn ChannelLayer,
+    publishers: [&dyn ChannelLayer; 2],
+    group: &str,
+) {
+    const BEFORE: u64 = 10;
+    const PER_PUBLISHER: usize = 25;
+    const IN_FLIGHT: usize = 6;
+    let mut since = None;
+    for n in 0..BEFORE {
+        let report = ok(
+            "group_send",
+            publishers[0].group_send(group, Event::new("conformance.flow", n)),
+        )
+        .await;
+        since = report.position;
+    }
+    let since = since.expect("position");
+    let top = BEFORE + (PER_PUBLISHER * publishers.len()) as u64;
+    let permits = tokio::sync::Semaphore::new(0);
+    let member = async {
+        // Publishing runs while the member joins and recovers.
+        permits.add_permits(IN_FLIGHT);
+        let mut rx = new_channel(member_layer).await;
+        ok("group_add", member_layer.group_add(group, rx.name())).await;
+        let recovery = ok("recover", member_layer.recover(group, &since)).await;
+        assert!(recovery.is_recovered(), "{recovery:?}");
+        let mut cursor = recovery.cursor();
+        let mut seen: Vec<u64> = Vec::new();
+        for event in recovery.events() {
+            assert!(cursor.accept(event), "a recovered event was refused");
+            seen.push(offset_of(event));
+        }
+        while seen.last().copied().unwrap_or(since.offset()) < top {
+            let event = recv(&mut rx).await;
+            permits.add_permits(1);
+            if cursor.accept(&event) {
+                assert_eq!(event.position().map(|p| p.epoch()), Some(since.epoch()));
+                seen.push(offset_of(&event));
+            }
+        }
+        seen
+    };
+    let (seen, (), ()) = tokio::join!(
+        member,
+        paced_publisher(publishers[0], group, &permits, PER_PUBLISHER),
+        paced_publisher(publishers[1], group, &permits, PER_PUBLISHER),
+    );
+    let expected: Vec<u64> = (since.offset() + 1..=top).collect();
+    assert_eq!(
+        seen, expected,
+        "recovered then live events must cover every offset once, in order"
+    );
+}
+
+/// Join, recover, then live, while two publishers keep sending: no gap,
+/// no duplicate.
+pub async fn recovery_switch_exactly_once(layer: &dyn ChannelLayer) {
+    let group = format!("{HISTORY_GROUPS}.switch");
+    join_recover_live(layer, [layer, layer], &group).await;
+}
+
+/// The same as [`recovery_switch_exactly_once`] with one publisher on each
+/// instance and the member on `b`.
+pub async fn pair_recovery_switch_exactly_once(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    let group = format!("{HISTORY_GROUPS}.pair-switch");
+    join_recover_live(b, [a, b], &group).await;
+}
+
+/// History written through one instance is recovered through the other.
+pub async fn pair_history(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    let group = format!("{HISTORY_GROUPS}.pair");
+    let mut on_b = new_channel(b).await;
+    ok("group_add", b.group_add(&group, on_b.name())).await;
+    let first = ok(
+        "group_send",
+        a.group_send(&group, Event::new("conformance.h", 1u64)),
+    )
+    .await
+    .position
+    .expect("position");
+    let second = ok(
+        "group_send",
+        b.group_send(&group, Event::new("conformance.h", 2u64)),
+    )
+    .await
+    .position
+    .expect("position");
+    assert_eq!(
+        (second.offset(), second.epoch()),
+        (first.offset() + 1, first.epoch()),
+        "both instances share one history"
+    );
+    assert_eq!(offset_of(&expect_kind(&mut on_b, "conformance.h").await), 1);
+    assert_eq!(offset_of(&expect_kind(&mut on_b, "conformance.h").await), 2);
+    let r = ok("recover on b", b.recover(&group, &first)).await;
+    assert_eq!(
+        r.events().iter().map(offset_of).collect::<Vec<_>>(),
+        vec![2]
+    );
+    let r = ok("recover on a", a.recover(&group, &first)).await;
+    assert_eq!(
+        r.events().iter().map(offset_of).collect::<Vec<_>>(),
+        vec![2]
+    );
+}
+
+/// Presence lists members grouped by user; they leave with the group or
+/// when their channel goes away.
+pub async fn presence_listing(layer: &dyn ChannelLayer) {
+    let group = "conformance.presence";
+    let tab1 = new_channel(layer).await;
+    let tab2 = new_channel(layer).await;
+    let bob = new_channel(layer).await;
+    let data = serde_json::json!({ "name": "Alice" });
+    ok(
+        "presence_join",
+        layer.presence_join(
+            group,
+            tab1.name(),
+            info("alice").with_data(&data).expect("data"),
+        ),
+    )
+    .await;
+    ok(
+        "presence_join",
+        layer.presence_join(group, tab2.name(), info("alice")),
+    )
+    .await;
+    ok(
+        "presence_join",
+        layer.presence_join(group, bob.name(), info("bob")),
+    )
+    .await;
+    let members = ok("presence", layer.presence(group)).await;
+    assert_eq!(
+        users(&members),
+        vec![("alice", 2), ("bob", 1)],
+        "{members:?}"
+    );
+    let tab1_conn = members[0]
+        .connections()
+        .iter()
+        .find(|c| c.channel() == tab1.name())
+        .unwrap_or_else(|| panic!("{:?} not listed: {members:?}", tab1.name()));
+    assert_eq!(
+        tab1_conn.data::<serde_json::Value>().expect("data"),
+        Some(data)
+    );
+    assert!(ok("presence", layer.presence("conformance.nobody"))
+        .await
+        .is_empty());
+
+    // A presence member is a group member.
+    let mut tab2 = tab2;
+    ok(
+        "group_send",
+        layer.group_send(group, Event::bare("conformance.to-present")),
+    )
+    .await;
+    expect_kind(&mut tab2, "conformance.to-present").await;
+
+    ok("group_discard", layer.group_discard(group, tab1.name())).await;
+    let members = ok("presence", layer.presence(group)).await;
+    assert_eq!(
+        users(&members),
+        vec![("alice", 1), ("bob", 1)],
+        "{members:?}"
+    );
+    drop(bob);
+    presence_until(
+        layer,
+        group,
+        "bob leaves when his channel is dropped",
+        |m| users(m) == vec![("alice", 1)],
+    )
+    .await;
+
+    // Only channels with a receiver here can be present.
+    let err = layer
+        .presence_join(group, "specific.nobody!1", info("ghost"))
+        .await
+        .expect_err("presence_join of an unknown channel");
+    assert!(
+        matches!(err, ChannelLayerError::NoSuchChannel { .. }),
+        "expected NoSuchChannel, got {err}"
+    );
+    assert!(
+        layer.presence("no spaces").await.is_err(),
+        "invalid group name"
+    );
+    drop(tab2);
+    presence_until(layer, group, "the group empties", <[_]>::is_empty).await;
+}
+
+/// Join and leave notifications, collapsed per user, only where configured.
+pub async fn presence_notifications(layer: &dyn ChannelLayer) {
+    let group = format!("{NOTIFY_GROUPS}.room");
+    let mut watcher = new_channel(layer).await;
+    ok(
+        "presence_join",
+        layer.presence_join(&group, watcher.name(), info("watcher")),
+    )
+    .await;
+    let own = expect_kind(&mut watcher, PRESENCE_JOIN).await;
+    assert_eq!(
+        own.body::<PresenceChange>().expect("body").user_id,
+        "watcher"
+    );
+    // Joining again as the same user only updates the info.
+    let updated = info("watcher").with_data(&2).expect("data");
+    ok(
+        "presence_join again",
+        layer.presence_join(&group, watcher.name(), updated),
+    )
+    .await;
+    expect_nothing(layer, &mut watcher).await;
+    let members = ok("presence", layer.presence(&group)).await;
+    assert_eq!(
+        members[0].connections()[0].data_json(),
+        Some("2"),
+        "{members:?}"
+    );
+
+    let tab1 = new_channel(layer).await;
+    let tab2 = new_channel(layer).await;
+    ok(
+        "presence_join",
+        layer.presence_join(&group, tab1.name(), info("alice")),
+    )
+    .await;
+    let join = expect_kind(&mut watcher, PRESENCE_JOIN).await;
+    assert_eq!(
+        join.body::<PresenceChange>().expect("body").user_id,
+        "alice"
+    );
+    ok(
+        "presence_join",
+        layer.presence_join(&group, tab2.name(), info("alice")),
+    )
+    .await;
+    expect_nothing(layer, &mut watcher).await;
+    ok("group_discard", layer.group_discard(&group, tab1.name())).await;
+    expect_nothing(layer, &mut watcher).await;
+    drop(tab2);
+    let leave = expect_kind(&mut watcher, PRESENCE_LEAVE).await;
+    assert_eq!(
+        leave.body::<PresenceChange>().expect("body").user_id,
+        "alice"
+    );
+    assert_eq!(leave.position(), None, "notifications are not history");
+
+    // Groups not configured for notifications get none.
+    let quiet = "conformance.quiet";
+    let mut member = new_channel(layer).await;
+    ok(
+        "presence_join",
+        layer.presence_join(quiet, member.name(), info("m")),
+    )
+    .await;
+    let other = new_channel(layer).await;
+    ok(
+        "presence_join",
+        layer.presence_join(quiet, other.name(), info("o")),
+    )
+    .await;
+    drop(other);
+    presence_until(layer, quiet, "o leaves", |m| users(m) == vec![("m", 1)]).await;
+    expect_nothing(layer, &mut member).await;
+}
+
+/// Presence across instances: one listing, notifications collapsed per user
+/// across processes.
+pub async fn pair_presence(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    let group = format!("{NOTIFY_GROUPS}.pair");
+    let mut watcher = new_channel(a).await;
+    ok(
+        "presence_join on a",
+        a.presence_join(&group, watcher.name(), info("watcher")),
+    )
+    .await;
+    expect_kind(&mut watcher, PRESENCE_JOIN).await;
+    let bob = new_channel(b).await;
+    ok(
+        "presence_join on b",
+        b.presence_join(&group, bob.name(), info("bob")),
+    )
+    .await;
+    let join = expect_kind(&mut watcher, PRESENCE_JOIN).await;
+    assert_eq!(join.body::<PresenceChange>().expect("body").user_id, "bob");
+    for layer in [a, b] {
+        let members = ok("presence", layer.presence(&group)).await;
+        assert_eq!(
+            users(&members),
+            vec![("bob", 1), ("watcher", 1)],
+            "{members:?}"
+        );
+    }
+    // Bob opens a second connection on the other instance: no new join.
+    let bob_on_a = new_channel(a).await;
+    ok(
+        "presence_join on a",
+        a.presence_join(&group, bob_on_a.name(), info("bob")),
+    )
+    .await;
+    expect_nothing(a, &mut watcher).await;
+    let members = ok("presence", b.presence(&group)).await;
+    assert_eq!(
+        users(&members),
+        vec![("bob", 2), ("watcher", 1)],
+        "{members:?}"
+    );
+    // Leaving on b is not his last connection; leaving on a is.
+    ok("group_discard on b", b.group_discard(&group, bob.name())).await;
+    expect_nothing(a, &mut watcher).await;
+    drop(bob_on_a);
+    let leave = expect_kind(&mut watcher, PRESENCE_LEAVE).await;
+    assert_eq!(leave.body::<PresenceChange>().expect("body").user_id, "bob");
+    presence_until(b, &group, "only the watcher is left", |m| {
+        users(m) == vec![("watcher", 1)]
+    })
+    .await;
 }

@@ -37,16 +37,19 @@ async def chat(base):
     room = f"{base}/ws/chat/interop"
     async with connect(room) as alice, connect(room) as bob:
         await alice.send(json.dumps({"message": "hello from python"}))
-        expected = '{"message":"hello from python"}'
-        got_alice = await recv(alice, "alice's own message")
-        got_bob = await recv(bob, "alice's message at bob")
-        check(got_alice == expected, f"sender got {got_alice!r}, expected {expected!r}")
-        check(got_bob == expected, f"member got {got_bob!r}, expected {expected!r}")
+        got_alice = json.loads(await recv(alice, "alice's own message"))
+        got_bob = json.loads(await recv(bob, "alice's message at bob"))
+        check(got_alice["message"] == "hello from python", f"sender got {got_alice!r}")
+        check(got_bob == got_alice, f"member got {got_bob!r}, sender {got_alice!r}")
+        # Rooms keep a history: every message carries its position.
+        check(isinstance(got_alice.get("offset"), int), f"no offset in {got_alice!r}")
+        check(isinstance(got_alice.get("epoch"), str), f"no epoch in {got_alice!r}")
 
         await bob.send(json.dumps({"message": "ünïcödé ✓"}))
         for who, ws in (("alice", alice), ("bob", bob)):
             got = json.loads(await recv(ws, f"bob's message at {who}"))
-            check(got == {"message": "ünïcödé ✓"}, f"{who} got {got!r}")
+            check(got["message"] == "ünïcödé ✓", f"{who} got {got!r}")
+            check(got["offset"] == got_alice["offset"] + 1, f"{who}: offsets grow by one: {got!r}")
     print("chat ok")
 
 

@@ -648,6 +648,7 @@ impl ChannelLayer for DjangoChannelLayer {
             Counters::add(&inner.counters.delivered, delivered);
             Counters::add(&inner.counters.dropped_full, dropped);
             Ok(GroupSendReport {
+                position: None,
                 local_members: delivered,
                 remote_receivers: Some(pushed),
                 dropped: dropped + full,

@@ -568,6 +568,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
             let receivers = inner.publish(&inner.group_channel(group), payload).await?;
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
             Ok(GroupSendReport {
+                position: None,
                 local_members: 0,
                 remote_receivers: Some(receivers),
                 dropped: 0,

@@ -845,6 +845,7 @@ impl ChannelLayer for NatsChannelLayer {
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
             let (delivered, dropped) = inner.fan_out(group, &event);
             Ok(GroupSendReport {
+                position: None,
                 local_members: delivered,
                 remote_receivers: None,
                 dropped,

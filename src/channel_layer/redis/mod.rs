@@ -83,6 +83,51 @@
 //!   `group_expiry` unless added again, and receive a group send as an `LPUSH`
 //!   done by the same script that publishes it.
 //!
+//! # Presence
+//!
+//! Presence lives in Redis per group and per process, so that a process
+//! that dies cannot leave members behind: with `{base}` =
+//! `{prefix}:presence:{group}`, each process keeps a hash
+//! `{base}:c:{process}` (channel → `[user, data]` as JSON) and a hash
+//! `{base}:u:{process}` (user → its connections there), and the sorted set
+//! `{base}:procs` scores every process by when its entries expire. Every
+//! third of [`PresenceConfig::ttl`] a live process renews its score in the
+//! groups it has members in, and only those (a process in 3 groups makes 3
+//! calls, whatever the number of groups in Redis). A listing
+//! ([`presence`](ChannelLayer::presence)) reads the processes whose score
+//! is in the future, so a crashed process's members disappear within the
+//! TTL; the first live process to refresh the group afterwards removes
+//! their keys and sends the [`PRESENCE_LEAVE`](super::PRESENCE_LEAVE) of
+//! users who had no other connection (their data is not in it: it went
+//! with the dead process). The keys also expire after twice the TTL. Joins
+//! and leaves run one script each, which checks the other live processes
+//! for the same user, so notifications are collapsed per user across
+//! processes. After Redis lost the keys (flush, restart) the next refresh
+//! writes this process's entries again. Times are Redis's (`TIME`), so the
+//! processes' clocks do not matter.
+//!
+//! # History and recovery
+//!
+//! For a group with a [`HistoryPolicy`] (every process must configure the
+//! same ones), [`group_send`](ChannelLayer::group_send) runs one script
+//! that increments the group's offset, appends the event to the capped
+//! stream `{prefix}:history:{group}` (`XADD ... MAXLEN n`, entry id
+//! `{offset}-0`) and `PUBLISH`es it with its offset and epoch, so two
+//! processes sending to one group can never interleave offsets and
+//! payloads. The epoch and last offset are kept in the hash
+//! `{prefix}:history-meta:{group}`; both keys expire
+//! [`ttl`](HistoryPolicy::ttl) after the last send, and when either is
+//! missing (expired, evicted, Redis flushed or restarted without
+//! persistence) the next send starts a new random epoch at offset 1, so
+//! old positions fail to recover with
+//! [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)
+//! instead of silently skipping events. The sending process's own members
+//! get history events back through Pub/Sub like everyone else's, so every
+//! member sees them in offset order. When the offsets received jump (the
+//! Pub/Sub connection was down, or Redis dropped a slow subscriber), the
+//! process reads the missed events from the stream and delivers them first.
+//! [`recover`](ChannelLayer::recover) reads the stream in one script.
+//!
 //! # Delivery semantics
 //!
 //! At most once, as in Django Channels: an event is delivered once or lost,
@@ -145,11 +190,12 @@
 //! on reconnection (the connection's consumer usually closes on the error,
 //! which removes it).
 //!
-//! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (two small Lua
-//! scripts), list and sorted-set commands. It does not run on a Redis
-//! Cluster (the group-send script touches keys it does not declare); use a
-//! single primary, optionally behind Sentinel, or `RedisClusterChannelLayer`
-//! (feature `redis-cluster`), which uses the cluster's sharded Pub/Sub.
+//! The layer needs `PUBLISH`/`SUBSCRIBE`, `EVAL`/`EVALSHA` (small Lua
+//! scripts), list, hash, sorted-set and stream commands (Redis 5 or
+//! later). It does not run on a Redis Cluster (the scripts touch keys they
+//! do not declare); use a single primary, optionally behind Sentinel, or
+//! `RedisClusterChannelLayer` (feature `redis-cluster`), which uses the
+//! cluster's sharded Pub/Sub.
 //!
 //! # Wire format
 //!
@@ -160,8 +206,11 @@
 //! format](super#wire-format)) and `op` one of `0` (event for a group),
 //! `1` (event for `channel`), `2`/`3` (add/discard `channel` to/from `group`,
 //! request `id`), `4`/`5`/`6` (reply to request `id`: done, no such channel,
-//! failed). Keys and channels are `{prefix}:proc:{process}`,
-//! `{prefix}:group:{group}` and `{prefix}:channel:{name}`.
+//! failed). A group event of a group with history carries its offset in
+//! `id` and its epoch in `channel` (the history script packs it with Redis's
+//! `cmsgpack`). Keys and channels are `{prefix}:proc:{process}`,
+//! `{prefix}:group:{group}`, `{prefix}:channel:{name}`, and those of
+//! [presence](#presence) and [history](#history-and-recovery).
 //!
 //! # Why redis-rs
 //!
@@ -175,6 +224,8 @@
 
 #[cfg(feature = "redis-cluster")]
 pub mod cluster;
+mod history;
+mod presence;
 mod subscriber;
 mod wire;
 mod worker;
@@ -206,9 +257,13 @@ use self::{
 };
 use super::{
     channel,
+    history::policy_for,
     local::{no_such_channel, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    names,
+    presence::LocalPresence,
+    validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
     ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
+    HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
     DEFAULT_CAPACITY,
 };
 
@@ -268,9 +323,27 @@ pub struct RedisChannelLayerBuilder {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
+    history: Vec<HistoryPolicy>,
+    presence: PresenceConfig,
 }
 
 impl RedisChannelLayerBuilder {
+    /// Keeps a history for the groups `policy` applies to, in Redis (see
+    /// [history](self#history-and-recovery)); the first matching policy
+    /// wins when called more than once. Every process must use the same
+    /// policies.
+    pub fn history(mut self, policy: HistoryPolicy) -> Self {
+        self.history.push(policy);
+        self
+    }
+
+    /// Sets which groups get presence notifications and how long a
+    /// crashed process's members stay listed (see [presence](self#presence)).
+    pub fn presence(mut self, config: PresenceConfig) -> Self {
+        self.presence = config;
+        self
+    }
+
     /// The prefix of every key and Pub/Sub channel (default
     /// [`DEFAULT_PREFIX`]). Applications sharing one Redis server use
     /// different prefixes; processes of one application use the same.
@@ -328,6 +401,8 @@ impl RedisChannelLayerBuilder {
             group_prefix: format!("{}:group:", self.prefix),
             list_prefix: format!("{}:channel:", self.prefix),
             prefix: self.prefix,
+            history: self.history,
+            presence: self.presence,
         };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT.min(config.timeout)))
@@ -362,6 +437,10 @@ impl RedisChannelLayerBuilder {
                 send: LuaScript::new(SEND_SCRIPT),
                 group_send: LuaScript::new(GROUP_SEND_SCRIPT),
             },
+            history_scripts: history::Scripts::new(),
+            presence_scripts: presence::Scripts::new(),
+            presence: Mutex::default(),
+            continuity: Mutex::default(),
             config,
             head,
             proc_channel,
@@ -382,6 +461,10 @@ impl RedisChannelLayerBuilder {
             .map_err(|e| BackendError::Other(format!("cannot subscribe to Redis: {e}")))?;
         inner.connected.store(true, Ordering::Relaxed);
         tokio::spawn(Subscriber::new(&inner, commands_rx, pubsub).run());
+        tokio::spawn(presence::refresh_loop(
+            Arc::downgrade(&inner),
+            inner.config.presence.time_limit(),
+        ));
         Ok(RedisChannelLayer { inner })
     }
 }
@@ -425,6 +508,8 @@ impl RedisChannelLayer {
             group_expiry: DEFAULT_GROUP_EXPIRY,
             expiry: DEFAULT_EXPIRY,
             timeout: DEFAULT_TIMEOUT,
+            history: Vec::new(),
+            presence: PresenceConfig::new(),
         }
     }
 
@@ -471,6 +556,8 @@ struct Config {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
+    history: Vec<HistoryPolicy>,
+    presence: PresenceConfig,
 }
 
 impl Config {
@@ -504,7 +591,7 @@ impl Counters {
 }
 
 #[derive(Debug)]
-struct LuaScript {
+pub(super) struct LuaScript {
     code: &'static str,
     sha: Mutex<String>,
 }
@@ -533,6 +620,12 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
+    history_scripts: history::Scripts,
+    presence_scripts: presence::Scripts,
+    /// Presence entries of this process's channels, refreshed in Redis.
+    presence: Mutex<LocalPresence>,
+    /// Last offset received per history group; written by the subscriber task.
+    continuity: Mutex<history::Continuity>,
     next_id: AtomicU64,
     next_request: AtomicU64,
     registry: Registry,
@@ -650,7 +743,14 @@ impl Inner {
     }
 
     async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
-        for script in [&self.scripts.send, &self.scripts.group_send] {
+        let mut scripts = vec![
+            &self.scripts.send,
+            &self.scripts.group_send,
+            &self.history_scripts.send,
+            &self.history_scripts.recover,
+        ];
+        scripts.extend(self.presence_scripts.all());
+        for script in scripts {
             let sha: String = self
                 .query(
                     "loading a Lua script",
@@ -698,6 +798,7 @@ impl Inner {
         Ok(rx.on_drop(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.forget(&name);
+                inner.forget_presence(&name);
             }
         }))
     }
@@ -714,6 +815,46 @@ impl Inner {
 
     fn has_local_members(&self, group: &str) -> bool {
         self.registry.group_len(group) > 0
+    }
+
+    /// A group send to a group without history: encoded once, published
+    /// once, delivered to local members directly.
+    async fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let payload = wire::event_envelope(&self.head, wire::OP_GROUP_EVENT, group, "", event)?;
+        let key = self.config.group_key(group);
+        // Whether Redis counted this process among the receivers: it was
+        // if the subscription was confirmed before the PUBLISH ran and
+        // its removal (if any) confirmed after. During (un)subscription
+        // races the count of other processes may be off by one.
+        let subscribed_before = lock(&self.subscribed).contains(group);
+        // This process ignores its own publication and delivers here,
+        // first: its members never wait for (or miss) a Redis round trip.
+        let (delivered, dropped) = self.fan_out(group, event);
+        let (receivers, pushed, full): (usize, usize, usize) = self
+            .eval("group send", &self.scripts.group_send, |c| {
+                c.arg(1)
+                    .arg(&key)
+                    .arg(&payload)
+                    .arg(unix_now())
+                    .arg(self.config.group_expiry.as_secs())
+                    .arg(self.config.capacity)
+                    .arg(self.config.expiry.as_secs())
+                    .arg(&self.config.list_prefix);
+            })
+            .await?;
+        self.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::group_sent(dropped + full);
+        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        Ok(GroupSendReport {
+            local_members: delivered,
+            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
+            dropped: dropped + full,
+            position: None,
+        })
     }
 
     /// Hands `event` to every local member of `group`; returns (delivered, dropped).
@@ -1014,7 +1155,9 @@ impl ChannelLayer for RedisChannelLayer {
             match Inner::process_of(channel) {
                 Some(process) if process == inner.head => {
                     inner.registry.group_discard(group, channel);
-                    inner.sync_group(group).await
+                    let synced = inner.sync_group(group).await;
+                    inner.presence_leave(group, channel).await?;
+                    synced
                 }
                 Some(process) => {
                     inner
@@ -1043,37 +1186,10 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            let payload =
-                wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
-            let key = inner.config.group_key(group);
-            // Whether Redis counted this process among the receivers: it was
-            // if the subscription was confirmed before the PUBLISH ran and
-            // its removal (if any) confirmed after. During (un)subscription
-            // races the count of other processes may be off by one.
-            let subscribed_before = lock(&inner.subscribed).contains(group);
-            // This process ignores its own publication and delivers here,
-            // first: its members never wait for (or miss) a Redis round trip.
-            let (delivered, dropped) = inner.fan_out(group, &event);
-            let (receivers, pushed, full): (usize, usize, usize) = inner
-                .eval("group send", &inner.scripts.group_send, |c| {
-                    c.arg(1)
-                        .arg(&key)
-                        .arg(&payload)
-                        .arg(unix_now())
-                        .arg(inner.config.group_expiry.as_secs())
-                        .arg(inner.config.capacity)
-                        .arg(inner.config.expiry.as_secs())
-                        .arg(&inner.config.list_prefix);
-                })
-                .await?;
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::group_sent(dropped + full);
-            let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
-            Ok(GroupSendReport {
-                local_members: delivered,
-                remote_receivers: Some(receivers.saturating_sub(own) + pushed),
-                dropped: dropped + full,
-            })
+            match policy_for(&inner.config.history, group) {
+                Some(policy) => inner.group_send_with_history(group, &event, policy).await,
+                None => inner.group_send_plain(group, &event).await,
+            }
         })
     }
 
@@ -1082,6 +1198,7 @@ impl ChannelLayer for RedisChannelLayer {
             let inner = &self.inner;
             {
                 inner.registry.clear();
+                lock(&inner.presence).clear();
             }
             let (ack, done) = oneshot::channel();
             inner
@@ -1103,6 +1220,41 @@ impl ChannelLayer for RedisChannelLayer {
             dropped_full: c.dropped_full.load(Ordering::Relaxed),
             dropped_other: c.dropped_other.load(Ordering::Relaxed),
         }
+    }
+
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        self.presence_join_impl(group, channel, info)
+    }
+
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            self.inner.presence_list(group).await
+        })
+    }
+
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            if policy_for(&self.inner.config.history, group).is_none() {
+                return Err(ChannelLayerError::NoHistory {
+                    group: group.to_owned(),
+                });
+            }
+            self.inner.recover(group, since).await
+        })
     }
 }
 

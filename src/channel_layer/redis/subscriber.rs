@@ -21,7 +21,7 @@ use tokio::{
 use super::{
     lock,
     wire::{self, Envelope},
-    Counters, Inner, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, Inner, StreamPosition, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -68,6 +68,9 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
         subscribe(&mut sink, channels, timeout).await?;
     }
     *lock(&inner.subscribed) = groups.into_iter().collect();
+    let subscribed = lock(&inner.subscribed);
+    lock(&inner.continuity).retain(|g| subscribed.contains(g));
+    drop(subscribed);
     Ok(PubSub { sink, stream })
 }
 
@@ -283,6 +286,7 @@ impl Subscriber {
             for group in chunk {
                 subscribed.remove(group);
             }
+            lock(&inner.continuity).retain(|g| subscribed.contains(g));
         }
         if result.is_ok() {
             for chunk in to_subscribe.chunks(CHUNK) {
@@ -315,10 +319,23 @@ impl Subscriber {
         if let Some(group) = channel.strip_prefix(inner.config.group_prefix.as_str()) {
             if env.op != wire::OP_GROUP_EVENT {
                 Counters::add(&self.counters.dropped_other, 1);
-            } else if env.origin != inner.head {
-                // Our own group sends were delivered locally by `group_send`.
+            } else if env.origin != inner.head || env.id != 0 {
+                // Our own group sends were delivered locally by `group_send`,
+                // except those of history groups (`id` is their offset,
+                // `channel` their epoch): they come back in offset order.
                 match env.decode_event() {
                     Ok(event) => {
+                        let event = match env.id {
+                            0 => event,
+                            offset => {
+                                let position = StreamPosition::new(offset, env.channel);
+                                let gap = lock(&inner.continuity).observe(group, &position);
+                                if let Some(since) = gap {
+                                    inner.fill_gap(group, &since, offset).await;
+                                }
+                                event.with_position(position)
+                            }
+                        };
                         inner.fan_out(group, &event);
                     }
                     Err(e) => {

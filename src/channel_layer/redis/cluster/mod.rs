@@ -910,6 +910,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
             let (delivered, dropped) = inner.fan_out(group, &event);
             let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
             Ok(GroupSendReport {
+                position: None,
                 local_members: delivered,
                 remote_receivers: Some(receivers.saturating_sub(own) + pushed),
                 dropped: dropped + full,
