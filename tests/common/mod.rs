@@ -349,3 +349,14 @@ pub(crate) fn spawn_example_with(name: &str, extra: &[&str]) -> (ChildGuard, Soc
         .unwrap_or_else(|e| panic!("example {name} printed a bad address {addr:?}: {e}"));
     (guard, addr)
 }
+
+/// The `message` field of a chat example frame (`{"message": m, "offset": N,
+/// "epoch": "E", ...}`); panics on anything else.
+pub(crate) fn chat_message(frame: &str) -> String {
+    let value: serde_json::Value =
+        serde_json::from_str(frame).unwrap_or_else(|e| panic!("not JSON: {frame:?}: {e}"));
+    value["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {frame:?}"))
+        .to_owned()
+}
