@@ -53,7 +53,7 @@ impl WebSocketLayer {
 
     /// Adds a route: requests for paths matching `pattern` (e.g.
     /// `/ws/chat/{room}`) that ask for a WebSocket are handed to `consumer`,
-    /// any [`Service`] taking a [`Connection`]: see [`crate::consumer`].
+    /// any [`Service`](tower_service::Service) taking a [`Connection`]: see [`crate::consumer`].
     /// Routes are tried in the order they were added.
     ///
     /// # Panics

@@ -58,7 +58,7 @@
 //!
 //! Routing, `MOVED`/`ASK` redirects, reconnection and re-subscription come
 //! from redis-rs's cluster connection
-//! ([`redis::cluster_async`](super::redis::cluster_async)); redis 1.x
+//! ([`redis::cluster_async`]); redis 1.x
 //! supports sharded Pub/Sub there (`ClusterConnection::ssubscribe`, RESP3
 //! pushes delivered to a `push_sender`), so this layer keeps no slot map of
 //! its own:
