@@ -462,11 +462,27 @@ impl Inner {
                 None => self.client.subscribe(subject.clone()).await,
             }
             .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
-            // A PING round trip: the server has processed the SUB.
+            // `flush` only writes the SUB out. The server handles one
+            // connection's commands in order, so once a message published
+            // after it comes back on a probe subscription of this connection,
+            // the SUB is in place and other processes' requests reach it.
+            let probe_subject = self.client.new_inbox();
+            let mut probe = self
+                .client
+                .subscribe(probe_subject.clone())
+                .await
+                .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
+            self.client
+                .publish(probe_subject, Bytes::new())
+                .await
+                .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
             self.client
                 .flush()
                 .await
                 .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
+            if probe.next().await.is_none() {
+                return Err(NatsError::Other(format!("{what}: the connection closed")));
+            }
             Ok::<_, NatsError>(sub)
         };
         match tokio::time::timeout(self.timeout, subscribe).await {
