@@ -34,8 +34,11 @@ mkdir -p "$out"
 log="$out/server.log"
 
 # The 9.* cases send messages of up to 16 MiB; the default limits (1 MiB)
-# would close them with 1009.
-RUST_LOG="${RUST_LOG:-warn}" "$bin" --addr 127.0.0.1:0 --max-message-size 16777216 >"$log" 2>&1 &
+# would close them with 1009. Threshold 0 compresses every message of a
+# compressed session: RFC 7692 lets a server send small messages
+# uncompressed (the crate's default below 256 bytes), but kosoku 0.1's
+# checker crashes on that ("Strings must be encoded before hashing").
+RUST_LOG="${RUST_LOG:-warn}" "$bin" --addr 127.0.0.1:0 --max-message-size 16777216 --compression-threshold 0 >"$log" 2>&1 &
 server=$!
 cleanup() {
   kill "$server" 2>/dev/null || true
@@ -59,7 +62,7 @@ echo "autobahn: server $bin on $addr"
 
 start=$(date +%s)
 set +e
-kosoku -p "$parallelism" -x '12.*' -x '13.*' -o "$out" "ws://$addr/ws/echo" 2>&1 | tee "$out/kosoku.log"
+kosoku -p "$parallelism" -o "$out" "ws://$addr/ws/echo" 2>&1 | tee "$out/kosoku.log"
 kosoku_rc=${PIPESTATUS[0]}
 set -e
 echo "autobahn: kosoku exited $kosoku_rc after $(($(date +%s) - start)) s"

@@ -93,6 +93,11 @@ impl Compression {
 
     /// Messages whose payload is shorter than `bytes` are sent uncompressed
     /// (deflate cannot shrink tiny payloads and costs CPU for nothing).
+    ///
+    /// Above the threshold, a message that deflate would make longer is sent
+    /// uncompressed too (RFC 7692 allows it without context takeover).
+    /// `threshold(0)` compresses every message, even those, for peers that
+    /// mishandle uncompressed messages in a compressed session.
     pub fn threshold(mut self, bytes: usize) -> Self {
         self.threshold = bytes;
         self

@@ -6,9 +6,10 @@ use crate::Compression;
 
 /// Settings applied to every connection of a [`WebSocketLayer`](crate::WebSocketLayer).
 ///
-/// The defaults keep an idle connection small (a 2 KiB read buffer, no write
-/// buffer and no deflate state between messages) and cap what a peer can make
-/// the server hold.
+/// The defaults keep an idle connection small (a 2 KiB read buffer that
+/// shrinks back after a large message, a write buffer that is released once
+/// the queue is written, and no deflate state between messages) and cap what
+/// a peer can make the server hold.
 ///
 /// | setting | default |
 /// |---|---|
@@ -155,9 +156,12 @@ impl WebSocketConfig {
         read_buffer_size, get_read_buffer_size: usize
     );
     setting!(
-        /// Outgoing frames are batched up to this many bytes before a write;
-        /// every batch is flushed once the queue is empty. The buffer keeps
-        /// its size after a burst, so it is kept small by default.
+        /// Small outgoing frames are batched up to this many bytes before a
+        /// write; every batch is flushed once the queue is empty. Large
+        /// payloads (a shared group message) are not copied into it: their
+        /// header goes out with the shared bytes in one vectored write. The
+        /// buffer is released once the queue is written, so it costs an idle
+        /// connection nothing.
         write_buffer_size, get_write_buffer_size: usize
     );
     setting!(

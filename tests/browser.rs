@@ -114,8 +114,24 @@ async fn scenario(
     r2.map_err(|e| format!("page 2: {e}"))?;
     r3.map_err(|e| format!("page 3: {e}"))?;
 
+    // Every page negotiated permessage-deflate with the server.
+    for (page, name) in [(&a1, "page 1"), (&a2, "page 2"), (&b1, "page 3")] {
+        let ext = page
+            .execute("return socket.extensions;", vec![])
+            .await
+            .map_err(|e| format!("{name}: reading socket.extensions: {e}"))?;
+        let ext = ext.as_str().unwrap_or_default();
+        if !ext.starts_with("permessage-deflate") {
+            return Err(format!(
+                "{name}: socket.extensions is {ext:?}, expected permessage-deflate"
+            ));
+        }
+    }
+
     // Page 1 types a message and clicks Send: both room A pages show it.
-    let first = format!("hello from page 1 ({pid})");
+    // It is longer than the 256-byte compression threshold, so the server
+    // sends it compressed (and Chromium compresses what it sends anyway).
+    let first = format!("hello from page 1 ({pid}) {}", "la".repeat(150));
     type_message(&a1, &first).await?;
     click(&a1, "send").await?;
     wait_for_log(&a1, "page 1", &first).await?;

@@ -46,6 +46,10 @@
 //!
 //! `--max-message-size BYTES` raises the incoming message and frame limits
 //! (1 MiB by default); the Autobahn run (`.ci/autobahn.sh`) uses 16 MiB.
+//! `--compression-threshold BYTES` sets the size below which messages go out
+//! uncompressed on a permessage-deflate connection (256 by default; the
+//! Autobahn run uses 0, so every message of its 12.* and 13.* cases is
+//! compressed).
 //! `--presence-ttl SECS` sets how long the members of a crashed process stay
 //! listed with `--redis` (30 s by default).
 
@@ -72,7 +76,7 @@ use tower_channels::{
     },
     message::Message,
     origin::AllowedOrigins,
-    WebSocketConfig, WebSocketLayer,
+    Compression, WebSocketConfig, WebSocketLayer,
 };
 
 /// What a chat client sends: `{"message": "..."}` or `{"type": "presence"}`.
@@ -320,6 +324,7 @@ struct Args {
     redis_cluster: Option<String>,
     nats: Option<String>,
     max_message_size: Option<usize>,
+    compression_threshold: Option<usize>,
     presence_ttl: Option<Duration>,
 }
 
@@ -332,6 +337,7 @@ fn parse_args() -> Result<Args, String> {
         redis_cluster: None,
         nats: None,
         max_message_size: None,
+        compression_threshold: None,
         presence_ttl: None,
     };
     let mut it = std::env::args().skip(1);
@@ -358,6 +364,13 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("bad --max-message-size {v:?}: {e}"))?;
                 args.max_message_size = Some(n);
             }
+            "--compression-threshold" => {
+                let v = it.next().ok_or("--compression-threshold needs a value")?;
+                let n = v
+                    .parse()
+                    .map_err(|e| format!("bad --compression-threshold {v:?}: {e}"))?;
+                args.compression_threshold = Some(n);
+            }
             "--presence-ttl" => {
                 let v = it.next().ok_or("--presence-ttl needs a value")?;
                 let secs: f64 = v
@@ -373,7 +386,8 @@ fn parse_args() -> Result<Args, String> {
                     "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
-                     [--max-message-size BYTES] [--presence-ttl SECS]"
+                     [--max-message-size BYTES] [--compression-threshold BYTES] \
+                     [--presence-ttl SECS]"
                         .into(),
                 )
             }
@@ -420,13 +434,14 @@ async fn main() -> Result<(), BoxError> {
     // instead: `same_host` trusts the Host header (see `tower_channels::origin`).
     let origins = AllowedOrigins::same_host();
     channels = channels.allowed_origins(origins.clone());
+    let mut config = WebSocketConfig::default();
     if let Some(n) = args.max_message_size {
-        channels = channels.with_config(
-            WebSocketConfig::default()
-                .max_message_size(n)
-                .max_frame_size(n),
-        );
+        config = config.max_message_size(n).max_frame_size(n);
     }
+    if let Some(n) = args.compression_threshold {
+        config = config.compression(Compression::default().threshold(n));
+    }
+    channels = channels.with_config(config);
     let max_message_size = channels.config().get_max_message_size();
     // Rooms keep their last 100 messages for 5 minutes, and announce who
     // comes and goes (`chat` covers `chat_<room>` and `chat-x.<hex>`).

@@ -179,7 +179,7 @@ pub(crate) struct SharedPayload(Arc<Shared>);
 struct Shared {
     text: bool,
     plain: Bytes,
-    /// `(window_bits, level, compressed)`; `None`: deflate did not shrink it.
+    /// `(window_bits, level, compressed)`; `None`: deflate failed (sent plain).
     compressed: Mutex<Vec<(u8, u32, Option<Bytes>)>>,
     #[cfg(test)]
     compressions: std::sync::atomic::AtomicUsize,
@@ -227,8 +227,8 @@ impl SharedPayload {
     }
 
     /// The payload compressed without context takeover for `(window_bits,
-    /// level)`, computed on first use and cached; `None` when compressing does
-    /// not make it smaller (send it plain).
+    /// level)`, computed on first use and cached; `None` only if deflate
+    /// failed. It may be longer than the payload: the writer decides.
     pub(crate) fn compressed(&self, window_bits: u8, level: u32) -> Option<Bytes> {
         // Compress under the lock: concurrent members wait for the one
         // compression instead of racing to do it twice.
@@ -247,9 +247,7 @@ impl SharedPayload {
         self.0
             .compressions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let c = compress_pooled(window_bits, level, &self.0.plain)
-            .filter(|c| c.len() < self.0.plain.len())
-            .map(Bytes::from);
+        let c = compress_pooled(window_bits, level, &self.0.plain).map(Bytes::from);
         cache.push((window_bits, level, c.clone()));
         c
     }

@@ -167,8 +167,9 @@ impl FrameWriter {
                 if d.server_no_context_takeover {
                     match deflate::compress_pooled(d.server_max_window_bits, d.level, payload) {
                         // Without context takeover, sending plain when deflate
-                        // does not help is always allowed.
-                        Some(c) if c.len() < payload.len() => {
+                        // does not help is always allowed (except with
+                        // threshold 0: compress everything).
+                        Some(c) if compressed_is_better(&d, c.len(), payload.len()) => {
                             self.frame(opcode, true, &Bytes::from(c));
                         }
                         _ => self.frame(opcode, false, payload),
@@ -191,8 +192,10 @@ impl FrameWriter {
             Some(d) if p.len() >= d.threshold && !p.is_empty() => {
                 if d.server_no_context_takeover {
                     match p.compressed(d.server_max_window_bits, d.level) {
-                        Some(c) => self.frame(opcode, true, &c),
-                        None => self.frame(opcode, false, p.plain()),
+                        Some(c) if compressed_is_better(&d, c.len(), p.len()) => {
+                            self.frame(opcode, true, &c)
+                        }
+                        _ => self.frame(opcode, false, p.plain()),
                     }
                 } else {
                     self.compress_with_context(opcode, p.plain(), d);
@@ -286,6 +289,13 @@ impl FrameWriter {
 /// zlib-rs deflate state at window 15 and the default memory level (an
 /// estimate for budgets; see the module docs for the measurement).
 const DEFLATER_ESTIMATE: usize = 256 * 1024;
+
+/// Whether to send the compressed form of a message without context
+/// takeover: when it is shorter, or always with a threshold of 0 (the user
+/// asked for every message compressed).
+fn compressed_is_better(d: &DeflateParams, compressed: usize, plain: usize) -> bool {
+    d.threshold == 0 || compressed < plain
+}
 
 #[cfg(test)]
 mod tests;

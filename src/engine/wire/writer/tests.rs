@@ -288,11 +288,23 @@ fn incompressible_payload_goes_plain_without_context_takeover() {
         })
         .collect();
     let frames = written(
-        Some(DeflateParams::no_context_takeover(1, 0)),
+        Some(DeflateParams::no_context_takeover(1, 16)),
         &[Message::binary(noise.clone())],
     );
     assert!(!frames[0].rsv1);
     assert_eq!(frames[0].payload, noise);
+
+    // Threshold 0 means "compress everything", even when it grows.
+    let frames = written(
+        Some(DeflateParams::no_context_takeover(1, 0)),
+        &[Message::binary(noise.clone())],
+    );
+    assert!(frames[0].rsv1);
+    assert!(frames[0].payload.len() > noise.len());
+    assert_eq!(
+        client_inflate(&mut Decompress::new(false), &frames[0].payload),
+        noise
+    );
 }
 
 #[test]
@@ -478,4 +490,59 @@ fn zero_writes_are_an_error() {
         Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::WriteZero),
         other => panic!("{other:?}"),
     }
+}
+
+/// What an idle connection with permessage-deflate negotiated holds after it
+/// read and wrote a compressed message: the reader and writer structs plus
+/// their heap buffers. The numbers in the module docs' memory table come
+/// from this test's output (`cargo test --lib idle_connection_memory --
+/// --nocapture`).
+#[tokio::test]
+async fn idle_connection_memory_with_deflate() {
+    use crate::engine::wire::{FrameReader, Inbound, WireLimits};
+    use tungstenite::protocol::frame::Frame;
+    let params = DeflateParams::no_context_takeover(1, 0);
+    let limits = WireLimits {
+        max_message_size: 1 << 20,
+        max_frame_size: 1 << 20,
+    };
+    let mut reader = FrameReader::new(limits, Some(params), 2048);
+    let mut w = FrameWriter::new(Some(params), 8192);
+    let text = "a JSON-ish chat line ".repeat(200);
+
+    // One compressed message in (a masked client frame), one out.
+    let mut c = flate2::Compress::new(flate2::Compression::new(1), false);
+    let mut deflated = Vec::with_capacity(text.len() + 64);
+    c.compress_vec(text.as_bytes(), &mut deflated, flate2::FlushCompress::Sync)
+        .unwrap();
+    deflated.truncate(deflated.len() - deflate::TAIL.len());
+    let mut frame = Frame::message(deflated, OpCode::Data(Data::Text), true);
+    frame.header_mut().rsv1 = true;
+    frame.header_mut().mask = Some([1, 2, 3, 4]);
+    let mut wire = Vec::new();
+    frame.format(&mut wire).unwrap();
+    let mut input = &wire[..];
+    let got = poll_fn(|cx| reader.poll_read(&mut input, cx))
+        .await
+        .unwrap();
+    assert!(matches!(got, Some(Inbound::Text(t)) if t.as_str() == text));
+    let mut io = Recorder::default();
+    let out = Message::text(text);
+    w.queue(Outbound::Message(&out));
+    flush_now(&mut w, &mut io);
+    assert!(parse_server_frames(&io.data)[0].rsv1, "sent compressed");
+
+    let structs = std::mem::size_of::<FrameReader>() + std::mem::size_of::<FrameWriter>();
+    let heap = reader.buffered_bytes() + w.buffered_bytes();
+    println!(
+        "idle connection with deflate: FrameReader {} B + FrameWriter {} B structs, \
+         read buffer {} B, write buffer {} B, total {} B",
+        std::mem::size_of::<FrameReader>(),
+        std::mem::size_of::<FrameWriter>(),
+        reader.buffered_bytes(),
+        w.buffered_bytes(),
+        structs + heap,
+    );
+    assert_eq!(w.buffered_bytes(), 0, "the write buffer is released");
+    assert!(structs + heap <= 8 << 10, "{} bytes", structs + heap);
 }
