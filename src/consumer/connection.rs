@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 use super::WebSocket;
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer},
-    engine::{wire::DeflateParams, Engine, Host, Link, Runtime, Slot, Socket, Transport},
+    engine::{wire::DeflateParams, Engine, Host, Link, Probe, Runtime, Slot, Socket, Transport},
     handshake::rejection::{ConsumerFailed, HandshakeRejection},
     Error, Scope,
 };
@@ -63,6 +63,7 @@ impl Connection {
     ) -> (oneshot::Receiver<Decision>, Host) {
         let (tx, rx) = oneshot::channel();
         let slot = Arc::new(Slot::default());
+        let probe = scope.extensions().get::<Probe>().cloned();
         let conn = Connection {
             scope,
             runtime: runtime.clone(),
@@ -73,14 +74,15 @@ impl Connection {
             deflate,
         };
         let app = consumer(conn);
-        (rx, Host::new(runtime, slot, app))
+        (rx, Host::new(runtime, slot, app, probe))
     }
 
     /// This connection's shared state, creating its channel if needed.
     pub(crate) async fn link(&mut self) -> Result<&Arc<Link>, Error> {
         if self.link.is_none() {
             let inbox = self.runtime.channel_layer.new_channel().await?;
-            self.link = Some(Link::new(self.runtime.clone(), inbox));
+            let probe = self.scope.extensions().get::<Probe>().cloned();
+            self.link = Some(Link::new(self.runtime.clone(), inbox, probe));
         }
         self.link.as_ref().ok_or_else(Error::closed)
     }

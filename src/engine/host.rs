@@ -10,7 +10,7 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{panic_message, Engine, Runtime};
+use super::{panic_message, Engine, FinishOnDrop, Probe, Runtime};
 use crate::{
     channel_layer::BoxFuture,
     message::{close_code, CloseFrame},
@@ -43,6 +43,9 @@ pub(crate) struct Host {
     app: Option<BoxFuture<'static, ()>>,
     engine: Option<Engine>,
     engine_done: bool,
+    /// Dropped last (after the application and the engine): tells a test's
+    /// probe that the connection's task ended.
+    _finish: FinishOnDrop,
 }
 
 impl std::fmt::Debug for Host {
@@ -54,13 +57,19 @@ impl std::fmt::Debug for Host {
 }
 
 impl Host {
-    pub(crate) fn new(runtime: Arc<Runtime>, slot: Arc<Slot>, app: BoxFuture<'static, ()>) -> Self {
+    pub(crate) fn new(
+        runtime: Arc<Runtime>,
+        slot: Arc<Slot>,
+        app: BoxFuture<'static, ()>,
+        probe: Option<Probe>,
+    ) -> Self {
         Self {
             runtime,
             slot,
             app: Some(app),
             engine: None,
             engine_done: false,
+            _finish: FinishOnDrop::new(probe),
         }
     }
 }

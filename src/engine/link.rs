@@ -20,7 +20,7 @@ use crate::{
     Error,
 };
 
-use super::{Out, Runtime};
+use super::{Out, Probe, Runtime};
 
 /// What the application sees of the connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,13 +80,20 @@ pub(crate) struct Link {
     pub(crate) runtime: Arc<Runtime>,
     channel_name: String,
     state: Mutex<State>,
+    /// A test's probe (see [`Probe`]); `None` outside tests.
+    probe: Option<Probe>,
 }
 
 impl Link {
-    pub(crate) fn new(runtime: Arc<Runtime>, inbox: ChannelReceiver) -> Arc<Self> {
+    pub(crate) fn new(
+        runtime: Arc<Runtime>,
+        inbox: ChannelReceiver,
+        probe: Option<Probe>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             runtime,
             channel_name: inbox.name().to_owned(),
+            probe,
             state: Mutex::new(State {
                 status: Status::Handshake,
                 out: VecDeque::new(),
@@ -195,6 +202,10 @@ impl Link {
             }
             // The engine may be waiting for read-ahead space.
             st.wake_host();
+            drop(st);
+            if let Some(p) = &self.probe {
+                p.taken();
+            }
             return Poll::Ready(Some(m));
         }
         if let Some(frame) = st.peer_close.take() {
@@ -205,6 +216,10 @@ impl Link {
             return Poll::Ready(None);
         }
         st.register_app(cx);
+        drop(st);
+        if let Some(p) = &self.probe {
+            p.waiting();
+        }
         Poll::Pending
     }
 

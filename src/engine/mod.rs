@@ -55,6 +55,7 @@
 mod driver;
 mod host;
 mod link;
+mod probe;
 mod runtime;
 mod socket;
 mod transport;
@@ -64,6 +65,7 @@ pub(crate) use self::{
     driver::Engine,
     host::{Host, Slot},
     link::{AppLink, Link, Status},
+    probe::{FinishOnDrop, Probe, Progress},
     runtime::{Runtime, Tracker},
     socket::Socket,
     transport::Transport,

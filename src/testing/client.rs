@@ -6,7 +6,7 @@
 use std::io::{self, Cursor};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tungstenite::protocol::frame::{
     coding::{CloseCode as TsCloseCode, Control, Data, OpCode},
     Frame, FrameHeader,
@@ -18,9 +18,15 @@ use crate::message::{CloseFrame, Message, Utf8Bytes};
 /// is 1 MiB; tests may raise it).
 const MAX_MESSAGE: usize = 64 << 20;
 
+/// The client's end of the connection: an in-memory pipe, or the upgraded
+/// HTTP/1.1 connection of a handshake through a whole service.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> Io for T {}
+
 #[derive(Debug)]
 pub(crate) struct Client {
-    io: DuplexStream,
+    io: Box<dyn Io>,
     buf: BytesMut,
     /// A fragmented message being assembled: (text, payload).
     partial: Option<(bool, Vec<u8>)>,
@@ -29,9 +35,9 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub(crate) fn new(io: DuplexStream) -> Self {
+    pub(crate) fn new(io: impl Io + 'static) -> Self {
         Self {
-            io,
+            io: Box::new(io),
             buf: BytesMut::new(),
             partial: None,
             close_sent: false,

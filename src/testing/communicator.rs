@@ -2,15 +2,16 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::StatusCode;
+use http_body::Body;
+use hyper::body::Incoming;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::task::JoinHandle;
 use tower_service::Service;
 
-use super::client::Client;
+use super::{client::Client, through};
 use crate::{
-    channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
+    channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::{Connection, Decision, UpgradeSource},
-    engine::{Runtime, Transport},
+    engine::{Probe, Progress, Runtime, Transport},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     middleware::WebSocketLayer,
     route::RoutePattern,
@@ -26,7 +27,12 @@ pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 ///
 /// The consumer runs exactly as under the layer (same driver, limits and
 /// channel layer); only the transport is an in-memory pipe, driven by a real
-/// WebSocket client.
+/// WebSocket client. [`through`](Self::through) runs the handshake through a
+/// whole application instead (an axum `Router` with its layers), so its auth
+/// middleware and routing are tested too.
+///
+/// Instead of sleeping until the consumer has acted on a message that gets
+/// no reply, call [`wait_handled`](Self::wait_handled).
 ///
 /// ```
 /// use tower_channels::channel_layer::BoxError;
@@ -54,14 +60,21 @@ pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 pub struct Communicator {
     start: Option<Start>,
     client: Option<Client>,
-    task: Option<JoinHandle<()>>,
-    layer: Arc<dyn ChannelLayer>,
+    probe: Probe,
+    /// Data messages sent to the consumer.
+    sent: u64,
+    layer: Option<Arc<dyn ChannelLayer>>,
 }
 
-struct Start {
-    runtime: Arc<Runtime>,
-    scope: Scope,
-    consumer: Box<dyn FnOnce(Connection) -> crate::channel_layer::BoxFuture<'static, ()> + Send>,
+enum Start {
+    /// The consumer runs on an in-memory pipe, without HTTP.
+    Direct {
+        runtime: Arc<Runtime>,
+        scope: Scope,
+        consumer: Box<dyn FnOnce(Connection) -> BoxFuture<'static, ()> + Send>,
+    },
+    /// The handshake goes through a whole service (see [`Communicator::through`]).
+    Through(BoxFuture<'static, Result<(Client, Option<String>), Rejected>>),
 }
 
 /// The consumer accepted the connection.
@@ -138,9 +151,10 @@ impl Communicator {
         S::Error: Into<BoxError>,
     {
         let runtime = Arc::new(Runtime::new(layer.clone()));
-        let scope = Scope::for_test(route, request);
+        let probe = Probe::default();
+        let scope = Scope::for_test(route, with_probe(request, &probe));
         Self {
-            start: Some(Start {
+            start: Some(Start::Direct {
                 runtime,
                 scope,
                 consumer: Box::new(move |conn| {
@@ -158,8 +172,9 @@ impl Communicator {
                 }),
             }),
             client: None,
-            task: None,
-            layer,
+            probe,
+            sent: 0,
+            layer: Some(layer),
         }
     }
 
@@ -176,22 +191,93 @@ impl Communicator {
             .unwrap_or_else(|| panic!("no route of the layer matches {path:?}"));
         let consumer = route.consumer.clone();
         let pattern: RoutePattern = route.pattern.clone();
-        let scope = Scope::for_test(pattern.as_str(), request);
+        let probe = Probe::default();
+        let scope = Scope::for_test(pattern.as_str(), with_probe(request, &probe));
         Self {
-            start: Some(Start {
+            start: Some(Start::Direct {
                 runtime: layer.runtime.clone(),
                 scope,
                 consumer: Box::new(move |conn| consumer(conn)),
             }),
             client: None,
-            task: None,
-            layer: layer.channel_layer(),
+            probe,
+            sent: 0,
+            layer: Some(layer.channel_layer()),
         }
     }
 
-    /// The channel layer the consumer uses.
-    pub fn channel_layer(&self) -> &Arc<dyn ChannelLayer> {
-        &self.layer
+    /// A communicator whose handshake goes through `service`, a whole
+    /// application: an axum `Router` with its layers, a
+    /// [`WebSocketService`](crate::middleware::WebSocketService), anything
+    /// `hyper` can serve. The request is sent as a real HTTP/1.1 upgrade over
+    /// an in-memory connection, so outer middleware (auth putting a user in
+    /// the extensions, nesting, CORS) runs as in production, and a refusal by
+    /// any of it comes back as [`Rejected`] from [`connect`](Self::connect).
+    ///
+    /// `request` gives the path, headers (a token, `Origin`,
+    /// `Sec-WebSocket-Protocol`) and extensions (a `ConnectInfo`, say: they
+    /// are put back on the request the service receives); the upgrade
+    /// headers are added. The client offers no compression.
+    ///
+    /// ```
+    /// use tower_channels::consumer::{consumer, Accept, Context, Reject, WebsocketConsumer};
+    /// use tower_channels::testing::Communicator;
+    /// use tower_channels::WebSocketLayer;
+    /// use tower_layer::Layer;
+    ///
+    /// struct Hello;
+    /// impl WebsocketConsumer for Hello {
+    ///     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+    ///         ctx.send_text("hello")?;
+    ///         Ok(Accept::new())
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// // The application: the layer in front of an inner service (here one
+    /// // that answers 404; an axum Router in a real app).
+    /// let not_found = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+    ///     Ok::<_, std::convert::Infallible>(
+    ///         http::Response::builder().status(404).body(String::new()).unwrap(),
+    ///     )
+    /// });
+    /// let app = WebSocketLayer::new()
+    ///     .route("/ws/hello", consumer(|_| Hello))
+    ///     .layer(not_found);
+    ///
+    /// let mut comm = Communicator::through(app.clone(), http::Request::get("/ws/hello").body(()).unwrap());
+    /// comm.connect().await.expect("accepted");
+    /// assert_eq!(comm.receive_text().await.unwrap(), "hello");
+    ///
+    /// let mut other = Communicator::through(app, http::Request::get("/nope").body(()).unwrap());
+    /// assert_eq!(other.connect().await.unwrap_err().status, 404);
+    /// # });
+    /// ```
+    pub fn through<S, B>(service: S, request: http::Request<()>) -> Self
+    where
+        S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let probe = Probe::default();
+        let handshake = through::handshake(service, request, probe.clone());
+        Self {
+            start: Some(Start::Through(Box::pin(handshake))),
+            client: None,
+            probe,
+            sent: 0,
+            layer: None,
+        }
+    }
+
+    /// The channel layer the consumer uses; `None` for a communicator made
+    /// with [`through`](Self::through) (use the one the application's
+    /// `WebSocketLayer` was given).
+    pub fn channel_layer(&self) -> Option<&Arc<dyn ChannelLayer>> {
+        self.layer.as_ref()
     }
 
     /// Runs the handshake: the consumer's `connect` decides.
@@ -204,16 +290,28 @@ impl Communicator {
             .start
             .take()
             .expect("Communicator::connect called twice");
+        let (runtime, scope, consumer) = match start {
+            Start::Direct {
+                runtime,
+                scope,
+                consumer,
+            } => (runtime, scope, consumer),
+            Start::Through(handshake) => {
+                let (client, subprotocol) = handshake.await?;
+                self.client = Some(client);
+                return Ok(Accepted { subprotocol });
+            }
+        };
         let (server, client) = tokio::io::duplex(64 * 1024);
         let (rx, host) = Connection::start(
-            start.scope,
-            start.runtime,
+            scope,
+            runtime,
             UpgradeSource::Ready(Transport::Duplex(server)),
             // The in-memory client does not offer compression.
             None,
-            start.consumer,
+            consumer,
         );
-        self.task = Some(tokio::spawn(host));
+        tokio::spawn(host);
         match rx.await {
             Ok(Decision::Accept { protocol, .. }) => {
                 self.client = Some(Client::new(client));
@@ -245,6 +343,9 @@ impl Communicator {
     /// If not connected, or if the consumer's side is gone.
     pub async fn send(&mut self, message: impl Into<Message>) {
         let m = message.into();
+        if matches!(m, Message::Text(_) | Message::Binary(_)) {
+            self.sent += 1;
+        }
         self.client()
             .send(m)
             .await
@@ -347,17 +448,68 @@ impl Communicator {
             while let Ok(Some(Ok(_))) = tokio::time::timeout(DEFAULT_TIMEOUT, client.next()).await {
             }
         }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(DEFAULT_TIMEOUT * 5, task).await;
-        }
+        self.wait_finished(DEFAULT_TIMEOUT * 5).await;
     }
 
     /// Waits until the consumer's task has ended (e.g. after it closed the
     /// connection itself), at most `timeout`; returns whether it ended.
+    /// `true` at once if no connection was started.
     pub async fn wait_finished(&mut self, timeout: Duration) -> bool {
-        match self.task.as_mut() {
-            Some(task) => tokio::time::timeout(timeout, task).await.is_ok(),
-            None => true,
+        if !self.probe.progress().started {
+            return true;
+        }
+        self.wait_for(timeout, |p| p.finished).await.finished
+    }
+
+    /// Waits until the consumer has handled every message sent to it so far:
+    /// its `receive` for the last one returned (a raw consumer: it asked for
+    /// the next message), without the consumer having to answer. Use it where
+    /// a test would otherwise sleep before looking at what a message did (a
+    /// database row, a counter, another connection's inbox). Returns `false`
+    /// if that did not happen within [`DEFAULT_TIMEOUT`] or the connection
+    /// ended first.
+    ///
+    /// ```
+    /// use std::sync::{atomic::{AtomicUsize, Ordering}, Arc};
+    /// use tower_channels::channel_layer::BoxError;
+    /// use tower_channels::consumer::{consumer, Context, WebsocketConsumer};
+    /// use tower_channels::message::Message;
+    /// use tower_channels::testing::Communicator;
+    ///
+    /// struct Count(Arc<AtomicUsize>);
+    /// impl WebsocketConsumer for Count {
+    ///     async fn receive(&mut self, _: &mut Context, _: Message) -> Result<(), BoxError> {
+    ///         tokio::task::yield_now().await; // some work, e.g. a database write
+    ///         self.0.fetch_add(1, Ordering::SeqCst);
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let seen = Arc::new(AtomicUsize::new(0));
+    /// let counter = seen.clone();
+    /// let mut comm = Communicator::new(consumer(move |_| Count(counter.clone())), "/ws");
+    /// comm.connect().await.unwrap();
+    /// comm.send_text("one").await;
+    /// comm.send_text("two").await;
+    /// assert!(comm.wait_handled().await);
+    /// assert_eq!(seen.load(Ordering::SeqCst), 2);
+    /// # });
+    /// ```
+    pub async fn wait_handled(&mut self) -> bool {
+        let sent = self.sent;
+        let handled = move |p: Progress| p.taken >= sent && p.waiting;
+        handled(
+            self.wait_for(DEFAULT_TIMEOUT, move |p| p.finished || handled(p))
+                .await,
+        )
+    }
+
+    async fn wait_for(&self, timeout: Duration, done: impl Fn(Progress) -> bool) -> Progress {
+        let probe = self.probe.clone();
+        match tokio::time::timeout(timeout, probe.wait_for(done)).await {
+            Ok(p) => p,
+            Err(_) => self.probe.progress(),
         }
     }
 }
@@ -366,6 +518,13 @@ impl fmt::Debug for Communicator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Communicator")
             .field("connected", &self.client.is_some())
+            .field("sent", &self.sent)
             .finish_non_exhaustive()
     }
+}
+
+/// `request` with `probe` in its extensions, where the engine finds it.
+fn with_probe(mut request: http::Request<()>, probe: &Probe) -> http::Request<()> {
+    request.extensions_mut().insert(probe.clone());
+    request
 }

@@ -41,6 +41,7 @@
 mod client;
 mod communicator;
 pub mod conformance;
+mod through;
 mod wire_check;
 
 pub use self::communicator::{
