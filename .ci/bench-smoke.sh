@@ -10,3 +10,6 @@ bash bench/run.sh --smoke
 cargo run --quiet --release -p tower-channels-bench --bin history -- \
     --members 5 --sends 50 --redis-sends 20 --presence 100 --rounds 1 \
     ${REDIS_URL:+--redis "$REDIS_URL"}
+
+# permessage-deflate fan-out and idle memory (bench/src/bin/deflate.rs).
+bash bench/deflate.sh --smoke

@@ -6,10 +6,10 @@ use crate::Compression;
 
 /// Settings applied to every connection of a [`WebSocketLayer`](crate::WebSocketLayer).
 ///
-/// The defaults keep an idle connection small (a 2 KiB read buffer that
-/// shrinks back after a large message, a write buffer that is released once
-/// the queue is written, and no deflate state between messages) and cap what
-/// a peer can make the server hold.
+/// The defaults keep an idle connection small (no read buffer between
+/// messages, a write buffer that is released once the queue is written, and
+/// no deflate state between messages) and cap what a peer can make the
+/// server hold.
 ///
 /// | setting | default |
 /// |---|---|
@@ -151,8 +151,10 @@ macro_rules! setting {
 
 impl WebSocketConfig {
     setting!(
-        /// Bytes read from the socket at a time. This buffer lives as long as
-        /// the connection, so it dominates the memory of idle connections.
+        /// Bytes read from the socket at a time. The buffer is held only while
+        /// a message is being read: between messages it is released, and the
+        /// first read after a quiet spell goes to the stack (at most 4 KiB of
+        /// it), so idle connections cost no read buffer.
         read_buffer_size, get_read_buffer_size: usize
     );
     setting!(

@@ -50,6 +50,9 @@
 //! uncompressed on a permessage-deflate connection (256 by default; the
 //! Autobahn run uses 0, so every message of its 12.* and 13.* cases is
 //! compressed).
+//! `--write-delay-ms MS` sets [`WebSocketConfig::write_delay`]: outgoing
+//! messages wait up to that long to be batched into one write (off by
+//! default, and 0 is off too; `bench/` measures its effect).
 //! `--presence-ttl SECS` sets how long the members of a crashed process stay
 //! listed with `--redis` (30 s by default).
 
@@ -325,6 +328,7 @@ struct Args {
     nats: Option<String>,
     max_message_size: Option<usize>,
     compression_threshold: Option<usize>,
+    write_delay_ms: Option<u64>,
     presence_ttl: Option<Duration>,
 }
 
@@ -338,6 +342,7 @@ fn parse_args() -> Result<Args, String> {
         nats: None,
         max_message_size: None,
         compression_threshold: None,
+        write_delay_ms: None,
         presence_ttl: None,
     };
     let mut it = std::env::args().skip(1);
@@ -371,6 +376,13 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("bad --compression-threshold {v:?}: {e}"))?;
                 args.compression_threshold = Some(n);
             }
+            "--write-delay-ms" => {
+                let v = it.next().ok_or("--write-delay-ms needs a value")?;
+                let n = v
+                    .parse()
+                    .map_err(|e| format!("bad --write-delay-ms {v:?}: {e}"))?;
+                args.write_delay_ms = Some(n);
+            }
             "--presence-ttl" => {
                 let v = it.next().ok_or("--presence-ttl needs a value")?;
                 let secs: f64 = v
@@ -387,7 +399,7 @@ fn parse_args() -> Result<Args, String> {
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
                      [--max-message-size BYTES] [--compression-threshold BYTES] \
-                     [--presence-ttl SECS]"
+                     [--write-delay-ms MS] [--presence-ttl SECS]"
                         .into(),
                 )
             }
@@ -440,6 +452,9 @@ async fn main() -> Result<(), BoxError> {
     }
     if let Some(n) = args.compression_threshold {
         config = config.compression(Compression::default().threshold(n));
+    }
+    if let Some(ms) = args.write_delay_ms {
+        config = config.write_delay(Some(Duration::from_millis(ms)));
     }
     channels = channels.with_config(config);
     let max_message_size = channels.config().get_max_message_size();

@@ -44,8 +44,10 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
         let input = poll_fn(|cx| next_input(&link, cx)).await;
         let started = std::time::Instant::now();
         let outcome = match input {
-            Input::Message(m) => guard(consumer.receive(&mut ctx, m)).await,
-            Input::Event(e) => guard(consumer.event(&mut ctx, e)).await,
+            // Handler futures are boxed while they run: inline, the largest
+            // of them would be part of every idle connection's state.
+            Input::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
+            Input::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
             Input::Lagged(n) => {
                 link.runtime.metrics.dropped_slow(n);
                 tracing::warn!(dropped = n, "slow consumer: events dropped; closing");
@@ -85,7 +87,7 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
     };
     // `disconnect` runs after every accepted connection, a handler's panic
     // included, so per-connection app state (presence, counters) is released.
-    if let Err(p) = AssertUnwindSafe(consumer.disconnect(&mut ctx, code))
+    if let Err(p) = AssertUnwindSafe(Box::pin(consumer.disconnect(&mut ctx, code)))
         .catch_unwind()
         .await
     {

@@ -10,7 +10,7 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{panic_message, Engine, FinishOnDrop, Probe, Runtime};
+use super::{panic_message, Engine, FinishOnDrop, Probe, Runtime, Tracker};
 use crate::{
     channel_layer::BoxFuture,
     message::{close_code, CloseFrame},
@@ -39,10 +39,13 @@ impl Slot {
 /// closing handshake. A panicking application closes with 1011.
 pub(crate) struct Host {
     runtime: Arc<Runtime>,
-    slot: Arc<Slot>,
+    /// Released once the engine is taken: it is as large as the engine.
+    slot: Option<Arc<Slot>>,
     app: Option<BoxFuture<'static, ()>>,
     engine: Option<Engine>,
     engine_done: bool,
+    /// Told when the connection's task is done (see [`Host::tracked`]).
+    tracked: Option<(Arc<Tracker>, u64)>,
     /// Dropped last (after the application and the engine): tells a test's
     /// probe that the connection's task ended.
     _finish: FinishOnDrop,
@@ -65,12 +68,19 @@ impl Host {
     ) -> Self {
         Self {
             runtime,
-            slot,
+            slot: Some(slot),
             app: Some(app),
             engine: None,
             engine_done: false,
+            tracked: None,
             _finish: FinishOnDrop::new(probe),
         }
+    }
+
+    /// Reports the end of this connection to `tracker` as task `id`.
+    pub(crate) fn tracked(mut self, tracker: Arc<Tracker>, id: u64) -> Self {
+        self.tracked = Some((tracker, id));
+        self
     }
 }
 
@@ -100,7 +110,7 @@ impl Future for Host {
                 }
             }
             if this.engine.is_none() && !this.engine_done {
-                if let Some(e) = this.slot.take() {
+                if let Some(e) = this.take_engine() {
                     e.link().enter_host(cx.waker());
                     this.engine = Some(e);
                 }
@@ -119,6 +129,9 @@ impl Future for Host {
                 }
             }
             if this.app.is_none() && this.engine.is_none() {
+                if let Some((tracker, id)) = this.tracked.take() {
+                    tracker.finished(id);
+                }
                 return Poll::Ready(());
             }
             if !again {
@@ -133,8 +146,17 @@ impl Future for Host {
 impl Host {
     fn slot_engine(&mut self) -> Option<&mut Engine> {
         if self.engine.is_none() && !self.engine_done {
-            self.engine = self.slot.take();
+            self.engine = self.take_engine();
         }
         self.engine.as_mut()
+    }
+
+    /// The engine `accept` left in the slot, if it did; the slot goes with it.
+    fn take_engine(&mut self) -> Option<Engine> {
+        let engine = self.slot.as_ref()?.take();
+        if engine.is_some() {
+            self.slot = None;
+        }
+        engine
     }
 }

@@ -128,13 +128,9 @@ impl WebSocketLayer {
         );
         let tracker = runtime.tracker.clone();
         let id = tracker.next_id();
-        let task = tokio::spawn(
-            async move {
-                host.await;
-                tracker.finished(id);
-            }
-            .instrument(span),
-        );
+        // The host is spawned as is: wrapped in an `async` block it would be
+        // stored twice in the task (the captured value and the awaited one).
+        let task = tokio::spawn(host.tracked(tracker, id).instrument(span));
         runtime.tracker.register(id, task.abort_handle());
         Ok((rx, kind))
     }

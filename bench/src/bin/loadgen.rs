@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! loadgen echo        --addr A [--conns 50] [--size 64] [--duration 10] [--warmup 1] [--server-pid P]
-//! loadgen fanout      --addr A [--addr2 B] [--subs 1000] [--msgs 500] [--size 100] [--server-pid P]...
+//! loadgen fanout      --addr A [--addr2 B] [--subs 1000] [--msgs 500] [--size 100] [--rate 0] [--server-pid P]...
 //! loadgen idle        --addr A [--conns 5000] --server-pid P
 //! loadgen connections --addr A [--conns 19900] [--procs N] [--local-ip 127.0.0.2-127.0.0.5]... [--server-pid P]
 //! ```
@@ -36,6 +36,7 @@ const USAGE: &str = "usage: loadgen <echo|fanout|idle|connections> --addr HOST:P
   common:      --server-pid PID (repeatable; CPU/RSS are summed over them)
   echo:        --conns 50 --size 64 --duration 10 --warmup 1
   fanout:      --subs 1000 --msgs 500 --size 100 [--addr2 HOST:PORT] [--room NAME] [--timeout 30]
+               [--rate MSGS_PER_S (0: back to back)]
   idle:        --conns 5000
   connections: --conns 19900 [--procs N] [--local-ip IP|IP-IP]... [--concurrency 64]
                [--source-port-base 10000 (0: kernel-chosen source ports)]";
@@ -550,6 +551,11 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let msgs: usize = args.get("msgs", 500)?;
     let size: usize = args.get("size", 100)?;
     let timeout: f64 = args.get("timeout", 30.0)?;
+    // Messages per second; 0 sends back to back.
+    let rate: f64 = args.get("rate", 0.0)?;
+    if !rate.is_finite() || rate < 0.0 {
+        return err(format!("invalid --rate {rate}: must be >= 0"));
+    }
     let base = Instant::now();
     let unique = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -605,16 +611,23 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let join_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
     let rounds = join_room(&mut pub_tx, &mut ev_rx, subs, hello, join_deadline).await?;
 
-    // 4. Publish back to back.
+    // 4. Publish: back to back, or message k at `publish_start + k / rate`
+    // (a late message goes out at once, so the schedule catches up).
     let cpu = CpuMeter::start(&pids, procfs::clock_ticks_per_sec())?;
     let mut sent = Vec::with_capacity(msgs);
+    let publish_start = tokio::time::Instant::now();
     for seq in 0..msgs {
+        if rate > 0.0 {
+            let at = publish_start + Duration::from_secs_f64(seq as f64 / rate);
+            tokio::time::sleep_until(at).await;
+        }
         let nanos = base.elapsed().as_nanos() as u64;
         pub_tx
             .send(Message::text(chat_json(&data_text(seq, nanos, size))))
             .await?;
         sent.push(nanos);
     }
+    let publish_s = publish_start.elapsed().as_secs_f64();
 
     // 5. Wait until every subscriber has everything, or the timeout.
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
@@ -672,18 +685,23 @@ async fn fanout(mut args: Args) -> Result<bool> {
     }
     let lost = expected - delivered;
     let elapsed_s = last_arrival.saturating_sub(sent.first().copied().unwrap_or(0)) as f64 / 1e9;
-    let rate = delivered as f64 / elapsed_s;
+    let delivery_rate = delivered as f64 / elapsed_s;
     let lat = Summary::of(&mut latencies);
     let comp = Summary::of(&mut completion);
     let cpu_per_delivery = per(cpu_us as f64, delivered);
     let cpu_per_msg = per(cpu_us as f64, msgs as u64);
     print_errors(&errors);
     println!(
-        "fanout: {subs} subs{}, {msgs} msgs, {size} B: {delivered}/{expected} delivered, lost {lost}, \
-         {rate:.0} deliveries/s, latency p50 {:.0} µs p99 {:.0} µs, broadcast completion p50 {:.0} µs \
-         p99 {:.0} µs max {:.0} µs, server CPU {cpu_per_delivery:.2} µs/delivery \
-         ({cpu_per_msg:.0} µs/msg), join rounds {rounds}{}",
+        "fanout: {subs} subs{}, {msgs} msgs, {size} B, {}: {delivered}/{expected} delivered, \
+         lost {lost}, {delivery_rate:.0} deliveries/s, latency p50 {:.0} µs p99 {:.0} µs, \
+         broadcast completion p50 {:.0} µs p99 {:.0} µs max {:.0} µs, \
+         server CPU {cpu_per_delivery:.2} µs/delivery ({cpu_per_msg:.0} µs/msg), join rounds {rounds}{}",
         if addr2.is_some() { " on 2 servers" } else { "" },
+        if rate > 0.0 {
+            format!("rate {rate} msgs/s (published in {publish_s:.2} s)")
+        } else {
+            "rate 0 (back to back)".to_owned()
+        },
         lat.p50_us,
         lat.p99_us,
         comp.p50_us,
@@ -696,11 +714,12 @@ async fn fanout(mut args: Args) -> Result<bool> {
         "{}",
         json!({
             "mode": "fanout", "ok": ok, "subs": subs, "msgs": msgs, "size": size,
+            "rate": num(rate), "publish_s": num(publish_s),
             "servers": if addr2.is_some() { 2 } else { 1 },
             "expected": expected, "delivered": delivered, "lost": lost,
             "duplicates": duplicates, "corrupt": corrupt, "errors": errors.len(),
             "timed_out": timed_out, "join_rounds": rounds,
-            "elapsed_s": num(elapsed_s), "deliveries_per_s": num(rate),
+            "elapsed_s": num(elapsed_s), "deliveries_per_s": num(delivery_rate),
             "latency_p50_us": num(lat.p50_us), "latency_p99_us": num(lat.p99_us),
             "latency_max_us": num(lat.max_us),
             "completion_p50_us": num(comp.p50_us), "completion_p99_us": num(comp.p99_us),

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tower_channels_bench::{err, median, procfs, Args, Result};
 
-const USAGE: &str =
-    "usage: runall [--smoke] [--redis URL] [--rounds N] [--only echo,fanout,idle,connections]
+const USAGE: &str = "usage: runall [--smoke] [--redis URL] [--rounds N]
+              [--only echo,fanout,paced,idle,connections,paced-delay]
               [--connections-baseline] [--crate-bin PATH] [--baseline-bin PATH]
               [--loadgen-bin PATH] [--json-out FILE] [--verbose]";
 
@@ -31,22 +31,55 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 enum Mode {
     Echo,
     Fanout,
+    /// Fan-out at a fixed publish rate, crate vs baseline.
+    Paced,
     Idle,
     Connections,
+    /// The paced workload on the crate only, without and with a write delay.
+    PacedDelay,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Echo, Mode::Fanout, Mode::Idle, Mode::Connections];
+    /// Every mode `--only` accepts.
+    const ALL: [Mode; 6] = [
+        Mode::Echo,
+        Mode::Fanout,
+        Mode::Paced,
+        Mode::Idle,
+        Mode::Connections,
+        Mode::PacedDelay,
+    ];
+    /// The modes run without `--only`.
+    const DEFAULT: [Mode; 5] = [
+        Mode::Echo,
+        Mode::Fanout,
+        Mode::Paced,
+        Mode::Idle,
+        Mode::Connections,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Echo => "echo",
             Mode::Fanout => "fanout",
+            Mode::Paced => "paced",
             Mode::Idle => "idle",
             Mode::Connections => "connections",
+            Mode::PacedDelay => "paced-delay",
+        }
+    }
+
+    /// The `loadgen` mode that measures it.
+    fn loadgen_mode(self) -> &'static str {
+        match self {
+            Mode::Paced | Mode::PacedDelay => "fanout",
+            m => m.name(),
         }
     }
 }
+
+/// `--write-delay-ms` given to the crate server for the `paced-delay` mode.
+const PACED_WRITE_DELAY_MS: &str = "5";
 
 /// Workload sizes.
 #[derive(Debug)]
@@ -58,6 +91,11 @@ struct Sizes {
     fanout_subs: u32,
     fanout_msgs: u32,
     fanout_size: u32,
+    paced_subs: u32,
+    /// Messages per second.
+    paced_rate: u32,
+    paced_msgs: u32,
+    paced_size: u32,
     idle_conns: u32,
     conn_total: u32,
     conn_procs: u32,
@@ -72,6 +110,10 @@ const FULL: Sizes = Sizes {
     fanout_subs: 1000,
     fanout_msgs: 500,
     fanout_size: 100,
+    paced_subs: 1000,
+    paced_rate: 500,
+    paced_msgs: 5000,
+    paced_size: 100,
     idle_conns: 5000,
     conn_total: 19_900,
     conn_procs: 4,
@@ -86,6 +128,10 @@ const SMOKE: Sizes = Sizes {
     fanout_subs: 20,
     fanout_msgs: 20,
     fanout_size: 100,
+    paced_subs: 20,
+    paced_rate: 50,
+    paced_msgs: 40,
+    paced_size: 100,
     idle_conns: 50,
     conn_total: 200,
     conn_procs: 2,
@@ -111,7 +157,7 @@ struct Config {
 #[derive(Debug)]
 struct Run {
     mode: Mode,
-    /// "crate", "baseline" or "crate-redis".
+    /// "crate", "baseline", "crate-redis" or "crate-delay".
     server: &'static str,
     ok: bool,
     json: Value,
@@ -171,6 +217,9 @@ fn real_main() -> Result<bool> {
         if mode == Mode::Connections && !cfg.connections_baseline {
             servers.truncate(1);
         }
+        if mode == Mode::PacedDelay {
+            servers = vec!["crate", "crate-delay"];
+        }
         for round in 1..=cfg.rounds {
             for &server in &servers {
                 let run = measure(&cfg, mode, server, round);
@@ -221,7 +270,7 @@ fn parse_config() -> Result<Config> {
     let rounds = args.get("rounds", if smoke { 1 } else { 2 })?;
     let redis = args.opt("redis");
     let modes = match args.opt("only") {
-        None => Mode::ALL.to_vec(),
+        None => Mode::DEFAULT.to_vec(),
         Some(list) => list
             .split(',')
             .map(|m| {
@@ -426,6 +475,12 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
     let started = match server {
         "crate" => start("crate", &cfg.crate_bin, &[]).map(|s| vec![s]),
         "baseline" => start("baseline", &cfg.baseline_bin, &[]).map(|s| vec![s]),
+        "crate-delay" => start(
+            "crate-delay",
+            &cfg.crate_bin,
+            &["--write-delay-ms", PACED_WRITE_DELAY_MS],
+        )
+        .map(|s| vec![s]),
         _ => {
             let url = cfg.redis.as_deref().unwrap_or_default();
             start("crate-redis-a", &cfg.crate_bin, &["--redis", url]).and_then(|a| {
@@ -440,7 +495,7 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
 
     let s = cfg.sizes;
     let addr = servers[0].addr.clone();
-    let mut args: Vec<String> = vec![mode.name().into(), "--addr".into(), addr];
+    let mut args: Vec<String> = vec![mode.loadgen_mode().into(), "--addr".into(), addr];
     let mut push = |k: &str, v: String| {
         args.push(format!("--{k}"));
         args.push(v);
@@ -459,6 +514,12 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
             if let Some(b) = servers.get(1) {
                 push("addr2", b.addr.clone());
             }
+        }
+        Mode::Paced | Mode::PacedDelay => {
+            push("subs", s.paced_subs.to_string());
+            push("msgs", s.paced_msgs.to_string());
+            push("size", s.paced_size.to_string());
+            push("rate", s.paced_rate.to_string());
         }
         Mode::Idle => push("conns", s.idle_conns.to_string()),
         Mode::Connections => {
@@ -520,6 +581,7 @@ fn report(cfg: &Config, run: &Run, round: u32) -> Result<()> {
         Value::Object(m) => Value::Object(m.clone()),
         _ => serde_json::json!({ "mode": run.mode.name(), "ok": false }),
     };
+    json["bench"] = Value::from(run.mode.name());
     json["server"] = Value::from(run.server);
     json["round"] = Value::from(round);
     if let Some(f) = &run.failure {
@@ -616,24 +678,47 @@ fn row(label: impl Into<String>, key: &'static str, better: &'static str) -> Row
     }
 }
 
+/// The rows of the paced fan-out modes.
+fn paced_rows() -> Vec<Row> {
+    let ms = |mut r: Row| {
+        r.ms = true;
+        r
+    };
+    let mut lost = row("lost (all rounds)", "lost", "0");
+    lost.sum = true;
+    vec![
+        row("deliveries/s", "deliveries_per_s", "higher"),
+        row("server CPU µs/delivery", "cpu_us_per_delivery", "lower"),
+        ms(row("latency p50 ms", "latency_p50_us", "lower")),
+        ms(row("latency p99 ms", "latency_p99_us", "lower")),
+        lost,
+    ]
+}
+
 fn table(cfg: &Config, runs: &[Run]) -> String {
     let s = cfg.sizes;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## Results (median of {} round(s); ratio = tower-channels / baseline)\n",
-        cfg.rounds
-    );
-    let _ = writeln!(
-        out,
-        "| benchmark | metric | better | tower-channels | baseline | ratio |"
-    );
-    let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+    if cfg.modes.iter().any(|m| *m != Mode::PacedDelay) {
+        let _ = writeln!(
+            out,
+            "## Results (median of {} round(s); ratio = tower-channels / baseline)\n",
+            cfg.rounds
+        );
+        let _ = writeln!(
+            out,
+            "| benchmark | metric | better | tower-channels | baseline | ratio |"
+        );
+        let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+    }
 
     let echo = format!("echo ({} conns, {} B)", s.echo_conns, s.echo_size);
     let fan = format!(
         "fan-out ({} subs, {} msgs, {} B)",
         s.fanout_subs, s.fanout_msgs, s.fanout_size
+    );
+    let paced = format!(
+        "paced fan-out ({} subs, {} msgs/s × {} msgs, {} B)",
+        s.paced_subs, s.paced_rate, s.paced_msgs, s.paced_size
     );
     let idle = format!("idle ({} conns)", s.idle_conns);
     let conns = format!("connections ({})", s.conn_total);
@@ -682,6 +767,7 @@ fn table(cfg: &Config, runs: &[Run]) -> String {
                 sum(row("lost (all rounds)", "lost", "0")),
             ],
         ),
+        (Mode::Paced, &paced, paced_rows()),
         (
             Mode::Idle,
             &idle,
@@ -738,6 +824,51 @@ fn table(cfg: &Config, runs: &[Run]) -> String {
                 cell("crate", a),
                 base_cell,
                 ratio
+            );
+        }
+    }
+
+    if cfg.modes.contains(&Mode::PacedDelay) {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "## Write delay: {paced}, tower-channels only (median of {} round(s))\n",
+            cfg.rounds
+        );
+        let _ = writeln!(
+            out,
+            "| metric | better | no write delay | --write-delay-ms {PACED_WRITE_DELAY_MS} | \
+             with / without |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|");
+        for r in &paced_rows() {
+            let mode = Mode::PacedDelay;
+            let cell = |server: &str| {
+                let v = if r.sum {
+                    total(runs, mode, server, r.key)
+                } else {
+                    med(runs, mode, server, r.key)
+                };
+                let v = v.map(|x| if r.ms { x / 1000.0 } else { x });
+                let fail = if had_failure(runs, mode, server) && !r.sum {
+                    " (FAIL)"
+                } else {
+                    ""
+                };
+                (v, format!("{}{fail}", fmt_num(v)))
+            };
+            let ((without, without_cell), (with, with_cell)) = (cell("crate"), cell("crate-delay"));
+            let ratio = if r.sum {
+                "—".to_owned()
+            } else {
+                fmt_ratio(with, without)
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {without_cell} | {with_cell} | {ratio} |",
+                r.label, r.better
             );
         }
     }

@@ -8,7 +8,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use flate2::Decompress;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tungstenite::protocol::frame::{
     coding::{CloseCode as TsCloseCode, Control, Data, OpCode},
     FrameHeader,
@@ -23,7 +23,15 @@ use crate::message::{CloseFrame, Utf8Bytes};
 /// Longest frame header (2 + 8 length + 4 mask).
 const MAX_HEADER: usize = 14;
 
+/// Largest read into the stack buffer used while the reader holds no buffer.
+const IDLE_READ: usize = 4096;
+
 /// Reads frames from an `AsyncRead` into messages, with its own read buffer.
+///
+/// Between messages the reader holds no buffer at all: the first read after
+/// a quiet spell goes into a stack buffer and only what arrived is copied to
+/// the heap, so an idle connection costs no read buffer (issue 9's idle
+/// memory target; the copy is at most `read_buffer_size` bytes per wake-up).
 ///
 /// Cancel-safe: all progress lives in `self`, so dropping a pending
 /// `poll_read` future loses nothing.
@@ -118,6 +126,23 @@ impl FrameReader {
                 // A fragment was consumed; decode the next frame.
                 continue;
             }
+            if self.buf.capacity() == 0 {
+                // Idle (no buffer held): read onto the stack first.
+                let mut stack = [0u8; IDLE_READ];
+                let mut read = ReadBuf::new(&mut stack[..self.read_buffer_size.min(IDLE_READ)]);
+                ready!(std::pin::Pin::new(&mut *io).poll_read(cx, &mut read))
+                    .map_err(WireError::Io)?;
+                if read.filled().is_empty() {
+                    return Poll::Ready(self.end_of_stream());
+                }
+                self.buf.reserve(
+                    self.need
+                        .max(self.read_buffer_size)
+                        .max(read.filled().len()),
+                );
+                self.buf.extend_from_slice(read.filled());
+                continue;
+            }
             let want = self.need.max(self.read_buffer_size);
             if self.buf.capacity() < want {
                 self.buf.reserve(want - self.buf.len());
@@ -127,15 +152,20 @@ impl FrameReader {
             let read = std::pin::pin!(io.read_buf(&mut self.buf));
             let n = ready!(read.poll(cx)).map_err(WireError::Io)?;
             if n == 0 {
-                return Poll::Ready(if self.buf.is_empty() && self.partial.is_none() {
-                    Ok(None)
-                } else {
-                    Err(WireError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed inside a websocket frame",
-                    )))
-                });
+                return Poll::Ready(self.end_of_stream());
             }
+        }
+    }
+
+    /// The peer closed its side: clean between messages, an error inside one.
+    fn end_of_stream(&self) -> Result<Option<Inbound>, WireError> {
+        if self.buf.is_empty() && self.partial.is_none() {
+            Ok(None)
+        } else {
+            Err(WireError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed inside a websocket frame",
+            )))
         }
     }
 
@@ -328,12 +358,10 @@ impl FrameReader {
         }
     }
 
-    /// Between messages: give back a read buffer that grew past its idle size.
+    /// Between messages, with nothing more read: give the read buffer back
+    /// (the next read starts on the stack).
     fn shrink_if_idle(&mut self) {
-        if self.partial.is_none()
-            && self.buf.is_empty()
-            && self.buf.capacity() > self.read_buffer_size
-        {
+        if self.partial.is_none() && self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
     }

@@ -533,6 +533,9 @@ async fn idle_connection_memory_with_deflate() {
     assert!(parse_server_frames(&io.data)[0].rsv1, "sent compressed");
 
     let structs = std::mem::size_of::<FrameReader>() + std::mem::size_of::<FrameWriter>();
+    // Between messages the reader holds no read buffer (the next read
+    // starts on the stack) and the writer released its buffer.
+    assert_eq!(reader.buffered_bytes(), 0, "idle reader holds a buffer");
     let heap = reader.buffered_bytes() + w.buffered_bytes();
     println!(
         "idle connection with deflate: FrameReader {} B + FrameWriter {} B structs, \
