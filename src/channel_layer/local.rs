@@ -1,15 +1,29 @@
 //! The channels and groups of one process: the state the in-memory layer is
-//! made of, and that the Redis layer keeps locally to fan out per process.
+//! made of, and that the layers spanning processes keep locally to fan out
+//! per process; and what every backend does with it the same way
+//! ([`LocalChannels`]).
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+    },
 };
 
-use super::{ChannelLayerError, ChannelSender, Delivery, Event, TrySendError};
+use super::{
+    channel, validate_channel_name, ChannelLayerError, ChannelLayerStats, ChannelReceiver,
+    ChannelSender, Delivery, Event, TrySendError,
+};
 
-#[derive(Debug, Default)]
+/// The channels of one layer instance (a "process"), named
+/// `<process>!<n>`, and their groups.
+#[derive(Debug)]
 pub(crate) struct Registry {
+    /// The process name: what this instance's channel names start with,
+    /// before the `!`.
+    process: String,
+    next_id: AtomicU64,
     state: RwLock<State>,
 }
 
@@ -31,7 +45,66 @@ pub(crate) fn no_such_channel(channel: &str) -> ChannelLayerError {
     }
 }
 
+/// Whose a channel is, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner<'a> {
+    /// A channel of this instance: `<process>!<n>`.
+    Local,
+    /// A channel of another process (the part of its name before the `!`).
+    Process(&'a str),
+    /// A named channel (no `!`), such as a worker channel.
+    Named,
+}
+
 impl Registry {
+    /// An empty registry for the process named `process`.
+    pub(crate) fn new(process: String) -> Self {
+        Self {
+            process,
+            next_id: AtomicU64::new(0),
+            state: RwLock::default(),
+        }
+    }
+
+    /// The process name, the part of this instance's channel names before
+    /// the `!`.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    pub(crate) fn process(&self) -> &str {
+        &self.process
+    }
+
+    /// A new, unique name for a channel of this process: `<process>!<n>`.
+    pub(crate) fn new_process_channel(&self) -> String {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{}!{id}", self.process)
+    }
+
+    /// Whose `channel` is: the part of its name before the first `!` is
+    /// the process it belongs to.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    pub(crate) fn owner<'a>(&self, channel: &'a str) -> Owner<'a> {
+        match channel.split_once('!') {
+            Some((process, _)) if process == self.process => Owner::Local,
+            Some((process, _)) => Owner::Process(process),
+            None => Owner::Named,
+        }
+    }
+
+    /// Whether `channel` is a channel of this process.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    pub(crate) fn is_local(&self, channel: &str) -> bool {
+        self.owner(channel) == Owner::Local
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, State> {
         // Critical sections only insert and remove map entries; a panic in one
         // cannot break an invariant, so poisoning is ignored.
@@ -188,5 +261,161 @@ impl Registry {
             entry.groups.clear();
             entry.sender.clear();
         }
+    }
+}
+
+/// Counters behind [`ChannelLayer::stats`](super::ChannelLayer::stats).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) group_sends: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) dropped_full: AtomicU64,
+    pub(crate) dropped_other: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn stats(&self) -> ChannelLayerStats {
+        ChannelLayerStats {
+            group_sends: self.group_sends.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dropped_full: self.dropped_full.load(Ordering::Relaxed),
+            dropped_other: self.dropped_other.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What every backend does the same way with its [`Registry`]: the state
+/// behind a layer (its `Inner`) implements the four required methods and
+/// gets channel creation, `receive`'s local part and counted local delivery.
+pub(crate) trait LocalChannels: Send + Sync + Sized + 'static {
+    /// This process's channels.
+    fn registry(&self) -> &Registry;
+
+    /// The process name, the part of this instance's channel names before
+    /// the `!`.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    fn process(&self) -> &str {
+        self.registry().process()
+    }
+
+    /// Events a channel of this process holds.
+    fn capacity(&self) -> usize;
+
+    /// The layer's counters.
+    fn counters(&self) -> &Counters;
+
+    /// The receiver of `channel` was dropped and the registry forgot it;
+    /// `emptied` are the groups it left without a local member (none when
+    /// the name already belongs to a newer receiver).
+    fn forgotten(self: &Arc<Self>, channel: &str, emptied: Vec<String>);
+
+    /// Makes the channel `name` of this process; dropping its receiver
+    /// forgets it (then [`forgotten`](Self::forgotten) runs).
+    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
+        let (tx, rx) = channel(name.clone(), self.capacity());
+        self.registry().insert(&name, tx)?;
+        let weak: Weak<Self> = Arc::downgrade(self);
+        Ok(rx.on_drop(move || {
+            if let Some(inner) = weak.upgrade() {
+                let emptied = inner.registry().forget(&name);
+                inner.forgotten(&name, emptied);
+            }
+        }))
+    }
+
+    /// `new_channel`: a channel of this process with a new name.
+    fn new_process_channel(self: &Arc<Self>) -> Result<ChannelReceiver, ChannelLayerError> {
+        let name = self.registry().new_process_channel();
+        self.register(name)
+    }
+
+    /// The part of `receive` every layer spanning processes shares:
+    /// validates `channel`, registers it if it is a channel of this process
+    /// and refuses one of another process (with the backend's error, made by
+    /// `backend_error` from the message). `None`: a named channel, which the
+    /// backend receives its own way.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    fn receive_local(
+        self: &Arc<Self>,
+        channel: &str,
+        backend_error: impl FnOnce(String) -> ChannelLayerError,
+    ) -> Result<Option<ChannelReceiver>, ChannelLayerError> {
+        validate_channel_name(channel)?;
+        match self.registry().owner(channel) {
+            Owner::Local => self.register(channel.to_owned()).map(Some),
+            Owner::Process(process) => Err(backend_error(format!(
+                "channel {channel:?} belongs to process {process:?}: only the layer that \
+                 created it can receive it (use new_channel, or a name without '!')"
+            ))),
+            Owner::Named => Ok(None),
+        }
+    }
+
+    /// Hands `event` to every local member of `group`, counting them in
+    /// `delivered` and `dropped_full`; returns (delivered, dropped).
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    fn fan_out(&self, group: &str, event: &Event) -> (usize, usize) {
+        let (delivered, dropped) = self.registry().fan_out(group, event);
+        let counters = self.counters();
+        Counters::add(&counters.delivered, delivered);
+        Counters::add(&counters.dropped_full, dropped);
+        (delivered, dropped)
+    }
+
+    /// An event another process sent to one of our channels: delivered
+    /// without waiting; a full channel counts in `dropped_full`, an unknown
+    /// or closed one in `dropped_other`.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "django")),
+        allow(dead_code)
+    )]
+    fn deliver_remote(&self, channel: &str, event: Event) {
+        let counters = self.counters();
+        match self.registry().send_lossy(channel, event) {
+            Some(Delivery::Delivered) => {}
+            Some(Delivery::Dropped) => Counters::add(&counters.dropped_full, 1),
+            Some(Delivery::Closed) | None => Counters::add(&counters.dropped_other, 1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_and_process_channel_names() {
+        let registry = Registry::new("specific.abc".into());
+        assert_eq!(registry.new_process_channel(), "specific.abc!0");
+        assert_eq!(registry.new_process_channel(), "specific.abc!1");
+        assert_eq!(registry.owner("specific.abc!1"), Owner::Local);
+        assert_eq!(registry.owner("specific.abc!x!y"), Owner::Local);
+        assert_eq!(
+            registry.owner("specific.xyz!1"),
+            Owner::Process("specific.xyz")
+        );
+        // Only the whole process name matches.
+        assert_eq!(
+            registry.owner("specific.ab!1"),
+            Owner::Process("specific.ab")
+        );
+        assert_eq!(registry.owner("thumbnails"), Owner::Named);
+        assert!(registry.is_local("specific.abc!7"));
+        assert!(!registry.is_local("thumbnails"));
     }
 }

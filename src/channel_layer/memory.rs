@@ -1,16 +1,12 @@
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
-    },
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use super::{
-    channel,
     history::policy_for,
-    local::Registry,
+    local::{Counters, LocalChannels, Registry},
     names,
     presence::{group_by_user, LocalPresence},
     validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
@@ -59,13 +55,9 @@ pub struct InMemoryChannelLayer {
 
 #[derive(Debug)]
 struct Inner {
-    prefix: String,
     capacity: usize,
-    next_id: AtomicU64,
     registry: Registry,
-    group_sends: AtomicU64,
-    delivered: AtomicU64,
-    dropped_full: AtomicU64,
+    counters: Counters,
     history: Vec<HistoryPolicy>,
     presence_config: PresenceConfig,
     streams: Mutex<Streams>,
@@ -135,13 +127,9 @@ impl InMemoryChannelLayer {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
-                prefix: format!("specific.{}!", names::random_token(12)),
                 capacity: capacity.max(1),
-                next_id: AtomicU64::new(0),
-                registry: Registry::default(),
-                group_sends: AtomicU64::new(0),
-                delivered: AtomicU64::new(0),
-                dropped_full: AtomicU64::new(0),
+                registry: Registry::new(format!("specific.{}", names::random_token(12))),
+                counters: Counters::default(),
                 history: Vec::new(),
                 presence_config: PresenceConfig::new(),
                 streams: Mutex::new(Streams {
@@ -189,22 +177,30 @@ impl InMemoryChannelLayer {
     }
 }
 
-impl Inner {
-    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.capacity);
-        self.registry.insert(&name, tx)?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        Ok(rx.on_drop(move || {
-            if let Some(inner) = weak.upgrade() {
-                inner.registry.forget(&name);
-                let groups = lock(&inner.presence).groups_of(&name);
-                for group in groups {
-                    inner.presence_leave(&group, &name);
-                }
-            }
-        }))
+impl LocalChannels for Inner {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Membership needs no more: the channel left its groups with the
+    /// registry. Its presence goes with them.
+    fn forgotten(self: &Arc<Self>, channel: &str, _emptied: Vec<String>) {
+        let groups = lock(&self.presence).groups_of(channel);
+        for group in groups {
+            self.presence_leave(&group, channel);
+        }
+    }
+}
+
+impl Inner {
     /// Sends a join or leave notification (never part of the history).
     fn notify(&self, group: &str, kind: &'static str, info: &PresenceInfo) {
         if self.presence_config.notifies(group) {
@@ -294,10 +290,7 @@ impl Inner {
 
 impl ChannelLayer for InMemoryChannelLayer {
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}{id}", self.inner.prefix);
-        let result = self.inner.register(name);
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
 
     fn receive<'a>(
@@ -367,13 +360,10 @@ impl ChannelLayer for InMemoryChannelLayer {
                         (d, f, None)
                     }
                 };
-                inner.group_sends.fetch_add(1, Ordering::Relaxed);
-                inner
-                    .delivered
-                    .fetch_add(delivered as u64, Ordering::Relaxed);
-                inner
-                    .dropped_full
-                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                let counters = &inner.counters;
+                counters.group_sends.fetch_add(1, Ordering::Relaxed);
+                Counters::add(&counters.delivered, delivered);
+                Counters::add(&counters.dropped_full, dropped);
                 crate::metrics::group_sent(dropped);
                 GroupSendReport {
                     local_members: delivered,
@@ -393,12 +383,8 @@ impl ChannelLayer for InMemoryChannelLayer {
     }
 
     fn stats(&self) -> ChannelLayerStats {
-        ChannelLayerStats {
-            group_sends: self.inner.group_sends.load(Ordering::Relaxed),
-            delivered: self.inner.delivered.load(Ordering::Relaxed),
-            dropped_full: self.inner.dropped_full.load(Ordering::Relaxed),
-            ..ChannelLayerStats::default()
-        }
+        // `dropped_other` stays 0: nothing is decoded or relayed here.
+        self.inner.counters.stats()
     }
 
     fn presence_join<'a>(

@@ -6,7 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc, Mutex, Weak,
     },
     time::Duration,
@@ -20,9 +20,9 @@ use super::{
     escape_glob, lock, now_secs_f64, BackendError, Counters, DjangoConfig,
 };
 use crate::channel_layer::{
-    channel, local::Registry, names, validate_channel_name, validate_group_name, BoxFuture,
-    ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery,
-    Event, GroupSendReport,
+    local::{LocalChannels, Registry},
+    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
 };
 
 /// How long one `BZPOPMIN` blocks (channels_redis' `brpop_timeout`).
@@ -77,10 +77,10 @@ struct Inner {
     config: DjangoConfig,
     hosts: Vec<Host>,
     codec: Arc<Codec>,
-    /// `specific.<client prefix>!`: channels_redis' non-local name of our channels.
-    head: String,
-    next_id: AtomicU64,
     send_index: AtomicUsize,
+    /// This process's channels; its process name is `specific.<client
+    /// prefix>`, and with the `!`, channels_redis' non-local name of our
+    /// channels.
     registry: Registry,
     /// Groups of each local channel (for the refresh task and for leaving
     /// them when a receiver is dropped).
@@ -98,7 +98,7 @@ impl fmt::Debug for DjangoChannelLayer {
         f.debug_struct("DjangoChannelLayer")
             .field("hosts", &self.inner.config.hosts())
             .field("prefix", &self.inner.config.prefix)
-            .field("process", &self.inner.head)
+            .field("process", &self.inner.process())
             .finish_non_exhaustive()
     }
 }
@@ -124,12 +124,10 @@ impl DjangoChannelLayer {
         let client = format!("{:016x}{:016x}", names::random_u64(), names::random_u64());
         let (shutdown, stopped) = watch::channel(());
         let inner = Arc::new(Inner {
-            head: format!("specific.{client}!"),
             hosts,
             codec: Arc::new(codec),
-            next_id: AtomicU64::new(0),
             send_index: AtomicUsize::new(0),
-            registry: Registry::default(),
+            registry: Registry::new(format!("specific.{client}")),
             memberships: Mutex::default(),
             counters: Arc::default(),
             send_script: redis::Script::new(SEND_SCRIPT),
@@ -138,7 +136,7 @@ impl DjangoChannelLayer {
             _shutdown: shutdown,
             config,
         });
-        let key = format!("{}{}", inner.config.prefix, inner.head);
+        let key = format!("{}{}!", inner.config.prefix, inner.process());
         // Read our process key on every host: Django's `send` may put
         // messages on the host of the full channel name (see the module docs).
         for host in &inner.hosts {
@@ -157,7 +155,7 @@ impl DjangoChannelLayer {
     /// This instance's process name, `specific.<client prefix>`: the part of
     /// its channel names before the `!`.
     pub fn process_name(&self) -> &str {
-        self.inner.head.trim_end_matches('!')
+        self.inner.process()
     }
 
     /// Number of this process's channels in `group`.
@@ -179,38 +177,26 @@ fn non_local(channel: &str) -> &str {
     }
 }
 
-impl Inner {
-    fn is_local(&self, channel: &str) -> bool {
-        channel.contains('!') && non_local(channel) == self.head
+impl LocalChannels for Inner {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 
-    fn group_key(&self, group: &str) -> String {
-        format!("{}:group:{group}", self.config.prefix)
+    fn capacity(&self) -> usize {
+        self.config.capacity
     }
 
-    fn group_host(&self, group: &str) -> &Host {
-        &self.hosts[consistent_hash(group, self.hosts.len())]
+    fn counters(&self) -> &Counters {
+        &self.counters
     }
 
-    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.config.capacity);
-        self.registry.insert(&name, tx)?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        Ok(rx.on_drop(move || {
-            if let Some(inner) = weak.upgrade() {
-                inner.forget(&name);
-            }
-        }))
-    }
-
-    /// A receiver was dropped: leave its groups, locally and in Redis.
-    fn forget(self: &Arc<Self>, name: &str) {
-        self.registry.forget(name);
-        let Some(groups) = lock(&self.memberships).remove(name) else {
+    /// Leaves the channel's groups in Redis too.
+    fn forgotten(self: &Arc<Self>, channel: &str, _emptied: Vec<String>) {
+        let Some(groups) = lock(&self.memberships).remove(channel) else {
             return;
         };
         let inner = self.clone();
-        let name = name.to_owned();
+        let name = channel.to_owned();
         self.runtime.spawn(async move {
             for group in groups {
                 let mut zrem = redis::cmd("ZREM");
@@ -221,17 +207,28 @@ impl Inner {
             }
         });
     }
+}
+
+impl Inner {
+    fn group_key(&self, group: &str) -> String {
+        format!("{}:group:{group}", self.config.prefix)
+    }
+
+    fn group_host(&self, group: &str) -> &Host {
+        &self.hosts[consistent_hash(group, self.hosts.len())]
+    }
 
     /// A message popped from our process key.
     fn deliver(&self, bytes: &[u8]) {
         let decoded = match self.codec.deserialize(bytes) {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(process = %self.head, "dropping a message: {e}");
+                tracing::warn!(process = %self.process(), "dropping a message: {e}");
                 Counters::add(&self.counters.dropped_other, 1);
                 return;
             }
         };
+        // Unlike `deliver_remote`, a delivered message counts in `delivered`.
         let one = |channel: &str| match self.registry.send_lossy(channel, decoded.event.clone()) {
             Some(Delivery::Delivered) => Counters::add(&self.counters.delivered, 1),
             Some(Delivery::Dropped) => Counters::add(&self.counters.dropped_full, 1),
@@ -439,9 +436,7 @@ impl Popper {
 
 impl ChannelLayer for DjangoChannelLayer {
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = self.inner.register(format!("{}{id}", self.inner.head));
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
 
     fn receive<'a>(
@@ -451,7 +446,7 @@ impl ChannelLayer for DjangoChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.is_local(channel) {
+            if inner.registry.is_local(channel) {
                 return inner.register(channel.to_owned());
             }
             if channel.contains('!') {
@@ -491,7 +486,7 @@ impl ChannelLayer for DjangoChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.is_local(channel) {
+            if inner.registry.is_local(channel) {
                 return inner.registry.send(channel, event);
             }
             let dict = Dict::from_event(&event)?;
@@ -532,7 +527,7 @@ impl ChannelLayer for DjangoChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.is_local(channel) {
+            if inner.registry.is_local(channel) {
                 inner.registry.group_add(group, channel)?;
                 lock(&inner.memberships)
                     .entry(channel.to_owned())
@@ -552,7 +547,7 @@ impl ChannelLayer for DjangoChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.is_local(channel) {
+            if inner.registry.is_local(channel) {
                 inner.registry.group_discard(group, channel);
                 if let Some(groups) = lock(&inner.memberships).get_mut(channel) {
                     groups.remove(group);
@@ -593,7 +588,7 @@ impl ChannelLayer for DjangoChannelLayer {
             // channels it carries, bucketed by host as channels_redis does.
             let mut keys: HashMap<String, (usize, usize, Vec<String>)> = HashMap::new();
             for member in members {
-                if inner.is_local(&member) || validate_channel_name(&member).is_err() {
+                if inner.registry.is_local(&member) || validate_channel_name(&member).is_err() {
                     continue;
                 }
                 let nl = non_local(&member);
@@ -644,9 +639,7 @@ impl ChannelLayer for DjangoChannelLayer {
                 }
             }
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-            let (delivered, dropped) = inner.registry.fan_out(group, &event);
-            Counters::add(&inner.counters.delivered, delivered);
-            Counters::add(&inner.counters.dropped_full, dropped);
+            let (delivered, dropped) = inner.fan_out(group, &event);
             Ok(GroupSendReport {
                 position: None,
                 local_members: delivered,

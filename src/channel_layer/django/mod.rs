@@ -164,12 +164,11 @@ mod pubsub;
 
 use std::{
     fmt,
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 pub use self::{core::DjangoChannelLayer, pubsub::DjangoPubSubChannelLayer};
-use super::{ChannelLayerError, DEFAULT_CAPACITY};
+use super::{local::Counters, ChannelLayerError, DEFAULT_CAPACITY};
 #[cfg(doc)]
 use super::{ChannelLayerStats, Event};
 
@@ -397,31 +396,6 @@ pub(crate) enum BackendError {
 impl From<BackendError> for ChannelLayerError {
     fn from(e: BackendError) -> Self {
         ChannelLayerError::backend(e)
-    }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    group_sends: AtomicU64,
-    delivered: AtomicU64,
-    dropped_full: AtomicU64,
-    dropped_other: AtomicU64,
-}
-
-impl Counters {
-    fn add(counter: &AtomicU64, n: usize) {
-        if n > 0 {
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-
-    fn stats(&self) -> super::ChannelLayerStats {
-        super::ChannelLayerStats {
-            group_sends: self.group_sends.load(Ordering::Relaxed),
-            delivered: self.delivered.load(Ordering::Relaxed),
-            dropped_full: self.dropped_full.load(Ordering::Relaxed),
-            dropped_other: self.dropped_other.load(Ordering::Relaxed),
-        }
     }
 }
 

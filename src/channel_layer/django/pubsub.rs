@@ -5,10 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, Weak,
-    },
+    sync::{atomic::Ordering, Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -28,9 +25,9 @@ use super::{
     escape_glob, lock, BackendError, Counters, DjangoConfig,
 };
 use crate::channel_layer::{
-    channel, local::no_such_channel, local::Registry, names, validate_channel_name,
-    validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats,
-    ChannelReceiver, Delivery, Event, GroupSendReport,
+    local::{no_such_channel, LocalChannels, Registry},
+    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    ChannelLayerStats, ChannelReceiver, Event, GroupSendReport,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -50,11 +47,10 @@ struct Inner {
     config: DjangoConfig,
     shards: Vec<Shard>,
     codec: Codec,
-    /// `<prefix>specific.<token>`: our channels are `<head>!<n>`.
-    head: String,
     /// `<prefix>__group__`.
     group_prefix: String,
-    next_id: AtomicU64,
+    /// This process's channels; its process name is
+    /// `<prefix>specific.<token>`.
     registry: Registry,
     /// Named channels received in this process.
     named: Mutex<HashSet<String>>,
@@ -80,7 +76,7 @@ impl fmt::Debug for DjangoPubSubChannelLayer {
         f.debug_struct("DjangoPubSubChannelLayer")
             .field("hosts", &self.inner.config.hosts())
             .field("prefix", &self.inner.config.prefix)
-            .field("process", &self.inner.head)
+            .field("process", &self.inner.process())
             .finish_non_exhaustive()
     }
 }
@@ -104,8 +100,8 @@ impl DjangoPubSubChannelLayer {
             shards.push(Shard { host, commands });
             receivers.push(rx);
         }
-        let head = format!("{}specific.{}", config.prefix, names::random_token(16));
-        validate_channel_name(&format!("{head}!0")).map_err(|e| {
+        let process = format!("{}specific.{}", config.prefix, names::random_token(16));
+        validate_channel_name(&format!("{process}!0")).map_err(|e| {
             BackendError::Other(format!(
                 "the pubsub layer's channel names start with the prefix {:?}, which makes \
                  them invalid: {}",
@@ -114,12 +110,10 @@ impl DjangoPubSubChannelLayer {
             ))
         })?;
         let inner = Arc::new(Inner {
-            head,
             group_prefix: format!("{}__group__", config.prefix),
             shards,
             codec,
-            next_id: AtomicU64::new(0),
-            registry: Registry::default(),
+            registry: Registry::new(process),
             named: Mutex::default(),
             counters: Arc::default(),
             config,
@@ -144,7 +138,7 @@ impl DjangoPubSubChannelLayer {
 
     /// The start of this instance's channel names, `<prefix>specific.<token>`.
     pub fn process_name(&self) -> &str {
-        &self.inner.head
+        self.inner.process()
     }
 
     /// Number of this process's channels in `group`.
@@ -158,13 +152,37 @@ impl DjangoPubSubChannelLayer {
     }
 }
 
-impl Inner {
-    fn is_local(&self, channel: &str) -> bool {
-        channel
-            .split_once('!')
-            .is_some_and(|(head, _)| head == self.head)
+impl LocalChannels for Inner {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 
+    fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Unsubscribes from the groups left without a local member, and from
+    /// the channel itself if it was a named one.
+    fn forgotten(self: &Arc<Self>, channel: &str, emptied: Vec<String>) {
+        let mut unsync: Vec<String> = emptied.iter().map(|g| self.group_channel(g)).collect();
+        if lock(&self.named).remove(channel) {
+            unsync.push(channel.to_owned());
+        }
+        for channel in unsync {
+            // The task is gone only when the layer is, and then nothing is subscribed.
+            let _ = self
+                .shard_of(&channel)
+                .commands
+                .send(Command::Sync { channel, ack: None });
+        }
+    }
+}
+
+impl Inner {
     fn shard_of(&self, redis_channel: &str) -> &Shard {
         &self.shards[consistent_hash(redis_channel, self.shards.len())]
     }
@@ -196,36 +214,6 @@ impl Inner {
         wait(done, what, self.config.timeout).await
     }
 
-    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.config.capacity);
-        self.registry.insert(&name, tx)?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        Ok(rx.on_drop(move || {
-            if let Some(inner) = weak.upgrade() {
-                inner.forget(&name);
-            }
-        }))
-    }
-
-    fn forget(&self, name: &str) {
-        let mut unsync: Vec<String> = self
-            .registry
-            .forget(name)
-            .iter()
-            .map(|g| self.group_channel(g))
-            .collect();
-        if lock(&self.named).remove(name) {
-            unsync.push(name.to_owned());
-        }
-        for channel in unsync {
-            // The task is gone only when the layer is, and then nothing is subscribed.
-            let _ = self
-                .shard_of(&channel)
-                .commands
-                .send(Command::Sync { channel, ack: None });
-        }
-    }
-
     fn message(&self, msg: &Msg) {
         let name = msg.get_channel_name();
         let event = match self.codec.deserialize(msg.get_payload_bytes()) {
@@ -236,16 +224,11 @@ impl Inner {
                 return;
             }
         };
-        if let Some(group) = name.strip_prefix(self.group_prefix.as_str()) {
-            let (delivered, dropped) = self.registry.fan_out(group, &event);
-            Counters::add(&self.counters.delivered, delivered);
-            Counters::add(&self.counters.dropped_full, dropped);
-            return;
-        }
-        match self.registry.send_lossy(name, event) {
-            Some(Delivery::Delivered) => {}
-            Some(Delivery::Dropped) => Counters::add(&self.counters.dropped_full, 1),
-            Some(Delivery::Closed) | None => Counters::add(&self.counters.dropped_other, 1),
+        match name.strip_prefix(self.group_prefix.as_str()) {
+            Some(group) => {
+                self.fan_out(group, &event);
+            }
+            None => self.deliver_remote(name, event),
         }
     }
 
@@ -293,7 +276,7 @@ async fn open(inner: &Inner, index: usize) -> Result<PubSub, String> {
         Err(_) => return Err("connecting timed out".into()),
     };
     let (mut sink, stream) = pubsub.split();
-    let pattern = format!("{}!*", escape_glob(&inner.head));
+    let pattern = format!("{}!*", escape_glob(inner.process()));
     within(timeout, "PSUBSCRIBE", sink.psubscribe(pattern)).await?;
     Ok(PubSub { sink, stream })
 }
@@ -403,7 +386,7 @@ impl Subscriber {
                 if let Err(e) = self.reconcile(inner, wanted).await {
                     tracing::debug!("re-subscribing failed: {e}");
                 } else {
-                    tracing::info!(process = %inner.head, "connected to Redis Pub/Sub and subscribed");
+                    tracing::info!(process = %inner.process(), "connected to Redis Pub/Sub and subscribed");
                 }
             }
             Err(e) => {
@@ -466,9 +449,7 @@ impl Subscriber {
 
 impl ChannelLayer for DjangoPubSubChannelLayer {
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = self.inner.register(format!("{}!{id}", self.inner.head));
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
 
     fn receive<'a>(
@@ -478,7 +459,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.is_local(channel) {
+            if inner.registry.is_local(channel) {
                 return inner.register(channel.to_owned());
             }
             if channel.contains('!') {
@@ -503,7 +484,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.is_local(channel) {
+            if inner.registry.is_local(channel) {
                 return inner.registry.send(channel, event);
             }
             let payload = inner
@@ -525,7 +506,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if !inner.is_local(channel) {
+            if !inner.registry.is_local(channel) {
                 return Err(BackendError::Other(format!(
                     "the pubsub layer can only add channels of this process to groups, \
                      not {channel:?}"
@@ -546,7 +527,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            if !inner.is_local(channel) {
+            if !inner.registry.is_local(channel) {
                 return Ok(());
             }
             inner.registry.group_discard(group, channel);

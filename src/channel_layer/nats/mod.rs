@@ -99,10 +99,7 @@ pub use async_nats;
 use std::{
     collections::HashMap,
     fmt,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Weak,
-    },
+    sync::{atomic::Ordering, Arc, Weak},
     time::Duration,
 };
 
@@ -113,9 +110,10 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use self::wire::Envelope;
 use super::{
-    channel, local::no_such_channel, local::Registry, names, validate_channel_name,
-    validate_group_name, BoxError, BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats,
-    ChannelReceiver, ChannelSender, Event, GroupSendReport, TrySendError, DEFAULT_CAPACITY,
+    local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
+    names, validate_channel_name, validate_group_name, BoxError, BoxFuture, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, GroupSendReport,
+    TrySendError, DEFAULT_CAPACITY,
 };
 
 /// The default subject prefix.
@@ -241,17 +239,15 @@ impl NatsChannelLayerBuilder {
             }
         };
 
-        let head = format!("specific.{}", names::random_token(12));
+        let process = format!("specific.{}", names::random_token(12));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            proc_subject: format!("{}.proc.{head}", self.prefix),
-            head,
+            proc_subject: format!("{}.proc.{process}", self.prefix),
             prefix: self.prefix,
             capacity: self.capacity,
             timeout: self.timeout,
             client,
-            next_id: AtomicU64::new(0),
-            registry: Registry::default(),
+            registry: Registry::new(process),
             groups: tokio::sync::Mutex::default(),
             commands,
             counters,
@@ -281,7 +277,7 @@ impl fmt::Debug for NatsChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsChannelLayer")
             .field("prefix", &self.inner.prefix)
-            .field("process", &self.inner.head)
+            .field("process", &self.inner.process())
             .field("capacity", &self.inner.capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
@@ -313,7 +309,7 @@ impl NatsChannelLayer {
 
     /// This instance's process name, `specific.<token>`.
     pub fn process_name(&self) -> &str {
-        &self.inner.head
+        self.inner.process()
     }
 
     /// Events a channel holds.
@@ -351,22 +347,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    group_sends: AtomicU64,
-    delivered: AtomicU64,
-    dropped_full: AtomicU64,
-    dropped_other: AtomicU64,
-}
-
-impl Counters {
-    fn add(counter: &AtomicU64, n: usize) {
-        if n > 0 {
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-}
-
 /// A backend failure, wrapped in [`ChannelLayerError::Backend`].
 #[derive(Debug, thiserror::Error)]
 enum NatsError {
@@ -391,13 +371,12 @@ enum SyncCommand {
 
 struct Inner {
     prefix: String,
-    head: String,
-    /// `{prefix}.proc.{head}`.
+    /// `{prefix}.proc.{process}`.
     proc_subject: String,
     capacity: usize,
     timeout: Duration,
     client: Client,
-    next_id: AtomicU64,
+    /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
     /// The subscription task of each group with local members.
     groups: tokio::sync::Mutex<HashMap<String, AbortOnDrop>>,
@@ -409,7 +388,7 @@ impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Inner")
             .field("prefix", &self.prefix)
-            .field("head", &self.head)
+            .field("head", &self.process())
             .finish_non_exhaustive()
     }
 }
@@ -420,11 +399,28 @@ const REPLY_NO_SUCH_CHANNEL: u8 = 1;
 const REPLY_FULL: u8 = 2;
 const REPLY_FAILED: u8 = 3;
 
-impl Inner {
-    fn process_of(channel: &str) -> Option<&str> {
-        channel.split_once('!').map(|(head, _)| head)
+impl LocalChannels for Inner {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Has the sync task unsubscribe from the groups left without a local member.
+    fn forgotten(self: &Arc<Self>, _channel: &str, emptied: Vec<String>) {
+        for group in emptied {
+            let _ = self.commands.send(SyncCommand::Group(group));
+        }
+    }
+}
+
+impl Inner {
     fn group_subject(&self, group: &str) -> String {
         format!("{}.group.{group}", self.prefix)
     }
@@ -522,26 +518,6 @@ impl Inner {
         }
     }
 
-    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.capacity);
-        self.registry.insert(&name, tx)?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        Ok(rx.on_drop(move || {
-            if let Some(inner) = weak.upgrade() {
-                for group in inner.registry.forget(&name) {
-                    let _ = inner.commands.send(SyncCommand::Group(group));
-                }
-            }
-        }))
-    }
-
-    fn fan_out(&self, group: &str, event: &Event) -> (usize, usize) {
-        let (delivered, dropped) = self.registry.fan_out(group, event);
-        Counters::add(&self.counters.delivered, delivered);
-        Counters::add(&self.counters.dropped_full, dropped);
-        (delivered, dropped)
-    }
-
     /// Subscribes to `group` if it has local members and is not subscribed,
     /// unsubscribes if it has none.
     async fn sync_group(self: &Arc<Self>, group: &str) -> Result<(), ChannelLayerError> {
@@ -588,7 +564,7 @@ impl Inner {
                 },
                 wire::OP_GROUP_ADD | wire::OP_GROUP_DISCARD => {
                     if validate_group_name(env.group).is_err()
-                        || Self::process_of(env.channel) != Some(self.head.as_str())
+                        || !self.registry.is_local(env.channel)
                     {
                         REPLY_NO_SUCH_CHANNEL
                     } else if env.op == wire::OP_GROUP_ADD {
@@ -652,7 +628,7 @@ async fn group_loop(inner: Weak<Inner>, group: String, mut sub: Subscriber) {
         match Envelope::from_bytes(&msg.payload) {
             Ok(env) if env.op == wire::OP_GROUP_EVENT => {
                 // Our own group sends were delivered by `group_send`.
-                if env.origin == inner.head {
+                if env.origin == inner.process() {
                     continue;
                 }
                 match env.decode_event() {
@@ -724,9 +700,7 @@ fn request_outcome(channel: &str, status: Option<u8>) -> Result<(), ChannelLayer
 
 impl ChannelLayer for NatsChannelLayer {
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = self.inner.register(format!("{}!{id}", self.inner.head));
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
 
     fn receive<'a>(
@@ -734,26 +708,19 @@ impl ChannelLayer for NatsChannelLayer {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
-            validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => inner.register(channel.to_owned()),
-                Some(process) => Err(NatsError::Other(format!(
-                    "channel {channel:?} belongs to process {process:?}: only the layer that \
-                     created it can receive it (use new_channel, or a name without '!')"
-                ))
-                .into()),
-                None => {
-                    let sub = inner
-                        .subscribe(inner.worker_subject(channel), Some(QUEUE_GROUP))
-                        .await?;
-                    let (tx, rx) = super::channel(channel, inner.capacity);
-                    let task =
-                        AbortOnDrop(tokio::spawn(worker_loop(tx, Arc::downgrade(inner), sub)));
-                    // Dropping the receiver ends the subscription.
-                    Ok(rx.on_drop(move || drop(task)))
-                }
+            if let Some(rx) = inner.receive_local(channel, |e| NatsError::Other(e).into())? {
+                return Ok(rx);
             }
+            // A worker channel: the queue subscription is in place (the
+            // probe came back) before the receiver is handed out.
+            let sub = inner
+                .subscribe(inner.worker_subject(channel), Some(QUEUE_GROUP))
+                .await?;
+            let (tx, rx) = super::channel(channel, inner.capacity);
+            let task = AbortOnDrop(tokio::spawn(worker_loop(tx, Arc::downgrade(inner), sub)));
+            // Dropping the receiver ends the subscription.
+            Ok(rx.on_drop(move || drop(task)))
         })
     }
 
@@ -765,15 +732,13 @@ impl ChannelLayer for NatsChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            let subject = match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
-                    return inner.registry.send(channel, event)
-                }
-                Some(process) => inner.proc_subject_of(process),
-                None => inner.worker_subject(channel),
+            let subject = match inner.registry.owner(channel) {
+                Owner::Local => return inner.registry.send(channel, event),
+                Owner::Process(process) => inner.proc_subject_of(process),
+                Owner::Named => inner.worker_subject(channel),
             };
             let payload =
-                wire::event_envelope(&inner.head, wire::OP_CHANNEL_EVENT, "", channel, &event)?;
+                wire::event_envelope(inner.process(), wire::OP_CHANNEL_EVENT, "", channel, &event)?;
             let status = inner.request(subject, payload).await?;
             request_outcome(channel, status)
         })
@@ -788,21 +753,21 @@ impl ChannelLayer for NatsChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
+            match inner.registry.owner(channel) {
+                Owner::Local => {
                     inner.registry.group_add(group, channel)?;
                     inner.sync_group(group).await
                 }
-                Some(process) => {
+                Owner::Process(process) => {
                     let payload =
-                        Envelope::control(&inner.head, wire::OP_GROUP_ADD, group, channel)
+                        Envelope::control(inner.process(), wire::OP_GROUP_ADD, group, channel)
                             .to_bytes()?;
                     let status = inner
                         .request(inner.proc_subject_of(process), payload)
                         .await?;
                     request_outcome(channel, status)
                 }
-                None => Err(NatsError::Other(format!(
+                Owner::Named => Err(NatsError::Other(format!(
                     "cannot add the named channel {channel:?} to group {group:?}: the NATS layer \
                      does not support named channels in groups yet (it needs JetStream)"
                 ))
@@ -820,14 +785,14 @@ impl ChannelLayer for NatsChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
+            match inner.registry.owner(channel) {
+                Owner::Local => {
                     inner.registry.group_discard(group, channel);
                     inner.sync_group(group).await
                 }
-                Some(process) => {
+                Owner::Process(process) => {
                     let payload =
-                        Envelope::control(&inner.head, wire::OP_GROUP_DISCARD, group, channel)
+                        Envelope::control(inner.process(), wire::OP_GROUP_DISCARD, group, channel)
                             .to_bytes()?;
                     match inner
                         .request(inner.proc_subject_of(process), payload)
@@ -842,7 +807,7 @@ impl ChannelLayer for NatsChannelLayer {
                     }
                 }
                 // Named channels are never members (see group_add).
-                None => Ok(()),
+                Owner::Named => Ok(()),
             }
         })
     }
@@ -856,7 +821,7 @@ impl ChannelLayer for NatsChannelLayer {
             validate_group_name(group)?;
             let inner = &self.inner;
             let payload =
-                wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
+                wire::event_envelope(inner.process(), wire::OP_GROUP_EVENT, group, "", &event)?;
             inner.publish(inner.group_subject(group), payload).await?;
             inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
             let (delivered, dropped) = inner.fan_out(group, &event);
@@ -879,13 +844,7 @@ impl ChannelLayer for NatsChannelLayer {
     }
 
     fn stats(&self) -> ChannelLayerStats {
-        let c = &self.inner.counters;
-        ChannelLayerStats {
-            group_sends: c.group_sends.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            dropped_full: c.dropped_full.load(Ordering::Relaxed),
-            dropped_other: c.dropped_other.load(Ordering::Relaxed),
-        }
+        self.inner.counters.stats()
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::atomic::Ordering};
 
-use super::{lock, names, unix_now, wire, BackendError, Counters, Inner, LuaScript};
+use super::{lock, names, unix_now, wire, BackendError, Counters, Inner, LocalChannels, LuaScript};
 use crate::channel_layer::{
     ChannelLayerError, Event, GroupSendReport, HistoryPolicy, Recovery, RecoveryFailure,
     StreamPosition,
@@ -165,7 +165,7 @@ impl Inner {
     ) -> Result<GroupSendReport, ChannelLayerError> {
         let encoded = event.encode()?;
         let list_payload =
-            wire::event_envelope(&self.head, wire::OP_GROUP_EVENT, group, "", event)?;
+            wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
         let key = self.config.group_key(group);
         let subscribed_before = lock(&self.subscribed).contains(group);
         let local_members = self.registry.group_len(group);
@@ -182,7 +182,7 @@ impl Inner {
                     .arg(&self.config.list_prefix)
                     .arg(self.stream_key(group))
                     .arg(self.meta_key(group))
-                    .arg(&self.head)
+                    .arg(self.process())
                     .arg(group)
                     .arg(encoded.as_ref())
                     .arg(policy.len_limit())

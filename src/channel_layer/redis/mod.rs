@@ -240,7 +240,7 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, MutexGuard,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -256,15 +256,13 @@ use self::{
     wire::Envelope,
 };
 use super::{
-    channel,
     history::policy_for,
-    local::{no_such_channel, Registry},
+    local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
     names,
     presence::LocalPresence,
     validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
-    HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
-    DEFAULT_CAPACITY,
+    ChannelLayerStats, ChannelReceiver, ChannelSender, Event, GroupSendReport, HistoryPolicy,
+    PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition, DEFAULT_CAPACITY,
 };
 
 /// The default key prefix.
@@ -429,8 +427,8 @@ impl RedisChannelLayerBuilder {
             }
         };
 
-        let head = format!("specific.{}", names::random_token(12));
-        let proc_channel = format!("{}:proc:{head}", config.prefix);
+        let process = format!("specific.{}", names::random_token(12));
+        let proc_channel = format!("{}:proc:{process}", config.prefix);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             scripts: Scripts {
@@ -442,13 +440,11 @@ impl RedisChannelLayerBuilder {
             presence: Mutex::default(),
             continuity: Mutex::default(),
             config,
-            head,
             proc_channel,
             client,
             conn,
-            next_id: AtomicU64::new(0),
             next_request: AtomicU64::new(1),
-            registry: Registry::default(),
+            registry: Registry::new(process),
             subscribed: Mutex::default(),
             connected: AtomicBool::new(false),
             pending: Mutex::default(),
@@ -483,7 +479,7 @@ impl fmt::Debug for RedisChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisChannelLayer")
             .field("prefix", &self.inner.config.prefix)
-            .field("process", &self.inner.head)
+            .field("process", &self.inner.process())
             .field("capacity", &self.inner.config.capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
@@ -521,7 +517,7 @@ impl RedisChannelLayer {
     /// This instance's process name, `specific.<token>`: the part of its
     /// channel names before the `!`.
     pub fn process_name(&self) -> &str {
-        &self.inner.head
+        self.inner.process()
     }
 
     /// Events a channel holds.
@@ -574,22 +570,6 @@ impl Config {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    group_sends: AtomicU64,
-    delivered: AtomicU64,
-    dropped_full: AtomicU64,
-    dropped_other: AtomicU64,
-}
-
-impl Counters {
-    fn add(counter: &AtomicU64, n: usize) {
-        if n > 0 {
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-}
-
 #[derive(Debug)]
 pub(super) struct LuaScript {
     code: &'static str,
@@ -613,9 +593,7 @@ struct Scripts {
 
 struct Inner {
     config: Config,
-    /// This process's name, `specific.<token>`.
-    head: String,
-    /// `{prefix}:proc:{head}`.
+    /// `{prefix}:proc:{process}`.
     proc_channel: String,
     client: redis::Client,
     conn: ConnectionManager,
@@ -626,8 +604,8 @@ struct Inner {
     presence: Mutex<LocalPresence>,
     /// Last offset received per history group; written by the subscriber task.
     continuity: Mutex<history::Continuity>,
-    next_id: AtomicU64,
     next_request: AtomicU64,
+    /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
     /// Groups whose Pub/Sub subscription Redis confirmed; written by the subscriber task.
     subscribed: Mutex<HashSet<String>>,
@@ -642,7 +620,7 @@ impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Inner")
             .field("config", &self.config)
-            .field("head", &self.head)
+            .field("head", &self.process())
             .finish_non_exhaustive()
     }
 }
@@ -676,15 +654,31 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+impl LocalChannels for Inner {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Unsubscribes from the groups left without a local member, and
+    /// removes the channel's presence.
+    fn forgotten(self: &Arc<Self>, channel: &str, emptied: Vec<String>) {
+        for group in emptied {
+            // The task is gone only when the layer is, and then nothing is subscribed.
+            let _ = self.commands.send(Command::Sync { group, ack: None });
+        }
+        self.forget_presence(channel);
+    }
+}
+
 impl Inner {
-    fn process_of(channel: &str) -> Option<&str> {
-        channel.split_once('!').map(|(head, _)| head)
-    }
-
-    fn is_local(&self, channel: &str) -> bool {
-        Self::process_of(channel) == Some(self.head.as_str())
-    }
-
     /// Runs one command with the layer's timeout.
     async fn query<T: FromRedisValue>(
         &self,
@@ -791,28 +785,6 @@ impl Inner {
             .await
     }
 
-    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.config.capacity);
-        self.registry.insert(&name, tx)?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        Ok(rx.on_drop(move || {
-            if let Some(inner) = weak.upgrade() {
-                inner.forget(&name);
-                inner.forget_presence(&name);
-            }
-        }))
-    }
-
-    /// A receiver was dropped: forget its channel and leave its groups,
-    /// unsubscribing from those left without a local member.
-    fn forget(&self, name: &str) {
-        let emptied = self.registry.forget(name);
-        for group in emptied {
-            // The task is gone only when the layer is, and then nothing is subscribed.
-            let _ = self.commands.send(Command::Sync { group, ack: None });
-        }
-    }
-
     fn has_local_members(&self, group: &str) -> bool {
         self.registry.group_len(group) > 0
     }
@@ -824,7 +796,7 @@ impl Inner {
         group: &str,
         event: &Event,
     ) -> Result<GroupSendReport, ChannelLayerError> {
-        let payload = wire::event_envelope(&self.head, wire::OP_GROUP_EVENT, group, "", event)?;
+        let payload = wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
         let key = self.config.group_key(group);
         // Whether Redis counted this process among the receivers: it was
         // if the subscription was confirmed before the PUBLISH ran and
@@ -855,23 +827,6 @@ impl Inner {
             dropped: dropped + full,
             position: None,
         })
-    }
-
-    /// Hands `event` to every local member of `group`; returns (delivered, dropped).
-    fn fan_out(&self, group: &str, event: &Event) -> (usize, usize) {
-        let (delivered, dropped) = self.registry.fan_out(group, event);
-        Counters::add(&self.counters.delivered, delivered);
-        Counters::add(&self.counters.dropped_full, dropped);
-        (delivered, dropped)
-    }
-
-    /// An event from another process for one of our channels.
-    fn deliver_remote(&self, channel: &str, event: Event) {
-        match self.registry.send_lossy(channel, event) {
-            Some(Delivery::Delivered) => {}
-            Some(Delivery::Dropped) => Counters::add(&self.counters.dropped_full, 1),
-            Some(Delivery::Closed) | None => Counters::add(&self.counters.dropped_other, 1),
-        }
     }
 
     /// Makes the subscription of `group` match local membership, waiting for
@@ -920,7 +875,7 @@ impl Inner {
         channel: &str,
     ) -> Result<(), ChannelLayerError> {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let payload = Envelope::control(&self.head, op, id, group, channel).to_bytes()?;
+        let payload = Envelope::control(self.process(), op, id, group, channel).to_bytes()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let _cleanup = PendingGuard { inner: self, id };
@@ -1025,9 +980,7 @@ fn escape_glob(s: &str) -> String {
 
 impl ChannelLayer for RedisChannelLayer {
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = self.inner.register(format!("{}!{id}", self.inner.head));
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
 
     fn receive<'a>(
@@ -1035,15 +988,9 @@ impl ChannelLayer for RedisChannelLayer {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
-            validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => inner.register(channel.to_owned()),
-                Some(process) => Err(BackendError::Other(format!(
-                    "channel {channel:?} belongs to process {process:?}: only the layer that \
-                     created it can receive it (use new_channel, or a name without '!')"
-                ))
-                .into()),
+            match inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+                Some(rx) => Ok(rx),
                 None => worker::start(inner, channel).await,
             }
         })
@@ -1057,11 +1004,11 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => inner.registry.send(channel, event),
-                Some(process) => {
+            match inner.registry.owner(channel) {
+                Owner::Local => inner.registry.send(channel, event),
+                Owner::Process(process) => {
                     let payload = wire::event_envelope(
-                        &inner.head,
+                        inner.process(),
                         wire::OP_CHANNEL_EVENT,
                         "",
                         channel,
@@ -1075,9 +1022,9 @@ impl ChannelLayer for RedisChannelLayer {
                         _ => Ok(()),
                     }
                 }
-                None => {
+                Owner::Named => {
                     let payload = wire::event_envelope(
-                        &inner.head,
+                        inner.process(),
                         wire::OP_CHANNEL_EVENT,
                         "",
                         channel,
@@ -1114,17 +1061,17 @@ impl ChannelLayer for RedisChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
+            match inner.registry.owner(channel) {
+                Owner::Local => {
                     inner.registry.group_add(group, channel)?;
                     inner.sync_group(group).await
                 }
-                Some(process) => {
+                Owner::Process(process) => {
                     inner
                         .remote_membership(wire::OP_GROUP_ADD, process, group, channel)
                         .await
                 }
-                None => {
+                Owner::Named => {
                     let key = inner.config.group_key(group);
                     let mut pipe = redis::pipe();
                     pipe.atomic()
@@ -1152,19 +1099,19 @@ impl ChannelLayer for RedisChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
+            match inner.registry.owner(channel) {
+                Owner::Local => {
                     inner.registry.group_discard(group, channel);
                     let synced = inner.sync_group(group).await;
                     inner.presence_leave(group, channel).await?;
                     synced
                 }
-                Some(process) => {
+                Owner::Process(process) => {
                     inner
                         .remote_membership(wire::OP_GROUP_DISCARD, process, group, channel)
                         .await
                 }
-                None => {
+                Owner::Named => {
                     inner
                         .query::<()>(
                             "ZREM",
@@ -1213,13 +1160,7 @@ impl ChannelLayer for RedisChannelLayer {
     }
 
     fn stats(&self) -> ChannelLayerStats {
-        let c = &self.inner.counters;
-        ChannelLayerStats {
-            group_sends: c.group_sends.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            dropped_full: c.dropped_full.load(Ordering::Relaxed),
-            dropped_other: c.dropped_other.load(Ordering::Relaxed),
-        }
+        self.inner.counters.stats()
     }
 
     fn presence_join<'a>(
@@ -1266,12 +1207,6 @@ mod tests {
     fn glob_escaping() {
         assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
         assert_eq!(escape_glob("tower-channels"), "tower-channels");
-    }
-
-    #[test]
-    fn process_of_names() {
-        assert_eq!(Inner::process_of("specific.abc!1"), Some("specific.abc"));
-        assert_eq!(Inner::process_of("thumbnails"), None);
     }
 
     #[tokio::test]

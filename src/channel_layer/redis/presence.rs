@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use super::{lock, BackendError, Inner, LuaScript, RedisChannelLayer};
+use super::{lock, BackendError, Inner, LocalChannels, LuaScript, RedisChannelLayer};
 use crate::channel_layer::{
     presence::group_by_user, ChannelLayer, ChannelLayerError, Event, PresenceChange, PresenceInfo,
     PresenceMember, PRESENCE_JOIN, PRESENCE_LEAVE,
@@ -215,7 +215,7 @@ impl Inner {
             .eval("presence join", &self.presence_scripts.join, |c| {
                 c.arg(0)
                     .arg(&base)
-                    .arg(&self.head)
+                    .arg(self.process())
                     .arg(channel)
                     .arg(joined.info.to_stored())
                     .arg(joined.info.user_id())
@@ -255,7 +255,7 @@ impl Inner {
             .eval("presence leave", &self.presence_scripts.leave, |c| {
                 c.arg(0)
                     .arg(self.presence_base(group))
-                    .arg(&self.head)
+                    .arg(self.process())
                     .arg(channel)
                     .arg(info.user_id());
             })
@@ -294,7 +294,7 @@ impl Inner {
     ) -> Result<Vec<PresenceMember>, ChannelLayerError> {
         let flat: Vec<Vec<u8>> = self
             .eval("presence", &self.presence_scripts.list, |c| {
-                c.arg(0).arg(self.presence_base(group)).arg(&self.head);
+                c.arg(0).arg(self.presence_base(group)).arg(self.process());
             })
             .await?;
         if flat.len() % 2 != 0 {
@@ -318,7 +318,7 @@ impl Inner {
             .eval("presence refresh", &self.presence_scripts.refresh, |c| {
                 c.arg(0)
                     .arg(&base)
-                    .arg(&self.head)
+                    .arg(self.process())
                     .arg(ttl_ms(self))
                     .arg(local);
             })
@@ -328,7 +328,7 @@ impl Inner {
             let entries = lock(&self.presence).entries(group);
             if !entries.is_empty() {
                 self.eval::<i64>("presence restore", &self.presence_scripts.restore, |c| {
-                    c.arg(0).arg(&base).arg(&self.head).arg(ttl_ms(self));
+                    c.arg(0).arg(&base).arg(self.process()).arg(ttl_ms(self));
                     for (channel, info) in &entries {
                         c.arg(channel).arg(info.to_stored()).arg(info.user_id());
                     }
@@ -379,7 +379,7 @@ impl RedisChannelLayer {
         Box::pin(async move {
             crate::channel_layer::validate_group_name(group)?;
             crate::channel_layer::validate_channel_name(channel)?;
-            if !self.inner.is_local(channel) {
+            if !self.inner.registry.is_local(channel) {
                 // Only this process can keep a channel's presence alive.
                 return Err(super::no_such_channel(channel));
             }

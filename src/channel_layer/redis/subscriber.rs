@@ -21,7 +21,7 @@ use tokio::{
 use super::{
     lock,
     wire::{self, Envelope},
-    Counters, Inner, StreamPosition, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, Inner, LocalChannels, StreamPosition, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -173,7 +173,7 @@ impl Subscriber {
         };
         match open(&inner).await {
             Ok(conn) => {
-                tracing::info!(process = %inner.head, "reconnected to Redis Pub/Sub and re-subscribed");
+                tracing::info!(process = %inner.process(), "reconnected to Redis Pub/Sub and re-subscribed");
                 self.conn = Some(conn);
                 self.backoff = RECONNECT_MIN;
                 inner.connected.store(true, Ordering::Relaxed);
@@ -182,7 +182,7 @@ impl Subscriber {
                 }
             }
             Err(e) => {
-                tracing::debug!(process = %inner.head, retry_in = ?self.backoff, "Redis Pub/Sub reconnect failed: {e}");
+                tracing::debug!(process = %inner.process(), retry_in = ?self.backoff, "Redis Pub/Sub reconnect failed: {e}");
                 self.next_attempt = Instant::now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
             }
@@ -197,7 +197,7 @@ impl Subscriber {
         self.backoff = RECONNECT_MIN;
         self.next_attempt = Instant::now() + RECONNECT_MIN;
         if let Some(inner) = self.inner.upgrade() {
-            tracing::warn!(process = %inner.head, "{reason}; reconnecting");
+            tracing::warn!(process = %inner.process(), "{reason}; reconnecting");
             lock(&inner.subscribed).clear();
             inner.connected.store(false, Ordering::Relaxed);
         }
@@ -319,7 +319,7 @@ impl Subscriber {
         if let Some(group) = channel.strip_prefix(inner.config.group_prefix.as_str()) {
             if env.op != wire::OP_GROUP_EVENT {
                 Counters::add(&self.counters.dropped_other, 1);
-            } else if env.origin != inner.head || env.id != 0 {
+            } else if env.origin != inner.process() || env.id != 0 {
                 // Our own group sends were delivered locally by `group_send`,
                 // except those of history groups (`id` is their offset,
                 // `channel` their epoch): they come back in offset order.
@@ -359,7 +359,7 @@ impl Subscriber {
                 }
             },
             wire::OP_GROUP_ADD | wire::OP_GROUP_DISCARD => {
-                let status = if !inner.is_local(env.channel)
+                let status = if !inner.registry.is_local(env.channel)
                     || super::validate_group_name(env.group).is_err()
                 {
                     wire::OP_REPLY_NO_SUCH_CHANNEL
@@ -390,7 +390,7 @@ impl Subscriber {
 
 /// Answers a membership request without holding up the message loop.
 fn reply(inner: &Inner, process: &str, id: u64, status: u8) {
-    let Ok(payload) = Envelope::control(&inner.head, status, id, "", "").to_bytes() else {
+    let Ok(payload) = Envelope::control(inner.process(), status, id, "", "").to_bytes() else {
         return;
     };
     let channel = inner.config.proc_key(process);

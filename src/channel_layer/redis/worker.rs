@@ -5,9 +5,11 @@ use std::{sync::Arc, time::Duration};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig};
 use tokio::sync::oneshot;
 
+use crate::channel_layer::channel;
+
 use super::{
-    channel, wire::Envelope, BackendError, ChannelLayerError, ChannelReceiver, ChannelSender,
-    Counters, Inner, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    wire::Envelope, BackendError, ChannelLayerError, ChannelReceiver, ChannelSender, Counters,
+    Inner, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How long one `BRPOP` blocks.

@@ -134,13 +134,13 @@ use self::subscriber::Command;
 use super::{
     escape_glob, lock, unix_now,
     wire::{self, Envelope},
-    BackendError, Counters, LuaScript, QueryError, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
+    BackendError, Counters, LocalChannels, LuaScript, QueryError, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
     DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX, DEFAULT_TIMEOUT, SEND_SCRIPT,
 };
 use crate::channel_layer::{
-    channel, local::no_such_channel, local::Registry, names, validate_channel_name,
-    validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats,
-    ChannelReceiver, Delivery, Event, GroupSendReport, DEFAULT_CAPACITY,
+    local::{no_such_channel, Owner, Registry},
+    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
+    ChannelLayerStats, ChannelReceiver, Event, GroupSendReport, DEFAULT_CAPACITY,
 };
 
 /// `KEYS[1]`: the group's shard channel and the sorted set of its named
@@ -257,21 +257,19 @@ impl RedisClusterChannelLayerBuilder {
         )
         .await?;
 
-        let head = format!("specific.{}", names::random_token(12));
-        let proc_channel = config.proc_key(&head);
+        let process = format!("specific.{}", names::random_token(12));
+        let proc_channel = config.proc_key(&process);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             group_send: LuaScript::new(GROUP_SEND_SCRIPT),
             send: LuaScript::new(SEND_SCRIPT),
             config,
-            head,
             proc_channel,
             worker_client,
             conn,
             pubsub,
-            next_id: AtomicU64::new(0),
             next_request: AtomicU64::new(1),
-            registry: Registry::default(),
+            registry: Registry::new(process),
             subscribed: Mutex::default(),
             connected: AtomicBool::new(false),
             pending: Mutex::default(),
@@ -323,7 +321,7 @@ impl fmt::Debug for RedisClusterChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisClusterChannelLayer")
             .field("prefix", &self.inner.config.prefix)
-            .field("process", &self.inner.head)
+            .field("process", &self.inner.process())
             .field("capacity", &self.inner.config.capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
@@ -364,7 +362,7 @@ impl RedisClusterChannelLayer {
 
     /// This instance's process name, `specific.<token>`.
     pub fn process_name(&self) -> &str {
-        &self.inner.head
+        self.inner.process()
     }
 
     /// Events a channel holds.
@@ -431,8 +429,7 @@ impl Keys {
 
 struct Inner {
     config: Keys,
-    head: String,
-    /// `{prefix}:proc:{<head>}`.
+    /// `{prefix}:proc:{<process>}`.
     proc_channel: String,
     /// Makes one connection per worker receiver (longer response timeout for `BRPOP`).
     worker_client: ClusterClient,
@@ -442,8 +439,8 @@ struct Inner {
     pubsub: ClusterConnection,
     send: LuaScript,
     group_send: LuaScript,
-    next_id: AtomicU64,
     next_request: AtomicU64,
+    /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
     /// Groups whose `SSUBSCRIBE` was confirmed (and not ended since).
     subscribed: Mutex<HashSet<String>>,
@@ -457,20 +454,33 @@ impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Inner")
             .field("config", &self.config)
-            .field("head", &self.head)
+            .field("head", &self.process())
             .finish_non_exhaustive()
     }
 }
 
+impl LocalChannels for Inner {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Unsubscribes from the groups left without a local member.
+    fn forgotten(self: &Arc<Self>, _channel: &str, emptied: Vec<String>) {
+        for group in emptied {
+            let _ = self.commands.send(Command::Sync { group, ack: None });
+        }
+    }
+}
+
 impl Inner {
-    fn process_of(channel: &str) -> Option<&str> {
-        channel.split_once('!').map(|(head, _)| head)
-    }
-
-    fn is_local(&self, channel: &str) -> bool {
-        Self::process_of(channel) == Some(self.head.as_str())
-    }
-
     async fn query<T: FromRedisValue>(
         &self,
         what: &str,
@@ -548,36 +558,8 @@ impl Inner {
         .await
     }
 
-    fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.config.capacity);
-        self.registry.insert(&name, tx)?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        Ok(rx.on_drop(move || {
-            if let Some(inner) = weak.upgrade() {
-                for group in inner.registry.forget(&name) {
-                    let _ = inner.commands.send(Command::Sync { group, ack: None });
-                }
-            }
-        }))
-    }
-
     fn has_local_members(&self, group: &str) -> bool {
         self.registry.group_len(group) > 0
-    }
-
-    fn fan_out(&self, group: &str, event: &Event) -> (usize, usize) {
-        let (delivered, dropped) = self.registry.fan_out(group, event);
-        Counters::add(&self.counters.delivered, delivered);
-        Counters::add(&self.counters.dropped_full, dropped);
-        (delivered, dropped)
-    }
-
-    fn deliver_remote(&self, channel: &str, event: Event) {
-        match self.registry.send_lossy(channel, event) {
-            Some(Delivery::Delivered) => {}
-            Some(Delivery::Dropped) => Counters::add(&self.counters.dropped_full, 1),
-            Some(Delivery::Closed) | None => Counters::add(&self.counters.dropped_other, 1),
-        }
     }
 
     /// Makes the subscription of `group` match local membership, waiting
@@ -617,7 +599,7 @@ impl Inner {
         channel: &str,
     ) -> Result<(), ChannelLayerError> {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let payload = Envelope::control(&self.head, op, id, group, channel).to_bytes()?;
+        let payload = Envelope::control(self.process(), op, id, group, channel).to_bytes()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let _cleanup = PendingGuard { inner: self, id };
@@ -737,9 +719,7 @@ impl Drop for PendingGuard<'_> {
 
 impl ChannelLayer for RedisClusterChannelLayer {
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = self.inner.register(format!("{}!{id}", self.inner.head));
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
 
     fn receive<'a>(
@@ -747,15 +727,9 @@ impl ChannelLayer for RedisClusterChannelLayer {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
-            validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => inner.register(channel.to_owned()),
-                Some(process) => Err(BackendError::Other(format!(
-                    "channel {channel:?} belongs to process {process:?}: only the layer that \
-                     created it can receive it (use new_channel, or a name without '!')"
-                ))
-                .into()),
+            match inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+                Some(rx) => Ok(rx),
                 None => worker::start(inner, channel).await,
             }
         })
@@ -769,11 +743,11 @@ impl ChannelLayer for RedisClusterChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => inner.registry.send(channel, event),
-                Some(process) => {
+            match inner.registry.owner(channel) {
+                Owner::Local => inner.registry.send(channel, event),
+                Owner::Process(process) => {
                     let payload = wire::event_envelope(
-                        &inner.head,
+                        inner.process(),
                         wire::OP_CHANNEL_EVENT,
                         "",
                         channel,
@@ -787,9 +761,9 @@ impl ChannelLayer for RedisClusterChannelLayer {
                         _ => Ok(()),
                     }
                 }
-                None => {
+                Owner::Named => {
                     let payload = wire::event_envelope(
-                        &inner.head,
+                        inner.process(),
                         wire::OP_CHANNEL_EVENT,
                         "",
                         channel,
@@ -810,17 +784,17 @@ impl ChannelLayer for RedisClusterChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
+            match inner.registry.owner(channel) {
+                Owner::Local => {
                     inner.registry.group_add(group, channel)?;
                     inner.sync_group(group).await
                 }
-                Some(process) => {
+                Owner::Process(process) => {
                     inner
                         .remote_membership(wire::OP_GROUP_ADD, process, group, channel)
                         .await
                 }
-                None => {
+                Owner::Named => {
                     let key = inner.config.group_key(group);
                     let mut pipe = redis::pipe();
                     pipe.atomic()
@@ -851,17 +825,17 @@ impl ChannelLayer for RedisClusterChannelLayer {
             validate_group_name(group)?;
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match Inner::process_of(channel) {
-                Some(process) if process == inner.head => {
+            match inner.registry.owner(channel) {
+                Owner::Local => {
                     inner.registry.group_discard(group, channel);
                     inner.sync_group(group).await
                 }
-                Some(process) => {
+                Owner::Process(process) => {
                     inner
                         .remote_membership(wire::OP_GROUP_DISCARD, process, group, channel)
                         .await
                 }
-                None => {
+                Owner::Named => {
                     let key = inner.config.group_key(group);
                     inner
                         .query::<()>(
@@ -883,7 +857,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
             validate_group_name(group)?;
             let inner = &self.inner;
             let payload =
-                wire::event_envelope(&inner.head, wire::OP_GROUP_EVENT, group, "", &event)?;
+                wire::event_envelope(inner.process(), wire::OP_GROUP_EVENT, group, "", &event)?;
             let key = inner.config.group_key(group);
             let subscribed_before = lock(&inner.subscribed).contains(group);
             let (receivers, named): (usize, Vec<String>) = inner
@@ -943,13 +917,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
     }
 
     fn stats(&self) -> ChannelLayerStats {
-        let c = &self.inner.counters;
-        ChannelLayerStats {
-            group_sends: c.group_sends.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            dropped_full: c.dropped_full.load(Ordering::Relaxed),
-            dropped_other: c.dropped_other.load(Ordering::Relaxed),
-        }
+        self.inner.counters.stats()
     }
 }
 

@@ -21,7 +21,7 @@ use super::{within, Inner};
 use crate::channel_layer::redis::{
     lock,
     wire::{self, Envelope},
-    Counters, QueryError, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, LocalChannels, QueryError, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often every primary is pinged to tell whether the layer is connected.
@@ -143,7 +143,7 @@ impl Inner {
         if let Some(group) = self.config.group_of(channel) {
             if env.op != wire::OP_GROUP_EVENT {
                 Counters::add(&self.counters.dropped_other, 1);
-            } else if env.origin != self.head {
+            } else if env.origin != self.process() {
                 match env.decode_event() {
                     Ok(event) => {
                         self.fan_out(group, &event);
@@ -280,7 +280,7 @@ impl Subscriber {
                 group,
                 channel,
             } => {
-                let status = if !inner.is_local(&channel)
+                let status = if !inner.registry.is_local(&channel)
                     || crate::channel_layer::validate_group_name(&group).is_err()
                 {
                     wire::OP_REPLY_NO_SUCH_CHANNEL
@@ -308,7 +308,7 @@ impl Subscriber {
         match ssubscribe(inner, &inner.proc_channel).await {
             Ok(()) => self.process_lost = false,
             Err(e) => {
-                tracing::warn!(process = %inner.head, "{e}; retrying");
+                tracing::warn!(process = %inner.process(), "{e}; retrying");
                 self.failed(inner);
                 self.process_lost = true;
             }
@@ -333,7 +333,7 @@ impl Subscriber {
             }
             self.resync = false;
             self.process_lost = true;
-            tracing::info!(process = %inner.head, "a node connection dropped and every primary answers again: subscribing again");
+            tracing::info!(process = %inner.process(), "a node connection dropped and every primary answers again: subscribing again");
             // Forget what was confirmed: `reconcile` subscribes again.
             let groups: Vec<String> = lock(&inner.subscribed).drain().collect();
             self.retry.extend(groups);
@@ -344,7 +344,7 @@ impl Subscriber {
         }
         let groups: Vec<String> = self.retry.drain().collect();
         if !groups.is_empty() && self.reconcile(inner, groups).await.is_ok() {
-            tracing::info!(process = %inner.head, "shard subscriptions restored");
+            tracing::info!(process = %inner.process(), "shard subscriptions restored");
         }
         if !self.pending() {
             self.backoff = RECONNECT_MIN;
@@ -405,7 +405,7 @@ async fn ping_all(inner: &Inner) -> bool {
 
 /// Answers a membership request without holding up the task.
 fn reply(inner: &Inner, process: &str, id: u64, status: u8) {
-    let Ok(payload) = Envelope::control(&inner.head, status, id, "", "").to_bytes() else {
+    let Ok(payload) = Envelope::control(inner.process(), status, id, "", "").to_bytes() else {
         return;
     };
     let channel = inner.config.proc_key(process);
