@@ -444,17 +444,9 @@ impl ChannelLayer for DjangoChannelLayer {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
-            validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.registry.is_local(channel) {
-                return inner.register(channel.to_owned());
-            }
-            if channel.contains('!') {
-                return Err(BackendError::Other(format!(
-                    "channel {channel:?} belongs to another process: only the layer that \
-                     created it can receive it (use new_channel, or a name without '!')"
-                ))
-                .into());
+            if let Some(rx) = inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+                return Ok(rx);
             }
             // A named channel: messages go round-robin over the hosts, so
             // read it on each.

@@ -457,18 +457,12 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
-            validate_channel_name(channel)?;
             let inner = &self.inner;
-            if inner.registry.is_local(channel) {
-                return inner.register(channel.to_owned());
+            if let Some(rx) = inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+                return Ok(rx);
             }
-            if channel.contains('!') {
-                return Err(BackendError::Other(format!(
-                    "channel {channel:?} belongs to another process: only the layer that \
-                     created it can receive it"
-                ))
-                .into());
-            }
+            // A named channel: listed in `named` before `sync`, which
+            // subscribes to what is listed.
             let rx = inner.register(channel.to_owned())?;
             lock(&inner.named).insert(channel.to_owned());
             inner.sync(channel.to_owned()).await?;
