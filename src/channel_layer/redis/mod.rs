@@ -1004,16 +1004,15 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match inner.registry.owner(channel) {
-                Owner::Local => inner.registry.send(channel, event),
-                Owner::Process(process) => {
-                    let payload = wire::event_envelope(
-                        inner.process(),
-                        wire::OP_CHANNEL_EVENT,
-                        "",
-                        channel,
-                        &event,
-                    )?;
+            let process = match inner.registry.owner(channel) {
+                Owner::Local => return inner.registry.send(channel, event),
+                Owner::Process(process) => Some(process),
+                Owner::Named => None,
+            };
+            let payload =
+                wire::event_envelope(inner.process(), wire::OP_CHANNEL_EVENT, "", channel, &event)?;
+            match process {
+                Some(process) => {
                     match inner
                         .publish(&inner.config.proc_key(process), &payload)
                         .await?
@@ -1022,14 +1021,7 @@ impl ChannelLayer for RedisChannelLayer {
                         _ => Ok(()),
                     }
                 }
-                Owner::Named => {
-                    let payload = wire::event_envelope(
-                        inner.process(),
-                        wire::OP_CHANNEL_EVENT,
-                        "",
-                        channel,
-                        &event,
-                    )?;
+                None => {
                     let key = inner.config.list_key(channel);
                     let pushed: i64 = inner
                         .eval("LPUSH", &inner.scripts.send, |c| {

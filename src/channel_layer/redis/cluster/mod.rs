@@ -743,16 +743,15 @@ impl ChannelLayer for RedisClusterChannelLayer {
         Box::pin(async move {
             validate_channel_name(channel)?;
             let inner = &self.inner;
-            match inner.registry.owner(channel) {
-                Owner::Local => inner.registry.send(channel, event),
-                Owner::Process(process) => {
-                    let payload = wire::event_envelope(
-                        inner.process(),
-                        wire::OP_CHANNEL_EVENT,
-                        "",
-                        channel,
-                        &event,
-                    )?;
+            let process = match inner.registry.owner(channel) {
+                Owner::Local => return inner.registry.send(channel, event),
+                Owner::Process(process) => Some(process),
+                Owner::Named => None,
+            };
+            let payload =
+                wire::event_envelope(inner.process(), wire::OP_CHANNEL_EVENT, "", channel, &event)?;
+            match process {
+                Some(process) => {
                     match inner
                         .spublish(&inner.config.proc_key(process), &payload)
                         .await?
@@ -761,16 +760,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
                         _ => Ok(()),
                     }
                 }
-                Owner::Named => {
-                    let payload = wire::event_envelope(
-                        inner.process(),
-                        wire::OP_CHANNEL_EVENT,
-                        "",
-                        channel,
-                        &event,
-                    )?;
-                    inner.push_list(channel, &payload).await
-                }
+                None => inner.push_list(channel, &payload).await,
             }
         })
     }
