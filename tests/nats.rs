@@ -11,7 +11,6 @@ mod common;
 
 use std::{
     collections::HashSet,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -25,18 +24,12 @@ use futures_util::SinkExt;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tower_channels::channel_layer::{
-    nats::NatsChannelLayer, ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
+    nats::NatsChannelLayer, ChannelLayer, ChannelLayerError, Event,
 };
-use tower_channels::testing::conformance;
+
+use common::layers::{free_port, recv, unique_suffix};
 
 // ------------------------------------------------------------------ server
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A nats-server this test started (JetStream on, temporary store); killed
 /// and its directory removed when dropped.
@@ -142,10 +135,7 @@ struct Target {
 }
 
 fn skip(why: &str) {
-    if std::env::var("TOWER_CHANNELS_REQUIRE_NATS").is_ok_and(|v| v == "1") {
-        panic!("no NATS ({why}) and TOWER_CHANNELS_REQUIRE_NATS=1");
-    }
-    eprintln!("skipped: no NATS ({why})");
+    common::layers::skip("NATS", "TOWER_CHANNELS_REQUIRE_NATS", why);
 }
 
 async fn nats() -> Option<Target> {
@@ -170,15 +160,7 @@ async fn own_server(why: &str) -> Option<NatsServer> {
 }
 
 fn unique_prefix(test: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "tc-test.{test}.p{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("tc-test.{test}.p{}", unique_suffix())
 }
 
 async fn layer(url: &str, prefix: &str, capacity: usize) -> NatsChannelLayer {
@@ -191,40 +173,15 @@ async fn layer(url: &str, prefix: &str, capacity: usize) -> NatsChannelLayer {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-const RECV: Duration = Duration::from_secs(5);
-
-async fn recv(rx: &mut ChannelReceiver) -> Event {
-    match tokio::time::timeout(RECV, rx.recv()).await {
-        Ok(Ok(e)) => e,
-        other => panic!("{}: expected an event, got {other:?}", rx.name()),
-    }
-}
-
 // -------------------------------------------------------------------- tests
 
 #[tokio::test]
 async fn conformance_suite() {
     let Some(nats) = nats().await else { return };
     let url = nats.url.clone();
-    conformance::run_all(|| {
+    common::layers::conformance_suite(unique_prefix, |prefix| {
         let url = url.clone();
-        async move {
-            Arc::new(layer(&url, &unique_prefix("conformance"), 16).await) as Arc<dyn ChannelLayer>
-        }
-    })
-    .await;
-    conformance::run_pair(|| {
-        let url = url.clone();
-        async move {
-            let prefix = unique_prefix("conformance-pair");
-            let a = layer(&url, &prefix, 16).await;
-            let b = layer(&url, &prefix, 16).await;
-            assert_ne!(a.process_name(), b.process_name());
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
+        async move { layer(&url, &prefix, 16).await }
     })
     .await;
 }
@@ -233,12 +190,9 @@ async fn conformance_suite() {
 async fn conformance_suite_multi_thread() {
     let Some(nats) = nats().await else { return };
     let url = nats.url.clone();
-    conformance::run_all(|| {
+    common::layers::run_all(unique_prefix, "conformance-mt", |prefix| {
         let url = url.clone();
-        async move {
-            Arc::new(layer(&url, &unique_prefix("conformance-mt"), 16).await)
-                as Arc<dyn ChannelLayer>
-        }
+        async move { layer(&url, &prefix, 16).await }
     })
     .await;
 }

@@ -7,12 +7,12 @@
 //! The restart test always runs its own server, which it kills and restarts.
 #![cfg(feature = "redis")]
 
+mod common;
+
 use std::{
     collections::HashSet,
-    net::TcpListener,
-    process::{Child, Command, Stdio},
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -20,100 +20,17 @@ use std::{
 
 use tower_channels::channel_layer::{
     redis::{redis, RedisChannelLayer},
-    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupPattern,
-    PresenceChange, PresenceConfig, PresenceInfo, RecoveryFailure, RecvError, PRESENCE_JOIN,
-    PRESENCE_LEAVE,
+    BoxFuture, ChannelLayer, ChannelLayerError, Event, GroupPattern, PresenceChange,
+    PresenceConfig, PresenceInfo, RecoveryFailure, RecvError, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 use tower_channels::testing::conformance;
 
+use common::{
+    layers::{recv, unique_suffix, RECV},
+    redis_server::{answers, RedisServer},
+};
+
 // ------------------------------------------------------------------ servers
-
-/// A `redis-server` this test started; killed when dropped.
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl RedisServer {
-    fn available() -> bool {
-        Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    }
-
-    async fn start() -> Self {
-        let mut server = RedisServer {
-            child: None,
-            port: Self::free_port(),
-        };
-        server.restart().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        assert!(self.child.is_none(), "server already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        // Wait for the new process to accept connections (process start-up,
-        // not event synchronization).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !answers(&self.url()).await {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn answers(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    let ping = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), ping).await,
-        Ok(Ok(_))
-    )
-}
 
 /// Where a test finds Redis; keeps a server it started alive.
 struct Target {
@@ -122,10 +39,7 @@ struct Target {
 }
 
 fn skip(why: &str) -> Option<Target> {
-    if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-        panic!("no Redis ({why}) and TOWER_CHANNELS_REQUIRE_REDIS=1");
-    }
-    eprintln!("skipped: no Redis ({why})");
+    common::layers::skip("Redis", "TOWER_CHANNELS_REQUIRE_REDIS", why);
     None
 }
 
@@ -147,15 +61,7 @@ async fn redis() -> Option<Target> {
 }
 
 fn unique_prefix(test: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "tc-test:{test}:{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("tc-test:{test}:{}", unique_suffix())
 }
 
 async fn layer(url: &str, prefix: &str, capacity: usize) -> RedisChannelLayer {
@@ -167,40 +73,15 @@ async fn layer(url: &str, prefix: &str, capacity: usize) -> RedisChannelLayer {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-const RECV: Duration = Duration::from_secs(5);
-
-async fn recv(rx: &mut ChannelReceiver) -> Event {
-    match tokio::time::timeout(RECV, rx.recv()).await {
-        Ok(Ok(e)) => e,
-        other => panic!("{}: expected an event, got {other:?}", rx.name()),
-    }
-}
-
 // -------------------------------------------------------------------- tests
 
 #[tokio::test]
 async fn conformance_suite() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    conformance::run_all(|| {
+    common::layers::conformance_suite(unique_prefix, |prefix| {
         let url = url.clone();
-        async move {
-            Arc::new(layer(&url, &unique_prefix("conformance"), 16).await) as Arc<dyn ChannelLayer>
-        }
-    })
-    .await;
-    conformance::run_pair(|| {
-        let url = url.clone();
-        async move {
-            let prefix = unique_prefix("conformance-pair");
-            let a = layer(&url, &prefix, 16).await;
-            let b = layer(&url, &prefix, 16).await;
-            assert_ne!(a.process_name(), b.process_name());
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
+        async move { layer(&url, &prefix, 16).await }
     })
     .await;
 }
@@ -504,12 +385,9 @@ async fn history_fills_what_pubsub_missed() {
 async fn conformance_suite_multi_thread() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    conformance::run_all(|| {
+    common::layers::run_all(unique_prefix, "conformance-mt", |prefix| {
         let url = url.clone();
-        async move {
-            Arc::new(layer(&url, &unique_prefix("conformance-mt"), 16).await)
-                as Arc<dyn ChannelLayer>
-        }
+        async move { layer(&url, &prefix, 16).await }
     })
     .await;
 }

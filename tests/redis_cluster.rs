@@ -12,13 +12,9 @@ mod common;
 
 use std::{
     collections::HashSet,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -28,16 +24,10 @@ use tower_channels::channel_layer::{
     redis::{redis, RedisClusterChannelLayer},
     ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
 };
-use tower_channels::testing::conformance;
+
+use common::layers::{free_port, recv, unique_suffix};
 
 // ------------------------------------------------------------------ cluster
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn installed(program: &str) -> bool {
     Command::new(program)
@@ -255,10 +245,7 @@ struct Target {
 }
 
 fn skip(why: &str) {
-    if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER").is_ok_and(|v| v == "1") {
-        panic!("no Redis Cluster ({why}) and TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER=1");
-    }
-    eprintln!("skipped: no Redis Cluster ({why})");
+    common::layers::skip("Redis Cluster", "TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER", why);
 }
 
 async fn cluster() -> Option<Target> {
@@ -291,15 +278,7 @@ async fn own_cluster() -> Option<Cluster> {
 }
 
 fn unique_prefix(test: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "tc-test:{test}:{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("tc-test:{test}:{}", unique_suffix())
 }
 
 async fn layer(urls: &[String], prefix: &str, capacity: usize) -> RedisClusterChannelLayer {
@@ -310,15 +289,6 @@ async fn layer(urls: &[String], prefix: &str, capacity: usize) -> RedisClusterCh
         .build()
         .await
         .unwrap_or_else(|e| panic!("connect to {urls:?}: {e}"))
-}
-
-const RECV: Duration = Duration::from_secs(5);
-
-async fn recv(rx: &mut ChannelReceiver) -> Event {
-    match tokio::time::timeout(RECV, rx.recv()).await {
-        Ok(Ok(e)) => e,
-        other => panic!("{}: expected an event, got {other:?}", rx.name()),
-    }
 }
 
 /// Group sends of `kind` from `from` until `rx` receives one (the layers
@@ -374,25 +344,9 @@ async fn conformance_suite() {
         return;
     };
     let urls = target.urls.clone();
-    conformance::run_all(|| {
+    common::layers::conformance_suite(unique_prefix, |prefix| {
         let urls = urls.clone();
-        async move {
-            Arc::new(layer(&urls, &unique_prefix("conformance"), 16).await) as Arc<dyn ChannelLayer>
-        }
-    })
-    .await;
-    conformance::run_pair(|| {
-        let urls = urls.clone();
-        async move {
-            let prefix = unique_prefix("conformance-pair");
-            let a = layer(&urls, &prefix, 16).await;
-            let b = layer(&urls, &prefix, 16).await;
-            assert_ne!(a.process_name(), b.process_name());
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
+        async move { layer(&urls, &prefix, 16).await }
     })
     .await;
 }

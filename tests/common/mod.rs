@@ -4,7 +4,8 @@
 //! Every wait is bounded by [`TIMEOUT`]; nothing sleeps.
 #![allow(dead_code)]
 
-#[cfg(feature = "redis")]
+pub(crate) mod layers;
+#[cfg(any(feature = "redis", feature = "django"))]
 pub(crate) mod redis_server;
 
 use std::{

@@ -6,8 +6,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tower_channels::channel_layer::redis::redis;
-
 /// A `redis-server` this test started; killed when dropped.
 pub(crate) struct RedisServer {
     child: Option<Child>,
@@ -27,11 +25,10 @@ impl RedisServer {
 
     /// Starts a server on a free port and waits until it answers `PING`.
     pub(crate) async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut server = RedisServer { child: None, port };
+        let mut server = RedisServer {
+            child: None,
+            port: super::layers::free_port(),
+        };
         server.restart().await;
         server
     }
