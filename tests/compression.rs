@@ -49,28 +49,14 @@ async fn serve_echo() -> SocketAddr {
 /// Opens a connection offering permessage-deflate and checks the server
 /// accepted it.
 async fn deflate_handshake(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET /ws/echo HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\
-         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .expect("write handshake");
-    let mut head = Vec::new();
-    within("the 101 response", async {
-        // Byte by byte, so no frame byte is consumed with the head.
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.expect("read the response head"));
-        }
-    })
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (stream, head) = raw_handshake(
+        stream,
+        addr,
+        "/ws/echo",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
     .await;
-    let head = String::from_utf8(head)
-        .expect("ASCII head")
-        .to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(
         head.contains("sec-websocket-extensions: permessage-deflate"),
         "the server did not accept the offered extension:\n{head}"

@@ -423,35 +423,6 @@ fn ping_config() -> WebSocketConfig {
         .idle_timeout(Some(IDLE))
 }
 
-/// Completes a handshake by hand over `stream` and returns it positioned at
-/// the first WebSocket frame.
-async fn raw_handshake(mut stream: TcpStream, addr: SocketAddr, path: &str) -> TcpStream {
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .expect("write handshake");
-    let mut head = Vec::new();
-    within("the 101 response", async {
-        // Byte by byte, so no frame byte is consumed with the head.
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.expect("read the response head"));
-        }
-    })
-    .await;
-    let head = String::from_utf8(head).expect("ASCII head");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
-    stream
-}
-
 /// Server frames in `buf` (unmasked, short payloads): (opcode, payload).
 fn parse_frames(mut buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut frames = Vec::new();
@@ -473,7 +444,7 @@ async fn client_that_never_answers_pings_is_closed_and_disconnect_runs() {
     let mut p = probes();
     let addr = serve(&p.layer(ping_config())).await;
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let mut stream = raw_handshake(stream, addr, "/ws/probe").await;
+    let mut stream = raw_handshake(stream, addr, "/ws/probe", "").await.0;
     let open = Instant::now();
 
     // Never read, never answer: the idle timeout closes it.
@@ -1150,7 +1121,7 @@ async fn raw_form_gets_pings_and_the_idle_timeout_and_counts_in_stats() {
     let channels = raw_echo(ended_tx).with_config(ping_config());
     let addr = serve(&channels).await;
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let mut stream = raw_handshake(stream, addr, "/ws/raw").await;
+    let mut stream = raw_handshake(stream, addr, "/ws/raw", "").await.0;
     wait_until("the raw connection to count as open", || {
         channels.stats().open_connections == 1
     })
@@ -1317,7 +1288,7 @@ async fn buffers_return_to_idle_size_after_a_large_message() {
     let mut streams = Vec::new();
     for _ in 0..CONNECTIONS {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        streams.push(raw_handshake(stream, addr, "/ws/blob").await);
+        streams.push(raw_handshake(stream, addr, "/ws/blob", "").await.0);
     }
     let rss_idle = vm_rss_kib("VmRSS:");
     // One connection at a time: each reads a 1 MiB message and writes it
@@ -1435,7 +1406,7 @@ async fn ping_flood_from_a_client_that_never_reads_is_timed_out_holding_one_pong
     let mut floods = Vec::new();
     for _ in 0..CLIENTS {
         let stream = small_client(addr).await;
-        let mut stream = raw_handshake(stream, addr, "/ws/probe").await;
+        let mut stream = raw_handshake(stream, addr, "/ws/probe", "").await.0;
         let batch = batch.clone();
         floods.push(tokio::spawn(async move {
             // Pings until the server hangs up; never a read.

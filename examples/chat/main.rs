@@ -114,21 +114,25 @@ fn bad_request(body: &'static str) -> Reject {
 
 impl Chat {
     /// Sends a `chat.message` event to the client with its history position.
+    /// The frame is the same for every member, so it is rendered (and
+    /// compressed) once per group send, not once per member.
     fn deliver(&mut self, ctx: &Context, event: &Event) -> Result<(), BoxError> {
         if !self.cursor.accept(event) {
             return Ok(()); // Already delivered by recovery.
         }
-        let body: ChatBody = event.body()?;
-        let mut out = serde_json::json!({ "message": body.message });
-        if let Some(pos) = event.position() {
-            out["offset"] = pos.offset().into();
-            out["epoch"] = pos.epoch().into();
-        }
-        if let Some(user) = body.user {
-            out["user"] = user.into();
-        }
-        ctx.send_json(&out)?;
-        Ok(())
+        let frame = event.render_once(|event| -> Result<Message, BoxError> {
+            let body: ChatBody = event.body()?;
+            let mut out = serde_json::json!({ "message": body.message });
+            if let Some(pos) = event.position() {
+                out["offset"] = pos.offset().into();
+                out["epoch"] = pos.epoch().into();
+            }
+            if let Some(user) = body.user {
+                out["user"] = user.into();
+            }
+            Ok(Message::text(serde_json::to_string(&out)?))
+        })?;
+        forward_event(ctx, &frame)
     }
 }
 

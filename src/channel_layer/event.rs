@@ -1,4 +1,9 @@
-use std::{any::Any, borrow::Cow, fmt, sync::Arc};
+use std::{
+    any::Any,
+    borrow::Cow,
+    fmt,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -53,6 +58,9 @@ pub struct Event {
 struct Inner {
     kind: Cow<'static, str>,
     payload: Payload,
+    /// What [`Event::render_once`] made of this event, and the position it
+    /// was made at. Boxed: most events are never rendered this way.
+    rendered: OnceLock<Box<(Option<StreamPosition>, Event)>>,
 }
 
 enum Payload {
@@ -135,6 +143,7 @@ impl Event {
             inner: Arc::new(Inner {
                 kind: kind.into(),
                 payload,
+                rendered: OnceLock::new(),
             }),
             position: None,
         }
@@ -179,6 +188,68 @@ impl Event {
             Payload::Message { shared, .. } => shared.as_ref(),
             _ => None,
         }
+    }
+
+    /// Renders the event into a WebSocket message once for every member of
+    /// a group send, and returns it as a fast-lane event ([`Event::message`])
+    /// to hand to [`forward_event`](crate::consumer::forward_event).
+    ///
+    /// A group send hands every member the same event, so the first member
+    /// to call this runs `render` and every other member gets the same
+    /// message: it is serialized once and, as a shared payload, compressed
+    /// once per negotiated parameter set, instead of once per member. Use it
+    /// where a consumer turns an event into a frame that only depends on the
+    /// event, such as one carrying the event's history
+    /// [`position`](Event::position), which the layer assigns at the send
+    /// (so the sender cannot render it into an [`Event::text`] beforehand).
+    ///
+    /// `render` must depend on the event alone, not on the member: whichever
+    /// member runs it, all of them get its output. An error is returned to
+    /// the member that ran `render` and nothing is kept, so the next member
+    /// tries again. If the same body was sent at two positions (one event
+    /// sent to two groups with history), each position is rendered for
+    /// itself.
+    ///
+    /// ```
+    /// use tower_channels::{channel_layer::Event, message::Message};
+    ///
+    /// let event = Event::new("chat.message", "hi".to_owned());
+    /// let mut renders = 0;
+    /// for _member in 0..3 {
+    ///     let frame = event
+    ///         .render_once(|e| {
+    ///             renders += 1;
+    ///             let text: String = e.body()?;
+    ///             Ok::<_, Box<dyn std::error::Error>>(Message::text(format!("<{text}>")))
+    ///         })
+    ///         .unwrap();
+    ///     assert_eq!(frame.as_message(), Some(&Message::text("<hi>")));
+    /// }
+    /// assert_eq!(renders, 1);
+    /// ```
+    pub fn render_once<E>(
+        &self,
+        render: impl FnOnce(&Event) -> Result<Message, E>,
+    ) -> Result<Event, E> {
+        if let Some(done) = self.inner.rendered.get() {
+            if done.0 == self.position {
+                return Ok(done.1.clone());
+            }
+            // The same body at another position: rendered for this one.
+            return render(self).map(|m| Event::message(self.inner.kind.clone(), m));
+        }
+        let fresh = Event::message(self.inner.kind.clone(), render(self)?);
+        // Two members may render at once; the first one stored is what all
+        // of them send, so it is still compressed once.
+        let stored = self
+            .inner
+            .rendered
+            .get_or_init(|| Box::new((self.position.clone(), fresh.clone())));
+        Ok(if stored.0 == self.position {
+            stored.1.clone()
+        } else {
+            fresh
+        })
     }
 
     /// Whether the event has no body.

@@ -607,7 +607,7 @@ impl Engine {
     }
 
     /// Queued bytes above the soft budget start the slow-client clock.
-    fn check_budget(&mut self, now: Instant) {
+    fn check_budget(&mut self) {
         if !matches!(self.phase, Phase::Open) {
             self.over_budget_since = None;
             return;
@@ -615,6 +615,7 @@ impl Engine {
         let queued =
             self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Socket::queued_bytes);
         if queued > self.soft_budget {
+            let now = Instant::now();
             let (since, at) = *self.over_budget_since.get_or_insert((now, self.drained));
             if self.drained - at >= self.soft_budget {
                 // The client read a whole budget's worth: it is reading,
@@ -658,12 +659,14 @@ impl Engine {
 
     /// Handles the deadlines. Returns whether anything changed.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let now = Instant::now();
-        self.check_budget(now);
+        self.check_budget();
         self.rearm_timer();
         if self.timer_at.is_none() || self.timer.as_mut().poll(cx).is_pending() {
             return false;
         }
+        // Read the clock only when a deadline passed: this runs on every
+        // turn of the poll loop.
+        let now = Instant::now();
         self.timer_at = None;
         match &self.phase {
             Phase::Closing(c) => {

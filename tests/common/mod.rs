@@ -133,6 +133,44 @@ pub(crate) async fn connect_with_protocols(
         .unwrap_or_else(|e| panic!("WebSocket handshake to {url} failed: {e}"))
 }
 
+/// Sends a WebSocket handshake for `path` on `stream` by hand (with
+/// `extra_headers`, each ending in `\r\n`), checks the 101 and its accept
+/// key, and returns the stream, positioned at the first frame, with the
+/// response head in lower case.
+pub(crate) async fn raw_handshake(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &str,
+) -> (TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra_headers}\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("write handshake");
+    let mut head = Vec::new();
+    within("the 101 response", async {
+        // Byte by byte, so no frame byte is consumed with the head.
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.expect("read the response head"));
+        }
+    })
+    .await;
+    let head = String::from_utf8(head)
+        .expect("ASCII head")
+        .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    (stream, head)
+}
+
 /// Awaits `fut`, failing the test after [`TIMEOUT`].
 pub(crate) async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     tokio::time::timeout(TIMEOUT, fut)
