@@ -463,6 +463,57 @@ mod tests {
         message: String,
     }
 
+    /// What a member of a group send renders: the body and the offset.
+    fn render(e: &Event) -> Result<Message, EventCodecError> {
+        let chat: Chat = e.body()?;
+        let offset = e.position().map(StreamPosition::offset);
+        Ok(Message::text(format!("{} @ {offset:?}", chat.message)))
+    }
+
+    #[test]
+    fn render_once_shares_one_frame_per_position() {
+        let sent = Event::new(
+            "chat.message",
+            Chat {
+                message: "hi".into(),
+            },
+        );
+        let first = sent.clone().with_position(StreamPosition::new(1, "e"));
+        let member = first.clone();
+        let a = first.render_once(render).unwrap();
+        let b = member
+            .render_once(|_| -> Result<Message, EventCodecError> {
+                panic!("rendered twice for one position")
+            })
+            .unwrap();
+        assert_eq!(a.as_message(), Some(&Message::text("hi @ Some(1)")));
+        assert_eq!(a.kind(), "chat.message");
+        // One shared payload: compressed once for both members.
+        assert!(Arc::ptr_eq(&a.inner, &b.inner));
+        // The same body sent to a second group with history: its own frame.
+        let second = sent.with_position(StreamPosition::new(7, "e"));
+        let c = second.render_once(render).unwrap();
+        assert_eq!(c.as_message(), Some(&Message::text("hi @ Some(7)")));
+        assert_eq!(
+            first.render_once(render).unwrap().as_message(),
+            a.as_message()
+        );
+    }
+
+    #[test]
+    fn render_once_keeps_nothing_on_error() {
+        let e = Event::new(
+            "chat.message",
+            Chat {
+                message: "hi".into(),
+            },
+        );
+        let failed = e.render_once(|_| Err(EventCodecError::new("no")));
+        assert!(failed.is_err());
+        let frame = e.render_once(render).unwrap();
+        assert_eq!(frame.as_message(), Some(&Message::text("hi @ None")));
+    }
+
     #[test]
     fn typed_roundtrip_in_memory_and_wire() {
         let e = Event::new(

@@ -131,8 +131,7 @@ impl FrameReader {
                 // Uninitialised: zeroing it cost a 2 KiB memset per wake-up
                 // (including every read that finds nothing).
                 let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ];
-                let mut read =
-                    ReadBuf::uninit(&mut stack[..self.read_buffer_size.min(IDLE_READ)]);
+                let mut read = ReadBuf::uninit(&mut stack[..self.read_buffer_size.min(IDLE_READ)]);
                 ready!(std::pin::Pin::new(&mut *io).poll_read(cx, &mut read))
                     .map_err(WireError::Io)?;
                 if read.filled().is_empty() {
