@@ -58,8 +58,11 @@
 //! processes gives each operation a timeout; when a send times out (or the
 //! connection breaks mid-command) the broker may still run it afterwards, so
 //! some or all members may get the event later: still at most once each, but
-//! the sender cannot know. Members in the sending process get a group send
-//! before the broker is asked, so they have it even when the call fails.
+//! the sender cannot know. On the Redis layer, members in the sending
+//! process get a group send before the broker is asked, so they have it even
+//! when the call fails; the Redis Cluster, NATS and Django core layers hand
+//! it to them after the broker answered, and the Django Pub/Sub layer
+//! through the broker.
 //! Handle an error as a service would handle any "maybe" (tell the client it
 //! may retry, keep its socket: see [`consumer`](crate::consumer#when-a-send-fails));
 //! do not resend blindly when duplicates would hurt, or make events
