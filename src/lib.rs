@@ -183,6 +183,7 @@ pub mod message;
 mod metrics;
 pub mod middleware;
 pub mod origin;
+mod payload;
 pub mod route;
 mod scope;
 pub mod testing;

@@ -10,8 +10,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{error::EventCodecError, StreamPosition};
 use crate::{
-    engine::SharedPayload,
     message::{Message, Utf8Bytes},
+    payload::SharedPayload,
 };
 
 type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError>;

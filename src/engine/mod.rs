@@ -75,7 +75,7 @@ use std::any::Any;
 
 use crate::message::Message;
 
-pub(crate) use self::wire::SharedPayload;
+use crate::payload::SharedPayload;
 
 /// An outgoing message, as the application queued it.
 #[derive(Debug, Clone)]

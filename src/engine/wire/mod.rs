@@ -18,7 +18,7 @@
 //!   at or above the threshold, and writes the queue with vectored writes
 //!   (small frames are copied into one buffer, large payloads are written
 //!   from their shared `Bytes` without a copy) before one flush.
-//! * [`SharedPayload`] is a group-send payload that caches its compressed form
+//! * [`SharedPayload`](crate::payload::SharedPayload) is a group-send payload that caches its compressed form
 //!   per `(server_max_window_bits, level)`: 1,000 members that negotiated the
 //!   same parameters cost one compression.
 //!
@@ -99,7 +99,6 @@ use crate::message::{close_code, CloseCode, CloseFrame, Utf8Bytes};
 use bytes::Bytes;
 
 pub(crate) use self::{
-    deflate::SharedPayload,
     negotiate::{negotiate, DeflateParams},
     reader::FrameReader,
     writer::{FrameWriter, Outbound},

@@ -15,8 +15,9 @@ use tungstenite::protocol::frame::{
     FrameHeader,
 };
 
-use super::{deflate, DeflateParams, SharedPayload};
+use super::{deflate, DeflateParams};
 use crate::message::Message;
+use crate::payload::SharedPayload;
 
 /// Payloads at least this long are written from their own `Bytes` (a vectored
 /// write of header + payload); shorter ones are copied into the write buffer.
@@ -191,7 +192,10 @@ impl FrameWriter {
         match self.deflate {
             Some(d) if p.len() >= d.threshold && !p.is_empty() => {
                 if d.server_no_context_takeover {
-                    match p.compressed(d.server_max_window_bits, d.level) {
+                    let (bits, level) = (d.server_max_window_bits, d.level);
+                    match p.compressed_with(bits, level, |plain| {
+                        deflate::compress_pooled(bits, level, plain)
+                    }) {
                         Some(c) if compressed_is_better(&d, c.len(), p.len()) => {
                             self.frame(opcode, true, &c)
                         }
