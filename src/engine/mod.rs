@@ -13,8 +13,8 @@
 //! same task by the `Host`, so the lock between them is never contended and
 //! no message crosses a channel.
 //!
-//! Dependencies run one way: value types (message, scope, config) <- channel
-//! layer <- engine <- consumer <- middleware / testing.
+//! Dependencies run one way: value types (message, payload, scope, config)
+//! <- channel layer <- engine <- consumer <- middleware / testing.
 //!
 //! # Phases
 //!
