@@ -89,16 +89,8 @@ async fn env() -> Option<String> {
 }
 
 fn unique_prefix(test: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
     // Ends in '.': pubsub channel names start with the prefix.
-    format!(
-        "tcdj-{test}-{}-{nanos}-{}.",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("tcdj-{test}-{}.", common::layers::unique_suffix())
 }
 
 fn app_dir() -> PathBuf {
