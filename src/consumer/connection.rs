@@ -17,6 +17,7 @@ pub(crate) enum UpgradeSource {
     /// hyper hands over the upgraded connection after the 101/200 response.
     Hyper(hyper::upgrade::OnUpgrade),
     /// An in-process transport (the test [`Communicator`](crate::testing::Communicator)).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     Ready(Transport),
 }
 

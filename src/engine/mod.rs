@@ -65,11 +65,15 @@ pub(crate) use self::{
     driver::Engine,
     host::{Host, Slot},
     link::{AppLink, Link, Status},
-    probe::{FinishOnDrop, Probe, Progress},
+    probe::{FinishOnDrop, Probe},
     runtime::{Runtime, Tracker},
     socket::Socket,
     transport::Transport,
 };
+
+/// Read by the test kit only.
+#[cfg(feature = "testing")]
+pub(crate) use self::probe::Progress;
 
 use std::any::Any;
 
