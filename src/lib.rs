@@ -25,7 +25,7 @@
 //! use serde::Deserialize;
 //! use tower_channels::{
 //!     channel_layer::{BoxError, Event},
-//!     consumer::{json_consumer, Accept, Context, JsonWebsocketConsumer, Reject},
+//!     consumer::{json_consumer, Accept, Context, JsonWebSocketConsumer, Reject},
 //!     WebSocketLayer,
 //! };
 //!
@@ -34,7 +34,7 @@
 //!
 //! struct Chat { group: String }
 //!
-//! impl JsonWebsocketConsumer for Chat {
+//! impl JsonWebSocketConsumer for Chat {
 //!     type Incoming = Incoming;
 //!
 //!     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {

@@ -74,8 +74,8 @@ use tower_channels::{
         StreamCursor, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
     },
     consumer::{
-        consumer, forward_event, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject,
-        WebsocketConsumer,
+        forward_event, json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer,
+        Reject, WebSocketConsumer,
     },
     message::Message,
     origin::AllowedOrigins,
@@ -136,7 +136,7 @@ impl Chat {
     }
 }
 
-impl JsonWebsocketConsumer for Chat {
+impl JsonWebSocketConsumer for Chat {
     type Incoming = ChatIn;
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -259,7 +259,7 @@ fn room_group(room: &str) -> String {
 /// `/ws/echo`: sends every message back.
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -443,7 +443,7 @@ async fn main() -> Result<(), BoxError> {
                 cursor: StreamCursor::new(),
             }),
         )
-        .route("/ws/echo", consumer(|_| Echo));
+        .route("/ws/echo", websocket_consumer(|_| Echo));
     // Only pages served by this host may open sockets or POST (defence
     // against cross-site WebSocket hijacking and CSRF); clients without
     // Origin are allowed. Behind a proxy or in production, list the origins

@@ -1,4 +1,4 @@
-//! The callback loop behind [`WebsocketConsumer`]: hands the engine's input
+//! The callback loop behind [`WebSocketConsumer`]: hands the engine's input
 //! to the handlers, one at a time. The engine keeps the socket serviced
 //! (pings, pongs, writes, read-ahead, limits) while a handler runs: both are
 //! polled by the connection task's host.
@@ -12,7 +12,7 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{Connection, Context, Reject, WebsocketConsumer};
+use super::{Connection, Context, Reject, WebSocketConsumer};
 use crate::{
     channel_layer::{BoxError, Event, RecvError},
     engine::{panic_message, Link, Status},
@@ -33,7 +33,7 @@ enum Outcome {
 }
 
 /// Runs `consumer` on `conn` from handshake to disconnect.
-pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
+pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
     // The handshake runs in a boxed future of its own, so the state this
     // task keeps for the (long) life of the connection holds only what the
     // loop needs: that is most of an idle connection's memory.
@@ -98,7 +98,7 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
 }
 
 /// The handshake: creates the channel, runs `connect`, answers the client.
-async fn open<C: WebsocketConsumer>(
+async fn open<C: WebSocketConsumer>(
     mut consumer: C,
     mut conn: Connection,
 ) -> Option<(C, Context, Arc<Link>)> {

@@ -2,10 +2,10 @@
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+//! use tower_channels::{consumer::{websocket_consumer, WebSocketConsumer}, WebSocketLayer};
 //!
 //! struct Echo;
-//! impl WebsocketConsumer for Echo {
+//! impl WebSocketConsumer for Echo {
 //!     async fn receive(
 //!         &mut self,
 //!         ctx: &mut tower_channels::consumer::Context,
@@ -16,7 +16,7 @@
 //!     }
 //! }
 //!
-//! let channels = WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo));
+//! let channels = WebSocketLayer::new().route("/ws/echo", websocket_consumer(|_| Echo));
 //! let app: Router = Router::new()
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(channels);
@@ -64,12 +64,12 @@
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+//! use tower_channels::{consumer::{websocket_consumer, WebSocketConsumer}, WebSocketLayer};
 //!
 //! struct Echo;
-//! impl WebsocketConsumer for Echo {}
+//! impl WebSocketConsumer for Echo {}
 //!
-//! let channels = WebSocketLayer::new().route("/ws", consumer(|_| Echo));
+//! let channels = WebSocketLayer::new().route("/ws", websocket_consumer(|_| Echo));
 //! let api: Router = Router::new()
 //!     .route("/users", get(|| async { "[]" }))
 //!     .merge(channels.into_router()); // a route of `api`: /api/ws once nested
