@@ -77,7 +77,7 @@ impl JsonWebSocketConsumer for Chat {
             .group_send(&self.group, Event::text("chat.message", text))
             .await
         {
-            tracing::warn!(error = %e, "group send failed");
+            tracing::warn!(error = &e as &dyn std::error::Error, "group send failed");
             ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
         }
         Ok(())

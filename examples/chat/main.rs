@@ -203,7 +203,7 @@ impl JsonWebSocketConsumer for Chat {
                 // this process got the message anyway; members elsewhere
                 // may or may not have).
                 if let Err(e) = ctx.group_send(&self.group, event).await {
-                    tracing::warn!(error = %e, group = %self.group, "group send failed");
+                    tracing::warn!(error = &e as &dyn std::error::Error, group = %self.group, "group send failed");
                     ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
                 }
             }
@@ -312,7 +312,11 @@ async fn post_message(
         .await
         .map_err(|e| {
             // Logged here; the client learns only that it may retry.
-            tracing::warn!(error = %e, group, "group send failed");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                group,
+                "group send failed"
+            );
             (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable\n")
         })?;
     let offset = report.position.map_or(0, |p| p.offset());

@@ -166,7 +166,11 @@ impl Connection {
     /// Refuses the handshake with `reject`'s status (403 by default).
     pub fn reject(mut self, reject: Reject) {
         if let Some(err) = &reject.error {
-            tracing::error!(error = %err, route = self.scope.route(), "consumer failed in connect");
+            tracing::error!(
+                error = &**err as &(dyn std::error::Error + 'static),
+                route = self.scope.route(),
+                "consumer failed in connect"
+            );
         }
         self.send_decision(Decision::Reject(reject.into_response()));
     }

@@ -65,7 +65,10 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
             Outcome::Failed(e) => {
                 if link.status() != Status::Open {
                     // Typically a send that failed because the connection is closing.
-                    tracing::debug!(error = %e, "consumer handler failed while closing");
+                    tracing::debug!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        "consumer handler failed while closing"
+                    );
                 } else if let Some(unhandled) = e.downcast_ref::<super::UnhandledEvent>() {
                     // An event type this consumer does not know: not fatal.
                     super::unhandled::log_ignored(unhandled.kind());
@@ -74,7 +77,10 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
                     // The send failed because the client is too slow: the
                     // engine closes with 4008, not as a consumer error.
                 } else {
-                    tracing::error!(error = %e, "consumer handler failed; closing with 1011");
+                    tracing::error!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        "consumer handler failed; closing with 1011"
+                    );
                     link.close(CloseFrame::new(close_code::ERROR, "internal error"), false);
                 }
             }

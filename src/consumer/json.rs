@@ -72,7 +72,7 @@ pub trait JsonWebSocketConsumer: Send + 'static {
         ctx: &mut Context,
         error: JsonDecodeError,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        ctx.close(error.close_code(), error.to_string());
+        ctx.close(error.close_code(), error.close_reason());
         async { Ok(()) }
     }
 
@@ -110,6 +110,16 @@ impl JsonDecodeError {
         self.binary
     }
 
+    /// The close reason the default handler sends: the Display text, with
+    /// serde's description for bad JSON (e.g. `invalid JSON: expected value
+    /// at line 1 column 1`), so a developer sees it in the browser.
+    pub(crate) fn close_reason(&self) -> String {
+        match &self.source {
+            Some(e) => format!("{self}: {e}"),
+            None => self.to_string(),
+        }
+    }
+
     /// The close code the default handler uses: 1003 for binary, 1007 for bad JSON.
     pub fn close_code(&self) -> CloseCode {
         if self.binary {
@@ -122,10 +132,11 @@ impl JsonDecodeError {
 
 impl fmt::Display for JsonDecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(e) => write!(f, "invalid JSON: {e}"),
-            None => f.write_str("binary messages are not supported"),
-        }
+        f.write_str(if self.binary {
+            "binary messages are not supported"
+        } else {
+            "invalid JSON"
+        })
     }
 }
 

@@ -70,7 +70,8 @@
 //!     async fn receive_json(&mut self, ctx: &mut Context, msg: Incoming) -> Result<(), BoxError> {
 //!         let text = serde_json::json!({ "message": msg.message }).to_string();
 //!         if let Err(e) = ctx.group_send(&self.group, Event::text("chat.message", text)).await {
-//!             tracing::warn!(error = %e, "group send failed");
+//!             // Recorded as an error, the log shows its cause (`error.sources`).
+//!             tracing::warn!(error = &e as &dyn std::error::Error, "group send failed");
 //!             // The details stay in the log; the client learns it may retry.
 //!             ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
 //!         }

@@ -78,12 +78,20 @@ impl WebSocketLayer {
                 let route = route.to_owned();
                 if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
                     let e: BoxError = e.into();
-                    tracing::error!(error = %e, route, "consumer service not ready");
+                    tracing::error!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        route,
+                        "consumer service not ready"
+                    );
                     return;
                 }
                 if let Err(e) = svc.call(conn).await {
                     let e: BoxError = e.into();
-                    tracing::error!(error = %e, route, "consumer failed");
+                    tracing::error!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        route,
+                        "consumer failed"
+                    );
                 }
             })
         });

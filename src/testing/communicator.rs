@@ -109,7 +109,7 @@ pub enum ReceiveError {
     #[error("unexpected message: {0:?}")]
     Unexpected(Message),
     /// The text was not the JSON expected.
-    #[error("invalid JSON: {0}")]
+    #[error("invalid JSON")]
     Json(#[from] serde_json::Error),
     /// The connection is not open (call `connect` first).
     #[error("not connected")]
