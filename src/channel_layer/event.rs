@@ -99,6 +99,21 @@ fn encode_typed<T: Serialize + 'static>(
     rmp_serde::to_vec_named(v).map_err(EventCodecError::new)
 }
 
+/// [`EncodeFn`] of [`Event::tagged`]: the value's fields without its tag.
+fn encode_untagged<T: Serialize + 'static>(
+    v: &(dyn Any + Send + Sync),
+) -> Result<Vec<u8>, EventCodecError> {
+    let v = v
+        .downcast_ref::<T>()
+        .ok_or_else(|| EventCodecError::new("event body changed type"))?;
+    let mut fields = match serde_json::to_value(v).map_err(EventCodecError::new)? {
+        serde_json::Value::Object(fields) => fields,
+        _ => return Err(EventCodecError::new("tagged event body is not a map")),
+    };
+    fields.remove("type");
+    rmp_serde::to_vec_named(&fields).map_err(EventCodecError::new)
+}
+
 impl Event {
     /// An event with a typed body. On the in-memory layer the value is passed
     /// along as is; other backends serialize it once with MessagePack.
@@ -114,6 +129,74 @@ impl Event {
                 type_name: std::any::type_name::<T>(),
             },
         )
+    }
+
+    /// An event made from a `#[serde(tag = "type")]` value: its kind is the
+    /// tag (the variant's name, e.g. `#[serde(rename = "doc.edit")]`) and
+    /// its body the other fields, so one enum both builds events and reads
+    /// them back with [`decode_tagged`](Self::decode_tagged), and each kind
+    /// string is written once. On the in-memory layer the value itself
+    /// travels ([`downcast_ref`](Self::downcast_ref) borrows it); other
+    /// backends send the fields without the tag, as for [`Event::new`].
+    ///
+    /// Fails when `value` does not serialize to a map with a string `type`
+    /// (a struct, or an enum without `tag = "type"`).
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use tower_channels::channel_layer::Event;
+    ///
+    /// #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    /// #[serde(tag = "type")]
+    /// enum DocEvent {
+    ///     #[serde(rename = "doc.edit")]
+    ///     Edit { text: String },
+    ///     #[serde(rename = "doc.saved")]
+    ///     Saved,
+    /// }
+    ///
+    /// let event = Event::tagged(DocEvent::Edit { text: "hi".into() }).unwrap();
+    /// assert_eq!(event.kind(), "doc.edit");
+    /// assert_eq!(event.decode_tagged::<DocEvent>().unwrap(), DocEvent::Edit { text: "hi".into() });
+    /// // Through the wire, as from another process:
+    /// let wire = Event::decode(&event.encode().unwrap()).unwrap();
+    /// assert_eq!(wire.decode_tagged::<DocEvent>().unwrap(), DocEvent::Edit { text: "hi".into() });
+    /// assert_eq!(Event::tagged(DocEvent::Saved).unwrap().kind(), "doc.saved");
+    /// // A struct has no tag:
+    /// #[derive(Serialize)]
+    /// struct Plain { text: String }
+    /// assert!(Event::tagged(Plain { text: "hi".into() }).is_err());
+    /// ```
+    pub fn tagged<T>(value: T) -> Result<Self, EventCodecError>
+    where
+        T: Serialize + Send + Sync + 'static,
+    {
+        let kind = match serde_json::to_value(&value) {
+            Ok(serde_json::Value::Object(mut fields)) => match fields.remove("type") {
+                Some(serde_json::Value::String(kind)) => kind,
+                _ => {
+                    return Err(EventCodecError::new(format_args!(
+                        "{} has no string `type` field: derive it with #[serde(tag = \"type\")]",
+                        std::any::type_name::<T>()
+                    )))
+                }
+            },
+            Ok(_) => {
+                return Err(EventCodecError::new(format_args!(
+                    "{} is not a map: derive it with #[serde(tag = \"type\")]",
+                    std::any::type_name::<T>()
+                )))
+            }
+            Err(e) => return Err(EventCodecError::new(e)),
+        };
+        Ok(Self::from_payload(
+            kind,
+            Payload::Typed {
+                value: Box::new(value),
+                encode: encode_untagged::<T>,
+                type_name: std::any::type_name::<T>(),
+            },
+        ))
     }
 
     /// An event without a body.
@@ -319,6 +402,7 @@ impl Event {
     /// The body must be a map (a struct) or absent (a unit variant). This is
     /// typed dispatch: one `match` in `event`, with unknown types left to
     /// [`forward_event`](crate::consumer::forward_event) (ignored by default).
+    /// [`Event::tagged`] builds events from the same enum.
     ///
     /// ```
     /// use serde::{Deserialize, Serialize};
