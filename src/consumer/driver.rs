@@ -17,6 +17,7 @@ use crate::{
     channel_layer::{BoxError, Event, RecvError},
     engine::{panic_message, Link, Status},
     message::{close_code, CloseCode, CloseFrame, Message},
+    metrics::HandlerTimer,
 };
 
 enum Input {
@@ -40,9 +41,17 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
     let Some((mut consumer, mut ctx, link)) = Box::pin(open(consumer, conn)).await else {
         return;
     };
+    let mut timer = HandlerTimer::default();
     let code = loop {
-        let input = poll_fn(|cx| next_input(&link, cx)).await;
-        let started = std::time::Instant::now();
+        let input = poll_fn(|cx| {
+            let input = next_input(&link, cx);
+            if input.is_pending() {
+                timer.waited();
+            }
+            input
+        })
+        .await;
+        timer.start();
         let outcome = match input {
             // Handler futures are boxed while they run: inline, the largest
             // of them would be part of every idle connection's state.
@@ -59,7 +68,7 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
             }
             Input::Closed(code) => break code,
         };
-        link.runtime.metrics.handler_time(started.elapsed());
+        timer.finish(&link.runtime.metrics);
         match outcome {
             Outcome::Done => {}
             Outcome::Failed(e) => {

@@ -21,6 +21,7 @@ use super::{
 use crate::{
     channel_layer::BoxFuture,
     message::{close_code, CloseCode, CloseFrame, Message},
+    metrics::LocalCounts,
     RateLimit,
 };
 
@@ -89,6 +90,8 @@ pub(crate) struct Engine {
     drained: usize,
     shutdown: Option<Pin<Box<OwnedNotified>>>,
     rate: Option<(RateLimit, f64, Instant)>,
+    /// Messages counted since the last fold into the layer's metrics.
+    counts: LocalCounts,
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,6 +137,7 @@ impl Engine {
             rate: config
                 .rate_limit
                 .map(|r| (r, f64::from(r.burst.max(1)), now)),
+            counts: LocalCounts::default(),
             link,
         };
         e.rearm_timer();
@@ -210,6 +214,12 @@ impl Engine {
     /// Drives the connection; ready with the close code once it is over and
     /// its groups are left.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseCode> {
+        let res = self.poll_inner(cx);
+        self.counts.fold(&self.link.runtime.metrics);
+        res
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<CloseCode> {
         loop {
             if let Phase::Closed { code } = self.phase {
                 if let Some(l) = &mut self.leaving {
@@ -360,8 +370,7 @@ impl Engine {
                 match next {
                     Some(out) => {
                         self.drained += out.len();
-                        self.link.runtime.metrics.message_out();
-                        self.link.runtime.metrics.bytes_out(out.len());
+                        self.counts.message_out(out.len());
                         socket.queue(&out)
                     }
                     None if close_ready => {
@@ -463,8 +472,7 @@ impl Engine {
                 if !matches!(self.phase, Phase::Open) {
                     return;
                 }
-                self.link.runtime.metrics.message_in();
-                self.link.runtime.metrics.bytes_in(match &inbound {
+                self.counts.message_in(match &inbound {
                     Inbound::Text(t) => t.len(),
                     Inbound::Binary(b) => b.len(),
                     _ => 0,
@@ -557,6 +565,8 @@ impl Engine {
             self.after_flush();
             return false;
         }
+        // Counted before the client can see it.
+        self.counts.fold(&self.link.runtime.metrics);
         match socket.poll_flush(cx) {
             Poll::Ready(Ok(())) => {
                 self.after_flush();
@@ -723,6 +733,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        self.counts.fold(&self.link.runtime.metrics);
         self.link.runtime.metrics.closed();
         if !matches!(self.phase, Phase::Closed { .. }) {
             // Aborted (shutdown deadline): the application sees the end.
