@@ -239,13 +239,13 @@ impl LocalCounts {
 }
 
 /// Times handler calls for `tower_channels_handler_duration_seconds`, with
-/// one clock read per call: a call's start is the previous call's end when
+/// one read of the TSC clock (`quanta`) per call: a call's start is the previous call's end when
 /// its input was already waiting, so only a call after a wait reads the
 /// clock twice. Without the `metrics` feature it is empty and reads nothing.
 #[derive(Debug, Default)]
 pub(crate) struct HandlerTimer {
     #[cfg(feature = "metrics")]
-    mark: Option<std::time::Instant>,
+    mark: Option<quanta::Instant>,
 }
 
 impl HandlerTimer {
@@ -258,7 +258,7 @@ impl HandlerTimer {
     pub(crate) fn start(&mut self) {
         emit! {
             if self.mark.is_none() {
-                self.mark = Some(std::time::Instant::now());
+                self.mark = Some(quanta::Instant::now());
             }
         }
     }
@@ -267,12 +267,12 @@ impl HandlerTimer {
     pub(crate) fn finish(&mut self, metrics: &Metrics) {
         let _ = metrics;
         emit! {
-            let now = std::time::Instant::now();
+            let now = quanta::Instant::now();
             if let Some(start) = self.mark.replace(now) {
                 metrics
                     .handles()
                     .handler
-                    .record(now.saturating_duration_since(start).as_secs_f64());
+                    .record(now.duration_since(start).as_secs_f64());
             }
         }
     }

@@ -12,20 +12,13 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{Connection, Context, Reject, WebsocketConsumer};
+use super::{socket::poll_incoming, Connection, Context, Incoming, Reject, WebsocketConsumer};
 use crate::{
-    channel_layer::{BoxError, Event, RecvError},
+    channel_layer::BoxError,
     engine::{panic_message, Link, Status},
     message::{close_code, CloseCode, CloseFrame, Message},
     metrics::HandlerTimer,
 };
-
-enum Input {
-    Message(Message),
-    Event(Event),
-    Lagged(u64),
-    Closed(CloseCode),
-}
 
 enum Outcome {
     Done,
@@ -51,13 +44,17 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
             input
         })
         .await;
+        let input = match input {
+            Ok(input) => input,
+            Err(code) => break code,
+        };
         timer.start();
         let outcome = match input {
             // Handler futures are boxed while they run: inline, the largest
             // of them would be part of every idle connection's state.
-            Input::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
-            Input::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
-            Input::Lagged(n) => {
+            Incoming::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
+            Incoming::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
+            Incoming::Lagged(n) => {
                 link.runtime.metrics.dropped_slow(n);
                 tracing::warn!(dropped = n, "slow consumer: events dropped; closing");
                 link.close(
@@ -66,7 +63,6 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
                 );
                 Outcome::Done
             }
-            Input::Closed(code) => break code,
         };
         timer.finish(&link.runtime.metrics);
         match outcome {
@@ -148,21 +144,17 @@ async fn open<C: WebsocketConsumer>(
     }
 }
 
-fn next_input(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Input> {
+/// The next input for a handler, or the close code once the connection is
+/// over (the callback forms see the peer's close through `disconnect`).
+fn next_input(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Result<Incoming, CloseCode>> {
     loop {
-        match link.poll_message(cx) {
-            // The callback forms see the close through `disconnect`.
-            Poll::Ready(Some(Message::Close(_))) => continue,
-            Poll::Ready(Some(m)) => return Poll::Ready(Input::Message(m)),
+        match poll_incoming(link, cx) {
+            Poll::Ready(Some(Incoming::Message(Message::Close(_)))) => continue,
+            Poll::Ready(Some(input)) => return Poll::Ready(Ok(input)),
             Poll::Ready(None) | Poll::Pending => break,
         }
     }
-    match link.poll_event(cx) {
-        Poll::Ready(Some(Ok(e))) => return Poll::Ready(Input::Event(e)),
-        Poll::Ready(Some(Err(RecvError::Lagged(n)))) => return Poll::Ready(Input::Lagged(n)),
-        Poll::Ready(Some(Err(_)) | None) | Poll::Pending => {}
-    }
-    link.poll_closed(cx).map(Input::Closed)
+    link.poll_closed(cx).map(Err)
 }
 
 /// Runs a handler, turning a panic into an outcome.

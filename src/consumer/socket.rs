@@ -13,7 +13,7 @@ use crate::{
         ChannelLayer, Event, GroupSendReport, PresenceInfo, PresenceMember, Recovery, RecvError,
         StreamPosition,
     },
-    engine::{AppLink, Out},
+    engine::{AppLink, Link, Outbound},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
 };
@@ -29,6 +29,21 @@ pub enum Incoming {
     Event(Event),
     /// Group sends dropped this many events because the connection fell behind.
     Lagged(u64),
+}
+
+/// The next message from the client or event for the connection, messages
+/// first; `None` once the client's messages ended (the connection closed).
+/// Every consumer form reads its input through this.
+pub(crate) fn poll_incoming(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Option<Incoming>> {
+    if let Poll::Ready(m) = link.poll_message(cx) {
+        return Poll::Ready(m.map(Incoming::Message));
+    }
+    match link.poll_event(cx) {
+        Poll::Ready(Some(Ok(e))) => Poll::Ready(Some(Incoming::Event(e))),
+        Poll::Ready(Some(Err(RecvError::Lagged(n)))) => Poll::Ready(Some(Incoming::Lagged(n))),
+        // The layer dropped this channel: only client messages remain.
+        Poll::Ready(_) | Poll::Pending => Poll::Pending,
+    }
 }
 
 /// An accepted WebSocket connection: the raw form of a consumer.
@@ -110,17 +125,7 @@ impl WebSocket {
         &mut self,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Incoming, Error>>> {
-        if let Poll::Ready(m) = self.link.poll_message(cx) {
-            return Poll::Ready(m.map(|m| Ok(Incoming::Message(m))));
-        }
-        match self.link.poll_event(cx) {
-            Poll::Ready(Some(Ok(e))) => Poll::Ready(Some(Ok(Incoming::Event(e)))),
-            Poll::Ready(Some(Err(RecvError::Lagged(n)))) => {
-                Poll::Ready(Some(Ok(Incoming::Lagged(n))))
-            }
-            // The layer dropped this channel: only client messages remain.
-            Poll::Ready(_) | Poll::Pending => Poll::Pending,
-        }
+        poll_incoming(&self.link, cx).map(|i| i.map(Ok))
     }
 
     /// Sends a message and waits until it is written to the socket.
@@ -150,7 +155,7 @@ impl WebSocket {
             }
             // Pings and pongs are the engine's business.
             Message::Ping(_) | Message::Pong(_) => Ok(()),
-            m => self.link.push(Out::Message(m)),
+            m => self.link.push(Outbound::Message(m)),
         }
     }
 

@@ -20,7 +20,7 @@ use crate::{
     Error,
 };
 
-use super::{Out, Probe, Runtime};
+use super::{Outbound, Probe, Runtime};
 
 /// What the application sees of the connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub(crate) struct CloseRequest {
 pub(crate) struct State {
     pub(crate) status: Status,
     // Application -> engine.
-    pub(crate) out: VecDeque<Out>,
+    pub(crate) out: VecDeque<Outbound>,
     pub(crate) out_bytes: usize,
     pub(crate) close: Option<CloseRequest>,
     /// A send would have crossed the hard cap: the client is too slow.
@@ -140,7 +140,7 @@ impl Link {
 
     /// Queues `out` without waiting. Fails once the connection is closing,
     /// or when the hard cap would be crossed (the engine then closes 4008).
-    pub(crate) fn push(&self, out: Out) -> Result<(), Error> {
+    pub(crate) fn push(&self, out: Outbound) -> Result<(), Error> {
         let mut st = self.lock();
         if !matches!(st.status, Status::Open | Status::Handshake)
             || st.close.is_some()

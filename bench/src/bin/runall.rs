@@ -268,7 +268,7 @@ fn real_main() -> Result<bool> {
     }
 
     println!();
-    print!("{}", table(&cfg, &runs));
+    print!("{}", table(&cfg, &runs, &load_start));
     println!();
     println!(
         "load average (1/5/15 min) at start: {load_start}; at end: {}",
@@ -750,7 +750,7 @@ fn paced_rows() -> Vec<Row> {
     ]
 }
 
-fn table(cfg: &Config, runs: &[Run]) -> String {
+fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
     let s = cfg.sizes;
     let mut out = String::new();
     if cfg.modes.iter().any(|m| *m != Mode::PacedDelay) {
@@ -760,8 +760,7 @@ fn table(cfg: &Config, runs: &[Run]) -> String {
              tc = tower-channels' chat example, tc+P = the same built with \
              `example-metrics` (a Prometheus recorder installed), axum = the \
              `baseline` server, fws = fastwebsockets on plain hyper (echo only).\n",
-            cfg.rounds,
-            load_average()
+            cfg.rounds, load_start
         );
         let _ = writeln!(
             out,
