@@ -131,6 +131,16 @@ impl FrameWriter {
         io: &mut W,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
+        // Only small frames (the common case): write the buffer itself,
+        // without moving it into the segment queue.
+        while self.segments.is_empty() && !self.buf.is_empty() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.advance(n);
+            self.queued = self.queued.saturating_sub(n);
+        }
         self.seal();
         while !self.segments.is_empty() {
             let n = if io.is_write_vectored() && self.segments.len() > 1 {
