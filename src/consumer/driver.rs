@@ -12,7 +12,7 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{socket::poll_incoming, Connection, Context, Incoming, Reject, WebsocketConsumer};
+use super::{Connection, Context, Incoming, Reject, WebsocketConsumer};
 use crate::{
     channel_layer::BoxError,
     engine::{panic_message, Link, Status},
@@ -148,13 +148,13 @@ async fn open<C: WebsocketConsumer>(
 /// over (the callback forms see the peer's close through `disconnect`).
 fn next_input(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Result<Incoming, CloseCode>> {
     loop {
-        match poll_incoming(link, cx) {
+        match link.poll_incoming(cx) {
             Poll::Ready(Some(Incoming::Message(Message::Close(_)))) => continue,
             Poll::Ready(Some(input)) => return Poll::Ready(Ok(input)),
-            Poll::Ready(None) | Poll::Pending => break,
+            Poll::Ready(None) => return link.poll_closed(cx).map(Err),
+            Poll::Pending => return Poll::Pending,
         }
     }
-    link.poll_closed(cx).map(Err)
 }
 
 /// Runs a handler, turning a panic into an outcome.

@@ -10,41 +10,15 @@ use futures_util::Stream;
 
 use crate::{
     channel_layer::{
-        ChannelLayer, Event, GroupSendReport, PresenceInfo, PresenceMember, Recovery, RecvError,
+        ChannelLayer, Event, GroupSendReport, PresenceInfo, PresenceMember, Recovery,
         StreamPosition,
     },
-    engine::{AppLink, Link, Outbound},
+    engine::{AppLink, Outbound},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
 };
 
-/// What [`WebSocket::next`] yields: a message from the client or an event
-/// from the channel layer.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Incoming {
-    /// A message from the client.
-    Message(Message),
-    /// An event sent to this connection's channel or one of its groups.
-    Event(Event),
-    /// Group sends dropped this many events because the connection fell behind.
-    Lagged(u64),
-}
-
-/// The next message from the client or event for the connection, messages
-/// first; `None` once the client's messages ended (the connection closed).
-/// Every consumer form reads its input through this.
-pub(crate) fn poll_incoming(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Option<Incoming>> {
-    if let Poll::Ready(m) = link.poll_message(cx) {
-        return Poll::Ready(m.map(Incoming::Message));
-    }
-    match link.poll_event(cx) {
-        Poll::Ready(Some(Ok(e))) => Poll::Ready(Some(Incoming::Event(e))),
-        Poll::Ready(Some(Err(RecvError::Lagged(n)))) => Poll::Ready(Some(Incoming::Lagged(n))),
-        // The layer dropped this channel: only client messages remain.
-        Poll::Ready(_) | Poll::Pending => Poll::Pending,
-    }
-}
+pub use crate::engine::Incoming;
 
 /// An accepted WebSocket connection: the raw form of a consumer.
 ///
@@ -125,7 +99,7 @@ impl WebSocket {
         &mut self,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Incoming, Error>>> {
-        poll_incoming(&self.link, cx).map(|i| i.map(Ok))
+        self.link.poll_incoming(cx).map(|i| i.map(Ok))
     }
 
     /// Sends a message and waits until it is written to the socket.

@@ -85,6 +85,9 @@ pub(crate) struct Engine {
     over_budget_since: Option<(Instant, usize)>,
     /// Bytes of application output moved to the writer so far.
     drained: usize,
+    /// Application output was moved to the writer (or dropped by a close)
+    /// since the application was last told that all of it is written.
+    unflushed: bool,
     shutdown: Option<Pin<Box<OwnedNotified>>>,
     /// The rate limit's tokens and when they were last counted.
     rate: Option<(f64, Instant)>,
@@ -122,6 +125,7 @@ impl Engine {
             next_ping: config.ping_interval.map(|i| now + i),
             over_budget_since: None,
             drained: 0,
+            unflushed: false,
             shutdown: Some(Box::pin(runtime.tracker.signal.clone().notified_owned())),
             rate: config.rate_limit.map(|r| (f64::from(r.burst.max(1)), now)),
             counts: LocalCounts::default(),
@@ -161,6 +165,7 @@ impl Engine {
     fn enter_closing(&mut self, closing: Closing) {
         let drain = closing.drain;
         self.phase = Phase::Closing(closing);
+        self.unflushed = true;
         // Leave the groups and drop the inbox at once: no more events are
         // held for a connection that is going away.
         let (groups, inbox) = self.link.start_closing(drain);
@@ -235,18 +240,27 @@ impl Engine {
             if self.poll_shutdown(cx) {
                 continue;
             }
-            self.check_application();
+            // Socket work until nothing moves; the timers and the shutdown
+            // signal are polled once per round, not once per step.
+            loop {
+                self.check_application();
+                if matches!(self.phase, Phase::Closed { .. }) {
+                    break;
+                }
+                let wrote = self.poll_write(cx);
+                let read = self.poll_read(cx);
+                if matches!(self.phase, Phase::Closed { .. }) {
+                    break;
+                }
+                let flushed = self.poll_flush(cx);
+                if !(wrote || read || flushed) {
+                    break;
+                }
+            }
             if matches!(self.phase, Phase::Closed { .. }) {
                 continue;
             }
-            let wrote = self.poll_write(cx);
-            let read = self.poll_read(cx);
-            if matches!(self.phase, Phase::Closed { .. }) {
-                continue;
-            }
-            let flushed = self.poll_flush(cx);
-            let timed = self.poll_timer(cx);
-            if !(wrote || read || flushed || timed) {
+            if !self.poll_timer(cx) {
                 return Poll::Pending;
             }
         }
@@ -406,6 +420,7 @@ impl Engine {
             }
             moved = true;
         }
+        self.unflushed |= moved;
         moved
     }
 
@@ -590,7 +605,7 @@ impl Engine {
 
     /// Everything handed to the writer is on the socket.
     fn after_flush(&mut self) {
-        {
+        if std::mem::take(&mut self.unflushed) {
             let mut st = self.link.lock();
             if st.out.is_empty() && !st.flushed {
                 st.flushed = true;

@@ -22,6 +22,20 @@ use crate::{
 
 use super::{Outbound, Probe, Runtime};
 
+/// What [`WebSocket::next`](crate::consumer::WebSocket::next) yields, and
+/// what a consumer's handlers are called with: a message from the client or
+/// an event from the channel layer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Incoming {
+    /// A message from the client.
+    Message(Message),
+    /// An event sent to this connection's channel or one of its groups.
+    Event(Event),
+    /// Group sends dropped this many events because the connection fell behind.
+    Lagged(u64),
+}
+
 /// What the application sees of the connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Status {
@@ -195,6 +209,39 @@ impl Link {
     /// peer's close (`Message::Close`), then `None`.
     pub(crate) fn poll_message(&self, cx: &mut TaskContext<'_>) -> Poll<Option<Message>> {
         let mut st = self.lock();
+        if let Some(m) = self.take_message(&mut st) {
+            return Poll::Ready(m);
+        }
+        self.wait(st, cx)
+    }
+
+    /// The next message from the client or event for this connection, in
+    /// one lock: messages first (then the peer's close), then events; `None`
+    /// once the messages ended (the connection closed).
+    pub(crate) fn poll_incoming(&self, cx: &mut TaskContext<'_>) -> Poll<Option<Incoming>> {
+        let mut st = self.lock();
+        if let Some(m) = self.take_message(&mut st) {
+            return Poll::Ready(m.map(Incoming::Message));
+        }
+        if st.status == Status::Open {
+            if let Some(inbox) = st.inbox.as_mut() {
+                match inbox.poll_recv(cx) {
+                    Poll::Ready(Ok(e)) => return Poll::Ready(Some(Incoming::Event(e))),
+                    Poll::Ready(Err(RecvError::Lagged(n))) => {
+                        return Poll::Ready(Some(Incoming::Lagged(n)))
+                    }
+                    // The layer dropped this channel: only client messages remain.
+                    Poll::Ready(Err(_)) => st.inbox = None,
+                    Poll::Pending => {}
+                }
+            }
+        }
+        self.wait(st, cx)
+    }
+
+    /// A message read from the client, the peer's close after them, or
+    /// `Some(None)` once the connection is closed and both were taken.
+    fn take_message(&self, st: &mut MutexGuard<'_, State>) -> Option<Option<Message>> {
         if let Some(m) = st.incoming.pop_front() {
             st.in_bytes -= m.len();
             if st.incoming.is_empty() && st.incoming.capacity() > 16 {
@@ -202,49 +249,26 @@ impl Link {
             }
             // The engine may be waiting for read-ahead space.
             st.wake_host();
-            drop(st);
             if let Some(p) = &self.probe {
                 p.taken();
             }
-            return Poll::Ready(Some(m));
+            return Some(Some(m));
         }
         if let Some(frame) = st.peer_close.take() {
             st.wake_host();
-            return Poll::Ready(Some(Message::Close(frame)));
+            return Some(Some(Message::Close(frame)));
         }
-        if matches!(st.status, Status::Closed(_)) {
-            return Poll::Ready(None);
-        }
+        matches!(st.status, Status::Closed(_)).then_some(None)
+    }
+
+    /// Nothing to take: registers the application's waker.
+    fn wait<T>(&self, mut st: MutexGuard<'_, State>, cx: &mut TaskContext<'_>) -> Poll<T> {
         st.register_app(cx);
         drop(st);
         if let Some(p) = &self.probe {
             p.waiting();
         }
         Poll::Pending
-    }
-
-    /// The next event for this channel. `None` once closing started (the
-    /// inbox is dropped then) or the layer dropped the channel.
-    pub(crate) fn poll_event(
-        &self,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Event, RecvError>>> {
-        let mut st = self.lock();
-        if st.status != Status::Open {
-            return Poll::Pending;
-        }
-        let Some(inbox) = st.inbox.as_mut() else {
-            return Poll::Pending;
-        };
-        match inbox.poll_recv(cx) {
-            Poll::Ready(Ok(e)) => Poll::Ready(Some(Ok(e))),
-            Poll::Ready(Err(RecvError::Lagged(n))) => Poll::Ready(Some(Err(RecvError::Lagged(n)))),
-            Poll::Ready(Err(_)) => {
-                st.inbox = None;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
     }
 
     /// The close code once the engine is done.

@@ -61,6 +61,9 @@ mod socket;
 mod transport;
 pub(crate) mod wire;
 
+/// Re-exported as [`consumer::Incoming`](crate::consumer::Incoming).
+pub use self::link::Incoming;
+
 pub(crate) use self::{
     driver::Engine,
     host::{Host, Slot},
