@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// Most queued messages moved to the writer per lock of the link.
-const MOVE_BATCH: usize = 32;
+const MOVE_BATCH: usize = 16;
 
 /// Where a connection is in its life.
 #[derive(Debug)]
@@ -381,38 +381,37 @@ impl Engine {
         let soft_budget = self.link.runtime.config.max_outbound_bytes;
         let mut moved = false;
         while socket.has_room() {
+            let mut st = self.link.lock();
+            if st.out.is_empty() {
+                break;
+            }
             let mut batch: [Option<Outbound>; MOVE_BATCH] = Default::default();
             let mut n = 0;
-            {
-                let mut st = self.link.lock();
-                let mut room = self
-                    .link
-                    .runtime
-                    .config
-                    .write_buffer_size
-                    .saturating_sub(socket.queued_bytes());
-                while n < MOVE_BATCH {
-                    let Some(out) = st.out.pop_front() else {
-                        break;
-                    };
-                    st.out_bytes -= out.len();
-                    room = room.saturating_sub(out.len());
-                    batch[n] = Some(out);
-                    n += 1;
-                    if room == 0 {
-                        break;
-                    }
-                }
-                if n == 0 {
+            let mut room = self
+                .link
+                .runtime
+                .config
+                .write_buffer_size
+                .saturating_sub(socket.queued_bytes());
+            while n < MOVE_BATCH {
+                let Some(out) = st.out.pop_front() else {
+                    break;
+                };
+                st.out_bytes -= out.len();
+                room = room.saturating_sub(out.len());
+                batch[n] = Some(out);
+                n += 1;
+                if room == 0 {
                     break;
                 }
-                if st.out.is_empty() && st.out.capacity() > 16 {
-                    st.out = Default::default();
-                }
-                if st.out_bytes <= soft_budget {
-                    st.wake_app();
-                }
             }
+            if st.out.is_empty() && st.out.capacity() > 16 {
+                st.out = Default::default();
+            }
+            if st.out_bytes <= soft_budget {
+                st.wake_app();
+            }
+            drop(st);
             for out in batch.iter_mut().take(n).filter_map(Option::take) {
                 self.drained += out.len();
                 self.counts.message_out(out.len());

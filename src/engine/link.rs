@@ -433,13 +433,14 @@ impl State {
 
     /// Wakes whoever waits on the application side.
     pub(crate) fn wake_app(&mut self) {
-        let Some(w) = self.app_waker.take() else {
+        let Some(w) = &self.app_waker else {
             return;
         };
-        let same_task = self.host_waker.as_ref().is_some_and(|h| h.will_wake(&w));
-        if self.in_host && same_task {
+        if self.in_host && self.host_waker.as_ref().is_some_and(|h| h.will_wake(w)) {
+            // The host polls the application again before it returns; the
+            // waker stays registered (no clone and drop per message).
             self.dirty = true;
-        } else {
+        } else if let Some(w) = self.app_waker.take() {
             w.wake();
         }
     }
