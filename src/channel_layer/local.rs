@@ -280,6 +280,15 @@ impl Counters {
         }
     }
 
+    /// A group send succeeded; `dropped` members (local or named channels)
+    /// did not get it because they were full. Counts it in
+    /// [`stats`](super::ChannelLayer::stats) and in the metrics: the one
+    /// place every layer records a group send.
+    pub(crate) fn group_sent(&self, dropped: usize) {
+        self.group_sends.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::group_sent(dropped);
+    }
+
     pub(crate) fn stats(&self) -> ChannelLayerStats {
         ChannelLayerStats {
             group_sends: self.group_sends.load(Ordering::Relaxed),

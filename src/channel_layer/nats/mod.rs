@@ -111,9 +111,9 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use self::wire::Envelope;
 use super::{
     local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
-    names, validate_channel_name, validate_group_name, BoxError, BoxFuture, ChannelLayer,
-    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, GroupSendReport,
-    TrySendError, DEFAULT_CAPACITY,
+    names, validate_channel_name, validate_group_name, BoxError, BoxFuture, Capabilities,
+    ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event,
+    Feature, GroupSendReport, TrySendError, DEFAULT_CAPACITY,
 };
 
 /// The default subject prefix.
@@ -699,6 +699,10 @@ fn request_outcome(channel: &str, status: Option<u8>) -> Result<(), ChannelLayer
 }
 
 impl ChannelLayer for NatsChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE.with(Feature::CrossProcess)
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
@@ -822,9 +826,11 @@ impl ChannelLayer for NatsChannelLayer {
             let inner = &self.inner;
             let payload =
                 wire::event_envelope(inner.process(), wire::OP_GROUP_EVENT, group, "", &event)?;
-            inner.publish(inner.group_subject(group), payload).await?;
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+            // This process ignores its own publication and delivers here,
+            // first: its members never wait for (or miss) a NATS round trip.
             let (delivered, dropped) = inner.fan_out(group, &event);
+            inner.publish(inner.group_subject(group), payload).await?;
+            inner.counters.group_sent(dropped);
             Ok(GroupSendReport {
                 position: None,
                 local_members: delivered,
