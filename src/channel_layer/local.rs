@@ -204,6 +204,15 @@ impl Registry {
         self.read().groups.keys().cloned().collect()
     }
 
+    /// Whether `name` has a live receiver here.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn has_channel(&self, name: &str) -> bool {
+        self.read()
+            .channels
+            .get(name)
+            .is_some_and(|e| !e.sender.is_closed())
+    }
+
     /// Number of local channels with a receiver.
     pub(crate) fn channel_count(&self) -> usize {
         self.read().channels.len()

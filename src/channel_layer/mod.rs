@@ -143,6 +143,8 @@ mod event;
 mod history;
 mod local;
 mod memory;
+#[cfg(test)]
+mod mesh;
 mod names;
 #[cfg(feature = "nats")]
 pub mod nats;
