@@ -143,7 +143,7 @@ mod event;
 mod history;
 mod local;
 mod memory;
-#[cfg(test)]
+#[cfg(any(test, feature = "nats"))]
 mod mesh;
 mod names;
 #[cfg(feature = "nats")]

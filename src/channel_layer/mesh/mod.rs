@@ -52,7 +52,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub(crate) use self::{
     envelope::{Dedup, Envelope, Op, Status},
-    transport::{Inbox, Transport, TransportError},
+    transport::{Inbox, Incoming, Transport, TransportError},
 };
 use super::{
     local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
@@ -115,27 +115,21 @@ impl<T: Transport> MeshLayer<T> {
     /// `messages` (made with [`Inbox::new`] and given to the transport):
     /// subscribes to the process subject and starts the task that handles
     /// incoming messages (it stops when the layer is dropped).
+    /// `counters` are the layer's (a transport may count what its client
+    /// drops in them).
     pub(crate) async fn start(
         transport: T,
-        messages: mpsc::Receiver<(String, Bytes)>,
+        messages: mpsc::Receiver<Incoming>,
         config: MeshConfig,
+        counters: Arc<Counters>,
     ) -> Result<Self, ChannelLayerError> {
         let process = format!("specific.{}", names::random_token(12));
-        Self::start_as(process, transport, messages, config).await
-    }
-
-    async fn start_as(
-        process: String,
-        transport: T,
-        messages: mpsc::Receiver<(String, Bytes)>,
-        config: MeshConfig,
-    ) -> Result<Self, ChannelLayerError> {
         let proc_subject = format!("{}.proc.{process}", config.prefix);
         let inner = Arc::new(Inner {
             transport,
             config,
             registry: Registry::new(process),
-            counters: Arc::default(),
+            counters,
             proc_subject,
             next_seq: AtomicU64::new(1),
             pending: Mutex::default(),
@@ -155,6 +149,26 @@ impl<T: Transport> MeshLayer<T> {
     /// This process's name, the part of its channel names before the `!`.
     pub(crate) fn process_name(&self) -> &str {
         self.inner.process()
+    }
+
+    /// The transport.
+    pub(crate) fn transport(&self) -> &T {
+        &self.inner.transport
+    }
+
+    /// The settings.
+    pub(crate) fn config(&self) -> &MeshConfig {
+        &self.inner.config
+    }
+
+    /// Number of this process's channels in `group`.
+    pub(crate) fn local_group_len(&self, group: &str) -> usize {
+        self.inner.registry.group_len(group)
+    }
+
+    /// Number of this process's channels that have a receiver.
+    pub(crate) fn channel_count(&self) -> usize {
+        self.inner.registry.channel_count()
     }
 }
 
@@ -219,11 +233,7 @@ impl<T: Transport> Inner<T> {
 
     /// Runs a transport operation within the timeout, once more when the
     /// first attempt certainly did not leave (`NotSent`).
-    async fn attempt<R, F>(
-        &self,
-        what: &str,
-        op: impl Fn() -> F,
-    ) -> Result<R, ChannelLayerError>
+    async fn attempt<R, F>(&self, what: &str, op: impl Fn() -> F) -> Result<R, ChannelLayerError>
     where
         F: std::future::Future<Output = Result<R, TransportError>>,
     {
@@ -264,10 +274,29 @@ impl<T: Transport> Inner<T> {
         }
         .to_bytes()?
         .into();
+        let what = format!("request to {subject:?}");
+        if self.transport.has_request() {
+            let answer = self
+                .attempt(&what, || {
+                    self.transport
+                        .request(subject, payload.clone())
+                        .unwrap_or_else(|| Box::pin(std::future::ready(Ok(None))))
+                })
+                .await?;
+            return match answer {
+                None => Ok(Status::NoSuchChannel),
+                Some(bytes) => match Envelope::from_bytes(&bytes) {
+                    Ok(Envelope {
+                        op: Op::Reply { status, .. },
+                        ..
+                    }) => Ok(status),
+                    _ => Err(MeshError::Other(format!("{what}: a malformed answer")).into()),
+                },
+            };
+        }
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(seq, tx);
         let _cleanup = PendingGuard { inner: self, seq };
-        let what = format!("request to {subject:?}");
         if self.publish(&what, subject, &payload).await? == Some(0) {
             return Ok(Status::NoSuchChannel);
         }
@@ -323,10 +352,15 @@ impl<T: Transport> Inner<T> {
         Ok(())
     }
 
-    /// Answers request `seq` of `origin` without holding up the dispatch.
-    fn reply(self: &Arc<Self>, origin: &str, request: u64, status: Status) {
+    /// Answers request `seq` of `origin` (at `reply_to` when the broker's
+    /// own request/reply carried it) without holding up the dispatch.
+    fn reply(self: &Arc<Self>, to: &Reply, status: Status) {
         let inner = self.clone();
-        let subject = self.proc_subject_of(origin);
+        let request = to.seq;
+        let subject = to
+            .reply_to
+            .clone()
+            .unwrap_or_else(|| self.proc_subject_of(&to.origin));
         tokio::spawn(async move {
             let env = Envelope {
                 origin: inner.process(),
@@ -343,8 +377,9 @@ impl<T: Transport> Inner<T> {
     }
 
     /// One message from the broker.
-    async fn handle(self: &Arc<Self>, subject: &str, payload: &[u8]) {
-        let env = match Envelope::from_bytes(payload) {
+    async fn handle(self: &Arc<Self>, message: Incoming) {
+        let subject = message.subject.as_str();
+        let env = match Envelope::from_bytes(&message.payload) {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(subject, "dropping a mesh message: {e}");
@@ -359,6 +394,11 @@ impl<T: Transport> Inner<T> {
         if !lock(&self.dedup).first_time(env.origin, env.seq) {
             return;
         }
+        let to = Reply {
+            origin: env.origin.to_owned(),
+            seq: env.seq,
+            reply_to: message.reply_to.clone(),
+        };
         match env.op {
             Op::Group { group, event } => match Event::decode(event) {
                 Ok(event) => {
@@ -382,17 +422,16 @@ impl<T: Transport> Inner<T> {
                         Status::Failed
                     }
                 };
-                self.reply(env.origin, env.seq, status);
+                self.reply(&to, status);
             }
             Op::Join { group, channel } | Op::Leave { group, channel } => {
                 let join = matches!(env.op, Op::Join { .. });
-                let (origin, seq) = (env.origin.to_owned(), env.seq);
                 let (group, channel) = (group.to_owned(), channel.to_owned());
                 let inner = self.clone();
                 // Subscribing waits on the broker: not in the dispatch loop.
                 tokio::spawn(async move {
                     let status = inner.membership(join, &group, &channel).await;
-                    inner.reply(&origin, seq, status);
+                    inner.reply(&to, status);
                 });
             }
             Op::Reply { request, status } => {
@@ -422,6 +461,13 @@ impl<T: Transport> Inner<T> {
     }
 }
 
+/// Where the answer to a request goes.
+struct Reply {
+    origin: String,
+    seq: u64,
+    reply_to: Option<String>,
+}
+
 struct PendingGuard<'a, T> {
     inner: &'a Inner<T>,
     seq: u64,
@@ -434,15 +480,12 @@ impl<T> Drop for PendingGuard<'_, T> {
 }
 
 /// Hands the broker's messages to the layer until it is dropped.
-async fn dispatch<T: Transport>(
-    inner: Weak<Inner<T>>,
-    mut messages: mpsc::Receiver<(String, Bytes)>,
-) {
-    while let Some((subject, payload)) = messages.recv().await {
+async fn dispatch<T: Transport>(inner: Weak<Inner<T>>, mut messages: mpsc::Receiver<Incoming>) {
+    while let Some(message) = messages.recv().await {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        inner.handle(&subject, &payload).await;
+        inner.handle(message).await;
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Inbox, Transport, TransportError};
+use super::{Inbox, Incoming, Transport, TransportError};
 use crate::channel_layer::BoxFuture;
 
 /// Which faults the network injects, per message and receiver.
@@ -102,7 +102,7 @@ impl SimNet {
     }
 
     /// A new client of the broker, and the receiving end of its inbox.
-    pub(crate) fn connect(&self) -> (SimTransport, mpsc::Receiver<(String, Bytes)>) {
+    pub(crate) fn connect(&self) -> (SimTransport, mpsc::Receiver<Incoming>) {
         let (inbox, rx) = Inbox::new();
         let mut net = self.lock();
         net.procs.push(Proc {

@@ -28,7 +28,7 @@ type Sim = MeshLayer<super::sim::SimTransport>;
 
 async fn process(net: &SimNet, capacity: usize) -> Sim {
     let (transport, inbox) = net.connect();
-    MeshLayer::start(transport, inbox, config(capacity))
+    MeshLayer::start(transport, inbox, config(capacity), Arc::default())
         .await
         .expect("start a mesh process")
 }
@@ -180,7 +180,9 @@ async fn partitioned_process() {
     let a = process(&net, 16).await;
     let (tb, inbox_b) = net.connect();
     let b_transport_net = net.clone();
-    let b = MeshLayer::start(tb, inbox_b, config(16)).await.unwrap();
+    let b = MeshLayer::start(tb, inbox_b, config(16), Arc::default())
+        .await
+        .unwrap();
     let mut on_a = a.new_channel().await.unwrap();
     a.group_add("room", on_a.name()).await.unwrap();
     let mut on_b = b.new_channel().await.unwrap();

@@ -64,24 +64,69 @@ pub(crate) trait Transport: fmt::Debug + Send + Sync + 'static {
 
     /// Stops delivering `subject`.
     fn unsubscribe<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Whether [`request`](Self::request) is the broker's own request/reply.
+    fn has_request(&self) -> bool {
+        false
+    }
+
+    /// The broker's own request/reply, if it has one (NATS): publishes
+    /// `payload` with a reply subject and returns the first answer, or
+    /// `Ok(None)` when the broker knows nobody listens. `None` (the
+    /// default): the mesh publishes the request and waits for an answer on
+    /// its process subject.
+    fn request<'a>(
+        &'a self,
+        subject: &'a str,
+        payload: Bytes,
+    ) -> Option<BoxFuture<'a, Result<Option<Bytes>, TransportError>>> {
+        let _ = (subject, payload);
+        None
+    }
 }
 
-/// Where a transport puts what the broker delivers: `(subject, payload)`,
-/// bounded by [`INBOX_CAPACITY`].
+/// One message the broker delivered.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    /// The subject it was published on.
+    pub(crate) subject: String,
+    /// Where to answer, for a request made with the broker's own
+    /// request/reply ([`Transport::request`]).
+    pub(crate) reply_to: Option<String>,
+    pub(crate) payload: Bytes,
+}
+
+/// Where a transport puts what the broker delivers, bounded by
+/// [`INBOX_CAPACITY`].
 #[derive(Debug, Clone)]
 pub(crate) struct Inbox {
-    tx: mpsc::Sender<(String, Bytes)>,
+    tx: mpsc::Sender<Incoming>,
 }
 
 impl Inbox {
-    pub(crate) fn new() -> (Self, mpsc::Receiver<(String, Bytes)>) {
+    pub(crate) fn new() -> (Self, mpsc::Receiver<Incoming>) {
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         (Self { tx }, rx)
     }
 
     /// Hands a message to the mesh without waiting; false when the inbox is
     /// full or the mesh is gone (the message is dropped).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn deliver(&self, subject: &str, payload: Bytes) -> bool {
-        self.tx.try_send((subject.to_owned(), payload)).is_ok()
+        self.tx
+            .try_send(Incoming {
+                subject: subject.to_owned(),
+                reply_to: None,
+                payload,
+            })
+            .is_ok()
+    }
+
+    /// Hands a message to the mesh, waiting while the inbox is full (the
+    /// broker client then buffers, within its own bound); false when the
+    /// mesh is gone.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) async fn send(&self, message: Incoming) -> bool {
+        self.tx.send(message).await.is_ok()
     }
 }
