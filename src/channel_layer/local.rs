@@ -39,6 +39,13 @@ struct Entry {
     groups: HashSet<String>,
 }
 
+/// Locks `m`, ignoring poisoning: the channel layers' critical sections
+/// only insert and remove entries, so a panic in one cannot leave the
+/// state inconsistent.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub(crate) fn no_such_channel(channel: &str) -> ChannelLayerError {
     ChannelLayerError::NoSuchChannel {
         channel: channel.to_owned(),

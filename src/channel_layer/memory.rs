@@ -1,9 +1,10 @@
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use super::local::lock;
 use super::{
     history::policy_for,
     local::{Counters, LocalChannels, Registry},
@@ -103,12 +104,6 @@ impl Stream {
     fn latest(&self) -> Option<StreamPosition> {
         (self.top > 0).then(|| StreamPosition::new(self.top, self.epoch.clone()))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections only update maps and queues; poisoning cannot leave
-    // them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Default for InMemoryChannelLayer {

@@ -24,6 +24,7 @@
 //! was trimmed past the position, or lost) delivers what was held back and
 //! counts the missing offsets as lost.
 
+use super::local::lock;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -290,11 +291,6 @@ impl Track {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections only insert and remove entries.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

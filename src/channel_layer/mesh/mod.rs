@@ -37,12 +37,13 @@ pub(crate) mod sim;
 mod tests;
 mod transport;
 
+use super::local::lock;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, Weak,
     },
     time::Duration,
 };
@@ -170,11 +171,6 @@ impl<T: Transport> MeshLayer<T> {
     pub(crate) fn channel_count(&self) -> usize {
         self.inner.registry.channel_count()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections only insert and remove entries.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<T: Transport> LocalChannels for Inner<T> {

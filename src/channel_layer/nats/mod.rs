@@ -101,6 +101,7 @@
 
 pub use async_nats;
 
+use super::local::lock;
 use std::{
     collections::HashMap,
     fmt,
@@ -429,10 +430,6 @@ impl NatsTransport {
         }
         Ok(sub)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Forwards one subscription's messages to the mesh.

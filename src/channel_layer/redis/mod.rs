@@ -256,12 +256,13 @@ pub use redis;
 #[cfg(feature = "redis-cluster")]
 pub use self::cluster::{RedisClusterChannelLayer, RedisClusterChannelLayerBuilder};
 
+pub(super) use super::local::lock;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -664,12 +665,6 @@ impl From<BackendError> for ChannelLayerError {
     fn from(e: BackendError) -> Self {
         ChannelLayerError::backend(e)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections only insert and remove entries; poisoning cannot
-    // leave them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unix_now() -> u64 {
