@@ -107,7 +107,9 @@ impl Dedup {
         if seq > window.top {
             window.top = seq;
             let floor = seq.saturating_sub(DEDUP_WINDOW);
-            window.seen = window.seen.split_off(&floor);
+            while window.seen.first().is_some_and(|&first| first < floor) {
+                window.seen.pop_first();
+            }
         }
         true
     }
