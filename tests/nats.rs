@@ -134,18 +134,6 @@ struct Target {
     _server: Option<NatsServer>,
 }
 
-/// `err` and its sources, as one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
-
 fn skip(why: &str) {
     common::layers::skip("NATS", "TOWER_CHANNELS_REQUIRE_NATS", why);
 }
@@ -331,8 +319,7 @@ async fn nats_restart() {
     assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
     assert!(
         error_chain(&err).contains("not connected to NATS"),
-        "{}",
-        error_chain(&err)
+        "{err:?}"
     );
     let err = a
         .send(member.name(), Event::bare("lost"))

@@ -43,7 +43,7 @@ use tokio::{
 };
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, Event},
-    consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
+    consumer::{websocket_consumer, Accept, Context, Reject, WebSocketConsumer},
     message::Message,
     Compression, WebSocketConfig, WebSocketLayer,
 };
@@ -89,7 +89,7 @@ struct Member {
     publisher: bool,
 }
 
-impl WebsocketConsumer for Member {
+impl WebSocketConsumer for Member {
     async fn connect(&mut self, ctx: &mut Context) -> std::result::Result<Accept, Reject> {
         if validate_group_name(&self.group).is_err() {
             return Err(Reject::new(http::StatusCode::BAD_REQUEST));
@@ -145,7 +145,7 @@ async fn serve(mut args: Args) -> Result<()> {
     let channels = WebSocketLayer::new()
         .route(
             "/ws/{room}",
-            consumer(move |scope| Member {
+            websocket_consumer(move |scope| Member {
                 group: room(scope),
                 render,
                 publisher: false,
@@ -153,7 +153,7 @@ async fn serve(mut args: Args) -> Result<()> {
         )
         .route(
             "/pub/{room}",
-            consumer(move |scope| Member {
+            websocket_consumer(move |scope| Member {
                 group: room(scope),
                 render,
                 publisher: true,

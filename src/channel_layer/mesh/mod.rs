@@ -33,7 +33,7 @@
 mod envelope;
 #[cfg(test)]
 pub(crate) mod sim;
-#[cfg(test)]
+#[cfg(all(test, feature = "testing"))]
 mod tests;
 mod transport;
 
