@@ -58,15 +58,18 @@ pub struct Event {
 struct Inner {
     kind: Cow<'static, str>,
     payload: Payload,
+    /// Delivered, not stored in a group's history ([`Event::ephemeral`]).
+    ephemeral: bool,
     /// What [`Event::render_once`] made of this event, and the position it
     /// was made at. Boxed: most events are never rendered this way.
     rendered: OnceLock<Box<(Option<StreamPosition>, Event)>>,
 }
 
+#[derive(Clone)]
 enum Payload {
     None,
     Typed {
-        value: Box<dyn Any + Send + Sync>,
+        value: Arc<dyn Any + Send + Sync>,
         encode: EncodeFn,
         type_name: &'static str,
     },
@@ -124,7 +127,7 @@ impl Event {
         Self::from_payload(
             kind,
             Payload::Typed {
-                value: Box::new(body),
+                value: Arc::new(body),
                 encode: encode_typed::<T>,
                 type_name: std::any::type_name::<T>(),
             },
@@ -192,7 +195,7 @@ impl Event {
         Ok(Self::from_payload(
             kind,
             Payload::Typed {
-                value: Box::new(value),
+                value: Arc::new(value),
                 encode: encode_untagged::<T>,
                 type_name: std::any::type_name::<T>(),
             },
@@ -226,6 +229,7 @@ impl Event {
             inner: Arc::new(Inner {
                 kind: kind.into(),
                 payload,
+                ephemeral: false,
                 rendered: OnceLock::new(),
             }),
             position: None,
@@ -333,6 +337,55 @@ impl Event {
         } else {
             fresh
         })
+    }
+
+    /// The same event, marked to be delivered but not stored: a group
+    /// send of it to a group with a
+    /// [`HistoryPolicy`](super::HistoryPolicy) reaches the members but is
+    /// not appended to the history, gets no offset
+    /// ([`GroupSendReport::position`](super::GroupSendReport) is `None`,
+    /// and so is the delivered event's [`position`](Self::position)) and is
+    /// never recovered. For what only matters live: typing indicators,
+    /// cursors, ticks. It is not ordered with the group's stored events (a
+    /// cursor may overtake a message sent just before it on another
+    /// process). On layers without history the mark changes nothing. The
+    /// mark is for the sending layer: it does not travel to other
+    /// processes (their copy simply has no position).
+    ///
+    /// ```
+    /// use tower_channels::channel_layer::{ChannelLayer, Event, GroupPattern, HistoryPolicy, InMemoryChannelLayer};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let layer = InMemoryChannelLayer::new().with_history(HistoryPolicy::new(GroupPattern::any()));
+    /// let typing = layer.group_send("doc", Event::text("doc.typing", "ada").ephemeral()).await?;
+    /// assert!(typing.position.is_none());
+    /// let edit = layer.group_send("doc", Event::text("doc.edit", "hello")).await?;
+    /// assert_eq!(edit.position.unwrap().offset(), 1); // the typing event took no offset
+    /// # Ok::<_, tower_channels::channel_layer::ChannelLayerError>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use]
+    pub fn ephemeral(mut self) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ephemeral = true;
+            return self;
+        }
+        // Shared with other clones, which stay as they were.
+        Event {
+            inner: Arc::new(Inner {
+                kind: self.inner.kind.clone(),
+                payload: self.inner.payload.clone(),
+                ephemeral: true,
+                rendered: OnceLock::new(),
+            }),
+            position: self.position,
+        }
+    }
+
+    /// Whether the event is delivered but not stored in a history
+    /// ([`ephemeral`](Self::ephemeral)).
+    pub fn is_ephemeral(&self) -> bool {
+        self.inner.ephemeral
     }
 
     /// Whether the event has no body.
