@@ -273,3 +273,61 @@ async fn an_event_sent_between_join_and_recovery_is_delivered_once() {
     assert_eq!(next[0]["offset"], first.offset() + 3);
     comm.disconnect(1000).await;
 }
+
+/// Joins `lobby` with presence and says which presence changes it got.
+struct Present {
+    user: String,
+    quiet: bool,
+}
+
+impl WebSocketConsumer for Present {
+    async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+        let mut join = ctx
+            .join("lobby")
+            .presence(PresenceInfo::new(self.user.as_str())?);
+        if self.quiet {
+            join = join.skip_own_presence();
+        }
+        join.await?;
+        Ok(Accept::new())
+    }
+
+    async fn event(&mut self, ctx: &mut Context, event: Event) -> Result<(), BoxError> {
+        let change: tower_channels::channel_layer::PresenceChange = event.body()?;
+        ctx.send_text(format!("{} {}", event.kind(), change.user_id))?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_member_gets_its_own_presence_change_unless_it_skips_it() {
+    let layer: Arc<dyn ChannelLayer> = Arc::new(
+        InMemoryChannelLayer::new()
+            .with_presence(PresenceConfig::new().notify(GroupPattern::exact("lobby"))),
+    );
+    let channels = WebSocketLayer::new().with_channel_layer(layer).route(
+        "/ws/lobby",
+        websocket_consumer(|scope| Present {
+            user: scope.query_param("user").unwrap_or_default(),
+            quiet: scope.query_param("quiet").is_some(),
+        }),
+    );
+    let app = axum::Router::new().layer(channels);
+    let mut ada = Communicator::through(app.clone(), get("/ws/lobby?user=ada&quiet"));
+    ada.connect().await.unwrap();
+    let mut bob = Communicator::through(app.clone(), get("/ws/lobby?user=bob"));
+    bob.connect().await.unwrap();
+    // By default the joining connection is told about itself...
+    assert_eq!(bob.receive_text().await.unwrap(), "presence.join bob");
+    // ...ada skipped her own join: bob's is the first she hears of.
+    assert_eq!(ada.receive_text().await.unwrap(), "presence.join bob");
+    // A second tab of ada: a connection of a present user is no join;
+    // when she closes it, no leave either (she is still there).
+    let mut ada2 = Communicator::through(app, get("/ws/lobby?user=ada&quiet"));
+    ada2.connect().await.unwrap();
+    ada2.disconnect(1000).await;
+    bob.disconnect(1000).await;
+    assert_eq!(ada.receive_text().await.unwrap(), "presence.leave bob");
+    assert!(ada.receive_nothing().await);
+    ada.disconnect(1000).await;
+}

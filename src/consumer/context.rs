@@ -131,7 +131,10 @@ impl Context {
     // `channel_layer`'s "Presence" and "History and recovery").
 
     /// Adds this connection to `group` and lists it in the group's presence
-    /// with `info`; it leaves both automatically on disconnect.
+    /// with `info`; it leaves both automatically on disconnect. In a group
+    /// with notifications this connection gets its own `presence.join`,
+    /// like every member; [`join`](Self::join)`(group).presence(info)
+    /// .skip_own_presence()` drops those about its own user.
     pub async fn presence_join(
         &mut self,
         group: &str,

@@ -60,8 +60,10 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
             // Handler futures are boxed while they run: inline, the largest
             // of them would be part of every idle connection's state.
             Incoming::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
-            Incoming::Event(e) if ctx.resume.as_mut().is_some_and(|r| r.is_repeat(&e)) => {
-                Outcome::Done // Recovery delivered it already.
+            Incoming::Event(e) if ctx.resume.as_mut().is_some_and(|r| r.skips(&e)) => {
+                // Recovery delivered it already, or the consumer asked to
+                // skip its own presence changes (`Join`).
+                Outcome::Done
             }
             Incoming::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
             Incoming::Lagged(n) => {

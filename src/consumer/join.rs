@@ -12,7 +12,8 @@ use http::StatusCode;
 use super::{Context, Reject};
 use crate::{
     channel_layer::{
-        ChannelLayerError, Event, PresenceInfo, RecoveryFailure, StreamCursor, StreamPosition,
+        ChannelLayerError, Event, PresenceChange, PresenceInfo, RecoveryFailure, StreamCursor,
+        StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
     },
     Scope,
 };
@@ -87,6 +88,7 @@ pub struct Join<'a> {
     ctx: &'a mut Context,
     group: String,
     presence: Option<PresenceInfo>,
+    skip_own_presence: bool,
     since: Option<StreamPosition>,
 }
 
@@ -96,6 +98,7 @@ impl<'a> Join<'a> {
             ctx,
             group: group.to_owned(),
             presence: None,
+            skip_own_presence: false,
             since: None,
         }
     }
@@ -106,6 +109,17 @@ impl<'a> Join<'a> {
     /// (check [`capabilities`](crate::channel_layer::ChannelLayer::capabilities)).
     pub fn presence(mut self, info: PresenceInfo) -> Self {
         self.presence = Some(info);
+        self
+    }
+
+    /// With [`presence`](Self::presence): this connection's `event`
+    /// handler gets no [`presence.join`](crate::channel_layer::PRESENCE_JOIN)
+    /// or [`presence.leave`](crate::channel_layer::PRESENCE_LEAVE) about its
+    /// own user (in a group with notifications, every member gets them, the
+    /// joining connection included; notifications are collapsed per user,
+    /// so another tab of the same user is the same user).
+    pub fn skip_own_presence(mut self) -> Self {
+        self.skip_own_presence = true;
         self
     }
 
@@ -121,10 +135,18 @@ impl<'a> Join<'a> {
             ctx,
             group,
             presence,
+            skip_own_presence,
             since,
         } = self;
         match presence {
-            Some(info) => ctx.presence_join(&group, info).await?,
+            Some(info) => {
+                if skip_own_presence {
+                    // Before joining: the connection handles no event
+                    // before its handler returns, so none slips through.
+                    ctx.resume_state().skip_presence_of(info.user_id());
+                }
+                ctx.presence_join(&group, info).await?
+            }
             None => ctx.group_add(&group).await?,
         }
         let Some(since) = since else {
@@ -207,12 +229,14 @@ pub fn position_from_query(scope: &Scope) -> Result<Option<StreamPosition>, Reje
 }
 
 /// What [`Join`] left for the driver: recovered events not handed to
-/// `event` yet, and one cursor per resumed group. Boxed in the
-/// [`Context`] and only there once a consumer resumed something.
+/// `event` yet, one cursor per resumed group, and the users whose presence
+/// events this connection skips. Boxed in the [`Context`] and only there
+/// once a consumer used one of them.
 #[derive(Debug, Default)]
 pub(crate) struct ResumeState {
     pending: VecDeque<Event>,
     cursors: Vec<(String, StreamCursor)>,
+    quiet_users: Vec<String>,
 }
 
 impl ResumeState {
@@ -232,11 +256,33 @@ impl ResumeState {
         self.pending.pop_front()
     }
 
+    fn skip_presence_of(&mut self, user: &str) {
+        if !self.quiet_users.iter().any(|u| u == user) {
+            self.quiet_users.push(user.to_owned());
+        }
+    }
+
+    /// Whether the driver drops `event` instead of handing it to `event`:
+    /// a repeat of a recovered event, or a presence change of this
+    /// connection's own user when it asked to skip those.
+    pub(crate) fn skips(&mut self, event: &Event) -> bool {
+        self.is_repeat(event) || self.is_own_presence(event)
+    }
+
+    fn is_own_presence(&self, event: &Event) -> bool {
+        if self.quiet_users.is_empty() || !matches!(event.kind(), PRESENCE_JOIN | PRESENCE_LEAVE) {
+            return false;
+        }
+        event
+            .body::<PresenceChange>()
+            .is_ok_and(|change| self.quiet_users.contains(&change.user_id))
+    }
+
     /// Whether `event` was delivered already. Events carry their position,
     /// not their group; each group's history has epochs of its own, so the
     /// cursor whose epoch matches is the group's. An event of an epoch no
     /// cursor knows (another group, or a history that started again) is new.
-    pub(crate) fn is_repeat(&mut self, event: &Event) -> bool {
+    fn is_repeat(&mut self, event: &Event) -> bool {
         let Some(position) = event.position() else {
             return false;
         };
