@@ -216,7 +216,12 @@ impl WebSocketConfig {
     );
     setting!(
         /// How long to wait for the client's reply to a close frame before
-        /// dropping the connection.
+        /// dropping the connection. Also bounds the *lingering close*: once
+        /// our close frame is written, the write side is shut down and input
+        /// is read and discarded (at most 8 MiB) until the client closes or
+        /// this much time passes, so that a client still in the middle of a
+        /// send reads the close code instead of a TCP reset. `Duration::ZERO`
+        /// turns lingering off.
         close_timeout, get_close_timeout: std::time::Duration
     );
     setting!(

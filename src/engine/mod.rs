@@ -36,8 +36,13 @@
 //!   close, instead of them otherwise) and is written before the engine gives
 //!   up; the engine then waits for the peer's close, at most
 //!   [`close_timeout`](crate::WebSocketConfig::close_timeout).
-//! * **Closed**: the socket and its buffers are dropped; the application
-//!   sees the end (`disconnect` runs with the close code).
+//! * **Closed**: the socket's buffers are dropped; the application sees the
+//!   end (`disconnect` runs with the close code). The transport itself
+//!   *lingers* when the peer may still be sending (see `Socket::close`): its
+//!   write side is shut down after the close frame and input is discarded
+//!   until the peer closes, at most
+//!   [`close_timeout`](crate::WebSocketConfig::close_timeout) and 8 MiB,
+//!   so the close frame is not lost to a TCP reset.
 //!
 //! # Outbound budget
 //!
