@@ -182,3 +182,122 @@ async fn close_frame_reaches_a_client_that_is_still_sending_http2() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Hosts that hold: the example binaries (hyper, warp, chat)
+// ---------------------------------------------------------------------------
+
+/// The examples served by the shared accept loop (`examples/support/serve.rs`).
+fn example_hosts() -> &'static [&'static str] {
+    if cfg!(feature = "example-warp") {
+        &["hyper", "warp", "chat"]
+    } else {
+        &["hyper", "chat"]
+    }
+}
+
+/// Reads until the server hangs up (EOF or a reset), failing after
+/// [`TIMEOUT`]: the server closed the connection in bounded time.
+async fn server_hangs_up(stream: &mut TcpStream, what: &str) {
+    let mut sink = Vec::new();
+    let _ = within(what, stream.read_to_end(&mut sink)).await;
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame (RFC 9113 3.4).
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Issue 26 (2): a TCP connection that sends nothing, and an HTTP/2
+/// connection that sends its preface and SETTINGS and then nothing, are
+/// closed in bounded time (idle limit, HTTP/2 keep-alive: 0.3 s here) on
+/// every example host; an
+/// HTTP/2 WebSocket opened before keeps working after that (the idle
+/// shutdown of its connection is a GOAWAY, which ends no open stream).
+#[tokio::test]
+async fn example_hosts_close_silent_and_idle_http2_connections() {
+    for &name in example_hosts() {
+        let (_child, addr) = spawn_example_with(
+            name,
+            &[
+                "--idle-timeout",
+                "0.3",
+                "--header-read-timeout",
+                "0.3",
+                "--keep-alive",
+                "0.3",
+            ],
+        );
+        let mut sender = h2_client(addr).await;
+        let mut res = within(
+            "the CONNECT response",
+            sender.send_request(h2_connect(addr, "/ws/echo")),
+        )
+        .await
+        .expect("send CONNECT");
+        assert_eq!(res.status(), StatusCode::OK, "{name}: extended CONNECT");
+        let upgraded = within("the HTTP/2 upgrade", hyper::upgrade::on(&mut res))
+            .await
+            .expect("upgraded stream");
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut idle_h2 = TcpStream::connect(addr).await.expect("connect");
+        idle_h2
+            .write_all(H2_PREFACE_AND_SETTINGS)
+            .await
+            .expect("write the preface");
+        server_hangs_up(
+            &mut silent,
+            &format!("{name}: closing a silent TCP connection"),
+        )
+        .await;
+        server_hangs_up(
+            &mut idle_h2,
+            &format!("{name}: closing an idle HTTP/2 connection"),
+        )
+        .await;
+
+        // The idle limit has passed for the WebSocket's connection too.
+        echo_text(&mut ws, "still open").await;
+    }
+}
+
+/// Issue 26 (3): with 64 file descriptors, connections beyond the limit
+/// make `accept` fail with EMFILE; every example host keeps running and
+/// serves again once the clients are gone (the hyper example used to exit
+/// from `main`).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn example_hosts_survive_running_out_of_file_descriptors() {
+    const NOFILE: u32 = 64;
+    for &name in example_hosts() {
+        let (mut child, addr) =
+            common::spawn_example_with_nofile(name, NOFILE, &["--idle-timeout", "60"]);
+        let pid = child.0.id();
+        let mut clients = Vec::new();
+        for _ in 0..NOFILE + 16 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Every descriptor is in use: the rest wait in the listen backlog
+        // while accept fails.
+        let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        within(&format!("{name}: using all {NOFILE} descriptors"), async {
+            while fds() < NOFILE as usize {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        drop(clients);
+        let reply = http1(addr, empty(get_req(addr, "/"))).await;
+        assert_eq!(reply.status, StatusCode::OK, "{name}: serves again");
+        assert!(
+            child.0.try_wait().expect("try_wait").is_none(),
+            "{name}: still running"
+        );
+    }
+}

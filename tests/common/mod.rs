@@ -394,7 +394,26 @@ pub(crate) fn spawn_example(name: &str) -> (ChildGuard, SocketAddr) {
 
 /// [`spawn_example`] with extra command-line arguments.
 pub(crate) fn spawn_example_with(name: &str, extra: &[&str]) -> (ChildGuard, SocketAddr) {
-    let mut child = Command::new(example_binary(name))
+    spawn_example_command(name, Command::new(example_binary(name)), extra)
+}
+
+/// [`spawn_example_with`] under a limit of `nofile` open file descriptors
+/// (`ulimit -n` in a shell that then `exec`s the example, so the child's
+/// pid is the example's).
+pub(crate) fn spawn_example_with_nofile(
+    name: &str,
+    nofile: u32,
+    extra: &[&str],
+) -> (ChildGuard, SocketAddr) {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+        .arg(example_binary(name));
+    spawn_example_command(name, cmd, extra)
+}
+
+fn spawn_example_command(name: &str, mut cmd: Command, extra: &[&str]) -> (ChildGuard, SocketAddr) {
+    let mut child = cmd
         .args(["--addr", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "warn")
