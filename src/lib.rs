@@ -195,7 +195,7 @@ pub use self::channel_layer::BoxError;
 
 pub use self::{
     compression::Compression,
-    config::{RateLimit, WebSocketConfig},
+    config::{InflateLimit, RateLimit, WebSocketConfig},
     error::Error,
     metrics::ConnectionStats,
     middleware::{WebSocketLayer, WebSocketService},

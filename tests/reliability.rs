@@ -301,3 +301,111 @@ async fn example_hosts_survive_running_out_of_file_descriptors() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// The inflate budget
+// ---------------------------------------------------------------------------
+
+/// A masked, compressed (RSV1) text frame holding `text` deflated as
+/// permessage-deflate sends it (sync flush, tail removed).
+fn compressed_text_frame(text: &[u8]) -> Vec<u8> {
+    let mut deflater = flate2::Compress::new(flate2::Compression::new(6), false);
+    let mut out = Vec::with_capacity(text.len() / 8 + 1024);
+    loop {
+        let consumed = deflater.total_in() as usize;
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity());
+        }
+        deflater
+            .compress_vec(&text[consumed..], &mut out, flate2::FlushCompress::Sync)
+            .expect("deflate");
+        if deflater.total_in() as usize == text.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    let mut frame = client_header(0x1, out.len() as u64);
+    frame[0] |= 0x40;
+    frame.extend(out.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    frame
+}
+
+/// Opens a raw WebSocket to the echo route with permessage-deflate.
+async fn deflate_client(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (stream, head) = raw_handshake(
+        stream,
+        addr,
+        "/ws/echo",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    assert!(head.contains("permessage-deflate"), "{head}");
+    stream
+}
+
+/// Issue 26 (6): with the default inflate budget (4 MiB/s, bursts of 1 MiB),
+/// a client sending 1 KiB messages that inflate to 1 MiB each is closed
+/// with 1008 after the first one or two; a client sending compressed JSON
+/// beside it gets every echo.
+#[tokio::test]
+async fn compression_bomb_client_is_closed_1008_and_json_client_is_not() {
+    let addr = serve_axum(Router::new().layer(channels())).await;
+
+    // One bomb: a 1 MiB - 64 text of spaces deflates to about 1 KiB.
+    let bomb = compressed_text_frame(&vec![b' '; (1 << 20) - 64]);
+    assert!(bomb.len() < 2048, "bomb frame is {} bytes", bomb.len());
+    let (mut rd, mut wr) = deflate_client(addr).await.into_split();
+    let sender = tokio::spawn(async move {
+        for _ in 0..50 {
+            if wr.write_all(&bomb).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let (echoed, code, reason) = within("the bomb client's close", async {
+        let mut echoed = 0;
+        loop {
+            let (op, payload) = read_frame(&mut rd).await.expect("read a frame");
+            if op == 0x8 {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                break (
+                    echoed,
+                    code,
+                    String::from_utf8_lossy(&payload[2..]).into_owned(),
+                );
+            }
+            echoed += 1;
+        }
+    })
+    .await;
+    let _ = sender.await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (close_code::POLICY, "inflate rate exceeded")
+    );
+    assert!(
+        (1..=2).contains(&echoed),
+        "about 1 MiB of inflate passes before the close, got {echoed} echoes"
+    );
+
+    // Compressed JSON, 400 messages of about 2 KiB back to back.
+    let mut json = deflate_client(addr).await;
+    for i in 0..400 {
+        let text = serde_json::json!({
+            "type": "chat.message",
+            "seq": i,
+            "message": format!("message {i} ").repeat(150),
+        })
+        .to_string();
+        json.write_all(&compressed_text_frame(text.as_bytes()))
+            .await
+            .expect("send JSON");
+        let (op, _) = within("a JSON echo", read_frame(&mut json))
+            .await
+            .expect("read the echo");
+        assert_ne!(op, 0x8, "the JSON client was closed at message {i}");
+    }
+}

@@ -41,7 +41,7 @@
 //!   *lingers* when the peer may still be sending (see `Socket::close`): its
 //!   write side is shut down after the close frame and input is discarded
 //!   until the peer closes, at most
-//!   [`close_timeout`](crate::WebSocketConfig::close_timeout) and 8 MiB,
+//!   [`close_timeout`](crate::WebSocketConfig::close_timeout) and 1 MiB,
 //!   so the close frame is not lost to a TCP reset.
 //!
 //! # Outbound budget

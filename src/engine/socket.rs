@@ -48,7 +48,7 @@ pub(crate) struct Socket {
 }
 
 /// The most a lingering close reads and discards (see [`Socket::close`]).
-pub(crate) const LINGER_MAX_BYTES: usize = 8 << 20;
+pub(crate) const LINGER_MAX_BYTES: usize = 1 << 20;
 
 impl Socket {
     pub(crate) fn new(
@@ -59,6 +59,7 @@ impl Socket {
         let limits = WireLimits {
             max_message_size: config.max_message_size,
             max_frame_size: config.max_frame_size,
+            inflate: config.inflate_limit.map(|l| (l.bytes_per_second, l.burst)),
         };
         Self {
             io,
@@ -194,7 +195,9 @@ async fn linger(mut io: Transport, within: Duration) {
         if io.shutdown().await.is_err() {
             return;
         }
-        let mut buf = [0u8; 2048];
+        // On the heap (only while lingering), large enough that discarding
+        // costs few system calls.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut left = LINGER_MAX_BYTES;
         while left > 0 {
             match io.read(&mut buf).await {

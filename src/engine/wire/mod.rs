@@ -111,6 +111,8 @@ pub(crate) struct WireLimits {
     pub(crate) max_message_size: usize,
     /// Largest single frame payload (as received, i.e. compressed).
     pub(crate) max_frame_size: usize,
+    /// Inflated bytes per second and burst (`crate::InflateLimit`), if bounded.
+    pub(crate) inflate: Option<(u64, u64)>,
 }
 
 /// What the decoder yields: complete data messages and control frames.
@@ -177,6 +179,9 @@ pub(crate) enum ProtocolError {
     /// Compressed data that does not inflate.
     #[error("invalid compressed data")]
     InvalidDeflate,
+    /// Compressed messages inflating faster than `inflate_limit` allows.
+    #[error("inflate rate exceeded")]
+    InflateRateExceeded,
 }
 
 impl ProtocolError {
@@ -197,6 +202,7 @@ impl ProtocolError {
             | Self::ExpectedContinuation
             | Self::InvalidCloseCode
             | Self::CloseTooShort => close_code::PROTOCOL,
+            Self::InflateRateExceeded => close_code::POLICY,
         }
     }
 
@@ -204,6 +210,7 @@ impl ProtocolError {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::BadOpcode => "reserved opcode",
+            Self::InflateRateExceeded => "inflate rate exceeded",
             Self::ReservedBits => "reserved bits set",
             Self::CompressionNotNegotiated => "compressed frame without negotiated compression",
             Self::UnmaskedFrame => "unmasked client frame",
