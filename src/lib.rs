@@ -178,6 +178,9 @@ mod config;
 pub mod consumer;
 mod engine;
 mod error;
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod message;
 mod metrics;
