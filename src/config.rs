@@ -17,7 +17,7 @@ use crate::Compression;
 /// | [`write_buffer_size`](Self::write_buffer_size) | 8 KiB |
 /// | [`max_message_size`](Self::max_message_size) | 1 MiB |
 /// | [`max_frame_size`](Self::max_frame_size) | 1 MiB |
-/// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB (soft; hard cap 16x) |
+/// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB (soft; hard cap 4x, 4 MiB) |
 /// | [`slow_client_timeout`](Self::slow_client_timeout) | 5 s |
 /// | [`max_read_ahead_bytes`](Self::max_read_ahead_bytes) | 64 KiB |
 /// | [`write_delay`](Self::write_delay) | off |
@@ -45,9 +45,16 @@ use crate::Compression;
 ///   of 3,000 x 4 KB messages therefore passes a client that keeps reading,
 ///   however large the burst is relative to the budget, while a client that
 ///   stops reading is closed `slow_client_timeout` after it fell behind.
-/// * **16 x the soft budget is a hard cap**: a send that would cross it
+/// * **4 x the soft budget is a hard cap**: a send that would cross it
 ///   closes the connection at once. This bounds the memory one connection
-///   can hold whatever the timing.
+///   can hold whatever the timing: with the defaults, a client that never
+///   reads holds at most 4 MiB of queued messages (plus the message it is
+///   sending, up to [`max_message_size`](Self::max_message_size)). Measured
+///   (`bench/deflate.sh`'s `deflate stall`: 20 clients that send 512 KiB
+///   messages to an echo route and never read), 4.7 MiB of server RSS per
+///   client at the peak; with the former 16 x cap, 17 MiB. A burst to a
+///   client that keeps reading rarely reaches the cap, since it is drained
+///   as it is queued (3,000 x 4 KB to 50 readers passes, `tests/hardening.rs`).
 /// * Either way the connection is closed with
 ///   [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER) (4008): its
 ///   queue is dropped at once, it leaves its groups and its inbox is dropped
@@ -228,7 +235,7 @@ impl WebSocketConfig {
     );
     setting!(
         /// The soft budget of outgoing bytes a connection may have queued and
-        /// not yet written; 16 times it is the hard cap. See
+        /// not yet written; 4 times it is the hard cap. See
         /// [Slow clients](Self#slow-clients).
         max_outbound_bytes, get_max_outbound_bytes: usize
     );
@@ -309,8 +316,8 @@ impl WebSocketConfig {
         inflate_limit, get_inflate_limit: Option<InflateLimit>
     );
 
-    /// The hard cap of queued outgoing bytes (16 x the soft budget).
+    /// The hard cap of queued outgoing bytes (4 x the soft budget).
     pub(crate) fn outbound_hard_limit(&self) -> usize {
-        self.max_outbound_bytes.saturating_mul(16)
+        self.max_outbound_bytes.saturating_mul(4)
     }
 }

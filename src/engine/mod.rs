@@ -49,7 +49,7 @@
 //! See [`WebSocketConfig`'s slow-client policy](crate::WebSocketConfig#slow-clients):
 //! a soft budget that may be exceeded for at most
 //! [`slow_client_timeout`](crate::WebSocketConfig::slow_client_timeout), a
-//! hard cap at 16 times it, close 4008 either way. The engine moves queued
+//! hard cap at 4 times it, close 4008 either way. The engine moves queued
 //! messages into the frame writer one write buffer at a time, so the
 //! writer's buffer stays small and a close frame is never far behind.
 //!

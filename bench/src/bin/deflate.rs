@@ -62,7 +62,8 @@ async fn main() -> ExitCode {
             "serve" => serve(args).await.map(|()| true),
             "run" => run(args).await,
             "bomb" => bomb(args).await,
-            _ => err("usage: deflate run [--subs N] [--msgs N] [--rounds N] [--idle N] [--smoke] | deflate bomb [--bombers 4] [--secs 5] [--rounds 2] | deflate serve ..."),
+            "stall" => stall(args).await,
+            _ => err("usage: deflate run [--subs N] [--msgs N] [--rounds N] [--idle N] [--smoke] | deflate bomb [--bombers 4] [--secs 5] [--rounds 2] | deflate stall [--clients 20] [--size 524288] [--rate 20] [--secs 8] | deflate serve ..."),
         },
         Err(e) => Err(e),
     };
@@ -77,6 +78,21 @@ async fn main() -> ExitCode {
 }
 
 // ----- server ----------------------------------------------------------------
+
+/// `/echo`: sends every message back (its own bytes: nothing is shared with
+/// other connections, so a client that never reads holds its own queue).
+struct EchoBack;
+
+impl WebsocketConsumer for EchoBack {
+    async fn receive(
+        &mut self,
+        ctx: &mut Context,
+        msg: Message,
+    ) -> std::result::Result<(), BoxError> {
+        ctx.send(msg)?;
+        Ok(())
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Render {
@@ -157,6 +173,7 @@ async fn serve(mut args: Args) -> Result<()> {
                 publisher: false,
             }),
         )
+        .route("/echo", consumer(|_| EchoBack))
         .route(
             "/pub/{room}",
             consumer(move |scope| Member {
@@ -721,6 +738,87 @@ async fn bomb(mut args: Args) -> Result<bool> {
             );
         }
     }
+    Ok(true)
+}
+
+// ----- stall -----------------------------------------------------------------
+
+/// What never-reading clients cost: `clients` connections to `/echo` that
+/// send `size`-byte messages at `rate` a second each for `secs` and never
+/// read (4 KiB receive buffers), so each one's echoes queue on the server.
+/// Reports the server's RSS at start, its peak, once every client is closed
+/// (4008) and gone, and 5 s later.
+async fn stall(mut args: Args) -> Result<bool> {
+    let clients: usize = args.get("clients", 20)?;
+    let size: usize = args.get("size", 512 << 10)?;
+    let rate: f64 = args.get("rate", 20.0)?;
+    let secs: f64 = args.get("secs", 8.0)?;
+    args.finish()?;
+    let server = Server::start_with(&["--compression", "off"]).await?;
+    let rss = || procfs::rss_kib(server.pid);
+    let start = rss()?;
+    let fds_before = procfs::fd_count(server.pid)?;
+    let frame = std::sync::Arc::new(text_frame("x".repeat(size))?);
+    let until = Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let mut tcp = socket.connect(server.addr).await?;
+        let key = tungstenite::handshake::client::generate_key();
+        let request = format!(
+            "GET /echo HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            server.addr
+        );
+        tcp.write_all(request.as_bytes()).await?;
+        let frame = frame.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / rate));
+            let mut sent = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                // The server stops reading once it closed us: stop too.
+                match tokio::time::timeout(std::time::Duration::from_secs(1), tcp.write_all(&frame))
+                    .await
+                {
+                    Ok(Ok(())) => sent += 1,
+                    _ => break,
+                }
+            }
+            (tcp, sent)
+        }));
+    }
+    let mut peak = start;
+    while Instant::now() < until {
+        peak = peak.max(rss()?);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    let mut sent = 0;
+    for t in tasks {
+        let (tcp, n) = t.await?;
+        held.push(tcp);
+        sent += n;
+    }
+    // Every client is closed 4008 and dropped after close_timeout (it does
+    // not read its close frame): wait until the server's descriptors are
+    // back, sampling the peak.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while procfs::fd_count(server.pid)? > fds_before && Instant::now() < deadline {
+        peak = peak.max(rss()?);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let gone = rss()?;
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let later = rss()?;
+    server.stop().await;
+    println!(
+        "| {clients} | {} KiB | {sent} | {start} | {peak} | {:.0} | {gone} | {later} |",
+        size >> 10,
+        (peak.saturating_sub(start)) as f64 / clients as f64
+    );
     Ok(true)
 }
 
