@@ -28,7 +28,8 @@ use serde::Deserialize;
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, Event},
     consumer::{
-        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+        json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer, Reject,
+        WebSocketConsumer,
     },
     message::Message,
     WebSocketLayer,
@@ -42,7 +43,7 @@ use serve::{serve, Limits};
 /// `/ws/echo`: sends every message back.
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -59,7 +60,7 @@ struct Chat {
     group: String,
 }
 
-impl JsonWebsocketConsumer for Chat {
+impl JsonWebSocketConsumer for Chat {
     type Incoming = ChatIn;
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -77,7 +78,7 @@ impl JsonWebsocketConsumer for Chat {
             .group_send(&self.group, Event::text("chat.message", text))
             .await
         {
-            tracing::warn!(error = %e, "group send failed");
+            tracing::warn!(error = &e as &dyn std::error::Error, "group send failed");
             ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
         }
         Ok(())
@@ -138,7 +139,7 @@ async fn main() -> Result<(), BoxError> {
     });
 
     let channels = WebSocketLayer::new()
-        .route("/ws/echo", consumer(|_| Echo))
+        .route("/ws/echo", websocket_consumer(|_| Echo))
         .route(
             "/ws/chat/{room}",
             json_consumer(|scope| Chat {

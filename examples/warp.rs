@@ -49,7 +49,8 @@ use serde::Deserialize;
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, Event},
     consumer::{
-        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+        json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer, Reject,
+        WebSocketConsumer,
     },
     message::Message,
     WebSocketLayer,
@@ -64,7 +65,7 @@ use warp::Filter;
 /// `/ws/echo`: sends every message back.
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -82,7 +83,7 @@ struct Chat {
     token: Option<String>,
 }
 
-impl JsonWebsocketConsumer for Chat {
+impl JsonWebSocketConsumer for Chat {
     type Incoming = ChatIn;
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -187,7 +188,7 @@ async fn main() -> Result<(), BoxError> {
     });
 
     let channels = WebSocketLayer::new()
-        .route("/ws/echo", consumer(|_| Echo))
+        .route("/ws/echo", websocket_consumer(|_| Echo))
         .route(
             "/ws/chat/{room}",
             json_consumer(|scope| Chat {

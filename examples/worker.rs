@@ -17,7 +17,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, Event, InMemoryChannelLayer},
-    consumer::{consumer, Context, WebsocketConsumer},
+    consumer::{websocket_consumer, Context, WebSocketConsumer},
     message::Message,
     worker::{Worker, WorkerContext},
     WebSocketLayer,
@@ -33,7 +33,7 @@ struct MakeThumbnail {
 /// `/ws/thumbnails`: every text message is a file to make a thumbnail of.
 struct Thumbnails;
 
-impl WebsocketConsumer for Thumbnails {
+impl WebSocketConsumer for Thumbnails {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         let Message::Text(file) = msg else {
             return Ok(());
@@ -118,7 +118,7 @@ async fn main() -> Result<(), BoxError> {
 
     let channels = WebSocketLayer::new()
         .with_channel_layer(layer)
-        .route("/ws/thumbnails", consumer(|_| Thumbnails));
+        .route("/ws/thumbnails", websocket_consumer(|_| Thumbnails));
     let app = Router::new().layer(channels);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);

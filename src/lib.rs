@@ -25,7 +25,7 @@
 //! use serde::Deserialize;
 //! use tower_channels::{
 //!     channel_layer::{BoxError, Event},
-//!     consumer::{json_consumer, Accept, Context, JsonWebsocketConsumer, Reject},
+//!     consumer::{json_consumer, Accept, Context, JsonWebSocketConsumer, Reject},
 //!     WebSocketLayer,
 //! };
 //!
@@ -34,7 +34,7 @@
 //!
 //! struct Chat { group: String }
 //!
-//! impl JsonWebsocketConsumer for Chat {
+//! impl JsonWebSocketConsumer for Chat {
 //!     type Incoming = Incoming;
 //!
 //!     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -84,8 +84,8 @@
 //!   `serve_connection_with_upgrades` (`examples/hyper.rs`); insert
 //!   [`PeerAddr`] for the peer address.
 //!
-//! A server without upgrade support gets a clear `500` answer
-//! ([`handshake::rejection::UpgradeUnavailable`]) instead of a hang.
+//! A server without upgrade support gets a clear `500` answer instead of a
+//! hang (see [refused handshakes](middleware#refused-handshakes)).
 //!
 //! In axum, the layer added last runs first (`.layer(channels).layer(auth)`
 //! authenticates handshakes), `route_layer` does not see the layer's paths,
@@ -109,8 +109,14 @@
 //!
 //! # Testing consumers
 //!
-//! [`testing::Communicator`] runs a consumer in-process, without TCP, like
-//! Django's `WebsocketCommunicator`.
+//! `testing::Communicator` runs a consumer in-process, without TCP, like
+//! Django's `WebsocketCommunicator`. The test kit is behind the `testing`
+//! feature; turn it on for your tests only:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! tower-channels = { version = "0.1", features = ["testing"] }
+//! ```
 //!
 //! # Production
 //!
@@ -131,6 +137,7 @@
 //! | `django` | no | `channel_layer::django`: share groups with a Django Channels app (channels_redis core and pubsub formats) |
 //! | `redis-cluster` | no | `channel_layer::redis::RedisClusterChannelLayer` (Redis Cluster, sharded Pub/Sub) |
 //! | `nats` | no | `channel_layer::nats::NatsChannelLayer` |
+//! | `testing` | no | `testing`: the test kit (`Communicator`, `WireCheckLayer`, the channel-layer conformance suite) and hyper's client; for `[dev-dependencies]` |
 //! | `metrics` | no | counters, gauges and a histogram through the [`metrics`](https://docs.rs/metrics) facade (below) |
 //! | `example-warp`, `test-browser`, `example-metrics` | no | not API: only build `examples/warp.rs`, `tests/browser.rs` and the chat example's `GET /metrics` |
 //!
@@ -181,14 +188,15 @@ mod error;
 #[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod handshake;
+mod handshake;
 pub mod message;
 mod metrics;
 pub mod middleware;
 pub mod origin;
 mod payload;
-pub mod route;
+mod route;
 mod scope;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod worker;
 
@@ -202,6 +210,7 @@ pub use self::{
     error::Error,
     metrics::ConnectionStats,
     middleware::{WebSocketLayer, WebSocketService},
+    route::Params,
     scope::{PeerAddr, Scope},
 };
 

@@ -1,26 +1,10 @@
-//! Route patterns: which request paths a consumer answers.
-//!
-//! A pattern is a path whose segments are literals or `{name}` captures
-//! (one whole segment each); a final `{*name}` captures the rest of the path.
-//! Captured values are percent-decoded and available in the
-//! [`Scope`](crate::Scope).
-//!
-//! ```
-//! use tower_channels::route::RoutePattern;
-//!
-//! let p = RoutePattern::new("/ws/chat/{room}").unwrap();
-//! let params = p.matches("/ws/chat/lobby").unwrap();
-//! assert_eq!(params.get("room"), Some("lobby"));
-//! assert!(p.matches("/ws/chat").is_none());
-//! assert!(p.matches("/ws/chat/a/b").is_none());
-//!
-//! let rest = RoutePattern::new("/files/{*path}").unwrap();
-//! assert_eq!(rest.matches("/files/a/b%20c").unwrap().get("path"), Some("a/b c"));
-//! ```
+//! Route patterns: which request paths a consumer answers (syntax in
+//! [`WebSocketLayer::route`](crate::WebSocketLayer::route)).
 
 use std::{fmt, sync::Arc};
 
-/// Parameters captured from the path by a [`RoutePattern`].
+/// Parameters captured from the path by the route pattern
+/// ([`Scope::params`](crate::Scope::params)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Params(Vec<(Arc<str>, String)>);
 
@@ -58,7 +42,7 @@ enum Segment {
 
 /// A path pattern such as `/ws/chat/{room}`. See the [module docs](self).
 #[derive(Clone, PartialEq, Eq)]
-pub struct RoutePattern {
+pub(crate) struct RoutePattern {
     source: Arc<str>,
     segments: Box<[Segment]>,
 }
@@ -66,7 +50,7 @@ pub struct RoutePattern {
 /// A route pattern that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid route pattern {pattern:?}: {reason}")]
-pub struct InvalidPattern {
+pub(crate) struct InvalidPattern {
     pattern: String,
     reason: &'static str,
 }
@@ -74,7 +58,7 @@ pub struct InvalidPattern {
 impl RoutePattern {
     /// Parses a pattern. It must start with `/`; captures are `{name}` for one
     /// segment or a final `{*name}` for the rest of the path.
-    pub fn new(pattern: &str) -> Result<Self, InvalidPattern> {
+    pub(crate) fn new(pattern: &str) -> Result<Self, InvalidPattern> {
         let fail = |reason| InvalidPattern {
             pattern: pattern.to_owned(),
             reason,
@@ -127,12 +111,12 @@ impl RoutePattern {
     }
 
     /// The pattern as written.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.source
     }
 
     /// Matches a request path, returning the captured parameters.
-    pub fn matches(&self, path: &str) -> Option<Params> {
+    pub(crate) fn matches(&self, path: &str) -> Option<Params> {
         let rest = path.strip_prefix('/')?;
         if self.segments.is_empty() {
             return rest.is_empty().then(Params::default);

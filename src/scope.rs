@@ -79,9 +79,10 @@ impl Scope {
 
     /// A scope made from `request` (its URI, headers and extensions) with
     /// params captured by the route pattern `route`, as the layer would make
-    /// it; for tests (see [`crate::testing`]). A path that does not match
+    /// it; for the test kit (`crate::testing`). A path that does not match
     /// `route` gives empty params.
-    pub fn for_test(route: &str, request: http::Request<()>) -> Self {
+    #[cfg(feature = "testing")]
+    pub(crate) fn for_test(route: &str, request: http::Request<()>) -> Self {
         let (parts, ()) = request.into_parts();
         let params = crate::route::RoutePattern::new(route)
             .ok()

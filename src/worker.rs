@@ -312,7 +312,7 @@ async fn run(
                 }
                 Ok(Err(e)) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(channel = %channel, kind, error = %e, "worker handler failed");
+                    tracing::error!(channel = %channel, kind, error = &*e as &(dyn std::error::Error + 'static), "worker handler failed");
                 }
                 Err(_) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use futures_util::SinkExt;
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tower_channels::{
-    consumer::{consumer, Context, WebsocketConsumer},
+    consumer::{websocket_consumer, Context, WebSocketConsumer},
     message::Message,
     BoxError, WebSocketLayer,
 };
@@ -39,7 +39,7 @@ struct WhoAmI {
     path: String,
 }
 
-impl WebsocketConsumer for WhoAmI {
+impl WebSocketConsumer for WhoAmI {
     async fn receive(&mut self, ctx: &mut Context, _: Message) -> Result<(), BoxError> {
         ctx.send_text(format!("{} at {}", self.user, self.path))?;
         Ok(())
@@ -49,7 +49,7 @@ impl WebsocketConsumer for WhoAmI {
 fn channels() -> WebSocketLayer {
     WebSocketLayer::new().route(
         "/ws",
-        consumer(|scope| WhoAmI {
+        websocket_consumer(|scope| WhoAmI {
             user: scope
                 .extensions()
                 .get::<User>()
@@ -141,7 +141,7 @@ async fn nested_routers() {
     // Fix 2: the layer on the outer router, with the full path.
     let outer_channels = WebSocketLayer::new().route(
         "/api/ws",
-        consumer(|scope| WhoAmI {
+        websocket_consumer(|scope| WhoAmI {
             user: "anonymous".into(),
             path: scope.path().to_owned(),
         }),

@@ -10,7 +10,6 @@ use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tower_channels::channel_layer::redis::redis;
 
 /// The Redis URL to use, or `None` (after printing why) when the test must skip.
 async fn redis_url() -> Option<String> {

@@ -8,7 +8,8 @@ use tokio::sync::mpsc;
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, Event, InMemoryChannelLayer},
     consumer::{
-        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+        json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer, Reject,
+        WebSocketConsumer,
     },
     message::{close_code, CloseCode, Message},
     testing::Communicator,
@@ -27,7 +28,7 @@ struct Rooms {
     disconnected: mpsc::UnboundedSender<CloseCode>,
 }
 
-impl JsonWebsocketConsumer for Rooms {
+impl JsonWebSocketConsumer for Rooms {
     type Incoming = Cmd;
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -174,7 +175,7 @@ async fn decode_errors_close_with_documented_codes() {
 
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -184,7 +185,7 @@ impl WebsocketConsumer for Echo {
 #[tokio::test]
 async fn communicator_from_a_layer_route() {
     let channels = WebSocketLayer::new()
-        .route("/ws/echo/{name}", consumer(|_| Echo))
+        .route("/ws/echo/{name}", websocket_consumer(|_| Echo))
         .route(
             "/ws/rooms",
             json_consumer(|_| Rooms {
@@ -207,7 +208,7 @@ async fn communicator_from_a_layer_route() {
 /// A consumer that fails on one message: the connection closes with 1011.
 struct Fragile;
 
-impl WebsocketConsumer for Fragile {
+impl WebSocketConsumer for Fragile {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         match msg.as_text() {
             Some("error") => Err("refused".into()),
@@ -220,7 +221,7 @@ impl WebsocketConsumer for Fragile {
 #[tokio::test]
 async fn handler_errors_and_panics_close_with_1011() {
     for trigger in ["error", "panic"] {
-        let mut comm = Communicator::new(consumer(|_| Fragile), "/ws/fragile");
+        let mut comm = Communicator::new(websocket_consumer(|_| Fragile), "/ws/fragile");
         comm.connect().await.unwrap();
         comm.send_text("fine").await;
         assert_eq!(comm.receive_text().await.unwrap(), "fine");
@@ -236,7 +237,7 @@ async fn handler_errors_and_panics_close_with_1011() {
 /// Tells the client its channel name, then relies on the default `event`.
 struct Announce;
 
-impl WebsocketConsumer for Announce {
+impl WebSocketConsumer for Announce {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         ctx.send_text(ctx.channel_name().to_owned())?;
         Ok(Accept::new())
@@ -248,7 +249,7 @@ async fn default_event_forwards_messages_and_ignores_other_events() {
     let layer: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::new());
     let request = http::Request::get("/ws/announce").body(()).unwrap();
     let mut comm = Communicator::with_request(
-        consumer(|_| Announce),
+        websocket_consumer(|_| Announce),
         "/ws/announce",
         request,
         layer.clone(),

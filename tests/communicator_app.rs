@@ -20,7 +20,7 @@ use axum::{
 use http::StatusCode;
 use tokio::sync::Notify;
 use tower_channels::{
-    consumer::{consumer, from_fn, Accept, Connection, Context, WebsocketConsumer},
+    consumer::{from_fn, websocket_consumer, Accept, Connection, Context, WebSocketConsumer},
     message::Message,
     testing::Communicator,
     BoxError, WebSocketLayer,
@@ -49,7 +49,7 @@ struct Greeter {
     peer: Option<SocketAddr>,
 }
 
-impl WebsocketConsumer for Greeter {
+impl WebSocketConsumer for Greeter {
     async fn connect(
         &mut self,
         ctx: &mut Context,
@@ -64,7 +64,7 @@ impl WebsocketConsumer for Greeter {
 fn app() -> Router {
     let channels = WebSocketLayer::new().route(
         "/ws",
-        consumer(|scope| Greeter {
+        websocket_consumer(|scope| Greeter {
             user: scope.extensions().get::<User>().map(|u| u.0.clone()),
             peer: scope.peer_addr(),
         }),
@@ -130,7 +130,7 @@ async fn request_extensions_reach_the_service() {
 /// (as a database write would), and never answers.
 struct Slow(Arc<AtomicUsize>);
 
-impl WebsocketConsumer for Slow {
+impl WebSocketConsumer for Slow {
     async fn receive(&mut self, _: &mut Context, _: Message) -> Result<(), BoxError> {
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -144,7 +144,8 @@ impl WebsocketConsumer for Slow {
 async fn wait_handled_returns_once_every_message_was_handled() {
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
-    let channels = WebSocketLayer::new().route("/ws", consumer(move |_| Slow(counter.clone())));
+    let channels =
+        WebSocketLayer::new().route("/ws", websocket_consumer(move |_| Slow(counter.clone())));
     let app = Router::new().layer(channels);
     let mut comm = Communicator::through(app, request("/ws", None));
     comm.connect().await.unwrap();

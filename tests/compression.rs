@@ -25,14 +25,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::{
 };
 use tower_channels::{
     channel_layer::BoxError,
-    consumer::{consumer, Context, WebsocketConsumer},
+    consumer::{websocket_consumer, Context, WebSocketConsumer},
     message::Message,
     WebSocketLayer,
 };
 
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -42,7 +42,7 @@ impl WebsocketConsumer for Echo {
 /// An echo server with the default limits (1 MiB messages) and the default
 /// compression settings.
 async fn serve_echo() -> SocketAddr {
-    let channels = WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo));
+    let channels = WebSocketLayer::new().route("/ws/echo", websocket_consumer(|_| Echo));
     serve_axum(Router::new().layer(channels)).await
 }
 

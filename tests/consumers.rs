@@ -20,7 +20,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, Event, InMemoryChannelLayer},
     consumer::{
-        consumer, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+        json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer, Reject,
+        WebSocketConsumer,
     },
     message::{self, CloseCode},
     WebSocketLayer,
@@ -49,7 +50,7 @@ struct Chat {
     gone: mpsc::UnboundedSender<Gone>,
 }
 
-impl JsonWebsocketConsumer for Chat {
+impl JsonWebSocketConsumer for Chat {
     type Incoming = ChatIn;
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -233,7 +234,7 @@ async fn dropped_connection_disconnects_with_1006() {
 /// Tells the client its channel name on connect; forwards events (default).
 struct Named;
 
-impl WebsocketConsumer for Named {
+impl WebSocketConsumer for Named {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         ctx.send_text(ctx.channel_name().to_owned())?;
         Ok(Accept::new())
@@ -253,7 +254,7 @@ async fn notify(
 
 #[tokio::test]
 async fn http_handler_sends_to_a_connection_by_channel_name() {
-    let channels = WebSocketLayer::new().route("/ws/named", consumer(|_| Named));
+    let channels = WebSocketLayer::new().route("/ws/named", websocket_consumer(|_| Named));
     let app = Router::new()
         .route("/notify/{channel}", post(notify))
         .with_state(channels.channel_layer())
@@ -310,7 +311,7 @@ enum Cmd {
 
 struct Calc;
 
-impl JsonWebsocketConsumer for Calc {
+impl JsonWebSocketConsumer for Calc {
     type Incoming = Cmd;
 
     async fn receive_json(&mut self, ctx: &mut Context, cmd: Cmd) -> Result<(), BoxError> {
@@ -393,7 +394,7 @@ struct User(String);
 
 struct WhoAmI;
 
-impl WebsocketConsumer for WhoAmI {
+impl WebSocketConsumer for WhoAmI {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         let Some(User(name)) = ctx.scope().extensions().get::<User>().cloned() else {
             return Err(Reject::new(StatusCode::UNAUTHORIZED).body("no user"));
@@ -420,7 +421,7 @@ async fn auth(
 
 #[tokio::test]
 async fn scope_sees_extensions_from_outer_middleware_and_peer_address() {
-    let channels = WebSocketLayer::new().route("/ws/me", consumer(|_| WhoAmI));
+    let channels = WebSocketLayer::new().route("/ws/me", websocket_consumer(|_| WhoAmI));
     let app = Router::new()
         .layer(channels)
         .layer(axum::middleware::from_fn(auth));
@@ -443,7 +444,7 @@ async fn scope_sees_extensions_from_outer_middleware_and_peer_address() {
     );
 
     // The same with a plain tower layer (MapRequest) instead of axum's.
-    let channels = WebSocketLayer::new().route("/ws/me", consumer(|_| WhoAmI));
+    let channels = WebSocketLayer::new().route("/ws/me", websocket_consumer(|_| WhoAmI));
     let app = Router::new()
         .layer(channels)
         .layer(tower::util::MapRequestLayer::new(
@@ -462,7 +463,7 @@ async fn scope_sees_extensions_from_outer_middleware_and_peer_address() {
 /// Echoes, fails on "fail", panics on "panic".
 struct Fragile;
 
-impl WebsocketConsumer for Fragile {
+impl WebSocketConsumer for Fragile {
     async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
         match msg.as_text() {
             Some("fail") => Err("the handler failed".into()),
@@ -476,7 +477,7 @@ impl WebsocketConsumer for Fragile {
 }
 
 fn fragile_layer() -> WebSocketLayer {
-    WebSocketLayer::new().route("/ws/fragile", consumer(|_| Fragile))
+    WebSocketLayer::new().route("/ws/fragile", websocket_consumer(|_| Fragile))
 }
 
 #[tokio::test]
@@ -521,7 +522,7 @@ struct Presence {
     panic_in_disconnect: bool,
 }
 
-impl WebsocketConsumer for Presence {
+impl WebSocketConsumer for Presence {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         ctx.group_add("presence").await?;
         self.online
@@ -559,7 +560,7 @@ async fn a_panicking_handler_still_gets_disconnect() {
         .with_channel_layer(Arc::new(memory.clone()))
         .route(
             "/ws/presence",
-            consumer({
+            websocket_consumer({
                 let online = online.clone();
                 move |scope| Presence {
                     online: online.clone(),
@@ -642,4 +643,32 @@ async fn finish(ws: &mut Client) {
         while let Some(Ok(_)) = futures_util::StreamExt::next(ws).await {}
     })
     .await;
+}
+
+/// Code written against the names before issue 24 still compiles (the
+/// function and the `Json` type with a deprecation warning).
+#[test]
+#[allow(deprecated)]
+fn old_consumer_names_still_compile() {
+    use tower_channels::consumer::{consumer, Json, JsonWebsocketConsumer, WebsocketConsumer};
+
+    struct Old;
+    impl WebsocketConsumer for Old {}
+    struct OldJson;
+    impl JsonWebsocketConsumer for OldJson {
+        type Incoming = serde_json::Value;
+        async fn receive_json(
+            &mut self,
+            _: &mut Context,
+            _: Self::Incoming,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+    let wrapped: Json<OldJson> = tower_channels::consumer::JsonConsumer(OldJson);
+    let _ = (
+        WebSocketLayer::new().route("/old", consumer(|_| Old)),
+        json_consumer(|_| OldJson),
+        wrapped,
+    );
 }

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tower_channels::{
     channel_layer::{ChannelLayer, Event, InMemoryChannelLayer},
     consumer::{
-        consumer, forward_event, forward_event_strict, Accept, Context, Reject, WebsocketConsumer,
+        forward_event, forward_event_strict, websocket_consumer, Accept, Context, Reject,
+        WebSocketConsumer,
     },
     message::close_code,
     BoxError, WebSocketLayer,
@@ -22,7 +23,7 @@ struct Member {
     strict: bool,
 }
 
-impl WebsocketConsumer for Member {
+impl WebSocketConsumer for Member {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         ctx.group_add("room").await?;
         Ok(Accept::new())
@@ -54,7 +55,7 @@ enum RoomEvent {
 /// Dispatches known types through a serde enum, leaves the rest to the default.
 struct Typed;
 
-impl WebsocketConsumer for Typed {
+impl WebSocketConsumer for Typed {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         ctx.group_add("room").await?;
         Ok(Accept::new())
@@ -79,8 +80,8 @@ async fn unknown_event_types_are_ignored_and_counted() {
     let channel_layer: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::new());
     let layer = WebSocketLayer::new()
         .with_channel_layer(channel_layer.clone())
-        .route("/ws", consumer(|_| Member { strict: false }))
-        .route("/ws/typed", consumer(|_| Typed));
+        .route("/ws", websocket_consumer(|_| Member { strict: false }))
+        .route("/ws/typed", websocket_consumer(|_| Typed));
     let addr = serve(layer.clone()).await;
     let mut a = connect(addr, "/ws").await;
     let mut b = connect(addr, "/ws").await;
@@ -124,8 +125,11 @@ async fn strict_consumers_close_with_1011_as_django_does() {
     let channel_layer: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::new());
     let layer = WebSocketLayer::new()
         .with_channel_layer(channel_layer.clone())
-        .route("/ws/strict", consumer(|_| Member { strict: true }))
-        .route("/ws", consumer(|_| Member { strict: false }));
+        .route(
+            "/ws/strict",
+            websocket_consumer(|_| Member { strict: true }),
+        )
+        .route("/ws", websocket_consumer(|_| Member { strict: false }));
     let addr = serve(layer.clone()).await;
     let mut strict = connect(addr, "/ws/strict").await;
     let mut lenient = connect(addr, "/ws").await;

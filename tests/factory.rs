@@ -13,8 +13,8 @@ use http::{request::Parts, Request, StatusCode};
 use tower_channels::{
     channel_layer::BoxError,
     consumer::{
-        consumer, extract, try_consumer, try_json_consumer, BoxConsumerService, ConsumerService,
-        Context, JsonWebsocketConsumer, Reject, WebsocketConsumer,
+        extract, try_consumer, try_json_consumer, websocket_consumer, BoxConsumerService,
+        ConsumerService, Context, JsonWebSocketConsumer, Reject, WebSocketConsumer,
     },
     message::Message,
     WebSocketLayer,
@@ -70,7 +70,7 @@ struct Greeter {
     greeting: &'static str,
 }
 
-impl JsonWebsocketConsumer for Greeter {
+impl JsonWebSocketConsumer for Greeter {
     type Incoming = serde_json::Value;
 
     async fn receive_json(
@@ -140,7 +140,7 @@ async fn extractors_and_state_build_the_consumer() {
 
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -169,7 +169,7 @@ async fn try_consumer_rejects_with_its_status_and_accepts_otherwise() {
 async fn boxed_consumers_of_different_types_share_one_type() {
     let gate = try_consumer(|_scope| async { Ok::<_, Reject>(Echo) });
     let routes: Vec<(&str, BoxConsumerService)> = vec![
-        ("/ws/a", consumer(|_| Echo).boxed()),
+        ("/ws/a", websocket_consumer(|_| Echo).boxed()),
         ("/ws/b", gate.boxed()),
     ];
     let mut layer = WebSocketLayer::new();

@@ -9,14 +9,16 @@ use axum::{routing::get, Router};
 use common::*;
 use http::StatusCode;
 use tower_channels::{
-    consumer::{consumer, from_fn, Accept, Connection, Context, Reject, WebsocketConsumer},
+    consumer::{
+        from_fn, websocket_consumer, Accept, Connection, Context, Reject, WebSocketConsumer,
+    },
     WebSocketLayer,
 };
 
 /// Accepts with whatever subprotocol the `?proto=` query names.
 struct Chooser;
 
-impl WebsocketConsumer for Chooser {
+impl WebSocketConsumer for Chooser {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         let offered = ctx.scope().subprotocols().join(",");
         ctx.send_text(format!("offered={offered}"))?;
@@ -30,7 +32,7 @@ impl WebsocketConsumer for Chooser {
 /// Refuses: 403 by default, or the status in `?status=` with a body.
 struct Gatekeeper;
 
-impl WebsocketConsumer for Gatekeeper {
+impl WebSocketConsumer for Gatekeeper {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         match ctx.scope().query_param("status") {
             None => Err(Reject::default()),
@@ -46,8 +48,8 @@ impl WebsocketConsumer for Gatekeeper {
 
 async fn server() -> SocketAddr {
     let channels = WebSocketLayer::new()
-        .route("/ws/echo", consumer(|_| Chooser))
-        .route("/ws/private", consumer(|_| Gatekeeper))
+        .route("/ws/echo", websocket_consumer(|_| Chooser))
+        .route("/ws/private", websocket_consumer(|_| Gatekeeper))
         .route(
             "/ws/undecided",
             // Drops the connection without deciding: rejected like Django.
@@ -215,7 +217,7 @@ async fn too_many_subprotocols_is_400() {
     // The limit is configurable.
     let channels = WebSocketLayer::new()
         .with_config(tower_channels::WebSocketConfig::default().max_subprotocols(2))
-        .route("/ws/echo", consumer(|_| Chooser));
+        .route("/ws/echo", websocket_consumer(|_| Chooser));
     let addr = serve_axum(Router::new().layer(channels)).await;
     let req = ws_req(addr, "/ws/echo").header("sec-websocket-protocol", "a, b, c");
     expect_rejection(
@@ -368,7 +370,7 @@ async fn successful_handshake_response_headers() {
 
 #[tokio::test]
 async fn rejections_are_counted() {
-    let channels = WebSocketLayer::new().route("/ws/echo", consumer(|_| Chooser));
+    let channels = WebSocketLayer::new().route("/ws/echo", websocket_consumer(|_| Chooser));
     let addr = serve_axum(Router::new().layer(channels.clone())).await;
     let before = channels.stats().rejected_handshakes;
     let req = get_req(addr, "/ws/echo")
@@ -385,7 +387,7 @@ async fn rejections_are_counted() {
 
 #[tokio::test]
 async fn consumer_rejections_are_counted() {
-    let channels = WebSocketLayer::new().route("/ws/private", consumer(|_| Gatekeeper));
+    let channels = WebSocketLayer::new().route("/ws/private", websocket_consumer(|_| Gatekeeper));
     let addr = serve_axum(Router::new().layer(channels.clone())).await;
     let reply = http1(addr, empty(ws_req(addr, "/ws/private"))).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);

@@ -41,7 +41,9 @@ use tokio_tungstenite::tungstenite::{
 };
 use tower_channels::{
     channel_layer::{BoxError, Event, InMemoryChannelLayer},
-    consumer::{consumer, from_fn, Accept, Connection, Context, Reject, WebsocketConsumer},
+    consumer::{
+        from_fn, websocket_consumer, Accept, Connection, Context, Reject, WebSocketConsumer,
+    },
     message::{self, close_code, CloseCode},
     origin::AllowedOrigins,
     RateLimit, WebSocketConfig, WebSocketLayer,
@@ -67,7 +69,7 @@ struct Probe {
     release: Arc<Notify>,
 }
 
-impl WebsocketConsumer for Probe {
+impl WebSocketConsumer for Probe {
     async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
         match msg.as_text() {
             Some("block") => {
@@ -116,7 +118,7 @@ impl Probes {
         let probe = self.probe.clone();
         WebSocketLayer::new()
             .with_config(config)
-            .route("/ws/probe", consumer(move |_| probe.clone()))
+            .route("/ws/probe", websocket_consumer(move |_| probe.clone()))
     }
 
     /// The code the next finished connection's `disconnect` got.
@@ -539,7 +541,7 @@ struct Member {
     gone: mpsc::UnboundedSender<(bool, CloseCode)>,
 }
 
-impl WebsocketConsumer for Member {
+impl WebSocketConsumer for Member {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         ctx.group_add("room").await?;
         Ok(Accept::new())
@@ -553,7 +555,7 @@ impl WebsocketConsumer for Member {
 /// Publishes every text message to the room as a fastlane event.
 struct Publisher;
 
-impl WebsocketConsumer for Publisher {
+impl WebSocketConsumer for Publisher {
     async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
         if let message::Message::Text(text) = msg {
             ctx.group_send("room", Event::text("chat.message", text))
@@ -615,12 +617,12 @@ async fn slow_client_is_closed_4008_while_500_others_get_every_message() {
         .with_config(config)
         .route(
             "/ws/room",
-            consumer(move |scope| Member {
+            websocket_consumer(move |scope| Member {
                 slow: scope.query() == Some("slow"),
                 gone: gone_tx.clone(),
             }),
         )
-        .route("/ws/pub", consumer(|_| Publisher));
+        .route("/ws/pub", websocket_consumer(|_| Publisher));
     // Linux grows loopback send buffers up to tcp_wmem's maximum (4 MiB
     // here), which would swallow the slow client's whole 2 MB stream: cap the
     // server sockets' SO_SNDBUF (accepted sockets inherit the listener's).
@@ -990,7 +992,7 @@ async fn same_host_origin_policy_refuses_other_origins_before_consumer_code() {
         .allowed_origins(AllowedOrigins::same_host())
         .route(
             "/ws/probe",
-            consumer(move |_| {
+            websocket_consumer(move |_| {
                 flag.store(true, Ordering::SeqCst);
                 probe.clone()
             }),
@@ -1261,7 +1263,7 @@ fn client_frame(mut frame: Frame) -> Vec<u8> {
 /// their echo and are idle.
 fn blob_echo(parked: Arc<AtomicUsize>) -> WebSocketLayer {
     struct Blob(Arc<AtomicUsize>);
-    impl WebsocketConsumer for Blob {
+    impl WebSocketConsumer for Blob {
         async fn receive(
             &mut self,
             ctx: &mut Context,
@@ -1274,7 +1276,10 @@ fn blob_echo(parked: Arc<AtomicUsize>) -> WebSocketLayer {
     }
     WebSocketLayer::new()
         .with_config(WebSocketConfig::default().max_message_size(2 << 20))
-        .route("/ws/blob", consumer(move |_| Blob(parked.clone())))
+        .route(
+            "/ws/blob",
+            websocket_consumer(move |_| Blob(parked.clone())),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1454,12 +1459,12 @@ async fn a_closing_connection_leaves_its_groups_at_once_and_its_4008_reaches_the
         .with_config(config)
         .route(
             "/ws/room",
-            consumer(move |_| Member {
+            websocket_consumer(move |_| Member {
                 slow: true,
                 gone: gone_tx.clone(),
             }),
         )
-        .route("/ws/pub", consumer(|_| Publisher));
+        .route("/ws/pub", websocket_consumer(|_| Publisher));
     let addr = serve_small_buffers(&channels).await;
     let stream = small_client(addr).await;
     let (mut slow, _) = tokio_tungstenite::client_async_with_config(
@@ -1526,12 +1531,12 @@ async fn burst_of_3000_messages_reaches_50_readers_and_closes_the_stalled_one() 
     let channels = WebSocketLayer::new()
         .route(
             "/ws/room",
-            consumer(move |scope| Member {
+            websocket_consumer(move |scope| Member {
                 slow: scope.query() == Some("stalled"),
                 gone: gone_tx.clone(),
             }),
         )
-        .route("/ws/pub", consumer(|_| Publisher));
+        .route("/ws/pub", websocket_consumer(|_| Publisher));
     let addr = serve_small_buffers(&channels).await;
     let rss_before = vm_rss_kib("VmRSS:");
     let stream = small_client(addr).await;

@@ -20,7 +20,7 @@ use tokio_tungstenite::{
 };
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, InMemoryChannelLayer},
-    consumer::{consumer, Context, WebsocketConsumer},
+    consumer::{websocket_consumer, Context, WebSocketConsumer},
     message,
     middleware::{ResponseBody, ResponseFuture},
     Scope, WebSocketLayer, WebSocketService,
@@ -30,7 +30,7 @@ use tower_layer::Layer;
 /// Echoes every message; on connect, sends a description of its scope.
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn connect(
         &mut self,
         ctx: &mut Context,
@@ -53,7 +53,7 @@ impl WebsocketConsumer for Echo {
 }
 
 fn channels() -> WebSocketLayer {
-    WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo))
+    WebSocketLayer::new().route("/ws/echo", websocket_consumer(|_| Echo))
 }
 
 fn axum_app() -> Router {

@@ -225,7 +225,7 @@ async fn direct_sends_and_limits() {
         Err(ChannelLayerError::NoSuchChannel { .. })
     ));
     let err = a.group_add("news", "mailer").await.unwrap_err();
-    assert!(err.to_string().contains("JetStream"), "{err}");
+    assert!(error_chain(&err).contains("JetStream"), "{err:?}");
     let report = a.group_send("empty", Event::bare("x")).await.unwrap();
     assert_eq!(report.remote_receivers, None);
 }
@@ -313,7 +313,10 @@ async fn nats_restart() {
     let started = Instant::now();
     let err = a.group_send("room", Event::bare("lost")).await.unwrap_err();
     assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
-    assert!(err.to_string().contains("not connected to NATS"), "{err}");
+    assert!(
+        error_chain(&err).contains("not connected to NATS"),
+        "{err:?}"
+    );
     let err = a
         .send(member.name(), Event::bare("lost"))
         .await

@@ -19,9 +19,9 @@ use std::{
 };
 
 use tower_channels::channel_layer::{
-    redis::{redis, RedisChannelLayer},
-    BoxFuture, ChannelLayer, ChannelLayerError, Event, GroupPattern, PresenceChange,
-    PresenceConfig, PresenceInfo, RecoveryFailure, RecvError, PRESENCE_JOIN, PRESENCE_LEAVE,
+    redis::RedisChannelLayer, BoxFuture, ChannelLayer, ChannelLayerError, Event, GroupPattern,
+    PresenceChange, PresenceConfig, PresenceInfo, RecoveryFailure, RecvError, PRESENCE_JOIN,
+    PRESENCE_LEAVE,
 };
 use tower_channels::testing::conformance;
 

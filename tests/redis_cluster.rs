@@ -21,8 +21,7 @@ use std::{
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tower_channels::channel_layer::{
-    redis::{redis, RedisClusterChannelLayer},
-    ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
+    redis::RedisClusterChannelLayer, ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
 };
 
 use common::layers::{free_port, recv, unique_suffix};
@@ -426,7 +425,7 @@ async fn node_restart() {
     eprintln!("shard down: group send failed after {took:?}: {err}");
     assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
     assert!(
-        err.to_string().contains(&down),
+        error_chain(&err).contains(&down),
         "the error names the group: {err}"
     );
     assert!(took < Duration::from_secs(4), "took {took:?}");
@@ -439,7 +438,7 @@ async fn node_restart() {
     let mut late = c.new_channel().await.unwrap();
     let err = c.group_add(&down, late.name()).await.unwrap_err();
     eprintln!("shard down: group_add failed: {err}");
-    assert!(err.to_string().contains(&down), "{err}");
+    assert!(error_chain(&err).contains(&down), "{err:?}");
 
     cluster.restart(0).await;
     let back = until_delivered(&a, &down, &mut rx_down, "after").await;

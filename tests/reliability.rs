@@ -29,7 +29,7 @@ use tokio::{
 };
 use tower_channels::{
     channel_layer::BoxError,
-    consumer::{consumer, Context, WebsocketConsumer},
+    consumer::{websocket_consumer, Context, WebSocketConsumer},
     message::{self, close_code},
     WebSocketLayer,
 };
@@ -38,7 +38,7 @@ use tower_layer::Layer;
 /// Echoes every message.
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -46,7 +46,7 @@ impl WebsocketConsumer for Echo {
 }
 
 fn channels() -> WebSocketLayer {
-    WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo))
+    WebSocketLayer::new().route("/ws/echo", websocket_consumer(|_| Echo))
 }
 
 async fn hyper_inner(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

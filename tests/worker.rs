@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 use tower_channels::{
     channel_layer::{BoxError, ChannelLayer, Event, InMemoryChannelLayer},
-    consumer::{consumer, Context, WebsocketConsumer},
+    consumer::{websocket_consumer, Context, WebSocketConsumer},
     message::Message,
     testing::Communicator,
     worker::{Worker, WorkerContext},
@@ -31,7 +31,7 @@ struct Job {
 /// Hands every text message to the "jobs" worker and forwards its replies.
 struct Client;
 
-impl WebsocketConsumer for Client {
+impl WebSocketConsumer for Client {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         if let Message::Text(t) = msg {
             let job = Job {
@@ -62,7 +62,8 @@ async fn consumer_hands_work_to_worker_and_gets_the_reply() {
         .await
         .unwrap();
     let request = http::Request::get("/ws/jobs").body(()).unwrap();
-    let mut comm = Communicator::with_request(consumer(|_| Client), "/ws/jobs", request, layer);
+    let mut comm =
+        Communicator::with_request(websocket_consumer(|_| Client), "/ws/jobs", request, layer);
     comm.connect().await.unwrap();
     for n in [3u64, 12, 40] {
         comm.send_text(n.to_string()).await;
@@ -269,7 +270,8 @@ async fn worker_on_another_process_through_redis() {
         .await
         .unwrap();
     let request = http::Request::get("/ws/jobs").body(()).unwrap();
-    let mut comm = Communicator::with_request(consumer(|_| Client), "/ws/jobs", request, web);
+    let mut comm =
+        Communicator::with_request(websocket_consumer(|_| Client), "/ws/jobs", request, web);
     comm.connect().await.unwrap();
     for n in [7u64, 9] {
         comm.send_text(n.to_string()).await;

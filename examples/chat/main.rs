@@ -85,8 +85,8 @@ use tower_channels::{
         StreamCursor, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
     },
     consumer::{
-        consumer, forward_event, json_consumer, Accept, Context, JsonWebsocketConsumer, Reject,
-        WebsocketConsumer,
+        forward_event, json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer,
+        Reject, WebSocketConsumer,
     },
     message::Message,
     origin::AllowedOrigins,
@@ -147,7 +147,7 @@ impl Chat {
     }
 }
 
-impl JsonWebsocketConsumer for Chat {
+impl JsonWebSocketConsumer for Chat {
     type Incoming = ChatIn;
 
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -214,7 +214,7 @@ impl JsonWebsocketConsumer for Chat {
                 // this process got the message anyway; members elsewhere
                 // may or may not have).
                 if let Err(e) = ctx.group_send(&self.group, event).await {
-                    tracing::warn!(error = %e, group = %self.group, "group send failed");
+                    tracing::warn!(error = &e as &dyn std::error::Error, group = %self.group, "group send failed");
                     ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
                 }
             }
@@ -270,7 +270,7 @@ fn room_group(room: &str) -> String {
 /// `/ws/echo`: sends every message back.
 struct Echo;
 
-impl WebsocketConsumer for Echo {
+impl WebSocketConsumer for Echo {
     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
         ctx.send(msg)?;
         Ok(())
@@ -323,7 +323,11 @@ async fn post_message(
         .await
         .map_err(|e| {
             // Logged here; the client learns only that it may retry.
-            tracing::warn!(error = %e, group, "group send failed");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                group,
+                "group send failed"
+            );
             (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable\n")
         })?;
     let offset = report.position.map_or(0, |p| p.offset());
@@ -458,7 +462,7 @@ async fn main() -> Result<(), BoxError> {
                 cursor: StreamCursor::new(),
             }),
         )
-        .route("/ws/echo", consumer(|_| Echo));
+        .route("/ws/echo", websocket_consumer(|_| Echo));
     // Only pages served by this host may open sockets or POST (defence
     // against cross-site WebSocket hijacking and CSRF); clients without
     // Origin are allowed. Behind a proxy or in production, list the origins

@@ -26,7 +26,7 @@ use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCod
 use libfuzzer_sys::fuzz_target;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_channels::{
-    consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
+    consumer::{websocket_consumer, Accept, Context, Reject, WebSocketConsumer},
     origin::AllowedOrigins,
     WebSocketLayer, WebSocketConfig,
 };
@@ -45,7 +45,7 @@ struct Probe {
     mode: Mode,
 }
 
-impl WebsocketConsumer for Probe {
+impl WebSocketConsumer for Probe {
     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
         let scope = ctx.scope();
         // Read everything a consumer may look at.
@@ -151,8 +151,8 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async move {
         let mode = input.mode;
         let mut channels = WebSocketLayer::new()
-            .route("/ws/{x}", consumer(move |_| Probe { mode }))
-            .route("/ws/rest/{*rest}", consumer(move |_| Probe { mode }));
+            .route("/ws/{x}", websocket_consumer(move |_| Probe { mode }))
+            .route("/ws/rest/{*rest}", websocket_consumer(move |_| Probe { mode }));
         if input.same_host {
             channels = channels.allowed_origins(AllowedOrigins::same_host());
         }

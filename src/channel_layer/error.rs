@@ -64,7 +64,7 @@ pub enum ChannelLayerError {
         channel: String,
     },
     /// The event could not be encoded or decoded for the wire.
-    #[error("event codec error: {0}")]
+    #[error("event codec error")]
     Codec(#[from] EventCodecError),
     /// Presence info broke the limits of
     /// [`PresenceInfo`](super::PresenceInfo).
@@ -84,8 +84,17 @@ pub enum ChannelLayerError {
         group: String,
     },
     /// The backend failed (for example Redis is unreachable).
-    #[error("channel layer backend error: {0}")]
+    #[error("channel layer backend error")]
     Backend(#[source] BoxError),
+}
+
+/// `err` and its sources joined by `: `, for tests that look for a cause.
+#[cfg(all(test, any(feature = "redis-cluster", feature = "nats")))]
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(err), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 impl ChannelLayerError {

@@ -30,7 +30,7 @@ type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, EventCodecError>
 ///   processes serialize it once with MessagePack.
 /// * **a WebSocket message** ([`Event::message`]), Phoenix's "fastlane": encode
 ///   the outgoing frame once and every member forwards the same bytes. The
-///   default [`event`](crate::consumer::WebsocketConsumer::event) handler of
+///   default [`event`](crate::consumer::WebSocketConsumer::event) handler of
 ///   consumers forwards such events to the client unchanged.
 /// * **nothing** ([`Event::bare`]).
 ///

@@ -124,7 +124,8 @@
 //! [`ChannelReceiver`] (use [`ChannelReceiver::on_drop`] to forget a channel
 //! when its receiver goes away), use [`ChannelSender::try_send`] for direct
 //! sends and [`ChannelSender::send_lossy`] for group fan-out. Then run the
-//! conformance suite in [`crate::testing::conformance`] against your type.
+//! conformance suite in [`crate::testing::conformance`] (feature `testing`)
+//! against your type.
 //! Presence and history are optional: the default
 //! [`presence_join`](ChannelLayer::presence_join),
 //! [`presence`](ChannelLayer::presence) and [`recover`](ChannelLayer::recover)

@@ -12,7 +12,7 @@ use crate::{
 
 /// A consumer written as callbacks: Django's `AsyncWebsocketConsumer`.
 ///
-/// A new value is made for every connection (see [`consumer`]). Every method
+/// A new value is made for every connection (see [`websocket_consumer`]). Every method
 /// has a default, so implement only what you need.
 ///
 /// # When the callbacks are called
@@ -39,13 +39,13 @@ use crate::{
 /// # Example
 ///
 /// ```
-/// use tower_channels::consumer::{Context, WebsocketConsumer};
+/// use tower_channels::consumer::{Context, WebSocketConsumer};
 /// use tower_channels::channel_layer::{BoxError, Event};
 /// use tower_channels::message::Message;
 ///
 /// struct Chat { group: String }
 ///
-/// impl WebsocketConsumer for Chat {
+/// impl WebSocketConsumer for Chat {
 ///     async fn connect(&mut self, ctx: &mut Context) -> Result<tower_channels::consumer::Accept, tower_channels::consumer::Reject> {
 ///         ctx.group_add(&self.group).await?;
 ///         Ok(Default::default())
@@ -60,7 +60,7 @@ use crate::{
 ///     }
 /// }
 /// ```
-pub trait WebsocketConsumer: Send + 'static {
+pub trait WebSocketConsumer: Send + 'static {
     /// Decides the handshake. The default accepts without a subprotocol.
     fn connect(
         &mut self,
@@ -128,28 +128,38 @@ pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
 }
 
 /// Makes a consumer service from a factory that builds one
-/// [`WebsocketConsumer`] per connection from its scope.
+/// [`WebSocketConsumer`] per connection from its scope.
 ///
 /// ```
-/// use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+/// use tower_channels::{consumer::{websocket_consumer, WebSocketConsumer}, WebSocketLayer};
 ///
 /// struct Room { name: String }
-/// impl WebsocketConsumer for Room {}
+/// impl WebSocketConsumer for Room {}
 ///
 /// let layer = WebSocketLayer::new().route(
 ///     "/ws/chat/{room}",
-///     consumer(|scope| Room { name: scope.param("room").unwrap_or_default().to_owned() }),
+///     websocket_consumer(|scope| Room { name: scope.param("room").unwrap_or_default().to_owned() }),
 /// );
 /// ```
-pub fn consumer<F, C>(factory: F) -> CallbackConsumer<F>
+pub fn websocket_consumer<F, C>(factory: F) -> CallbackConsumer<F>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
-    C: WebsocketConsumer,
+    C: WebSocketConsumer,
 {
     CallbackConsumer { factory }
 }
 
-/// The [`Service`] made by [`consumer`]: runs a [`WebsocketConsumer`] per connection.
+/// Renamed [`websocket_consumer`] (a function named like its module).
+#[deprecated(since = "0.1.0", note = "renamed to `websocket_consumer`")]
+pub fn consumer<F, C>(factory: F) -> CallbackConsumer<F>
+where
+    F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
+    C: WebSocketConsumer,
+{
+    websocket_consumer(factory)
+}
+
+/// The [`Service`] made by [`websocket_consumer`]: runs a [`WebSocketConsumer`] per connection.
 #[derive(Clone)]
 pub struct CallbackConsumer<F> {
     factory: F,
@@ -164,7 +174,7 @@ impl<F> fmt::Debug for CallbackConsumer<F> {
 impl<F, C> Service<Connection> for CallbackConsumer<F>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
-    C: WebsocketConsumer,
+    C: WebSocketConsumer,
 {
     type Response = ();
     type Error = Infallible;

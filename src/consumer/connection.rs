@@ -17,6 +17,7 @@ pub(crate) enum UpgradeSource {
     /// hyper hands over the upgraded connection after the 101/200 response.
     Hyper(hyper::upgrade::OnUpgrade),
     /// An in-process transport (the test [`Communicator`](crate::testing::Communicator)).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     Ready(Transport),
 }
 
@@ -165,7 +166,11 @@ impl Connection {
     /// Refuses the handshake with `reject`'s status (403 by default).
     pub fn reject(mut self, reject: Reject) {
         if let Some(err) = &reject.error {
-            tracing::error!(error = %err, route = self.scope.route(), "consumer failed in connect");
+            tracing::error!(
+                error = &**err as &(dyn std::error::Error + 'static),
+                route = self.scope.route(),
+                "consumer failed in connect"
+            );
         }
         self.send_decision(Decision::Reject(reject.into_response()));
     }

@@ -16,6 +16,13 @@ use crate::{
 /// `self.send`, `self.close`, `self.channel_layer`, `self.channel_name`,
 /// `self.scope` and `self.groups`.
 ///
+/// The `send*` methods write frames to this connection's client (like
+/// axum's `WebSocket::send` and Django's `self.send`); events for other
+/// connections go through [`group_send`](Self::group_send) and
+/// [`send_to`](Self::send_to) (the channel layer's `send`). Channel-layer
+/// methods return [`ChannelLayerError`], here and on
+/// [`WebSocket`](crate::consumer::WebSocket).
+///
 /// Sending never waits: messages are queued and written by the connection
 /// while the handler goes on. A client that stays behind is closed with
 /// [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER); see

@@ -1,4 +1,4 @@
-//! The callback loop behind [`WebsocketConsumer`]: hands the engine's input
+//! The callback loop behind [`WebSocketConsumer`]: hands the engine's input
 //! to the handlers, one at a time. The engine keeps the socket serviced
 //! (pings, pongs, writes, read-ahead, limits) while a handler runs: both are
 //! polled by the connection task's host.
@@ -12,7 +12,7 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{Connection, Context, Reject, WebsocketConsumer};
+use super::{Connection, Context, Reject, WebSocketConsumer};
 use crate::{
     channel_layer::{BoxError, Event, RecvError},
     engine::{panic_message, Link, Status},
@@ -33,7 +33,7 @@ enum Outcome {
 }
 
 /// Runs `consumer` on `conn` from handshake to disconnect.
-pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
+pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
     // The handshake runs in a boxed future of its own, so the state this
     // task keeps for the (long) life of the connection holds only what the
     // loop needs: that is most of an idle connection's memory.
@@ -65,7 +65,10 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
             Outcome::Failed(e) => {
                 if link.status() != Status::Open {
                     // Typically a send that failed because the connection is closing.
-                    tracing::debug!(error = %e, "consumer handler failed while closing");
+                    tracing::debug!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        "consumer handler failed while closing"
+                    );
                 } else if let Some(unhandled) = e.downcast_ref::<super::UnhandledEvent>() {
                     // An event type this consumer does not know: not fatal.
                     super::unhandled::log_ignored(unhandled.kind());
@@ -74,7 +77,10 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
                     // The send failed because the client is too slow: the
                     // engine closes with 4008, not as a consumer error.
                 } else {
-                    tracing::error!(error = %e, "consumer handler failed; closing with 1011");
+                    tracing::error!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        "consumer handler failed; closing with 1011"
+                    );
                     link.close(CloseFrame::new(close_code::ERROR, "internal error"), false);
                 }
             }
@@ -98,7 +104,7 @@ pub(crate) async fn run<C: WebsocketConsumer>(consumer: C, conn: Connection) {
 }
 
 /// The handshake: creates the channel, runs `connect`, answers the client.
-async fn open<C: WebsocketConsumer>(
+async fn open<C: WebSocketConsumer>(
     mut consumer: C,
     mut conn: Connection,
 ) -> Option<(C, Context, Arc<Link>)> {

@@ -8,7 +8,7 @@ use std::{convert::Infallible, fmt, future::Future, task::Poll};
 use futures_util::TryFutureExt;
 use tower_service::Service;
 
-use super::{driver, Connection, Json, JsonWebsocketConsumer, Reject, WebsocketConsumer};
+use super::{driver, Connection, JsonConsumer, JsonWebSocketConsumer, Reject, WebSocketConsumer};
 use crate::{
     channel_layer::{BoxError, BoxFuture},
     Scope,
@@ -25,15 +25,15 @@ use crate::{
 /// `Send`).
 ///
 /// ```
-/// use tower_channels::consumer::{consumer, ConsumerService, WebsocketConsumer};
+/// use tower_channels::consumer::{websocket_consumer, ConsumerService, WebSocketConsumer};
 /// use tower_channels::WebSocketLayer;
 ///
 /// struct Echo;
-/// impl WebsocketConsumer for Echo {}
+/// impl WebSocketConsumer for Echo {}
 ///
 /// // Shared by `main` and the tests.
 /// pub fn echo() -> impl ConsumerService {
-///     consumer(|_| Echo)
+///     websocket_consumer(|_| Echo)
 /// }
 ///
 /// let layer = WebSocketLayer::new().route("/ws/echo", echo());
@@ -77,16 +77,16 @@ where
 /// one `Vec` (axum's `BoxCloneService`, for consumers).
 ///
 /// ```
-/// use tower_channels::consumer::{consumer, BoxConsumerService, ConsumerService, WebsocketConsumer};
+/// use tower_channels::consumer::{websocket_consumer, BoxConsumerService, ConsumerService, WebSocketConsumer};
 ///
 /// struct Echo;
-/// impl WebsocketConsumer for Echo {}
+/// impl WebSocketConsumer for Echo {}
 /// struct Quiet;
-/// impl WebsocketConsumer for Quiet {}
+/// impl WebSocketConsumer for Quiet {}
 ///
 /// struct Routes { echo: BoxConsumerService, quiet: BoxConsumerService }
 ///
-/// let routes = Routes { echo: consumer(|_| Echo).boxed(), quiet: consumer(|_| Quiet).boxed() };
+/// let routes = Routes { echo: websocket_consumer(|_| Echo).boxed(), quiet: websocket_consumer(|_| Quiet).boxed() };
 /// let layer = tower_channels::WebSocketLayer::new()
 ///     .route("/ws/echo", routes.echo.clone())
 ///     .route("/ws/quiet", routes.quiet);
@@ -157,13 +157,13 @@ impl Service<Connection> for BoxConsumerService {
 ///
 /// ```
 /// use http::StatusCode;
-/// use tower_channels::consumer::{try_consumer, Reject, WebsocketConsumer};
+/// use tower_channels::consumer::{try_consumer, Reject, WebSocketConsumer};
 /// use tower_channels::WebSocketLayer;
 ///
 /// #[derive(Clone)]
 /// struct User(String);
 /// struct Inbox { user: User }
-/// impl WebsocketConsumer for Inbox {}
+/// impl WebSocketConsumer for Inbox {}
 ///
 /// let layer = WebSocketLayer::new().route(
 ///     "/ws/inbox",
@@ -179,25 +179,31 @@ pub fn try_consumer<F, Fut, C>(factory: F) -> TryConsumer<F>
 where
     F: Fn(Scope) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<C, Reject>> + Send + 'static,
-    C: WebsocketConsumer,
+    C: WebSocketConsumer,
 {
     TryConsumer { factory }
 }
 
-/// [`try_consumer`] for a [`JsonWebsocketConsumer`].
+/// [`try_consumer`] for a [`JsonWebSocketConsumer`].
 #[allow(clippy::type_complexity)]
 pub fn try_json_consumer<F, Fut, C>(
     factory: F,
 ) -> TryConsumer<
-    impl Fn(Scope) -> futures_util::future::MapOk<Fut, fn(C) -> Json<C>> + Clone + Send + Sync + 'static,
+    impl Fn(Scope) -> futures_util::future::MapOk<Fut, fn(C) -> JsonConsumer<C>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 >
 where
     F: Fn(Scope) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<C, Reject>> + Send + 'static,
-    C: JsonWebsocketConsumer,
+    C: JsonWebSocketConsumer,
 {
     TryConsumer {
-        factory: move |scope: Scope| factory(scope).map_ok(Json as fn(C) -> Json<C>),
+        factory: move |scope: Scope| {
+            factory(scope).map_ok(JsonConsumer as fn(C) -> JsonConsumer<C>)
+        },
     }
 }
 
@@ -217,7 +223,7 @@ impl<F, Fut, C> Service<Connection> for TryConsumer<F>
 where
     F: Fn(Scope) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<C, Reject>> + Send + 'static,
-    C: WebsocketConsumer,
+    C: WebSocketConsumer,
 {
     type Response = ();
     type Error = Infallible;
@@ -247,7 +253,7 @@ where
 /// ```
 /// use axum::extract::{FromRequestParts, State};
 /// use http::{request::Parts, StatusCode};
-/// use tower_channels::consumer::{extract, try_json_consumer, Context, JsonWebsocketConsumer};
+/// use tower_channels::consumer::{extract, try_json_consumer, Context, JsonWebSocketConsumer};
 ///
 /// #[derive(Clone)]
 /// struct AppState { greeting: &'static str }
@@ -264,7 +270,7 @@ where
 /// }
 ///
 /// struct Hello { user: String, state: AppState }
-/// impl JsonWebsocketConsumer for Hello {
+/// impl JsonWebSocketConsumer for Hello {
 ///     type Incoming = serde_json::Value;
 ///     async fn receive_json(&mut self, ctx: &mut Context, _: serde_json::Value)
 ///         -> Result<(), tower_channels::channel_layer::BoxError> {

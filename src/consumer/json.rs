@@ -3,7 +3,8 @@ use std::{fmt, future::Future};
 use serde::de::DeserializeOwned;
 
 use super::{
-    callback::forward_event, consumer, Accept, CallbackConsumer, Context, Reject, WebsocketConsumer,
+    callback::forward_event, websocket_consumer, Accept, CallbackConsumer, Context, Reject,
+    WebSocketConsumer,
 };
 use crate::{
     channel_layer::{BoxError, Event},
@@ -25,7 +26,7 @@ use crate::{
 ///
 /// ```
 /// use serde::Deserialize;
-/// use tower_channels::consumer::{json_consumer, Context, JsonWebsocketConsumer};
+/// use tower_channels::consumer::{json_consumer, Context, JsonWebSocketConsumer};
 /// use tower_channels::channel_layer::BoxError;
 ///
 /// #[derive(Deserialize)]
@@ -33,7 +34,7 @@ use crate::{
 /// enum Cmd { Add { a: i64, b: i64 } }
 ///
 /// struct Calc;
-/// impl JsonWebsocketConsumer for Calc {
+/// impl JsonWebSocketConsumer for Calc {
 ///     type Incoming = Cmd;
 ///     async fn receive_json(&mut self, ctx: &mut Context, cmd: Cmd) -> Result<(), BoxError> {
 ///         match cmd {
@@ -45,11 +46,11 @@ use crate::{
 ///
 /// let service = json_consumer(|_scope| Calc);
 /// ```
-pub trait JsonWebsocketConsumer: Send + 'static {
+pub trait JsonWebSocketConsumer: Send + 'static {
     /// The type incoming text messages decode into.
     type Incoming: DeserializeOwned + Send + 'static;
 
-    /// Decides the handshake; see [`WebsocketConsumer::connect`].
+    /// Decides the handshake; see [`WebSocketConsumer::connect`].
     fn connect(
         &mut self,
         ctx: &mut Context,
@@ -71,11 +72,11 @@ pub trait JsonWebsocketConsumer: Send + 'static {
         ctx: &mut Context,
         error: JsonDecodeError,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        ctx.close(error.close_code(), error.to_string());
+        ctx.close(error.close_code(), error.close_reason());
         async { Ok(()) }
     }
 
-    /// Handles a channel-layer event; see [`WebsocketConsumer::event`].
+    /// Handles a channel-layer event; see [`WebSocketConsumer::event`].
     fn event(
         &mut self,
         ctx: &mut Context,
@@ -85,7 +86,7 @@ pub trait JsonWebsocketConsumer: Send + 'static {
         async move { result }
     }
 
-    /// Runs after the connection closed; see [`WebsocketConsumer::disconnect`].
+    /// Runs after the connection closed; see [`WebSocketConsumer::disconnect`].
     fn disconnect(
         &mut self,
         ctx: &mut Context,
@@ -109,6 +110,16 @@ impl JsonDecodeError {
         self.binary
     }
 
+    /// The close reason the default handler sends: the Display text, with
+    /// serde's description for bad JSON (e.g. `invalid JSON: expected value
+    /// at line 1 column 1`), so a developer sees it in the browser.
+    pub(crate) fn close_reason(&self) -> String {
+        match &self.source {
+            Some(e) => format!("{self}: {e}"),
+            None => self.to_string(),
+        }
+    }
+
     /// The close code the default handler uses: 1003 for binary, 1007 for bad JSON.
     pub fn close_code(&self) -> CloseCode {
         if self.binary {
@@ -121,10 +132,11 @@ impl JsonDecodeError {
 
 impl fmt::Display for JsonDecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(e) => write!(f, "invalid JSON: {e}"),
-            None => f.write_str("binary messages are not supported"),
-        }
+        f.write_str(if self.binary {
+            "binary messages are not supported"
+        } else {
+            "invalid JSON"
+        })
     }
 }
 
@@ -134,11 +146,16 @@ impl std::error::Error for JsonDecodeError {
     }
 }
 
-/// Adapts a [`JsonWebsocketConsumer`] to [`WebsocketConsumer`].
+/// Adapts a [`JsonWebSocketConsumer`] to [`WebSocketConsumer`] (what
+/// [`json_consumer`] runs).
 #[derive(Debug, Clone)]
-pub struct Json<C>(pub C);
+pub struct JsonConsumer<C>(pub C);
 
-impl<C: JsonWebsocketConsumer> WebsocketConsumer for Json<C> {
+/// Renamed [`JsonConsumer`] (it clashed with `axum::Json`).
+#[deprecated(since = "0.1.0", note = "renamed to `JsonConsumer`")]
+pub type Json<C> = JsonConsumer<C>;
+
+impl<C: JsonWebSocketConsumer> WebSocketConsumer for JsonConsumer<C> {
     fn connect(
         &mut self,
         ctx: &mut Context,
@@ -182,13 +199,13 @@ impl<C: JsonWebsocketConsumer> WebsocketConsumer for Json<C> {
     }
 }
 
-/// Makes a consumer service from a factory of [`JsonWebsocketConsumer`]s.
+/// Makes a consumer service from a factory of [`JsonWebSocketConsumer`]s.
 pub fn json_consumer<F, C>(
     factory: F,
-) -> CallbackConsumer<impl Fn(&Scope) -> Json<C> + Clone + Send + Sync + 'static>
+) -> CallbackConsumer<impl Fn(&Scope) -> JsonConsumer<C> + Clone + Send + Sync + 'static>
 where
     F: Fn(&Scope) -> C + Clone + Send + Sync + 'static,
-    C: JsonWebsocketConsumer,
+    C: JsonWebSocketConsumer,
 {
-    consumer(move |scope: &Scope| Json(factory(scope)))
+    websocket_consumer(move |scope: &Scope| JsonConsumer(factory(scope)))
 }

@@ -2,10 +2,10 @@
 //!
 //! Three forms, each built on the one below it:
 //!
-//! * [`JsonWebsocketConsumer`]: typed JSON messages (Django's
+//! * [`JsonWebSocketConsumer`]: typed JSON messages (Django's
 //!   `AsyncJsonWebsocketConsumer`), wrapped with [`json_consumer`];
-//! * [`WebsocketConsumer`]: callbacks `connect` / `receive` / `event` /
-//!   `disconnect` (Django's `AsyncWebsocketConsumer`), wrapped with [`consumer`];
+//! * [`WebSocketConsumer`]: callbacks `connect` / `receive` / `event` /
+//!   `disconnect` (Django's `AsyncWebsocketConsumer`), wrapped with [`websocket_consumer`];
 //! * the raw form: any [`tower_service::Service`] that takes a [`Connection`]
 //!   (the handshake waiting for a decision) is a consumer. [`from_fn`] makes
 //!   one from a closure; [`Connection::accept`] gives a [`WebSocket`].
@@ -19,7 +19,7 @@
 //! ```
 //! use serde::Deserialize;
 //! use tower_channels::channel_layer::{BoxError, Event};
-//! use tower_channels::consumer::{json_consumer, Accept, Context, JsonWebsocketConsumer, Reject};
+//! use tower_channels::consumer::{json_consumer, Accept, Context, JsonWebSocketConsumer, Reject};
 //! use tower_channels::WebSocketLayer;
 //!
 //! #[derive(Deserialize)]
@@ -27,7 +27,7 @@
 //!
 //! struct Chat { group: String }
 //!
-//! impl JsonWebsocketConsumer for Chat {
+//! impl JsonWebSocketConsumer for Chat {
 //!     type Incoming = Incoming;
 //!
 //!     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
@@ -61,16 +61,17 @@
 //!
 //! ```
 //! # use serde::Deserialize;
-//! # use tower_channels::{channel_layer::Event, consumer::{Context, JsonWebsocketConsumer}, BoxError};
+//! # use tower_channels::{channel_layer::Event, consumer::{Context, JsonWebSocketConsumer}, BoxError};
 //! # #[derive(Deserialize)] struct Incoming { message: String }
 //! # struct Chat { group: String }
-//! impl JsonWebsocketConsumer for Chat {
+//! impl JsonWebSocketConsumer for Chat {
 //!     type Incoming = Incoming;
 //!
 //!     async fn receive_json(&mut self, ctx: &mut Context, msg: Incoming) -> Result<(), BoxError> {
 //!         let text = serde_json::json!({ "message": msg.message }).to_string();
 //!         if let Err(e) = ctx.group_send(&self.group, Event::text("chat.message", text)).await {
-//!             tracing::warn!(error = %e, "group send failed");
+//!             // Recorded as an error, the log shows its cause (`error.sources`).
+//!             tracing::warn!(error = &e as &dyn std::error::Error, "group send failed");
 //!             // The details stay in the log; the client learns it may retry.
 //!             ctx.send_text(r#"{"type":"error","error":"temporarily unavailable"}"#)?;
 //!         }
@@ -97,16 +98,30 @@ mod socket;
 mod unhandled;
 
 pub use self::{
-    callback::{consumer, forward_event, CallbackConsumer, WebsocketConsumer},
+    callback::{forward_event, websocket_consumer, CallbackConsumer, WebSocketConsumer},
     connection::{Accept, Connection, Reject},
     context::Context,
     factory::{try_consumer, try_json_consumer, BoxConsumerService, ConsumerService, TryConsumer},
     from_fn::{from_fn, FromFn},
-    json::{json_consumer, Json, JsonDecodeError, JsonWebsocketConsumer},
+    json::{json_consumer, JsonConsumer, JsonDecodeError, JsonWebSocketConsumer},
     socket::{Incoming, WebSocket},
     unhandled::{forward_event_strict, UnhandledEvent},
 };
 
 pub(crate) use self::connection::{Decision, UpgradeSource};
+
+// Old names (issue 24), so existing code compiles. rustc ignores
+// `#[deprecated]` on a re-export and a trait has no alias, so the old trait
+// names are hidden re-exports; the function and the type warn.
+#[allow(deprecated)]
+pub use self::callback::consumer;
+/// Renamed [`WebSocketConsumer`].
+#[doc(hidden)]
+pub use self::callback::WebSocketConsumer as WebsocketConsumer;
 #[cfg(feature = "axum")]
 pub use self::factory::extract;
+#[allow(deprecated)]
+pub use self::json::Json;
+/// Renamed [`JsonWebSocketConsumer`].
+#[doc(hidden)]
+pub use self::json::JsonWebSocketConsumer as JsonWebsocketConsumer;

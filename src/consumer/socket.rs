@@ -10,8 +10,8 @@ use futures_util::Stream;
 
 use crate::{
     channel_layer::{
-        ChannelLayer, Event, GroupSendReport, PresenceInfo, PresenceMember, Recovery, RecvError,
-        StreamPosition,
+        ChannelLayer, ChannelLayerError, Event, GroupSendReport, PresenceInfo, PresenceMember,
+        Recovery, RecvError, StreamPosition,
     },
     engine::{AppLink, Out},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
@@ -39,7 +39,7 @@ pub enum Incoming {
 /// sent to it).
 ///
 /// It is a handle on the same connection engine the
-/// [`WebsocketConsumer`](super::WebsocketConsumer) forms use (see
+/// [`WebSocketConsumer`](super::WebSocketConsumer) forms use (see
 /// [`crate::engine`'s docs](crate::WebSocketConfig#slow-clients)), so it gets
 /// the same guarantees: pings are sent and answered, an idle client is
 /// closed, size and rate limits apply, the outbound budget applies
@@ -169,37 +169,49 @@ impl WebSocket {
     }
 
     /// Adds this connection to `group`; it leaves automatically on close.
-    pub async fn group_add(&mut self, group: &str) -> Result<(), Error> {
-        Ok(self.link.group_add(group).await?)
+    pub async fn group_add(&mut self, group: &str) -> Result<(), ChannelLayerError> {
+        self.link.group_add(group).await
     }
 
     /// Removes this connection from `group`.
-    pub async fn group_discard(&mut self, group: &str) -> Result<(), Error> {
-        Ok(self.link.group_discard(group).await?)
+    pub async fn group_discard(&mut self, group: &str) -> Result<(), ChannelLayerError> {
+        self.link.group_discard(group).await
     }
 
     /// Sends `event` to every member of `group`.
-    pub async fn group_send(&self, group: &str, event: Event) -> Result<GroupSendReport, Error> {
-        Ok(self.channel_layer().group_send(group, event).await?)
+    pub async fn group_send(
+        &self,
+        group: &str,
+        event: Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        self.channel_layer().group_send(group, event).await
     }
 
     // Presence and history: thin delegations to the channel layer.
 
     /// Adds this connection to `group` and lists it in the group's presence
     /// with `info`; it leaves both automatically on close.
-    pub async fn presence_join(&mut self, group: &str, info: PresenceInfo) -> Result<(), Error> {
-        Ok(self.link.presence_join(group, info).await?)
+    pub async fn presence_join(
+        &mut self,
+        group: &str,
+        info: PresenceInfo,
+    ) -> Result<(), ChannelLayerError> {
+        self.link.presence_join(group, info).await
     }
 
     /// Who is present in `group`, across every process, one entry per user.
-    pub async fn presence(&self, group: &str) -> Result<Vec<PresenceMember>, Error> {
-        Ok(self.channel_layer().presence(group).await?)
+    pub async fn presence(&self, group: &str) -> Result<Vec<PresenceMember>, ChannelLayerError> {
+        self.channel_layer().presence(group).await
     }
 
     /// The events of `group` after `since` (join the group first; see
     /// [`Recovery`] for delivering them without a gap or a duplicate).
-    pub async fn recover(&self, group: &str, since: &StreamPosition) -> Result<Recovery, Error> {
-        Ok(self.channel_layer().recover(group, since).await?)
+    pub async fn recover(
+        &self,
+        group: &str,
+        since: &StreamPosition,
+    ) -> Result<Recovery, ChannelLayerError> {
+        self.channel_layer().recover(group, since).await
     }
 }
 

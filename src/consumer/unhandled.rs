@@ -53,13 +53,13 @@ impl std::error::Error for UnhandledEvent {}
 /// ```
 /// use tower_channels::{
 ///     channel_layer::Event,
-///     consumer::{forward_event_strict, Context, WebsocketConsumer},
+///     consumer::{forward_event_strict, Context, WebSocketConsumer},
 ///     BoxError,
 /// };
 ///
 /// struct Strict;
 ///
-/// impl WebsocketConsumer for Strict {
+/// impl WebSocketConsumer for Strict {
 ///     async fn event(&mut self, ctx: &mut Context, event: Event) -> Result<(), BoxError> {
 ///         forward_event_strict(ctx, &event)
 ///     }

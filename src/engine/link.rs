@@ -425,7 +425,7 @@ impl State {
 pub(crate) async fn leave(runtime: &Runtime, channel: &str, groups: Vec<String>) {
     for g in groups {
         if let Err(e) = runtime.channel_layer.group_discard(&g, channel).await {
-            tracing::warn!(group = %g, error = %e, "group_discard failed while closing");
+            tracing::warn!(group = %g, error = &e as &dyn std::error::Error, "group_discard failed while closing");
         }
     }
 }

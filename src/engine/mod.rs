@@ -2,8 +2,8 @@
 //! consumer form.
 //!
 //! Every accepted WebSocket, whatever its consumer form
-//! ([`WebsocketConsumer`](crate::consumer::WebsocketConsumer),
-//! [`JsonWebsocketConsumer`](crate::consumer::JsonWebsocketConsumer), or the
+//! ([`WebSocketConsumer`](crate::consumer::WebSocketConsumer),
+//! [`JsonWebSocketConsumer`](crate::consumer::JsonWebSocketConsumer), or the
 //! raw [`WebSocket`](crate::consumer::WebSocket) of a
 //! [`from_fn`](crate::consumer::from_fn) consumer), and the test
 //! [`Communicator`](crate::testing::Communicator), runs on this engine. It
@@ -70,11 +70,15 @@ pub(crate) use self::{
     driver::Engine,
     host::{Host, Slot},
     link::{AppLink, Link, Status},
-    probe::{FinishOnDrop, Probe, Progress},
+    probe::{FinishOnDrop, Probe},
     runtime::{Runtime, Tracker},
     socket::Socket,
     transport::Transport,
 };
+
+/// Read by the test kit only.
+#[cfg(feature = "testing")]
+pub(crate) use self::probe::Progress;
 
 use std::any::Any;
 

@@ -66,11 +66,13 @@ impl Probe {
     }
 
     /// The progress now.
+    #[cfg(feature = "testing")]
     pub(crate) fn progress(&self) -> Progress {
         *self.lock()
     }
 
     /// Waits until `done` holds for the progress; returns it.
+    #[cfg(feature = "testing")]
     pub(crate) async fn wait_for(&self, done: impl Fn(Progress) -> bool) -> Progress {
         loop {
             let changed = self.0.changed.notified();

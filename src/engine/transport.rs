@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 #[derive(Debug)]
 pub(crate) enum Transport {
     Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     Duplex(DuplexStream),
 }
 

@@ -5,14 +5,14 @@
 //! (`Upgrade: websocket`, or an HTTP/2 CONNECT with `:protocol = websocket`);
 //! anything else on a WebSocket path, such as a plain GET serving a page,
 //! passes to the inner service. A handshake that asks but is malformed is
-//! refused with a [`rejection`] and never reaches a consumer.
+//! refused with a rejection (`rejection`) and never reaches a consumer.
 
-pub mod rejection;
+pub(crate) mod rejection;
 
 use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
 use tungstenite::handshake::derive_accept_key;
 
-pub use self::rejection::HandshakeRejection;
+pub(crate) use self::rejection::HandshakeRejection;
 use self::rejection::*;
 
 /// What kind of handshake a request is.
@@ -113,6 +113,7 @@ fn parse_subprotocols(headers: &HeaderMap, max: usize) -> Option<Vec<String>> {
 }
 
 /// Subprotocols offered in `headers`, without limits (for test scopes).
+#[cfg(feature = "testing")]
 pub(crate) fn offered_subprotocols(headers: &HeaderMap) -> Vec<String> {
     parse_subprotocols(headers, usize::MAX).unwrap_or_default()
 }

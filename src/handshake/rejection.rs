@@ -12,16 +12,16 @@ macro_rules! rejections {
             $(#[$doc])*
             #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
             #[non_exhaustive]
-            pub struct $name;
+            pub(crate) struct $name;
 
             impl $name {
                 /// The HTTP status this rejection answers with.
-                pub fn status(&self) -> StatusCode {
+                pub(crate) fn status(&self) -> StatusCode {
                     StatusCode::$status
                 }
 
                 /// The plain-text body this rejection answers with.
-                pub fn body_text(&self) -> &'static str {
+                pub(crate) fn body_text(&self) -> &'static str {
                     $body
                 }
             }
@@ -44,7 +44,7 @@ macro_rules! rejections {
         /// Any reason the layer refused a WebSocket handshake.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[non_exhaustive]
-        pub enum HandshakeRejection {
+        pub(crate) enum HandshakeRejection {
             $(
                 $(#[$doc])*
                 $name($name),
@@ -53,14 +53,14 @@ macro_rules! rejections {
 
         impl HandshakeRejection {
             /// The HTTP status of the rejection.
-            pub fn status(&self) -> StatusCode {
+            pub(crate) fn status(&self) -> StatusCode {
                 match self {
                     $(HandshakeRejection::$name(r) => r.status(),)*
                 }
             }
 
             /// The plain-text body of the rejection.
-            pub fn body_text(&self) -> &'static str {
+            pub(crate) fn body_text(&self) -> &'static str {
                 match self {
                     $(HandshakeRejection::$name(r) => r.body_text(),)*
                 }

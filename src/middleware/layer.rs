@@ -56,9 +56,18 @@ impl WebSocketLayer {
     /// any [`Service`](tower_service::Service) taking a [`Connection`]: see [`crate::consumer`].
     /// Routes are tried in the order they were added.
     ///
+    /// A pattern starts with `/`; its segments are literals or `{name}`
+    /// captures (one whole segment each), and a final `{*name}` captures the
+    /// rest of the path. Captured values are percent-decoded and available
+    /// in [`Scope::params`](crate::Scope::params): `/ws/chat/{room}` matches
+    /// `/ws/chat/lobby` (`room` = `lobby`) but neither `/ws/chat` nor
+    /// `/ws/chat/a/b`; `/files/{*path}` matches `/files/a/b%20c` (`path` =
+    /// `a/b c`).
+    ///
     /// # Panics
     ///
-    /// If `pattern` is not a valid [`RoutePattern`].
+    /// If `pattern` is not valid: it does not start with `/`, a capture is
+    /// empty, repeated, not a whole segment, or `{*name}` is not last.
     pub fn route(mut self, pattern: &str, consumer: impl ConsumerService) -> Self {
         let pattern = RoutePattern::new(pattern).unwrap_or_else(|e| panic!("{e}"));
         let consumer = Mutex::new(consumer);
@@ -69,12 +78,20 @@ impl WebSocketLayer {
                 let route = route.to_owned();
                 if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
                     let e: BoxError = e.into();
-                    tracing::error!(error = %e, route, "consumer service not ready");
+                    tracing::error!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        route,
+                        "consumer service not ready"
+                    );
                     return;
                 }
                 if let Err(e) = svc.call(conn).await {
                     let e: BoxError = e.into();
-                    tracing::error!(error = %e, route, "consumer failed");
+                    tracing::error!(
+                        error = &*e as &(dyn std::error::Error + 'static),
+                        route,
+                        "consumer failed"
+                    );
                 }
             })
         });

@@ -2,10 +2,10 @@
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+//! use tower_channels::{consumer::{websocket_consumer, WebSocketConsumer}, WebSocketLayer};
 //!
 //! struct Echo;
-//! impl WebsocketConsumer for Echo {
+//! impl WebSocketConsumer for Echo {
 //!     async fn receive(
 //!         &mut self,
 //!         ctx: &mut tower_channels::consumer::Context,
@@ -16,7 +16,7 @@
 //!     }
 //! }
 //!
-//! let channels = WebSocketLayer::new().route("/ws/echo", consumer(|_| Echo));
+//! let channels = WebSocketLayer::new().route("/ws/echo", websocket_consumer(|_| Echo));
 //! let app: Router = Router::new()
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(channels);
@@ -64,12 +64,12 @@
 //!
 //! ```
 //! use axum::{routing::get, Router};
-//! use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+//! use tower_channels::{consumer::{websocket_consumer, WebSocketConsumer}, WebSocketLayer};
 //!
 //! struct Echo;
-//! impl WebsocketConsumer for Echo {}
+//! impl WebSocketConsumer for Echo {}
 //!
-//! let channels = WebSocketLayer::new().route("/ws", consumer(|_| Echo));
+//! let channels = WebSocketLayer::new().route("/ws", websocket_consumer(|_| Echo));
 //! let api: Router = Router::new()
 //!     .route("/users", get(|| async { "[]" }))
 //!     .merge(channels.into_router()); // a route of `api`: /api/ws once nested
@@ -79,6 +79,21 @@
 //! Patterns are matched against the path the router hands down
 //! (`req.uri().path()`, prefix stripped); the full path stays in axum's
 //! `OriginalUri`.
+//!
+//! # Refused handshakes
+//!
+//! A request that asks for a WebSocket on one of the layer's routes but
+//! cannot get one is answered by the layer with a plain-text body and never
+//! reaches a consumer (the consumer's own refusals are [`Reject`](crate::consumer::Reject)):
+//!
+//! | status | when |
+//! |---|---|
+//! | 405 (`Allow: GET`) | an HTTP/1.1 upgrade that is not a GET |
+//! | 400 | HTTP/1.0, no `upgrade` in `Connection`, a missing or malformed `Sec-WebSocket-Key`, too many or malformed `Sec-WebSocket-Protocol` values |
+//! | 426 (`Sec-WebSocket-Version: 13`) | `Sec-WebSocket-Version` missing or not 13 |
+//! | 403 | the `Origin` is not allowed, or the consumer refused without a status |
+//! | 500 | the server cannot upgrade connections (serve with `serve_connection_with_upgrades`, `axum::serve` or warp), or the consumer failed before deciding |
+//! | 503 (`Retry-After`) | the layer is shutting down or at its connection limit |
 
 mod body;
 mod future;

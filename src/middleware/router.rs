@@ -28,12 +28,12 @@ impl WebSocketLayer {
     ///
     /// ```
     /// use axum::{routing::get, Router};
-    /// use tower_channels::{consumer::{consumer, WebsocketConsumer}, WebSocketLayer};
+    /// use tower_channels::{consumer::{websocket_consumer, WebSocketConsumer}, WebSocketLayer};
     ///
     /// struct Echo;
-    /// impl WebsocketConsumer for Echo {}
+    /// impl WebSocketConsumer for Echo {}
     ///
-    /// let channels = WebSocketLayer::new().route("/ws", consumer(|_| Echo));
+    /// let channels = WebSocketLayer::new().route("/ws", websocket_consumer(|_| Echo));
     /// let api: Router = Router::new()
     ///     .route("/users", get(|| async { "[]" }))
     ///     .merge(channels.into_router()); // answers /api/ws once nested

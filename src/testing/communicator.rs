@@ -36,12 +36,12 @@ pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 ///
 /// ```
 /// use tower_channels::channel_layer::BoxError;
-/// use tower_channels::consumer::{consumer, Context, WebsocketConsumer};
+/// use tower_channels::consumer::{websocket_consumer, Context, WebSocketConsumer};
 /// use tower_channels::message::Message;
 /// use tower_channels::testing::Communicator;
 ///
 /// struct Echo;
-/// impl WebsocketConsumer for Echo {
+/// impl WebSocketConsumer for Echo {
 ///     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
 ///         ctx.send(msg)?;
 ///         Ok(())
@@ -49,7 +49,7 @@ pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 /// }
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-/// let mut comm = Communicator::new(consumer(|_| Echo), "/ws/echo");
+/// let mut comm = Communicator::new(websocket_consumer(|_| Echo), "/ws/echo");
 /// comm.connect().await.expect("accepted");
 /// comm.send_text("hello").await;
 /// assert_eq!(comm.receive_text().await.unwrap(), "hello");
@@ -109,7 +109,7 @@ pub enum ReceiveError {
     #[error("unexpected message: {0:?}")]
     Unexpected(Message),
     /// The text was not the JSON expected.
-    #[error("invalid JSON: {0}")]
+    #[error("invalid JSON")]
     Json(#[from] serde_json::Error),
     /// The connection is not open (call `connect` first).
     #[error("not connected")]
@@ -220,13 +220,13 @@ impl Communicator {
     /// headers are added. The client offers no compression.
     ///
     /// ```
-    /// use tower_channels::consumer::{consumer, Accept, Context, Reject, WebsocketConsumer};
+    /// use tower_channels::consumer::{websocket_consumer, Accept, Context, Reject, WebSocketConsumer};
     /// use tower_channels::testing::Communicator;
     /// use tower_channels::WebSocketLayer;
     /// use tower_layer::Layer;
     ///
     /// struct Hello;
-    /// impl WebsocketConsumer for Hello {
+    /// impl WebSocketConsumer for Hello {
     ///     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
     ///         ctx.send_text("hello")?;
     ///         Ok(Accept::new())
@@ -242,7 +242,7 @@ impl Communicator {
     ///     )
     /// });
     /// let app = WebSocketLayer::new()
-    ///     .route("/ws/hello", consumer(|_| Hello))
+    ///     .route("/ws/hello", websocket_consumer(|_| Hello))
     ///     .layer(not_found);
     ///
     /// let mut comm = Communicator::through(app.clone(), http::Request::get("/ws/hello").body(()).unwrap());
@@ -472,12 +472,12 @@ impl Communicator {
     /// ```
     /// use std::sync::{atomic::{AtomicUsize, Ordering}, Arc};
     /// use tower_channels::channel_layer::BoxError;
-    /// use tower_channels::consumer::{consumer, Context, WebsocketConsumer};
+    /// use tower_channels::consumer::{websocket_consumer, Context, WebSocketConsumer};
     /// use tower_channels::message::Message;
     /// use tower_channels::testing::Communicator;
     ///
     /// struct Count(Arc<AtomicUsize>);
-    /// impl WebsocketConsumer for Count {
+    /// impl WebSocketConsumer for Count {
     ///     async fn receive(&mut self, _: &mut Context, _: Message) -> Result<(), BoxError> {
     ///         tokio::task::yield_now().await; // some work, e.g. a database write
     ///         self.0.fetch_add(1, Ordering::SeqCst);
@@ -488,7 +488,7 @@ impl Communicator {
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
     /// let seen = Arc::new(AtomicUsize::new(0));
     /// let counter = seen.clone();
-    /// let mut comm = Communicator::new(consumer(move |_| Count(counter.clone())), "/ws");
+    /// let mut comm = Communicator::new(websocket_consumer(move |_| Count(counter.clone())), "/ws");
     /// comm.connect().await.unwrap();
     /// comm.send_text("one").await;
     /// comm.send_text("two").await;

@@ -7,12 +7,12 @@
 //! ```
 //! use std::sync::Arc;
 //! use tower_channels::channel_layer::{BoxError, Event, InMemoryChannelLayer};
-//! use tower_channels::consumer::{consumer, Accept, Context, Reject, WebsocketConsumer};
+//! use tower_channels::consumer::{websocket_consumer, Accept, Context, Reject, WebSocketConsumer};
 //! use tower_channels::message::Message;
 //! use tower_channels::testing::Communicator;
 //!
 //! struct Room;
-//! impl WebsocketConsumer for Room {
+//! impl WebSocketConsumer for Room {
 //!     async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
 //!         ctx.group_add("room").await?;
 //!         Ok(Accept::new())
@@ -28,8 +28,8 @@
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let layer = Arc::new(InMemoryChannelLayer::new());
 //! let request = || http::Request::get("/ws/room").body(()).unwrap();
-//! let mut alice = Communicator::with_request(consumer(|_| Room), "/ws/room", request(), layer.clone());
-//! let mut bob = Communicator::with_request(consumer(|_| Room), "/ws/room", request(), layer.clone());
+//! let mut alice = Communicator::with_request(websocket_consumer(|_| Room), "/ws/room", request(), layer.clone());
+//! let mut bob = Communicator::with_request(websocket_consumer(|_| Room), "/ws/room", request(), layer.clone());
 //! alice.connect().await.unwrap();
 //! bob.connect().await.unwrap();
 //! alice.send_text("hi").await;

@@ -459,3 +459,13 @@ pub(crate) fn chat_message(frame: &str) -> String {
         .unwrap_or_else(|| panic!("no message in {frame:?}"))
         .to_owned()
 }
+
+/// `err` and its sources, joined by `: ` (Display strings do not repeat
+/// their source, so a test that looks for a cause reads the chain).
+#[allow(dead_code)]
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(err), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}

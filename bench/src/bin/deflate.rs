@@ -43,7 +43,7 @@ use tokio::{
 };
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, Event},
-    consumer::{consumer, Accept, Context, Reject, WebsocketConsumer},
+    consumer::{websocket_consumer, Accept, Context, Reject, WebSocketConsumer},
     message::Message,
     Compression, WebSocketConfig, WebSocketLayer,
 };
@@ -83,7 +83,7 @@ async fn main() -> ExitCode {
 /// other connections, so a client that never reads holds its own queue).
 struct EchoBack;
 
-impl WebsocketConsumer for EchoBack {
+impl WebSocketConsumer for EchoBack {
     async fn receive(
         &mut self,
         ctx: &mut Context,
@@ -106,7 +106,7 @@ struct Member {
     publisher: bool,
 }
 
-impl WebsocketConsumer for Member {
+impl WebSocketConsumer for Member {
     async fn connect(&mut self, ctx: &mut Context) -> std::result::Result<Accept, Reject> {
         if validate_group_name(&self.group).is_err() {
             return Err(Reject::new(http::StatusCode::BAD_REQUEST));
@@ -167,16 +167,16 @@ async fn serve(mut args: Args) -> Result<()> {
     let channels = WebSocketLayer::new()
         .route(
             "/ws/{room}",
-            consumer(move |scope| Member {
+            websocket_consumer(move |scope| Member {
                 group: room(scope),
                 render,
                 publisher: false,
             }),
         )
-        .route("/echo", consumer(|_| EchoBack))
+        .route("/echo", websocket_consumer(|_| EchoBack))
         .route(
             "/pub/{room}",
-            consumer(move |scope| Member {
+            websocket_consumer(move |scope| Member {
                 group: room(scope),
                 render,
                 publisher: true,

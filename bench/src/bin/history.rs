@@ -28,8 +28,8 @@ use std::{
 
 use tokio::sync::Notify;
 use tower_channels::channel_layer::{
-    redis::{redis, RedisChannelLayer},
-    ChannelLayer, Event, GroupPattern, HistoryPolicy, InMemoryChannelLayer, PresenceInfo,
+    redis::RedisChannelLayer, ChannelLayer, Event, GroupPattern, HistoryPolicy,
+    InMemoryChannelLayer, PresenceInfo,
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;

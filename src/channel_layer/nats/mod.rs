@@ -860,7 +860,10 @@ mod tests {
                 .build()
                 .await
                 .unwrap_err();
-            assert!(err.to_string().contains("prefix"), "{err}");
+            assert!(
+                crate::channel_layer::error::error_chain(&err).contains("prefix"),
+                "{err:?}"
+            );
         }
         let started = std::time::Instant::now();
         let err = NatsChannelLayer::builder("nats://127.0.0.1:1")

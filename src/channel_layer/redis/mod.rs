@@ -214,8 +214,7 @@
 //!
 //! # Why redis-rs
 //!
-//! [redis-rs](https://docs.rs/redis) (re-exported as [`redis`])
-//! is the most used Redis client for Rust and the only one with both a
+//! [redis-rs](https://docs.rs/redis) is the most used Redis client for Rust and the only one with both a
 //! multiplexed, self-reconnecting command connection
 //! ([`ConnectionManager`]) and an async
 //! Pub/Sub connection that can subscribe while messages stream in
@@ -229,8 +228,6 @@ mod presence;
 mod subscriber;
 mod wire;
 mod worker;
-
-pub use redis;
 
 #[cfg(feature = "redis-cluster")]
 pub use self::cluster::{RedisClusterChannelLayer, RedisClusterChannelLayerBuilder};
@@ -628,7 +625,7 @@ impl fmt::Debug for Inner {
 /// A backend failure, wrapped in [`ChannelLayerError::Backend`].
 #[derive(Debug, thiserror::Error)]
 enum BackendError {
-    #[error("{0}: {1}")]
+    #[error("{0}")]
     Redis(String, #[source] RedisError),
     #[error("{0} timed out after {1:?} (is Redis reachable?)")]
     Timeout(String, Duration),

@@ -973,13 +973,16 @@ mod tests {
                 .build()
                 .await
                 .unwrap_err();
-            assert!(err.to_string().contains("prefix"), "{err}");
+            assert!(
+                crate::channel_layer::error::error_chain(&err).contains("prefix"),
+                "{err:?}"
+            );
         }
         let none: [&str; 0] = [];
         let err = RedisClusterChannelLayer::connect(none).await.unwrap_err();
         assert!(
-            err.to_string().contains("no Redis Cluster seed URL"),
-            "{err}"
+            crate::channel_layer::error::error_chain(&err).contains("no Redis Cluster seed URL"),
+            "{err:?}"
         );
         let started = std::time::Instant::now();
         let err = RedisClusterChannelLayer::builder(["redis://127.0.0.1:1"])
