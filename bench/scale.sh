@@ -7,29 +7,37 @@
 #
 #   bench/scale.sh                       # 1,000 subscribers x 500 messages, 2 rounds
 #   bench/scale.sh --subs 200 --msgs 50 --rounds 1
+#   bench/scale.sh --only nats --chat /tmp/chat-a --loadgen /tmp/loadgen
+#                                        # one broker, prebuilt binaries (to
+#                                        # compare two builds, alternating)
 #
 # Needs redis-server, redis-cli and nats-server on PATH.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-subs=1000 msgs=500 rounds=2
+subs=1000 msgs=500 rounds=2 only="" chat="" loadgen=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --subs) subs="$2"; shift 2 ;;
         --msgs) msgs="$2"; shift 2 ;;
         --rounds) rounds="$2"; shift 2 ;;
+        --only) only="$2"; shift 2 ;;
+        --chat) chat="$2"; shift 2 ;;
+        --loadgen) loadgen="$2"; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
 ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --example chat --features redis,redis-cluster,nats
-cargo build --release -p tower-channels-bench --bins
-target_dir="$(cargo metadata --format-version 1 --no-deps |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-chat="$target_dir/release/examples/chat"
-loadgen="$target_dir/release/loadgen"
+if [[ -z "$chat" || -z "$loadgen" ]]; then
+    cargo build --release --example chat --features redis,redis-cluster,nats
+    cargo build --release -p tower-channels-bench --bins
+    target_dir="$(cargo metadata --format-version 1 --no-deps |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+    chat="${chat:-$target_dir/release/examples/chat}"
+    loadgen="${loadgen:-$target_dir/release/loadgen}"
+fi
 
 work="$(mktemp -d /tmp/tower-channels-scale.XXXXXX)"
 pids=()
@@ -127,9 +135,10 @@ print("\t".join(str(x) for x in [
 EOF
     done
 }
-run redis "$redis_pid" --redis "redis://127.0.0.1:$redis_port"
-run redis-cluster "${cluster_pids[*]}" --redis-cluster "$cluster_urls"
-run nats "$nats_pid" --nats "nats://127.0.0.1:$nats_port"
+wanted() { [[ -z "$only" || "$only" == "$1" ]]; }
+if wanted redis; then run redis "$redis_pid" --redis "redis://127.0.0.1:$redis_port"; fi
+if wanted redis-cluster; then run redis-cluster "${cluster_pids[*]}" --redis-cluster "$cluster_urls"; fi
+if wanted nats; then run nats "$nats_pid" --nats "nats://127.0.0.1:$nats_port"; fi
 
 echo
 echo "fan-out: $subs subscribers over 2 chat processes, $msgs messages back to back; median of $rounds"

@@ -11,7 +11,10 @@ use std::{
 use tokio::io::{AsyncRead, ReadBuf};
 use tungstenite::protocol::frame::FrameHeader;
 
-use crate::engine::wire::{DeflateParams, FrameReader, Inbound, WireError, WireLimits};
+use crate::{
+    engine::wire::{DeflateParams, FrameReader, WireError, WireLimits},
+    message::Message,
+};
 
 /// What the frame reader made of one input.
 #[derive(Debug, Default)]
@@ -130,12 +133,12 @@ pub fn read_frames(input: &[u8]) -> Outcome {
             Poll::Pending => break,
             Poll::Ready(Ok(None)) => break,
             Poll::Ready(Ok(Some(inbound))) => {
-                let close = matches!(inbound, Inbound::Close(_));
+                let close = matches!(inbound, Message::Close(_));
                 out.items.push(match inbound {
-                    Inbound::Text(t) => Item::Text(t.as_bytes().to_vec()),
-                    Inbound::Binary(b) => Item::Binary(b.len()),
-                    Inbound::Ping(_) | Inbound::Pong(_) => Item::Control,
-                    Inbound::Close(f) => Item::Close(f.map(|f| f.code)),
+                    Message::Text(t) => Item::Text(t.as_bytes().to_vec()),
+                    Message::Binary(b) => Item::Binary(b.len()),
+                    Message::Ping(_) | Message::Pong(_) => Item::Control,
+                    Message::Close(f) => Item::Close(f.map(|f| f.code)),
                 });
                 if close {
                     // The engine reads nothing after a close frame.

@@ -39,6 +39,13 @@ struct Entry {
     groups: HashSet<String>,
 }
 
+/// Locks `m`, ignoring poisoning: the channel layers' critical sections
+/// only insert and remove entries, so a panic in one cannot leave the
+/// state inconsistent.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub(crate) fn no_such_channel(channel: &str) -> ChannelLayerError {
     ChannelLayerError::NoSuchChannel {
         channel: channel.to_owned(),
@@ -204,6 +211,15 @@ impl Registry {
         self.read().groups.keys().cloned().collect()
     }
 
+    /// Whether `name` has a live receiver here.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn has_channel(&self, name: &str) -> bool {
+        self.read()
+            .channels
+            .get(name)
+            .is_some_and(|e| !e.sender.is_closed())
+    }
+
     /// Number of local channels with a receiver.
     pub(crate) fn channel_count(&self) -> usize {
         self.read().channels.len()
@@ -278,6 +294,15 @@ impl Counters {
         if n > 0 {
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
+    }
+
+    /// A group send succeeded; `dropped` members (local or named channels)
+    /// did not get it because they were full. Counts it in
+    /// [`stats`](super::ChannelLayer::stats) and in the metrics: the one
+    /// place every layer records a group send.
+    pub(crate) fn group_sent(&self, dropped: usize) {
+        self.group_sends.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::group_sent(dropped);
     }
 
     pub(crate) fn stats(&self) -> ChannelLayerStats {

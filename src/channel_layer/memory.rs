@@ -1,18 +1,19 @@
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use super::local::lock;
 use super::{
     history::policy_for,
     local::{Counters, LocalChannels, Registry},
     names,
     presence::{group_by_user, LocalPresence},
-    validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelLayerStats, ChannelReceiver, Event, GroupSendReport, HistoryPolicy, PresenceChange,
-    PresenceConfig, PresenceInfo, PresenceMember, Recovery, RecoveryFailure, StreamPosition,
-    PRESENCE_JOIN, PRESENCE_LEAVE,
+    validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
+    HistoryPolicy, PresenceChange, PresenceConfig, PresenceInfo, PresenceMember, Recovery,
+    RecoveryFailure, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 
 /// Default number of events a channel holds before sends to it fail
@@ -103,12 +104,6 @@ impl Stream {
     fn latest(&self) -> Option<StreamPosition> {
         (self.top > 0).then(|| StreamPosition::new(self.top, self.epoch.clone()))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections only update maps and queues; poisoning cannot leave
-    // them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Default for InMemoryChannelLayer {
@@ -289,6 +284,13 @@ impl Inner {
 }
 
 impl ChannelLayer for InMemoryChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+            .with(Feature::Presence)
+            .with(Feature::History)
+            .with(Feature::NamedGroupMembers)
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
@@ -361,10 +363,9 @@ impl ChannelLayer for InMemoryChannelLayer {
                     }
                 };
                 let counters = &inner.counters;
-                counters.group_sends.fetch_add(1, Ordering::Relaxed);
                 Counters::add(&counters.delivered, delivered);
                 Counters::add(&counters.dropped_full, dropped);
-                crate::metrics::group_sent(dropped);
+                counters.group_sent(dropped);
                 GroupSendReport {
                     local_members: delivered,
                     remote_receivers: None,

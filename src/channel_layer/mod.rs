@@ -58,11 +58,14 @@
 //! processes gives each operation a timeout; when a send times out (or the
 //! connection breaks mid-command) the broker may still run it afterwards, so
 //! some or all members may get the event later: still at most once each, but
-//! the sender cannot know. On the Redis layer, members in the sending
-//! process get a group send before the broker is asked, so they have it even
-//! when the call fails; the Redis Cluster, NATS and Django core layers hand
-//! it to them after the broker answered, and the Django Pub/Sub layer
-//! through the broker.
+//! the sender cannot know. On the Redis, Redis Cluster and NATS layers,
+//! members in the sending process get a group send before the broker is
+//! asked, so they have it even when the call fails (in Redis groups with
+//! history: as soon as Redis assigned the offset, whatever its Pub/Sub
+//! does); the Django core layer hands it to them after the broker
+//! answered, and the Django Pub/Sub layer through the broker. What each
+//! layer supports is [`ChannelLayer::capabilities`]; the README has a
+//! table per layer.
 //! Handle an error as a service would handle any "maybe" (tell the client it
 //! may retry, keep its socket: see [`consumer`](crate::consumer#when-a-send-fails));
 //! do not resend blindly when duplicates would hurt, or make events
@@ -133,6 +136,7 @@
 //! them sets [`Event::with_position`] on delivered history events and runs
 //! [`run_presence_history`](crate::testing::conformance::run_presence_history) too.
 
+mod capabilities;
 #[cfg(feature = "django")]
 pub mod django;
 mod error;
@@ -140,6 +144,8 @@ mod event;
 mod history;
 mod local;
 mod memory;
+#[cfg(any(test, feature = "nats"))]
+mod mesh;
 mod names;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -148,10 +154,13 @@ mod presence;
 mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+mod sequencer;
 
 use std::{fmt, future::Future, pin::Pin};
 
 pub use self::{
+    capabilities::{Capabilities, Feature},
     error::{BoxError, ChannelLayerError, EventCodecError, InvalidName},
     event::Event,
     history::{
@@ -270,6 +279,18 @@ pub trait ChannelLayer: fmt::Debug + Send + Sync + 'static {
     /// Counters since the layer was created. The default returns zeros.
     fn stats(&self) -> ChannelLayerStats {
         ChannelLayerStats::default()
+    }
+
+    /// The optional [`Feature`]s this layer supports (presence, history,
+    /// named channels as group members, delivery across processes). Check
+    /// them when the application starts, with
+    /// [`Capabilities::require`]: a consumer that calls
+    /// [`presence_join`](Self::presence_join) on a layer without presence
+    /// otherwise fails every connection with
+    /// [`ChannelLayerError::Unsupported`]. The default reports
+    /// [`Capabilities::NONE`].
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
     }
 
     /// Adds `channel` to `group` (as [`group_add`](Self::group_add)) and

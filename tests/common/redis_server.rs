@@ -2,6 +2,7 @@
 //! pause (`SIGSTOP`) and resume (`SIGCONT`).
 
 use std::{
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -10,6 +11,8 @@ use std::{
 pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// With persistence: the directory of its append-only file.
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -28,6 +31,26 @@ impl RedisServer {
         let mut server = RedisServer {
             child: None,
             port: super::layers::free_port(),
+            dir: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Starts a server that writes every command to an append-only file
+    /// before answering (`appendfsync always`), so a restart after
+    /// [`kill`](Self::kill) keeps every write it acknowledged.
+    pub(crate) async fn start_persistent() -> Self {
+        let port = super::layers::free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-channels-redis-{}-{port}",
+            super::layers::unique_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the Redis data directory");
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir: Some(dir),
         };
         server.restart().await;
         server
@@ -41,9 +64,17 @@ impl RedisServer {
     /// Starts the server again (after [`kill`](Self::kill)) on the same port.
     pub(crate) async fn restart(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""]);
+        match &self.dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -88,6 +119,9 @@ impl Drop for RedisServer {
             self.signal("CONT");
         }
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -21,8 +21,9 @@ use super::{
 };
 use crate::channel_layer::{
     local::{LocalChannels, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, GroupSendReport,
+    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, Feature,
+    GroupSendReport,
 };
 
 /// How long one `BZPOPMIN` blocks (channels_redis' `brpop_timeout`).
@@ -435,6 +436,12 @@ impl Popper {
 }
 
 impl ChannelLayer for DjangoChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+            .with(Feature::NamedGroupMembers)
+            .with(Feature::CrossProcess)
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
@@ -630,8 +637,8 @@ impl ChannelLayer for DjangoChannelLayer {
                     pushed += entries.len().saturating_sub(over.len());
                 }
             }
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
             let (delivered, dropped) = inner.fan_out(group, &event);
+            inner.counters.group_sent(dropped + full);
             Ok(GroupSendReport {
                 position: None,
                 local_members: delivered,

@@ -162,6 +162,7 @@ mod conn;
 mod core;
 mod pubsub;
 
+pub(super) use super::local::lock;
 use std::{
     fmt,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -414,12 +415,6 @@ fn escape_glob(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections only insert and remove entries; poisoning cannot
-    // leave them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

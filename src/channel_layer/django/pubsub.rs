@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::{atomic::Ordering, Arc, Mutex, Weak},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -26,8 +26,8 @@ use super::{
 };
 use crate::channel_layer::{
     local::{no_such_channel, LocalChannels, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelLayerStats, ChannelReceiver, Event, GroupSendReport,
+    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -448,6 +448,10 @@ impl Subscriber {
 }
 
 impl ChannelLayer for DjangoPubSubChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE.with(Feature::CrossProcess)
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
@@ -541,7 +545,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
                 .codec
                 .serialize(&Dict::from_event(&event)?, &Target::None)?;
             let receivers = inner.publish(&inner.group_channel(group), payload).await?;
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+            inner.counters.group_sent(0);
             Ok(GroupSendReport {
                 position: None,
                 local_members: 0,

@@ -61,8 +61,12 @@
 //!   ([`group_add`](ChannelLayer::group_add) with a channel made elsewhere)
 //!   is a request to that process, which subscribes before it answers.
 //!
-//! Every message is a MessagePack array `[origin, op, channel, event]`
-//! (`event` in the [channel layer wire format](super#wire-format)).
+//! The protocol is the mesh's, shared with the other layers that span
+//! processes: every message is one MessagePack envelope
+//! `[origin, seq, op]` whose operation carries an event in the [channel
+//! layer wire format](super#wire-format); direct sends and membership
+//! requests use NATS's own request/reply. This module is only the NATS
+//! transport: publish, (queue) subscribe, unsubscribe, request.
 //!
 //! # Faults
 //!
@@ -80,9 +84,12 @@
 //!
 //! # Not yet supported
 //!
+//! [`capabilities`](ChannelLayer::capabilities) reports what is missing,
+//! so an application can refuse to start on this layer:
+//!
 //! * Named (worker) channels as group members: core NATS stores nothing, so
 //!   such a membership needs JetStream; `group_add` of a name without `!`
-//!   fails with a clear error.
+//!   fails with [`ChannelLayerError::Unsupported`].
 //! * Presence and history on JetStream (KV for presence, a stream per
 //!   history group) are not implemented yet.
 //!
@@ -92,29 +99,28 @@
 //! is the NATS maintainers' own Rust client, on tokio, with reconnection,
 //! re-subscription, queue groups, request/reply and JetStream.
 
-mod wire;
-
 pub use async_nats;
 
+use super::local::lock;
 use std::{
     collections::HashMap,
     fmt,
-    sync::{atomic::Ordering, Arc, Weak},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
 use async_nats::{client::RequestErrorKind, connection::State, Client, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
-use self::wire::Envelope;
 use super::{
-    local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
-    names, validate_channel_name, validate_group_name, BoxError, BoxFuture, ChannelLayer,
-    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, GroupSendReport,
-    TrySendError, DEFAULT_CAPACITY,
+    local::Counters,
+    mesh::{Inbox, Incoming, MeshConfig, MeshLayer, Transport, TransportError},
+    BoxError, BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver,
+    Event, GroupSendReport, DEFAULT_CAPACITY,
 };
+use crate::channel_layer::Capabilities;
 
 /// The default subject prefix.
 pub const DEFAULT_PREFIX: &str = "tower-channels";
@@ -238,28 +244,20 @@ impl NatsChannelLayerBuilder {
                 )
             }
         };
-
-        let process = format!("specific.{}", names::random_token(12));
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            proc_subject: format!("{}.proc.{process}", self.prefix),
+        let (inbox, messages) = Inbox::new();
+        let transport = NatsTransport {
+            client,
+            inbox,
+            timeout: self.timeout,
+            subscriptions: Mutex::default(),
+        };
+        let config = MeshConfig {
             prefix: self.prefix,
             capacity: self.capacity,
             timeout: self.timeout,
-            client,
-            registry: Registry::new(process),
-            groups: tokio::sync::Mutex::default(),
-            commands,
-            counters,
-        });
-        let sub = inner.subscribe(inner.proc_subject.clone(), None).await?;
-        let weak = Arc::downgrade(&inner);
-        let proc_task = tokio::spawn(process_loop(weak.clone(), sub));
-        tokio::spawn(sync_loop(weak, commands_rx));
-        Ok(NatsChannelLayer {
-            inner,
-            _proc_task: Arc::new(AbortOnDrop(proc_task)),
-        })
+        };
+        let mesh = MeshLayer::start(transport, messages, config, counters).await?;
+        Ok(NatsChannelLayer { mesh })
     }
 }
 
@@ -269,16 +267,15 @@ impl NatsChannelLayerBuilder {
 /// the same "process"). Dropping the last clone unsubscribes everything.
 #[derive(Clone)]
 pub struct NatsChannelLayer {
-    inner: Arc<Inner>,
-    _proc_task: Arc<AbortOnDrop>,
+    mesh: MeshLayer<NatsTransport>,
 }
 
 impl fmt::Debug for NatsChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsChannelLayer")
-            .field("prefix", &self.inner.prefix)
-            .field("process", &self.inner.process())
-            .field("capacity", &self.inner.capacity)
+            .field("prefix", &self.prefix())
+            .field("process", &self.process_name())
+            .field("capacity", &self.capacity())
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
@@ -304,46 +301,37 @@ impl NatsChannelLayer {
 
     /// The subject prefix.
     pub fn prefix(&self) -> &str {
-        &self.inner.prefix
+        &self.mesh.config().prefix
     }
 
     /// This instance's process name, `specific.<token>`.
     pub fn process_name(&self) -> &str {
-        self.inner.process()
+        self.mesh.process_name()
     }
 
     /// Events a channel holds.
     pub fn capacity(&self) -> usize {
-        self.inner.capacity
+        self.mesh.config().capacity
     }
 
     /// Whether the NATS connection is up (false while reconnecting).
     pub fn is_connected(&self) -> bool {
-        self.inner.client.connection_state() == State::Connected
+        self.mesh.transport().client.connection_state() == State::Connected
     }
 
     /// The subject that carries `group`.
     pub fn group_subject(&self, group: &str) -> String {
-        self.inner.group_subject(group)
+        format!("{}.group.{group}", self.prefix())
     }
 
     /// Number of this process's channels in `group`.
     pub fn local_group_len(&self, group: &str) -> usize {
-        self.inner.registry.group_len(group)
+        self.mesh.local_group_len(group)
     }
 
     /// Number of this process's channels that have a receiver.
     pub fn channel_count(&self) -> usize {
-        self.inner.registry.channel_count()
-    }
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+        self.mesh.channel_count()
     }
 }
 
@@ -364,364 +352,174 @@ impl From<NatsError> for ChannelLayerError {
     }
 }
 
-enum SyncCommand {
-    /// Make the subscription of a group match local membership.
-    Group(String),
-}
-
-struct Inner {
-    prefix: String,
-    /// `{prefix}.proc.{process}`.
-    proc_subject: String,
-    capacity: usize,
-    timeout: Duration,
+/// The NATS transport of the mesh: one client; each subscription is a task
+/// that forwards its messages to the mesh's inbox (dropping the task
+/// unsubscribes).
+struct NatsTransport {
     client: Client,
-    /// This process's channels; its process name is `specific.<token>`.
-    registry: Registry,
-    /// The subscription task of each group with local members.
-    groups: tokio::sync::Mutex<HashMap<String, AbortOnDrop>>,
-    commands: mpsc::UnboundedSender<SyncCommand>,
-    counters: Arc<Counters>,
+    inbox: Inbox,
+    timeout: Duration,
+    subscriptions: Mutex<HashMap<String, AbortOnDrop>>,
 }
 
-impl fmt::Debug for Inner {
+impl fmt::Debug for NatsTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Inner")
-            .field("prefix", &self.prefix)
-            .field("head", &self.process())
+        f.debug_struct("NatsTransport")
+            .field("state", &self.client.connection_state())
             .finish_non_exhaustive()
     }
 }
 
-/// What a process answers to a request.
-const REPLY_OK: u8 = 0;
-const REPLY_NO_SUCH_CHANNEL: u8 = 1;
-const REPLY_FULL: u8 = 2;
-const REPLY_FAILED: u8 = 3;
+struct AbortOnDrop(JoinHandle<()>);
 
-impl LocalChannels for Inner {
-    fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
-    /// Has the sync task unsubscribe from the groups left without a local member.
-    fn forgotten(self: &Arc<Self>, _channel: &str, emptied: Vec<String>) {
-        for group in emptied {
-            let _ = self.commands.send(SyncCommand::Group(group));
-        }
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
-impl Inner {
-    fn group_subject(&self, group: &str) -> String {
-        format!("{}.group.{group}", self.prefix)
-    }
+fn failed(what: &str, e: impl Into<BoxError>) -> TransportError {
+    TransportError::Failed(NatsError::Nats(what.to_owned(), e.into()).into())
+}
 
-    fn worker_subject(&self, channel: &str) -> String {
-        format!("{}.channel.{channel}", self.prefix)
-    }
-
-    fn proc_subject_of(&self, process: &str) -> String {
-        format!("{}.proc.{process}", self.prefix)
-    }
-
-    fn check_connected(&self) -> Result<(), ChannelLayerError> {
+impl NatsTransport {
+    /// Operations fail at once while the client is reconnecting (NATS
+    /// would buffer them): not sent, so the mesh tries once more.
+    fn check_connected(&self) -> Result<(), TransportError> {
         match self.client.connection_state() {
             State::Connected => Ok(()),
-            _ => Err(NatsError::Other("not connected to NATS (reconnecting)".into()).into()),
+            _ => Err(TransportError::NotSent(
+                NatsError::Other("not connected to NATS (reconnecting)".into()).into(),
+            )),
         }
     }
 
     /// Subscribes and waits until the server has the subscription.
-    async fn subscribe(
+    async fn subscribe_confirmed(
         &self,
-        subject: String,
-        queue: Option<&str>,
-    ) -> Result<Subscriber, ChannelLayerError> {
+        subject: &str,
+        queue: bool,
+    ) -> Result<Subscriber, TransportError> {
         self.check_connected()?;
         let what = format!("subscribing to {subject:?}");
-        let subscribe = async {
-            let sub = match queue {
-                Some(q) => {
-                    self.client
-                        .queue_subscribe(subject.clone(), q.to_owned())
-                        .await
-                }
-                None => self.client.subscribe(subject.clone()).await,
-            }
-            .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
-            // `flush` only writes the SUB out. The server handles one
-            // connection's commands in order, so once a message published
-            // after it comes back on a probe subscription of this connection,
-            // the SUB is in place and other processes' requests reach it.
-            let probe_subject = self.client.new_inbox();
-            let mut probe = self
-                .client
-                .subscribe(probe_subject.clone())
-                .await
-                .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
+        let sub = if queue {
             self.client
-                .publish(probe_subject, Bytes::new())
+                .queue_subscribe(subject.to_owned(), QUEUE_GROUP.to_owned())
                 .await
-                .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
-            self.client
-                .flush()
-                .await
-                .map_err(|e| NatsError::Nats(what.clone(), e.into()))?;
-            if probe.next().await.is_none() {
-                return Err(NatsError::Other(format!("{what}: the connection closed")));
-            }
-            Ok::<_, NatsError>(sub)
-        };
-        match tokio::time::timeout(self.timeout, subscribe).await {
-            Ok(r) => r.map_err(Into::into),
-            Err(_) => Err(NatsError::Timeout(what, self.timeout).into()),
-        }
-    }
-
-    async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<(), ChannelLayerError> {
-        self.check_connected()?;
-        let what = format!("publishing to {subject:?}");
-        match tokio::time::timeout(self.timeout, self.client.publish(subject, payload.into())).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(NatsError::Nats(what, e.into()).into()),
-            Err(_) => Err(NatsError::Timeout(what, self.timeout).into()),
-        }
-    }
-
-    /// A request answered with one status byte; `None` when nobody listens.
-    async fn request(
-        &self,
-        subject: String,
-        payload: Vec<u8>,
-    ) -> Result<Option<u8>, ChannelLayerError> {
-        self.check_connected()?;
-        let what = format!("request to {subject:?}");
-        match tokio::time::timeout(self.timeout, self.client.request(subject, payload.into())).await
-        {
-            Ok(Ok(reply)) => Ok(Some(reply.payload.first().copied().unwrap_or(REPLY_FAILED))),
-            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(None),
-            Ok(Err(e)) if e.kind() == RequestErrorKind::TimedOut => {
-                Err(NatsError::Timeout(what, self.timeout).into())
-            }
-            Ok(Err(e)) => Err(NatsError::Nats(what, e.into()).into()),
-            Err(_) => Err(NatsError::Timeout(what, self.timeout).into()),
-        }
-    }
-
-    /// Subscribes to `group` if it has local members and is not subscribed,
-    /// unsubscribes if it has none.
-    async fn sync_group(self: &Arc<Self>, group: &str) -> Result<(), ChannelLayerError> {
-        let mut groups = self.groups.lock().await;
-        let wanted = self.registry.group_len(group) > 0;
-        match (wanted, groups.contains_key(group)) {
-            (true, false) => {
-                let sub = self
-                    .subscribe(self.group_subject(group), None)
-                    .await
-                    .map_err(|e| {
-                        NatsError::Nats(format!("joining group {group:?}"), Box::new(e))
-                    })?;
-                let task = tokio::spawn(group_loop(Arc::downgrade(self), group.to_owned(), sub));
-                groups.insert(group.to_owned(), AbortOnDrop(task));
-            }
-            // Dropping the task drops its subscriber, which unsubscribes.
-            (false, true) => drop(groups.remove(group)),
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// An event or request on this process's subject.
-    async fn on_process_message(self: &Arc<Self>, msg: async_nats::Message) {
-        let status = match Envelope::from_bytes(&msg.payload) {
-            Err(e) => {
-                tracing::warn!("dropping a NATS message: {e}");
-                Counters::add(&self.counters.dropped_other, 1);
-                REPLY_FAILED
-            }
-            Ok(env) => match env.op {
-                wire::OP_CHANNEL_EVENT => match env.decode_event() {
-                    Ok(event) => match self.registry.send(env.channel, event) {
-                        Ok(()) => REPLY_OK,
-                        Err(e) if e.is_channel_full() => REPLY_FULL,
-                        Err(_) => REPLY_NO_SUCH_CHANNEL,
-                    },
-                    Err(e) => {
-                        tracing::warn!(channel = env.channel, "dropping an event: {e}");
-                        Counters::add(&self.counters.dropped_other, 1);
-                        REPLY_FAILED
-                    }
-                },
-                wire::OP_GROUP_ADD | wire::OP_GROUP_DISCARD => {
-                    if validate_group_name(env.group).is_err()
-                        || !self.registry.is_local(env.channel)
-                    {
-                        REPLY_NO_SUCH_CHANNEL
-                    } else if env.op == wire::OP_GROUP_ADD {
-                        match self.registry.group_add(env.group, env.channel) {
-                            Err(_) => REPLY_NO_SUCH_CHANNEL,
-                            Ok(()) => match self.sync_group(env.group).await {
-                                Ok(()) => REPLY_OK,
-                                Err(_) => REPLY_FAILED,
-                            },
-                        }
-                    } else {
-                        self.registry.group_discard(env.group, env.channel);
-                        match self.sync_group(env.group).await {
-                            Ok(()) => REPLY_OK,
-                            Err(_) => REPLY_FAILED,
-                        }
-                    }
-                }
-                _ => {
-                    Counters::add(&self.counters.dropped_other, 1);
-                    REPLY_FAILED
-                }
-            },
-        };
-        self.reply(msg.reply, status).await;
-    }
-
-    async fn reply(&self, to: Option<async_nats::Subject>, status: u8) {
-        if let Some(to) = to {
-            let sent = tokio::time::timeout(
-                self.timeout,
-                self.client.publish(to, Bytes::copy_from_slice(&[status])),
-            )
-            .await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::debug!("could not answer a NATS request");
-            }
-        }
-    }
-}
-
-/// Receives this process's subject; requests that change membership run
-/// in their own task so they do not hold up events.
-async fn process_loop(inner: Weak<Inner>, mut sub: Subscriber) {
-    while let Some(msg) = sub.next().await {
-        let Some(inner) = inner.upgrade() else { return };
-        let is_membership = Envelope::from_bytes(&msg.payload)
-            .is_ok_and(|env| matches!(env.op, wire::OP_GROUP_ADD | wire::OP_GROUP_DISCARD));
-        if is_membership {
-            tokio::spawn(async move { inner.on_process_message(msg).await });
         } else {
-            inner.on_process_message(msg).await;
+            self.client.subscribe(subject.to_owned()).await
         }
+        .map_err(|e| failed(&what, e))?;
+        // `flush` only writes the SUB out. The server handles one
+        // connection's commands in order, so once a message published
+        // after it comes back on a probe subscription of this connection,
+        // the SUB is in place and other processes' requests reach it.
+        let probe_subject = self.client.new_inbox();
+        let mut probe = self
+            .client
+            .subscribe(probe_subject.clone())
+            .await
+            .map_err(|e| failed(&what, e))?;
+        self.client
+            .publish(probe_subject, Bytes::new())
+            .await
+            .map_err(|e| failed(&what, e))?;
+        self.client.flush().await.map_err(|e| failed(&what, e))?;
+        if probe.next().await.is_none() {
+            return Err(failed(&what, "the connection closed"));
+        }
+        Ok(sub)
     }
 }
 
-/// Receives one group's subject and fans out to its local members.
-async fn group_loop(inner: Weak<Inner>, group: String, mut sub: Subscriber) {
+/// Forwards one subscription's messages to the mesh.
+async fn forward(subject: String, mut sub: Subscriber, inbox: Inbox) {
     while let Some(msg) = sub.next().await {
-        let Some(inner) = inner.upgrade() else { return };
-        match Envelope::from_bytes(&msg.payload) {
-            Ok(env) if env.op == wire::OP_GROUP_EVENT => {
-                // Our own group sends were delivered by `group_send`.
-                if env.origin == inner.process() {
-                    continue;
-                }
-                match env.decode_event() {
-                    Ok(event) => {
-                        inner.fan_out(&group, &event);
-                    }
-                    Err(e) => {
-                        tracing::warn!(group, "dropping a group event: {e}");
-                        Counters::add(&inner.counters.dropped_other, 1);
-                    }
-                }
-            }
-            Ok(_) => Counters::add(&inner.counters.dropped_other, 1),
-            Err(e) => {
-                tracing::warn!(group, "dropping a NATS message: {e}");
-                Counters::add(&inner.counters.dropped_other, 1);
-            }
-        }
-    }
-}
-
-/// Unsubscribes groups whose last member's receiver was dropped.
-async fn sync_loop(inner: Weak<Inner>, mut commands: mpsc::UnboundedReceiver<SyncCommand>) {
-    while let Some(SyncCommand::Group(group)) = commands.recv().await {
-        let Some(inner) = inner.upgrade() else { return };
-        if let Err(e) = inner.sync_group(&group).await {
-            tracing::warn!(group, "{e}");
-        }
-    }
-}
-
-/// Receives a worker channel through a queue-group subscription.
-async fn worker_loop(sender: ChannelSender, inner: Weak<Inner>, mut sub: Subscriber) {
-    while let Some(msg) = sub.next().await {
-        let Some(inner) = inner.upgrade() else { return };
-        let status = match Envelope::from_bytes(&msg.payload).and_then(|env| env.decode_event()) {
-            Ok(event) => match sender.try_send(event) {
-                Ok(()) => REPLY_OK,
-                Err(TrySendError::Full(_)) => REPLY_FULL,
-                Err(_) => {
-                    // The receiver is gone: let NATS pick another one next time.
-                    inner.reply(msg.reply, REPLY_NO_SUCH_CHANNEL).await;
-                    return;
-                }
-            },
-            Err(e) => {
-                tracing::warn!(channel = sender.name(), "dropping an event: {e}");
-                Counters::add(&inner.counters.dropped_other, 1);
-                REPLY_FAILED
-            }
+        let message = Incoming {
+            subject: subject.clone(),
+            reply_to: msg.reply.map(|r| r.to_string()),
+            payload: msg.payload,
         };
-        inner.reply(msg.reply, status).await;
+        if !inbox.send(message).await {
+            return;
+        }
     }
 }
 
-fn request_outcome(channel: &str, status: Option<u8>) -> Result<(), ChannelLayerError> {
-    match status {
-        Some(REPLY_OK) => Ok(()),
-        Some(REPLY_FULL) => Err(ChannelLayerError::ChannelFull {
-            channel: channel.to_owned(),
-        }),
-        None | Some(REPLY_NO_SUCH_CHANNEL) => Err(no_such_channel(channel)),
-        Some(_) => Err(NatsError::Other(format!(
-            "the receiver of {channel:?} could not take the event"
-        ))
-        .into()),
+impl Transport for NatsTransport {
+    fn publish<'a>(
+        &'a self,
+        subject: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<Option<usize>, TransportError>> {
+        Box::pin(async move {
+            self.check_connected()?;
+            self.client
+                .publish(subject.to_owned(), payload)
+                .await
+                .map_err(|e| failed(&format!("publishing to {subject:?}"), e))?;
+            // NATS does not tell how many subscribers got it.
+            Ok(None)
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        subject: &'a str,
+        queue: bool,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let sub = self.subscribe_confirmed(subject, queue).await?;
+            let task = tokio::spawn(forward(subject.to_owned(), sub, self.inbox.clone()));
+            lock(&self.subscriptions).insert(subject.to_owned(), AbortOnDrop(task));
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<(), TransportError>> {
+        // Dropping the task drops its subscriber, which unsubscribes.
+        drop(lock(&self.subscriptions).remove(subject));
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn has_request(&self) -> bool {
+        true
+    }
+
+    fn request<'a>(
+        &'a self,
+        subject: &'a str,
+        payload: Bytes,
+    ) -> Option<BoxFuture<'a, Result<Option<Bytes>, TransportError>>> {
+        Some(Box::pin(async move {
+            self.check_connected()?;
+            let what = format!("request to {subject:?}");
+            match self.client.request(subject.to_owned(), payload).await {
+                Ok(reply) => Ok(Some(reply.payload)),
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(None),
+                Err(e) if e.kind() == RequestErrorKind::TimedOut => Err(TransportError::Failed(
+                    NatsError::Timeout(what, self.timeout).into(),
+                )),
+                Err(e) => Err(failed(&what, e)),
+            }
+        }))
     }
 }
 
 impl ChannelLayer for NatsChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        self.mesh.capabilities()
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        Box::pin(std::future::ready(self.inner.new_process_channel()))
+        self.mesh.new_channel()
     }
 
     fn receive<'a>(
         &'a self,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
-        Box::pin(async move {
-            let inner = &self.inner;
-            if let Some(rx) = inner.receive_local(channel, |e| NatsError::Other(e).into())? {
-                return Ok(rx);
-            }
-            // A worker channel: the queue subscription is in place (the
-            // probe came back) before the receiver is handed out.
-            let sub = inner
-                .subscribe(inner.worker_subject(channel), Some(QUEUE_GROUP))
-                .await?;
-            let (tx, rx) = super::channel(channel, inner.capacity);
-            let task = AbortOnDrop(tokio::spawn(worker_loop(tx, Arc::downgrade(inner), sub)));
-            // Dropping the receiver ends the subscription.
-            Ok(rx.on_drop(move || drop(task)))
-        })
+        self.mesh.receive(channel)
     }
 
     fn send<'a>(
@@ -729,19 +527,7 @@ impl ChannelLayer for NatsChannelLayer {
         channel: &'a str,
         event: Event,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        Box::pin(async move {
-            validate_channel_name(channel)?;
-            let inner = &self.inner;
-            let subject = match inner.registry.owner(channel) {
-                Owner::Local => return inner.registry.send(channel, event),
-                Owner::Process(process) => inner.proc_subject_of(process),
-                Owner::Named => inner.worker_subject(channel),
-            };
-            let payload =
-                wire::event_envelope(inner.process(), wire::OP_CHANNEL_EVENT, "", channel, &event)?;
-            let status = inner.request(subject, payload).await?;
-            request_outcome(channel, status)
-        })
+        self.mesh.send(channel, event)
     }
 
     fn group_add<'a>(
@@ -749,31 +535,7 @@ impl ChannelLayer for NatsChannelLayer {
         group: &'a str,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            validate_channel_name(channel)?;
-            let inner = &self.inner;
-            match inner.registry.owner(channel) {
-                Owner::Local => {
-                    inner.registry.group_add(group, channel)?;
-                    inner.sync_group(group).await
-                }
-                Owner::Process(process) => {
-                    let payload =
-                        Envelope::control(inner.process(), wire::OP_GROUP_ADD, group, channel)
-                            .to_bytes()?;
-                    let status = inner
-                        .request(inner.proc_subject_of(process), payload)
-                        .await?;
-                    request_outcome(channel, status)
-                }
-                Owner::Named => Err(NatsError::Other(format!(
-                    "cannot add the named channel {channel:?} to group {group:?}: the NATS layer \
-                     does not support named channels in groups yet (it needs JetStream)"
-                ))
-                .into()),
-            }
-        })
+        self.mesh.group_add(group, channel)
     }
 
     fn group_discard<'a>(
@@ -781,35 +543,7 @@ impl ChannelLayer for NatsChannelLayer {
         group: &'a str,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            validate_channel_name(channel)?;
-            let inner = &self.inner;
-            match inner.registry.owner(channel) {
-                Owner::Local => {
-                    inner.registry.group_discard(group, channel);
-                    inner.sync_group(group).await
-                }
-                Owner::Process(process) => {
-                    let payload =
-                        Envelope::control(inner.process(), wire::OP_GROUP_DISCARD, group, channel)
-                            .to_bytes()?;
-                    match inner
-                        .request(inner.proc_subject_of(process), payload)
-                        .await?
-                    {
-                        // Gone with its process, or not there: not a member either way.
-                        None | Some(REPLY_OK | REPLY_NO_SUCH_CHANNEL) => Ok(()),
-                        Some(_) => Err(NatsError::Other(format!(
-                            "process {process:?} could not update group {group:?}"
-                        ))
-                        .into()),
-                    }
-                }
-                // Named channels are never members (see group_add).
-                Owner::Named => Ok(()),
-            }
-        })
+        self.mesh.group_discard(group, channel)
     }
 
     fn group_send<'a>(
@@ -817,34 +551,15 @@ impl ChannelLayer for NatsChannelLayer {
         group: &'a str,
         event: Event,
     ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            let inner = &self.inner;
-            let payload =
-                wire::event_envelope(inner.process(), wire::OP_GROUP_EVENT, group, "", &event)?;
-            inner.publish(inner.group_subject(group), payload).await?;
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-            let (delivered, dropped) = inner.fan_out(group, &event);
-            Ok(GroupSendReport {
-                position: None,
-                local_members: delivered,
-                remote_receivers: None,
-                dropped,
-            })
-        })
+        self.mesh.group_send(group, event)
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
-        Box::pin(async move {
-            // Nothing is stored in NATS: dropping local state is the flush.
-            self.inner.registry.clear();
-            self.inner.groups.lock().await.clear();
-            Ok(())
-        })
+        self.mesh.flush()
     }
 
     fn stats(&self) -> ChannelLayerStats {
-        self.inner.counters.stats()
+        self.mesh.stats()
     }
 }
 
@@ -873,21 +588,5 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
-    }
-
-    #[test]
-    fn outcomes() {
-        assert!(request_outcome("c", Some(REPLY_OK)).is_ok());
-        assert!(request_outcome("c", Some(REPLY_FULL))
-            .unwrap_err()
-            .is_channel_full());
-        assert!(matches!(
-            request_outcome("c", None),
-            Err(ChannelLayerError::NoSuchChannel { .. })
-        ));
-        assert!(matches!(
-            request_outcome("c", Some(REPLY_FAILED)),
-            Err(ChannelLayerError::Backend(_))
-        ));
     }
 }

@@ -2,11 +2,11 @@
 //! by the same script that publishes the event (see the module docs'
 //! "History and recovery").
 
-use std::{collections::HashMap, sync::atomic::Ordering};
-
 use super::{lock, names, unix_now, wire, BackendError, Counters, Inner, LocalChannels, LuaScript};
 use crate::channel_layer::{
-    ChannelLayerError, Event, GroupSendReport, HistoryPolicy, Recovery, RecoveryFailure,
+    history::policy_for,
+    sequencer::{Base, SequencerHost},
+    BoxFuture, ChannelLayerError, Event, GroupSendReport, HistoryPolicy, Recovery, RecoveryFailure,
     StreamPosition,
 };
 
@@ -87,62 +87,60 @@ impl Scripts {
     }
 }
 
-/// The last offset this process received per history group, to notice
-/// events lost while its Pub/Sub connection was down (Redis restarted, the
-/// network broke, the process was too slow and Redis dropped it).
-#[derive(Debug, Default)]
-pub(super) struct Continuity {
-    last: HashMap<String, StreamPosition>,
-}
-
-impl Continuity {
-    /// Records that `position` arrived for `group`; returns the last
-    /// position before it when events in between were missed.
-    pub(super) fn observe(
-        &mut self,
-        group: &str,
-        position: &StreamPosition,
-    ) -> Option<StreamPosition> {
-        let previous = self.last.insert(group.to_owned(), position.clone())?;
-        (previous.epoch() == position.epoch() && position.offset() > previous.offset() + 1)
-            .then_some(previous)
+impl SequencerHost for Inner {
+    fn read_history<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        Box::pin(self.recover(group, since))
     }
 
-    /// Keeps only the groups for which `keep` holds (those still subscribed).
-    pub(super) fn retain(&mut self, keep: impl Fn(&str) -> bool) {
-        self.last.retain(|group, _| keep(group));
+    fn deliver(&self, group: &str, event: &Event) {
+        self.fan_out(group, event);
+    }
+
+    fn lost(&self, group: &str, count: Option<u64>, why: &str) {
+        let count = count.unwrap_or(1);
+        Counters::add(
+            &self.counters.dropped_other,
+            usize::try_from(count).unwrap_or(usize::MAX),
+        );
+        tracing::warn!(
+            group,
+            lost = count,
+            "history events missed here cannot be delivered: {why}"
+        );
     }
 }
 
 impl Inner {
-    /// Events of `group` after `since` and before `until` were missed:
-    /// hands them to the local members from the history, in order.
-    pub(super) async fn fill_gap(&self, group: &str, since: &StreamPosition, until: u64) {
-        match self.recover(group, since).await {
-            Ok(recovery) if recovery.is_recovered() => {
-                let missed = recovery
-                    .into_events()
-                    .into_iter()
-                    .filter(|e| e.position().is_some_and(|p| p.offset() < until));
-                for event in missed {
-                    self.fan_out(group, &event);
+    /// Follows the history groups among `groups` not followed yet, from
+    /// the group's current position (read before subscribing, so what is
+    /// published in between is read from the stream, not missed).
+    pub(super) async fn follow_history(&self, groups: &[String]) {
+        for group in groups {
+            if policy_for(&self.config.history, group).is_none() || self.sequencer.follows(group) {
+                continue;
+            }
+            let base = match self
+                .query::<(Option<String>, Option<u64>)>(
+                    "HMGET",
+                    redis::cmd("HMGET")
+                        .arg(self.meta_key(group))
+                        .arg("epoch")
+                        .arg("top"),
+                )
+                .await
+            {
+                Ok((Some(epoch), Some(top))) => Base::At(StreamPosition::new(top, epoch)),
+                Ok(_) => Base::Empty,
+                Err(e) => {
+                    tracing::debug!(group, "reading the history position failed: {e}");
+                    Base::Unknown
                 }
-            }
-            Ok(recovery) => {
-                let lost = (until - since.offset() - 1) as usize;
-                Counters::add(&self.counters.dropped_other, lost);
-                tracing::warn!(
-                    group,
-                    lost,
-                    "events missed while disconnected cannot be recovered: {}",
-                    recovery
-                        .failure()
-                        .map_or_else(String::new, |f| f.to_string())
-                );
-            }
-            Err(e) => {
-                tracing::warn!(group, "recovering events missed while disconnected: {e}");
-            }
+            };
+            self.sequencer.start(group, base);
         }
     }
 
@@ -155,8 +153,9 @@ impl Inner {
     }
 
     /// A group send to a group with history. Local members get the event
-    /// through Redis like everyone else, so every member sees offsets in
-    /// the order the script assigned them.
+    /// once the script answered with its offset, through the sequencer,
+    /// which keeps them in offset order with other senders' events and
+    /// drops the copy Pub/Sub brings back.
     pub(super) async fn group_send_with_history(
         &self,
         group: &str,
@@ -190,13 +189,18 @@ impl Inner {
                     .arg(names::random_token(10));
             })
             .await?;
-        self.counters.group_sends.fetch_add(1, Ordering::Relaxed);
+        self.counters.group_sent(full);
         let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        let position = StreamPosition::new(offset, epoch);
+        if local_members > 0 {
+            let event = event.clone().with_position(position.clone());
+            self.sequencer.offer(self, group, event).await;
+        }
         Ok(GroupSendReport {
             local_members,
             remote_receivers: Some(receivers.saturating_sub(own) + pushed),
             dropped: full,
-            position: Some(StreamPosition::new(offset, epoch)),
+            position: Some(position),
         })
     }
 
@@ -258,18 +262,6 @@ fn parse_recovery(reply: &[Vec<u8>]) -> Option<Recovery> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn continuity_notices_gaps() {
-        let mut c = Continuity::default();
-        let at = |o| StreamPosition::new(o, "e");
-        assert_eq!(c.observe("g", &at(1)), None);
-        assert_eq!(c.observe("g", &at(2)), None);
-        assert_eq!(c.observe("g", &at(5)), Some(at(2)));
-        assert_eq!(c.observe("g", &StreamPosition::new(1, "f")), None);
-        c.retain(|g| g != "g");
-        assert_eq!(c.observe("g", &at(9)), None);
-    }
 
     #[test]
     fn recovery_replies() {

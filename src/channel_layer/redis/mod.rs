@@ -121,12 +121,31 @@
 //! persistence) the next send starts a new random epoch at offset 1, so
 //! old positions fail to recover with
 //! [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)
-//! instead of silently skipping events. The sending process's own members
-//! get history events back through Pub/Sub like everyone else's, so every
-//! member sees them in offset order. When the offsets received jump (the
-//! Pub/Sub connection was down, or Redis dropped a slow subscriber), the
-//! process reads the missed events from the stream and delivers them first.
+//! instead of silently skipping events.
+//!
+//! Each process delivers a group's history events to its members in
+//! offset order, each once, whichever way they arrive: the sending
+//! process hands the event to its own members as soon as the script
+//! answered with the offset (it does not depend on its own Pub/Sub copy,
+//! which it then drops as a repeat), other processes get it through
+//! Pub/Sub. When the offsets a process sees jump (another sender's event is
+//! still on its way, the Pub/Sub connection was down, Redis dropped a slow
+//! subscriber), it holds the later event back and reads the missing ones
+//! from the stream first. When the epoch changes (Redis restarted without
+//! persistence, the history expired), it reads the new epoch from its
+//! first offset, so events published before it subscribed again are not
+//! lost; and right after re-subscribing it reads what every history group
+//! missed without waiting for the next event. When a process subscribes to
+//! a history group it first reads the group's position (one `HMGET`), so
+//! events sent while it subscribes are read, not missed.
 //! [`recover`](ChannelLayer::recover) reads the stream in one script.
+//!
+//! What this cannot give back: an event Redis acknowledged to its sender
+//! but had not yet written to another process's Pub/Sub connection when it
+//! died, on a Redis without persistence (the stream went with it). The
+//! sender's own members have it; with `appendonly yes` and `appendfsync
+//! always` the other processes read it back after the restart too
+//! (`tests/redis_faults.rs` tests both).
 //!
 //! # Delivery semantics
 //!
@@ -181,7 +200,9 @@
 //! [`ConnectionManager`], and worker receivers by their own loop.
 //!
 //! While Redis is unreachable a group send fails (its members in this
-//! process still get the event), and so does a direct send to another
+//! process still get the event, except in history groups: there the offset
+//! comes from Redis, so nobody gets an event whose send failed before
+//! Redis assigned one), and so does a direct send to another
 //! process or a named channel; sends to channels of the same instance keep
 //! working. A [`group_add`](ChannelLayer::group_add) of a local channel
 //! waits, within the timeout, for the Pub/Sub connection to come back (it
@@ -232,12 +253,13 @@ mod worker;
 #[cfg(feature = "redis-cluster")]
 pub use self::cluster::{RedisClusterChannelLayer, RedisClusterChannelLayerBuilder};
 
+pub(super) use super::local::lock;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -257,9 +279,11 @@ use super::{
     local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
     names,
     presence::LocalPresence,
-    validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelLayerStats, ChannelReceiver, ChannelSender, Event, GroupSendReport, HistoryPolicy,
-    PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition, DEFAULT_CAPACITY,
+    sequencer::Sequencer,
+    validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, Feature,
+    GroupSendReport, HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery,
+    StreamPosition, DEFAULT_CAPACITY,
 };
 
 /// The default key prefix.
@@ -435,7 +459,7 @@ impl RedisChannelLayerBuilder {
             history_scripts: history::Scripts::new(),
             presence_scripts: presence::Scripts::new(),
             presence: Mutex::default(),
-            continuity: Mutex::default(),
+            sequencer: Sequencer::default(),
             config,
             proc_channel,
             client,
@@ -599,8 +623,9 @@ struct Inner {
     presence_scripts: presence::Scripts,
     /// Presence entries of this process's channels, refreshed in Redis.
     presence: Mutex<LocalPresence>,
-    /// Last offset received per history group; written by the subscriber task.
-    continuity: Mutex<history::Continuity>,
+    /// Delivers history events to local members in offset order, once
+    /// (own sends, Pub/Sub, and reads of what was missed).
+    sequencer: Sequencer,
     next_request: AtomicU64,
     /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
@@ -637,12 +662,6 @@ impl From<BackendError> for ChannelLayerError {
     fn from(e: BackendError) -> Self {
         ChannelLayerError::backend(e)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections only insert and remove entries; poisoning cannot
-    // leave them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unix_now() -> u64 {
@@ -815,8 +834,7 @@ impl Inner {
                     .arg(&self.config.list_prefix);
             })
             .await?;
-        self.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::group_sent(dropped + full);
+        self.counters.group_sent(dropped + full);
         let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
         Ok(GroupSendReport {
             local_members: delivered,
@@ -976,6 +994,14 @@ fn escape_glob(s: &str) -> String {
 }
 
 impl ChannelLayer for RedisChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+            .with(Feature::Presence)
+            .with(Feature::History)
+            .with(Feature::NamedGroupMembers)
+            .with(Feature::CrossProcess)
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(std::future::ready(self.inner.new_process_channel()))
     }

@@ -63,13 +63,14 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
     // Membership may change while we subscribe; the commands queued for
     // those changes reconcile afterwards.
     let groups: Vec<String> = inner.registry.group_names();
+    inner.follow_history(&groups).await;
     for chunk in groups.chunks(CHUNK) {
         let channels = chunk.iter().map(|g| inner.config.group_key(g)).collect();
         subscribe(&mut sink, channels, timeout).await?;
     }
     *lock(&inner.subscribed) = groups.into_iter().collect();
     let subscribed = lock(&inner.subscribed);
-    lock(&inner.continuity).retain(|g| subscribed.contains(g));
+    inner.sequencer.retain(|g| subscribed.contains(g));
     drop(subscribed);
     Ok(PubSub { sink, stream })
 }
@@ -174,6 +175,15 @@ impl Subscriber {
         match open(&inner).await {
             Ok(conn) => {
                 tracing::info!(process = %inner.process(), "reconnected to Redis Pub/Sub and re-subscribed");
+                // Read back what the history groups missed meanwhile, in a
+                // task: messages keep flowing, each group's sequencer
+                // keeps the order.
+                let catch_up = inner.clone();
+                tokio::spawn(async move {
+                    for group in catch_up.sequencer.groups() {
+                        catch_up.sequencer.catch_up(&*catch_up, &group).await;
+                    }
+                });
                 self.conn = Some(conn);
                 self.backoff = RECONNECT_MIN;
                 inner.connected.store(true, Ordering::Relaxed);
@@ -286,9 +296,10 @@ impl Subscriber {
             for group in chunk {
                 subscribed.remove(group);
             }
-            lock(&inner.continuity).retain(|g| subscribed.contains(g));
+            inner.sequencer.retain(|g| subscribed.contains(g));
         }
         if result.is_ok() {
+            inner.follow_history(&to_subscribe).await;
             for chunk in to_subscribe.chunks(CHUNK) {
                 result = subscribe(&mut conn.sink, chunk.iter().map(key).collect(), timeout).await;
                 if result.is_err() {
@@ -320,24 +331,21 @@ impl Subscriber {
             if env.op != wire::OP_GROUP_EVENT {
                 Counters::add(&self.counters.dropped_other, 1);
             } else if env.origin != inner.process() || env.id != 0 {
-                // Our own group sends were delivered locally by `group_send`,
-                // except those of history groups (`id` is their offset,
-                // `channel` their epoch): they come back in offset order.
+                // Our own group sends were delivered locally by `group_send`.
+                // Those of history groups (`id` is their offset, `channel`
+                // their epoch) go through the sequencer, which drops the
+                // copies already delivered.
                 match env.decode_event() {
-                    Ok(event) => {
-                        let event = match env.id {
-                            0 => event,
-                            offset => {
-                                let position = StreamPosition::new(offset, env.channel);
-                                let gap = lock(&inner.continuity).observe(group, &position);
-                                if let Some(since) = gap {
-                                    inner.fill_gap(group, &since, offset).await;
-                                }
-                                event.with_position(position)
-                            }
-                        };
-                        inner.fan_out(group, &event);
-                    }
+                    Ok(event) => match env.id {
+                        0 => {
+                            inner.fan_out(group, &event);
+                        }
+                        offset => {
+                            let position = StreamPosition::new(offset, env.channel);
+                            let event = event.with_position(position);
+                            inner.sequencer.offer(&*inner, group, event).await;
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(group, "dropping a group event: {e}");
                         Counters::add(&self.counters.dropped_other, 1);

@@ -139,8 +139,9 @@ use super::{
 };
 use crate::channel_layer::{
     local::{no_such_channel, Owner, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, ChannelLayer, ChannelLayerError,
-    ChannelLayerStats, ChannelReceiver, Event, GroupSendReport, DEFAULT_CAPACITY,
+    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
+    DEFAULT_CAPACITY,
 };
 
 /// `KEYS[1]`: the group's shard channel and the sorted set of its named
@@ -718,6 +719,12 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl ChannelLayer for RedisClusterChannelLayer {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+            .with(Feature::NamedGroupMembers)
+            .with(Feature::CrossProcess)
+    }
+
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(std::future::ready(self.inner.new_process_channel()))
     }
@@ -850,6 +857,9 @@ impl ChannelLayer for RedisClusterChannelLayer {
                 wire::event_envelope(inner.process(), wire::OP_GROUP_EVENT, group, "", &event)?;
             let key = inner.config.group_key(group);
             let subscribed_before = lock(&inner.subscribed).contains(group);
+            // This process ignores its own publication and delivers here,
+            // first: its members never wait for (or miss) a shard round trip.
+            let (delivered, dropped) = inner.fan_out(group, &event);
             let (receivers, named): (usize, Vec<String>) = inner
                 .eval(
                     &format!("group send to {group:?} (key {key:?})"),
@@ -870,8 +880,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
                     Err(e) => return Err(e),
                 }
             }
-            inner.counters.group_sends.fetch_add(1, Ordering::Relaxed);
-            let (delivered, dropped) = inner.fan_out(group, &event);
+            inner.counters.group_sent(dropped + full);
             let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
             Ok(GroupSendReport {
                 position: None,

@@ -1,0 +1,687 @@
+//! The cross-process protocol, written once over a small [`Transport`].
+//!
+//! A mesh layer is one process's view of a set of processes sharing a
+//! broker. It keeps the same local state as the in-memory layer (its
+//! channels and which of them are in which group, [`Registry`]) and uses
+//! the broker only between processes:
+//!
+//! * **Routing by owner.** A channel `specific.<token>!<n>` belongs to the
+//!   process `specific.<token>`: a send to it from elsewhere is a request
+//!   on that process's subject `{prefix}.proc.{process}`, answered with a
+//!   [`Status`], so `ChannelFull` and `NoSuchChannel` are exact across
+//!   processes (a broker that reports no subscriber gives `NoSuchChannel`
+//!   at once). A named channel (no `!`, a worker channel) is a queue
+//!   subscription to `{prefix}.channel.{name}`: each send is a request that
+//!   one receiving process answers.
+//! * **Groups** are subjects `{prefix}.group.{group}`, subscribed while the
+//!   process has a member (the subscription follows membership, one
+//!   change at a time). A group send hands the event to local members
+//!   first, then publishes it once; the other processes fan it out.
+//! * **Membership** of another process's channel is a request to it; it
+//!   subscribes before answering.
+//! * **One envelope** ([`Envelope`]): origin, sequence number, and an enum
+//!   of operations. Duplicates (same origin and sequence) are dropped.
+//! * **Timeouts and one retry.** Every broker operation has the layer's
+//!   timeout, and so has waiting for a reply. An operation that failed
+//!   with [`TransportError::NotSent`] is tried once more within the same
+//!   timeout; nothing that may have reached the broker is resent.
+//!
+//! Each broker supplies only [`Transport`]'s three primitives. The
+//! in-process [`sim`] transport injects faults (drop, delay, duplicate,
+//! reorder, partition, restart) on a paused clock for the tests.
+
+mod envelope;
+#[cfg(test)]
+pub(crate) mod sim;
+#[cfg(all(test, feature = "testing"))]
+mod tests;
+mod transport;
+
+use super::local::lock;
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) use self::{
+    envelope::{Dedup, Envelope, Op, Status},
+    transport::{Inbox, Incoming, Transport, TransportError},
+};
+use super::{
+    local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
+    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
+};
+
+/// Settings of a mesh layer.
+#[derive(Debug, Clone)]
+pub(crate) struct MeshConfig {
+    /// What every subject starts with.
+    pub(crate) prefix: String,
+    /// Events a local channel holds.
+    pub(crate) capacity: usize,
+    /// The timeout of each broker operation and of waiting for a reply.
+    pub(crate) timeout: Duration,
+}
+
+/// A channel layer: the mesh protocol over the transport `T`.
+pub(crate) struct MeshLayer<T: Transport> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T: Transport> Clone for MeshLayer<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: Transport> fmt::Debug for MeshLayer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshLayer")
+            .field("process", &self.inner.process())
+            .field("transport", &self.inner.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<T> {
+    transport: T,
+    config: MeshConfig,
+    registry: Registry,
+    counters: Arc<Counters>,
+    /// `{prefix}.proc.{process}`.
+    proc_subject: String,
+    next_seq: AtomicU64,
+    /// Requests waiting for their reply, by sequence number.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Status>>>,
+    /// Subjects subscribed: groups and named channels received here.
+    subscribed: Mutex<HashSet<String>>,
+    /// Subscription changes run one at a time, so they follow membership.
+    subscribing: tokio::sync::Mutex<()>,
+    dedup: Mutex<Dedup>,
+}
+
+impl<T: Transport> MeshLayer<T> {
+    /// Starts a process on `transport`, whose messages arrive in the inbox
+    /// `messages` (made with [`Inbox::new`] and given to the transport):
+    /// subscribes to the process subject and starts the task that handles
+    /// incoming messages (it stops when the layer is dropped).
+    /// `counters` are the layer's (a transport may count what its client
+    /// drops in them).
+    pub(crate) async fn start(
+        transport: T,
+        messages: mpsc::Receiver<Incoming>,
+        config: MeshConfig,
+        counters: Arc<Counters>,
+    ) -> Result<Self, ChannelLayerError> {
+        let process = format!("specific.{}", names::random_token(12));
+        let proc_subject = format!("{}.proc.{process}", config.prefix);
+        let inner = Arc::new(Inner {
+            transport,
+            config,
+            registry: Registry::new(process),
+            counters,
+            proc_subject,
+            next_seq: AtomicU64::new(1),
+            pending: Mutex::default(),
+            subscribed: Mutex::default(),
+            subscribing: tokio::sync::Mutex::new(()),
+            dedup: Mutex::default(),
+        });
+        inner
+            .attempt("subscribing to the process subject", || {
+                inner.transport.subscribe(&inner.proc_subject, false)
+            })
+            .await?;
+        tokio::spawn(dispatch(Arc::downgrade(&inner), messages));
+        Ok(Self { inner })
+    }
+
+    /// This process's name, the part of its channel names before the `!`.
+    pub(crate) fn process_name(&self) -> &str {
+        self.inner.process()
+    }
+
+    /// The transport.
+    pub(crate) fn transport(&self) -> &T {
+        &self.inner.transport
+    }
+
+    /// The settings.
+    pub(crate) fn config(&self) -> &MeshConfig {
+        &self.inner.config
+    }
+
+    /// Number of this process's channels in `group`.
+    pub(crate) fn local_group_len(&self, group: &str) -> usize {
+        self.inner.registry.group_len(group)
+    }
+
+    /// Number of this process's channels that have a receiver.
+    pub(crate) fn channel_count(&self) -> usize {
+        self.inner.registry.channel_count()
+    }
+}
+
+impl<T: Transport> LocalChannels for Inner<T> {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn forgotten(self: &Arc<Self>, channel: &str, emptied: Vec<String>) {
+        let mut subjects: Vec<String> = emptied.iter().map(|g| self.group_subject(g)).collect();
+        if self.registry.owner(channel) == Owner::Named {
+            subjects.push(self.channel_subject(channel));
+        }
+        if subjects.is_empty() {
+            return;
+        }
+        let inner = Arc::downgrade(self);
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            for group in emptied {
+                let _ = inner.sync_group(&group).await;
+            }
+            if inner.registry.owner(&channel) == Owner::Named {
+                let _ = inner.sync_named(&channel).await;
+            }
+        });
+    }
+}
+
+impl<T: Transport> Inner<T> {
+    fn group_subject(&self, group: &str) -> String {
+        format!("{}.group.{group}", self.config.prefix)
+    }
+
+    fn channel_subject(&self, channel: &str) -> String {
+        format!("{}.channel.{channel}", self.config.prefix)
+    }
+
+    fn proc_subject_of(&self, process: &str) -> String {
+        format!("{}.proc.{process}", self.config.prefix)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs a transport operation within the timeout, once more when the
+    /// first attempt certainly did not leave (`NotSent`).
+    async fn attempt<R, F>(&self, what: &str, op: impl Fn() -> F) -> Result<R, ChannelLayerError>
+    where
+        F: std::future::Future<Output = Result<R, TransportError>>,
+    {
+        let attempts = async {
+            match op().await {
+                Err(TransportError::NotSent(e)) => {
+                    tracing::debug!(error = %e, "{what}: trying once more");
+                    op().await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.config.timeout, attempts).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(MeshError::Transport(what.to_owned(), e).into()),
+            Err(_) => Err(MeshError::Timeout(what.to_owned(), self.config.timeout).into()),
+        }
+    }
+
+    async fn publish(
+        &self,
+        what: &str,
+        subject: &str,
+        payload: &Bytes,
+    ) -> Result<Option<usize>, ChannelLayerError> {
+        self.attempt(what, || self.transport.publish(subject, payload.clone()))
+            .await
+    }
+
+    /// Sends a request and waits for its reply. A broker that reports no
+    /// subscriber answers [`Status::NoSuchChannel`] at once.
+    async fn request(&self, subject: &str, op: Op<'_>) -> Result<Status, ChannelLayerError> {
+        let seq = self.next_seq();
+        let payload: Bytes = Envelope {
+            origin: self.process(),
+            seq,
+            op,
+        }
+        .to_bytes()?
+        .into();
+        let what = format!("request to {subject:?}");
+        if self.transport.has_request() {
+            let answer = self
+                .attempt(&what, || {
+                    self.transport
+                        .request(subject, payload.clone())
+                        .unwrap_or_else(|| Box::pin(std::future::ready(Ok(None))))
+                })
+                .await?;
+            return match answer {
+                None => Ok(Status::NoSuchChannel),
+                Some(bytes) => match Envelope::from_bytes(&bytes) {
+                    Ok(Envelope {
+                        op: Op::Reply { status, .. },
+                        ..
+                    }) => Ok(status),
+                    _ => Err(MeshError::Other(format!("{what}: a malformed answer")).into()),
+                },
+            };
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(seq, tx);
+        let _cleanup = PendingGuard { inner: self, seq };
+        if self.publish(&what, subject, &payload).await? == Some(0) {
+            return Ok(Status::NoSuchChannel);
+        }
+        match tokio::time::timeout(self.config.timeout, rx).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(_)) => Err(MeshError::Other(format!("{what}: no reply")).into()),
+            Err(_) => {
+                Err(MeshError::Timeout(format!("{what}: the reply"), self.config.timeout).into())
+            }
+        }
+    }
+
+    /// Makes the subscription of `group` match local membership.
+    async fn sync_group(&self, group: &str) -> Result<(), ChannelLayerError> {
+        let want = self.registry.group_len(group) > 0;
+        self.sync_subject(&self.group_subject(group), want, false)
+            .await
+    }
+
+    /// Makes the queue subscription of the named channel match whether it
+    /// is received here.
+    async fn sync_named(&self, channel: &str) -> Result<(), ChannelLayerError> {
+        let want = self.registry.has_channel(channel);
+        self.sync_subject(&self.channel_subject(channel), want, true)
+            .await
+    }
+
+    async fn sync_subject(
+        &self,
+        subject: &str,
+        want: bool,
+        queue: bool,
+    ) -> Result<(), ChannelLayerError> {
+        let _one_at_a_time = self.subscribing.lock().await;
+        let have = lock(&self.subscribed).contains(subject);
+        match (want, have) {
+            (true, false) => {
+                self.attempt(&format!("subscribing to {subject:?}"), || {
+                    self.transport.subscribe(subject, queue)
+                })
+                .await?;
+                lock(&self.subscribed).insert(subject.to_owned());
+            }
+            (false, true) => {
+                lock(&self.subscribed).remove(subject);
+                self.attempt(&format!("unsubscribing from {subject:?}"), || {
+                    self.transport.unsubscribe(subject)
+                })
+                .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Answers request `seq` of `origin` (at `reply_to` when the broker's
+    /// own request/reply carried it) without holding up the dispatch.
+    fn reply(self: &Arc<Self>, to: &Reply, status: Status) {
+        let inner = self.clone();
+        let request = to.seq;
+        let subject = to
+            .reply_to
+            .clone()
+            .unwrap_or_else(|| self.proc_subject_of(&to.origin));
+        tokio::spawn(async move {
+            let env = Envelope {
+                origin: inner.process(),
+                seq: inner.next_seq(),
+                op: Op::Reply { request, status },
+            };
+            let Ok(payload) = env.to_bytes() else {
+                return;
+            };
+            if let Err(e) = inner.publish("reply", &subject, &payload.into()).await {
+                tracing::debug!(subject, "could not reply to a request: {e}");
+            }
+        });
+    }
+
+    /// One message from the broker.
+    async fn handle(self: &Arc<Self>, message: Incoming) {
+        let subject = message.subject.as_str();
+        let env = match Envelope::from_bytes(&message.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(subject, "dropping a mesh message: {e}");
+                Counters::add(&self.counters.dropped_other, 1);
+                return;
+            }
+        };
+        if env.origin == self.process() && matches!(env.op, Op::Group { .. }) {
+            // Our own group sends were delivered locally by `group_send`.
+            return;
+        }
+        if !lock(&self.dedup).first_time(env.origin, env.seq) {
+            return;
+        }
+        let to = Reply {
+            origin: env.origin.to_owned(),
+            seq: env.seq,
+            reply_to: message.reply_to.clone(),
+        };
+        match env.op {
+            Op::Group { group, event } => match Event::decode(event) {
+                Ok(event) => {
+                    self.fan_out(group, &event);
+                }
+                Err(e) => {
+                    tracing::warn!(group, "dropping a group event: {e}");
+                    Counters::add(&self.counters.dropped_other, 1);
+                }
+            },
+            Op::Channel { channel, event } => {
+                let status = match Event::decode(event) {
+                    Ok(event) => match self.registry.send(channel, event) {
+                        Ok(()) => Status::Ok,
+                        Err(e) if e.is_channel_full() => Status::ChannelFull,
+                        Err(_) => Status::NoSuchChannel,
+                    },
+                    Err(e) => {
+                        tracing::warn!(channel, "dropping an event: {e}");
+                        Counters::add(&self.counters.dropped_other, 1);
+                        Status::Failed
+                    }
+                };
+                self.reply(&to, status);
+            }
+            Op::Join { group, channel } | Op::Leave { group, channel } => {
+                let join = matches!(env.op, Op::Join { .. });
+                let (group, channel) = (group.to_owned(), channel.to_owned());
+                let inner = self.clone();
+                // Subscribing waits on the broker: not in the dispatch loop.
+                tokio::spawn(async move {
+                    let status = inner.membership(join, &group, &channel).await;
+                    inner.reply(&to, status);
+                });
+            }
+            Op::Reply { request, status } => {
+                if let Some(tx) = lock(&self.pending).remove(&request) {
+                    let _ = tx.send(status);
+                }
+            }
+        }
+    }
+
+    /// A Join or Leave request for a channel of this process.
+    async fn membership(&self, join: bool, group: &str, channel: &str) -> Status {
+        if !self.registry.is_local(channel) || validate_group_name(group).is_err() {
+            return Status::NoSuchChannel;
+        }
+        if join {
+            if self.registry.group_add(group, channel).is_err() {
+                return Status::NoSuchChannel;
+            }
+        } else {
+            self.registry.group_discard(group, channel);
+        }
+        match self.sync_group(group).await {
+            Ok(()) => Status::Ok,
+            Err(_) => Status::Failed,
+        }
+    }
+}
+
+/// Where the answer to a request goes.
+struct Reply {
+    origin: String,
+    seq: u64,
+    reply_to: Option<String>,
+}
+
+struct PendingGuard<'a, T> {
+    inner: &'a Inner<T>,
+    seq: u64,
+}
+
+impl<T> Drop for PendingGuard<'_, T> {
+    fn drop(&mut self) {
+        lock(&self.inner.pending).remove(&self.seq);
+    }
+}
+
+/// Hands the broker's messages to the layer until it is dropped.
+async fn dispatch<T: Transport>(inner: Weak<Inner<T>>, mut messages: mpsc::Receiver<Incoming>) {
+    while let Some(message) = messages.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.handle(message).await;
+    }
+}
+
+/// A mesh failure, wrapped in [`ChannelLayerError::Backend`].
+#[derive(Debug, thiserror::Error)]
+enum MeshError {
+    #[error("{0} failed")]
+    Transport(String, #[source] TransportError),
+    #[error("{0} timed out after {1:?}")]
+    Timeout(String, Duration),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<MeshError> for ChannelLayerError {
+    fn from(e: MeshError) -> Self {
+        ChannelLayerError::backend(e)
+    }
+}
+
+fn outcome(channel: &str, status: Status) -> Result<(), ChannelLayerError> {
+    match status {
+        Status::Ok => Ok(()),
+        Status::NoSuchChannel => Err(no_such_channel(channel)),
+        Status::ChannelFull => Err(ChannelLayerError::ChannelFull {
+            channel: channel.to_owned(),
+        }),
+        Status::Failed => {
+            Err(MeshError::Other(format!("the process owning {channel:?} could not do it")).into())
+        }
+    }
+}
+
+impl<T: Transport> ChannelLayer for MeshLayer<T> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE.with(Feature::CrossProcess)
+    }
+
+    fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
+        Box::pin(std::future::ready(self.inner.new_process_channel()))
+    }
+
+    fn receive<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            match inner.receive_local(channel, |e| MeshError::Other(e).into())? {
+                Some(rx) => Ok(rx),
+                None => {
+                    let rx = inner.register(channel.to_owned())?;
+                    inner.sync_named(channel).await?;
+                    Ok(rx)
+                }
+            }
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            let subject = match inner.registry.owner(channel) {
+                Owner::Local => return inner.registry.send(channel, event),
+                Owner::Process(process) => inner.proc_subject_of(process),
+                Owner::Named => inner.channel_subject(channel),
+            };
+            let encoded = event.encode()?;
+            let status = inner
+                .request(
+                    &subject,
+                    Op::Channel {
+                        channel,
+                        event: &encoded,
+                    },
+                )
+                .await?;
+            outcome(channel, status)
+        })
+    }
+
+    fn group_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            match inner.registry.owner(channel) {
+                Owner::Local => {
+                    inner.registry.group_add(group, channel)?;
+                    inner.sync_group(group).await
+                }
+                Owner::Process(process) => {
+                    let status = inner
+                        .request(&inner.proc_subject_of(process), Op::Join { group, channel })
+                        .await?;
+                    outcome(channel, status)
+                }
+                Owner::Named => Err(ChannelLayerError::Unsupported {
+                    feature: Feature::NamedGroupMembers.name(),
+                }),
+            }
+        })
+    }
+
+    fn group_discard<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            validate_channel_name(channel)?;
+            let inner = &self.inner;
+            match inner.registry.owner(channel) {
+                Owner::Local => {
+                    inner.registry.group_discard(group, channel);
+                    inner.sync_group(group).await
+                }
+                Owner::Process(process) => {
+                    let status = inner
+                        .request(
+                            &inner.proc_subject_of(process),
+                            Op::Leave { group, channel },
+                        )
+                        .await?;
+                    // Leaving a channel that is gone is not an error.
+                    match status {
+                        Status::NoSuchChannel => Ok(()),
+                        status => outcome(channel, status),
+                    }
+                }
+                Owner::Named => Ok(()),
+            }
+        })
+    }
+
+    fn group_send<'a>(
+        &'a self,
+        group: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            let inner = &self.inner;
+            let encoded = event.encode()?;
+            let payload: Bytes = Envelope {
+                origin: inner.process(),
+                seq: inner.next_seq(),
+                op: Op::Group {
+                    group,
+                    event: &encoded,
+                },
+            }
+            .to_bytes()?
+            .into();
+            let subject = inner.group_subject(group);
+            let own = lock(&inner.subscribed).contains(&subject);
+            // Local members first: they never wait for (or miss) the broker.
+            let (delivered, dropped) = inner.fan_out(group, &event);
+            let receivers = inner
+                .publish(&format!("group send to {group:?}"), &subject, &payload)
+                .await?;
+            inner.counters.group_sent(dropped);
+            Ok(GroupSendReport {
+                local_members: delivered,
+                remote_receivers: receivers.map(|n| n.saturating_sub(usize::from(own))),
+                dropped,
+                position: None,
+            })
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            inner.registry.clear();
+            let groups: Vec<String> = {
+                let prefix = format!("{}.group.", inner.config.prefix);
+                lock(&inner.subscribed)
+                    .iter()
+                    .filter_map(|s| s.strip_prefix(&prefix).map(str::to_owned))
+                    .collect()
+            };
+            for group in groups {
+                inner.sync_group(&group).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn stats(&self) -> ChannelLayerStats {
+        self.inner.counters.stats()
+    }
+}

@@ -1,0 +1,290 @@
+//! The mesh protocol on the simulated broker, on a paused clock: the
+//! conformance suite, then each fault. No test sleeps to wait for
+//! something; waits are bounded receives (which a paused clock runs
+//! instantly when nothing can arrive).
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use super::{
+    sim::{Faults, SimNet},
+    MeshConfig, MeshLayer,
+};
+use crate::{
+    channel_layer::{ChannelLayer, ChannelLayerError, ChannelReceiver, Event},
+    testing::conformance,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn config(capacity: usize) -> MeshConfig {
+    MeshConfig {
+        prefix: "t".into(),
+        capacity,
+        timeout: TIMEOUT,
+    }
+}
+
+type Sim = MeshLayer<super::sim::SimTransport>;
+
+async fn process(net: &SimNet, capacity: usize) -> Sim {
+    let (transport, inbox) = net.connect();
+    MeshLayer::start(transport, inbox, config(capacity), Arc::default())
+        .await
+        .expect("start a mesh process")
+}
+
+async fn recv(rx: &mut ChannelReceiver) -> Event {
+    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        Ok(Ok(e)) => e,
+        other => panic!("{}: expected an event, got {other:?}", rx.name()),
+    }
+}
+
+/// Receives until `expected` kinds all arrived, failing on a repeat.
+async fn receive_set(rx: &mut ChannelReceiver, expected: &HashSet<String>) {
+    let mut seen = HashSet::new();
+    while seen.len() < expected.len() {
+        let kind = recv(rx).await.kind().to_owned();
+        assert!(expected.contains(&kind), "unexpected {kind}");
+        assert!(seen.insert(kind.clone()), "{kind} delivered twice");
+    }
+}
+
+/// `err` with its sources.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn conformance_on_the_simulated_broker() {
+    conformance::run_all(|| async {
+        let net = SimNet::new(1);
+        Arc::new(process(&net, 16).await) as Arc<dyn ChannelLayer>
+    })
+    .await;
+    conformance::run_pair(|| async {
+        let net = SimNet::new(2);
+        let a = process(&net, 16).await;
+        let b = process(&net, 16).await;
+        assert_ne!(a.process_name(), b.process_name());
+        (
+            Arc::new(a) as Arc<dyn ChannelLayer>,
+            Arc::new(b) as Arc<dyn ChannelLayer>,
+        )
+    })
+    .await;
+}
+
+/// Duplicated and reordered messages: every group event and direct send
+/// arrives once (order across messages is not promised under reordering).
+#[tokio::test(start_paused = true)]
+async fn duplicates_and_reordering_deliver_once() {
+    let net = SimNet::new(7);
+    let a = process(&net, 1000).await;
+    let b = process(&net, 1000).await;
+    let mut member = b.new_channel().await.unwrap();
+    b.group_add("room", member.name()).await.unwrap();
+    net.set_faults(Faults {
+        duplicate: 500,
+        max_delay: Duration::from_millis(20),
+        ..Faults::default()
+    });
+    let mut expected = HashSet::new();
+    for i in 0..100 {
+        let kind = format!("g.{i}");
+        a.group_send("room", Event::bare(kind.clone()))
+            .await
+            .unwrap();
+        expected.insert(kind);
+    }
+    for i in 0..50 {
+        let kind = format!("d.{i}");
+        a.send(member.name(), Event::bare(kind.clone()))
+            .await
+            .unwrap();
+        expected.insert(kind);
+    }
+    receive_set(&mut member, &expected).await;
+    // Nothing more: copies still in flight are repeats (dropped), so a
+    // sentinel sent with the faults off comes next.
+    net.set_faults(Faults::default());
+    a.send(member.name(), Event::bare("sentinel"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut member).await.kind(), "sentinel");
+}
+
+/// A direct send whose request or reply is lost times out with an error
+/// (it does not hang), within the layer's timeout.
+#[tokio::test(start_paused = true)]
+async fn lost_replies_time_out() {
+    let net = SimNet::new(3);
+    let a = process(&net, 16).await;
+    let b = process(&net, 16).await;
+    let mut inbox = b.new_channel().await.unwrap();
+    net.set_faults(Faults {
+        drop: 1000,
+        ..Faults::default()
+    });
+    let started = tokio::time::Instant::now();
+    let err = a.send(inbox.name(), Event::bare("lost")).await.unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(started.elapsed(), TIMEOUT);
+    net.set_faults(Faults::default());
+    a.send(inbox.name(), Event::bare("after")).await.unwrap();
+    assert_eq!(recv(&mut inbox).await.kind(), "after");
+}
+
+/// "Timed out" means "unknown": a reply delayed past the timeout fails the
+/// send, and the event is still delivered, once.
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_send_may_still_arrive() {
+    let net = SimNet::new(4);
+    let a = process(&net, 16).await;
+    let b = process(&net, 16).await;
+    let mut inbox = b.new_channel().await.unwrap();
+    net.set_faults(Faults {
+        max_delay: TIMEOUT * 3,
+        ..Faults::default()
+    });
+    let mut failed = 0;
+    for i in 0..10 {
+        if a.send(inbox.name(), Event::bare(format!("e.{i}")))
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed > 0,
+        "some replies should take longer than the timeout"
+    );
+    let expected: HashSet<String> = (0..10).map(|i| format!("e.{i}")).collect();
+    receive_set(&mut inbox, &expected).await;
+}
+
+/// A partitioned process: its sends fail promptly (not sent, tried once
+/// more), nobody can reach its channels (`NoSuchChannel`, as for a process
+/// that is gone), and after healing everything works again.
+#[tokio::test(start_paused = true)]
+async fn partitioned_process() {
+    let net = SimNet::new(5);
+    let a = process(&net, 16).await;
+    let (tb, inbox_b) = net.connect();
+    let b_transport_net = net.clone();
+    let b = MeshLayer::start(tb, inbox_b, config(16), Arc::default())
+        .await
+        .unwrap();
+    let mut on_a = a.new_channel().await.unwrap();
+    a.group_add("room", on_a.name()).await.unwrap();
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add("room", on_b.name()).await.unwrap();
+
+    b_transport_net.partition(&b.inner.transport, true);
+    let started = tokio::time::Instant::now();
+    let calls = net.publish_calls();
+    let err = b.group_send("room", Event::bare("cut")).await.unwrap_err();
+    assert!(matches!(err, ChannelLayerError::Backend(_)), "{err}");
+    assert!(started.elapsed() < TIMEOUT, "not sent: fails at once");
+    assert_eq!(net.publish_calls() - calls, 2, "not sent: tried once more");
+    // b's own member still got it (local members come first).
+    assert_eq!(recv(&mut on_b).await.kind(), "cut");
+    let err = a.send(on_b.name(), Event::bare("x")).await.unwrap_err();
+    assert!(
+        matches!(err, ChannelLayerError::NoSuchChannel { .. }),
+        "{err}"
+    );
+    a.group_send("room", Event::bare("missed by b"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut on_a).await.kind(), "missed by b");
+
+    b_transport_net.partition(&b.inner.transport, false);
+    a.group_send("room", Event::bare("healed")).await.unwrap();
+    assert_eq!(recv(&mut on_a).await.kind(), "healed");
+    assert_eq!(recv(&mut on_b).await.kind(), "healed");
+}
+
+/// The broker restarts: operations fail while it is down (promptly), then
+/// the subscriptions are back and group sends and direct sends work.
+#[tokio::test(start_paused = true)]
+async fn broker_restart() {
+    let net = SimNet::new(6);
+    let a = process(&net, 16).await;
+    let b = process(&net, 16).await;
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add("room", on_b.name()).await.unwrap();
+
+    let restarting = {
+        let net = net.clone();
+        tokio::spawn(async move { net.restart(Duration::from_secs(1)).await })
+    };
+    tokio::task::yield_now().await;
+    let err = a.group_send("room", Event::bare("down")).await.unwrap_err();
+    assert!(chain(&err).contains("broker is down"), "{}", chain(&err));
+    restarting.await.unwrap();
+
+    a.group_send("room", Event::bare("up")).await.unwrap();
+    assert_eq!(recv(&mut on_b).await.kind(), "up");
+    a.send(on_b.name(), Event::bare("direct")).await.unwrap();
+    assert_eq!(recv(&mut on_b).await.kind(), "direct");
+}
+
+/// Membership of another process's channel is a request: it subscribes
+/// before answering, and a channel that is gone is `NoSuchChannel`.
+#[tokio::test(start_paused = true)]
+async fn remote_membership() {
+    let net = SimNet::new(8);
+    let a = process(&net, 16).await;
+    let b = process(&net, 16).await;
+    let mut on_b = b.new_channel().await.unwrap();
+    a.group_add("room", on_b.name()).await.unwrap();
+    a.group_send("room", Event::bare("hi")).await.unwrap();
+    assert_eq!(recv(&mut on_b).await.kind(), "hi");
+    a.group_discard("room", on_b.name()).await.unwrap();
+    let gone = b.new_channel().await.unwrap();
+    let name = gone.name().to_owned();
+    drop(gone);
+    let err = a.group_add("room", &name).await.unwrap_err();
+    assert!(
+        matches!(err, ChannelLayerError::NoSuchChannel { .. }),
+        "{err}"
+    );
+    let err = a.group_add("room", "workers").await.unwrap_err();
+    assert!(err.is_unsupported(), "{err}");
+}
+
+/// An operation that may have reached the broker is never resent: the
+/// send fails ("unknown") and the event arrives once.
+#[tokio::test(start_paused = true)]
+async fn maybe_sent_is_not_retried() {
+    let net = SimNet::new(9);
+    let a = process(&net, 16).await;
+    let b = process(&net, 16).await;
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add("room", on_b.name()).await.unwrap();
+    net.set_faults(Faults {
+        lose_answer: 1000,
+        ..Faults::default()
+    });
+    let calls = net.publish_calls();
+    let err = a.group_send("room", Event::bare("once")).await.unwrap_err();
+    assert_eq!(net.publish_calls() - calls, 1, "maybe sent: not resent");
+    assert!(
+        chain(&err).contains("broke after sending"),
+        "{}",
+        chain(&err)
+    );
+    net.set_faults(Faults::default());
+    a.group_send("room", Event::bare("next")).await.unwrap();
+    assert_eq!(recv(&mut on_b).await.kind(), "once");
+    assert_eq!(recv(&mut on_b).await.kind(), "next");
+}
