@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for all benchmarks: builds the crate's chat example and the
-# bench binaries in release mode, raises the open-file limit, and runs
-# `runall`, which starts each server on a free port, measures, and prints a
-# markdown table (crate vs baseline).
+# One command for all benchmarks: builds the crate's chat example (plain, and
+# with a Prometheus recorder as `chat-metrics`) and the bench binaries in
+# release mode, raises the open-file limit, and runs `runall`, which starts
+# each server on a free port, measures, and prints a markdown table (crate
+# vs the axum and fastwebsockets baselines, with the load average).
 #
 #   bench/run.sh                      # full run (a few minutes)
 #   bench/run.sh --smoke              # tiny sizes, correctness only (CI)
@@ -28,15 +29,22 @@ for arg in "$@"; do
     esac
 done
 
+target_dir="$(cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+
 if [[ $build_example == 1 ]]; then
     features=()
     if [[ $with_redis == 1 ]]; then
-        features=(--features redis)
+        features=(redis)
     fi
-    cargo build --release --example chat "${features[@]}"
+    # The crate as a production deployment runs it, with a Prometheus
+    # recorder installed (`example-metrics`), kept as `chat-metrics`; then the
+    # plain build, which stays at examples/chat.
+    metrics_features="$(IFS=,; echo "example-metrics${features[*]:+,${features[*]}}")"
+    cargo build --release --example chat --features "$metrics_features"
+    cp "$target_dir/release/examples/chat" "$target_dir/release/chat-metrics"
+    cargo build --release --example chat ${features[@]:+--features "${features[*]}"}
 fi
 cargo build --release -p tower-channels-bench --bins
 
-target_dir="$(cargo metadata --format-version 1 --no-deps |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 exec "$target_dir/release/runall" "$@"

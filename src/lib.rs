@@ -165,6 +165,13 @@
 //! | `tower_channels_handler_duration_seconds` | histogram | time in `receive` / `event` handlers |
 //! | `tower_channels_panics_total` | counter | handlers that panicked |
 //!
+//! Recording costs an atomic add: a layer registers its handles once, when
+//! it first needs them (so install the recorder before serving), and a
+//! connection folds its message and byte counts into the layer's counters
+//! (and [`ConnectionStats`]) once per write or wake-up, before the client can
+//! see the messages counted. The histogram reads the clock once per handler
+//! call.
+//!
 //! # Cancel safety
 //!
 //! [`channel_layer::ChannelReceiver::recv`] and

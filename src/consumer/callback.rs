@@ -5,7 +5,7 @@ use tower_service::Service;
 use super::{driver, Accept, Connection, Context, Reject};
 use crate::{
     channel_layer::{BoxError, BoxFuture, Event},
-    engine::Out,
+    engine::Outbound,
     message::{CloseCode, Message},
     Scope,
 };
@@ -119,7 +119,7 @@ pub trait WebSocketConsumer: Send + 'static {
 /// to 1,000 members is compressed once per negotiated parameter set.
 pub fn forward_event(ctx: &Context, event: &Event) -> Result<(), BoxError> {
     if let Some(p) = event.shared_payload() {
-        return Ok(ctx.send_out(Out::Shared(p.clone()))?);
+        return Ok(ctx.send_out(Outbound::Shared(p.clone()))?);
     }
     match event.as_message() {
         Some(m) => Ok(ctx.send(m.clone())?),

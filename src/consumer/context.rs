@@ -7,7 +7,7 @@ use crate::{
         ChannelLayer, ChannelLayerError, Event, GroupSendReport, PresenceInfo, PresenceMember,
         Recovery, StreamPosition,
     },
-    engine::{AppLink, Out},
+    engine::{AppLink, Outbound},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
 };
@@ -65,10 +65,10 @@ impl Context {
 
     /// Queues a message for the client. Fails once the connection is closing.
     pub fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
-        self.send_out(Out::Message(message.into()))
+        self.send_out(Outbound::Message(message.into()))
     }
 
-    pub(crate) fn send_out(&self, out: Out) -> Result<(), Error> {
+    pub(crate) fn send_out(&self, out: Outbound) -> Result<(), Error> {
         self.link.push(out)
     }
 

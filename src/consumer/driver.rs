@@ -12,19 +12,13 @@ use std::{
 
 use futures_util::FutureExt;
 
-use super::{Connection, Context, Reject, WebSocketConsumer};
+use super::{Connection, Context, Incoming, Reject, WebSocketConsumer};
 use crate::{
-    channel_layer::{BoxError, Event, RecvError},
+    channel_layer::BoxError,
     engine::{panic_message, Link, Status},
     message::{close_code, CloseCode, CloseFrame, Message},
+    metrics::HandlerTimer,
 };
-
-enum Input {
-    Message(Message),
-    Event(Event),
-    Lagged(u64),
-    Closed(CloseCode),
-}
 
 enum Outcome {
     Done,
@@ -40,15 +34,27 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
     let Some((mut consumer, mut ctx, link)) = Box::pin(open(consumer, conn)).await else {
         return;
     };
+    let mut timer = HandlerTimer::default();
     let code = loop {
-        let input = poll_fn(|cx| next_input(&link, cx)).await;
-        let started = std::time::Instant::now();
+        let input = poll_fn(|cx| {
+            let input = next_input(&link, cx);
+            if input.is_pending() {
+                timer.waited();
+            }
+            input
+        })
+        .await;
+        let input = match input {
+            Ok(input) => input,
+            Err(code) => break code,
+        };
+        timer.start();
         let outcome = match input {
             // Handler futures are boxed while they run: inline, the largest
             // of them would be part of every idle connection's state.
-            Input::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
-            Input::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
-            Input::Lagged(n) => {
+            Incoming::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
+            Incoming::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
+            Incoming::Lagged(n) => {
                 link.runtime.metrics.dropped_slow(n);
                 tracing::warn!(dropped = n, "slow consumer: events dropped; closing");
                 link.close(
@@ -57,9 +63,8 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
                 );
                 Outcome::Done
             }
-            Input::Closed(code) => break code,
         };
-        link.runtime.metrics.handler_time(started.elapsed());
+        timer.finish(&link.runtime.metrics);
         match outcome {
             Outcome::Done => {}
             Outcome::Failed(e) => {
@@ -145,21 +150,17 @@ async fn open<C: WebSocketConsumer>(
     }
 }
 
-fn next_input(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Input> {
+/// The next input for a handler, or the close code once the connection is
+/// over (the callback forms see the peer's close through `disconnect`).
+fn next_input(link: &Link, cx: &mut TaskContext<'_>) -> Poll<Result<Incoming, CloseCode>> {
     loop {
-        match link.poll_message(cx) {
-            // The callback forms see the close through `disconnect`.
-            Poll::Ready(Some(Message::Close(_))) => continue,
-            Poll::Ready(Some(m)) => return Poll::Ready(Input::Message(m)),
-            Poll::Ready(None) | Poll::Pending => break,
+        match link.poll_incoming(cx) {
+            Poll::Ready(Some(Incoming::Message(Message::Close(_)))) => continue,
+            Poll::Ready(Some(input)) => return Poll::Ready(Ok(input)),
+            Poll::Ready(None) => return link.poll_closed(cx).map(Err),
+            Poll::Pending => return Poll::Pending,
         }
     }
-    match link.poll_event(cx) {
-        Poll::Ready(Some(Ok(e))) => return Poll::Ready(Input::Event(e)),
-        Poll::Ready(Some(Err(RecvError::Lagged(n)))) => return Poll::Ready(Input::Lagged(n)),
-        Poll::Ready(Some(Err(_)) | None) | Poll::Pending => {}
-    }
-    link.poll_closed(cx).map(Input::Closed)
 }
 
 /// Runs a handler, turning a panic into an outcome.

@@ -11,25 +11,14 @@ use futures_util::Stream;
 use crate::{
     channel_layer::{
         ChannelLayer, ChannelLayerError, Event, GroupSendReport, PresenceInfo, PresenceMember,
-        Recovery, RecvError, StreamPosition,
+        Recovery, StreamPosition,
     },
-    engine::{AppLink, Out},
+    engine::{AppLink, Outbound},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
     Error, Scope,
 };
 
-/// What [`WebSocket::next`] yields: a message from the client or an event
-/// from the channel layer.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Incoming {
-    /// A message from the client.
-    Message(Message),
-    /// An event sent to this connection's channel or one of its groups.
-    Event(Event),
-    /// Group sends dropped this many events because the connection fell behind.
-    Lagged(u64),
-}
+pub use crate::engine::Incoming;
 
 /// An accepted WebSocket connection: the raw form of a consumer.
 ///
@@ -110,17 +99,7 @@ impl WebSocket {
         &mut self,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Incoming, Error>>> {
-        if let Poll::Ready(m) = self.link.poll_message(cx) {
-            return Poll::Ready(m.map(|m| Ok(Incoming::Message(m))));
-        }
-        match self.link.poll_event(cx) {
-            Poll::Ready(Some(Ok(e))) => Poll::Ready(Some(Ok(Incoming::Event(e)))),
-            Poll::Ready(Some(Err(RecvError::Lagged(n)))) => {
-                Poll::Ready(Some(Ok(Incoming::Lagged(n))))
-            }
-            // The layer dropped this channel: only client messages remain.
-            Poll::Ready(_) | Poll::Pending => Poll::Pending,
-        }
+        self.link.poll_incoming(cx).map(|i| i.map(Ok))
     }
 
     /// Sends a message and waits until it is written to the socket.
@@ -150,7 +129,7 @@ impl WebSocket {
             }
             // Pings and pongs are the engine's business.
             Message::Ping(_) | Message::Pong(_) => Ok(()),
-            m => self.link.push(Out::Message(m)),
+            m => self.link.push(Outbound::Message(m)),
         }
     }
 

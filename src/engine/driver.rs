@@ -16,13 +16,18 @@ use tokio::{
 
 use super::{
     link::{leave, Link, Status},
-    socket::{Inbound, ReadError, Socket},
+    socket::{ReadError, Socket},
+    Outbound,
 };
 use crate::{
     channel_layer::BoxFuture,
     message::{close_code, CloseCode, CloseFrame, Message},
-    RateLimit,
+    metrics::LocalCounts,
+    WebSocketConfig,
 };
+
+/// Most queued messages moved to the writer per lock of the link.
+const MOVE_BATCH: usize = 16;
 
 /// Where a connection is in its life.
 #[derive(Debug)]
@@ -54,7 +59,9 @@ struct Closing {
 }
 
 /// Drives one WebSocket connection: socket I/O, timers, limits, the outbound
-/// queue and the closing handshake.
+/// queue and the closing handshake. Its settings are the layer's
+/// [`WebSocketConfig`] (shared, see [`config`](Self::config)); its fields
+/// are what changes.
 pub(crate) struct Engine {
     link: Arc<Link>,
     socket: Option<Socket>,
@@ -69,15 +76,6 @@ pub(crate) struct Engine {
     pong_due: Option<Bytes>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
-    ping_interval: Option<Duration>,
-    idle_timeout: Option<Duration>,
-    close_timeout: Duration,
-    slow_client_timeout: Duration,
-    soft_budget: usize,
-    write_buffer: usize,
-    read_ahead_bytes: usize,
-    read_ahead_messages: usize,
-    write_delay: Option<Duration>,
     /// Outgoing data waits for the write delay until then.
     hold_until: Option<Instant>,
     last_seen: Instant,
@@ -87,8 +85,14 @@ pub(crate) struct Engine {
     over_budget_since: Option<(Instant, usize)>,
     /// Bytes of application output moved to the writer so far.
     drained: usize,
+    /// Application output was moved to the writer (or dropped by a close)
+    /// since the application was last told that all of it is written.
+    unflushed: bool,
     shutdown: Option<Pin<Box<OwnedNotified>>>,
-    rate: Option<(RateLimit, f64, Instant)>,
+    /// The rate limit's tokens and when they were last counted.
+    rate: Option<(f64, Instant)>,
+    /// Messages counted since the last fold into the layer's metrics.
+    counts: LocalCounts,
 }
 
 impl std::fmt::Debug for Engine {
@@ -116,28 +120,29 @@ impl Engine {
             pong_due: None,
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
-            ping_interval: config.ping_interval,
-            idle_timeout: config.idle_timeout,
-            close_timeout: config.close_timeout,
-            slow_client_timeout: config.slow_client_timeout,
-            soft_budget: config.max_outbound_bytes,
-            write_buffer: config.write_buffer_size.max(1),
-            read_ahead_bytes: config.max_read_ahead_bytes,
-            read_ahead_messages: config.max_buffered_messages.max(1),
-            write_delay: config.write_delay.filter(|d| !d.is_zero()),
             hold_until: None,
             last_seen: now,
             next_ping: config.ping_interval.map(|i| now + i),
             over_budget_since: None,
             drained: 0,
+            unflushed: false,
             shutdown: Some(Box::pin(runtime.tracker.signal.clone().notified_owned())),
-            rate: config
-                .rate_limit
-                .map(|r| (r, f64::from(r.burst.max(1)), now)),
+            rate: config.rate_limit.map(|r| (f64::from(r.burst.max(1)), now)),
+            counts: LocalCounts::default(),
             link,
         };
         e.rearm_timer();
         e
+    }
+
+    /// The layer's settings.
+    fn config(&self) -> &WebSocketConfig {
+        &self.link.runtime.config
+    }
+
+    /// The write delay, if one is set.
+    fn write_delay(&self) -> Option<Duration> {
+        self.config().write_delay.filter(|d| !d.is_zero())
     }
 
     /// Starts the closing handshake with our `frame`. With `drain`, queued
@@ -149,7 +154,7 @@ impl Engine {
         let code = frame.code;
         self.enter_closing(Closing {
             code,
-            deadline: Instant::now() + self.close_timeout,
+            deadline: Instant::now() + self.config().close_timeout,
             to_send: Some(Some(frame)),
             drain,
             peer_closed: false,
@@ -160,6 +165,7 @@ impl Engine {
     fn enter_closing(&mut self, closing: Closing) {
         let drain = closing.drain;
         self.phase = Phase::Closing(closing);
+        self.unflushed = true;
         // Leave the groups and drop the inbox at once: no more events are
         // held for a connection that is going away.
         let (groups, inbox) = self.link.start_closing(drain);
@@ -210,6 +216,12 @@ impl Engine {
     /// Drives the connection; ready with the close code once it is over and
     /// its groups are left.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseCode> {
+        let res = self.poll_inner(cx);
+        self.counts.fold(&self.link.runtime.metrics);
+        res
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<CloseCode> {
         loop {
             if let Phase::Closed { code } = self.phase {
                 if let Some(l) = &mut self.leaving {
@@ -228,18 +240,27 @@ impl Engine {
             if self.poll_shutdown(cx) {
                 continue;
             }
-            self.check_application();
+            // Socket work until nothing moves; the timers and the shutdown
+            // signal are polled once per round, not once per step.
+            loop {
+                self.check_application();
+                if matches!(self.phase, Phase::Closed { .. }) {
+                    break;
+                }
+                let wrote = self.poll_write(cx);
+                let read = self.poll_read(cx);
+                if matches!(self.phase, Phase::Closed { .. }) {
+                    break;
+                }
+                let flushed = self.poll_flush(cx);
+                if !(wrote || read || flushed) {
+                    break;
+                }
+            }
             if matches!(self.phase, Phase::Closed { .. }) {
                 continue;
             }
-            let wrote = self.poll_write(cx);
-            let read = self.poll_read(cx);
-            if matches!(self.phase, Phase::Closed { .. }) {
-                continue;
-            }
-            let flushed = self.poll_flush(cx);
-            let timed = self.poll_timer(cx);
-            if !(wrote || read || flushed || timed) {
+            if !self.poll_timer(cx) {
                 return Poll::Pending;
             }
         }
@@ -299,23 +320,14 @@ impl Engine {
     }
 
     /// Moves queued output into the writer, up to one write buffer at a time
-    /// (so a close frame is never far behind). Returns whether anything moved.
+    /// (so a close frame is never far behind); a full writer is written to
+    /// the socket first. Returns whether anything moved.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.socket.is_none() {
-            return false;
-        }
         let mut progress = false;
         loop {
             let holding = self.holding();
             let Some(socket) = &mut self.socket else {
                 return progress;
-            };
-            if socket.queued_bytes() >= self.write_buffer {
-                break;
-            }
-            let close_ready = match &self.phase {
-                Phase::Closing(c) => c.to_send.is_some(),
-                _ => false,
             };
             match socket.poll_writable(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -325,75 +337,95 @@ impl Engine {
                 }
                 Poll::Pending => break,
             }
-            if let Phase::Closing(c) = &self.phase {
-                if c.to_send.is_none() || c.peer_closed {
-                    // Our close is out (or the peer's arrived): no more pongs.
-                    self.pong_due = None;
+            let (draining, close_ready) = match &self.phase {
+                Phase::Open => (true, false),
+                Phase::Closing(c) => {
+                    if c.to_send.is_none() || c.peer_closed {
+                        // Our close is out (or the peer's arrived): no more pongs.
+                        self.pong_due = None;
+                    }
+                    (c.drain && c.to_send.is_some(), c.to_send.is_some())
                 }
-            }
-            let res = if let Some(p) = self.pong_due.take() {
-                socket.queue_pong(p)
-            } else if std::mem::take(&mut self.ping_due) {
-                socket.queue_ping()
-            } else {
-                let draining = match &self.phase {
-                    Phase::Open => true,
-                    Phase::Closing(c) => c.drain && c.to_send.is_some(),
-                    Phase::Closed { .. } => false,
-                };
-                let next = if draining && !holding {
-                    let mut st = self.link.lock();
-                    let next = st.out.pop_front();
-                    if let Some(n) = &next {
-                        st.out_bytes -= n.len();
-                        if st.out.is_empty() && st.out.capacity() > 16 {
-                            st.out = Default::default();
-                        }
-                        if st.out_bytes <= self.soft_budget {
-                            st.wake_app();
-                        }
-                    }
-                    next
-                } else {
-                    None
-                };
-                match next {
-                    Some(out) => {
-                        self.drained += out.len();
-                        self.link.runtime.metrics.message_out();
-                        self.link.runtime.metrics.bytes_out(out.len());
-                        socket.queue(&out)
-                    }
-                    None if close_ready => {
-                        let Phase::Closing(c) = &mut self.phase else {
-                            break;
-                        };
-                        match c.to_send.take() {
-                            Some(frame) => socket.queue_close(frame),
-                            None => break,
-                        }
-                    }
-                    None => {
-                        if self.hold_until.is_some_and(|t| Instant::now() >= t) {
-                            // The delayed batch is out; the next one waits again.
-                            self.hold_until = None;
-                        }
-                        break;
-                    }
-                }
+                Phase::Closed { .. } => (false, false),
             };
-            if res.is_err() {
-                self.terminate(self.closing_code());
-                return true;
+            if let Some(p) = self.pong_due.take() {
+                socket.queue_pong(p);
+            } else if std::mem::take(&mut self.ping_due) {
+                socket.queue_ping();
+            } else if draining && !holding && self.move_queued() {
+                // Moved a batch; the writer may have room for more.
+            } else if let (true, Phase::Closing(c)) = (close_ready, &mut self.phase) {
+                if let (Some(frame), Some(socket)) = (c.to_send.take(), &mut self.socket) {
+                    socket.queue_close(frame);
+                }
+            } else {
+                if self.hold_until.is_some_and(|t| Instant::now() >= t) {
+                    // The delayed batch is out; the next one waits again.
+                    self.hold_until = None;
+                }
+                break;
             }
             progress = true;
         }
         progress
     }
 
+    /// Moves queued application output into the writer while it has room,
+    /// taking up to [`MOVE_BATCH`] messages per lock of the link (frames are
+    /// encoded, and maybe compressed, outside the lock). Returns whether
+    /// anything moved.
+    fn move_queued(&mut self) -> bool {
+        let Some(socket) = &mut self.socket else {
+            return false;
+        };
+        let soft_budget = self.link.runtime.config.max_outbound_bytes;
+        let mut moved = false;
+        while socket.has_room() {
+            let mut st = self.link.lock();
+            if st.out.is_empty() {
+                break;
+            }
+            let mut batch: [Option<Outbound>; MOVE_BATCH] = Default::default();
+            let mut n = 0;
+            let mut room = self
+                .link
+                .runtime
+                .config
+                .write_buffer_size
+                .saturating_sub(socket.queued_bytes());
+            while n < MOVE_BATCH {
+                let Some(out) = st.out.pop_front() else {
+                    break;
+                };
+                st.out_bytes -= out.len();
+                room = room.saturating_sub(out.len());
+                batch[n] = Some(out);
+                n += 1;
+                if room == 0 {
+                    break;
+                }
+            }
+            if st.out.is_empty() && st.out.capacity() > 16 {
+                st.out = Default::default();
+            }
+            if st.out_bytes <= soft_budget {
+                st.wake_app();
+            }
+            drop(st);
+            for out in batch.iter_mut().take(n).filter_map(Option::take) {
+                self.drained += out.len();
+                self.counts.message_out(out.len());
+                socket.queue(&out);
+            }
+            moved = true;
+        }
+        self.unflushed |= moved;
+        moved
+    }
+
     /// Whether outgoing data waits for the write delay.
     fn holding(&mut self) -> bool {
-        let Some(delay) = self.write_delay else {
+        let Some(delay) = self.write_delay() else {
             return false;
         };
         let now = Instant::now();
@@ -402,7 +434,7 @@ impl Engine {
             Some(_) => true,
             None => {
                 let queued = self.link.lock().out_bytes;
-                if queued == 0 || queued >= self.write_buffer {
+                if queued == 0 || queued >= self.config().write_buffer_size {
                     // Nothing to wait for, or a full batch is ready.
                     return false;
                 }
@@ -415,12 +447,14 @@ impl Engine {
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
+        let mut seen = false;
         while !self.read_done && self.deferred_close.is_none() {
             if matches!(self.phase, Phase::Open) {
+                let config = &self.link.runtime.config;
                 let st = self.link.lock();
                 if !st.incoming.is_empty()
-                    && (st.in_bytes >= self.read_ahead_bytes
-                        || st.incoming.len() >= self.read_ahead_messages)
+                    && (st.in_bytes >= config.max_read_ahead_bytes
+                        || st.incoming.len() >= config.max_buffered_messages.max(1))
                 {
                     // Full: stop reading, TCP holds the client back.
                     break;
@@ -435,7 +469,11 @@ impl Engine {
             };
             progress = true;
             match item {
-                Ok(Some(inbound)) => self.on_inbound(inbound),
+                Ok(Some(message)) => {
+                    // Data, pongs and closes show the peer alive; a ping does not.
+                    seen |= !matches!(message, Message::Ping(_));
+                    self.on_inbound(message);
+                }
                 Ok(None) | Err(ReadError::Io) => {
                     self.read_done = true;
                     let code = self.closing_code();
@@ -453,22 +491,20 @@ impl Engine {
                 }
             }
         }
+        if seen && self.config().idle_timeout.is_some() {
+            // One clock read per batch read, not per message.
+            self.last_seen = Instant::now();
+        }
         progress
     }
 
-    fn on_inbound(&mut self, inbound: Inbound) {
-        match inbound {
-            Inbound::Text(_) | Inbound::Binary(_) => {
-                self.last_seen = Instant::now();
+    fn on_inbound(&mut self, message: Message) {
+        match message {
+            Message::Text(_) | Message::Binary(_) => {
                 if !matches!(self.phase, Phase::Open) {
                     return;
                 }
-                self.link.runtime.metrics.message_in();
-                self.link.runtime.metrics.bytes_in(match &inbound {
-                    Inbound::Text(t) => t.len(),
-                    Inbound::Binary(b) => b.len(),
-                    _ => 0,
-                });
+                self.counts.message_in(message.len());
                 if !self.take_token() {
                     tracing::debug!("rate limit exceeded; closing with 1008");
                     self.start_close(
@@ -478,14 +514,9 @@ impl Engine {
                     );
                     return;
                 }
-                let m = match inbound {
-                    Inbound::Text(t) => Message::Text(t),
-                    Inbound::Binary(b) => Message::Binary(b),
-                    _ => return,
-                };
                 let mut st = self.link.lock();
-                st.in_bytes += m.len();
-                st.incoming.push_back(m);
+                st.in_bytes += message.len();
+                st.incoming.push_back(message);
                 st.wake_app();
             }
             // Every ping is answered while the writer has room; when it is
@@ -493,7 +524,7 @@ impl Engine {
             // (RFC 6455 5.5.3 allows it). A ping is not liveness: a client
             // flooding pings while never reading holds one pong and is still
             // timed out.
-            Inbound::Ping(p) => {
+            Message::Ping(p) => {
                 let answer = match &self.phase {
                     Phase::Open => true,
                     // Nothing follows our close frame (or the peer's).
@@ -504,18 +535,17 @@ impl Engine {
                     return;
                 }
                 match &mut self.socket {
-                    Some(socket) if socket.queued_bytes() < self.write_buffer => {
+                    Some(socket) if socket.has_room() => {
                         if let Some(older) = self.pong_due.take() {
-                            let _ = socket.queue_pong(older);
+                            socket.queue_pong(older);
                         }
-                        let _ = socket.queue_pong(p);
+                        socket.queue_pong(p);
                     }
                     _ => self.pong_due = Some(p),
                 }
             }
-            Inbound::Pong(_) => self.last_seen = Instant::now(),
-            Inbound::Close(frame) => {
-                self.last_seen = Instant::now();
+            Message::Pong(_) => {}
+            Message::Close(frame) => {
                 match &mut self.phase {
                     Phase::Open => {
                         if self.link.lock().incoming.is_empty() {
@@ -541,7 +571,7 @@ impl Engine {
         self.link.lock().peer_close = Some(frame);
         self.enter_closing(Closing {
             code,
-            deadline: Instant::now() + self.close_timeout,
+            deadline: Instant::now() + self.config().close_timeout,
             to_send: Some(reply),
             drain: true,
             peer_closed: true,
@@ -557,6 +587,8 @@ impl Engine {
             self.after_flush();
             return false;
         }
+        // Counted before the client can see it.
+        self.counts.fold(&self.link.runtime.metrics);
         match socket.poll_flush(cx) {
             Poll::Ready(Ok(())) => {
                 self.after_flush();
@@ -572,7 +604,7 @@ impl Engine {
 
     /// Everything handed to the writer is on the socket.
     fn after_flush(&mut self) {
-        {
+        if std::mem::take(&mut self.unflushed) {
             let mut st = self.link.lock();
             if st.out.is_empty() && !st.flushed {
                 st.flushed = true;
@@ -591,7 +623,9 @@ impl Engine {
 
     /// Spends one token of the rate limit; false when the budget is exhausted.
     fn take_token(&mut self) -> bool {
-        let Some((limit, tokens, last)) = &mut self.rate else {
+        let (Some(limit), Some((tokens, last))) =
+            (self.link.runtime.config.rate_limit, &mut self.rate)
+        else {
             return true;
         };
         let now = Instant::now();
@@ -612,16 +646,17 @@ impl Engine {
             self.over_budget_since = None;
             return;
         }
+        let soft_budget = self.config().max_outbound_bytes;
         let queued =
             self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Socket::queued_bytes);
-        if queued > self.soft_budget {
+        if queued > soft_budget {
             let now = Instant::now();
             let (since, at) = *self.over_budget_since.get_or_insert((now, self.drained));
-            if self.drained - at >= self.soft_budget {
+            if self.drained - at >= soft_budget {
                 // The client read a whole budget's worth: it is reading,
                 // just behind a burst. The clock restarts.
                 self.over_budget_since = Some((now, self.drained));
-            } else if now.duration_since(since) >= self.slow_client_timeout {
+            } else if now.duration_since(since) >= self.config().slow_client_timeout {
                 self.slow_close("slow consumer: outbound queue full");
             }
         } else {
@@ -635,10 +670,11 @@ impl Engine {
             Phase::Closing(c) => Some(c.deadline),
             Phase::Closed { .. } => None,
             Phase::Open => {
-                let idle = self.idle_timeout.map(|t| self.last_seen + t);
+                let config = self.config();
+                let idle = config.idle_timeout.map(|t| self.last_seen + t);
                 let slow = self
                     .over_budget_since
-                    .map(|(s, _)| s + self.slow_client_timeout);
+                    .map(|(s, _)| s + config.slow_client_timeout);
                 [idle, self.next_ping, slow, self.hold_until]
                     .into_iter()
                     .flatten()
@@ -677,7 +713,11 @@ impl Engine {
             }
             Phase::Closed { .. } => {}
             Phase::Open => {
-                if self.idle_timeout.is_some_and(|t| now >= self.last_seen + t) {
+                if self
+                    .config()
+                    .idle_timeout
+                    .is_some_and(|t| now >= self.last_seen + t)
+                {
                     tracing::debug!("idle timeout: the peer sent no data and no pong");
                     self.start_close(
                         CloseFrame::new(close_code::AWAY, "idle timeout"),
@@ -688,7 +728,9 @@ impl Engine {
                     if let Phase::Closing(c) = &mut self.phase {
                         c.code = close_code::ABNORMAL;
                     }
-                } else if let (Some(at), Some(every)) = (self.next_ping, self.ping_interval) {
+                } else if let (Some(at), Some(every)) =
+                    (self.next_ping, self.config().ping_interval)
+                {
                     if now >= at {
                         self.ping_due = true;
                         self.next_ping = Some(now + every);
@@ -723,6 +765,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        self.counts.fold(&self.link.runtime.metrics);
         self.link.runtime.metrics.closed();
         if !matches!(self.phase, Phase::Closed { .. }) {
             // Aborted (shutdown deadline): the application sees the end.

@@ -20,7 +20,21 @@ use crate::{
     Error,
 };
 
-use super::{Out, Probe, Runtime};
+use super::{Outbound, Probe, Runtime};
+
+/// What [`WebSocket::next`](crate::consumer::WebSocket::next) yields, and
+/// what a consumer's handlers are called with: a message from the client or
+/// an event from the channel layer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Incoming {
+    /// A message from the client.
+    Message(Message),
+    /// An event sent to this connection's channel or one of its groups.
+    Event(Event),
+    /// Group sends dropped this many events because the connection fell behind.
+    Lagged(u64),
+}
 
 /// What the application sees of the connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +63,7 @@ pub(crate) struct CloseRequest {
 pub(crate) struct State {
     pub(crate) status: Status,
     // Application -> engine.
-    pub(crate) out: VecDeque<Out>,
+    pub(crate) out: VecDeque<Outbound>,
     pub(crate) out_bytes: usize,
     pub(crate) close: Option<CloseRequest>,
     /// A send would have crossed the hard cap: the client is too slow.
@@ -140,7 +154,7 @@ impl Link {
 
     /// Queues `out` without waiting. Fails once the connection is closing,
     /// or when the hard cap would be crossed (the engine then closes 4008).
-    pub(crate) fn push(&self, out: Out) -> Result<(), Error> {
+    pub(crate) fn push(&self, out: Outbound) -> Result<(), Error> {
         let mut st = self.lock();
         if !matches!(st.status, Status::Open | Status::Handshake)
             || st.close.is_some()
@@ -195,6 +209,39 @@ impl Link {
     /// peer's close (`Message::Close`), then `None`.
     pub(crate) fn poll_message(&self, cx: &mut TaskContext<'_>) -> Poll<Option<Message>> {
         let mut st = self.lock();
+        if let Some(m) = self.take_message(&mut st) {
+            return Poll::Ready(m);
+        }
+        self.wait(st, cx)
+    }
+
+    /// The next message from the client or event for this connection, in
+    /// one lock: messages first (then the peer's close), then events; `None`
+    /// once the messages ended (the connection closed).
+    pub(crate) fn poll_incoming(&self, cx: &mut TaskContext<'_>) -> Poll<Option<Incoming>> {
+        let mut st = self.lock();
+        if let Some(m) = self.take_message(&mut st) {
+            return Poll::Ready(m.map(Incoming::Message));
+        }
+        if st.status == Status::Open {
+            if let Some(inbox) = st.inbox.as_mut() {
+                match inbox.poll_recv(cx) {
+                    Poll::Ready(Ok(e)) => return Poll::Ready(Some(Incoming::Event(e))),
+                    Poll::Ready(Err(RecvError::Lagged(n))) => {
+                        return Poll::Ready(Some(Incoming::Lagged(n)))
+                    }
+                    // The layer dropped this channel: only client messages remain.
+                    Poll::Ready(Err(_)) => st.inbox = None,
+                    Poll::Pending => {}
+                }
+            }
+        }
+        self.wait(st, cx)
+    }
+
+    /// A message read from the client, the peer's close after them, or
+    /// `Some(None)` once the connection is closed and both were taken.
+    fn take_message(&self, st: &mut MutexGuard<'_, State>) -> Option<Option<Message>> {
         if let Some(m) = st.incoming.pop_front() {
             st.in_bytes -= m.len();
             if st.incoming.is_empty() && st.incoming.capacity() > 16 {
@@ -202,49 +249,26 @@ impl Link {
             }
             // The engine may be waiting for read-ahead space.
             st.wake_host();
-            drop(st);
             if let Some(p) = &self.probe {
                 p.taken();
             }
-            return Poll::Ready(Some(m));
+            return Some(Some(m));
         }
         if let Some(frame) = st.peer_close.take() {
             st.wake_host();
-            return Poll::Ready(Some(Message::Close(frame)));
+            return Some(Some(Message::Close(frame)));
         }
-        if matches!(st.status, Status::Closed(_)) {
-            return Poll::Ready(None);
-        }
+        matches!(st.status, Status::Closed(_)).then_some(None)
+    }
+
+    /// Nothing to take: registers the application's waker.
+    fn wait<T>(&self, mut st: MutexGuard<'_, State>, cx: &mut TaskContext<'_>) -> Poll<T> {
         st.register_app(cx);
         drop(st);
         if let Some(p) = &self.probe {
             p.waiting();
         }
         Poll::Pending
-    }
-
-    /// The next event for this channel. `None` once closing started (the
-    /// inbox is dropped then) or the layer dropped the channel.
-    pub(crate) fn poll_event(
-        &self,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Event, RecvError>>> {
-        let mut st = self.lock();
-        if st.status != Status::Open {
-            return Poll::Pending;
-        }
-        let Some(inbox) = st.inbox.as_mut() else {
-            return Poll::Pending;
-        };
-        match inbox.poll_recv(cx) {
-            Poll::Ready(Ok(e)) => Poll::Ready(Some(Ok(e))),
-            Poll::Ready(Err(RecvError::Lagged(n))) => Poll::Ready(Some(Err(RecvError::Lagged(n)))),
-            Poll::Ready(Err(_)) => {
-                st.inbox = None;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
     }
 
     /// The close code once the engine is done.
@@ -409,13 +433,14 @@ impl State {
 
     /// Wakes whoever waits on the application side.
     pub(crate) fn wake_app(&mut self) {
-        let Some(w) = self.app_waker.take() else {
+        let Some(w) = &self.app_waker else {
             return;
         };
-        let same_task = self.host_waker.as_ref().is_some_and(|h| h.will_wake(&w));
-        if self.in_host && same_task {
+        if self.in_host && self.host_waker.as_ref().is_some_and(|h| h.will_wake(w)) {
+            // The host polls the application again before it returns; the
+            // waker stays registered (no clone and drop per message).
             self.dirty = true;
-        } else {
+        } else if let Some(w) = self.app_waker.take() {
             w.wake();
         }
     }

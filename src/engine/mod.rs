@@ -61,6 +61,9 @@ mod socket;
 mod transport;
 pub(crate) mod wire;
 
+/// Re-exported as [`consumer::Incoming`](crate::consumer::Incoming).
+pub use self::link::Incoming;
+
 pub(crate) use self::{
     driver::Engine,
     host::{Host, Slot},
@@ -69,6 +72,7 @@ pub(crate) use self::{
     runtime::{Runtime, Tracker},
     socket::Socket,
     transport::Transport,
+    wire::Outbound,
 };
 
 /// Read by the test kit only.
@@ -76,30 +80,6 @@ pub(crate) use self::{
 pub(crate) use self::probe::Progress;
 
 use std::any::Any;
-
-use crate::message::Message;
-
-use crate::payload::SharedPayload;
-
-/// An outgoing message, as the application queued it.
-#[derive(Debug, Clone)]
-pub(crate) enum Out {
-    /// A message of this connection.
-    Message(Message),
-    /// A payload shared with other connections (a group send), compressed
-    /// once per negotiated parameter set.
-    Shared(SharedPayload),
-}
-
-impl Out {
-    /// What it counts against the outbound budget.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Out::Message(m) => m.len(),
-            Out::Shared(p) => p.len(),
-        }
-    }
-}
 
 /// The text of a panic payload.
 pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {

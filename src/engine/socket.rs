@@ -3,21 +3,19 @@
 
 use std::{
     io,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
 
 use bytes::Bytes;
 
 use super::{
     wire::{DeflateParams, FrameReader, FrameWriter, Outbound, WireError, WireLimits},
-    Out, Transport,
+    Transport,
 };
 use crate::{
     message::{CloseCode, CloseFrame, Message},
     WebSocketConfig,
 };
-
-pub(crate) use super::wire::Inbound;
 
 /// Why reading stopped.
 #[derive(Debug)]
@@ -39,7 +37,9 @@ pub(crate) struct Socket {
     io: Transport,
     reader: FrameReader,
     writer: FrameWriter,
-    deflate: bool,
+    /// Frames queued in the writer up to this many bytes before they must
+    /// go to the transport.
+    write_buffer: usize,
 }
 
 impl Socket {
@@ -56,20 +56,15 @@ impl Socket {
             io,
             reader: FrameReader::new(limits, deflate, config.read_buffer_size),
             writer: FrameWriter::new(deflate, config.write_buffer_size),
-            deflate: deflate.is_some(),
+            write_buffer: config.write_buffer_size.max(1),
         }
     }
 
-    /// Whether permessage-deflate was negotiated.
-    #[allow(dead_code)]
-    pub(crate) fn compressing(&self) -> bool {
-        self.deflate
-    }
-
+    /// The next message or control frame from the peer.
     pub(crate) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<Inbound>, ReadError>> {
+    ) -> Poll<Result<Option<Message>, ReadError>> {
         self.reader
             .poll_read(&mut self.io, cx)
             .map_err(|e| match e {
@@ -81,35 +76,37 @@ impl Socket {
             })
     }
 
-    /// Ready when another frame may be queued (the engine bounds how much it
-    /// queues by [`queued_bytes`](Self::queued_bytes)).
-    pub(crate) fn poll_writable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Ready when another frame may be queued: the writer holds less than
+    /// one write buffer. When it holds more, writes it to the transport
+    /// first, and is pending (with `cx` registered) while the transport is.
+    pub(crate) fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.writer.queued_bytes() >= self.write_buffer {
+            ready!(self.writer.poll_flush(&mut self.io, cx))?;
+        }
         Poll::Ready(Ok(()))
     }
 
-    pub(crate) fn queue(&mut self, out: &Out) -> io::Result<()> {
-        match out {
-            Out::Message(m) => self.writer.queue(Outbound::Message(m)),
-            Out::Shared(p) => self.writer.queue(Outbound::Shared(p)),
-        }
-        Ok(())
+    /// Whether the writer holds less than one write buffer.
+    pub(crate) fn has_room(&self) -> bool {
+        self.writer.queued_bytes() < self.write_buffer
     }
 
-    pub(crate) fn queue_ping(&mut self) -> io::Result<()> {
+    pub(crate) fn queue(&mut self, out: &Outbound) {
+        self.writer.queue(out);
+    }
+
+    pub(crate) fn queue_ping(&mut self) {
         self.writer
-            .queue(Outbound::Message(&Message::Ping(Bytes::new())));
-        Ok(())
+            .queue(&Outbound::Message(Message::Ping(Bytes::new())));
     }
 
-    pub(crate) fn queue_pong(&mut self, payload: Bytes) -> io::Result<()> {
+    pub(crate) fn queue_pong(&mut self, payload: Bytes) {
         self.writer
-            .queue(Outbound::Message(&Message::Pong(payload)));
-        Ok(())
+            .queue(&Outbound::Message(Message::Pong(payload)));
     }
 
-    pub(crate) fn queue_close(&mut self, frame: Option<CloseFrame>) -> io::Result<()> {
-        self.writer.queue(Outbound::Message(&Message::Close(frame)));
-        Ok(())
+    pub(crate) fn queue_close(&mut self, frame: Option<CloseFrame>) {
+        self.writer.queue(&Outbound::Message(Message::Close(frame)));
     }
 
     pub(crate) fn has_unflushed(&self) -> bool {

@@ -1,7 +1,8 @@
-//! Runs every benchmark against the crate's `chat` example and the
-//! `baseline` server, alternating (crate, baseline, crate, baseline, …),
-//! each measurement on a freshly started server, and prints a markdown
-//! table of the medians with the ratio crate/baseline.
+//! Runs every benchmark against the crate's `chat` example (without and
+//! with a Prometheus recorder installed), the axum `baseline` server and,
+//! for echo, the `fastws` server (fastwebsockets), alternating the servers
+//! round by round, each measurement on a freshly started server, and prints
+//! a markdown table of the medians with the ratios and the load average.
 //!
 //! Normally started through `bench/run.sh`, which builds everything and
 //! raises `ulimit -n` first. See `bench/README.md`.
@@ -21,8 +22,9 @@ use tower_channels_bench::{err, median, procfs, Args, Result};
 
 const USAGE: &str = "usage: runall [--smoke] [--redis URL] [--rounds N]
               [--only echo,fanout,paced,idle,connections,paced-delay]
-              [--connections-baseline] [--crate-bin PATH] [--baseline-bin PATH]
-              [--loadgen-bin PATH] [--json-out FILE] [--verbose]";
+              [--connections-baseline] [--crate-bin PATH] [--crate-metrics-bin PATH]
+              [--baseline-bin PATH] [--fastws-bin PATH] [--loadgen-bin PATH]
+              [--json-out FILE] [--verbose]";
 
 /// How long a server may take to print its `listening on` line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -146,7 +148,11 @@ struct Config {
     modes: Vec<Mode>,
     connections_baseline: bool,
     crate_bin: PathBuf,
+    /// The chat example built with `example-metrics` (a Prometheus recorder
+    /// installed); `None` when the file does not exist (column left out).
+    crate_metrics_bin: Option<PathBuf>,
     baseline_bin: PathBuf,
+    fastws_bin: PathBuf,
     loadgen_bin: PathBuf,
     json_out: Option<PathBuf>,
     verbose: bool,
@@ -157,7 +163,8 @@ struct Config {
 #[derive(Debug)]
 struct Run {
     mode: Mode,
-    /// "crate", "baseline", "crate-redis" or "crate-delay".
+    /// "crate", "crate-metrics", "baseline", "fastws", "crate-redis" or
+    /// "crate-delay".
     server: &'static str,
     ok: bool,
     json: Value,
@@ -183,7 +190,16 @@ fn main() -> ExitCode {
 
 fn real_main() -> Result<bool> {
     let cfg = parse_config()?;
-    for bin in [&cfg.crate_bin, &cfg.baseline_bin, &cfg.loadgen_bin] {
+    for bin in [
+        Some(&cfg.crate_bin),
+        cfg.crate_metrics_bin.as_ref(),
+        Some(&cfg.baseline_bin),
+        Some(&cfg.fastws_bin),
+        Some(&cfg.loadgen_bin),
+    ]
+    .into_iter()
+    .flatten()
+    {
         if !bin.is_file() {
             return err(format!(
                 "{} not found (build first, or use bench/run.sh)",
@@ -207,19 +223,34 @@ fn real_main() -> Result<bool> {
         cfg.rounds
     );
     println!("crate server:    {}", cfg.crate_bin.display());
+    match &cfg.crate_metrics_bin {
+        Some(bin) => println!("crate + metrics: {}", bin.display()),
+        None => println!("crate + metrics: not found, column left out"),
+    }
     println!("baseline server: {}", cfg.baseline_bin.display());
+    println!("fastws server:   {}", cfg.fastws_bin.display());
+    let load_start = load_average();
+    println!("load average at start: {load_start}");
     println!();
 
     let started = Instant::now();
     let mut runs = Vec::new();
+    let mut loads = Vec::new();
     for &mode in &cfg.modes {
-        let mut servers: Vec<&'static str> = vec!["crate", "baseline"];
-        if mode == Mode::Connections && !cfg.connections_baseline {
-            servers.truncate(1);
+        let mut servers: Vec<&'static str> = vec!["crate", "crate-metrics", "baseline"];
+        if mode == Mode::Echo {
+            servers.push("fastws");
+        }
+        if cfg.crate_metrics_bin.is_none() {
+            servers.retain(|s| *s != "crate-metrics");
+        }
+        if mode == Mode::Connections {
+            servers.retain(|s| *s == "crate" || (*s == "baseline" && cfg.connections_baseline));
         }
         if mode == Mode::PacedDelay {
             servers = vec!["crate", "crate-delay"];
         }
+        loads.push((mode, load_average()));
         for round in 1..=cfg.rounds {
             for &server in &servers {
                 let run = measure(&cfg, mode, server, round);
@@ -237,7 +268,15 @@ fn real_main() -> Result<bool> {
     }
 
     println!();
-    print!("{}", table(&cfg, &runs));
+    print!("{}", table(&cfg, &runs, &load_start));
+    println!();
+    println!(
+        "load average (1/5/15 min) at start: {load_start}; at end: {}",
+        load_average()
+    );
+    for (mode, load) in &loads {
+        println!("- {} started at load average {load}", mode.name());
+    }
     let failures: Vec<&Run> = runs.iter().filter(|r| !r.ok).collect();
     println!();
     println!(
@@ -289,8 +328,17 @@ fn parse_config() -> Result<Config> {
     let path = |args: &mut Args, key: &str, default: PathBuf| -> PathBuf {
         args.opt(key).map_or(default, PathBuf::from)
     };
-    let crate_bin = path(&mut args, "crate-bin", dir.join("examples").join("chat"));
+    let explicit_crate = args.opt("crate-bin").map(PathBuf::from);
+    // With an explicit --crate-bin, a chat-metrics from an earlier build
+    // would not be the same code: only an explicit --crate-metrics-bin counts.
+    let crate_metrics_bin = match (args.opt("crate-metrics-bin"), &explicit_crate) {
+        (Some(p), _) => Some(PathBuf::from(p)),
+        (None, None) => Some(dir.join("chat-metrics")).filter(|p| p.is_file()),
+        (None, Some(_)) => None,
+    };
+    let crate_bin = explicit_crate.unwrap_or_else(|| dir.join("examples").join("chat"));
     let baseline_bin = path(&mut args, "baseline-bin", dir.join("baseline"));
+    let fastws_bin = path(&mut args, "fastws-bin", dir.join("fastws"));
     let loadgen_bin = path(&mut args, "loadgen-bin", dir.join("loadgen"));
     let json_out = args.opt("json-out").map(PathBuf::from);
     let connections_baseline = args.flag("connections-baseline");
@@ -306,7 +354,9 @@ fn parse_config() -> Result<Config> {
         modes,
         connections_baseline,
         crate_bin,
+        crate_metrics_bin,
         baseline_bin,
+        fastws_bin,
         loadgen_bin,
         json_out,
         verbose,
@@ -474,7 +524,12 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
     };
     let started = match server {
         "crate" => start("crate", &cfg.crate_bin, &[]).map(|s| vec![s]),
+        "crate-metrics" => match &cfg.crate_metrics_bin {
+            Some(bin) => start("crate-metrics", bin, &[]).map(|s| vec![s]),
+            None => err("no crate-metrics binary".to_owned()),
+        },
         "baseline" => start("baseline", &cfg.baseline_bin, &[]).map(|s| vec![s]),
+        "fastws" => start("fastws", &cfg.fastws_bin, &[]).map(|s| vec![s]),
         "crate-delay" => start(
             "crate-delay",
             &cfg.crate_bin,
@@ -695,20 +750,24 @@ fn paced_rows() -> Vec<Row> {
     ]
 }
 
-fn table(cfg: &Config, runs: &[Run]) -> String {
+fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
     let s = cfg.sizes;
     let mut out = String::new();
     if cfg.modes.iter().any(|m| *m != Mode::PacedDelay) {
         let _ = writeln!(
             out,
-            "## Results (median of {} round(s); ratio = tower-channels / baseline)\n",
-            cfg.rounds
+            "## Results (median of {} round(s); load average at start: {})\n\n\
+             tc = tower-channels' chat example, tc+P = the same built with \
+             `example-metrics` (a Prometheus recorder installed), axum = the \
+             `baseline` server, fws = fastwebsockets on plain hyper (echo only).\n",
+            cfg.rounds, load_start
         );
         let _ = writeln!(
             out,
-            "| benchmark | metric | better | tower-channels | baseline | ratio |"
+            "| benchmark | metric | better | tc | tc+P | axum | fws | tc / axum | tc+P / axum | \
+             tc+P / fws | tc+P / tc |"
         );
-        let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
 
     let echo = format!("echo ({} conns, {} B)", s.echo_conns, s.echo_size);
@@ -805,25 +864,37 @@ fn table(cfg: &Config, runs: &[Run]) -> String {
                     fmt_num(v)
                 }
             };
-            let (a, b) = (value("crate"), value("baseline"));
-            let ratio = if r.sum {
-                "—".to_owned()
-            } else {
-                fmt_ratio(a, b)
+            let (tc, tcp, axum, fws) = (
+                value("crate"),
+                value("crate-metrics"),
+                value("baseline"),
+                value("fastws"),
+            );
+            let ratio = |a, b| {
+                if r.sum {
+                    "—".to_owned()
+                } else {
+                    fmt_ratio(a, b)
+                }
             };
             let base_cell = if *mode == Mode::Connections && !cfg.connections_baseline {
                 "not run".to_owned()
             } else {
-                cell("baseline", b)
+                cell("baseline", axum)
             };
             let _ = writeln!(
                 out,
-                "| {title} | {} | {} | {} | {} | {} |",
+                "| {title} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.label,
                 r.better,
-                cell("crate", a),
+                cell("crate", tc),
+                cell("crate-metrics", tcp),
                 base_cell,
-                ratio
+                cell("fastws", fws),
+                ratio(tc, axum),
+                ratio(tcp, axum),
+                ratio(tcp, fws),
+                ratio(tcp, tc),
             );
         }
     }
@@ -923,6 +994,14 @@ fn table(cfg: &Config, runs: &[Run]) -> String {
         }
     }
     out
+}
+
+/// The 1, 5 and 15 minute load averages, as `uptime` prints them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 #[cfg(test)]

@@ -11,10 +11,10 @@
 //!
 //! * [`negotiate`] reads the client's `Sec-WebSocket-Extensions` offers and
 //!   answers one of them ([`DeflateParams`] + the response header value).
-//! * [`FrameReader`] turns bytes from an `AsyncRead` into [`Inbound`] messages
-//!   and control frames, inflating compressed messages and checking the
+//! * [`FrameReader`] turns bytes from an `AsyncRead` into
+//!   [`Message`](crate::message::Message)s (data messages and control frames), inflating compressed messages and checking the
 //!   message size limit on the *inflated* size while inflating.
-//! * [`FrameWriter`] encodes [`Outbound`] messages, compresses data messages
+//! * [`FrameWriter`] encodes [`Outbound`] messages (the engine's queue items), compresses data messages
 //!   at or above the threshold, and writes the queue with vectored writes
 //!   (small frames are copied into one buffer, large payloads are written
 //!   from their shared `Bytes` without a copy) before one flush.
@@ -29,7 +29,7 @@
 //! let mut reader = FrameReader::new(limits, params, config.read_buffer_size);
 //! let mut writer = FrameWriter::new(params, config.write_buffer_size);
 //! while let Some(msg) = poll_fn(|cx| reader.poll_read(&mut io_read, cx)).await? {
-//!     if let Inbound::Ping(p) = msg { writer.queue(Outbound::Message(&Message::Pong(p))); }
+//!     if let Message::Ping(p) = msg { writer.queue(&Outbound::Message(Message::Pong(p))); }
 //!     poll_fn(|cx| writer.poll_flush(&mut io_write, cx)).await?;
 //! }
 //! ```
@@ -95,8 +95,7 @@ mod negotiate;
 mod reader;
 mod writer;
 
-use crate::message::{close_code, CloseCode, CloseFrame, Utf8Bytes};
-use bytes::Bytes;
+use crate::message::{close_code, CloseCode};
 
 pub(crate) use self::{
     negotiate::{negotiate, DeflateParams},
@@ -111,21 +110,6 @@ pub(crate) struct WireLimits {
     pub(crate) max_message_size: usize,
     /// Largest single frame payload (as received, i.e. compressed).
     pub(crate) max_frame_size: usize,
-}
-
-/// What the decoder yields: complete data messages and control frames.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Inbound {
-    /// A complete, UTF-8-checked text message.
-    Text(Utf8Bytes),
-    /// A complete binary message.
-    Binary(Bytes),
-    /// A ping (payload of at most 125 bytes); the engine answers it.
-    Ping(Bytes),
-    /// A pong.
-    Pong(Bytes),
-    /// A close frame with a valid code and UTF-8 reason, or none.
-    Close(Option<CloseFrame>),
 }
 
 /// A protocol violation by the peer; the engine closes with

@@ -16,9 +16,9 @@ use tungstenite::protocol::frame::{
 
 use super::{
     deflate::{self, TAIL},
-    DeflateParams, Inbound, ProtocolError, WireError, WireLimits,
+    DeflateParams, ProtocolError, WireError, WireLimits,
 };
-use crate::message::{CloseFrame, Utf8Bytes};
+use crate::message::{CloseFrame, Message, Utf8Bytes};
 
 /// Longest frame header (2 + 8 length + 4 mask).
 const MAX_HEADER: usize = 14;
@@ -105,7 +105,7 @@ impl FrameReader {
         &mut self,
         io: &mut R,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<Inbound>, WireError>> {
+    ) -> Poll<Result<Option<Message>, WireError>> {
         if let Some(e) = &self.failed {
             return Poll::Ready(Err(e.clone().into()));
         }
@@ -160,7 +160,7 @@ impl FrameReader {
     }
 
     /// The peer closed its side: clean between messages, an error inside one.
-    fn end_of_stream(&self) -> Result<Option<Inbound>, WireError> {
+    fn end_of_stream(&self) -> Result<Option<Message>, WireError> {
         if self.buf.is_empty() && self.partial.is_none() {
             Ok(None)
         } else {
@@ -183,7 +183,7 @@ impl FrameReader {
 
     /// Decodes at most one frame from `buf`. `Ok(None)`: need more bytes (set
     /// in `need`) or a fragment was absorbed (`need` <= `buf.len()`).
-    fn decode(&mut self) -> Result<Option<Inbound>, ProtocolError> {
+    fn decode(&mut self) -> Result<Option<Message>, ProtocolError> {
         let mut cursor = Cursor::new(&self.buf[..]);
         let Some((header, len)) =
             FrameHeader::parse(&mut cursor).map_err(|_| ProtocolError::BadOpcode)?
@@ -262,10 +262,10 @@ impl FrameReader {
         &mut self,
         header: &FrameHeader,
         payload: BytesMut,
-    ) -> Result<Option<Inbound>, ProtocolError> {
+    ) -> Result<Option<Message>, ProtocolError> {
         let text = match header.opcode {
-            OpCode::Control(Control::Ping) => return Ok(Some(Inbound::Ping(payload.freeze()))),
-            OpCode::Control(Control::Pong) => return Ok(Some(Inbound::Pong(payload.freeze()))),
+            OpCode::Control(Control::Ping) => return Ok(Some(Message::Ping(payload.freeze()))),
+            OpCode::Control(Control::Pong) => return Ok(Some(Message::Pong(payload.freeze()))),
             OpCode::Control(Control::Close) => return close(&payload.freeze()).map(Some),
             // Rejected by `FrameHeader::parse`.
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
@@ -294,7 +294,7 @@ impl FrameReader {
         &mut self,
         is_final: bool,
         payload: &[u8],
-    ) -> Result<Option<Inbound>, ProtocolError> {
+    ) -> Result<Option<Message>, ProtocolError> {
         let limit = self.limits.max_message_size;
         let Some(p) = self.partial.as_mut() else {
             return Err(ProtocolError::UnexpectedContinuation);
@@ -388,20 +388,20 @@ fn exceeds(have: usize, add: u64, limit: usize) -> bool {
 }
 
 /// A finished data message.
-fn complete(text: bool, data: Bytes) -> Result<Inbound, ProtocolError> {
+fn complete(text: bool, data: Bytes) -> Result<Message, ProtocolError> {
     if text {
         Utf8Bytes::try_from_bytes(data)
-            .map(Inbound::Text)
+            .map(Message::Text)
             .map_err(|_| ProtocolError::InvalidUtf8)
     } else {
-        Ok(Inbound::Binary(data))
+        Ok(Message::Binary(data))
     }
 }
 
 /// A close frame's payload: empty, or a valid code and a UTF-8 reason.
-fn close(payload: &Bytes) -> Result<Inbound, ProtocolError> {
+fn close(payload: &Bytes) -> Result<Message, ProtocolError> {
     match payload.len() {
-        0 => Ok(Inbound::Close(None)),
+        0 => Ok(Message::Close(None)),
         1 => Err(ProtocolError::CloseTooShort),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
@@ -410,7 +410,7 @@ fn close(payload: &Bytes) -> Result<Inbound, ProtocolError> {
             }
             let reason = Utf8Bytes::try_from_bytes(payload.slice(2..))
                 .map_err(|_| ProtocolError::InvalidCloseReason)?;
-            Ok(Inbound::Close(Some(CloseFrame { code, reason })))
+            Ok(Message::Close(Some(CloseFrame { code, reason })))
         }
     }
 }

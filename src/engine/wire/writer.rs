@@ -30,13 +30,25 @@ pub(crate) const ZERO_COPY_MIN: usize = 4096;
 /// keeps the array on the stack).
 const MAX_IOVECS: usize = 64;
 
-/// What the writer can send.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Outbound<'a> {
+/// What the writer sends: an outgoing message as the application queued it
+/// (the engine's outbound queue holds these), or a control frame.
+#[derive(Debug, Clone)]
+pub(crate) enum Outbound {
     /// A message of this connection (data or control).
-    Message(&'a Message),
-    /// A data payload shared with other connections (a group send).
-    Shared(&'a SharedPayload),
+    Message(Message),
+    /// A data payload shared with other connections (a group send),
+    /// compressed once per negotiated parameter set.
+    Shared(SharedPayload),
+}
+
+impl Outbound {
+    /// What it counts against the outbound budget: its payload bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Outbound::Message(m) => m.len(),
+            Outbound::Shared(p) => p.len(),
+        }
+    }
 }
 
 /// Encodes and writes frames with one write buffer for small frames and
@@ -81,7 +93,7 @@ impl FrameWriter {
 
     /// Encodes one message/frame into the queue (compressing data messages per
     /// params/threshold; never control frames).
-    pub(crate) fn queue(&mut self, msg: Outbound<'_>) {
+    pub(crate) fn queue(&mut self, msg: &Outbound) {
         match msg {
             Outbound::Message(Message::Text(t)) => self.data(true, t.as_bytes()),
             Outbound::Message(Message::Binary(b)) => self.data(false, b),
@@ -119,6 +131,16 @@ impl FrameWriter {
         io: &mut W,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
+        // Only small frames (the common case): write the buffer itself,
+        // without moving it into the segment queue.
+        while self.segments.is_empty() && !self.buf.is_empty() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.advance(n);
+            self.queued = self.queued.saturating_sub(n);
+        }
         self.seal();
         while !self.segments.is_empty() {
             let n = if io.is_write_vectored() && self.segments.len() > 1 {

@@ -47,7 +47,7 @@ fn deflate_params(client_no_context_takeover: bool) -> DeflateParams {
 async fn read_all(
     reader: &mut FrameReader,
     mut wire: impl AsyncRead + Unpin,
-) -> (Vec<Inbound>, Option<WireError>) {
+) -> (Vec<Message>, Option<WireError>) {
     let mut out = Vec::new();
     loop {
         match poll_fn(|cx| reader.poll_read(&mut wire, cx)).await {
@@ -62,7 +62,7 @@ async fn read_bytes(
     limits: WireLimits,
     deflate: Option<DeflateParams>,
     wire: &[u8],
-) -> (Vec<Inbound>, Option<ProtocolError>) {
+) -> (Vec<Message>, Option<ProtocolError>) {
     let mut reader = FrameReader::new(limits, deflate, 2048);
     let (msgs, err) = read_all(&mut reader, wire).await;
     let err = err.map(|e| match e {
@@ -79,8 +79,8 @@ async fn protocol_error(deflate: Option<DeflateParams>, wire: &[u8]) -> Protocol
         .expect("a protocol error")
 }
 
-fn text(s: &str) -> Inbound {
-    Inbound::Text(Utf8Bytes::from(s))
+fn text(s: &str) -> Message {
+    Message::Text(Utf8Bytes::from(s))
 }
 
 /// Hands out one byte per read, returning `Pending` (after waking) in between.
@@ -122,10 +122,10 @@ async fn single_frames_and_control_frames() {
         msgs,
         vec![
             text("hello"),
-            Inbound::Binary(Bytes::from_static(&[0, 1, 2])),
-            Inbound::Ping(Bytes::from_static(b"ping")),
-            Inbound::Pong(Bytes::from_static(b"pong")),
-            Inbound::Close(Some(CloseFrame::new(close_code::NORMAL, "bye"))),
+            Message::Binary(Bytes::from_static(&[0, 1, 2])),
+            Message::Ping(Bytes::from_static(b"ping")),
+            Message::Pong(Bytes::from_static(b"pong")),
+            Message::Close(Some(CloseFrame::new(close_code::NORMAL, "bye"))),
         ]
     );
 }
@@ -140,10 +140,10 @@ async fn fragments_with_control_frames_in_between() {
     wire.extend(client_frame(false, false, 2, b"\x01"));
     wire.extend(client_frame(true, false, 0, b"\x02"));
     let expected = vec![
-        Inbound::Ping(Bytes::from_static(b"p1")),
-        Inbound::Pong(Bytes::new()),
+        Message::Ping(Bytes::from_static(b"p1")),
+        Message::Pong(Bytes::new()),
         text("Hello, world"),
-        Inbound::Binary(Bytes::from_static(&[1, 2])),
+        Message::Binary(Bytes::from_static(&[1, 2])),
     ];
     let (msgs, err) = read_bytes(LIMITS, None, &wire).await;
     assert_eq!((msgs, err), (expected.clone(), None));
@@ -204,14 +204,14 @@ async fn close_frames_are_validated() {
     let ok = |payload: &'static [u8]| async move {
         read_bytes(LIMITS, None, &client_frame(true, false, 8, payload)).await
     };
-    assert_eq!(ok(b"").await, (vec![Inbound::Close(None)], None));
+    assert_eq!(ok(b"").await, (vec![Message::Close(None)], None));
     assert_eq!(
         ok(b"\x0b\xb8").await.0,
-        vec![Inbound::Close(Some(CloseFrame::new(3000, "")))]
+        vec![Message::Close(Some(CloseFrame::new(3000, "")))]
     );
     assert_eq!(
         ok(b"\x0f\x9f").await.0,
-        vec![Inbound::Close(Some(CloseFrame::new(3999, "")))]
+        vec![Message::Close(Some(CloseFrame::new(3999, "")))]
     );
     for (payload, want) in [
         (&b"\x03"[..], ProtocolError::CloseTooShort),
@@ -368,8 +368,8 @@ async fn compressed_messages_inflate() {
         msgs,
         vec![
             text(json_text),
-            Inbound::Ping(Bytes::from_static(b"!")),
-            Inbound::Binary(Bytes::from(json.clone())),
+            Message::Ping(Bytes::from_static(b"!")),
+            Message::Binary(Bytes::from(json.clone())),
             text("plain"),
         ]
     );
@@ -388,7 +388,7 @@ async fn client_context_takeover_keeps_the_window() {
 
     let (msgs, err) = read_bytes(LIMITS, Some(deflate_params(false)), &wire).await;
     assert_eq!(err, None);
-    assert_eq!(msgs, vec![Inbound::Binary(Bytes::from(msg.clone())); 2]);
+    assert_eq!(msgs, vec![Message::Binary(Bytes::from(msg.clone())); 2]);
 
     // A server that (per negotiation) inflates every message fresh cannot
     // resolve the back-reference: 1007, not garbage.
@@ -481,9 +481,9 @@ async fn buffers_shrink_back_after_a_1_mib_message() {
         let wire = [wire, client_frame(true, false, 9, b"")].concat();
         let mut io = &wire[..];
         let first = poll_fn(|cx| reader.poll_read(&mut io, cx)).await.unwrap();
-        assert_eq!(first, Some(Inbound::Binary(Bytes::from(big.clone()))));
+        assert_eq!(first, Some(Message::Binary(Bytes::from(big.clone()))));
         let ping = poll_fn(|cx| reader.poll_read(&mut io, cx)).await.unwrap();
-        assert_eq!(ping, Some(Inbound::Ping(Bytes::new())));
+        assert_eq!(ping, Some(Message::Ping(Bytes::new())));
         assert!(
             reader.buffered_bytes() <= 2048,
             "reader holds {} bytes",

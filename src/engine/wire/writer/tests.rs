@@ -143,7 +143,7 @@ fn written(deflate: Option<DeflateParams>, msgs: &[Message]) -> Vec<ServerFrame>
     let mut w = FrameWriter::new(deflate, 8192);
     let mut io = Recorder::default();
     for m in msgs {
-        w.queue(Outbound::Message(m));
+        w.queue(&Outbound::Message(m.clone()));
     }
     flush_now(&mut w, &mut io);
     parse_server_frames(&io.data)
@@ -316,7 +316,7 @@ fn shared_payload_is_compressed_once_for_n_writers() {
     for _ in 0..100 {
         let mut w = FrameWriter::new(Some(d), 8192);
         let mut io = Recorder::default();
-        w.queue(Outbound::Shared(&payload));
+        w.queue(&Outbound::Shared(payload.clone()));
         flush_now(&mut w, &mut io);
         outputs.push(io.data);
     }
@@ -336,7 +336,7 @@ fn shared_payload_is_compressed_once_for_n_writers() {
     };
     for params in [small, d, small] {
         let mut w = FrameWriter::new(Some(params), 8192);
-        w.queue(Outbound::Shared(&payload));
+        w.queue(&Outbound::Shared(payload.clone()));
     }
     assert_eq!(payload.compressions(), 2);
 
@@ -348,7 +348,7 @@ fn shared_payload_is_compressed_once_for_n_writers() {
     let fresh = SharedPayload::text(Utf8Bytes::from(text.clone()));
     let mut w = FrameWriter::new(Some(takeover), 8192);
     let mut io = Recorder::default();
-    w.queue(Outbound::Shared(&fresh));
+    w.queue(&Outbound::Shared(fresh.clone()));
     flush_now(&mut w, &mut io);
     assert_eq!(fresh.compressions(), 0);
     let frames = parse_server_frames(&io.data);
@@ -361,9 +361,9 @@ fn shared_payload_is_compressed_once_for_n_writers() {
     // Below the threshold, or without deflate: plain, never compressed.
     let tiny = SharedPayload::binary(Bytes::from_static(b"tiny"));
     let mut w = FrameWriter::new(Some(d), 8192);
-    w.queue(Outbound::Shared(&tiny));
+    w.queue(&Outbound::Shared(tiny.clone()));
     let mut w2 = FrameWriter::new(None, 8192);
-    w2.queue(Outbound::Shared(&payload));
+    w2.queue(&Outbound::Shared(payload.clone()));
     assert_eq!(tiny.compressions(), 0);
 }
 
@@ -376,7 +376,7 @@ fn shared_payload_compressed_once_across_threads() {
             s.spawn(|| {
                 for _ in 0..25 {
                     let mut w = FrameWriter::new(Some(d), 8192);
-                    w.queue(Outbound::Shared(&payload));
+                    w.queue(&Outbound::Shared(payload.clone()));
                 }
             });
         }
@@ -389,10 +389,10 @@ fn large_payloads_are_written_vectored_without_a_copy() {
     let big = Bytes::from(vec![9u8; 64 * 1024]);
     let shared = SharedPayload::binary(Bytes::from(vec![5u8; 32 * 1024]));
     let mut w = FrameWriter::new(None, 8192);
-    w.queue(Outbound::Message(&Message::text("small one")));
-    w.queue(Outbound::Message(&Message::Binary(big.clone())));
-    w.queue(Outbound::Shared(&shared));
-    w.queue(Outbound::Message(&Message::text("small two")));
+    w.queue(&Outbound::Message(Message::text("small one")));
+    w.queue(&Outbound::Message(Message::Binary(big.clone())));
+    w.queue(&Outbound::Shared(shared.clone()));
+    w.queue(&Outbound::Message(Message::text("small two")));
     // 64 KiB needs the 8-byte length form, 32 KiB the 2-byte one.
     let expected_len = (2 + 9) + (10 + 65536) + (4 + 32768) + (2 + 9);
     assert_eq!(w.queued_bytes(), expected_len);
@@ -431,7 +431,7 @@ fn partial_and_pending_writes_produce_the_same_bytes() {
     let mut reference = Recorder::default();
     let mut w = FrameWriter::new(Some(DeflateParams::no_context_takeover(1, 100)), 8192);
     for m in &msgs {
-        w.queue(Outbound::Message(m));
+        w.queue(&Outbound::Message(m.clone()));
     }
     flush_now(&mut w, &mut reference);
     for vectored in [false, true] {
@@ -443,7 +443,7 @@ fn partial_and_pending_writes_produce_the_same_bytes() {
         };
         let mut w = FrameWriter::new(Some(DeflateParams::no_context_takeover(1, 100)), 8192);
         for m in &msgs {
-            w.queue(Outbound::Message(m));
+            w.queue(&Outbound::Message(m.clone()));
         }
         flush_now(&mut w, &mut io);
         assert_eq!(io.data, reference.data);
@@ -457,8 +457,8 @@ async fn write_buffer_is_released_after_a_1_mib_message() {
     let mut w = FrameWriter::new(Some(DeflateParams::no_context_takeover(1, 256)), 8192);
     let mut io = Recorder::default();
     let big = Message::text("x".repeat(1 << 20));
-    w.queue(Outbound::Message(&big));
-    w.queue(Outbound::Message(&Message::binary(vec![1u8; 1 << 20])));
+    w.queue(&Outbound::Message(big.clone()));
+    w.queue(&Outbound::Message(Message::binary(vec![1u8; 1 << 20])));
     assert!(w.buffered_bytes() > 0);
     poll_fn(|cx| w.poll_flush(&mut io, cx)).await.unwrap();
     assert_eq!(w.buffered_bytes(), 0);
@@ -484,7 +484,7 @@ fn zero_writes_are_an_error() {
         }
     }
     let mut w = FrameWriter::new(None, 8192);
-    w.queue(Outbound::Message(&Message::text("x")));
+    w.queue(&Outbound::Message(Message::text("x")));
     let mut cx = Context::from_waker(Waker::noop());
     match w.poll_flush(&mut Zero, &mut cx) {
         Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::WriteZero),
@@ -499,7 +499,7 @@ fn zero_writes_are_an_error() {
 /// --nocapture`).
 #[tokio::test]
 async fn idle_connection_memory_with_deflate() {
-    use crate::engine::wire::{FrameReader, Inbound, WireLimits};
+    use crate::engine::wire::{FrameReader, WireLimits};
     use tungstenite::protocol::frame::Frame;
     let params = DeflateParams::no_context_takeover(1, 0);
     let limits = WireLimits {
@@ -525,10 +525,10 @@ async fn idle_connection_memory_with_deflate() {
     let got = poll_fn(|cx| reader.poll_read(&mut input, cx))
         .await
         .unwrap();
-    assert!(matches!(got, Some(Inbound::Text(t)) if t.as_str() == text));
+    assert!(matches!(got, Some(Message::Text(t)) if t.as_str() == text));
     let mut io = Recorder::default();
     let out = Message::text(text);
-    w.queue(Outbound::Message(&out));
+    w.queue(&Outbound::Message(out.clone()));
     flush_now(&mut w, &mut io);
     assert!(parse_server_frames(&io.data)[0].rsv1, "sent compressed");
 
