@@ -427,3 +427,41 @@ async fn history_sends_answered_ok_survive_restarts_without_persistence() {
         assert!(missed <= 2, "{}: {missed} sends missed", member.name());
     }
 }
+
+/// Issue 24 (5): after a Redis restart (presence lost with it), the
+/// listing is whole again as soon as the process reconnected, well before
+/// the next periodic refresh (a third of the TTL, 10 s here).
+#[tokio::test]
+async fn presence_is_whole_again_right_after_a_restart() {
+    if skip() {
+        return;
+    }
+    use tower_channels::channel_layer::PresenceInfo;
+    let mut server = RedisServer::start().await;
+    let url = server.url();
+    let a = layer(&url, "faults-presence", Duration::from_millis(500)).await;
+    let member = a.new_channel().await.unwrap();
+    a.presence_join("room", member.name(), PresenceInfo::new("alice").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(a.presence("room").await.unwrap().len(), 1);
+
+    server.kill();
+    outage().await;
+    server.restart().await;
+    let restarted = std::time::Instant::now();
+    // Wait on the condition (bounded), polling the listing.
+    loop {
+        if let Ok(members) = a.presence("room").await {
+            if members.len() == 1 {
+                break;
+            }
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "presence still empty 5 s after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.presence("room").await.unwrap()[0].user_id(), "alice");
+}

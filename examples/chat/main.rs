@@ -55,9 +55,20 @@
 //! default, and 0 is off too; `bench/` measures its effect).
 //! `--presence-ttl SECS` sets how long the members of a crashed process stay
 //! listed with `--redis` (30 s by default).
+//!
+//! The router is served by the accept loop the examples share
+//! (`examples/support/serve.rs`, hyper-util) rather than `axum::serve`, which
+//! has no timeouts: `--header-read-timeout SECS` (10), `--idle-timeout SECS`
+//! (60: a connection with no request in flight, silent TCP and idle HTTP/2
+//! included, is shut down) and `--keep-alive SECS` (20, HTTP/2 pings); accept
+//! errors are retried with a backoff.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tracing_subscriber::prelude::*;
+
+#[path = "../support/serve.rs"]
+mod serve;
+use serve::{serve, Limits};
 
 use axum::{
     extract::{DefaultBodyLimit, Path, State},
@@ -316,6 +327,7 @@ struct Args {
     compression_threshold: Option<usize>,
     write_delay_ms: Option<u64>,
     presence_ttl: Option<Duration>,
+    limits: Limits,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -330,6 +342,7 @@ fn parse_args() -> Result<Args, String> {
         compression_threshold: None,
         write_delay_ms: None,
         presence_ttl: None,
+        limits: Limits::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -385,10 +398,12 @@ fn parse_args() -> Result<Args, String> {
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
                      [--max-message-size BYTES] [--compression-threshold BYTES] \
-                     [--write-delay-ms MS] [--presence-ttl SECS]"
-                        .into(),
+                     [--write-delay-ms MS] [--presence-ttl SECS] "
+                        .to_owned()
+                        + Limits::USAGE,
                 )
             }
+            other if args.limits.parse_flag(other, &mut it)? => {}
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -499,12 +514,9 @@ async fn main() -> Result<(), BoxError> {
 
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    // Not `axum::serve`: it has no header-read or idle timeout, so silent and
+    // half-sent connections would be held forever (README, "Reliability").
+    serve(listener, app, args.limits, shutdown).await;
     Ok(())
 }
 

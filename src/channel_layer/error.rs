@@ -89,7 +89,10 @@ pub enum ChannelLayerError {
 }
 
 /// `err` and its sources joined by `: `, for tests that look for a cause.
-#[cfg(all(test, any(feature = "redis-cluster", feature = "nats")))]
+#[cfg(all(
+    test,
+    any(feature = "redis-cluster", feature = "nats", feature = "testing")
+))]
 pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     std::iter::successors(Some(err), |e| e.source())
         .map(ToString::to_string)

@@ -10,7 +10,7 @@ use super::{
     MeshConfig, MeshLayer,
 };
 use crate::{
-    channel_layer::{ChannelLayer, ChannelLayerError, ChannelReceiver, Event},
+    channel_layer::{error::error_chain, ChannelLayer, ChannelLayerError, ChannelReceiver, Event},
     testing::conformance,
 };
 
@@ -48,18 +48,6 @@ async fn receive_set(rx: &mut ChannelReceiver, expected: &HashSet<String>) {
         assert!(expected.contains(&kind), "unexpected {kind}");
         assert!(seen.insert(kind.clone()), "{kind} delivered twice");
     }
-}
-
-/// `err` with its sources.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }
 
 #[tokio::test(start_paused = true)]
@@ -135,7 +123,11 @@ async fn lost_replies_time_out() {
     });
     let started = tokio::time::Instant::now();
     let err = a.send(inbox.name(), Event::bare("lost")).await.unwrap_err();
-    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(
+        error_chain(&err).contains("timed out"),
+        "{}",
+        error_chain(&err)
+    );
     assert_eq!(started.elapsed(), TIMEOUT);
     net.set_faults(Faults::default());
     a.send(inbox.name(), Event::bare("after")).await.unwrap();
@@ -229,7 +221,11 @@ async fn broker_restart() {
     };
     tokio::task::yield_now().await;
     let err = a.group_send("room", Event::bare("down")).await.unwrap_err();
-    assert!(chain(&err).contains("broker is down"), "{}", chain(&err));
+    assert!(
+        error_chain(&err).contains("broker is down"),
+        "{}",
+        error_chain(&err)
+    );
     restarting.await.unwrap();
 
     a.group_send("room", Event::bare("up")).await.unwrap();
@@ -279,9 +275,9 @@ async fn maybe_sent_is_not_retried() {
     let err = a.group_send("room", Event::bare("once")).await.unwrap_err();
     assert_eq!(net.publish_calls() - calls, 1, "maybe sent: not resent");
     assert!(
-        chain(&err).contains("broke after sending"),
+        error_chain(&err).contains("broke after sending"),
         "{}",
-        chain(&err)
+        error_chain(&err)
     );
     net.set_faults(Faults::default());
     a.group_send("room", Event::bare("next")).await.unwrap();

@@ -103,7 +103,8 @@
 //! and leaves run one script each, which checks the other live processes
 //! for the same user, so notifications are collapsed per user across
 //! processes. After Redis lost the keys (flush, restart) the next refresh
-//! writes this process's entries again. Times are Redis's (`TIME`), so the
+//! writes this process's entries again; after a restart that is at once,
+//! when the Pub/Sub connection comes back. Times are Redis's (`TIME`), so the
 //! processes' clocks do not matter.
 //!
 //! # History and recovery

@@ -359,9 +359,19 @@ pub(super) async fn refresh_loop(inner: Weak<Inner>, ttl: Duration) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let groups = lock(&inner.presence).group_names();
+        inner.refresh_presence().await;
+    }
+}
+
+impl Inner {
+    /// Refreshes this process's presence in every group it has members in
+    /// (and writes it again where Redis lost it): every third of the TTL,
+    /// and at once after the Pub/Sub connection came back, so a listing
+    /// after a Redis restart is whole again without waiting for the tick.
+    pub(super) async fn refresh_presence(&self) {
+        let groups = lock(&self.presence).group_names();
         for group in groups {
-            if let Err(e) = inner.refresh_group(&group).await {
+            if let Err(e) = self.refresh_group(&group).await {
                 tracing::debug!(group, "presence refresh failed: {e}");
             }
         }

@@ -175,11 +175,13 @@ impl Subscriber {
         match open(&inner).await {
             Ok(conn) => {
                 tracing::info!(process = %inner.process(), "reconnected to Redis Pub/Sub and re-subscribed");
-                // Read back what the history groups missed meanwhile, in a
-                // task: messages keep flowing, each group's sequencer
-                // keeps the order.
+                // Re-announce this process's presence (Redis may have lost
+                // it) and read back what the history groups missed
+                // meanwhile, in a task: messages keep flowing, each
+                // group's sequencer keeps the order.
                 let catch_up = inner.clone();
                 tokio::spawn(async move {
+                    catch_up.refresh_presence().await;
                     for group in catch_up.sequencer.groups() {
                         catch_up.sequencer.catch_up(&*catch_up, &group).await;
                     }
