@@ -276,7 +276,7 @@ def visit_named(i, prefix, name):
 def impls(p, ids):
     for imp in ids:
         im = idx[str(imp)]["inner"]["impl"]
-        if im.get("is_synthetic") or im.get("blanket_impl"):
+        if im.get("is_synthetic") or im.get("blanket_impl") or im["trait"] and im["trait"]["path"].endswith("StructuralPartialEq"):
             continue
         head, where = generics(im["generics"])
         if im["trait"] is None:
