@@ -445,9 +445,11 @@ async fn client_that_never_answers_pings_is_closed_and_disconnect_runs() {
     let _shared = LOAD.read().await;
     let mut p = probes();
     let addr = serve(&p.layer(ping_config())).await;
+    // Taken before the handshake: the server's idle clock starts before the
+    // client reads the 101, so this is never later than the server's start.
+    let open = Instant::now();
     let stream = TcpStream::connect(addr).await.expect("connect");
     let mut stream = raw_handshake(stream, addr, "/ws/probe", "").await.0;
-    let open = Instant::now();
 
     // Never read, never answer: the idle timeout closes it.
     let code = within("disconnect of the silent client", p.gone.recv()).await;
