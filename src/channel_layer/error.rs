@@ -118,16 +118,31 @@ impl ChannelLayerError {
 }
 
 /// An event body could not be encoded, decoded, or converted to the requested type.
+///
+/// Its Display says what failed (e.g. `event "chat.message": decoding the
+/// body`); the serializer's own error, when there is one, is its
+/// [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
 pub struct EventCodecError {
     msg: String,
+    #[source]
+    source: Option<BoxError>,
 }
 
 impl EventCodecError {
     pub(crate) fn new(msg: impl fmt::Display) -> Self {
         Self {
             msg: msg.to_string(),
+            source: None,
+        }
+    }
+
+    /// What failed (`msg`), caused by `source`.
+    pub(crate) fn caused(msg: impl fmt::Display, source: impl Into<BoxError>) -> Self {
+        Self {
+            msg: msg.to_string(),
+            source: Some(source.into()),
         }
     }
 }

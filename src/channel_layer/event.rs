@@ -8,7 +8,7 @@ use std::{
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::{error::EventCodecError, StreamPosition};
+use super::{error::EventCodecError, BoxError, StreamPosition};
 use crate::{
     message::{Message, Utf8Bytes},
     payload::SharedPayload,
@@ -99,7 +99,7 @@ fn encode_typed<T: Serialize + 'static>(
     let v = v
         .downcast_ref::<T>()
         .ok_or_else(|| EventCodecError::new("event body changed type"))?;
-    rmp_serde::to_vec_named(v).map_err(EventCodecError::new)
+    rmp_serde::to_vec_named(v).map_err(|e| EventCodecError::caused("encoding an event body", e))
 }
 
 /// [`EncodeFn`] of [`Event::tagged`]: the value's fields without its tag.
@@ -109,12 +109,15 @@ fn encode_untagged<T: Serialize + 'static>(
     let v = v
         .downcast_ref::<T>()
         .ok_or_else(|| EventCodecError::new("event body changed type"))?;
-    let mut fields = match serde_json::to_value(v).map_err(EventCodecError::new)? {
+    let mut fields = match serde_json::to_value(v)
+        .map_err(|e| EventCodecError::caused("encoding a tagged event body", e))?
+    {
         serde_json::Value::Object(fields) => fields,
         _ => return Err(EventCodecError::new("tagged event body is not a map")),
     };
     fields.remove("type");
-    rmp_serde::to_vec_named(&fields).map_err(EventCodecError::new)
+    rmp_serde::to_vec_named(&fields)
+        .map_err(|e| EventCodecError::caused("encoding a tagged event body", e))
 }
 
 impl Event {
@@ -190,7 +193,12 @@ impl Event {
                     std::any::type_name::<T>()
                 )))
             }
-            Err(e) => return Err(EventCodecError::new(e)),
+            Err(e) => {
+                return Err(EventCodecError::caused(
+                    format_args!("encoding {}", std::any::type_name::<T>()),
+                    e,
+                ))
+            }
         };
         Ok(Self::from_payload(
             kind,
@@ -422,12 +430,12 @@ impl Event {
                 "event {:?} carries a WebSocket message, not a typed body",
                 self.kind()
             ))),
-            Payload::Encoded(bytes) => rmp_serde::from_slice(bytes)
-                .map_err(|e| EventCodecError::new(format_args!("event {:?}: {e}", self.kind()))),
+            Payload::Encoded(bytes) => {
+                rmp_serde::from_slice(bytes).map_err(|e| self.decode_error(e))
+            }
             Payload::Typed { value, encode, .. } => {
                 let bytes = encode(value.as_ref())?;
-                rmp_serde::from_slice(&bytes)
-                    .map_err(|e| EventCodecError::new(format_args!("event {:?}: {e}", self.kind())))
+                rmp_serde::from_slice(&bytes).map_err(|e| self.decode_error(e))
             }
         }
     }
@@ -447,6 +455,13 @@ impl Event {
                 self.kind()
             ))),
         }
+    }
+
+    fn decode_error(&self, e: impl Into<BoxError>) -> EventCodecError {
+        EventCodecError::caused(
+            format_args!("event {:?}: decoding the body", self.kind()),
+            e,
+        )
     }
 
     /// Decodes the event into a serde enum tagged by the event type: `E`
@@ -497,8 +512,7 @@ impl Event {
             },
         };
         fields.insert("type".into(), Value::String(self.kind().to_owned()));
-        serde_json::from_value(Value::Object(fields))
-            .map_err(|e| EventCodecError::new(format_args!("event {:?}: {e}", self.kind())))
+        serde_json::from_value(Value::Object(fields)).map_err(|e| self.decode_error(e))
     }
 
     /// Encodes the event for the wire (see the [module docs](super#wire-format)).
@@ -528,21 +542,21 @@ impl Event {
         };
         rmp_serde::to_vec(&wire)
             .map(Bytes::from)
-            .map_err(EventCodecError::new)
+            .map_err(|e| EventCodecError::caused("encoding an event", e))
     }
 
     /// Decodes an event produced by [`Event::encode`]. Never panics on
     /// malformed input.
     pub fn decode(bytes: &[u8]) -> Result<Self, EventCodecError> {
         let wire: WireOwned = rmp_serde::from_slice(bytes)
-            .map_err(|e| EventCodecError::new(format_args!("malformed event: {e}")))?;
+            .map_err(|e| EventCodecError::caused("malformed event", e))?;
         let data = Bytes::from(wire.data.into_vec());
         let payload = match wire.tag {
             TAG_NONE => Payload::None,
             TAG_BODY => Payload::Encoded(data),
             TAG_TEXT => message_payload(Message::Text(
                 Utf8Bytes::try_from_bytes(data)
-                    .map_err(|e| EventCodecError::new(format_args!("malformed event text: {e}")))?,
+                    .map_err(|e| EventCodecError::caused("malformed event text", e))?,
             )),
             TAG_BINARY => message_payload(Message::Binary(data)),
             other => {
@@ -605,6 +619,18 @@ mod tests {
         let chat: Chat = e.body()?;
         let offset = e.position().map(StreamPosition::offset);
         Ok(Message::text(format!("{} @ {offset:?}", chat.message)))
+    }
+
+    #[test]
+    fn codec_errors_say_what_failed_and_keep_the_cause_as_source() {
+        use std::error::Error as _;
+        let wire = Event::decode(&Event::new("n", 7u32).encode().unwrap()).unwrap();
+        let err = wire.body::<String>().unwrap_err();
+        assert_eq!(err.to_string(), r#"event "n": decoding the body"#);
+        assert!(err.source().is_some(), "the decoder's error is the source");
+        let err = Event::decode(b"\xc1").unwrap_err();
+        assert_eq!(err.to_string(), "malformed event");
+        assert!(err.source().is_some());
     }
 
     #[test]
