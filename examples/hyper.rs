@@ -9,25 +9,22 @@
 //! * `/ws/chat/{room}`: send `{"message": "..."}`, every member of the room
 //!   (the sender included) receives `{"message": "..."}`.
 //!
-//! The accept loop inserts [`PeerAddr`] into every request so consumers see
-//! the client's address in their scope, and gives hyper a timer so that
-//! connections whose request headers do not arrive within 10 s are closed
-//! (`header_read_timeout`; without a timer hyper has none, and a client
-//! that sends half a request holds its connection forever).
+//! The accept loop (`examples/support/serve.rs`, shared with the warp and
+//! chat examples) inserts [`PeerAddr`](tower_channels::PeerAddr) into every
+//! request so consumers see the client's address in their scope, and bounds
+//! every connection: half-sent requests (`--header-read-timeout`, 10 s),
+//! silent or idle connections, HTTP/2 ones included (`--idle-timeout`,
+//! 60 s), dead HTTP/2 peers (`--keep-alive`, 20 s); accept errors such as
+//! running out of file descriptors are retried with a backoff.
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr};
 use tracing_subscriber::prelude::*;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto::Builder,
-};
 use serde::Deserialize;
-use tower::ServiceExt;
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, Event},
     consumer::{
@@ -35,9 +32,13 @@ use tower_channels::{
         WebSocketConsumer,
     },
     message::Message,
-    PeerAddr, WebSocketLayer,
+    WebSocketLayer,
 };
 use tower_layer::Layer;
+
+#[path = "support/serve.rs"]
+mod serve;
+use serve::{serve, Limits};
 
 /// `/ws/echo`: sends every message back.
 struct Echo;
@@ -95,10 +96,10 @@ async fn inner(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallib
     Ok(res)
 }
 
-/// `--addr ADDR` and `--header-read-timeout SECS` (default 10).
-fn parse_args() -> Result<(SocketAddr, Duration), String> {
+/// `--addr ADDR` and the host's [`Limits`] flags.
+fn parse_args() -> Result<(SocketAddr, Limits), String> {
     let mut addr: SocketAddr = ([127, 0, 0, 1], 8000).into();
-    let mut header_read_timeout = Duration::from_secs(10);
+    let mut limits = Limits::default();
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -106,23 +107,16 @@ fn parse_args() -> Result<(SocketAddr, Duration), String> {
                 let v = it.next().ok_or("--addr needs a value")?;
                 addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
             }
-            "--header-read-timeout" => {
-                let v = it.next().ok_or("--header-read-timeout needs seconds")?;
-                header_read_timeout = v
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .ok_or_else(|| format!("bad --header-read-timeout {v:?}"))?;
-            }
+            other if limits.parse_flag(other, &mut it)? => {}
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: hyper [--addr 127.0.0.1:8000] \
-                     [--header-read-timeout SECS]"
+                    "unknown argument {other:?}; usage: hyper [--addr 127.0.0.1:8000] {}",
+                    Limits::USAGE
                 ))
             }
         }
     }
-    Ok((addr, header_read_timeout))
+    Ok((addr, limits))
 }
 
 #[tokio::main]
@@ -139,7 +133,7 @@ async fn main() -> Result<(), BoxError> {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(filter)
         .init();
-    let (addr, header_read_timeout) = parse_args().unwrap_or_else(|msg| {
+    let (addr, limits) = parse_args().unwrap_or_else(|msg| {
         eprintln!("{msg}");
         std::process::exit(2)
     });
@@ -156,28 +150,9 @@ async fn main() -> Result<(), BoxError> {
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let service = service.clone();
-        tokio::spawn(async move {
-            // hyper's `Service` takes `&self`; each request gets a clone of the
-            // tower service, with the client's address as an extension.
-            let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                service.clone().oneshot(req)
-            });
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            builder.http2().enable_connect_protocol();
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
-                .await
-            {
-                tracing::debug!(error = %e, "connection error");
-            }
-        });
-    }
+    serve(listener, service, limits, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    Ok(())
 }

@@ -13,18 +13,24 @@
 //!   `?token=secret` (checked in `connect`).
 //!
 //! `warp::serve` takes filters, not tower services, so the layered service is
-//! served with hyper-util, which is what warp runs on anyway. This accept
-//! loop is the whole recipe (about 40 lines, no helper crate needed):
+//! served with hyper-util, which is what warp runs on anyway, through the
+//! accept loop the examples share (`examples/support/serve.rs`):
 //!
 //! * **peer address**: each request gets [`PeerAddr`] as an extension, so
 //!   consumers see [`Scope::peer_addr`](tower_channels::Scope::peer_addr);
-//! * **header-read timeout**: hyper closes a connection whose request
-//!   headers are not complete in time (10 s here) once it has a timer; without
-//!   one (as under `axum::serve`) a half-sent request is held forever;
+//! * **bounded connections**: hyper closes a connection whose request
+//!   headers are not complete in time (`--header-read-timeout`, 10 s) once
+//!   it has a timer; a connection with no request in flight (silent TCP, an
+//!   HTTP/2 connection that opens no stream) is shut down after
+//!   `--idle-timeout` (60 s); HTTP/2 peers are pinged (`--keep-alive`, 20 s);
+//!   without these (as under `axum::serve`) such connections are held
+//!   forever;
+//! * **accept errors** (out of file descriptors) are retried with a backoff;
 //! * **graceful shutdown** on Ctrl-C: stop accepting, close every WebSocket
 //!   with 1001 and run its `disconnect` ([`ShutdownHandle`]), then let
 //!   in-flight HTTP requests finish (hyper's `graceful_shutdown`), bounded.
 //!
+//! [`PeerAddr`]: tower_channels::PeerAddr
 //! # Where warp's filters run
 //!
 //! The layer wraps `warp::service(filter)`, so it sees every request first:
@@ -39,15 +45,7 @@
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 use tracing_subscriber::prelude::*;
 
-use http::Request;
-use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto::Builder,
-};
 use serde::Deserialize;
-use tokio::sync::watch;
-use tower::ServiceExt;
 use tower_channels::{
     channel_layer::{validate_group_name, BoxError, Event},
     consumer::{
@@ -55,9 +53,13 @@ use tower_channels::{
         WebSocketConsumer,
     },
     message::Message,
-    PeerAddr, WebSocketLayer,
+    WebSocketLayer,
 };
 use tower_layer::Layer;
+
+#[path = "support/serve.rs"]
+mod serve;
+use serve::{serve, Limits};
 use warp::Filter;
 
 /// `/ws/echo`: sends every message back.
@@ -139,13 +141,13 @@ async fn recover(r: warp::Rejection) -> Result<impl warp::Reply, Infallible> {
 
 struct Args {
     addr: SocketAddr,
-    header_read_timeout: Duration,
+    limits: Limits,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: ([127, 0, 0, 1], 8000).into(),
-        header_read_timeout: Duration::from_secs(10),
+        limits: Limits::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -154,18 +156,11 @@ fn parse_args() -> Result<Args, String> {
                 let v = it.next().ok_or("--addr needs a value")?;
                 args.addr = v.parse().map_err(|e| format!("bad --addr {v:?}: {e}"))?;
             }
-            "--header-read-timeout" => {
-                let v = it.next().ok_or("--header-read-timeout needs seconds")?;
-                let secs: f64 = v
-                    .parse()
-                    .map_err(|e| format!("bad --header-read-timeout {v:?}: {e}"))?;
-                args.header_read_timeout = Duration::try_from_secs_f64(secs)
-                    .map_err(|e| format!("bad --header-read-timeout {v:?}: {e}"))?;
-            }
+            other if args.limits.parse_flag(other, &mut it)? => {}
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: warp [--addr 127.0.0.1:8000] \
-                     [--header-read-timeout SECS]"
+                    "unknown argument {other:?}; usage: warp [--addr 127.0.0.1:8000] {}",
+                    Limits::USAGE
                 ))
             }
         }
@@ -214,70 +209,17 @@ async fn main() -> Result<(), BoxError> {
 
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    // Every connection task holds a receiver; `closed()` tells when all ended.
-    let (stop, stopping) = watch::channel(false);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // E.g. too many open files: keep serving the others.
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = &mut ctrl_c => break,
-        };
-        let service = service.clone();
-        let mut stopping = stopping.clone();
-        tokio::spawn(async move {
-            // hyper's `Service` takes `&self`; each request gets a clone of
-            // the tower service, with the client's address as an extension.
-            let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                service.clone().oneshot(req)
-            });
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(args.header_read_timeout);
-            builder.http2().enable_connect_protocol();
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_service);
-            tokio::pin!(conn);
-            let finished = tokio::select! {
-                r = conn.as_mut() => Some(r),
-                _ = stopping.wait_for(|s| *s) => None,
-            };
-            let result = match finished {
-                Some(r) => r,
-                None => {
-                    // Finish the request in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection error");
-            }
-        });
-    }
-    drop(listener);
-    let report = websockets.shutdown(Duration::from_secs(10)).await;
-    tracing::info!(
-        closed = report.closed,
-        aborted = report.aborted,
-        "websockets shut down"
-    );
-    let _ = stop.send(true);
-    drop(stopping);
-    if tokio::time::timeout(Duration::from_secs(10), stop.closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!("HTTP connections still open after 10 s; exiting");
-    }
+    // On Ctrl-C: stop accepting, close every WebSocket with 1001 and run its
+    // `disconnect`, then let in-flight HTTP requests finish (bounded).
+    let shutdown = async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let report = websockets.shutdown(Duration::from_secs(10)).await;
+        tracing::info!(
+            closed = report.closed,
+            aborted = report.aborted,
+            "websockets shut down"
+        );
+    };
+    serve(listener, service, args.limits, shutdown).await;
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::Compression;
 /// | [`write_buffer_size`](Self::write_buffer_size) | 8 KiB |
 /// | [`max_message_size`](Self::max_message_size) | 1 MiB |
 /// | [`max_frame_size`](Self::max_frame_size) | 1 MiB |
-/// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB (soft; hard cap 16x) |
+/// | [`max_outbound_bytes`](Self::max_outbound_bytes) | 1 MiB (soft; hard cap 4x, 4 MiB) |
 /// | [`slow_client_timeout`](Self::slow_client_timeout) | 5 s |
 /// | [`max_read_ahead_bytes`](Self::max_read_ahead_bytes) | 64 KiB |
 /// | [`write_delay`](Self::write_delay) | off |
@@ -29,6 +29,7 @@ use crate::Compression;
 /// | [`max_subprotocols`](Self::max_subprotocols) | 16 |
 /// | [`max_connections`](Self::max_connections) | unlimited |
 /// | [`rate_limit`](Self::rate_limit) | off |
+/// | [`inflate_limit`](Self::inflate_limit) | 4 MiB/s, bursts of 1 MiB (close 1008) |
 ///
 /// # Slow clients
 ///
@@ -44,9 +45,16 @@ use crate::Compression;
 ///   of 3,000 x 4 KB messages therefore passes a client that keeps reading,
 ///   however large the burst is relative to the budget, while a client that
 ///   stops reading is closed `slow_client_timeout` after it fell behind.
-/// * **16 x the soft budget is a hard cap**: a send that would cross it
+/// * **4 x the soft budget is a hard cap**: a send that would cross it
 ///   closes the connection at once. This bounds the memory one connection
-///   can hold whatever the timing.
+///   can hold whatever the timing: with the defaults, a client that never
+///   reads holds at most 4 MiB of queued messages (plus the message it is
+///   sending, up to [`max_message_size`](Self::max_message_size)). Measured
+///   (`bench/deflate.sh`'s `deflate stall`: 20 clients that send 512 KiB
+///   messages to an echo route and never read), 4.7 MiB of server RSS per
+///   client at the peak; with the former 16 x cap, 17 MiB. A burst to a
+///   client that keeps reading rarely reaches the cap, since it is drained
+///   as it is queued (3,000 x 4 KB to 50 readers passes, `tests/hardening.rs`).
 /// * Either way the connection is closed with
 ///   [`SLOW_CONSUMER`](crate::message::close_code::SLOW_CONSUMER) (4008): its
 ///   queue is dropped at once, it leaves its groups and its inbox is dropped
@@ -91,6 +99,7 @@ pub struct WebSocketConfig {
     pub(crate) max_subprotocols: usize,
     pub(crate) max_connections: Option<usize>,
     pub(crate) rate_limit: Option<RateLimit>,
+    pub(crate) inflate_limit: Option<InflateLimit>,
 }
 
 /// A per-connection budget of incoming messages: `per_second` on average,
@@ -108,6 +117,54 @@ impl RateLimit {
     /// `per_second` messages per second with bursts of `burst`.
     pub fn new(per_second: f64, burst: u32) -> Self {
         Self { per_second, burst }
+    }
+}
+
+/// A per-connection budget of **inflated** bytes for permessage-deflate:
+/// `bytes_per_second` on average, with bursts of up to `burst` bytes (a token
+/// bucket, charged as each compressed frame is inflated). A connection that
+/// exceeds it is closed with 1008 (policy violation, "inflate rate
+/// exceeded").
+///
+/// Inflating costs the server CPU in proportion to what comes *out*, not
+/// what comes in: a 1 KiB message can inflate to 1 MiB (about 0.6 ms of CPU),
+/// so a client sending such messages back to back costs a core while sending
+/// a few hundred KiB/s. `max_message_size` bounds the memory of one such
+/// message, not the rate; this bounds the rate. Uncompressed messages are not
+/// charged (their cost is already their size on the wire).
+///
+/// 1008 rather than 1009: no single message is too big (1009 is for that);
+/// the connection broke a rate policy, as with [`RateLimit`].
+///
+/// The burst is raised to [`max_message_size`](WebSocketConfig::max_message_size)
+/// if smaller, so one message of the largest allowed size always passes.
+///
+/// The default, 4 MiB/s with bursts of 1 MiB (one message of the default
+/// largest size), is about 1,000 times what a chat client sends (a few KiB
+/// of JSON a second); a bomb client gets about one message's worth of
+/// inflate per connection before it is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflateLimit {
+    /// Sustained inflated bytes per second.
+    pub bytes_per_second: u64,
+    /// Inflated bytes allowed in a burst above the sustained rate.
+    pub burst: u64,
+}
+
+impl InflateLimit {
+    /// `bytes_per_second` inflated bytes a second with bursts of `burst`.
+    pub fn new(bytes_per_second: u64, burst: u64) -> Self {
+        Self {
+            bytes_per_second,
+            burst,
+        }
+    }
+}
+
+impl Default for InflateLimit {
+    /// 4 MiB/s with bursts of 1 MiB.
+    fn default() -> Self {
+        Self::new(4 << 20, 1 << 20)
     }
 }
 
@@ -130,6 +187,7 @@ impl Default for WebSocketConfig {
             max_subprotocols: 16,
             max_connections: None,
             rate_limit: None,
+            inflate_limit: Some(InflateLimit::default()),
         }
     }
 }
@@ -177,7 +235,7 @@ impl WebSocketConfig {
     );
     setting!(
         /// The soft budget of outgoing bytes a connection may have queued and
-        /// not yet written; 16 times it is the hard cap. See
+        /// not yet written; 4 times it is the hard cap. See
         /// [Slow clients](Self#slow-clients).
         max_outbound_bytes, get_max_outbound_bytes: usize
     );
@@ -216,7 +274,12 @@ impl WebSocketConfig {
     );
     setting!(
         /// How long to wait for the client's reply to a close frame before
-        /// dropping the connection.
+        /// dropping the connection. Also bounds the *lingering close*: once
+        /// our close frame is written, the write side is shut down and input
+        /// is read and discarded (at most 1 MiB) until the client closes or
+        /// this much time passes, so that a client still in the middle of a
+        /// send reads the close code instead of a TCP reset. `Duration::ZERO`
+        /// turns lingering off.
         close_timeout, get_close_timeout: std::time::Duration
     );
     setting!(
@@ -246,9 +309,15 @@ impl WebSocketConfig {
         /// Per-connection inbound message budget; `None` (the default) is off.
         rate_limit, get_rate_limit: Option<RateLimit>
     );
+    setting!(
+        /// Per-connection budget of inflated bytes on permessage-deflate
+        /// connections (see [`InflateLimit`]); `None` turns it off. On by
+        /// default.
+        inflate_limit, get_inflate_limit: Option<InflateLimit>
+    );
 
-    /// The hard cap of queued outgoing bytes (16 x the soft budget).
+    /// The hard cap of queued outgoing bytes (4 x the soft budget).
     pub(crate) fn outbound_hard_limit(&self) -> usize {
-        self.max_outbound_bytes.saturating_mul(16)
+        self.max_outbound_bytes.saturating_mul(4)
     }
 }

@@ -192,6 +192,9 @@ mod config;
 pub mod consumer;
 mod engine;
 mod error;
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 pub mod message;
 mod metrics;
@@ -210,7 +213,7 @@ pub use self::channel_layer::BoxError;
 
 pub use self::{
     compression::Compression,
-    config::{RateLimit, WebSocketConfig},
+    config::{InflateLimit, RateLimit, WebSocketConfig},
     error::Error,
     metrics::ConnectionStats,
     middleware::{WebSocketLayer, WebSocketService},

@@ -145,3 +145,114 @@ async fn strict_consumers_close_with_1011_as_django_does() {
     assert_eq!(next_text(&mut lenient).await, "hi");
     assert_eq!(layer.stats().ignored_events, 1);
 }
+
+/// One enum both builds the events a consumer sends and decodes those it
+/// receives (issue 24, item 3): every kind string is written once.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(tag = "type")]
+enum DocEvent {
+    #[serde(rename = "doc.edit")]
+    Edit { by: String, text: String },
+    #[serde(rename = "doc.cursor")]
+    Cursor(Cursor),
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Cursor {
+    by: String,
+    at: u32,
+}
+
+/// Sends `edit TEXT` / `cursor N` from its client to the document as typed
+/// events; renders the other members' events for its client.
+struct Editor {
+    name: String,
+}
+
+impl WebSocketConsumer for Editor {
+    async fn connect(&mut self, ctx: &mut Context) -> Result<Accept, Reject> {
+        ctx.group_add("doc").await?;
+        Ok(Accept::new())
+    }
+
+    async fn receive(
+        &mut self,
+        ctx: &mut Context,
+        message: tower_channels::message::Message,
+    ) -> Result<(), BoxError> {
+        let text = message.as_text().unwrap_or_default();
+        let by = self.name.clone();
+        let event = match text.split_once(' ') {
+            Some(("cursor", at)) => DocEvent::Cursor(Cursor {
+                by,
+                at: at.parse()?,
+            }),
+            _ => DocEvent::Edit {
+                by,
+                text: text.trim_start_matches("edit ").to_owned(),
+            },
+        };
+        ctx.group_send("doc", Event::tagged(event)?).await?;
+        Ok(())
+    }
+
+    async fn event(&mut self, ctx: &mut Context, event: Event) -> Result<(), BoxError> {
+        match event.decode_tagged::<DocEvent>()? {
+            DocEvent::Edit { by, text } => {
+                ctx.send_text(format!("{} {by}: {text}", event.kind()))?
+            }
+            DocEvent::Cursor(Cursor { by, at }) => {
+                ctx.send_text(format!("{} {by} at {at}", event.kind()))?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_tagged_enum_builds_and_decodes_events() {
+    use tower_channels::testing::Communicator;
+    let layer = WebSocketLayer::new()
+        .with_channel_layer(Arc::new(InMemoryChannelLayer::new()))
+        .route(
+            "/ws/{name}",
+            websocket_consumer(|scope| Editor {
+                name: scope.param("name").unwrap_or_default().to_owned(),
+            }),
+        );
+    let app = axum::Router::new().layer(layer);
+    let get = |path: &str| http::Request::get(path).body(()).unwrap();
+    let mut ada = Communicator::through(app.clone(), get("/ws/ada"));
+    let mut bob = Communicator::through(app, get("/ws/bob"));
+    ada.connect().await.unwrap();
+    bob.connect().await.unwrap();
+
+    ada.send_text("edit hello").await;
+    assert_eq!(bob.receive_text().await.unwrap(), "doc.edit ada: hello");
+    assert_eq!(ada.receive_text().await.unwrap(), "doc.edit ada: hello");
+    bob.send_text("cursor 5").await;
+    assert_eq!(ada.receive_text().await.unwrap(), "doc.cursor bob at 5");
+    assert_eq!(bob.receive_text().await.unwrap(), "doc.cursor bob at 5");
+
+    // Across processes the body travels without its tag and decodes the same.
+    let event = Event::tagged(DocEvent::Cursor(Cursor {
+        by: "eve".into(),
+        at: 9,
+    }))
+    .unwrap();
+    let wire = Event::decode(&event.encode().unwrap()).unwrap();
+    assert_eq!(wire.kind(), "doc.cursor");
+    assert_eq!(
+        wire.body::<serde_json::Value>().unwrap(),
+        serde_json::json!({"by": "eve", "at": 9})
+    );
+    assert_eq!(
+        wire.decode_tagged::<DocEvent>().unwrap(),
+        DocEvent::Cursor(Cursor {
+            by: "eve".into(),
+            at: 9
+        })
+    );
+    ada.disconnect(1000).await;
+    bob.disconnect(1000).await;
+}

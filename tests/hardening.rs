@@ -445,9 +445,11 @@ async fn client_that_never_answers_pings_is_closed_and_disconnect_runs() {
     let _shared = LOAD.read().await;
     let mut p = probes();
     let addr = serve(&p.layer(ping_config())).await;
+    // Taken before the handshake: the server's idle clock starts before the
+    // client reads the 101, so this is never later than the server's start.
+    let open = Instant::now();
     let stream = TcpStream::connect(addr).await.expect("connect");
     let mut stream = raw_handshake(stream, addr, "/ws/probe", "").await.0;
-    let open = Instant::now();
 
     // Never read, never answer: the idle timeout closes it.
     let code = within("disconnect of the silent client", p.gone.recv()).await;
@@ -1526,7 +1528,7 @@ async fn burst_of_3000_messages_reaches_50_readers_and_closes_the_stalled_one() 
     const BURST: usize = 3000;
     const SIZE: usize = 4000;
     let (gone_tx, mut gone) = mpsc::unbounded_channel();
-    // Default budget (1 MiB soft, 16 MiB hard, 5 s): the burst is 12 MB per
+    // Default budget (1 MiB soft, 4 MiB hard, 5 s): the burst is 12 MB per
     // member, 12 times the soft budget.
     let channels = WebSocketLayer::new()
         .route(
@@ -1616,4 +1618,54 @@ async fn burst_of_3000_messages_reaches_50_readers_and_closes_the_stalled_one() 
     );
     assert_eq!(stats.dropped_slow, 1, "{stats:?}");
     drop(clients);
+}
+
+/// Issue 26 (5): a client that sends and never reads holds at most the
+/// documented bound on the server: its echoes queue up to the 4 MiB hard cap
+/// (4 x the 1 MiB soft budget) and it is closed 4008 at once. Ten such
+/// clients each send 12 MiB; the server's peak RSS grows by less than
+/// 10 x 7 MiB (with the former 16 x cap, each queued all 12 MiB).
+#[tokio::test]
+async fn never_reading_clients_hold_at_most_the_hard_cap() {
+    let _exclusive = LOAD.write().await;
+    const CLIENTS: usize = 10;
+    const MESSAGE: usize = 512 << 10;
+    const MESSAGES: usize = 24;
+    let p = probes();
+    let channels = p.layer(WebSocketConfig::default());
+    let addr = serve_small_buffers(&channels).await;
+    let frame = Arc::new(client_frame(Frame::message(
+        vec![0x5a; MESSAGE],
+        OpCode::Data(Data::Binary),
+        true,
+    )));
+    let hwm_before = vm_rss_kib("VmHWM:");
+    let mut writers = Vec::new();
+    for _ in 0..CLIENTS {
+        let (mut stream, _) = raw_handshake(small_client(addr).await, addr, "/ws/probe", "").await;
+        let frame = frame.clone();
+        writers.push(tokio::spawn(async move {
+            for _ in 0..MESSAGES {
+                // The server discards input once it closed us, until it
+                // drops the connection.
+                if stream.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            stream
+        }));
+    }
+    wait_until("every never-reading client closed 4008", || {
+        channels.stats().dropped_slow >= CLIENTS as u64
+    })
+    .await;
+    let grown_kib = vm_rss_kib("VmHWM:").saturating_sub(hwm_before);
+    eprintln!("{CLIENTS} never-reading clients: peak RSS grew {grown_kib} KiB");
+    assert!(
+        grown_kib < (CLIENTS * 7 * 1024) as u64,
+        "peak RSS grew {grown_kib} KiB for {CLIENTS} clients"
+    );
+    for w in writers {
+        drop(within("a writer", w).await);
+    }
 }

@@ -4,17 +4,16 @@
 
 mod common;
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, task::Poll};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{routing::get, Router};
 use bytes::Bytes;
 use common::*;
 use futures_util::SinkExt;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use hyper_util::rt::TokioIo;
 use tokio_tungstenite::{
     tungstenite::{protocol::Role, Message},
     WebSocketStream,
@@ -119,42 +118,6 @@ async fn hyper_upgrade_and_echo() {
         (StatusCode::OK, "inner"),
         "hyper inner service"
     );
-}
-
-/// Opens an HTTP/2 connection and waits until the server's SETTINGS enabled
-/// extended CONNECT (no sleeping: the connection is polled until it is).
-async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("HTTP/2 handshake");
-    let mut conn = Box::pin(conn);
-    // hyper runs the h2 connection on a task of its own, which applies the
-    // server's SETTINGS without waking us: drive our half, then yield to it.
-    within("the server's SETTINGS_ENABLE_CONNECT_PROTOCOL", async {
-        while !conn.is_extended_connect_protocol_enabled() {
-            std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-                Poll::Ready(r) => panic!("HTTP/2 connection ended early: {r:?}"),
-                Poll::Pending => Poll::Ready(()),
-            })
-            .await;
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    tokio::spawn(conn);
-    sender
-}
-
-fn h2_connect(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
-    Request::builder()
-        .method(Method::CONNECT)
-        .uri(format!("http://{addr}{path}"))
-        .extension(hyper::ext::Protocol::from_static("websocket"))
-        .header("sec-websocket-version", "13")
-        .body(Empty::new())
-        .expect("valid request")
 }
 
 async fn check_h2_echo(addr: SocketAddr, server: &str) {

@@ -55,9 +55,20 @@
 //! default, and 0 is off too; `bench/` measures its effect).
 //! `--presence-ttl SECS` sets how long the members of a crashed process stay
 //! listed with `--redis` (30 s by default).
+//!
+//! The router is served by the accept loop the examples share
+//! (`examples/support/serve.rs`, hyper-util) rather than `axum::serve`, which
+//! has no timeouts: `--header-read-timeout SECS` (10), `--idle-timeout SECS`
+//! (60: a connection with no request in flight, silent TCP and idle HTTP/2
+//! included, is shut down) and `--keep-alive SECS` (20, HTTP/2 pings); accept
+//! errors are retried with a backoff.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tracing_subscriber::prelude::*;
+
+#[path = "../support/serve.rs"]
+mod serve;
+use serve::{serve, Limits};
 
 use axum::{
     extract::{DefaultBodyLimit, Path, State},
@@ -69,13 +80,13 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use tower_channels::{
     channel_layer::{
-        validate_group_name, BoxError, ChannelLayer, ChannelLayerError, Event, GroupPattern,
-        HistoryPolicy, InMemoryChannelLayer, PresenceChange, PresenceConfig, PresenceInfo,
-        StreamCursor, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
+        validate_group_name, BoxError, ChannelLayer, Event, Feature, GroupPattern, HistoryPolicy,
+        InMemoryChannelLayer, PresenceChange, PresenceConfig, PresenceInfo, StreamPosition,
+        PRESENCE_JOIN, PRESENCE_LEAVE,
     },
     consumer::{
-        forward_event, json_consumer, websocket_consumer, Accept, Context, JsonWebSocketConsumer,
-        Reject, WebSocketConsumer,
+        forward_event, json_consumer, position_from_query, websocket_consumer, Accept, Context,
+        JsonWebSocketConsumer, Reject, WebSocketConsumer,
     },
     message::Message,
     origin::AllowedOrigins,
@@ -97,12 +108,21 @@ struct ChatBody {
     user: Option<String>,
 }
 
+/// What a chat client receives for a message: `{"message": ..., "offset":
+/// N, "epoch": "E", "user": ...}` (the position in rooms with history).
+#[derive(Serialize)]
+struct ChatOut<'a> {
+    message: &'a str,
+    #[serde(flatten)]
+    position: Option<&'a StreamPosition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
 /// One per connection on `/ws/chat/{room}`.
 struct Chat {
     group: String,
     user: Option<String>,
-    /// Drops live messages that recovery already delivered.
-    cursor: StreamCursor,
 }
 
 /// The group of a room: history and presence notifications apply to `chat_*`.
@@ -117,20 +137,14 @@ impl Chat {
     /// The frame is the same for every member, so it is rendered (and
     /// compressed) once per group send, not once per member.
     fn deliver(&mut self, ctx: &Context, event: &Event) -> Result<(), BoxError> {
-        if !self.cursor.accept(event) {
-            return Ok(()); // Already delivered by recovery.
-        }
         let frame = event.render_once(|event| -> Result<Message, BoxError> {
             let body: ChatBody = event.body()?;
-            let mut out = serde_json::json!({ "message": body.message });
-            if let Some(pos) = event.position() {
-                out["offset"] = pos.offset().into();
-                out["epoch"] = pos.epoch().into();
-            }
-            if let Some(user) = body.user {
-                out["user"] = user.into();
-            }
-            Ok(Message::text(serde_json::to_string(&out)?))
+            let frame = ChatOut {
+                message: &body.message,
+                position: event.position(),
+                user: body.user.as_deref(),
+            };
+            Ok(Message::text(serde_json::to_string(&frame)?))
         })?;
         forward_event(ctx, &frame)
     }
@@ -143,48 +157,23 @@ impl JsonWebSocketConsumer for Chat {
         if validate_group_name(&self.group).is_err() {
             return Err(bad_request("room name too long"));
         }
-        let scope = ctx.scope().clone();
-        let since = match (scope.query_param("offset"), scope.query_param("epoch")) {
-            (None, None) => None,
-            (Some(offset), Some(epoch)) if !epoch.is_empty() => {
-                let offset = offset.parse().map_err(|_| bad_request("invalid offset"))?;
-                Some(StreamPosition::new(offset, epoch))
-            }
-            _ => return Err(bad_request("offset and epoch go together")),
-        };
-        // Join first, then recover: messages sent in between arrive twice
-        // and the cursor drops the live copy. Layers without presence or
-        // history (Django, NATS, Redis Cluster) still chat: the member joins
-        // plainly and a recovery request is answered with `recovery_failed`.
-        let joined = match &self.user {
-            Some(user) => {
-                let info = PresenceInfo::new(user.as_str())
-                    .map_err(|_| bad_request("invalid user name"))?;
-                ctx.presence_join(&self.group, info).await
-            }
-            None => ctx.group_add(&self.group).await,
-        };
-        match joined {
-            Err(ChannelLayerError::Unsupported { .. }) => ctx.group_add(&self.group).await?,
-            other => other?,
+        // `?offset=&epoch=`: the last message the client saw, if any. Joining
+        // recovers what it missed after it; those messages reach `event`
+        // before live ones, each once. Layers without presence (Django, Redis
+        // Cluster, NATS) still chat: the member joins plainly.
+        let since = position_from_query(ctx.scope())?;
+        let presence = ctx
+            .channel_layer()
+            .capabilities()
+            .supports(Feature::Presence);
+        let mut join = ctx.join(&self.group).resume_from(since);
+        if let (Some(user), true) = (&self.user, presence) {
+            let info =
+                PresenceInfo::new(user.as_str()).map_err(|_| bad_request("invalid user name"))?;
+            join = join.presence(info);
         }
-        if let Some(since) = since {
-            match ctx.recover(&self.group, &since).await {
-                Ok(recovery) => {
-                    self.cursor = recovery.cursor();
-                    if !recovery.is_recovered() {
-                        let _ = ctx.send_json(&serde_json::json!({ "type": "recovery_failed" }));
-                    }
-                    for event in recovery.events() {
-                        self.deliver(ctx, event)
-                            .map_err(|_| Reject::new(StatusCode::INTERNAL_SERVER_ERROR))?;
-                    }
-                }
-                Err(ChannelLayerError::Unsupported { .. }) => {
-                    let _ = ctx.send_json(&serde_json::json!({ "type": "recovery_failed" }));
-                }
-                Err(e) => return Err(e.into()),
-            }
+        if join.await?.has_gap() {
+            ctx.send_json(&serde_json::json!({ "type": "recovery_failed" }))?;
         }
         Ok(Accept::new())
     }
@@ -338,6 +327,7 @@ struct Args {
     compression_threshold: Option<usize>,
     write_delay_ms: Option<u64>,
     presence_ttl: Option<Duration>,
+    limits: Limits,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -352,6 +342,7 @@ fn parse_args() -> Result<Args, String> {
         compression_threshold: None,
         write_delay_ms: None,
         presence_ttl: None,
+        limits: Limits::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -407,10 +398,12 @@ fn parse_args() -> Result<Args, String> {
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
                      [--max-message-size BYTES] [--compression-threshold BYTES] \
-                     [--write-delay-ms MS] [--presence-ttl SECS]"
-                        .into(),
+                     [--write-delay-ms MS] [--presence-ttl SECS] "
+                        .to_owned()
+                        + Limits::USAGE,
                 )
             }
+            other if args.limits.parse_flag(other, &mut it)? => {}
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -444,7 +437,6 @@ async fn main() -> Result<(), BoxError> {
             json_consumer(|scope| Chat {
                 group: room_group(scope.param("room").unwrap_or_default()),
                 user: scope.query_param("user").filter(|u| !u.is_empty()),
-                cursor: StreamCursor::new(),
             }),
         )
         .route("/ws/echo", websocket_consumer(|_| Echo));
@@ -522,12 +514,9 @@ async fn main() -> Result<(), BoxError> {
 
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    // Not `axum::serve`: it has no header-read or idle timeout, so silent and
+    // half-sent connections would be held forever (README, "Reliability").
+    serve(listener, app, args.limits, shutdown).await;
     Ok(())
 }
 

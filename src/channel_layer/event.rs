@@ -58,15 +58,18 @@ pub struct Event {
 struct Inner {
     kind: Cow<'static, str>,
     payload: Payload,
+    /// Delivered, not stored in a group's history ([`Event::ephemeral`]).
+    ephemeral: bool,
     /// What [`Event::render_once`] made of this event, and the position it
     /// was made at. Boxed: most events are never rendered this way.
     rendered: OnceLock<Box<(Option<StreamPosition>, Event)>>,
 }
 
+#[derive(Clone)]
 enum Payload {
     None,
     Typed {
-        value: Box<dyn Any + Send + Sync>,
+        value: Arc<dyn Any + Send + Sync>,
         encode: EncodeFn,
         type_name: &'static str,
     },
@@ -99,6 +102,21 @@ fn encode_typed<T: Serialize + 'static>(
     rmp_serde::to_vec_named(v).map_err(EventCodecError::new)
 }
 
+/// [`EncodeFn`] of [`Event::tagged`]: the value's fields without its tag.
+fn encode_untagged<T: Serialize + 'static>(
+    v: &(dyn Any + Send + Sync),
+) -> Result<Vec<u8>, EventCodecError> {
+    let v = v
+        .downcast_ref::<T>()
+        .ok_or_else(|| EventCodecError::new("event body changed type"))?;
+    let mut fields = match serde_json::to_value(v).map_err(EventCodecError::new)? {
+        serde_json::Value::Object(fields) => fields,
+        _ => return Err(EventCodecError::new("tagged event body is not a map")),
+    };
+    fields.remove("type");
+    rmp_serde::to_vec_named(&fields).map_err(EventCodecError::new)
+}
+
 impl Event {
     /// An event with a typed body. On the in-memory layer the value is passed
     /// along as is; other backends serialize it once with MessagePack.
@@ -109,11 +127,79 @@ impl Event {
         Self::from_payload(
             kind,
             Payload::Typed {
-                value: Box::new(body),
+                value: Arc::new(body),
                 encode: encode_typed::<T>,
                 type_name: std::any::type_name::<T>(),
             },
         )
+    }
+
+    /// An event made from a `#[serde(tag = "type")]` value: its kind is the
+    /// tag (the variant's name, e.g. `#[serde(rename = "doc.edit")]`) and
+    /// its body the other fields, so one enum both builds events and reads
+    /// them back with [`decode_tagged`](Self::decode_tagged), and each kind
+    /// string is written once. On the in-memory layer the value itself
+    /// travels ([`downcast_ref`](Self::downcast_ref) borrows it); other
+    /// backends send the fields without the tag, as for [`Event::new`].
+    ///
+    /// Fails when `value` does not serialize to a map with a string `type`
+    /// (a struct, or an enum without `tag = "type"`).
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use tower_channels::channel_layer::Event;
+    ///
+    /// #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    /// #[serde(tag = "type")]
+    /// enum DocEvent {
+    ///     #[serde(rename = "doc.edit")]
+    ///     Edit { text: String },
+    ///     #[serde(rename = "doc.saved")]
+    ///     Saved,
+    /// }
+    ///
+    /// let event = Event::tagged(DocEvent::Edit { text: "hi".into() }).unwrap();
+    /// assert_eq!(event.kind(), "doc.edit");
+    /// assert_eq!(event.decode_tagged::<DocEvent>().unwrap(), DocEvent::Edit { text: "hi".into() });
+    /// // Through the wire, as from another process:
+    /// let wire = Event::decode(&event.encode().unwrap()).unwrap();
+    /// assert_eq!(wire.decode_tagged::<DocEvent>().unwrap(), DocEvent::Edit { text: "hi".into() });
+    /// assert_eq!(Event::tagged(DocEvent::Saved).unwrap().kind(), "doc.saved");
+    /// // A struct has no tag:
+    /// #[derive(Serialize)]
+    /// struct Plain { text: String }
+    /// assert!(Event::tagged(Plain { text: "hi".into() }).is_err());
+    /// ```
+    pub fn tagged<T>(value: T) -> Result<Self, EventCodecError>
+    where
+        T: Serialize + Send + Sync + 'static,
+    {
+        let kind = match serde_json::to_value(&value) {
+            Ok(serde_json::Value::Object(mut fields)) => match fields.remove("type") {
+                Some(serde_json::Value::String(kind)) => kind,
+                _ => {
+                    return Err(EventCodecError::new(format_args!(
+                        "{} has no string `type` field: derive it with #[serde(tag = \"type\")]",
+                        std::any::type_name::<T>()
+                    )))
+                }
+            },
+            Ok(_) => {
+                return Err(EventCodecError::new(format_args!(
+                    "{} is not a map: derive it with #[serde(tag = \"type\")]",
+                    std::any::type_name::<T>()
+                )))
+            }
+            Err(e) => return Err(EventCodecError::new(e)),
+        };
+        Ok(Self::from_payload(
+            kind,
+            Payload::Typed {
+                value: Arc::new(value),
+                encode: encode_untagged::<T>,
+                type_name: std::any::type_name::<T>(),
+            },
+        ))
     }
 
     /// An event without a body.
@@ -143,6 +229,7 @@ impl Event {
             inner: Arc::new(Inner {
                 kind: kind.into(),
                 payload,
+                ephemeral: false,
                 rendered: OnceLock::new(),
             }),
             position: None,
@@ -252,6 +339,55 @@ impl Event {
         })
     }
 
+    /// The same event, marked to be delivered but not stored: a group
+    /// send of it to a group with a
+    /// [`HistoryPolicy`](super::HistoryPolicy) reaches the members but is
+    /// not appended to the history, gets no offset
+    /// ([`GroupSendReport::position`](super::GroupSendReport) is `None`,
+    /// and so is the delivered event's [`position`](Self::position)) and is
+    /// never recovered. For what only matters live: typing indicators,
+    /// cursors, ticks. It is not ordered with the group's stored events (a
+    /// cursor may overtake a message sent just before it on another
+    /// process). On layers without history the mark changes nothing. The
+    /// mark is for the sending layer: it does not travel to other
+    /// processes (their copy simply has no position).
+    ///
+    /// ```
+    /// use tower_channels::channel_layer::{ChannelLayer, Event, GroupPattern, HistoryPolicy, InMemoryChannelLayer};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let layer = InMemoryChannelLayer::new().with_history(HistoryPolicy::new(GroupPattern::any()));
+    /// let typing = layer.group_send("doc", Event::text("doc.typing", "ada").ephemeral()).await?;
+    /// assert!(typing.position.is_none());
+    /// let edit = layer.group_send("doc", Event::text("doc.edit", "hello")).await?;
+    /// assert_eq!(edit.position.unwrap().offset(), 1); // the typing event took no offset
+    /// # Ok::<_, tower_channels::channel_layer::ChannelLayerError>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use]
+    pub fn ephemeral(mut self) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ephemeral = true;
+            return self;
+        }
+        // Shared with other clones, which stay as they were.
+        Event {
+            inner: Arc::new(Inner {
+                kind: self.inner.kind.clone(),
+                payload: self.inner.payload.clone(),
+                ephemeral: true,
+                rendered: OnceLock::new(),
+            }),
+            position: self.position,
+        }
+    }
+
+    /// Whether the event is delivered but not stored in a history
+    /// ([`ephemeral`](Self::ephemeral)).
+    pub fn is_ephemeral(&self) -> bool {
+        self.inner.ephemeral
+    }
+
     /// Whether the event has no body.
     pub fn is_bare(&self) -> bool {
         matches!(self.inner.payload, Payload::None)
@@ -319,6 +455,7 @@ impl Event {
     /// The body must be a map (a struct) or absent (a unit variant). This is
     /// typed dispatch: one `match` in `event`, with unknown types left to
     /// [`forward_event`](crate::consumer::forward_event) (ignored by default).
+    /// [`Event::tagged`] builds events from the same enum.
     ///
     /// ```
     /// use serde::{Deserialize, Serialize};

@@ -126,6 +126,19 @@ impl fmt::Debug for StreamPosition {
     }
 }
 
+/// `{"offset": N, "epoch": "E"}`, e.g. flattened into a frame for the
+/// client to send back when it reconnects (see
+/// [`consumer::Join`](crate::consumer::Join)).
+impl serde::Serialize for StreamPosition {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("StreamPosition", 2)?;
+        s.serialize_field("offset", &self.offset)?;
+        s.serialize_field("epoch", &*self.epoch)?;
+        s.end()
+    }
+}
+
 /// Why a recovery could not give the events after a position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

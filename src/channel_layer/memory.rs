@@ -352,7 +352,8 @@ impl ChannelLayer for InMemoryChannelLayer {
             .map_err(ChannelLayerError::from)
             .map(|()| {
                 let inner = &self.inner;
-                let (delivered, dropped, position) = match policy_for(&inner.history, group) {
+                let history = policy_for(&inner.history, group).filter(|_| !event.is_ephemeral());
+                let (delivered, dropped, position) = match history {
                     Some(policy) => {
                         let (d, f, p) = inner.send_with_history(group, event, policy);
                         (d, f, Some(p))

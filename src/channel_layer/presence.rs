@@ -238,7 +238,9 @@ impl PresenceConfig {
 
     /// How long the members of a process that stopped without leaving stay
     /// listed, at most (default [`DEFAULT_PRESENCE_TTL`], at least 300 ms).
-    /// A live process refreshes its members every third of it. Layers
+    /// A live process refreshes its members every third of it, so the
+    /// `presence.leave` of a crashed process's members, sent by the next
+    /// live process to refresh the group, comes within TTL + TTL/3. Layers
     /// confined to one process ignore it: their members leave when their
     /// channel does.
     pub fn ttl(mut self, ttl: Duration) -> Self {

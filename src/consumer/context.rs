@@ -2,6 +2,7 @@ use std::{fmt, sync::Arc};
 
 use serde::Serialize;
 
+use super::join::{Join, ResumeState};
 use crate::{
     channel_layer::{
         ChannelLayer, ChannelLayerError, Event, GroupSendReport, PresenceInfo, PresenceMember,
@@ -31,6 +32,8 @@ pub struct Context {
     scope: Scope,
     layer: Arc<dyn ChannelLayer>,
     pub(crate) link: AppLink,
+    /// Set by [`join`](Self::join) when it resumed a group.
+    pub(crate) resume: Option<Box<ResumeState>>,
 }
 
 impl Context {
@@ -39,6 +42,7 @@ impl Context {
             scope,
             layer: link.runtime.channel_layer.clone(),
             link,
+            resume: None,
         }
     }
 
@@ -102,6 +106,9 @@ impl Context {
 
     /// Removes this connection from `group`.
     pub async fn group_discard(&mut self, group: &str) -> Result<(), ChannelLayerError> {
+        if let Some(resume) = &mut self.resume {
+            resume.forget(group);
+        }
         self.link.group_discard(group).await
     }
 
@@ -124,13 +131,27 @@ impl Context {
     // `channel_layer`'s "Presence" and "History and recovery").
 
     /// Adds this connection to `group` and lists it in the group's presence
-    /// with `info`; it leaves both automatically on disconnect.
+    /// with `info`; it leaves both automatically on disconnect. In a group
+    /// with notifications this connection gets its own `presence.join`,
+    /// like every member; [`join`](Self::join)`(group).presence(info)
+    /// .skip_own_presence()` drops those about its own user.
     pub async fn presence_join(
         &mut self,
         group: &str,
         info: PresenceInfo,
     ) -> Result<(), ChannelLayerError> {
         self.link.presence_join(group, info).await
+    }
+
+    /// Joins `group`, optionally with presence and resuming after the
+    /// client's last position, recovered events handed to `event` before
+    /// live ones and live repeats dropped: see [`Join`].
+    pub fn join(&mut self, group: &str) -> Join<'_> {
+        Join::new(self, group)
+    }
+
+    pub(crate) fn resume_state(&mut self) -> &mut ResumeState {
+        self.resume.get_or_insert_with(Box::default)
     }
 
     /// Who is present in `group`, across every process, one entry per user.

@@ -36,14 +36,21 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
     };
     let mut timer = HandlerTimer::default();
     let code = loop {
-        let input = poll_fn(|cx| {
-            let input = next_input(&link, cx);
-            if input.is_pending() {
-                timer.waited();
+        // Events `Context::join` recovered go first, then the inbox.
+        let recovered = ctx.resume.as_mut().and_then(|r| r.next_recovered());
+        let input = match recovered {
+            Some(event) => Ok(Incoming::Event(event)),
+            None => {
+                poll_fn(|cx| {
+                    let input = next_input(&link, cx);
+                    if input.is_pending() {
+                        timer.waited();
+                    }
+                    input
+                })
+                .await
             }
-            input
-        })
-        .await;
+        };
         let input = match input {
             Ok(input) => input,
             Err(code) => break code,
@@ -53,6 +60,11 @@ pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
             // Handler futures are boxed while they run: inline, the largest
             // of them would be part of every idle connection's state.
             Incoming::Message(m) => guard(Box::pin(consumer.receive(&mut ctx, m))).await,
+            Incoming::Event(e) if ctx.resume.as_mut().is_some_and(|r| r.skips(&e)) => {
+                // Recovery delivered it already, or the consumer asked to
+                // skip its own presence changes (`Join`).
+                Outcome::Done
+            }
             Incoming::Event(e) => guard(Box::pin(consumer.event(&mut ctx, e))).await,
             Incoming::Lagged(n) => {
                 link.runtime.metrics.dropped_slow(n);

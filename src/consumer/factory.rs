@@ -250,6 +250,15 @@ where
 /// [`Reject`] with the same status, headers and body. For the factory of
 /// [`try_consumer`] (feature `axum`).
 ///
+/// Extractors see the request as a handler for the WebSocket route would:
+/// [`Path`](axum::extract::Path) gets the route's parameters (after those of
+/// enclosing `nest` prefixes) whether the layer is applied with
+/// `Router::layer` or merged with
+/// [`into_router`](crate::WebSocketLayer::into_router);
+/// [`State<T>`](axum::extract::State) is `state`, or any `T:
+/// FromRef<S>`, as in a handler. The router's own state does not reach a
+/// layer, so pass the one you gave the router.
+///
 /// ```
 /// use axum::extract::{FromRequestParts, State};
 /// use http::{request::Parts, StatusCode};
@@ -301,13 +310,7 @@ where
     /// Rejection bodies are short texts; anything longer is cut.
     const MAX_REJECTION_BODY: usize = 16 * 1024;
 
-    let mut request = http::Request::new(());
-    *request.method_mut() = scope.method().clone();
-    *request.uri_mut() = scope.uri().clone();
-    *request.version_mut() = scope.version();
-    *request.headers_mut() = scope.headers().clone();
-    *request.extensions_mut() = scope.extensions().clone();
-    let (mut parts, ()) = request.into_parts();
+    let mut parts = axum_parts(scope).await;
     match E::from_request_parts(&mut parts, state).await {
         Ok(value) => Ok(value),
         Err(rejection) => {
@@ -327,4 +330,70 @@ where
             Err(reject)
         }
     }
+}
+
+/// The upgrade request's parts as an axum handler for the scope's route
+/// would see them: with the route's path parameters where axum's
+/// [`Path`](axum::extract::Path) and
+/// [`RawPathParams`](axum::extract::RawPathParams) read them.
+///
+/// Mounted with [`into_router`](crate::WebSocketLayer::into_router) the
+/// request went through axum's router, which stored them already. Under
+/// `Router::layer` it did not (the WebSocket path is no axum route), so the
+/// request is routed here through a one-route axum router with the scope's
+/// pattern; axum appends the parameters to those of enclosing `nest`
+/// prefixes, as it does for its own routes. axum keeps them in a private
+/// type, so routing is the only way to put them there.
+#[cfg(feature = "axum")]
+async fn axum_parts(scope: &Scope) -> http::request::Parts {
+    use axum::extract::{FromRequestParts, RawPathParams, Request};
+    use axum::response::IntoResponse;
+
+    /// Carries the routed request's extensions out of the handler.
+    #[derive(Clone)]
+    struct Routed(http::Extensions);
+
+    let mut request = http::Request::new(());
+    *request.method_mut() = scope.method().clone();
+    *request.uri_mut() = scope.uri().clone();
+    *request.version_mut() = scope.version();
+    *request.headers_mut() = scope.headers().clone();
+    *request.extensions_mut() = scope.extensions().clone();
+    let (mut parts, ()) = request.into_parts();
+    if scope.params().is_empty() {
+        return parts;
+    }
+    if let Ok(raw) = RawPathParams::from_request_parts(&mut parts, &()).await {
+        let routed_here = scope
+            .params()
+            .iter()
+            .all(|(name, _)| raw.iter().any(|(key, _)| key == name));
+        if routed_here {
+            return parts;
+        }
+    }
+    // The layer's patterns are valid axum paths (`into_router` mounts them);
+    // should one not be, `Path` answers as before instead of a panic.
+    let Ok(mut router) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        axum::Router::<()>::new().route(
+            scope.route(),
+            axum::routing::any(|request: Request| async move {
+                let mut response = ().into_response();
+                let (parts, _) = request.into_parts();
+                response.extensions_mut().insert(Routed(parts.extensions));
+                response
+            }),
+        )
+    })) else {
+        return parts;
+    };
+    let routed = tower_service::Service::call(
+        &mut router,
+        http::Request::from_parts(parts.clone(), axum::body::Body::empty()),
+    );
+    let Ok(mut response) = routed.await;
+    if let Some(Routed(extensions)) = response.extensions_mut().remove::<Routed>() {
+        parts.extensions = extensions;
+    }
+    parts
 }

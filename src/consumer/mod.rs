@@ -93,6 +93,7 @@ mod context;
 mod driver;
 mod factory;
 mod from_fn;
+mod join;
 mod json;
 mod socket;
 mod unhandled;
@@ -103,6 +104,7 @@ pub use self::{
     context::Context,
     factory::{try_consumer, try_json_consumer, BoxConsumerService, ConsumerService, TryConsumer},
     from_fn::{from_fn, FromFn},
+    join::{position_from_query, Join, Resumed},
     json::{json_consumer, JsonConsumer, JsonDecodeError, JsonWebSocketConsumer},
     socket::{Incoming, WebSocket},
     unhandled::{forward_event_strict, UnhandledEvent},

@@ -198,8 +198,11 @@ impl Engine {
             return;
         }
         self.phase = Phase::Closed { code };
-        // The transport and its buffers go now; disconnect may run long.
-        self.socket = None;
+        // The buffers go now (disconnect may run long); the transport
+        // lingers if the peer may still be sending.
+        if let Some(socket) = self.socket.take() {
+            socket.close(self.config().close_timeout);
+        }
         let (groups, inbox) = self.link.finish(code);
         drop(inbox);
         self.start_leaving(groups);

@@ -36,15 +36,20 @@
 //!   close, instead of them otherwise) and is written before the engine gives
 //!   up; the engine then waits for the peer's close, at most
 //!   [`close_timeout`](crate::WebSocketConfig::close_timeout).
-//! * **Closed**: the socket and its buffers are dropped; the application
-//!   sees the end (`disconnect` runs with the close code).
+//! * **Closed**: the socket's buffers are dropped; the application sees the
+//!   end (`disconnect` runs with the close code). The transport itself
+//!   *lingers* when the peer may still be sending (see `Socket::close`): its
+//!   write side is shut down after the close frame and input is discarded
+//!   until the peer closes, at most
+//!   [`close_timeout`](crate::WebSocketConfig::close_timeout) and 1 MiB,
+//!   so the close frame is not lost to a TCP reset.
 //!
 //! # Outbound budget
 //!
 //! See [`WebSocketConfig`'s slow-client policy](crate::WebSocketConfig#slow-clients):
 //! a soft budget that may be exceeded for at most
 //! [`slow_client_timeout`](crate::WebSocketConfig::slow_client_timeout), a
-//! hard cap at 16 times it, close 4008 either way. The engine moves queued
+//! hard cap at 4 times it, close 4008 either way. The engine moves queued
 //! messages into the frame writer one write buffer at a time, so the
 //! writer's buffer stays small and a close frame is never far behind.
 //!

@@ -4,9 +4,11 @@
 use std::{
     io,
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     wire::{DeflateParams, FrameReader, FrameWriter, Outbound, WireError, WireLimits},
@@ -40,7 +42,13 @@ pub(crate) struct Socket {
     /// Frames queued in the writer up to this many bytes before they must
     /// go to the transport.
     write_buffer: usize,
+    /// The transport failed or ended (read, write or flush): nothing is
+    /// left to linger for.
+    broken: bool,
 }
+
+/// The most a lingering close reads and discards (see [`Socket::close`]).
+pub(crate) const LINGER_MAX_BYTES: usize = 1 << 20;
 
 impl Socket {
     pub(crate) fn new(
@@ -51,13 +59,51 @@ impl Socket {
         let limits = WireLimits {
             max_message_size: config.max_message_size,
             max_frame_size: config.max_frame_size,
+            inflate: config.inflate_limit.map(|l| (l.bytes_per_second, l.burst)),
         };
         Self {
             io,
             reader: FrameReader::new(limits, deflate, config.read_buffer_size),
             writer: FrameWriter::new(deflate, config.write_buffer_size),
             write_buffer: config.write_buffer_size.max(1),
+            broken: false,
         }
+    }
+
+    /// Closes the connection, lingering when the peer may still be sending.
+    ///
+    /// Closing a TCP socket with unread input makes the kernel answer with
+    /// a reset, and a reset makes the peer's kernel drop what it had not yet
+    /// handed to the application: the close frame we just wrote (1002,
+    /// 1007, 1009, ...) is lost to a client that is still in the middle of a
+    /// send. So, as HTTP servers do (Apache's and nginx's lingering close),
+    /// once everything is written the write side is shut down (a FIN after
+    /// the close frame) and input is read and discarded until the peer
+    /// closes, for at most `within` and [`LINGER_MAX_BYTES`], on a task of
+    /// its own; the connection's buffers are dropped now. A transport that
+    /// already failed, or whose output is not all written (the peer does
+    /// not read), is dropped at once. Without a Tokio runtime, or for the
+    /// in-memory transport of tests, the socket is dropped at once.
+    pub(crate) fn close(self, within: Duration) {
+        let Socket {
+            io,
+            reader,
+            writer,
+            broken,
+            ..
+        } = self;
+        let unflushed = writer.queued_bytes() > 0;
+        drop((reader, writer));
+        if broken || unflushed || within.is_zero() {
+            return;
+        }
+        let Transport::Upgraded(_) = io else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(linger(io, within));
     }
 
     /// The next message or control frame from the peer.
@@ -65,15 +111,20 @@ impl Socket {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Message>, ReadError>> {
-        self.reader
-            .poll_read(&mut self.io, cx)
-            .map_err(|e| match e {
-                WireError::Io(_) => ReadError::Io,
-                WireError::Protocol(p) => ReadError::Protocol {
-                    code: p.close_code(),
-                    reason: p.reason(),
-                },
-            })
+        let res = self.reader.poll_read(&mut self.io, cx);
+        if matches!(
+            res,
+            Poll::Ready(Ok(None)) | Poll::Ready(Err(WireError::Io(_)))
+        ) {
+            self.broken = true;
+        }
+        res.map_err(|e| match e {
+            WireError::Io(_) => ReadError::Io,
+            WireError::Protocol(p) => ReadError::Protocol {
+                code: p.close_code(),
+                reason: p.reason(),
+            },
+        })
     }
 
     /// Ready when another frame may be queued: the writer holds less than
@@ -81,7 +132,7 @@ impl Socket {
     /// first, and is pending (with `cx` registered) while the transport is.
     pub(crate) fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.writer.queued_bytes() >= self.write_buffer {
-            ready!(self.writer.poll_flush(&mut self.io, cx))?;
+            ready!(self.poll_flush(cx))?;
         }
         Poll::Ready(Ok(()))
     }
@@ -125,6 +176,32 @@ impl Socket {
     }
 
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.writer.poll_flush(&mut self.io, cx)
+        let res = self.writer.poll_flush(&mut self.io, cx);
+        if matches!(res, Poll::Ready(Err(_))) {
+            self.broken = true;
+        }
+        res
     }
+}
+
+/// The lingering half of [`Socket::close`]: shut the write side down, then
+/// read and discard until the peer closes, `within` passes or
+/// [`LINGER_MAX_BYTES`] were read.
+async fn linger(mut io: Transport, within: Duration) {
+    let _ = tokio::time::timeout(within, async {
+        if io.shutdown().await.is_err() {
+            return;
+        }
+        // On the heap (only while lingering), large enough that discarding
+        // costs few system calls.
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut left = LINGER_MAX_BYTES;
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }

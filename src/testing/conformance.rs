@@ -705,6 +705,7 @@ where
     check!(
         history_offsets,
         history_recovery,
+        ephemeral_events,
         recovery_switch_exactly_once,
         presence_listing,
         presence_notifications,
@@ -727,6 +728,7 @@ where
     }
     check!(
         pair_history,
+        pair_ephemeral_events,
         pair_recovery_switch_exactly_once,
         pair_presence
     );
@@ -820,6 +822,84 @@ pub async fn history_offsets(layer: &dyn ChannelLayer) {
         Err(ChannelLayerError::NoHistory { group }) => assert_eq!(group, "conformance.plain"),
         other => panic!("recover on a group without history: expected NoHistory, got {other:?}"),
     }
+}
+
+/// An [ephemeral](Event::ephemeral) group send to a history group reaches
+/// the members of `a`'s and `b`'s group (pass one layer twice for a single
+/// instance) without a position, takes no offset and is never recovered.
+async fn ephemeral_between(a: &dyn ChannelLayer, b: &dyn ChannelLayer, group: &str) {
+    let mut here = new_channel(a).await;
+    let mut there = new_channel(b).await;
+    ok("group_add", a.group_add(group, here.name())).await;
+    ok("group_add", b.group_add(group, there.name())).await;
+    let first = ok(
+        "group_send",
+        a.group_send(group, Event::new("conformance.h", 1u64)),
+    )
+    .await
+    .position
+    .unwrap_or_else(|| panic!("group_send to {group:?} returned no position"));
+    for rx in [&mut here, &mut there] {
+        assert_eq!(
+            offset_of(&expect_kind(rx, "conformance.h").await),
+            first.offset()
+        );
+    }
+    let typing = ok(
+        "ephemeral group_send",
+        a.group_send(group, Event::text("conformance.typing", "ada").ephemeral()),
+    )
+    .await;
+    assert_eq!(typing.position, None, "an ephemeral send takes no offset");
+    for rx in [&mut here, &mut there] {
+        let event = expect_kind(rx, "conformance.typing").await;
+        assert_eq!(
+            event.position(),
+            None,
+            "a delivered ephemeral event has no position"
+        );
+    }
+    let next = ok(
+        "group_send",
+        b.group_send(group, Event::new("conformance.h", 2u64)),
+    )
+    .await
+    .position
+    .unwrap_or_else(|| panic!("group_send to {group:?} returned no position"));
+    assert_eq!(
+        (next.offset(), next.epoch()),
+        (first.offset() + 1, first.epoch()),
+        "the ephemeral send took no offset"
+    );
+    for rx in [&mut here, &mut there] {
+        assert_eq!(
+            offset_of(&expect_kind(rx, "conformance.h").await),
+            next.offset()
+        );
+    }
+    let recovery = ok("recover", a.recover(group, &first)).await;
+    assert!(recovery.is_recovered(), "recover: {recovery:?}");
+    let kinds: Vec<(&str, Option<u64>)> = recovery
+        .events()
+        .iter()
+        .map(|e| (e.kind(), e.position().map(StreamPosition::offset)))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("conformance.h", Some(next.offset()))],
+        "the ephemeral event is not in the history"
+    );
+}
+
+/// Ephemeral events on one instance (see [`pair_ephemeral_events`]).
+pub async fn ephemeral_events(layer: &dyn ChannelLayer) {
+    ephemeral_between(layer, layer, &format!("{HISTORY_GROUPS}.ephemeral")).await;
+}
+
+/// An ephemeral group send to a history group: delivered to members on
+/// both instances without a position, no offset taken, never recovered.
+pub async fn pair_ephemeral_events(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+    ephemeral_between(a, b, &format!("{HISTORY_GROUPS}.pair-ephemeral")).await;
 }
 
 /// Recovery gives exactly the events after a position, or says why not.

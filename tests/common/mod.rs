@@ -9,18 +9,20 @@ pub(crate) mod layers;
 pub(crate) mod redis_server;
 
 use std::{
+    future::Future,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
+    task::Poll,
     time::Duration,
 };
 
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -103,6 +105,45 @@ where
         }
     });
     addr
+}
+
+/// Opens an HTTP/2 connection and waits until the server's SETTINGS enabled
+/// extended CONNECT (no sleeping: the connection is polled until it is).
+pub(crate) async fn h2_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    let mut conn = Box::pin(conn);
+    // hyper runs the h2 connection on a task of its own, which applies the
+    // server's SETTINGS without waking us: drive our half, then yield to it.
+    within("the server's SETTINGS_ENABLE_CONNECT_PROTOCOL", async {
+        while !conn.is_extended_connect_protocol_enabled() {
+            std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                Poll::Ready(r) => panic!("HTTP/2 connection ended early: {r:?}"),
+                Poll::Pending => Poll::Ready(()),
+            })
+            .await;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    tokio::spawn(conn);
+    sender
+}
+
+/// An RFC 8441 extended CONNECT request for a WebSocket on `path`.
+pub(crate) fn h2_connect(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{addr}{path}"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::new())
+        .expect("valid request")
 }
 
 /// Opens a WebSocket to `ws://{addr}{path}`.
@@ -353,7 +394,26 @@ pub(crate) fn spawn_example(name: &str) -> (ChildGuard, SocketAddr) {
 
 /// [`spawn_example`] with extra command-line arguments.
 pub(crate) fn spawn_example_with(name: &str, extra: &[&str]) -> (ChildGuard, SocketAddr) {
-    let mut child = Command::new(example_binary(name))
+    spawn_example_command(name, Command::new(example_binary(name)), extra)
+}
+
+/// [`spawn_example_with`] under a limit of `nofile` open file descriptors
+/// (`ulimit -n` in a shell that then `exec`s the example, so the child's
+/// pid is the example's).
+pub(crate) fn spawn_example_with_nofile(
+    name: &str,
+    nofile: u32,
+    extra: &[&str],
+) -> (ChildGuard, SocketAddr) {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+        .arg(example_binary(name));
+    spawn_example_command(name, cmd, extra)
+}
+
+fn spawn_example_command(name: &str, mut cmd: Command, extra: &[&str]) -> (ChildGuard, SocketAddr) {
+    let mut child = cmd
         .args(["--addr", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "warn")

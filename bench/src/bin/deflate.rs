@@ -61,7 +61,9 @@ async fn main() -> ExitCode {
         Ok(args) => match mode.as_str() {
             "serve" => serve(args).await.map(|()| true),
             "run" => run(args).await,
-            _ => err("usage: deflate run [--subs N] [--msgs N] [--rounds N] [--idle N] [--smoke] | deflate serve ..."),
+            "bomb" => bomb(args).await,
+            "stall" => stall(args).await,
+            _ => err("usage: deflate run [--subs N] [--msgs N] [--rounds N] [--idle N] [--smoke] | deflate bomb [--bombers 4] [--secs 5] [--rounds 2] | deflate stall [--clients 20] [--size 524288] [--rate 20] [--secs 8] | deflate serve ..."),
         },
         Err(e) => Err(e),
     };
@@ -76,6 +78,21 @@ async fn main() -> ExitCode {
 }
 
 // ----- server ----------------------------------------------------------------
+
+/// `/echo`: sends every message back (its own bytes: nothing is shared with
+/// other connections, so a client that never reads holds its own queue).
+struct EchoBack;
+
+impl WebSocketConsumer for EchoBack {
+    async fn receive(
+        &mut self,
+        ctx: &mut Context,
+        msg: Message,
+    ) -> std::result::Result<(), BoxError> {
+        ctx.send(msg)?;
+        Ok(())
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Render {
@@ -138,6 +155,11 @@ async fn serve(mut args: Args) -> Result<()> {
         "member" => Render::Member,
         other => return err(format!("--render shared|member, not {other}")),
     };
+    let inflate_limit = match args.get("inflate-limit", "on".to_owned())?.as_str() {
+        "on" => Some(tower_channels::InflateLimit::default()),
+        "off" => None,
+        other => return err(format!("--inflate-limit on|off, not {other}")),
+    };
     let addr: SocketAddr = args.get("addr", "127.0.0.1:0".parse()?)?;
     args.finish()?;
 
@@ -151,6 +173,7 @@ async fn serve(mut args: Args) -> Result<()> {
                 publisher: false,
             }),
         )
+        .route("/echo", websocket_consumer(|_| EchoBack))
         .route(
             "/pub/{room}",
             websocket_consumer(move |scope| Member {
@@ -159,7 +182,11 @@ async fn serve(mut args: Args) -> Result<()> {
                 publisher: true,
             }),
         )
-        .with_config(WebSocketConfig::default().compression(compression));
+        .with_config(
+            WebSocketConfig::default()
+                .compression(compression)
+                .inflate_limit(inflate_limit),
+        );
     let not_found = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
         Ok::<_, std::convert::Infallible>(
             http::Response::builder()
@@ -384,9 +411,14 @@ struct Server {
 
 impl Server {
     async fn start(compression: &str, render: &str) -> Result<Self> {
+        Self::start_with(&["--compression", compression, "--render", render]).await
+    }
+
+    async fn start_with(serve_args: &[&str]) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .args(["serve", "--compression", compression, "--render", render])
+            .arg("serve")
+            .args(serve_args)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
@@ -574,6 +606,219 @@ async fn run(mut args: Args) -> Result<bool> {
         eprintln!("idle: deflate was not negotiated as expected");
         return Ok(false);
     }
+    Ok(true)
+}
+
+// ----- bomb ------------------------------------------------------------------
+
+/// A masked, compressed (RSV1) text frame: `text` deflated as
+/// permessage-deflate sends it (sync flush, tail removed).
+fn compressed_text_frame(text: &[u8]) -> Result<Vec<u8>> {
+    let mut deflater = flate2::Compress::new(flate2::Compression::new(6), false);
+    let mut out = Vec::with_capacity(text.len() / 8 + 1024);
+    loop {
+        let consumed = usize::try_from(deflater.total_in())?;
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity());
+        }
+        deflater.compress_vec(&text[consumed..], &mut out, flate2::FlushCompress::Sync)?;
+        if usize::try_from(deflater.total_in())? == text.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    out.truncate(out.len().saturating_sub(4));
+    let mut frame = Frame::message(out, OpCode::Data(Data::Text), true);
+    frame.header_mut().rsv1 = true;
+    frame.header_mut().mask = Some([0x37, 0xfa, 0x21, 0x3d]);
+    let mut bytes = Vec::with_capacity(frame.len());
+    frame.format(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// One bomber: opens `/pub/bomb` with permessage-deflate and sends `bomb`
+/// back to back; when the server closes it, reconnects (as an attacker
+/// would). Returns (connections, bombs sent).
+async fn bomber(addr: SocketAddr, bomb: std::sync::Arc<Vec<u8>>, until: Instant) -> (u64, u64) {
+    let (mut conns, mut sent) = (0, 0);
+    while Instant::now() < until {
+        let Ok((tcp, _, true)) = open(addr, "/pub/bomb", true).await else {
+            continue;
+        };
+        conns += 1;
+        let (mut rd, mut wr) = tcp.into_split();
+        // Drain whatever the server sends (its close frame).
+        tokio::spawn(async move {
+            let mut sink = [0u8; 4096];
+            while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        while Instant::now() < until && wr.write_all(&bomb).await.is_ok() {
+            sent += 1;
+        }
+    }
+    (conns, sent)
+}
+
+/// A healthy pair on room `h`: the publisher sends a 100 B message every
+/// 10 ms, the subscriber times each delivery. Returns the round trips (ns).
+async fn healthy(addr: SocketAddr, until: Instant) -> Result<Vec<u64>> {
+    let (mut sub, mut sub_buf, _) = open(addr, "/ws/h", false).await?;
+    let (mut publ, _, _) = open(addr, "/pub/h", false).await?;
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+    while Instant::now() < until {
+        tick.tick().await;
+        let text = format!("{:0100}", samples.len());
+        let start = Instant::now();
+        publ.write_all(&text_frame(text)?).await?;
+        // One unmasked server frame with a short payload.
+        loop {
+            let mut cursor = Cursor::new(&sub_buf[..]);
+            if let Some((header, len)) = FrameHeader::parse(&mut cursor)? {
+                let head = usize::try_from(cursor.position())?;
+                let len = usize::try_from(len)?;
+                if sub_buf.len() >= head + len {
+                    let _ = header;
+                    sub_buf.advance(head + len);
+                    break;
+                }
+            }
+            if sub.read_buf(&mut sub_buf).await? == 0 {
+                return err("healthy subscriber closed");
+            }
+        }
+        samples.push(u64::try_from(start.elapsed().as_nanos())?);
+    }
+    Ok(samples)
+}
+
+/// Server CPU and a healthy client's latency while `bombers` clients send
+/// 1 KiB messages that inflate to 1 MiB, with and without the default
+/// inflate limit (alternating servers, `rounds` times).
+async fn bomb(mut args: Args) -> Result<bool> {
+    let bombers: usize = args.get("bombers", 4)?;
+    let secs: f64 = args.get("secs", 5.0)?;
+    let rounds: usize = args.get("rounds", 2)?;
+    args.finish()?;
+    let bomb = std::sync::Arc::new(compressed_text_frame(&vec![b' '; (1 << 20) - 64])?);
+    println!(
+        "bomb frame: {} B on the wire, {} B inflated",
+        bomb.len(),
+        (1 << 20) - 64
+    );
+    let configs = [
+        ("no bombers", "on", 0),
+        ("bombers, inflate limit off", "off", bombers),
+        ("bombers, default inflate limit", "on", bombers),
+    ];
+    let ticks = procfs::clock_ticks_per_sec();
+    println!("| round | case | server CPU (cores) | healthy p50 ms | healthy p99 ms | bomber connections | bombs sent |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for round in 0..rounds {
+        for (label, limit, n) in configs {
+            let server = Server::start_with(&["--inflate-limit", limit]).await?;
+            let cpu = procfs::CpuMeter::start(&[server.pid], ticks)?;
+            let until = Instant::now() + std::time::Duration::from_secs_f64(secs);
+            let tasks: Vec<_> = (0..n)
+                .map(|_| tokio::spawn(bomber(server.addr, bomb.clone(), until)))
+                .collect();
+            let mut samples = healthy(server.addr, until).await?;
+            let (mut conns, mut sent) = (0, 0);
+            for t in tasks {
+                let (c, s) = t.await?;
+                conns += c;
+                sent += s;
+            }
+            let cores = cpu.elapsed_us()? as f64 / 1e6 / secs;
+            server.stop().await;
+            let summary = tower_channels_bench::Summary::of(&mut samples);
+            println!(
+                "| {round} | {label} | {cores:.2} | {:.2} | {:.2} | {conns} | {sent} |",
+                summary.p50_us / 1e3,
+                summary.p99_us / 1e3
+            );
+        }
+    }
+    Ok(true)
+}
+
+// ----- stall -----------------------------------------------------------------
+
+/// What never-reading clients cost: `clients` connections to `/echo` that
+/// send `size`-byte messages at `rate` a second each for `secs` and never
+/// read (4 KiB receive buffers), so each one's echoes queue on the server.
+/// Reports the server's RSS at start, its peak, once every client is closed
+/// (4008) and gone, and 5 s later.
+async fn stall(mut args: Args) -> Result<bool> {
+    let clients: usize = args.get("clients", 20)?;
+    let size: usize = args.get("size", 512 << 10)?;
+    let rate: f64 = args.get("rate", 20.0)?;
+    let secs: f64 = args.get("secs", 8.0)?;
+    args.finish()?;
+    let server = Server::start_with(&["--compression", "off"]).await?;
+    let rss = || procfs::rss_kib(server.pid);
+    let start = rss()?;
+    let fds_before = procfs::fd_count(server.pid)?;
+    let frame = std::sync::Arc::new(text_frame("x".repeat(size))?);
+    let until = Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let mut tcp = socket.connect(server.addr).await?;
+        let key = tungstenite::handshake::client::generate_key();
+        let request = format!(
+            "GET /echo HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            server.addr
+        );
+        tcp.write_all(request.as_bytes()).await?;
+        let frame = frame.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / rate));
+            let mut sent = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                // The server stops reading once it closed us: stop too.
+                match tokio::time::timeout(std::time::Duration::from_secs(1), tcp.write_all(&frame))
+                    .await
+                {
+                    Ok(Ok(())) => sent += 1,
+                    _ => break,
+                }
+            }
+            (tcp, sent)
+        }));
+    }
+    let mut peak = start;
+    while Instant::now() < until {
+        peak = peak.max(rss()?);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    let mut sent = 0;
+    for t in tasks {
+        let (tcp, n) = t.await?;
+        held.push(tcp);
+        sent += n;
+    }
+    // Every client is closed 4008 and dropped after close_timeout (it does
+    // not read its close frame): wait until the server's descriptors are
+    // back, sampling the peak.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while procfs::fd_count(server.pid)? > fds_before && Instant::now() < deadline {
+        peak = peak.max(rss()?);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let gone = rss()?;
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let later = rss()?;
+    server.stop().await;
+    println!(
+        "| {clients} | {} KiB | {sent} | {start} | {peak} | {:.0} | {gone} | {later} |",
+        size >> 10,
+        (peak.saturating_sub(start)) as f64 / clients as f64
+    );
     Ok(true)
 }
 

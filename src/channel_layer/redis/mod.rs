@@ -1149,7 +1149,9 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            match policy_for(&inner.config.history, group) {
+            // An ephemeral event goes out as a plain group send: not stored,
+            // no offset, and receivers fan it out without the sequencer.
+            match policy_for(&inner.config.history, group).filter(|_| !event.is_ephemeral()) {
                 Some(policy) => inner.group_send_with_history(group, &event, policy).await,
                 None => inner.group_send_plain(group, &event).await,
             }

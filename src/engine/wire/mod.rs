@@ -110,6 +110,8 @@ pub(crate) struct WireLimits {
     pub(crate) max_message_size: usize,
     /// Largest single frame payload (as received, i.e. compressed).
     pub(crate) max_frame_size: usize,
+    /// Inflated bytes per second and burst (`crate::InflateLimit`), if bounded.
+    pub(crate) inflate: Option<(u64, u64)>,
 }
 
 /// A protocol violation by the peer; the engine closes with
@@ -161,6 +163,9 @@ pub(crate) enum ProtocolError {
     /// Compressed data that does not inflate.
     #[error("invalid compressed data")]
     InvalidDeflate,
+    /// Compressed messages inflating faster than `inflate_limit` allows.
+    #[error("inflate rate exceeded")]
+    InflateRateExceeded,
 }
 
 impl ProtocolError {
@@ -181,6 +186,7 @@ impl ProtocolError {
             | Self::ExpectedContinuation
             | Self::InvalidCloseCode
             | Self::CloseTooShort => close_code::PROTOCOL,
+            Self::InflateRateExceeded => close_code::POLICY,
         }
     }
 
@@ -188,6 +194,7 @@ impl ProtocolError {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::BadOpcode => "reserved opcode",
+            Self::InflateRateExceeded => "inflate rate exceeded",
             Self::ReservedBits => "reserved bits set",
             Self::CompressionNotNegotiated => "compressed frame without negotiated compression",
             Self::UnmaskedFrame => "unmasked client frame",

@@ -8,7 +8,10 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use flate2::Decompress;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, ReadBuf},
+    time::Instant,
+};
 use tungstenite::protocol::frame::{
     coding::{CloseCode as TsCloseCode, Control, Data, OpCode},
     FrameHeader,
@@ -48,6 +51,42 @@ pub(crate) struct FrameReader {
     /// takeover only; otherwise a pooled one lives in `Partial`).
     context: Option<Decompress>,
     failed: Option<ProtocolError>,
+    /// What compressed frames may still inflate to (`WireLimits::inflate`).
+    inflate_budget: Option<InflateBudget>,
+}
+
+/// A token bucket of inflated bytes.
+#[derive(Debug)]
+struct InflateBudget {
+    per_second: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl InflateBudget {
+    fn new((per_second, burst): (u64, u64), max_message_size: usize) -> Self {
+        let capacity = (burst as f64).max(max_message_size as f64);
+        Self {
+            per_second: per_second as f64,
+            capacity,
+            tokens: capacity,
+            last: Instant::now(),
+        }
+    }
+
+    /// Spends `n` inflated bytes; an error once the budget is overdrawn.
+    fn charge(&mut self, n: usize) -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.capacity) - n as f64;
+        self.last = now;
+        if self.tokens < 0.0 {
+            Err(ProtocolError::InflateRateExceeded)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// A fragmented or compressed message being assembled.
@@ -95,6 +134,9 @@ impl FrameReader {
             partial: None,
             context: None,
             failed: None,
+            inflate_budget: limits
+                .inflate
+                .map(|l| InflateBudget::new(l, limits.max_message_size)),
         }
     }
 
@@ -301,9 +343,14 @@ impl FrameReader {
         };
         match p.inflater.as_mut() {
             Some(inflater) => {
+                let before = p.data.len();
                 deflate::inflate_into(inflater.get(), payload, &mut p.data, limit)?;
                 if is_final {
                     deflate::inflate_into(inflater.get(), &TAIL, &mut p.data, limit)?;
+                }
+                let inflated = p.data.len() - before;
+                if let Some(budget) = &mut self.inflate_budget {
+                    budget.charge(inflated)?;
                 }
             }
             None => {

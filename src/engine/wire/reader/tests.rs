@@ -6,6 +6,7 @@ use std::future::poll_fn;
 const LIMITS: WireLimits = WireLimits {
     max_message_size: 1 << 20,
     max_frame_size: 1 << 20,
+    inflate: None,
 };
 
 /// A masked client frame, as a browser would send it.
@@ -302,6 +303,7 @@ async fn oversized_frames_fail_before_their_payload_arrives() {
     let limits = WireLimits {
         max_message_size: 100,
         max_frame_size: 60,
+        inflate: None,
     };
     // Only the header of a frame announcing 61 bytes: rejected at once.
     let header = &client_frame(true, false, 2, &[0; 61])[..6];
@@ -461,6 +463,7 @@ async fn buffers_shrink_back_after_a_1_mib_message() {
     let limits = WireLimits {
         max_message_size: 4 << 20,
         max_frame_size: 4 << 20,
+        inflate: None,
     };
     let big = vec![7u8; 1 << 20];
     let mut c = Compress::new(Level::new(1), false);

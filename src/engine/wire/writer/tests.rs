@@ -505,6 +505,7 @@ async fn idle_connection_memory_with_deflate() {
     let limits = WireLimits {
         max_message_size: 1 << 20,
         max_frame_size: 1 << 20,
+        inflate: None,
     };
     let mut reader = FrameReader::new(limits, Some(params), 2048);
     let mut w = FrameWriter::new(Some(params), 8192);
