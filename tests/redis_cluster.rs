@@ -24,7 +24,7 @@ use tower_channels::channel_layer::{
     redis::RedisClusterChannelLayer, ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
 };
 
-use common::layers::{free_port, recv, unique_suffix};
+use common::layers::{free_port, recv, unique_suffix, RECV};
 
 // ------------------------------------------------------------------ cluster
 
@@ -429,9 +429,16 @@ async fn node_restart() {
         "the error names the group: {err}"
     );
     assert!(took < Duration::from_secs(4), "took {took:?}");
-    // The other shard is unaffected.
-    a.group_send(&up, Event::bare("still-up")).await.unwrap();
-    assert_eq!(recv(&mut rx_up).await.kind(), "still-up");
+    // The other shard keeps working while this one is down. Not its first
+    // send: redis-rs may be refreshing its connections right after the
+    // node died, and a Pub/Sub message published in that moment reaches
+    // nobody (Pub/Sub is at-most-once; seen in 2 of 14 runs of the whole
+    // binary on 2026-12-06). Delivery must resume within `RECV`.
+    let resumed = until_delivered(&a, &up, &mut rx_up, "still-up").await;
+    assert!(
+        resumed < RECV,
+        "the other shard delivered again only after {resumed:?}"
+    );
     // A process without members there cannot subscribe to the dead shard:
     // its group_add fails with a clear error (b, already subscribed, would
     // just record the member).
