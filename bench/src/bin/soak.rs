@@ -9,14 +9,20 @@
 //! soak --chat-bin target/release/examples/chat [same options]
 //! ```
 //!
-//! Reports deliveries lost (messages some member received, or the publisher
-//! saw accepted, that a healthy member did not), healthy sockets closed,
-//! publishes refused while Redis was down (answered "temporarily
-//! unavailable": not losses), churned connections, and the chat processes'
-//! summed RSS at start, peak and 5 s after every client is gone.
+//! A send is *answered OK* when the publisher (a room member itself)
+//! receives its own message back through the room; a refused one is answered
+//! `{"type":"error","error":"temporarily unavailable"}` (Redis down: not a
+//! loss). Reports, per steady member that stayed connected, the answered-OK
+//! sequence numbers it did not receive (summed: deliveries lost) and the ones
+//! it received more than once (duplicates); healthy sockets closed; sends
+//! neither answered OK nor refused; how each never-reading member ended (its
+//! socket is drained after the run, as a real client would read it: close
+//! code 4008 expected); churned connections; and the chat processes' summed
+//! RSS at start, peak and 5 s after every client is gone. Exits non-zero if
+//! a delivery was lost, duplicated, or a healthy socket closed.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     process::{ExitCode, Stdio},
     sync::{
@@ -28,11 +34,11 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, BufReader},
     net::{TcpListener, TcpStream},
     process::{Child, Command},
 };
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
 use tower_channels_bench::{err, procfs, Args, Result};
 
 #[tokio::main]
@@ -101,49 +107,96 @@ fn seq_of(frame: &str) -> Option<u64> {
     m.strip_prefix("soak-")?.split('-').next()?.parse().ok()
 }
 
-/// A steady member: records every sequence number it receives until `stop`;
-/// returns them and whether its socket was closed before that.
+/// What a steady member saw: how often it received each sequence number, and
+/// whether its socket was closed before the end.
+struct Seen {
+    got: BTreeMap<u64, u32>,
+    closed: bool,
+}
+
+/// Receptions beyond the first, over all sequence numbers in `counts`.
+fn extra_copies(counts: &BTreeMap<u64, u32>) -> u64 {
+    counts
+        .values()
+        .map(|&n| u64::from(n.saturating_sub(1)))
+        .sum()
+}
+
+/// A steady member: counts every sequence number it receives until `stop`.
 async fn member(
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     joined: tokio::sync::mpsc::Sender<()>,
-) -> Result<(BTreeSet<u64>, bool)> {
+) -> Result<Seen> {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/chat/soak")).await?;
     // The chat consumer joins the room before it accepts: joined now.
     let _ = joined.send(()).await;
-    let mut got = BTreeSet::new();
+    let mut got = BTreeMap::new();
     loop {
         let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
         if stop.load(Ordering::Relaxed) {
             let _ = ws.close(None).await;
-            return Ok((got, false));
+            return Ok(Seen { got, closed: false });
         }
         match next {
             Err(_) => {}
             Ok(Some(Ok(Message::Text(t)))) => {
                 if let Some(seq) = seq_of(&t) {
-                    got.insert(seq);
+                    *got.entry(seq).or_insert(0) += 1;
                 }
             }
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => return Ok((got, true)),
+            Ok(Some(Err(_)) | None) => return Ok(Seen { got, closed: true }),
         }
     }
 }
 
-/// A member that never reads (4 KiB receive buffer): the server closes it
-/// 4008 once it falls behind.
-async fn slow_reader(addr: SocketAddr) -> Result<TcpStream> {
+type Ws = WebSocketStream<TcpStream>;
+
+/// The close code of a client that does not read fast enough.
+const SLOW_CLIENT: u16 = 4008;
+
+/// A member that never reads after its handshake (4 KiB receive buffer): the
+/// server should close it 4008 once it falls behind.
+async fn slow_reader(addr: SocketAddr) -> Result<Ws> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
-    let mut tcp = socket.connect(addr).await?;
-    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
-    let request = format!(
-        "GET /ws/chat/soak HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await?;
-    Ok(tcp)
+    let tcp = socket.connect(addr).await?;
+    let url = format!("ws://{addr}/ws/chat/soak");
+    let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+    Ok(ws)
+}
+
+/// How a never-reading member's connection ended, read after the run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum SlowEnd {
+    /// A close frame with this code arrived.
+    Close(u16),
+    /// The stream ended or failed without a close frame.
+    NoClose(String),
+    /// Still open after the drain's time limit.
+    Open,
+}
+
+/// Drains a never-reading member's socket (every queued message, then the
+/// close frame, as a client that reads late would see it), for at most
+/// `limit`.
+async fn drain_slow(mut ws: Ws, limit: Duration) -> SlowEnd {
+    let read = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return SlowEnd::Close(frame.map_or(1005, |f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return SlowEnd::NoClose(e.to_string()),
+                None => return SlowEnd::NoClose("end of stream".to_owned()),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or(SlowEnd::Open)
 }
 
 /// Opens and closes connections to `churn-N` rooms at `rate` a second,
@@ -219,7 +272,8 @@ async fn soak(mut args: Args) -> Result<bool> {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let mut seq = 0u64;
     let mut peak = rss_start;
-    let mut accepted = HashSet::new();
+    // Sends answered OK: the publisher's own copies, with how often each came.
+    let mut accepted = BTreeMap::new();
     while Instant::now() < until {
         tick.tick().await;
         if !restarted && Instant::now() >= restart_at {
@@ -244,7 +298,7 @@ async fn soak(mut args: Args) -> Result<bool> {
                 if t.contains("temporarily unavailable") {
                     refused.fetch_add(1, Ordering::Relaxed);
                 } else if let Some(s) = seq_of(&t) {
-                    accepted.insert(s);
+                    *accepted.entry(s).or_insert(0u32) += 1;
                 }
             }
         }
@@ -259,41 +313,80 @@ async fn soak(mut args: Args) -> Result<bool> {
             if t.contains("temporarily unavailable") {
                 refused.fetch_add(1, Ordering::Relaxed);
             } else if let Some(s) = seq_of(&t) {
-                accepted.insert(s);
+                *accepted.entry(s).or_insert(0u32) += 1;
             }
         }
         peak = peak.max(rss()?);
     }
     stop.store(true, Ordering::Relaxed);
     let _ = publisher.close(None).await;
+    // The never-reading members read now, all at once.
+    let slow_ends: Vec<_> = slow_conns
+        .into_iter()
+        .map(|ws| tokio::spawn(drain_slow(ws, Duration::from_secs(10))))
+        .collect();
     let mut results = Vec::new();
     for m in members {
         results.push(m.await??);
     }
     let (churned, churn_failed) = churner.await?;
-    drop(slow_conns);
-    for (got, _) in &results {
-        accepted.extend(got.iter().copied());
+    let mut slow_counts: BTreeMap<SlowEnd, usize> = BTreeMap::new();
+    for end in slow_ends {
+        *slow_counts.entry(end.await?).or_default() += 1;
     }
-    let healthy_closed = results.iter().filter(|(_, closed)| *closed).count();
-    let lost: usize = results
+    let slow_4008 = slow_counts
+        .get(&SlowEnd::Close(SLOW_CLIENT))
+        .copied()
+        .unwrap_or(0);
+    let slow_other: Vec<String> = slow_counts
         .iter()
-        .filter(|(_, closed)| !closed)
-        .map(|(got, _)| accepted.iter().filter(|s| !got.contains(s)).count())
+        .filter(|(end, _)| **end != SlowEnd::Close(SLOW_CLIENT))
+        .map(|(end, n)| format!("{n} x {end:?}"))
+        .collect();
+
+    let refused = refused.load(Ordering::Relaxed);
+    let answered: BTreeSet<u64> = accepted.keys().copied().collect();
+    let healthy = results.iter().filter(|m| !m.closed);
+    let healthy_closed = results.iter().filter(|m| m.closed).count();
+    // Per member: answered-OK sends it did not receive.
+    let lost: usize = healthy
+        .clone()
+        .map(|m| answered.iter().filter(|s| !m.got.contains_key(s)).count())
         .sum();
-    let deliveries: usize = results.iter().map(|(got, _)| got.len()).sum();
+    let duplicates: u64 =
+        results.iter().map(|m| extra_copies(&m.got)).sum::<u64>() + extra_copies(&accepted);
+    // Received by a member although the publisher never got its own copy.
+    let unconfirmed: BTreeSet<u64> = healthy
+        .flat_map(|m| m.got.keys().copied())
+        .filter(|s| !answered.contains(s))
+        .collect();
+    let unanswered = seq.saturating_sub(answered.len() as u64 + refused);
+    let deliveries: u64 = results
+        .iter()
+        .flat_map(|m| m.got.values())
+        .map(|&n| u64::from(n))
+        .sum();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_after = rss()?;
     println!(
-        "soak {secs} s: {seq} published ({} accepted, {} refused while Redis restarted), \
-         {steady} steady members on 2 processes, {slow} never-reading members, \
+        "soak {secs} s: {seq} published ({} answered OK, {refused} refused while Redis restarted, \
+         {unanswered} neither), {steady} steady members on 2 processes, {slow} never-reading members, \
          {churned} churned connections ({churn_failed} failed)",
-        accepted.len(),
-        refused.load(Ordering::Relaxed)
+        answered.len(),
     );
     println!(
-        "deliveries {deliveries}, lost {lost}, healthy sockets closed {healthy_closed}; \
-         RSS of the two processes: start {rss_start} KiB, peak {peak} KiB, 5 s after {rss_after} KiB"
+        "deliveries {deliveries}, lost {lost} (per member, of the sends answered OK), \
+         duplicates {duplicates}, received but not answered OK {}; healthy sockets closed {healthy_closed}; \
+         never-reading members closed 4008: {slow_4008} of {slow}{}",
+        unconfirmed.len(),
+        if slow_other.is_empty() {
+            String::new()
+        } else {
+            format!(" (others: {})", slow_other.join(", "))
+        }
     );
-    Ok(lost == 0 && healthy_closed == 0)
+    println!(
+        "RSS of the two processes: start {rss_start} KiB, peak {peak} KiB, 5 s after {rss_after} KiB"
+    );
+    Ok(lost == 0 && duplicates == 0 && healthy_closed == 0)
 }
