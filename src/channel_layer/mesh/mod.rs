@@ -153,21 +153,29 @@ impl<T: Transport> MeshLayer<T> {
     }
 
     /// The transport.
+    // Used by the NATS transport only (the mesh is also built for tests).
+    #[cfg(feature = "nats")]
     pub(crate) fn transport(&self) -> &T {
         &self.inner.transport
     }
 
     /// The settings.
+    // Used by the NATS transport only (the mesh is also built for tests).
+    #[cfg(feature = "nats")]
     pub(crate) fn config(&self) -> &MeshConfig {
         &self.inner.config
     }
 
     /// Number of this process's channels in `group`.
+    // Used by the NATS transport only (the mesh is also built for tests).
+    #[cfg(feature = "nats")]
     pub(crate) fn local_group_len(&self, group: &str) -> usize {
         self.inner.registry.group_len(group)
     }
 
     /// Number of this process's channels that have a receiver.
+    // Used by the NATS transport only (the mesh is also built for tests).
+    #[cfg(feature = "nats")]
     pub(crate) fn channel_count(&self) -> usize {
         self.inner.registry.channel_count()
     }
