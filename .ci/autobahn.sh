@@ -38,7 +38,7 @@ log="$out/server.log"
 # compressed session: RFC 7692 lets a server send small messages
 # uncompressed (the crate's default below 256 bytes), but kosoku 0.1's
 # checker crashes on that ("Strings must be encoded before hashing").
-RUST_LOG="${RUST_LOG:-warn}" "$bin" --addr 127.0.0.1:0 --max-message-size 16777216 --compression-threshold 0 >"$log" 2>&1 &
+RUST_LOG="${RUST_LOG:-warn}" "$bin" --addr 127.0.0.1:0 --max-message-size 16777216 --compression-threshold 0 --inflate-limit 0 >"$log" 2>&1 &
 server=$!
 cleanup() {
   kill "$server" 2>/dev/null || true

@@ -50,6 +50,10 @@
 //! uncompressed on a permessage-deflate connection (256 by default; the
 //! Autobahn run uses 0, so every message of its 12.* and 13.* cases is
 //! compressed).
+//! `--inflate-limit BYTES_PER_SEC` sets [`WebSocketConfig::inflate_limit`]'s
+//! sustained rate of inflated bytes per connection (4 MiB/s by default; 0
+//! turns it off: the Autobahn run does, since its 12.* and 13.* cases send
+//! compressed messages of up to 256 KiB back to back as a stress test).
 //! `--write-delay-ms MS` sets [`WebSocketConfig::write_delay`]: outgoing
 //! messages wait up to that long to be batched into one write (off by
 //! default, and 0 is off too; `bench/` measures its effect).
@@ -90,7 +94,7 @@ use tower_channels::{
     },
     message::Message,
     origin::AllowedOrigins,
-    Compression, WebSocketConfig, WebSocketLayer,
+    Compression, InflateLimit, WebSocketConfig, WebSocketLayer,
 };
 
 /// What a chat client sends: `{"message": "..."}` or `{"type": "presence"}`.
@@ -326,6 +330,7 @@ struct Args {
     max_message_size: Option<usize>,
     compression_threshold: Option<usize>,
     write_delay_ms: Option<u64>,
+    inflate_limit: Option<u64>,
     presence_ttl: Option<Duration>,
     limits: Limits,
 }
@@ -341,6 +346,7 @@ fn parse_args() -> Result<Args, String> {
         max_message_size: None,
         compression_threshold: None,
         write_delay_ms: None,
+        inflate_limit: None,
         presence_ttl: None,
         limits: Limits::default(),
     };
@@ -382,6 +388,13 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("bad --write-delay-ms {v:?}: {e}"))?;
                 args.write_delay_ms = Some(n);
             }
+            "--inflate-limit" => {
+                let v = it.next().ok_or("--inflate-limit needs a value")?;
+                let n = v
+                    .parse()
+                    .map_err(|e| format!("bad --inflate-limit {v:?}: {e}"))?;
+                args.inflate_limit = Some(n);
+            }
             "--presence-ttl" => {
                 let v = it.next().ok_or("--presence-ttl needs a value")?;
                 let secs: f64 = v
@@ -398,7 +411,7 @@ fn parse_args() -> Result<Args, String> {
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
                      [--max-message-size BYTES] [--compression-threshold BYTES] \
-                     [--write-delay-ms MS] [--presence-ttl SECS] "
+                     [--write-delay-ms MS] [--inflate-limit BYTES_PER_SEC] [--presence-ttl SECS] "
                         .to_owned()
                         + Limits::USAGE,
                 )
@@ -455,6 +468,12 @@ async fn main() -> Result<(), BoxError> {
     }
     if let Some(ms) = args.write_delay_ms {
         config = config.write_delay(Some(Duration::from_millis(ms)));
+    }
+    match args.inflate_limit {
+        None => {}
+        Some(0) => config = config.inflate_limit(None),
+        // Bursts of one second's worth (raised to the message size limit).
+        Some(rate) => config = config.inflate_limit(Some(InflateLimit::new(rate, rate))),
     }
     channels = channels.with_config(config);
     let max_message_size = channels.config().get_max_message_size();
