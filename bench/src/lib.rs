@@ -28,6 +28,31 @@ pub fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(Box::new(Error(msg.into())))
 }
 
+/// Spawns `cmd` (its stdout piped, killed on drop) and waits for the
+/// `listening on <addr>` line every server here prints when ready; the rest
+/// of its stdout is drained in the background. Returns the child, the
+/// address and the pid (for `/proc` CPU and RSS).
+pub async fn spawn_listening(
+    mut cmd: tokio::process::Command,
+) -> Result<(tokio::process::Child, std::net::SocketAddr, u32)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().ok_or("the server exited")?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(line) = lines.next_line().await? {
+        if let Some(a) = line.strip_prefix("listening on ") {
+            let addr = a.trim().parse()?;
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok((child, addr, pid));
+        }
+    }
+    err("the server ended before listening")
+}
+
 /// Minimal `--key value` / `--key=value` / `--flag` argument parser.
 ///
 /// Every option must be consumed by one of the getters; [`Args::finish`]

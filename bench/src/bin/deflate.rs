@@ -26,18 +26,13 @@
 //! connections are opened and held, with and without deflate, and the
 //! server's RSS growth per connection is reported.
 
-use std::{
-    io::Cursor,
-    net::SocketAddr,
-    process::{ExitCode, Stdio},
-    time::Instant,
-};
+use std::{io::Cursor, net::SocketAddr, process::ExitCode, time::Instant};
 
 use bytes::{Buf, BytesMut};
 use flate2::{Decompress, FlushDecompress, Status};
 use futures_util::{stream, StreamExt};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     process::{Child, Command},
 };
@@ -47,7 +42,7 @@ use tower_channels::{
     message::Message,
     Compression, WebSocketConfig, WebSocketLayer,
 };
-use tower_channels_bench::{err, median, procfs, Args, Result};
+use tower_channels_bench::{err, median, procfs, spawn_listening, Args, Result};
 use tungstenite::protocol::frame::{
     coding::{Data, OpCode},
     Frame, FrameHeader,
@@ -415,24 +410,10 @@ impl Server {
     }
 
     async fn start_with(serve_args: &[&str]) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .arg("serve")
-            .args(serve_args)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().ok_or("server exited")?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        while let Some(line) = lines.next_line().await? {
-            if let Some(a) = line.strip_prefix("listening on ") {
-                let addr = a.trim().parse()?;
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                return Ok(Self { child, addr, pid });
-            }
-        }
-        err("server ended before listening")
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("serve").args(serve_args);
+        let (child, addr, pid) = spawn_listening(cmd).await?;
+        Ok(Self { child, addr, pid })
     }
 
     async fn stop(mut self) {

@@ -34,12 +34,11 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
     net::{TcpListener, TcpStream},
     process::{Child, Command},
 };
 use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
-use tower_channels_bench::{err, procfs, Args, Result};
+use tower_channels_bench::{err, procfs, spawn_listening, Args, Result};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -81,23 +80,10 @@ async fn start_redis(bin: &str, port: u16) -> Result<Child> {
 }
 
 async fn start_chat(bin: &str, redis: &str) -> Result<(Child, SocketAddr, u32)> {
-    let mut child = Command::new(bin)
-        .args(["--addr", "127.0.0.1:0", "--redis", redis])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().ok_or("chat exited")?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Some(a) = line.strip_prefix("listening on ") {
-            let addr = a.trim().parse()?;
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok((child, addr, pid));
-        }
-    }
-    err("chat ended before listening")
+    let mut cmd = Command::new(bin);
+    cmd.args(["--addr", "127.0.0.1:0", "--redis", redis])
+        .env("RUST_LOG", "error");
+    spawn_listening(cmd).await
 }
 
 /// The sequence number of a chat frame carrying `soak-<seq>-...`.
