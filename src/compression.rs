@@ -31,25 +31,27 @@
 ///
 /// // The defaults: on when offered, level 1, 256-byte threshold, no context takeover.
 /// let default = Compression::default();
-/// assert!(default.is_enabled());
-/// assert_eq!(default.get_level(), 1);
+/// assert_eq!(default, Compression::new().level(1).threshold(256));
 ///
 /// // Compress harder, and only messages of 1 KiB and more.
 /// let tuned = Compression::default().level(6).threshold(1024);
-/// assert_eq!(tuned.get_threshold(), 1024);
 ///
 /// // Never negotiate compression.
-/// assert!(!Compression::disabled().is_enabled());
+/// let off = Compression::disabled();
+/// # let _ = (tuned, off);
 /// ```
+///
+/// Like tower-http's layers, the settings are write-only: set them here,
+/// read them in the type's `Debug` output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Compression {
-    enabled: bool,
-    level: u32,
-    threshold: usize,
-    server_context_takeover: bool,
-    client_context_takeover: bool,
-    server_max_window_bits: u8,
-    client_max_window_bits: u8,
+    pub(crate) enabled: bool,
+    pub(crate) level: u32,
+    pub(crate) threshold: usize,
+    pub(crate) server_context_takeover: bool,
+    pub(crate) client_context_takeover: bool,
+    pub(crate) server_max_window_bits: u8,
+    pub(crate) client_max_window_bits: u8,
 }
 
 impl Default for Compression {
@@ -152,41 +154,6 @@ impl Compression {
         self.client_max_window_bits = bits;
         self
     }
-
-    /// Whether compression is negotiated when offered.
-    pub fn is_enabled(&self) -> bool {
-        self.enabled
-    }
-
-    /// The zlib compression level.
-    pub fn get_level(&self) -> u32 {
-        self.level
-    }
-
-    /// The size below which messages are sent uncompressed.
-    pub fn get_threshold(&self) -> usize {
-        self.threshold
-    }
-
-    /// Whether the server keeps its deflate context between messages.
-    pub fn get_server_context_takeover(&self) -> bool {
-        self.server_context_takeover
-    }
-
-    /// Whether the client may keep its deflate context between messages.
-    pub fn get_client_context_takeover(&self) -> bool {
-        self.client_context_takeover
-    }
-
-    /// The server's largest LZ77 window, in bits.
-    pub fn get_server_max_window_bits(&self) -> u8 {
-        self.server_max_window_bits
-    }
-
-    /// The client's largest LZ77 window, in bits.
-    pub fn get_client_max_window_bits(&self) -> u8 {
-        self.client_max_window_bits
-    }
 }
 
 #[cfg(test)]
@@ -194,7 +161,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builder_sets_and_getters_read() {
+    fn builder_sets_every_setting() {
         let c = Compression::new()
             .level(9)
             .threshold(0)
@@ -202,13 +169,13 @@ mod tests {
             .client_context_takeover(true)
             .server_max_window_bits(10)
             .client_max_window_bits(8);
-        assert!(c.is_enabled());
-        assert_eq!(c.get_level(), 9);
-        assert_eq!(c.get_threshold(), 0);
-        assert!(c.get_server_context_takeover());
-        assert!(c.get_client_context_takeover());
-        assert_eq!(c.get_server_max_window_bits(), 10);
-        assert_eq!(c.get_client_max_window_bits(), 8);
+        assert!(c.enabled);
+        assert_eq!(c.level, 9);
+        assert_eq!(c.threshold, 0);
+        assert!(c.server_context_takeover);
+        assert!(c.client_context_takeover);
+        assert_eq!(c.server_max_window_bits, 10);
+        assert_eq!(c.client_max_window_bits, 8);
     }
 
     #[test]

@@ -79,7 +79,7 @@ use crate::Compression;
 /// let config = WebSocketConfig::default()
 ///     .max_message_size(64 * 1024)
 ///     .ping_interval(Some(Duration::from_secs(10)));
-/// assert_eq!(config.get_max_message_size(), 64 * 1024);
+/// # let _ = config;
 /// ```
 #[derive(Debug, Clone)]
 pub struct WebSocketConfig {
@@ -192,17 +192,15 @@ impl Default for WebSocketConfig {
     }
 }
 
+/// A chained setter. The settings are write-only, as on tower-http's
+/// layers: one idiom (builder methods, no getters) for every configuration
+/// type; the values show in `Debug`.
 macro_rules! setting {
-    ($(#[$doc:meta])* $name:ident, $get:ident: $ty:ty) => {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
         $(#[$doc])*
         pub fn $name(mut self, value: $ty) -> Self {
             self.$name = value;
             self
-        }
-
-        #[doc = concat!("The current `", stringify!($name), "` setting.")]
-        pub fn $get(&self) -> $ty {
-            self.$name
         }
     };
 }
@@ -213,7 +211,7 @@ impl WebSocketConfig {
         /// a message is being read: between messages it is released, and the
         /// first read after a quiet spell goes to the stack (at most 4 KiB of
         /// it), so idle connections cost no read buffer.
-        read_buffer_size, get_read_buffer_size: usize
+        read_buffer_size: usize
     );
     setting!(
         /// Small outgoing frames are batched up to this many bytes before a
@@ -222,28 +220,28 @@ impl WebSocketConfig {
         /// header goes out with the shared bytes in one vectored write. The
         /// buffer is released once the queue is written, so it costs an idle
         /// connection nothing.
-        write_buffer_size, get_write_buffer_size: usize
+        write_buffer_size: usize
     );
     setting!(
         /// Largest incoming message (after reassembling fragments). A bigger
         /// one closes the connection with 1009 before its payload is buffered.
-        max_message_size, get_max_message_size: usize
+        max_message_size: usize
     );
     setting!(
         /// Largest incoming frame payload; a bigger one closes with 1009.
-        max_frame_size, get_max_frame_size: usize
+        max_frame_size: usize
     );
     setting!(
         /// The soft budget of outgoing bytes a connection may have queued and
         /// not yet written; 4 times it is the hard cap. See
         /// [Slow clients](Self#slow-clients).
-        max_outbound_bytes, get_max_outbound_bytes: usize
+        max_outbound_bytes: usize
     );
     setting!(
         /// How long a connection above its soft outbound budget may go without
         /// reading a budget's worth before it is closed with 4008. See
         /// [Slow clients](Self#slow-clients).
-        slow_client_timeout, get_slow_client_timeout: Duration
+        slow_client_timeout: Duration
     );
     setting!(
         /// Bytes of complete incoming messages read ahead while the consumer
@@ -252,7 +250,7 @@ impl WebSocketConfig {
         /// TCP flow control instead of growing server memory. A single
         /// message larger than this is still read (up to
         /// [`max_message_size`](Self::max_message_size)), one at a time.
-        max_read_ahead_bytes, get_max_read_ahead_bytes: usize
+        max_read_ahead_bytes: usize
     );
     setting!(
         /// Waits up to this long after the first outgoing message before
@@ -261,16 +259,16 @@ impl WebSocketConfig {
         /// segments at very high fan-out rates, at the price of that much
         /// latency. `None` (the default) writes as soon as possible; control
         /// frames (pongs, close) are never delayed.
-        write_delay, get_write_delay: Option<Duration>
+        write_delay: Option<Duration>
     );
     setting!(
         /// How often the server pings the client; `None` disables pings.
-        ping_interval, get_ping_interval: Option<std::time::Duration>
+        ping_interval: Option<std::time::Duration>
     );
     setting!(
         /// A connection that sends nothing (no data, no pong) for this long is
         /// closed and its consumer's `disconnect` runs; `None` disables it.
-        idle_timeout, get_idle_timeout: Option<std::time::Duration>
+        idle_timeout: Option<std::time::Duration>
     );
     setting!(
         /// How long to wait for the client's reply to a close frame before
@@ -280,40 +278,40 @@ impl WebSocketConfig {
         /// this much time passes, so that a client still in the middle of a
         /// send reads the close code instead of a TCP reset. `Duration::ZERO`
         /// turns lingering off.
-        close_timeout, get_close_timeout: std::time::Duration
+        close_timeout: std::time::Duration
     );
     setting!(
         /// Incoming messages read ahead while a handler is still running, in
         /// addition to [`max_read_ahead_bytes`](Self::max_read_ahead_bytes);
         /// past either the server stops reading (TCP backpressure).
-        max_buffered_messages, get_max_buffered_messages: usize
+        max_buffered_messages: usize
     );
     setting!(
         /// permessage-deflate (RFC 7692): negotiated when the client offers
         /// it, by default without context takeover, level 1, for messages of
         /// 256 bytes and more; [`Compression::disabled`] turns it off. See
         /// [`Compression`].
-        compression, get_compression: Compression
+        compression: Compression
     );
     setting!(
         /// Handshakes offering more subprotocols than this are rejected with 400.
-        max_subprotocols, get_max_subprotocols: usize
+        max_subprotocols: usize
     );
 
     setting!(
         /// Most connections (open plus handshaking) the layer serves at once;
         /// past it handshakes get `503` with `Retry-After`. `None`: no limit.
-        max_connections, get_max_connections: Option<usize>
+        max_connections: Option<usize>
     );
     setting!(
         /// Per-connection inbound message budget; `None` (the default) is off.
-        rate_limit, get_rate_limit: Option<RateLimit>
+        rate_limit: Option<RateLimit>
     );
     setting!(
         /// Per-connection budget of inflated bytes on permessage-deflate
         /// connections (see [`InflateLimit`]); `None` turns it off. On by
         /// default.
-        inflate_limit, get_inflate_limit: Option<InflateLimit>
+        inflate_limit: Option<InflateLimit>
     );
 
     /// The hard cap of queued outgoing bytes (4 x the soft budget).

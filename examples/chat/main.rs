@@ -476,7 +476,9 @@ async fn main() -> Result<(), BoxError> {
         Some(rate) => config = config.inflate_limit(Some(InflateLimit::new(rate, rate))),
     }
     channels = channels.with_config(config);
-    let max_message_size = channels.config().get_max_message_size();
+    // The POST endpoint takes messages as large as the sockets do (1 MiB,
+    // `WebSocketConfig`'s default, unless `--max-message-size`).
+    let max_message_size = args.max_message_size.unwrap_or(1 << 20);
     // Rooms keep their last 100 messages for 5 minutes, and announce who
     // comes and goes (`chat` covers `chat_<room>` and `chat-x.<hex>`).
     let history = HistoryPolicy::new(GroupPattern::prefix("chat"));

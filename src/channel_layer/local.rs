@@ -318,6 +318,18 @@ impl Counters {
 /// What every backend does the same way with its [`Registry`]: the state
 /// behind a layer (its `Inner`) implements the four required methods and
 /// gets channel creation, `receive`'s local part and counted local delivery.
+/// `receive` of a channel another process created: only the layer that
+/// made a `<process>!<n>` name receives it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "channel {channel:?} belongs to process {process:?}: only the layer that created it can \
+     receive it (use new_channel, or a name without '!')"
+)]
+pub(crate) struct NotOwned {
+    channel: String,
+    process: String,
+}
+
 pub(crate) trait LocalChannels: Send + Sync + Sized + 'static {
     /// This process's channels.
     fn registry(&self) -> &Registry;
@@ -365,9 +377,8 @@ pub(crate) trait LocalChannels: Send + Sync + Sized + 'static {
 
     /// The part of `receive` every layer spanning processes shares:
     /// validates `channel`, registers it if it is a channel of this process
-    /// and refuses one of another process (with the backend's error, made by
-    /// `backend_error` from the message). `None`: a named channel, which the
-    /// backend receives its own way.
+    /// and refuses one of another process ([`NotOwned`]). `None`: a named
+    /// channel, which the backend receives its own way.
     #[cfg_attr(
         not(any(feature = "redis", feature = "nats", feature = "django")),
         allow(dead_code)
@@ -375,15 +386,14 @@ pub(crate) trait LocalChannels: Send + Sync + Sized + 'static {
     fn receive_local(
         self: &Arc<Self>,
         channel: &str,
-        backend_error: impl FnOnce(String) -> ChannelLayerError,
     ) -> Result<Option<ChannelReceiver>, ChannelLayerError> {
         validate_channel_name(channel)?;
         match self.registry().owner(channel) {
             Owner::Local => self.register(channel.to_owned()).map(Some),
-            Owner::Process(process) => Err(backend_error(format!(
-                "channel {channel:?} belongs to process {process:?}: only the layer that \
-                 created it can receive it (use new_channel, or a name without '!')"
-            ))),
+            Owner::Process(process) => Err(ChannelLayerError::backend(NotOwned {
+                channel: channel.to_owned(),
+                process: process.to_owned(),
+            })),
             Owner::Named => Ok(None),
         }
     }

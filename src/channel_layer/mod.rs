@@ -156,6 +156,8 @@ mod queue;
 pub mod redis;
 #[cfg(feature = "redis")]
 mod sequencer;
+#[cfg(any(feature = "redis", feature = "django"))]
+mod subscriber_error;
 
 use std::{fmt, future::Future, pin::Pin};
 

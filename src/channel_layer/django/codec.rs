@@ -119,11 +119,7 @@ impl Codec {
                 .map(|key| {
                     let digest = Sha256::digest(key);
                     let formatted = base64::engine::general_purpose::URL_SAFE.encode(digest);
-                    fernet::Fernet::new(&formatted).ok_or_else(|| {
-                        BackendError::Other(
-                            "cannot derive a Fernet key from a symmetric key".into(),
-                        )
-                    })
+                    fernet::Fernet::new(&formatted).ok_or(BackendError::FernetKey)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Some(Crypter { keys })

@@ -17,7 +17,7 @@ use tokio::{runtime::Handle, sync::watch};
 use super::{
     codec::{consistent_hash, Codec, Dict, Target},
     conn::{Host, RECONNECT_MAX, RECONNECT_MIN},
-    escape_glob, lock, now_secs_f64, BackendError, Counters, DjangoConfig,
+    escape_glob, lock, now_secs_f64, Counters, DjangoConfig,
 };
 use crate::channel_layer::{
     local::{LocalChannels, Registry},
@@ -452,7 +452,7 @@ impl ChannelLayer for DjangoChannelLayer {
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            if let Some(rx) = inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+            if let Some(rx) = inner.receive_local(channel)? {
                 return Ok(rx);
             }
             // A named channel: messages go round-robin over the hosts, so

@@ -339,14 +339,11 @@ impl DjangoConfig {
 
     fn validate(&self) -> Result<(), ChannelLayerError> {
         if self.prefix.is_empty() {
-            return Err(BackendError::Other("the key prefix must not be empty".into()).into());
+            return Err(BackendError::EmptyPrefix.into());
         }
         for (pattern, _) in &self.channel_capacity {
             if pattern.contains('[') {
-                return Err(BackendError::Other(format!(
-                    "channel_capacity pattern {pattern:?}: only '*' and '?' globs are supported"
-                ))
-                .into());
+                return Err(BackendError::CapacityPattern(pattern.clone()).into());
             }
         }
         Ok(())
@@ -390,8 +387,33 @@ pub(crate) enum BackendError {
     Redis(String, #[source] redis::RedisError),
     #[error("{0} timed out after {1:?} (is Redis reachable?)")]
     Timeout(String, Duration),
+    /// The key prefix is empty.
+    #[error("the key prefix must not be empty")]
+    EmptyPrefix,
+    /// A `channel_capacity` pattern uses a glob channels_redis has but we
+    /// do not.
+    #[error("channel_capacity pattern {0:?}: only '*' and '?' globs are supported")]
+    CapacityPattern(String),
+    /// A symmetric encryption key that Fernet cannot use.
+    #[error("cannot derive a Fernet key from a symmetric key")]
+    FernetKey,
+    /// The pubsub layer's process channel names would break the naming rules.
+    #[error(
+        "the pubsub layer's channel names start with the prefix {0:?}, which makes them invalid"
+    )]
+    PrefixMakesInvalidNames(String, #[source] crate::channel_layer::InvalidName),
+    /// The pubsub layer only adds this process's channels to groups.
+    #[error("the pubsub layer can only add channels of this process to groups, not {0:?}")]
+    ForeignChannel(String),
+    /// The layer's Pub/Sub task ended (the runtime is shutting down).
+    #[error("the Redis subscriber task has stopped")]
+    SubscriberStopped,
+    /// The Pub/Sub task could not do what was asked.
     #[error("{0}")]
-    Other(String),
+    Subscriber(
+        String,
+        #[source] crate::channel_layer::subscriber_error::SubscriberError,
+    ),
 }
 
 impl From<BackendError> for ChannelLayerError {

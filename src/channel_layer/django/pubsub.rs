@@ -26,7 +26,9 @@ use super::{
 };
 use crate::channel_layer::{
     local::{no_such_channel, LocalChannels, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    names,
+    subscriber_error::SubscriberError,
+    validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
 };
 
@@ -62,7 +64,7 @@ struct Shard {
     commands: mpsc::UnboundedSender<Command>,
 }
 
-type Ack = oneshot::Sender<Result<(), String>>;
+type Ack = oneshot::Sender<Result<(), SubscriberError>>;
 
 enum Command {
     /// Subscribe to or unsubscribe from one Redis channel to match local state.
@@ -101,14 +103,8 @@ impl DjangoPubSubChannelLayer {
             receivers.push(rx);
         }
         let process = format!("{}specific.{}", config.prefix, names::random_token(16));
-        validate_channel_name(&format!("{process}!0")).map_err(|e| {
-            BackendError::Other(format!(
-                "the pubsub layer's channel names start with the prefix {:?}, which makes \
-                 them invalid: {}",
-                config.prefix,
-                e.reason()
-            ))
-        })?;
+        validate_channel_name(&format!("{process}!0"))
+            .map_err(|e| BackendError::PrefixMakesInvalidNames(config.prefix.clone(), e))?;
         let inner = Arc::new(Inner {
             group_prefix: format!("{}__group__", config.prefix),
             shards,
@@ -121,7 +117,7 @@ impl DjangoPubSubChannelLayer {
         for (index, commands) in receivers.into_iter().enumerate() {
             let conn = open(&inner, index)
                 .await
-                .map_err(|e| BackendError::Other(format!("cannot subscribe to Redis: {e}")))?;
+                .map_err(|e| BackendError::Subscriber("cannot subscribe to Redis".into(), e))?;
             let sub = Subscriber {
                 inner: Arc::downgrade(&inner),
                 index,
@@ -210,7 +206,7 @@ impl Inner {
                 channel: redis_channel,
                 ack: Some(ack),
             })
-            .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
+            .map_err(|_| BackendError::SubscriberStopped)?;
         wait(done, what, self.config.timeout).await
     }
 
@@ -240,17 +236,14 @@ impl Inner {
 }
 
 async fn wait(
-    done: oneshot::Receiver<Result<(), String>>,
+    done: oneshot::Receiver<Result<(), SubscriberError>>,
     what: String,
     timeout: Duration,
 ) -> Result<(), ChannelLayerError> {
     match tokio::time::timeout(timeout + CONNECT_TIMEOUT, done).await {
         Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(msg))) => Err(BackendError::Other(format!("{what}: {msg}")).into()),
-        Ok(Err(_)) => Err(BackendError::Other(format!(
-            "{what}: the Redis subscriber task has stopped"
-        ))
-        .into()),
+        Ok(Ok(Err(e))) => Err(BackendError::Subscriber(what, e).into()),
+        Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
         Err(_) => Err(BackendError::Timeout(what, timeout + CONNECT_TIMEOUT).into()),
     }
 }
@@ -262,7 +255,7 @@ struct PubSub {
 
 /// Opens shard `index`'s Pub/Sub connection: our channel pattern, then every
 /// group and named channel this process needs there.
-async fn open(inner: &Inner, index: usize) -> Result<PubSub, String> {
+async fn open(inner: &Inner, index: usize) -> Result<PubSub, SubscriberError> {
     let timeout = inner.config.timeout;
     let host = &inner.shards[index].host;
     let pubsub = match tokio::time::timeout(
@@ -272,8 +265,8 @@ async fn open(inner: &Inner, index: usize) -> Result<PubSub, String> {
     .await
     {
         Ok(Ok(p)) => p,
-        Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
-        Err(_) => return Err("connecting timed out".into()),
+        Ok(Err(e)) => return Err(SubscriberError::Connect(Arc::new(e))),
+        Err(_) => return Err(SubscriberError::ConnectTimeout),
     };
     let (mut sink, stream) = pubsub.split();
     let pattern = format!("{}!*", escape_glob(inner.process()));
@@ -285,11 +278,11 @@ async fn within(
     timeout: Duration,
     what: &str,
     fut: impl std::future::Future<Output = redis::RedisResult<()>>,
-) -> Result<(), String> {
+) -> Result<(), SubscriberError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("{what} failed: {e}")),
-        Err(_) => Err(format!("{what} timed out after {timeout:?}")),
+        Ok(Err(e)) => Err(SubscriberError::Command(what.to_owned(), Arc::new(e))),
+        Err(_) => Err(SubscriberError::CommandTimeout(what.to_owned(), timeout)),
     }
 }
 
@@ -409,7 +402,11 @@ impl Subscriber {
 
     /// Subscribes to the channels that local state needs and unsubscribes
     /// from the others, among `channels`.
-    async fn reconcile(&mut self, inner: &Inner, channels: Vec<String>) -> Result<(), String> {
+    async fn reconcile(
+        &mut self,
+        inner: &Inner,
+        channels: Vec<String>,
+    ) -> Result<(), SubscriberError> {
         let (mut sub, mut unsub) = (Vec::new(), Vec::new());
         for c in channels {
             match (inner.wanted(&c), self.subscribed.contains(&c)) {
@@ -422,7 +419,7 @@ impl Subscriber {
             return Ok(());
         }
         let Some(conn) = self.conn.as_mut() else {
-            return Err("not connected to Redis (reconnecting)".into());
+            return Err(SubscriberError::Reconnecting);
         };
         let timeout = inner.config.timeout;
         let mut result = Ok(());
@@ -441,7 +438,7 @@ impl Subscriber {
             }
         }
         if let Err(e) = &result {
-            self.disconnected(e);
+            self.disconnected(&e.to_string());
         }
         result
     }
@@ -462,7 +459,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            if let Some(rx) = inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+            if let Some(rx) = inner.receive_local(channel)? {
                 return Ok(rx);
             }
             // A named channel: listed in `named` before `sync`, which
@@ -505,11 +502,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
             validate_channel_name(channel)?;
             let inner = &self.inner;
             if !inner.registry.is_local(channel) {
-                return Err(BackendError::Other(format!(
-                    "the pubsub layer can only add channels of this process to groups, \
-                     not {channel:?}"
-                ))
-                .into());
+                return Err(BackendError::ForeignChannel(channel.to_owned()).into());
             }
             inner.registry.group_add(group, channel)?;
             inner.sync(inner.group_channel(group)).await
@@ -561,9 +554,10 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
             inner.registry.clear();
             for shard in &inner.shards {
                 let (ack, done) = oneshot::channel();
-                shard.commands.send(Command::SyncAll { ack }).map_err(|_| {
-                    BackendError::Other("the Redis subscriber task has stopped".into())
-                })?;
+                shard
+                    .commands
+                    .send(Command::SyncAll { ack })
+                    .map_err(|_| BackendError::SubscriberStopped)?;
                 wait(
                     done,
                     "unsubscribing from every group".into(),

@@ -294,7 +294,7 @@ impl<T: Transport> Inner<T> {
                         op: Op::Reply { status, .. },
                         ..
                     }) => Ok(status),
-                    _ => Err(MeshError::Other(format!("{what}: a malformed answer")).into()),
+                    _ => Err(MeshError::MalformedAnswer(what).into()),
                 },
             };
         }
@@ -306,7 +306,7 @@ impl<T: Transport> Inner<T> {
         }
         match tokio::time::timeout(self.config.timeout, rx).await {
             Ok(Ok(status)) => Ok(status),
-            Ok(Err(_)) => Err(MeshError::Other(format!("{what}: no reply")).into()),
+            Ok(Err(_)) => Err(MeshError::NoReply(what).into()),
             Err(_) => {
                 Err(MeshError::Timeout(format!("{what}: the reply"), self.config.timeout).into())
             }
@@ -500,8 +500,15 @@ enum MeshError {
     Transport(String, #[source] TransportError),
     #[error("{0} timed out after {1:?}")]
     Timeout(String, Duration),
-    #[error("{0}")]
-    Other(String),
+    /// An answer that is not a reply envelope.
+    #[error("{0}: a malformed answer")]
+    MalformedAnswer(String),
+    /// The request's waiter was dropped unanswered.
+    #[error("{0}: no reply")]
+    NoReply(String),
+    /// The owning process answered that it failed.
+    #[error("the process owning {0:?} could not do it")]
+    RemoteFailed(String),
 }
 
 impl From<MeshError> for ChannelLayerError {
@@ -517,9 +524,7 @@ fn outcome(channel: &str, status: Status) -> Result<(), ChannelLayerError> {
         Status::ChannelFull => Err(ChannelLayerError::ChannelFull {
             channel: channel.to_owned(),
         }),
-        Status::Failed => {
-            Err(MeshError::Other(format!("the process owning {channel:?} could not do it")).into())
-        }
+        Status::Failed => Err(MeshError::RemoteFailed(channel.to_owned()).into()),
     }
 }
 
@@ -538,7 +543,7 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            match inner.receive_local(channel, |e| MeshError::Other(e).into())? {
+            match inner.receive_local(channel)? {
                 Some(rx) => Ok(rx),
                 None => {
                     let rx = inner.register(channel.to_owned())?;

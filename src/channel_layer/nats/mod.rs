@@ -195,11 +195,7 @@ impl NatsChannelLayerBuilder {
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             });
         if !prefix_ok {
-            return Err(NatsError::Other(format!(
-                "invalid NATS subject prefix {:?}: dot-separated tokens of ASCII letters, digits, '-' and '_'",
-                self.prefix
-            ))
-            .into());
+            return Err(NatsError::InvalidPrefix(self.prefix.clone()).into());
         }
         let counters = Arc::new(Counters::default());
         let slow = counters.clone();
@@ -342,8 +338,14 @@ enum NatsError {
     Nats(String, #[source] BoxError),
     #[error("{0} timed out after {1:?} (is NATS reachable?)")]
     Timeout(String, Duration),
-    #[error("{0}")]
-    Other(String),
+    /// The subject prefix breaks NATS's subject rules.
+    #[error(
+        "invalid NATS subject prefix {0:?}: dot-separated tokens of ASCII letters, digits, '-' and '_'"
+    )]
+    InvalidPrefix(String),
+    /// The client is between connections.
+    #[error("not connected to NATS (reconnecting)")]
+    Reconnecting,
 }
 
 impl From<NatsError> for ChannelLayerError {
@@ -388,9 +390,7 @@ impl NatsTransport {
     fn check_connected(&self) -> Result<(), TransportError> {
         match self.client.connection_state() {
             State::Connected => Ok(()),
-            _ => Err(TransportError::NotSent(
-                NatsError::Other("not connected to NATS (reconnecting)".into()).into(),
-            )),
+            _ => Err(TransportError::NotSent(NatsError::Reconnecting.into())),
         }
     }
 

@@ -218,9 +218,7 @@ impl Inner {
                     .arg(since.epoch());
             })
             .await?;
-        parse_recovery(&reply).ok_or_else(|| {
-            BackendError::Other("malformed reply of the recover script".into()).into()
-        })
+        parse_recovery(&reply).ok_or_else(|| BackendError::MalformedReply("recover").into())
     }
 }
 

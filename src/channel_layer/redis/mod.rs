@@ -281,6 +281,7 @@ use super::{
     names,
     presence::LocalPresence,
     sequencer::Sequencer,
+    subscriber_error::SubscriberError,
     validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, Feature,
     GroupSendReport, HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery,
@@ -407,9 +408,7 @@ impl RedisChannelLayerBuilder {
     /// when Redis cannot be reached within the timeout.
     pub async fn build(self) -> Result<RedisChannelLayer, ChannelLayerError> {
         if self.prefix.is_empty() {
-            return Err(
-                BackendError::Other("the Redis key prefix must not be empty".into()).into(),
-            );
+            return Err(BackendError::Config("the Redis key prefix must not be empty").into());
         }
         let client = redis::Client::open(self.url.as_str())
             .map_err(|e| BackendError::Redis("invalid Redis URL".into(), e))?;
@@ -476,7 +475,7 @@ impl RedisChannelLayerBuilder {
         inner.load_scripts().await?;
         let pubsub = subscriber::open(&inner)
             .await
-            .map_err(|e| BackendError::Other(format!("cannot subscribe to Redis: {e}")))?;
+            .map_err(|e| BackendError::Subscriber("cannot subscribe to Redis".into(), e))?;
         inner.connected.store(true, Ordering::Relaxed);
         tokio::spawn(Subscriber::new(&inner, commands_rx, pubsub).run());
         tokio::spawn(presence::refresh_loop(
@@ -648,15 +647,36 @@ impl fmt::Debug for Inner {
     }
 }
 
-/// A backend failure, wrapped in [`ChannelLayerError::Backend`].
+/// A backend failure, wrapped in [`ChannelLayerError::Backend`]. The
+/// `String`s say what was being done; causes are typed `source`s.
 #[derive(Debug, thiserror::Error)]
 enum BackendError {
     #[error("{0}")]
     Redis(String, #[source] RedisError),
     #[error("{0} timed out after {1:?} (is Redis reachable?)")]
     Timeout(String, Duration),
+    /// The builder was given settings that cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// A Lua script answered something it never returns.
+    #[error("malformed reply of the {0} script")]
+    MalformedReply(&'static str),
+    /// The layer's Pub/Sub task ended (the runtime is shutting down).
+    #[error("the Redis subscriber task has stopped")]
+    SubscriberStopped,
+    /// The Pub/Sub task could not do what was asked.
     #[error("{0}")]
-    Other(String),
+    Subscriber(String, #[source] SubscriberError),
+    /// Another process answered a membership change with a failure.
+    #[error("{0}: it could not subscribe")]
+    RemoteFailed(String),
+    /// A reply that does not have the shape the command returns.
+    #[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+    #[error("unexpected reply: {0}")]
+    UnexpectedReply(String),
+    /// Another process dropped a membership request unanswered.
+    #[error("{0}: no reply")]
+    NoReply(String),
 }
 
 impl From<BackendError> for ChannelLayerError {
@@ -857,24 +877,21 @@ impl Inner {
                 group: group.to_owned(),
                 ack: Some(ack),
             })
-            .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
+            .map_err(|_| BackendError::SubscriberStopped)?;
         self.wait_ack(done, format!("subscribing to group {group:?}"))
             .await
     }
 
     async fn wait_ack(
         &self,
-        done: oneshot::Receiver<Result<(), String>>,
+        done: oneshot::Receiver<Result<(), SubscriberError>>,
         what: String,
     ) -> Result<(), ChannelLayerError> {
         // Connecting may take the connect timeout before the command runs.
         match tokio::time::timeout(self.config.timeout + CONNECT_TIMEOUT, done).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(msg))) => Err(BackendError::Other(format!("{what}: {msg}")).into()),
-            Ok(Err(_)) => Err(BackendError::Other(format!(
-                "{what}: the Redis subscriber task has stopped"
-            ))
-            .into()),
+            Ok(Ok(Err(e))) => Err(BackendError::Subscriber(what, e).into()),
+            Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
             Err(_) => {
                 Err(BackendError::Timeout(what, self.config.timeout + CONNECT_TIMEOUT).into())
             }
@@ -912,8 +929,8 @@ impl Inner {
                 Err(no_such_channel(channel))
             }
             Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
-            Ok(Ok(_)) => Err(BackendError::Other(format!("{what}: it could not subscribe")).into()),
-            Ok(Err(_)) => Err(BackendError::Other(format!("{what}: no reply")).into()),
+            Ok(Ok(_)) => Err(BackendError::RemoteFailed(what).into()),
+            Ok(Err(_)) => Err(BackendError::NoReply(what).into()),
             Err(_) => Err(BackendError::Timeout(what, self.config.timeout).into()),
         }
     }
@@ -963,6 +980,7 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+#[derive(Debug)]
 enum QueryError {
     Redis(RedisError),
     Timeout(Duration),
@@ -1013,7 +1031,7 @@ impl ChannelLayer for RedisChannelLayer {
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            match inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+            match inner.receive_local(channel)? {
                 Some(rx) => Ok(rx),
                 None => worker::start(inner, channel).await,
             }
@@ -1169,7 +1187,7 @@ impl ChannelLayer for RedisChannelLayer {
             inner
                 .commands
                 .send(Command::SyncAll { ack })
-                .map_err(|_| BackendError::Other("the Redis subscriber task has stopped".into()))?;
+                .map_err(|_| BackendError::SubscriberStopped)?;
             inner
                 .wait_ack(done, "unsubscribing from every group".into())
                 .await?;

@@ -298,9 +298,7 @@ impl Inner {
             })
             .await?;
         if flat.len() % 2 != 0 {
-            return Err(
-                BackendError::Other("malformed reply of the presence script".into()).into(),
-            );
+            return Err(BackendError::MalformedReply("presence").into());
         }
         let entries = flat.chunks(2).filter_map(|pair| {
             let channel = String::from_utf8(pair[0].clone()).ok()?;

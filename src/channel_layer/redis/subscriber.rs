@@ -21,7 +21,8 @@ use tokio::{
 use super::{
     lock,
     wire::{self, Envelope},
-    Counters, Inner, LocalChannels, StreamPosition, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, Inner, LocalChannels, StreamPosition, SubscriberError, CONNECT_TIMEOUT,
+    RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -29,7 +30,7 @@ const HEALTH_CHECK: Duration = Duration::from_secs(5);
 /// Channels per `SUBSCRIBE` when re-subscribing.
 const CHUNK: usize = 256;
 
-pub(super) type Ack = oneshot::Sender<Result<(), String>>;
+pub(super) type Ack = oneshot::Sender<Result<(), SubscriberError>>;
 
 #[derive(Debug)]
 pub(super) enum Command {
@@ -46,7 +47,7 @@ pub(super) struct PubSub {
 
 /// Opens a Pub/Sub connection and subscribes to the process channel and to
 /// every group with a local member.
-pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
+pub(super) async fn open(inner: &Inner) -> Result<PubSub, SubscriberError> {
     let timeout = inner.config.timeout;
     let pubsub = match tokio::time::timeout(
         CONNECT_TIMEOUT.min(timeout) + timeout,
@@ -55,8 +56,8 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, String> {
     .await
     {
         Ok(Ok(p)) => p,
-        Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
-        Err(_) => return Err("connecting timed out".into()),
+        Ok(Err(e)) => return Err(SubscriberError::Connect(Arc::new(e))),
+        Err(_) => return Err(SubscriberError::ConnectTimeout),
     };
     let (mut sink, stream) = pubsub.split();
     subscribe(&mut sink, vec![inner.proc_channel.clone()], timeout).await?;
@@ -79,11 +80,11 @@ async fn subscribe(
     sink: &mut PubSubSink,
     channels: Vec<String>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), SubscriberError> {
     match tokio::time::timeout(timeout, sink.subscribe(channels)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("SUBSCRIBE failed: {e}")),
-        Err(_) => Err(format!("SUBSCRIBE timed out after {timeout:?}")),
+        Ok(Err(e)) => Err(SubscriberError::Command("SUBSCRIBE".into(), Arc::new(e))),
+        Err(_) => Err(SubscriberError::CommandTimeout("SUBSCRIBE".into(), timeout)),
     }
 }
 
@@ -91,11 +92,14 @@ async fn unsubscribe(
     sink: &mut PubSubSink,
     channels: Vec<String>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), SubscriberError> {
     match tokio::time::timeout(timeout, sink.unsubscribe(channels)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("UNSUBSCRIBE failed: {e}")),
-        Err(_) => Err(format!("UNSUBSCRIBE timed out after {timeout:?}")),
+        Ok(Err(e)) => Err(SubscriberError::Command("UNSUBSCRIBE".into(), Arc::new(e))),
+        Err(_) => Err(SubscriberError::CommandTimeout(
+            "UNSUBSCRIBE".into(),
+            timeout,
+        )),
     }
 }
 
@@ -267,7 +271,11 @@ impl Subscriber {
 
     /// Subscribes to the groups that have local members and unsubscribes
     /// from those that have none.
-    async fn reconcile(&mut self, inner: &Inner, groups: Vec<String>) -> Result<(), String> {
+    async fn reconcile(
+        &mut self,
+        inner: &Inner,
+        groups: Vec<String>,
+    ) -> Result<(), SubscriberError> {
         let (mut to_subscribe, mut to_unsubscribe) = (Vec::new(), Vec::new());
         {
             let subscribed = lock(&inner.subscribed);
@@ -284,7 +292,7 @@ impl Subscriber {
         }
         let Some(conn) = self.conn.as_mut() else {
             // `open` subscribes to every group with members once Redis is back.
-            return Err("not connected to Redis (reconnecting)".into());
+            return Err(SubscriberError::Reconnecting);
         };
         let timeout = inner.config.timeout;
         let key = |g: &String| inner.config.group_key(g);
@@ -311,7 +319,7 @@ impl Subscriber {
             }
         }
         if let Err(e) = &result {
-            self.disconnected(e);
+            self.disconnected(&e.to_string());
         }
         result
     }

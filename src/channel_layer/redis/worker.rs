@@ -8,8 +8,8 @@ use tokio::sync::oneshot;
 use crate::channel_layer::channel;
 
 use super::{
-    wire::Envelope, BackendError, ChannelLayerError, ChannelReceiver, ChannelSender, Counters,
-    Inner, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
+    wire::Envelope, ChannelLayerError, ChannelReceiver, ChannelSender, Counters, Inner, QueryError,
+    CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How long one `BRPOP` blocks.
@@ -18,7 +18,7 @@ const BLOCK: Duration = Duration::from_secs(5);
 async fn connect(
     client: &redis::Client,
     timeout: Duration,
-) -> Result<MultiplexedConnection, String> {
+) -> Result<MultiplexedConnection, QueryError> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
         .set_response_timeout(Some(BLOCK + timeout));
@@ -29,8 +29,8 @@ async fn connect(
     .await
     {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("timed out after {timeout:?}")),
+        Ok(Err(e)) => Err(QueryError::Redis(e)),
+        Err(_) => Err(QueryError::Timeout(timeout)),
     }
 }
 
@@ -38,9 +38,7 @@ async fn connect(
 pub(super) async fn start(inner: &Inner, name: &str) -> Result<ChannelReceiver, ChannelLayerError> {
     let conn = connect(&inner.client, inner.config.timeout)
         .await
-        .map_err(|e| {
-            BackendError::Other(format!("cannot connect to Redis to receive {name:?}: {e}"))
-        })?;
+        .map_err(|e| e.context(&format!("connect to receive {name:?}")))?;
     let (tx, rx) = channel(name, inner.config.capacity);
     let (stop_tx, stop) = oneshot::channel::<()>();
     let worker = Worker {
@@ -82,7 +80,7 @@ impl Worker {
                         backoff = RECONNECT_MIN;
                     }
                     Err(e) => {
-                        tracing::debug!(key = %self.key, "Redis reconnect failed: {e}");
+                        tracing::debug!(key = %self.key, "Redis reconnect failed: {e:?}");
                         tokio::select! {
                             _ = &mut self.stop => return,
                             () = tokio::time::sleep(backoff) => {}

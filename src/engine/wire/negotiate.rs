@@ -69,7 +69,7 @@ pub(crate) fn negotiate(
     offers: GetAll<'_, HeaderValue>,
     config: &Compression,
 ) -> Option<(DeflateParams, HeaderValue)> {
-    if !config.is_enabled() {
+    if !config.enabled {
         return None;
     }
     let mut chosen = None;
@@ -197,24 +197,24 @@ fn accept(offer: &Offer, config: &Compression) -> Option<DeflateParams> {
     let server_max_window_bits = match offer.server_max_window_bits {
         // zlib cannot compress with a 256-byte window: decline this offer.
         Some(bits) if bits < 9 => return None,
-        Some(bits) => bits.min(config.get_server_max_window_bits()),
-        None => config.get_server_max_window_bits(),
+        Some(bits) => bits.min(config.server_max_window_bits),
+        None => config.server_max_window_bits,
     };
     let client_max_window_bits = match offer.client_max_window_bits {
         // Not offered: the server must not send the parameter, the client may use 15.
         None => 15,
-        Some(None) => config.get_client_max_window_bits(),
-        Some(Some(bits)) => bits.min(config.get_client_max_window_bits()),
+        Some(None) => config.client_max_window_bits,
+        Some(Some(bits)) => bits.min(config.client_max_window_bits),
     };
     Some(DeflateParams {
         server_no_context_takeover: offer.server_no_context_takeover
-            || !config.get_server_context_takeover(),
+            || !config.server_context_takeover,
         client_no_context_takeover: offer.client_no_context_takeover
-            || !config.get_client_context_takeover(),
+            || !config.client_context_takeover,
         server_max_window_bits,
         client_max_window_bits,
-        level: config.get_level(),
-        threshold: config.get_threshold(),
+        level: config.level,
+        threshold: config.threshold,
     })
 }
 

@@ -212,13 +212,13 @@ impl RedisClusterChannelLayerBuilder {
     /// seeds) and subscribes to this process's channel.
     pub async fn build(self) -> Result<RedisClusterChannelLayer, ChannelLayerError> {
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
-            return Err(BackendError::Other(
-                "the Redis key prefix must not be empty nor contain '{' or '}'".into(),
+            return Err(BackendError::Config(
+                "the Redis key prefix must not be empty nor contain '{' or '}'",
             )
             .into());
         }
         if self.urls.is_empty() {
-            return Err(BackendError::Other("no Redis Cluster seed URL given".into()).into());
+            return Err(BackendError::Config("no Redis Cluster seed URL given").into());
         }
         let timeout = self.timeout;
         let builder = |response_timeout: Duration| {
@@ -282,10 +282,13 @@ impl RedisClusterChannelLayerBuilder {
         subscriber::ssubscribe(&inner, &inner.proc_channel)
             .await
             .map_err(|e| {
-                BackendError::Other(format!(
-                    "cannot subscribe to the process channel {:?}: {e}",
-                    inner.proc_channel
-                ))
+                BackendError::Subscriber(
+                    format!(
+                        "cannot subscribe to the process channel {:?}",
+                        inner.proc_channel
+                    ),
+                    e,
+                )
             })?;
         inner.connected.store(true, Ordering::Relaxed);
         tokio::spawn(subscriber::Subscriber::new(&inner, commands_rx).run());
@@ -575,17 +578,14 @@ impl Inner {
                 group: group.to_owned(),
                 ack: Some(ack),
             })
-            .map_err(|_| {
-                BackendError::Other("the Redis Cluster subscriber task has stopped".into())
-            })?;
+            .map_err(|_| BackendError::SubscriberStopped)?;
         let wait = self.config.timeout * 2 + CONNECT_TIMEOUT;
         match tokio::time::timeout(wait, done).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(msg))) => Err(BackendError::Other(msg).into()),
-            Ok(Err(_)) => Err(BackendError::Other(
-                "the Redis Cluster subscriber task has stopped".into(),
-            )
-            .into()),
+            Ok(Ok(Err(e))) => {
+                Err(BackendError::Subscriber(format!("subscribing to group {group:?}"), e).into())
+            }
+            Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
             Err(_) => {
                 Err(BackendError::Timeout(format!("subscribing to group {group:?}"), wait).into())
             }
@@ -623,8 +623,8 @@ impl Inner {
                 Err(no_such_channel(channel))
             }
             Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
-            Ok(Ok(_)) => Err(BackendError::Other(format!("{what}: it could not subscribe")).into()),
-            Ok(Err(_)) => Err(BackendError::Other(format!("{what}: no reply")).into()),
+            Ok(Ok(_)) => Err(BackendError::RemoteFailed(what).into()),
+            Ok(Err(_)) => Err(BackendError::NoReply(what).into()),
             Err(_) => Err(BackendError::Timeout(what, wait).into()),
         }
     }
@@ -645,9 +645,7 @@ impl Inner {
             )
             .await?;
         let Value::Map(primaries) = primaries else {
-            return Err(
-                BackendError::Other("unexpected reply listing the primaries".into()).into(),
-            );
+            return Err(BackendError::UnexpectedReply("listing the primaries".into()).into());
         };
         let pattern = format!("{}:*", escape_glob(&self.config.prefix));
         for (addr, _) in primaries {
@@ -657,9 +655,7 @@ impl Inner {
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h, p.parse().ok()?)))
             else {
-                return Err(
-                    BackendError::Other(format!("unexpected node address {addr:?}")).into(),
-                );
+                return Err(BackendError::UnexpectedReply(format!("node address {addr:?}")).into());
             };
             let mut cursor: u64 = 0;
             loop {
@@ -735,7 +731,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
     ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            match inner.receive_local(channel, |e| BackendError::Other(e).into())? {
+            match inner.receive_local(channel)? {
                 Some(rx) => Ok(rx),
                 None => worker::start(inner, channel).await,
             }
@@ -896,13 +892,20 @@ impl ChannelLayer for RedisClusterChannelLayer {
             let inner = &self.inner;
             inner.registry.clear();
             let (ack, done) = oneshot::channel();
-            inner.commands.send(Command::SyncAll { ack }).map_err(|_| {
-                BackendError::Other("the Redis Cluster subscriber task has stopped".into())
-            })?;
+            inner
+                .commands
+                .send(Command::SyncAll { ack })
+                .map_err(|_| BackendError::SubscriberStopped)?;
             let wait = inner.config.timeout * 2 + CONNECT_TIMEOUT;
             match tokio::time::timeout(wait, done).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(msg))) => return Err(BackendError::Other(msg).into()),
+                Ok(Ok(Err(e))) => {
+                    return Err(BackendError::Subscriber(
+                        "unsubscribing from every group".into(),
+                        e,
+                    )
+                    .into())
+                }
                 _ => {
                     return Err(BackendError::Timeout(
                         "unsubscribing from every group".into(),

@@ -21,13 +21,13 @@ use super::{within, Inner};
 use crate::channel_layer::redis::{
     lock,
     wire::{self, Envelope},
-    Counters, LocalChannels, QueryError, RECONNECT_MAX, RECONNECT_MIN,
+    Counters, LocalChannels, QueryError, SubscriberError, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
 
-pub(super) type Ack = oneshot::Sender<Result<(), String>>;
+pub(super) type Ack = oneshot::Sender<Result<(), SubscriberError>>;
 
 #[derive(Debug)]
 pub(super) enum Command {
@@ -51,26 +51,25 @@ pub(super) enum Command {
 }
 
 /// `SSUBSCRIBE`s one shard channel, waiting for the confirmation.
-pub(super) async fn ssubscribe(inner: &Inner, channel: &str) -> Result<(), String> {
+pub(super) async fn ssubscribe(inner: &Inner, channel: &str) -> Result<(), SubscriberError> {
     let mut conn = inner.pubsub.clone();
     within(inner.config.timeout, conn.ssubscribe(channel))
         .await
         .map_err(|e| describe(e, "SSUBSCRIBE", channel))
 }
 
-async fn sunsubscribe(inner: &Inner, channel: &str) -> Result<(), String> {
+async fn sunsubscribe(inner: &Inner, channel: &str) -> Result<(), SubscriberError> {
     let mut conn = inner.pubsub.clone();
     within(inner.config.timeout, conn.sunsubscribe(channel))
         .await
         .map_err(|e| describe(e, "SUNSUBSCRIBE", channel))
 }
 
-fn describe(e: QueryError, what: &str, channel: &str) -> String {
+fn describe(e: QueryError, what: &str, channel: &str) -> SubscriberError {
+    let what = format!("{what} {channel:?}");
     match e {
-        QueryError::Redis(e) => format!("{what} {channel:?} failed: {e}"),
-        QueryError::Timeout(d) => {
-            format!("{what} {channel:?} timed out after {d:?} (is its shard up?)")
-        }
+        QueryError::Redis(e) => SubscriberError::Command(what, std::sync::Arc::new(e)),
+        QueryError::Timeout(d) => SubscriberError::CommandTimeout(what, d),
     }
 }
 
@@ -360,7 +359,11 @@ impl Subscriber {
 
     /// Subscribes to the groups that have local members and unsubscribes
     /// from those that have none; a failure is retried in the background.
-    async fn reconcile(&mut self, inner: &Inner, groups: Vec<String>) -> Result<(), String> {
+    async fn reconcile(
+        &mut self,
+        inner: &Inner,
+        groups: Vec<String>,
+    ) -> Result<(), SubscriberError> {
         let mut result = Ok(());
         for group in groups {
             let wanted = inner.has_local_members(&group);
@@ -380,7 +383,8 @@ impl Subscriber {
                 self.failed(inner);
                 self.retry.insert(group.clone());
                 if result.is_ok() {
-                    result = Err(format!("group {group:?}: {e}"));
+                    // `e` names the shard channel, which contains the group.
+                    result = Err(e);
                 }
             } else {
                 self.retry.remove(&group);
