@@ -867,3 +867,72 @@ async fn communicator_drives_every_http_transport() {
         }
     }
 }
+
+/// A consumer that only sends is a plain SSE stream: a bare `EventSource`
+/// request (no `transport`, no client library) gets group events.
+#[tokio::test]
+async fn plain_sse_stream_of_group_events() {
+    use tower_channels::channel_layer::Event;
+    struct Dashboard;
+    impl WebSocketConsumer for Dashboard {
+        async fn connect(
+            &mut self,
+            ctx: &mut Context,
+        ) -> Result<Accept, tower_channels::consumer::Reject> {
+            ctx.group_add("dashboard").await?;
+            Ok(Accept::new())
+        }
+    }
+    let layer = WebSocketLayer::new()
+        .route("/events", websocket_consumer(|_| Dashboard))
+        .http_fallback(fallback());
+    let channel_layer = layer.channel_layer();
+    let addr = serve(layer).await;
+    let res = send(
+        addr,
+        get(addr, "/events")
+            .header("accept", "text/event-stream")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let mut stream = Stream {
+        body: res.into_body(),
+        buf: Vec::new(),
+    };
+    assert_eq!(stream.event().await.unwrap().0, "open");
+    // The group membership exists once `open` is written (connect ran).
+    for n in 0..3 {
+        channel_layer
+            .group_send("dashboard", Event::text("tick", format!("{{\"n\":{n}}}")))
+            .await
+            .unwrap();
+    }
+    for n in 0..3 {
+        let (name, data, _) = stream.event().await.unwrap();
+        assert_eq!((name.as_str(), data), ("message", format!("{{\"n\":{n}}}")));
+    }
+}
+
+/// An SSE client that stops reading is closed 4008 by the slow-client
+/// policy, as a WebSocket is; what the session held for it is dropped.
+#[tokio::test]
+async fn sse_client_that_stops_reading_is_closed_4008() {
+    use tower_channels::testing::{Communicator, HttpTransport};
+    let config = WebSocketConfig::default()
+        .max_outbound_bytes(64 << 10)
+        .slow_client_timeout(Duration::from_millis(200))
+        .close_timeout(Duration::from_millis(200));
+    let (layer, mut gone) = echo_layer(Form::Callback, config);
+    let layer = layer.http_fallback(fallback().buffer_size(16 << 10));
+    let stats = layer.clone();
+    let app = Router::new().layer(layer);
+    let request = Request::get("/ws/echo").body(()).unwrap();
+    let mut comm = Communicator::through_http(app, request, HttpTransport::Sse);
+    comm.connect().await.expect("accepted");
+    comm.send_text("flood").await;
+    assert_eq!(code(&mut gone).await, 4008);
+    assert!(comm.wait_finished(TIMEOUT).await);
+    assert_eq!(stats.stats().open_http_sessions, 0);
+    assert_eq!(stats.stats().slow_client_closes, 1);
+}

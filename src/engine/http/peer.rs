@@ -280,13 +280,16 @@ impl HttpPeer {
     /// session stays reachable for `within` (the close timeout), so the
     /// client can still fetch its last frames, the close among them.
     pub(crate) fn close(self, within: Duration) {
-        self.session.end();
+        // Output left here means the client stopped taking it (the buffer
+        // stayed full until the close timeout): nothing more is kept for it.
+        let abort = !self.pending.is_empty();
+        self.session.end(abort);
         let HttpPeer {
             session, sessions, ..
         } = self;
         let linger = session.kind() == HttpKind::Poll && !within.is_zero();
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) if linger && !session.is_drained() => {
+            Ok(rt) if linger && !abort && !session.is_drained() => {
                 rt.spawn(async move {
                     tokio::time::sleep(within).await;
                     sessions.remove(session.id());

@@ -259,12 +259,18 @@ impl Session {
     }
 
     /// The engine is done: the body ends after what it holds, a waiting
-    /// poll gets the last frames.
-    pub(super) fn end(&self) {
+    /// poll gets the last frames. With `abort` (the client stopped taking
+    /// output, so even our close could not be handed over) what it holds is
+    /// dropped and the body ends at once.
+    pub(super) fn end(&self, abort: bool) {
         let mut st = self.lock();
         st.ended = true;
         st.inbound.clear();
         st.inbound_bytes = 0;
+        if abort {
+            st.chunks.clear();
+            st.chunk_bytes = 0;
+        }
         self.output_ready(&mut st);
     }
 
