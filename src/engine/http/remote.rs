@@ -12,7 +12,7 @@ use serde_bytes::ByteBuf;
 
 use super::session::{PollWaiter, PostOutcome, Session};
 use crate::{
-    channel_layer::{ChannelLayer, Event},
+    channel_layer::{ChannelLayer, ChannelLayerError, Event},
     message::{Message, Utf8Bytes},
 };
 
@@ -116,20 +116,33 @@ fn send_reply(layer: Arc<dyn ChannelLayer>, reply: String, status: u16, frames: 
     });
 }
 
+/// Why a request to another process got no answer.
+#[derive(Debug)]
+enum Unanswered {
+    /// No process holds the session (or it did not answer in time).
+    Gone,
+    /// The session's control channel is full: retry later.
+    Busy,
+}
+
 /// Sends `event` to session `id` and waits for the first reply, at most
-/// `wait`; `None` when nobody answers (no such session).
+/// `wait`.
 async fn ask(
     layer: &dyn ChannelLayer,
     id: &str,
     wait: Duration,
     event: impl FnOnce(String) -> Event,
-) -> Option<(Reply, crate::channel_layer::ChannelReceiver)> {
-    let mut rx = layer.new_channel().await.ok()?;
-    layer.send(id, event(rx.name().to_owned())).await.ok()?;
-    let reply = tokio::time::timeout(wait, next_reply(&mut rx))
-        .await
-        .ok()??;
-    Some((reply, rx))
+) -> Result<(Reply, crate::channel_layer::ChannelReceiver), Unanswered> {
+    let mut rx = layer.new_channel().await.map_err(|_| Unanswered::Gone)?;
+    match layer.send(id, event(rx.name().to_owned())).await {
+        Ok(()) => {}
+        Err(ChannelLayerError::ChannelFull { .. }) => return Err(Unanswered::Busy),
+        Err(_) => return Err(Unanswered::Gone),
+    }
+    match tokio::time::timeout(wait, next_reply(&mut rx)).await {
+        Ok(Some(reply)) => Ok((reply, rx)),
+        _ => Err(Unanswered::Gone),
+    }
 }
 
 async fn next_reply(rx: &mut crate::channel_layer::ChannelReceiver) -> Option<Reply> {
@@ -156,7 +169,7 @@ pub(crate) async fn remote_post(
         Message::Binary(b) => (true, b.to_vec()),
         _ => return None,
     };
-    let (reply, _) = ask(layer, id, wait, |reply| {
+    let (reply, _) = match ask(layer, id, wait, |reply| {
         Event::new(
             POST,
             Post {
@@ -167,7 +180,12 @@ pub(crate) async fn remote_post(
             },
         )
     })
-    .await?;
+    .await
+    {
+        Ok(r) => r,
+        Err(Unanswered::Busy) => return Some(PostOutcome::Full),
+        Err(Unanswered::Gone) => return None,
+    };
     Some(PostOutcome::from_status(reply.status))
 }
 
@@ -177,7 +195,7 @@ pub(crate) async fn remote_delete(layer: &dyn ChannelLayer, id: &str, wait: Dura
         Event::new(DELETE, Delete { reply })
     })
     .await
-    .is_some_and(|(r, _)| r.status == 204)
+    .is_ok_and(|(r, _)| r.status == 204)
 }
 
 /// A long-poll of session `id` in another process: the frames after `ack`
@@ -192,7 +210,8 @@ pub(crate) async fn remote_poll(
     let (reply, mut rx) = ask(layer, id, wait, |reply| {
         Event::new(POLL, PollRequest { ack, reply })
     })
-    .await?;
+    .await
+    .ok()?;
     if reply.status == 404 {
         return None;
     }
