@@ -56,7 +56,9 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Option<HttpRequest> {
     let has_session = query_param(query, "session").is_some();
     let transport = query_param(query, "transport");
     match *req.method() {
-        Method::GET if has_session => Some(HttpRequest::Poll),
+        Method::GET if has_session => {
+            (transport.as_deref() == Some("poll")).then_some(HttpRequest::Poll)
+        }
         Method::GET => match transport {
             Some(t) => HttpKind::parse(&t).map(HttpRequest::Open),
             None => req
@@ -441,5 +443,83 @@ fn resume_from_last_event_id(parts: &mut http::request::Parts) {
         if let Ok(u) = http::Uri::from_parts(uri) {
             parts.uri = u;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify_of(method: &str, uri: &str, accept: Option<&str>) -> Option<&'static str> {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(a) = accept {
+            b = b.header("accept", a);
+        }
+        classify(&b.body(()).unwrap()).map(|r| match r {
+            HttpRequest::Open(HttpKind::Sse) => "sse",
+            HttpRequest::Open(HttpKind::Stream) => "stream",
+            HttpRequest::Open(HttpKind::Poll) => "poll-open",
+            HttpRequest::Poll => "poll",
+            HttpRequest::Post => "post",
+            HttpRequest::Delete => "delete",
+        })
+    }
+
+    #[test]
+    fn classifies_only_fallback_requests() {
+        assert_eq!(classify_of("GET", "/ws?transport=sse", None), Some("sse"));
+        assert_eq!(
+            classify_of("GET", "/ws?a=1&transport=stream", None),
+            Some("stream")
+        );
+        assert_eq!(
+            classify_of("GET", "/ws?transport=poll", None),
+            Some("poll-open")
+        );
+        assert_eq!(
+            classify_of("GET", "/ws?session=s&token=t&transport=poll&ack=3", None),
+            Some("poll")
+        );
+        assert_eq!(
+            classify_of("GET", "/ws", Some("text/event-stream")),
+            Some("sse")
+        );
+        assert_eq!(
+            classify_of("POST", "/ws?session=s&seq=1", None),
+            Some("post")
+        );
+        assert_eq!(classify_of("DELETE", "/ws?session=s", None), Some("delete"));
+        // Everything else goes to the inner service.
+        assert_eq!(classify_of("GET", "/ws", Some("text/html")), None);
+        assert_eq!(
+            classify_of("GET", "/ws?transport=carrier-pigeon", None),
+            None
+        );
+        assert_eq!(classify_of("GET", "/ws?session=app-own-param", None), None);
+        assert_eq!(classify_of("POST", "/ws", None), None);
+        assert_eq!(classify_of("PUT", "/ws?session=s", None), None);
+    }
+
+    #[test]
+    fn last_event_id_resumes_only_without_a_position() {
+        let parts = |uri: &str, id: &str| {
+            let (mut p, ()) = Request::get(uri)
+                .header("last-event-id", id)
+                .body(())
+                .unwrap()
+                .into_parts();
+            resume_from_last_event_id(&mut p);
+            p.uri.to_string()
+        };
+        assert_eq!(parts("/ws/r", "e1:5"), "/ws/r?offset=5&epoch=e1");
+        assert_eq!(
+            parts("/ws/r?u=a", "e:1:5"),
+            "/ws/r?u=a&offset=5&epoch=e%3A1"
+        );
+        assert_eq!(
+            parts("/ws/r?offset=1&epoch=x", "e1:5"),
+            "/ws/r?offset=1&epoch=x"
+        );
+        assert_eq!(parts("/ws/r", "garbage"), "/ws/r");
     }
 }
