@@ -153,6 +153,8 @@
 //! |---|---|---|
 //! | `tower_channels_connections_open` | gauge | connections open now |
 //! | `tower_channels_connections_accepted_total` | counter | handshakes accepted |
+//! | `tower_channels_transport_connections_open{transport}` | gauge | the same by transport: `websocket`, and with [`HttpFallback`] `sse`, `stream`, `poll` |
+//! | `tower_channels_transport_connections_accepted_total{transport}` | counter | accepted connections and sessions by transport |
 //! | `tower_channels_handshakes_rejected_total` | counter | handshakes refused |
 //! | `tower_channels_messages_received_total` / `_sent_total` | counter | data messages from / to clients |
 //! | `tower_channels_received_bytes_total` / `sent_bytes_total` | counter | their payload bytes |
@@ -214,6 +216,7 @@ pub use self::channel_layer::BoxError;
 pub use self::{
     compression::Compression,
     config::{InflateLimit, RateLimit, WebSocketConfig},
+    engine::http::HttpFallback,
     error::Error,
     metrics::ConnectionStats,
     middleware::{WebSocketLayer, WebSocketService},
