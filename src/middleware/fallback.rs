@@ -178,7 +178,7 @@ impl WebSocketLayer {
                         Some(Ok(a)) => a,
                         Some(Err(_)) => return status(StatusCode::BAD_REQUEST, "invalid ack"),
                     };
-                    let timeout = sessions.config.get_poll_timeout();
+                    let timeout = sessions.config.poll_timeout;
                     match sessions.get(&id) {
                         Some(s) => match local_poll(&s, ack, timeout).await {
                             Some(f) => frames(f),

@@ -128,8 +128,8 @@ impl HttpKind {
 #[derive(Clone)]
 pub struct HttpFallback {
     secret: Arc<[u8]>,
-    poll_timeout: Duration,
-    buffer_size: usize,
+    pub(crate) poll_timeout: Duration,
+    pub(crate) buffer_size: usize,
 }
 
 impl Default for HttpFallback {
@@ -187,16 +187,6 @@ impl HttpFallback {
     pub fn buffer_size(mut self, bytes: usize) -> Self {
         self.buffer_size = bytes.max(1);
         self
-    }
-
-    /// The long-poll timeout (see [`poll_timeout`](Self::poll_timeout)).
-    pub fn get_poll_timeout(&self) -> Duration {
-        self.poll_timeout
-    }
-
-    /// The session buffer (see [`buffer_size`](Self::buffer_size)).
-    pub fn get_buffer_size(&self) -> usize {
-        self.buffer_size
     }
 }
 

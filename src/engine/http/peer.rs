@@ -79,7 +79,7 @@ impl HttpOpen {
         let limits = Limits {
             in_bytes: config.max_read_ahead_bytes,
             in_messages: config.max_buffered_messages.max(1),
-            out_bytes: self.sessions.config.get_buffer_size(),
+            out_bytes: self.sessions.config.buffer_size,
         };
         let session = Session::new(id, self.kind, limits, runtime.channel_layer.clone(), open);
         self.sessions.insert(session.clone());
