@@ -285,6 +285,7 @@ export class Connection {
   // Arms (or re-arms) the stream/poll liveness timer.
   _alive(t) {
     clearTimeout(t.idle);
+    if (t !== this._t) return;
     t.idle = setTimeout(() => this._lost(t, 1006, "no data from the server"), this.options.idleTimeout);
   }
 
@@ -368,6 +369,8 @@ const OPEN = {
     ws.onopen = () => c._opened(t);
     ws.onmessage = (e) => c._deliver(t, e.data, null);
     ws.onclose = (e) => c._lost(t, e.code, e.reason);
+    // Before open, an error is the end (some runtimes fire no close then).
+    ws.onerror = () => t.open || c._fail(t);
   },
 
   sse(c, t, url) {
@@ -399,7 +402,7 @@ const OPEN = {
       }
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       let buf = "";
-      for (;;) {
+      while (t === c._t) {
         c._alive(t);
         const { value, done } = await reader.read();
         if (done || t !== c._t) break;
