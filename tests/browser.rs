@@ -777,9 +777,10 @@ async fn the_same_pages_through_nginx_round_robin_over_two_processes() {
     }
     if let Err(e) = result {
         panic!(
-            "{e}\n--- chat A (last lines) ---\n{}\n--- chat B (last lines) ---\n{}\n--- nginx error.log ---\n{}",
+            "{e}\n--- chat A (last lines) ---\n{}\n--- chat B (last lines) ---\n{}\n--- nginx output ---\n{}\n--- nginx error.log ---\n{}",
             a.process.output(),
             b.process.output(),
+            nginx.process.output(),
             nginx.error_log(),
         );
     }

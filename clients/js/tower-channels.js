@@ -111,7 +111,9 @@ export class Connection {
     this._t = null; // the current attempt or session
     this._timer = null;
     this._closed = false;
-    this._round();
+    // Callbacks run from the next microtask on, never inside `connect()`:
+    // handlers set right after it see every state.
+    queueMicrotask(() => this._round());
   }
 
   /** The WebSocket extensions negotiated ("" on other transports). */
@@ -160,6 +162,7 @@ export class Connection {
 
   // One round: every transport once, from the one that last worked.
   _round() {
+    if (this._closed) return;
     this._tried = 0;
     this._try(this._pref);
   }
