@@ -838,7 +838,9 @@ async fn fallback_scenario(
                 .await
                 .map_err(|e| format!("{transport} page: sending {text:?}: {e}"))?;
             if cleared != json!(true) {
-                return Err(format!("{transport} page did not send {text:?} (not open?)"));
+                return Err(format!(
+                    "{transport} page did not send {text:?} (not open?)"
+                ));
             }
             sent[n].push(text);
         }
@@ -855,7 +857,10 @@ async fn fallback_scenario(
         .await?;
         let lines: Vec<&str> = log.lines().collect();
         if lines.len() != total {
-            return Err(format!("{transport} page: {} lines, expected {total}:\n{log}", lines.len()));
+            return Err(format!(
+                "{transport} page: {} lines, expected {total}:\n{log}",
+                lines.len()
+            ));
         }
         for (from, expected) in pages.iter().map(|p| p.1).zip(&sent) {
             let got: Vec<&str> = lines
@@ -981,14 +986,20 @@ http {{
         let session_lines: Vec<&str> = log.lines().filter(|l| l.contains("session=")).collect();
         for upstream in upstreams {
             let addr = upstream.to_string();
-            if !session_lines.iter().any(|l| l.split(' ').nth(2) == Some(&addr)) {
+            if !session_lines
+                .iter()
+                .any(|l| l.split(' ').nth(2) == Some(&addr))
+            {
                 return Err(format!(
                     "no session request reached {addr}:\n{}",
                     session_lines.join("\n")
                 ));
             }
         }
-        let posts = session_lines.iter().filter(|l| l.starts_with("POST ")).count();
+        let posts = session_lines
+            .iter()
+            .filter(|l| l.starts_with("POST "))
+            .count();
         println!(
             "{posts} POSTs and {} polls/DELETEs through nginx, on both processes",
             session_lines.len() - posts

@@ -50,7 +50,10 @@ async fn js_client_under_node_test_runner_against_the_chat_example() {
     assert!(!files.is_empty(), "no *.test.mjs in {DIR}");
 
     let mut cmd = tokio::process::Command::new("node");
-    let has_websocket = node(&["-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"]);
+    let has_websocket = node(&[
+        "-e",
+        "process.exit(typeof WebSocket === 'function' ? 0 : 1)",
+    ]);
     if !has_websocket {
         cmd.arg("--experimental-websocket");
     }
