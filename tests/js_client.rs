@@ -14,7 +14,7 @@ mod common;
 
 use std::{path::Path, process::Stdio, time::Duration};
 
-use common::example_binary;
+use common::{empty, example_binary, get_req, http1, spawn_example};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js/test");
 
@@ -86,4 +86,26 @@ async fn js_client_under_node_test_runner_against_the_chat_example() {
     for line in stdout.lines().filter(|l| l.starts_with("# ")) {
         println!("{line}");
     }
+}
+
+/// The chat example serves the client the page imports, as JavaScript, the
+/// same bytes as the repository's file.
+#[tokio::test]
+async fn the_chat_example_serves_the_client() {
+    let (_server, addr) = spawn_example("chat");
+    let reply = http1(addr, empty(get_req(addr, "/tower-channels.js"))).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.headers["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/js/tower-channels.js"
+    ))
+    .expect("clients/js/tower-channels.js");
+    assert!(
+        reply.body == file,
+        "GET /tower-channels.js differs from clients/js/tower-channels.js (rebuild the example)"
+    );
 }
