@@ -73,6 +73,7 @@ export class Connection {
   readonly url: URL;
   readonly transports: Transport[];
   readonly state: "connecting" | "open" | "closed";
+  /** The transport in use, being tried, or that closed last (null before the first try). */
   readonly transport: Transport | null;
   /** The last position seen. */
   readonly position: Position | null;

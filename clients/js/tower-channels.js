@@ -103,7 +103,7 @@ export class Connection {
     this.position = o.position ?? null;
     /** "connecting", "open" or "closed". */
     this.state = "connecting";
-    /** The transport in use (or being tried), null when closed. */
+    /** The transport in use, being tried, or that closed last. */
     this.transport = null;
     this._queue = [];
     this._attempt = 0; // reconnect attempts since the last open
