@@ -503,29 +503,25 @@ impl Drop for TempDir {
 /// `TOWER_CHANNELS_REQUIRE_REDIS=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_page_reconnects_and_recovers_missed_messages() {
-    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
-        if std::env::var("TOWER_CHANNELS_REQUIRE_BROWSER").as_deref() == Ok("1") {
-            panic!("{SKIPPED}");
-        }
-        println!("{SKIPPED}");
-        return;
-    }
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let hostport = redis
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:6379")
-        .to_owned();
-    if let Err(e) = tokio::net::TcpStream::connect(&hostport).await {
-        if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").as_deref() == Ok("1") {
-            panic!("no Redis at {redis}: {e} (TOWER_CHANNELS_REQUIRE_REDIS=1)");
-        }
-        println!("skipped: no Redis ({redis}: {e})");
-        return;
-    }
+    reconnect_test("/", 10).await;
+}
 
-    let profiles = [TempDir::new(10)];
+/// The same with `WebSocket` undefined: the page is on SSE, and its
+/// `EventSource` is reopened by the client with `?offset=&epoch=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_without_websocket_reconnects_and_recovers_missed_messages() {
+    reconnect_test("/?nows=1", 11).await;
+}
+
+/// The reconnect scenario for the page at `path` (with its own profile `n`).
+async fn reconnect_test(path: &str, n: usize) {
+    if !chromium_or_skip() {
+        return;
+    }
+    let Some(redis) = redis_or_skip().await else {
+        return;
+    };
+    let profiles = [TempDir::new(n)];
     // A listens on a port we choose so that it can come back on it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -541,7 +537,7 @@ async fn chat_page_reconnects_and_recovers_missed_messages() {
         SCENARIO_TIMEOUT,
         reconnect_scenario(
             a,
-            &addr_a,
+            path,
             &redis,
             b.addr,
             driver.port,
@@ -565,7 +561,7 @@ async fn chat_page_reconnects_and_recovers_missed_messages() {
 
 async fn reconnect_scenario(
     a: Chat,
-    addr_a: &str,
+    path: &str,
     redis: &str,
     addr_b: SocketAddr,
     port: u16,
@@ -575,7 +571,8 @@ async fn reconnect_scenario(
     let page = new_session(&format!("http://127.0.0.1:{port}"), &profiles[0]).await?;
     sessions.push(page.clone());
     let room = format!("reconnect{}", std::process::id());
-    join_room(&page, &format!("http://{addr_a}/"), &room).await?;
+    let addr_a = &a.addr.to_string();
+    join_room(&page, &format!("http://{addr_a}{path}"), &room).await?;
 
     let m1 = "before the drop";
     post(addr_b, &room, m1).await?;
