@@ -214,6 +214,7 @@ pub use self::channel_layer::BoxError;
 pub use self::{
     compression::Compression,
     config::{InflateLimit, RateLimit, WebSocketConfig},
+    engine::http::HttpFallback,
     error::Error,
     metrics::ConnectionStats,
     middleware::{WebSocketLayer, WebSocketService},

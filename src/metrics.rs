@@ -37,6 +37,19 @@ pub struct ConnectionStats {
     pub ignored_events: u64,
     /// Consumer handlers that panicked.
     pub panics: u64,
+    /// HTTP fallback sessions (SSE, HTTP-streaming, long-poll) open now;
+    /// also counted in `open_connections`.
+    pub open_http_sessions: u64,
+    /// HTTP fallback sessions accepted in total; also counted in
+    /// `accepted_connections`.
+    pub accepted_http_sessions: u64,
+}
+
+/// The transports, as the `transport` label names them.
+const TRANSPORTS: [&str; 4] = ["websocket", "sse", "stream", "poll"];
+
+fn transport_index(transport: &str) -> usize {
+    TRANSPORTS.iter().position(|t| *t == transport).unwrap_or(0)
 }
 
 /// A layer's counters: what [`ConnectionStats`] reads, and with the
@@ -59,6 +72,8 @@ pub(crate) struct Metrics {
     slow_closes: AtomicU64,
     ignored_events: AtomicU64,
     panics: AtomicU64,
+    http_open: AtomicU64,
+    http_accepted: AtomicU64,
     #[cfg(feature = "metrics")]
     handles: std::sync::OnceLock<Handles>,
 }
@@ -80,6 +95,8 @@ struct Handles {
     ignored_events: metrics::Counter,
     panics: metrics::Counter,
     handler: metrics::Histogram,
+    /// Per transport (see [`TRANSPORTS`]): open sessions, accepted sessions.
+    by_transport: [(metrics::Gauge, metrics::Counter); 4],
 }
 
 #[cfg(feature = "metrics")]
@@ -98,6 +115,12 @@ impl Handles {
             ignored_events: metrics::counter!("tower_channels_ignored_events_total"),
             panics: metrics::counter!("tower_channels_panics_total"),
             handler: metrics::histogram!("tower_channels_handler_duration_seconds"),
+            by_transport: TRANSPORTS.map(|t| {
+                (
+                    metrics::gauge!("tower_channels_transport_connections_open", "transport" => t),
+                    metrics::counter!("tower_channels_transport_connections_accepted_total", "transport" => t),
+                )
+            }),
         }
     }
 }
@@ -125,18 +148,35 @@ impl Metrics {
         self.handles.get_or_init(Handles::register)
     }
 
-    pub(crate) fn opened(&self) {
+    /// A connection on `transport` (`websocket`, `sse`, `stream`, `poll`) opened.
+    pub(crate) fn opened(&self, transport: &'static str) {
         self.open.fetch_add(1, Relaxed);
         self.accepted.fetch_add(1, Relaxed);
+        let i = transport_index(transport);
+        if i > 0 {
+            self.http_open.fetch_add(1, Relaxed);
+            self.http_accepted.fetch_add(1, Relaxed);
+        }
         emit! {
             let h = self.handles();
             h.open.increment(1.0);
             h.accepted.increment(1);
+            h.by_transport[i].0.increment(1.0);
+            h.by_transport[i].1.increment(1);
         }
     }
-    pub(crate) fn closed(&self) {
+    /// A connection on `transport` ended.
+    pub(crate) fn closed(&self, transport: &'static str) {
         self.open.fetch_sub(1, Relaxed);
-        emit! { self.handles().open.decrement(1.0); }
+        let i = transport_index(transport);
+        if i > 0 {
+            self.http_open.fetch_sub(1, Relaxed);
+        }
+        emit! {
+            let h = self.handles();
+            h.open.decrement(1.0);
+            h.by_transport[i].0.decrement(1.0);
+        }
     }
     /// A connection ended with `code` (the close code its `disconnect` got).
     pub(crate) fn closed_with(&self, code: CloseCode) {
@@ -179,6 +219,8 @@ impl Metrics {
             slow_client_closes: self.slow_closes.load(Relaxed),
             ignored_events: self.ignored_events.load(Relaxed),
             panics: self.panics.load(Relaxed),
+            open_http_sessions: self.http_open.load(Relaxed),
+            accepted_http_sessions: self.http_accepted.load(Relaxed),
         }
     }
 }

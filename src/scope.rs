@@ -124,20 +124,7 @@ impl Scope {
 
     /// The value of one query parameter, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query()?.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let k = percent_encoding::percent_decode_str(k).decode_utf8().ok()?;
-            if k != name {
-                return None;
-            }
-            let v = v.replace('+', " ");
-            Some(
-                percent_encoding::percent_decode_str(&v)
-                    .decode_utf8()
-                    .ok()?
-                    .into_owned(),
-            )
-        })
+        query_param(self.query()?, name)
     }
 
     /// Parameters captured by the route pattern.
@@ -216,4 +203,23 @@ fn connect_info(ext: &Extensions) -> Option<SocketAddr> {
 #[cfg(not(feature = "axum"))]
 fn connect_info(_ext: &Extensions) -> Option<SocketAddr> {
     None
+}
+
+/// The value of parameter `name` in the query string `query`, percent-decoded
+/// (`+` is a space).
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = percent_encoding::percent_decode_str(k).decode_utf8().ok()?;
+        if k != name {
+            return None;
+        }
+        let v = v.replace('+', " ");
+        Some(
+            percent_encoding::percent_decode_str(&v)
+                .decode_utf8()
+                .ok()?
+                .into_owned(),
+        )
+    })
 }

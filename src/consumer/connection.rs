@@ -7,7 +7,10 @@ use tokio::sync::oneshot;
 use super::WebSocket;
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer},
-    engine::{wire::DeflateParams, Engine, Host, Link, Probe, Runtime, Slot, Socket, Transport},
+    engine::{
+        http::HttpOpen, wire::DeflateParams, Engine, Host, Link, Peer, Probe, Runtime, Slot,
+        Socket, Transport,
+    },
     handshake::rejection::{ConsumerFailed, HandshakeRejection},
     Error, Scope,
 };
@@ -19,6 +22,9 @@ pub(crate) enum UpgradeSource {
     /// An in-process transport (the test [`Communicator`](crate::testing::Communicator)).
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     Ready(Transport),
+    /// An HTTP fallback session (SSE, HTTP-streaming, long-poll), created
+    /// on accept.
+    Http(HttpOpen),
 }
 
 /// What the consumer decided about the handshake.
@@ -142,6 +148,7 @@ impl Connection {
             headers.insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
             params
         });
+        let protocol = accept.subprotocol.clone();
         if !self.send_decision(Decision::Accept {
             protocol: accept.subprotocol,
             headers,
@@ -150,16 +157,19 @@ impl Connection {
                 "the client went away during the handshake",
             ));
         }
-        let transport = match self.upgrade.take() {
+        let config = &self.runtime.config;
+        let peer = match self.upgrade.take() {
             Some(UpgradeSource::Hyper(on)) => {
                 let upgraded = on.await.map_err(Error::handshake)?;
-                Transport::upgraded(upgraded)
+                Peer::WebSocket(Socket::new(Transport::upgraded(upgraded), config, deflate))
             }
-            Some(UpgradeSource::Ready(t)) => t,
+            Some(UpgradeSource::Ready(t)) => Peer::WebSocket(Socket::new(t, config, deflate)),
+            Some(UpgradeSource::Http(open)) => {
+                Peer::Http(open.open(&self.runtime, protocol.as_deref()).await?)
+            }
             None => return Err(Error::handshake("connection already accepted")),
         };
-        let socket = Socket::new(transport, &self.runtime.config, deflate);
-        self.slot.put(Engine::new(link.clone(), socket));
+        self.slot.put(Engine::new(link.clone(), peer));
         Ok(link)
     }
 

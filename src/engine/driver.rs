@@ -16,7 +16,8 @@ use tokio::{
 
 use super::{
     link::{leave, Link, Status},
-    socket::{ReadError, Socket},
+    peer::Peer,
+    socket::ReadError,
     Outbound,
 };
 use crate::{
@@ -64,7 +65,8 @@ struct Closing {
 /// are what changes.
 pub(crate) struct Engine {
     link: Arc<Link>,
-    socket: Option<Socket>,
+    /// The WebSocket or HTTP session; `None` once closed.
+    socket: Option<Peer>,
     phase: Phase,
     /// Leaving the groups once a close started.
     leaving: Option<BoxFuture<'static, ()>>,
@@ -93,6 +95,8 @@ pub(crate) struct Engine {
     rate: Option<(f64, Instant)>,
     /// Messages counted since the last fold into the layer's metrics.
     counts: LocalCounts,
+    /// The transport's name (the metrics' `transport` label).
+    transport: &'static str,
 }
 
 impl std::fmt::Debug for Engine {
@@ -104,12 +108,13 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(link: Arc<Link>, socket: Socket) -> Self {
+    pub(crate) fn new(link: Arc<Link>, socket: Peer) -> Self {
         let now = Instant::now();
         let runtime = link.runtime.clone();
         let config = &runtime.config;
         link.lock().status = Status::Open;
-        runtime.metrics.opened();
+        let transport = socket.transport();
+        runtime.metrics.opened(transport);
         let mut e = Engine {
             socket: Some(socket),
             phase: Phase::Open,
@@ -129,6 +134,7 @@ impl Engine {
             shutdown: Some(Box::pin(runtime.tracker.signal.clone().notified_owned())),
             rate: config.rate_limit.map(|r| (f64::from(r.burst.max(1)), now)),
             counts: LocalCounts::default(),
+            transport,
             link,
         };
         e.rearm_timer();
@@ -242,6 +248,9 @@ impl Engine {
             }
             if self.poll_shutdown(cx) {
                 continue;
+            }
+            if let Some(peer) = &mut self.socket {
+                peer.poll_control(cx);
             }
             // Socket work until nothing moves; the timers and the shutdown
             // signal are polled once per round, not once per step.
@@ -651,7 +660,7 @@ impl Engine {
         }
         let soft_budget = self.config().max_outbound_bytes;
         let queued =
-            self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Socket::queued_bytes);
+            self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Peer::queued_bytes);
         if queued > soft_budget {
             let now = Instant::now();
             let (since, at) = *self.over_budget_since.get_or_insert((now, self.drained));
@@ -769,7 +778,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.counts.fold(&self.link.runtime.metrics);
-        self.link.runtime.metrics.closed();
+        self.link.runtime.metrics.closed(self.transport);
         if !matches!(self.phase, Phase::Closed { .. }) {
             // Aborted (shutdown deadline): the application sees the end.
             self.phase = Phase::Closed {

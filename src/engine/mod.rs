@@ -59,7 +59,9 @@
 
 mod driver;
 mod host;
+pub(crate) mod http;
 mod link;
+mod peer;
 mod probe;
 mod runtime;
 mod socket;
@@ -73,6 +75,7 @@ pub(crate) use self::{
     driver::Engine,
     host::{Host, Slot},
     link::{AppLink, Link, Status},
+    peer::Peer,
     probe::{FinishOnDrop, Probe},
     runtime::{Runtime, Tracker},
     socket::Socket,

@@ -11,6 +11,7 @@ use std::{
 
 use tokio::{sync::Notify, task::AbortHandle};
 
+use super::http::Sessions;
 use crate::{
     channel_layer::{ChannelLayer, InMemoryChannelLayer},
     metrics::Metrics,
@@ -26,6 +27,8 @@ pub(crate) struct Runtime {
     pub(crate) origins: AllowedOrigins,
     pub(crate) metrics: Metrics,
     pub(crate) tracker: Arc<Tracker>,
+    /// The HTTP fallback's sessions in this process, when it is on.
+    pub(crate) http: Option<Arc<Sessions>>,
 }
 
 impl Runtime {
@@ -37,6 +40,7 @@ impl Runtime {
             origins: AllowedOrigins::default(),
             metrics: Metrics::default(),
             tracker: Arc::default(),
+            http: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl Runtime {
             origins: self.origins.clone(),
             metrics: Metrics::default(),
             tracker: self.tracker.clone(),
+            http: self.http.clone(),
         };
         f(&mut r);
         r

@@ -98,7 +98,8 @@ fn valid_key(key: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
-fn parse_subprotocols(headers: &HeaderMap, max: usize) -> Option<Vec<String>> {
+/// The subprotocols offered in `headers`; `None` past `max` or when malformed.
+pub(crate) fn parse_subprotocols(headers: &HeaderMap, max: usize) -> Option<Vec<String>> {
     let mut out = Vec::new();
     for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
         let s = value.to_str().ok()?;

@@ -7,9 +7,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::fallback::HttpBody;
+use crate::engine::http::SessionBody;
+
 pin_project! {
     /// The response body of [`WebSocketService`](super::WebSocketService): the inner service's
-    /// body, or the short plain-text body of a handshake response.
+    /// body, the short plain-text body of a handshake response, or an HTTP
+/// fallback session's stream (see [`HttpFallback`](crate::HttpFallback)).
     pub struct ResponseBody<B> {
         #[pin]
         inner: Inner<B>,
@@ -21,6 +25,7 @@ pin_project! {
     enum Inner<B> {
         Body { #[pin] body: B },
         Full { data: Option<Bytes> },
+        Session { body: SessionBody },
     }
 }
 
@@ -28,6 +33,15 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             inner: Inner::Body { body },
+        }
+    }
+
+    pub(crate) fn http(body: HttpBody) -> Self {
+        match body {
+            HttpBody::Full(data) => Self::full(data),
+            HttpBody::Session(body) => Self {
+                inner: Inner::Session { body },
+            },
         }
     }
 
@@ -60,6 +74,12 @@ where
         match self.project().inner.project() {
             InnerProj::Body { body } => body.poll_frame(cx),
             InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            InnerProj::Session { body } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -67,6 +87,7 @@ where
         match &self.inner {
             Inner::Body { body } => body.is_end_stream(),
             Inner::Full { data } => data.is_none(),
+            Inner::Session { body } => body.is_end_stream(),
         }
     }
 
@@ -76,6 +97,7 @@ where
             Inner::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Inner::Session { body } => body.size_hint(),
         }
     }
 }

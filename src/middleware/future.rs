@@ -7,10 +7,12 @@ use std::{
 use bytes::Bytes;
 use http::Response;
 use pin_project_lite::pin_project;
+use sync_wrapper::SyncWrapper;
 use tokio::sync::oneshot;
 
-use super::ResponseBody;
+use super::{fallback::HttpResponse, ResponseBody};
 use crate::{
+    channel_layer::BoxFuture,
     consumer::Decision,
     handshake::{
         self,
@@ -33,6 +35,7 @@ pin_project! {
         Future { #[pin] future: F },
         Respond { response: Option<Response<Bytes>> },
         Handshake { decision: oneshot::Receiver<Decision>, kind: Kind },
+        Http { future: SyncWrapper<BoxFuture<'static, HttpResponse>> },
     }
 }
 
@@ -47,6 +50,14 @@ impl<F> ResponseFuture<F> {
         Self {
             inner: Inner::Respond {
                 response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn http(future: BoxFuture<'static, HttpResponse>) -> Self {
+        Self {
+            inner: Inner::Http {
+                future: SyncWrapper::new(future),
             },
         }
     }
@@ -80,6 +91,10 @@ where
             InnerProj::Respond { response } => response
                 .take()
                 .expect("ResponseFuture polled after completion"),
+            InnerProj::Http { future } => {
+                let res = ready!(future.get_mut().as_mut().poll(cx));
+                return Poll::Ready(Ok(res.map(ResponseBody::http)));
+            }
             InnerProj::Handshake { decision, kind } => match ready!(Pin::new(decision).poll(cx)) {
                 Ok(Decision::Accept { protocol, headers }) => {
                     handshake::accept_response(kind, protocol.as_deref(), headers)

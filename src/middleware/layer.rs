@@ -120,6 +120,20 @@ impl WebSocketLayer {
         self
     }
 
+    /// Turns the HTTP fallback on: every route also answers Server-Sent
+    /// Events, HTTP-streaming and long-poll sessions (`GET
+    /// <route>?transport=sse|stream|poll`, or a bare `EventSource`), with
+    /// the client's messages `POST`ed to the session, for the same consumers
+    /// and under the same settings, limits and counters as WebSockets. See
+    /// [`HttpFallback`](crate::HttpFallback) and the protocol in the README.
+    ///
+    /// Off by default: without it such requests go to the inner service.
+    pub fn http_fallback(mut self, fallback: crate::HttpFallback) -> Self {
+        let sessions = Arc::new(crate::engine::http::Sessions::new(fallback));
+        self.update_runtime(|r| r.http = Some(sessions));
+        self
+    }
+
     /// A handle for graceful shutdown of this layer's connections.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {

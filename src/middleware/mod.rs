@@ -96,6 +96,7 @@
 //! | 503 (`Retry-After`) | the layer is shutting down or at its connection limit |
 
 mod body;
+mod fallback;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;

@@ -5,14 +5,17 @@ use tokio::sync::oneshot;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::{ResponseBody, ResponseFuture, WebSocketLayer};
+use super::{fallback, layer::Route, ResponseBody, ResponseFuture, WebSocketLayer};
 use crate::{
-    consumer::{Connection, UpgradeSource},
+    channel_layer::BoxError,
+    consumer::{Connection, Decision, UpgradeSource},
+    engine::wire::DeflateParams,
     handshake::{
         self,
         rejection::{OriginNotAllowed, ShuttingDown, TooManyConnections, UpgradeUnavailable},
         HandshakeRejection,
     },
+    route::Params,
     Scope,
 };
 
@@ -44,6 +47,9 @@ impl<S> WebSocketService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for WebSocketService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: http_body::Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -54,7 +60,19 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if !handshake::wants_websocket(&req) || self.layer.match_route(req.uri().path()).is_none() {
+        if !handshake::wants_websocket(&req) {
+            // The HTTP fallback, when on: sessions on the same routes.
+            if let Some(sessions) = &self.layer.runtime.http {
+                if let Some(what) = fallback::classify(&req) {
+                    if self.layer.match_route(req.uri().path()).is_some() {
+                        let sessions = sessions.clone();
+                        return ResponseFuture::http(self.layer.serve_http(sessions, what, req));
+                    }
+                }
+            }
+            return ResponseFuture::future(self.inner.call(req));
+        }
+        if self.layer.match_route(req.uri().path()).is_none() {
             return ResponseFuture::future(self.inner.call(req));
         }
         match self.layer.start_handshake(req) {
@@ -73,13 +91,7 @@ impl WebSocketLayer {
     fn start_handshake<B>(
         &self,
         mut req: Request<B>,
-    ) -> Result<
-        (
-            oneshot::Receiver<crate::consumer::Decision>,
-            handshake::Kind,
-        ),
-        HandshakeRejection,
-    > {
+    ) -> Result<(oneshot::Receiver<Decision>, handshake::Kind), HandshakeRejection> {
         let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
         let (parts, _body) = req.into_parts();
         let (route, params) =
@@ -111,27 +123,52 @@ impl WebSocketLayer {
                 .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS),
             &runtime.config.compression,
         );
+        let rx = self.spawn_connection(
+            route,
+            params,
+            parts,
+            protocols,
+            UpgradeSource::Hyper(on_upgrade),
+            deflate,
+        );
+        Ok((rx, kind))
+    }
+
+    /// Starts a connection attempt on `route` (a WebSocket handshake or an
+    /// HTTP session): its task runs the consumer and, once accepted, the
+    /// engine. The receiver gets the consumer's decision.
+    pub(crate) fn spawn_connection(
+        &self,
+        route: &Route,
+        params: Params,
+        parts: http::request::Parts,
+        protocols: Vec<String>,
+        source: UpgradeSource,
+        deflate: Option<(DeflateParams, http::HeaderValue)>,
+    ) -> oneshot::Receiver<Decision> {
+        let runtime = &self.runtime;
+        let transport = match &source {
+            UpgradeSource::Http(open) => open.kind().as_str(),
+            _ => "websocket",
+        };
         let scope = Scope::new(route.pattern.as_str().into(), parts, params, protocols);
         let span = tracing::debug_span!(
             "websocket",
             route = scope.route(),
             path = scope.path(),
+            transport,
             peer = scope.peer_addr().map(tracing::field::display),
             channel = tracing::field::Empty,
         );
-        let (rx, host) = Connection::start(
-            scope,
-            self.runtime.clone(),
-            UpgradeSource::Hyper(on_upgrade),
-            deflate,
-            |conn| (route.consumer)(conn),
-        );
+        let (rx, host) = Connection::start(scope, runtime.clone(), source, deflate, |conn| {
+            (route.consumer)(conn)
+        });
         let tracker = runtime.tracker.clone();
         let id = tracker.next_id();
         // The host is spawned as is: wrapped in an `async` block it would be
         // stored twice in the task (the captured value and the awaited one).
         let task = tokio::spawn(host.tracked(tracker, id).instrument(span));
         runtime.tracker.register(id, task.abort_handle());
-        Ok((rx, kind))
+        rx
     }
 }
