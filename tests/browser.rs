@@ -752,8 +752,20 @@ async fn the_same_pages_through_nginx_round_robin_over_two_processes() {
         return;
     };
     let profiles: Vec<TempDir> = (30..33).map(TempDir::new).collect();
-    let a = chat_with(&["--addr", "127.0.0.1:0", "--redis", &redis]);
-    let b = chat_with(&["--addr", "127.0.0.1:0", "--redis", &redis]);
+    // Both processes sign session tokens with the same secret: a POST or a
+    // poll that lands on the process not holding its session is checked
+    // there, then handed over through Redis.
+    let secret = format!("nginx-test-{}", std::process::id());
+    let args = [
+        "--addr",
+        "127.0.0.1:0",
+        "--redis",
+        &redis,
+        "--http-secret",
+        &secret,
+    ];
+    let a = chat_with(&args);
+    let b = chat_with(&args);
     let nginx = Nginx::start(&[a.addr, b.addr]);
     let driver = Driver::start();
     let mut sessions = Vec::new();
