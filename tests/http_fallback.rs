@@ -650,6 +650,62 @@ async fn heartbeats_and_shutdown_on_sse() {
 }
 
 #[tokio::test]
+async fn post_flood_is_closed_by_the_rate_limit() {
+    let config =
+        WebSocketConfig::default().rate_limit(Some(tower_channels::RateLimit::new(1.0, 3)));
+    let (layer, mut gone) = echo_layer(Form::Callback, config);
+    let addr = serve(layer).await;
+    let mut s = open(addr, "stream").await;
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        statuses.push(s.post(&format!("m{n}")).await);
+    }
+    // Accepted until the session closes, then 404.
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::NO_CONTENT || *s == StatusCode::NOT_FOUND),
+        "{statuses:?}"
+    );
+    let mut close = None;
+    while let Some(v) = s.stream().object().await {
+        if v["type"] == "close" {
+            close = Some(v);
+        }
+    }
+    assert_eq!(close.expect("a close line")["code"], 1008);
+    assert_eq!(code(&mut gone).await, 1008);
+}
+
+#[tokio::test]
+async fn origin_policy_holds_for_every_request() {
+    let (layer, _gone) = echo_layer(Form::Callback, WebSocketConfig::default());
+    let layer = layer.allowed_origins(tower_channels::origin::AllowedOrigins::list([
+        "https://good.example",
+    ]));
+    let addr = serve(layer).await;
+    let res = send(
+        addr,
+        get(addr, "/ws/echo?transport=sse")
+            .header("origin", "https://evil.example")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let mut s = open(addr, "sse").await;
+    let q = format!("{}&seq=1", s.q());
+    let req = Request::post(format!("/ws/echo?{q}"))
+        .header("host", addr.to_string())
+        .header("origin", "https://evil.example")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    assert_eq!(send(addr, req).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(s.post("fine").await, StatusCode::NO_CONTENT);
+    assert_eq!(s.stream().event().await.unwrap().1, "fine");
+}
+
+#[tokio::test]
 async fn without_http_fallback_requests_pass_through() {
     let layer = WebSocketLayer::new().route(
         "/ws/echo",

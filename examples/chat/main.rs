@@ -61,6 +61,13 @@
 //! `--presence-ttl SECS` sets how long the members of a crashed process stay
 //! listed with `--redis` (30 s by default).
 //!
+//! The HTTP fallback is on ([`HttpFallback`]): a browser that cannot open a
+//! WebSocket reaches the same consumers by Server-Sent Events,
+//! HTTP-streaming or long-polling (`GET /ws/chat/{room}?transport=sse`,
+//! messages `POST`ed to the session). `--http-secret SECRET` signs the
+//! session tokens; processes behind one load balancer without sticky
+//! sessions must share it (random per process by default).
+//!
 //! The router is served by the accept loop the examples share
 //! (`examples/support/serve.rs`, hyper-util) rather than `axum::serve`, which
 //! has no timeouts: `--header-read-timeout SECS` (10), `--idle-timeout SECS`
@@ -95,7 +102,7 @@ use tower_channels::{
     },
     message::Message,
     origin::AllowedOrigins,
-    Compression, InflateLimit, WebSocketConfig, WebSocketLayer,
+    Compression, HttpFallback, InflateLimit, WebSocketConfig, WebSocketLayer,
 };
 
 /// What a chat client sends: `{"message": "..."}` or `{"type": "presence"}`.
@@ -344,6 +351,7 @@ struct Args {
     write_delay_ms: Option<u64>,
     inflate_limit: Option<u64>,
     presence_ttl: Option<Duration>,
+    http_secret: Option<String>,
     limits: Limits,
 }
 
@@ -360,6 +368,7 @@ fn parse_args() -> Result<Args, String> {
         write_delay_ms: None,
         inflate_limit: None,
         presence_ttl: None,
+        http_secret: None,
         limits: Limits::default(),
     };
     let mut it = std::env::args().skip(1);
@@ -417,13 +426,17 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("bad --presence-ttl {v:?}: {e}"))?,
                 );
             }
+            "--http-secret" => {
+                args.http_secret = Some(it.next().ok_or("--http-secret needs a value")?)
+            }
             "-h" | "--help" => {
                 return Err(
                     "usage: chat [--addr 127.0.0.1:8000] [--redis redis://127.0.0.1:6379] \
                      [--django URL | --django-pubsub URL [--prefix asgi]] \
                      [--redis-cluster URL,URL,...] [--nats nats://127.0.0.1:4222] \
                      [--max-message-size BYTES] [--compression-threshold BYTES] \
-                     [--write-delay-ms MS] [--inflate-limit BYTES_PER_SEC] [--presence-ttl SECS] "
+                     [--write-delay-ms MS] [--inflate-limit BYTES_PER_SEC] [--presence-ttl SECS] \
+                     [--http-secret SECRET] "
                         .to_owned()
                         + Limits::USAGE,
                 )
@@ -488,6 +501,12 @@ async fn main() -> Result<(), BoxError> {
         Some(rate) => config = config.inflate_limit(Some(InflateLimit::new(rate, rate))),
     }
     channels = channels.with_config(config);
+    // SSE, HTTP-streaming and long-poll for clients without WebSocket.
+    let mut fallback = HttpFallback::new();
+    if let Some(secret) = &args.http_secret {
+        fallback = fallback.secret(secret.as_bytes().to_vec());
+    }
+    channels = channels.http_fallback(fallback);
     let max_message_size = channels.config().get_max_message_size();
     // Rooms keep their last 100 messages for 5 minutes, and announce who
     // comes and goes (`chat` covers `chat_<room>` and `chat-x.<hex>`).

@@ -142,6 +142,16 @@ impl WebSocketLayer {
         B::Error: Into<BoxError>,
     {
         let runtime = self.runtime.clone();
+        let (parts, body) = req.into_parts();
+        // The origin policy holds for every request to a session, not only
+        // the opening one (a cross-site page must not POST into it).
+        if !runtime.origins.allows(&parts) {
+            if matches!(what, HttpRequest::Open(_)) {
+                runtime.metrics.rejected();
+            }
+            return Box::pin(std::future::ready(rejection(OriginNotAllowed)));
+        }
+        let req = Request::from_parts(parts, body);
         // How long a process that does not hold the session waits for the
         // one that does (through the channel layer) before answering 404.
         let wait = runtime.config.close_timeout;
