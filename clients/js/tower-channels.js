@@ -106,7 +106,7 @@ export class Connection {
     /** The transport in use, being tried, or that closed last. */
     this.transport = null;
     this._queue = [];
-    this._attempt = 0; // reconnect attempts since the last open
+    this._attempt = 0; // reconnect attempts since a connection that lasted
     this._pref = 0; // index of the transport that last opened
     this._t = null; // the current attempt or session
     this._timer = null;
@@ -212,8 +212,8 @@ export class Connection {
     t.open = true;
     t.seq = 1;
     t.postTries = 0;
+    t.since = Date.now();
     this._pref = t.i;
-    this._attempt = 0;
     this._state("open", { transport: t.name });
     this._flush();
   }
@@ -223,6 +223,9 @@ export class Connection {
     if (t !== this._t) return;
     if (!t.open) return this._fail(t);
     this._stop(t);
+    // The backoff starts over only after a connection that lasted: one
+    // that dies right after opening (a proxy killing it) keeps backing off.
+    if (Date.now() - t.since >= this.options.openTimeout) this._attempt = 0;
     this._retry(t.name, code, reason);
   }
 

@@ -203,6 +203,25 @@ describe("against the chat example", () => {
     assert.equal(conn.transport, "websocket", "the first transport again once the network is back");
   });
 
+  test("connections that die right after opening keep backing off", async (t) => {
+    if (!needs(t, { ws: true })) return;
+    // Opens (the real server accepts), then is killed at once, as by a proxy.
+    const Dying = class extends NativeWebSocket {
+      constructor(url, protocols) {
+        super(url, protocols);
+        this.addEventListener("open", () => this.close());
+      }
+    };
+    const { r } = open(S.room("dying"), { transports: ["websocket"], WebSocket: Dying, backoffMin: 40, backoffMax: 400 });
+    const delays = () => r.changes.filter((s) => s.state === "closed").map((s) => s.retryIn);
+    await r.until(() => delays().length >= 4, "4 drops");
+    assert.equal(r.states.filter((s) => s === "open:websocket").length >= 4, true, "each attempt opened");
+    delays().slice(0, 4).forEach((d, i) => {
+      const cap = Math.min(400, 40 * 2 ** i);
+      assert.ok(d >= cap / 2 && d <= cap, `delay ${i} = ${d} within [${cap / 2}, ${cap}]`);
+    });
+  });
+
   for (const transport of ["websocket", "stream", "poll"]) {
     test(`${transport}: resumes after a drop, no gap, no duplicate`, async (t) => {
       if (!needs(t, { ws: true, fallback: transport !== "websocket" })) return;
