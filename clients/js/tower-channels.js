@@ -295,16 +295,21 @@ export class Connection {
     t.idle = setTimeout(() => this._lost(t, 1006, "no data from the server"), this.options.idleTimeout);
   }
 
-  // A fetch bound to `t` (aborted when it stops) and to `ms` if given.
-  async _request(t, url, init, ms) {
+  // A fetch aborted when `t` stops (and after `ms` if given). A `body`
+  // fetch stays abortable while its body is read; others only until the
+  // answer's headers.
+  async _request(t, url, init, ms, body = false) {
     const c = new AbortController();
     t.ctls.add(c);
     const timer = ms && setTimeout(() => c.abort(), ms);
     try {
       return await this._fetch(url, { cache: "no-store", ...init, signal: c.signal });
+    } catch (e) {
+      t.ctls.delete(c);
+      throw e;
     } finally {
       clearTimeout(timer);
-      t.ctls.delete(c);
+      if (!body) t.ctls.delete(c);
     }
   }
 
@@ -402,7 +407,7 @@ const OPEN = {
 
   async stream(c, t, url) {
     try {
-      const res = await c._request(t, url, { headers: { accept: "application/x-ndjson" } });
+      const res = await c._request(t, url, { headers: { accept: "application/x-ndjson" } }, 0, true);
       if (!res.ok || !res.body || !/ndjson/.test(res.headers.get("content-type"))) {
         return c._fail(t);
       }

@@ -172,6 +172,23 @@ describe("against the chat example", () => {
     assert.ok(Date.now() - started >= 300, "waited openTimeout for the WebSocket");
   });
 
+  test("a stream that is given up is aborted, not left holding a connection", async (t) => {
+    if (!needs(t, { fallback: true })) return;
+    const streams = [];
+    const tracking = (url, init) => {
+      if (String(url).includes("transport=stream")) streams.push(init.signal);
+      return fetch(url, init);
+    };
+    const { conn, r } = open(S.room("abort"), { transports: ["stream"], fetch: tracking });
+    await r.until(() => conn.state === "open", "open");
+    conn.reconnect();
+    await r.until(() => r.states.filter((s) => s === "open:stream").length === 2, "the second stream");
+    assert.equal(streams.length, 2);
+    assert.equal(streams[0].aborted, true, "the first stream's fetch is aborted");
+    conn.close();
+    assert.equal(streams[1].aborted, true, "close() aborts the second");
+  });
+
   test("falls back to long-poll when streaming fails", async (t) => {
     if (!needs(t, { fallback: true })) return;
     const noStream = (url, init) =>
