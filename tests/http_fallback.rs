@@ -837,3 +837,33 @@ async fn requests_to_the_other_process_through_redis() {
         assert_eq!(p.post_to(b, "late").await, StatusCode::NOT_FOUND);
     }
 }
+
+/// The test kit drives each HTTP transport, for every consumer form.
+#[tokio::test]
+async fn communicator_drives_every_http_transport() {
+    use tower_channels::testing::{Communicator, HttpTransport};
+    for form in FORMS {
+        for transport in [
+            HttpTransport::Sse,
+            HttpTransport::Stream,
+            HttpTransport::Poll,
+        ] {
+            let (layer, mut gone) = echo_layer(form, WebSocketConfig::default());
+            let app = Router::new().layer(layer);
+            let request = Request::get("/ws/echo").body(()).unwrap();
+            let mut comm = Communicator::through_http(app, request, transport);
+            comm.connect().await.expect("accepted");
+            comm.send_text(msg(form, 1)).await;
+            comm.send_text(msg(form, 2)).await;
+            assert_eq!(
+                comm.receive_text().await.unwrap(),
+                msg(form, 1),
+                "{form:?} {transport:?}"
+            );
+            assert_eq!(comm.receive_text().await.unwrap(), msg(form, 2));
+            assert!(comm.wait_handled().await);
+            comm.disconnect(1000).await;
+            assert_eq!(code(&mut gone).await, 1000, "{form:?} {transport:?}");
+        }
+    }
+}

@@ -178,7 +178,13 @@ impl WebSocketLayer {
                     };
                     let timeout = sessions.config.get_poll_timeout();
                     match sessions.get(&id) {
-                        Some(s) => frames(local_poll(&s, ack, timeout).await),
+                        Some(s) => match local_poll(&s, ack, timeout).await {
+                            Some(f) => frames(f),
+                            None => {
+                                sessions.remove(&id);
+                                status(StatusCode::NOT_FOUND, "unknown or closed session")
+                            }
+                        },
                         None => {
                             match remote_poll(&*runtime.channel_layer, &id, ack, wait, timeout)
                                 .await
@@ -313,7 +319,10 @@ impl WebSocketLayer {
 /// The answer to an opening `GET`.
 async fn session_response(kind: HttpKind, session: Arc<Session>, extra: HeaderMap) -> HttpResponse {
     let mut res = match kind {
-        HttpKind::Poll => frames(local_poll(&session, 0, Duration::ZERO).await),
+        HttpKind::Poll => match local_poll(&session, 0, Duration::ZERO).await {
+            Some(f) => frames(f),
+            None => rejection(ConsumerFailed),
+        },
         HttpKind::Sse | HttpKind::Stream => {
             let mut res = Response::new(HttpBody::Session(SessionBody::new(session)));
             let h = res.headers_mut();
@@ -338,20 +347,22 @@ async fn session_response(kind: HttpKind, session: Arc<Session>, extra: HeaderMa
     res
 }
 
-/// A long-poll of a session this process holds: the frames after `ack`, or
-/// `[]` after `timeout`.
-async fn local_poll(session: &Session, ack: u64, timeout: Duration) -> Bytes {
+/// A long-poll of a session this process holds: the frames after `ack`,
+/// `[]` after `timeout`, `None` when the session is over and drained.
+async fn local_poll(session: &Session, ack: u64, timeout: Duration) -> Option<Bytes> {
     let (tx, rx) = oneshot::channel();
-    session.poll(ack, PollWaiter::Local(tx));
+    if !session.poll(ack, PollWaiter::Local(tx)) {
+        return None;
+    }
     let empty = Bytes::from_static(b"[]");
     if timeout.is_zero() {
         // The opening poll: the `open` frame is always there.
-        return rx.await.unwrap_or(empty);
+        return Some(rx.await.unwrap_or(empty));
     }
-    match tokio::time::timeout(timeout, rx).await {
+    Some(match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(f)) => f,
         _ => empty,
-    }
+    })
 }
 
 /// A `POST` body as one message: binary for `application/octet-stream`,

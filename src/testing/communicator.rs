@@ -7,7 +7,11 @@ use hyper::body::Incoming;
 use serde::{de::DeserializeOwned, Serialize};
 use tower_service::Service;
 
-use super::{client::Client, through};
+use super::{
+    client::Client,
+    http_client::{self, HttpClient, HttpTransport},
+    through,
+};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::{Connection, Decision, UpgradeSource},
@@ -59,7 +63,7 @@ pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 /// ```
 pub struct Communicator {
     start: Option<Start>,
-    client: Option<Client>,
+    client: Option<Peer>,
     probe: Probe,
     /// Data messages sent to the consumer.
     sent: u64,
@@ -74,7 +78,37 @@ enum Start {
         consumer: Box<dyn FnOnce(Connection) -> BoxFuture<'static, ()> + Send>,
     },
     /// The handshake goes through a whole service (see [`Communicator::through`]).
-    Through(BoxFuture<'static, Result<(Client, Option<String>), Rejected>>),
+    Through(BoxFuture<'static, Result<(Peer, Option<String>), Rejected>>),
+}
+
+/// The client's side: a WebSocket, or a session of the HTTP fallback.
+#[derive(Debug)]
+enum Peer {
+    WebSocket(Client),
+    Http(Box<HttpClient>),
+}
+
+impl Peer {
+    async fn send(&mut self, message: Message) -> std::io::Result<()> {
+        match self {
+            Peer::WebSocket(c) => c.send(message).await,
+            Peer::Http(c) => c.send(message).await,
+        }
+    }
+
+    async fn next(&mut self) -> Option<std::io::Result<Message>> {
+        match self {
+            Peer::WebSocket(c) => c.next().await,
+            Peer::Http(c) => c.next().await,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Peer::WebSocket(c) => c.flush().await,
+            Peer::Http(_) => Ok(()),
+        }
+    }
 }
 
 /// The consumer accepted the connection.
@@ -264,8 +298,86 @@ impl Communicator {
     {
         let probe = Probe::default();
         let handshake = through::handshake(service, request, probe.clone());
+        let handshake = async move {
+            let (client, protocol) = handshake.await?;
+            Ok((Peer::WebSocket(client), protocol))
+        };
         Self {
             start: Some(Start::Through(Box::pin(handshake))),
+            client: None,
+            probe,
+            sent: 0,
+            layer: None,
+        }
+    }
+
+    /// A communicator that reaches the consumer through `service` by the
+    /// HTTP fallback's `transport` (see
+    /// [`HttpFallback`](crate::HttpFallback), which the application's layer
+    /// must turn on) instead of a WebSocket: `connect` opens the session
+    /// (`GET <path>?transport=...`), each `send` is a `POST`, `receive`
+    /// reads the SSE / ndjson stream or long-polls, and `disconnect` is a
+    /// `DELETE`. Every request goes through the whole application over an
+    /// in-memory HTTP/1.1 connection, as with [`through`](Self::through).
+    /// Pings do not exist over HTTP; [`wait_handled`](Self::wait_handled)
+    /// works as for a WebSocket.
+    ///
+    /// ```
+    /// use tower_channels::consumer::{websocket_consumer, Context, WebSocketConsumer};
+    /// use tower_channels::message::Message;
+    /// use tower_channels::testing::{Communicator, HttpTransport};
+    /// use tower_channels::{BoxError, HttpFallback, WebSocketLayer};
+    /// use tower_layer::Layer;
+    ///
+    /// struct Echo;
+    /// impl WebSocketConsumer for Echo {
+    ///     async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
+    ///         ctx.send(msg)?;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let not_found = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+    ///     Ok::<_, std::convert::Infallible>(
+    ///         http::Response::builder().status(404).body(String::new()).unwrap(),
+    ///     )
+    /// });
+    /// let app = WebSocketLayer::new()
+    ///     .route("/ws/echo", websocket_consumer(|_| Echo))
+    ///     .http_fallback(HttpFallback::new())
+    ///     .layer(not_found);
+    /// for transport in [HttpTransport::Sse, HttpTransport::Stream, HttpTransport::Poll] {
+    ///     let request = http::Request::get("/ws/echo").body(()).unwrap();
+    ///     let mut comm = Communicator::through_http(app.clone(), request, transport);
+    ///     comm.connect().await.expect("accepted");
+    ///     comm.send_text("hi").await;
+    ///     assert_eq!(comm.receive_text().await.unwrap(), "hi");
+    ///     comm.disconnect(1000).await;
+    /// }
+    /// # });
+    /// ```
+    pub fn through_http<S, B>(
+        service: S,
+        mut request: http::Request<()>,
+        transport: HttpTransport,
+    ) -> Self
+    where
+        S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let probe = Probe::default();
+        request.extensions_mut().insert(probe.clone());
+        let open = async move {
+            let (client, protocol) = http_client::open(service, request, transport).await?;
+            Ok((Peer::Http(Box::new(client)), protocol))
+        };
+        Self {
+            start: Some(Start::Through(Box::pin(open))),
             client: None,
             probe,
             sent: 0,
@@ -314,7 +426,7 @@ impl Communicator {
         tokio::spawn(host);
         match rx.await {
             Ok(Decision::Accept { protocol, .. }) => {
-                self.client = Some(Client::new(client));
+                self.client = Some(Peer::WebSocket(Client::new(client)));
                 Ok(Accepted {
                     subprotocol: protocol,
                 })
@@ -330,7 +442,7 @@ impl Communicator {
         }
     }
 
-    fn client(&mut self) -> &mut Client {
+    fn client(&mut self) -> &mut Peer {
         self.client
             .as_mut()
             .expect("the communicator is not connected: call connect() first")

@@ -73,8 +73,14 @@ pub(super) fn serve(session: &Arc<Session>, event: &Event) {
             let Ok(p) = event.body::<PollRequest>() else {
                 return;
             };
-            send_reply(layer, p.reply.clone(), 202, None);
-            session.poll(p.ack, PollWaiter::Remote(p.reply));
+            // Attached (202) first: the asking process then waits up to its
+            // poll timeout for the frames, which may come in the same breath.
+            let reply = p.reply.clone();
+            if session.poll(p.ack, PollWaiter::Remote(p.reply)) {
+                send_reply(layer, reply, 202, None);
+            } else {
+                send_reply(layer, reply, 404, None);
+            }
         }
         DELETE => {
             let Ok(d) = event.body::<Delete>() else {
@@ -187,6 +193,9 @@ pub(crate) async fn remote_poll(
         Event::new(POLL, PollRequest { ack, reply })
     })
     .await?;
+    if reply.status == 404 {
+        return None;
+    }
     let mut reply = reply;
     let deadline = tokio::time::Instant::now() + poll_timeout;
     loop {
@@ -194,7 +203,8 @@ pub(crate) async fn remote_poll(
             return Some(Bytes::from(frames.into_vec()));
         }
         match tokio::time::timeout_at(deadline, next_reply(&mut rx)).await {
-            Ok(Some(r)) => reply = r,
+            Ok(Some(r)) if r.status != 404 => reply = r,
+            Ok(Some(_)) => return None,
             // Timed out, or the layer dropped the reply channel: the frames
             // stay unacknowledged and go with the next poll.
             _ => return Some(Bytes::from_static(b"[]")),

@@ -198,8 +198,10 @@ impl Session {
 
     /// A long-poll that received `ack` frames: drops them, then answers
     /// `waiter` with the frames after them, now if there are any, else when
-    /// some arrive (a waiter already there is answered with `[]`).
-    pub(crate) fn poll(&self, ack: u64, waiter: PollWaiter) {
+    /// some arrive (a waiter already there is answered with `[]`). False,
+    /// and `waiter` dropped, when the session is over and every frame was
+    /// received: nothing is left to poll for.
+    pub(crate) fn poll(&self, ack: u64, waiter: PollWaiter) -> bool {
         let mut st = self.lock();
         while st.first_frame <= ack {
             let Some(f) = st.chunks.pop_front() else {
@@ -208,18 +210,22 @@ impl Session {
             st.chunk_bytes -= f.len();
             st.first_frame += 1;
         }
+        if st.ended && st.chunks.is_empty() {
+            return false;
+        }
         st.alive = true;
         st.wake_engine();
         if let Some(older) = st.poll_waiter.take() {
             self.answer(older, Bytes::from_static(b"[]"));
         }
-        if st.chunks.is_empty() && !st.ended {
+        if st.chunks.is_empty() {
             st.poll_waiter = Some(waiter);
         } else {
             let frames = frames_array(&st.chunks);
             drop(st);
             self.answer(waiter, frames);
         }
+        true
     }
 
     /// New output was queued (long-poll): answers a waiting poll.
