@@ -26,7 +26,14 @@ redis-cli -h "$host" -p "$port" ping | grep -q PONG || { echo "Redis did not sta
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
-echo "setup done: $(python3 -c 'import websockets; print("websockets", websockets.__version__)'), $(redis-cli -h "$host" -p "$port" info server | grep redis_version | tr -d '\r'), $(chromium --version)"
+# nginx for the browser test through a load balancer (tests/browser.rs runs
+# its own nginx from a temporary directory on a free port: nothing is
+# started here, and the package's own service is not wanted: RUNLEVEL=1 keeps
+# invoke-rc.d from starting it on port 80 where no policy-rc.d forbids it).
+if [ ! -x /usr/sbin/nginx ]; then
+  apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+echo "setup done: $(python3 -c 'import websockets; print("websockets", websockets.__version__)'), $(redis-cli -h "$host" -p "$port" info server | grep redis_version | tr -d '\r'), $(chromium --version), $(/usr/sbin/nginx -v 2>&1)"
 
 # Django Channels interop (tests/django.rs, bench/django): the tutorial chat
 # app under tests/django runs on Django + channels + channels_redis, served

@@ -377,23 +377,10 @@ impl Process {
     /// `ready(line)`, which is returned.
     fn start(
         name: &str,
-        mut command: Command,
+        command: Command,
         ready: impl Fn(&str) -> Option<String>,
     ) -> (Self, String) {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        drain(stdout, Arc::clone(&tail), Some(tx));
-        drain(stderr, Arc::clone(&tail), None);
-        let process = Process { child, tail };
+        let (process, rx) = Process::spawn(name, command);
 
         let deadline = Instant::now() + TIMEOUT;
         loop {
@@ -415,6 +402,24 @@ impl Process {
                 }
             }
         }
+    }
+
+    /// Starts `command`; its stdout lines go to the receiver.
+    fn spawn(name: &str, mut command: Command) -> (Self, mpsc::Receiver<String>) {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        drain(stdout, Arc::clone(&tail), Some(tx));
+        drain(stderr, Arc::clone(&tail), None);
+        (Process { child, tail }, rx)
     }
 
     /// The last lines it printed.
@@ -498,29 +503,25 @@ impl Drop for TempDir {
 /// `TOWER_CHANNELS_REQUIRE_REDIS=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_page_reconnects_and_recovers_missed_messages() {
-    if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
-        if std::env::var("TOWER_CHANNELS_REQUIRE_BROWSER").as_deref() == Ok("1") {
-            panic!("{SKIPPED}");
-        }
-        println!("{SKIPPED}");
-        return;
-    }
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let hostport = redis
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:6379")
-        .to_owned();
-    if let Err(e) = tokio::net::TcpStream::connect(&hostport).await {
-        if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").as_deref() == Ok("1") {
-            panic!("no Redis at {redis}: {e} (TOWER_CHANNELS_REQUIRE_REDIS=1)");
-        }
-        println!("skipped: no Redis ({redis}: {e})");
-        return;
-    }
+    reconnect_test("/", 10).await;
+}
 
-    let profiles = [TempDir::new(10)];
+/// The same with `WebSocket` undefined: the page is on SSE, and its
+/// `EventSource` is reopened by the client with `?offset=&epoch=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_without_websocket_reconnects_and_recovers_missed_messages() {
+    reconnect_test("/?nows=1", 11).await;
+}
+
+/// The reconnect scenario for the page at `path` (with its own profile `n`).
+async fn reconnect_test(path: &str, n: usize) {
+    if !chromium_or_skip() {
+        return;
+    }
+    let Some(redis) = redis_or_skip().await else {
+        return;
+    };
+    let profiles = [TempDir::new(n)];
     // A listens on a port we choose so that it can come back on it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -536,7 +537,7 @@ async fn chat_page_reconnects_and_recovers_missed_messages() {
         SCENARIO_TIMEOUT,
         reconnect_scenario(
             a,
-            &addr_a,
+            path,
             &redis,
             b.addr,
             driver.port,
@@ -560,7 +561,7 @@ async fn chat_page_reconnects_and_recovers_missed_messages() {
 
 async fn reconnect_scenario(
     a: Chat,
-    addr_a: &str,
+    path: &str,
     redis: &str,
     addr_b: SocketAddr,
     port: u16,
@@ -570,7 +571,8 @@ async fn reconnect_scenario(
     let page = new_session(&format!("http://127.0.0.1:{port}"), &profiles[0]).await?;
     sessions.push(page.clone());
     let room = format!("reconnect{}", std::process::id());
-    join_room(&page, &format!("http://{addr_a}/"), &room).await?;
+    let addr_a = &a.addr.to_string();
+    join_room(&page, &format!("http://{addr_a}{path}"), &room).await?;
 
     let m1 = "before the drop";
     post(addr_b, &room, m1).await?;
@@ -652,4 +654,369 @@ async fn post(addr: SocketAddr, room: &str, text: &str) -> Result<()> {
         return Err(format!("POST {text:?}: {status} {body:?}"));
     }
     Ok(())
+}
+
+// ------------------------------------------- HTTP fallback and the JS client
+
+/// The redis URL from `REDIS_URL` (default `redis://127.0.0.1:6379`) if
+/// something answers there; else `None` after printing `skipped: ...`, or a
+/// panic under `TOWER_CHANNELS_REQUIRE_REDIS=1`.
+async fn redis_or_skip() -> Option<String> {
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let hostport = redis
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:6379")
+        .to_owned();
+    match tokio::net::TcpStream::connect(&hostport).await {
+        Ok(_) => Some(redis),
+        Err(e) if std::env::var("TOWER_CHANNELS_REQUIRE_REDIS").as_deref() == Ok("1") => {
+            panic!("no Redis at {redis}: {e} (TOWER_CHANNELS_REQUIRE_REDIS=1)")
+        }
+        Err(e) => {
+            println!("skipped: no Redis ({redis}: {e})");
+            None
+        }
+    }
+}
+
+fn chromium_or_skip() -> bool {
+    if Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists() {
+        return true;
+    }
+    if std::env::var("TOWER_CHANNELS_REQUIRE_BROWSER").as_deref() == Ok("1") {
+        panic!("{SKIPPED}");
+    }
+    println!("{SKIPPED}");
+    false
+}
+
+/// The chat page in three browsers, in one room: on WebSocket (`/`), with
+/// `WebSocket` deleted before the client loads (`/?nows=1`: the client falls
+/// back to SSE) and long-polling (`/?nows=1&transports=poll`). Each page
+/// sends messages through the page's own input and Send button; every page
+/// shows every message once, each sender's in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_without_websocket_chat_with_a_websocket_page() {
+    if !chromium_or_skip() {
+        return;
+    }
+    let profiles: Vec<TempDir> = (20..23).map(TempDir::new).collect();
+    let chat = Chat::start();
+    let driver = Driver::start();
+    let mut sessions = Vec::new();
+    let result = tokio::time::timeout(
+        SCENARIO_TIMEOUT,
+        fallback_scenario(
+            &format!("http://{}", chat.addr),
+            driver.port,
+            &profiles,
+            &mut sessions,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("the scenario took more than {SCENARIO_TIMEOUT:?}")));
+    for session in sessions {
+        let _ = tokio::time::timeout(TIMEOUT, session.close()).await;
+    }
+    if let Err(e) = result {
+        panic!(
+            "{e}\n--- chat example output (last lines) ---\n{}\n--- chromedriver output (last lines) ---\n{}",
+            chat.process.output(),
+            driver.process.output(),
+        );
+    }
+}
+
+/// The same three pages through nginx (Debian's package, run by the test
+/// from a temporary directory on a free port) in front of two chat processes
+/// on Redis, round-robin without affinity: a page's POSTs and polls land on
+/// either process. Needs nginx (`.ci/setup.sh` installs it) and Redis as
+/// well as Chromium; without nginx it prints `skipped: ...` unless
+/// `TOWER_CHANNELS_REQUIRE_NGINX=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_pages_through_nginx_round_robin_over_two_processes() {
+    if !chromium_or_skip() {
+        return;
+    }
+    if !Path::new(NGINX).exists() {
+        let why = format!("skipped: no {NGINX} (Debian package nginx)");
+        if std::env::var("TOWER_CHANNELS_REQUIRE_NGINX").as_deref() == Ok("1") {
+            panic!("{why} and TOWER_CHANNELS_REQUIRE_NGINX=1");
+        }
+        println!("{why}");
+        return;
+    }
+    let Some(redis) = redis_or_skip().await else {
+        return;
+    };
+    let profiles: Vec<TempDir> = (30..33).map(TempDir::new).collect();
+    // Both processes sign session tokens with the same secret: a POST or a
+    // poll that lands on the process not holding its session is checked
+    // there, then handed over through Redis.
+    let secret = format!("nginx-test-{}", std::process::id());
+    let args = [
+        "--addr",
+        "127.0.0.1:0",
+        "--redis",
+        &redis,
+        "--http-secret",
+        &secret,
+    ];
+    let a = chat_with(&args);
+    let b = chat_with(&args);
+    let nginx = Nginx::start(&[a.addr, b.addr]);
+    let driver = Driver::start();
+    let mut sessions = Vec::new();
+    let result = tokio::time::timeout(
+        SCENARIO_TIMEOUT,
+        fallback_scenario(
+            &format!("http://127.0.0.1:{}", nginx.port),
+            driver.port,
+            &profiles,
+            &mut sessions,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("the scenario took more than {SCENARIO_TIMEOUT:?}")))
+    .and_then(|()| nginx.session_requests_reached(&[a.addr, b.addr]));
+    for session in sessions {
+        let _ = tokio::time::timeout(TIMEOUT, session.close()).await;
+    }
+    if let Err(e) = result {
+        panic!(
+            "{e}\n--- chat A (last lines) ---\n{}\n--- chat B (last lines) ---\n{}\n--- nginx output ---\n{}\n--- nginx error.log ---\n{}",
+            a.process.output(),
+            b.process.output(),
+            nginx.process.output(),
+            nginx.error_log(),
+        );
+    }
+}
+
+/// How many messages each page sends.
+const PER_PAGE: usize = 8;
+
+async fn fallback_scenario(
+    base: &str,
+    port: u16,
+    profiles: &[TempDir],
+    sessions: &mut Vec<Client>,
+) -> Result<()> {
+    let webdriver = format!("http://127.0.0.1:{port}");
+    let (a, b, c) = tokio::join!(
+        new_session(&webdriver, &profiles[0]),
+        new_session(&webdriver, &profiles[1]),
+        new_session(&webdriver, &profiles[2]),
+    );
+    sessions.extend([&a, &b, &c].into_iter().flatten().cloned());
+    let pages = [
+        (a?, "websocket", format!("{base}/")),
+        (b?, "sse", format!("{base}/?nows=1")),
+        (c?, "poll", format!("{base}/?nows=1&transports=poll")),
+    ];
+    let room = format!("fallback{}", std::process::id());
+    let (r1, r2, r3) = tokio::join!(
+        join_room(&pages[0].0, &pages[0].2, &room),
+        join_room(&pages[1].0, &pages[1].2, &room),
+        join_room(&pages[2].0, &pages[2].2, &room),
+    );
+    r1.map_err(|e| format!("websocket page: {e}"))?;
+    r2.map_err(|e| format!("page without WebSocket: {e}"))?;
+    r3.map_err(|e| format!("long-polling page: {e}"))?;
+    for (page, transport, _) in &pages {
+        let shown = prop(page, "transport", "textContent").await?;
+        if shown != *transport {
+            return Err(format!("the {transport} page is on {shown:?}"));
+        }
+    }
+
+    // Rounds of one message per page, typed into #message and sent with the
+    // Send button (a script does both: far faster than key events).
+    let mut sent: Vec<Vec<String>> = vec![Vec::new(); pages.len()];
+    for i in 0..PER_PAGE {
+        for (n, (page, transport, _)) in pages.iter().enumerate() {
+            let text = format!("{transport} {i}");
+            let cleared = page
+                .execute(
+                    "const m = document.getElementById('message'); m.value = arguments[0];
+                     document.getElementById('send').click(); return m.value === '';",
+                    vec![json!(text)],
+                )
+                .await
+                .map_err(|e| format!("{transport} page: sending {text:?}: {e}"))?;
+            if cleared != json!(true) {
+                return Err(format!(
+                    "{transport} page did not send {text:?} (not open?)"
+                ));
+            }
+            sent[n].push(text);
+        }
+    }
+    let total = PER_PAGE * pages.len();
+    for (page, transport, _) in &pages {
+        let log = wait_for(
+            page,
+            "log",
+            "value",
+            &format!("{transport} page: {total} lines in #log"),
+            |log| log.lines().count() >= total,
+        )
+        .await?;
+        let lines: Vec<&str> = log.lines().collect();
+        if lines.len() != total {
+            return Err(format!(
+                "{transport} page: {} lines, expected {total}:\n{log}",
+                lines.len()
+            ));
+        }
+        for (from, expected) in pages.iter().map(|p| p.1).zip(&sent) {
+            let got: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.split(' ').next() == Some(from))
+                .collect();
+            if got != *expected {
+                return Err(format!(
+                    "{transport} page: the {from} page's messages are {got:?}, expected {expected:?} (in order, once each)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+const NGINX: &str = "/usr/sbin/nginx";
+
+/// nginx in the foreground (`daemon off`), configured and run from a
+/// temporary directory (pid, logs, temp paths), listening on a port found
+/// free, proxying round-robin to `upstreams` with WebSocket upgrades mapped
+/// and response buffering off (SSE and streaming).
+struct Nginx {
+    process: Process,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Nginx {
+    fn start(upstreams: &[SocketAddr]) -> Self {
+        let dir = TempDir::new(40);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let d = dir.0.display();
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("        server {a};\n"))
+            .collect();
+        // As root the workers would switch to `nobody`, who cannot use the
+        // temporary directory: keep them as the user running the test.
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let user = if root { "user root;" } else { "" };
+        let conf = format!(
+            r#"{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 512; }}
+http {{
+    log_format upstream '$request_method $request_uri $upstream_addr $status';
+    access_log {d}/access.log upstream;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' close;
+    }}
+    # Round-robin, no affinity (no ip_hash, no sticky cookie).
+    upstream chat {{
+{servers}    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://chat;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.0.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("writing nginx.conf");
+        let mut command = Command::new(NGINX);
+        command
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.0.join("error.log"))
+            .args(["-g", "daemon off;"]);
+        let (mut process, _stdout) = Process::spawn("nginx", command);
+        // nginx prints nothing when ready: wait until the port accepts.
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!(
+                    "nginx exited ({status}):\n{}\n{}",
+                    process.output(),
+                    std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx not listening on {port} after {TIMEOUT:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+        Nginx { process, port, dir }
+    }
+
+    /// Checks in the access log that requests to sessions (POSTs and polls,
+    /// which carry `session=`) reached every upstream.
+    fn session_requests_reached(&self, upstreams: &[SocketAddr]) -> Result<()> {
+        let log = std::fs::read_to_string(self.dir.0.join("access.log"))
+            .map_err(|e| format!("reading nginx's access.log: {e}"))?;
+        let session_lines: Vec<&str> = log.lines().filter(|l| l.contains("session=")).collect();
+        for upstream in upstreams {
+            let addr = upstream.to_string();
+            if !session_lines
+                .iter()
+                .any(|l| l.split(' ').nth(2) == Some(&addr))
+            {
+                return Err(format!(
+                    "no session request reached {addr}:\n{}",
+                    session_lines.join("\n")
+                ));
+            }
+        }
+        let posts = session_lines
+            .iter()
+            .filter(|l| l.starts_with("POST "))
+            .count();
+        println!(
+            "{posts} POSTs and {} polls/DELETEs through nginx, on both processes",
+            session_lines.len() - posts
+        );
+        Ok(())
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+    }
 }

@@ -2,7 +2,7 @@
 //! summary.
 //!
 //! Tests that need a program we did not write (Redis, Python's
-//! `websockets`, Chromium, Django, a Redis Cluster, NATS) print `skipped: ...`
+//! `websockets`, Node, Chromium, nginx, Django, a Redis Cluster, NATS) print `skipped: ...`
 //! and pass when it is missing, and cargo hides the output of passing tests.
 //! This binary (`harness = false`) checks each of those programs the way the
 //! tests do and reports one line per program in libtest's format: `ok` when
@@ -51,6 +51,18 @@ const CHECKS: &[Check] = &[
         require: "TOWER_CHANNELS_REQUIRE_BROWSER",
         tests: "tests/browser.rs",
         probe: chromium_and_feature,
+    },
+    Check {
+        name: "node",
+        require: "TOWER_CHANNELS_REQUIRE_INTEROP",
+        tests: "tests/js_client.rs, tests/interop_node.rs",
+        probe: node,
+    },
+    Check {
+        name: "nginx",
+        require: "TOWER_CHANNELS_REQUIRE_NGINX",
+        tests: "tests/browser.rs (through a load balancer)",
+        probe: nginx,
     },
     Check {
         name: "django",
@@ -148,6 +160,22 @@ fn chromium_and_feature() -> Result<(), String> {
         Ok(())
     } else {
         Err("built without feature test-browser (cargo test --all-features)".into())
+    }
+}
+
+fn node() -> Result<(), String> {
+    if runs("node", &["--version"]) {
+        Ok(())
+    } else {
+        Err("node is not installed (Debian: nodejs)".into())
+    }
+}
+
+fn nginx() -> Result<(), String> {
+    if Path::new("/usr/sbin/nginx").exists() {
+        Ok(())
+    } else {
+        Err("no /usr/sbin/nginx (Debian: nginx)".into())
     }
 }
 

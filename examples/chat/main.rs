@@ -9,7 +9,8 @@
 //!
 //! Then open <http://127.0.0.1:8000/>, pick a room in two tabs and talk.
 //!
-//! * `GET /`: the chat page;
+//! * `GET /`: the chat page, and `GET /tower-channels.js`: the JavaScript
+//!   client it imports (`clients/js/tower-channels.js`);
 //! * `/ws/chat/{room}`: send `{"message": "..."}`, every member of the room
 //!   (the sender included) receives `{"message": "...", "offset": N,
 //!   "epoch": "E"}` (plus `"user"` when the sender named itself). Rooms keep
@@ -327,6 +328,17 @@ async fn post_message(
     ))
 }
 
+/// `GET /tower-channels.js`: the JavaScript client, built into the binary.
+async fn js_client() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        include_str!("../../clients/js/tower-channels.js"),
+    )
+}
+
 struct Args {
     addr: SocketAddr,
     redis: Option<String>,
@@ -529,6 +541,8 @@ async fn main() -> Result<(), BoxError> {
     let websockets = channels.shutdown_handle();
     let app = Router::new()
         .route("/", get(|| async { Html(include_str!("index.html")) }))
+        // The JavaScript client the page imports (clients/js in the repository).
+        .route("/tower-channels.js", get(js_client))
         .merge(metrics_route()?)
         .route(
             "/rooms/{room}/messages",
