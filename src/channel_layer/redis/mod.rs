@@ -247,6 +247,7 @@
 pub mod cluster;
 mod history;
 mod presence;
+mod shared;
 mod subscriber;
 mod wire;
 mod worker;
@@ -272,15 +273,13 @@ use redis::{
 use tokio::sync::{mpsc, oneshot};
 
 use self::{
+    shared::{GroupKeys, Host, Shared},
     subscriber::{Command, Subscriber},
     wire::Envelope,
 };
 use super::{
-    history::policy_for,
     local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
     names,
-    presence::LocalPresence,
-    sequencer::Sequencer,
     subscriber_error::SubscriberError,
     validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, Feature,
@@ -332,6 +331,32 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return {receivers, pushed, full}
 ";
+
+/// The tail of this layer's history send script (after
+/// [`history::send_script`]'s head): `PUBLISH`es and pushes to named
+/// members like [`GROUP_SEND_SCRIPT`]; `ARGV`: 7 list payload, 8 now (s),
+/// 9 group expiry (s), 10 capacity, 11 list expiry (s), 12 list key
+/// prefix. Returns `{subscribers, pushed, full, offset, epoch}`.
+const HISTORY_SEND_TAIL: &str = r"
+local receivers = redis.call('PUBLISH', KEYS[1], msg)
+local pushed, full = 0, 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[8]) - tonumber(ARGV[9]))
+  local cap = tonumber(ARGV[10])
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local key = ARGV[12] .. member
+    if redis.call('LLEN', key) < cap then
+      redis.call('LPUSH', key, ARGV[7])
+      redis.call('EXPIRE', key, ARGV[11])
+      pushed = pushed + 1
+    else
+      full = full + 1
+    end
+  end
+end
+return {receivers, pushed, full, offset, epoch}
+";
+static HISTORY_SEND: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Configures and connects a [`RedisChannelLayer`]; made by
 /// [`RedisChannelLayer::builder`].
@@ -420,9 +445,12 @@ impl RedisChannelLayerBuilder {
             group_prefix: format!("{}:group:", self.prefix),
             list_prefix: format!("{}:channel:", self.prefix),
             prefix: self.prefix,
-            history: self.history,
-            presence: self.presence,
         };
+        let shared = Shared::new(
+            GroupKeys::plain(&config.prefix),
+            self.history,
+            self.presence,
+        );
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT.min(config.timeout)))
             .set_response_timeout(Some(config.timeout))
@@ -456,10 +484,8 @@ impl RedisChannelLayerBuilder {
                 send: LuaScript::new(SEND_SCRIPT),
                 group_send: LuaScript::new(GROUP_SEND_SCRIPT),
             },
-            history_scripts: history::Scripts::new(),
-            presence_scripts: presence::Scripts::new(),
-            presence: Mutex::default(),
-            sequencer: Sequencer::default(),
+            history_send: LuaScript::new(history::send_script(&HISTORY_SEND, HISTORY_SEND_TAIL)),
+            shared,
             config,
             proc_channel,
             client,
@@ -480,7 +506,7 @@ impl RedisChannelLayerBuilder {
         tokio::spawn(Subscriber::new(&inner, commands_rx, pubsub).run());
         tokio::spawn(presence::refresh_loop(
             Arc::downgrade(&inner),
-            inner.config.presence.time_limit(),
+            inner.shared.presence_config.time_limit(),
         ));
         Ok(RedisChannelLayer { inner })
     }
@@ -573,8 +599,6 @@ struct Config {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
-    history: Vec<HistoryPolicy>,
-    presence: PresenceConfig,
 }
 
 impl Config {
@@ -619,13 +643,10 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
-    history_scripts: history::Scripts,
-    presence_scripts: presence::Scripts,
-    /// Presence entries of this process's channels, refreshed in Redis.
-    presence: Mutex<LocalPresence>,
-    /// Delivers history events to local members in offset order, once
-    /// (own sends, Pub/Sub, and reads of what was missed).
-    sequencer: Sequencer,
+    /// [`history::send_script`] with [`HISTORY_SEND_TAIL`].
+    history_send: LuaScript,
+    /// Presence and history, shared with the cluster layer.
+    shared: Shared,
     next_request: AtomicU64,
     /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
@@ -711,28 +732,35 @@ impl LocalChannels for Inner {
             // The task is gone only when the layer is, and then nothing is subscribed.
             let _ = self.commands.send(Command::Sync { group, ack: None });
         }
-        self.forget_presence(channel);
+        presence::forget(self, channel);
+    }
+}
+
+impl Host for Inner {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn query_raw<T: FromRedisValue + Send>(
+        &self,
+        cmd: &Cmd,
+    ) -> impl std::future::Future<Output = Result<T, QueryError>> + Send {
+        self.within_timeout(move || {
+            let mut conn = self.conn.clone();
+            async move { cmd.query_async::<T>(&mut conn).await }
+        })
+    }
+
+    fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> impl std::future::Future<Output = Result<GroupSendReport, ChannelLayerError>> + Send {
+        Inner::group_send_plain(self, group, event)
     }
 }
 
 impl Inner {
-    /// Runs one command with the layer's timeout.
-    async fn query<T: FromRedisValue>(
-        &self,
-        what: &str,
-        cmd: &Cmd,
-    ) -> Result<T, ChannelLayerError> {
-        self.query_raw(cmd).await.map_err(|e| e.context(what))
-    }
-
-    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QueryError> {
-        self.within_timeout(|| {
-            let mut conn = self.conn.clone();
-            async move { cmd.query_async::<T>(&mut conn).await }
-        })
-        .await
-    }
-
     /// Runs a pipeline (in a `MULTI` if atomic) with the layer's timeout.
     async fn query_pipe(
         &self,
@@ -774,14 +802,12 @@ impl Inner {
     }
 
     async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
-        let mut scripts = vec![
+        let own = [
             &self.scripts.send,
             &self.scripts.group_send,
-            &self.history_scripts.send,
-            &self.history_scripts.recover,
+            &self.history_send,
         ];
-        scripts.extend(self.presence_scripts.all());
-        for script in scripts {
+        for script in own.into_iter().chain(self.shared.all_scripts()) {
             let sha: String = self
                 .query(
                     "loading a Lua script",
@@ -791,30 +817,6 @@ impl Inner {
             *lock(&script.sha) = sha;
         }
         Ok(())
-    }
-
-    /// Runs a script by its SHA1, falling back to `EVAL` (which also caches
-    /// it again) after Redis forgot it, e.g. on a restart.
-    async fn eval<T: FromRedisValue>(
-        &self,
-        what: &str,
-        script: &LuaScript,
-        args: impl Fn(&mut Cmd),
-    ) -> Result<T, ChannelLayerError> {
-        let sha = lock(&script.sha).clone();
-        if !sha.is_empty() {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&sha);
-            args(&mut cmd);
-            match self.query_raw(&cmd).await {
-                Err(QueryError::Redis(e)) if e.code() == Some("NOSCRIPT") => {}
-                other => return other.map_err(|e| e.context(what)),
-            }
-        }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script.code);
-        args(&mut cmd);
-        self.query(what, &cmd).await
     }
 
     async fn publish(&self, channel: &str, payload: &[u8]) -> Result<usize, ChannelLayerError> {
@@ -844,10 +846,8 @@ impl Inner {
         // first: its members never wait for (or miss) a Redis round trip.
         let (delivered, dropped) = self.fan_out(group, event);
         let (receivers, pushed, full): (usize, usize, usize) = self
-            .eval("group send", &self.scripts.group_send, |c| {
-                c.arg(1)
-                    .arg(&key)
-                    .arg(&payload)
+            .eval("group send", &self.scripts.group_send, &[&key], |c| {
+                c.arg(&payload)
                     .arg(unix_now())
                     .arg(self.config.group_expiry.as_secs())
                     .arg(self.config.capacity)
@@ -862,6 +862,51 @@ impl Inner {
             remote_receivers: Some(receivers.saturating_sub(own) + pushed),
             dropped: dropped + full,
             position: None,
+        })
+    }
+
+    /// A group send to a group with history: one script appends the
+    /// event, publishes it with its offset and pushes it to named members;
+    /// local members get it once the offset is known, through the
+    /// sequencer ([`history::deliver_own`]).
+    async fn group_send_with_history(
+        &self,
+        group: &str,
+        event: &Event,
+        policy: &HistoryPolicy,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let encoded = event.encode()?;
+        let list_payload =
+            wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
+        let keys = history::send_keys(self, group, self.config.group_key(group));
+        let subscribed_before = lock(&self.subscribed).contains(group);
+        let local_members = self.registry.group_len(group);
+        let fresh = history::new_epoch();
+        let (receivers, pushed, full, offset, epoch): (usize, usize, usize, u64, String) = self
+            .eval(
+                "group send with history",
+                &self.history_send,
+                &keys.each_ref().map(String::as_str),
+                |c| {
+                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
+                    c.arg(&list_payload)
+                        .arg(unix_now())
+                        .arg(self.config.group_expiry.as_secs())
+                        .arg(self.config.capacity)
+                        .arg(self.config.expiry.as_secs())
+                        .arg(&self.config.list_prefix);
+                },
+            )
+            .await?;
+        self.counters.group_sent(full);
+        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        let position = StreamPosition::new(offset, epoch);
+        history::deliver_own(self, group, event, &position, local_members).await;
+        Ok(GroupSendReport {
+            local_members,
+            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
+            dropped: full,
+            position: Some(position),
         })
     }
 
@@ -1066,10 +1111,8 @@ impl ChannelLayer for RedisChannelLayer {
                 None => {
                     let key = inner.config.list_key(channel);
                     let pushed: i64 = inner
-                        .eval("LPUSH", &inner.scripts.send, |c| {
-                            c.arg(1)
-                                .arg(&key)
-                                .arg(&payload)
+                        .eval("LPUSH", &inner.scripts.send, &[&key], |c| {
+                            c.arg(&payload)
                                 .arg(inner.config.capacity)
                                 .arg(inner.config.expiry.as_secs());
                         })
@@ -1137,7 +1180,7 @@ impl ChannelLayer for RedisChannelLayer {
                 Owner::Local => {
                     inner.registry.group_discard(group, channel);
                     let synced = inner.sync_group(group).await;
-                    inner.presence_leave(group, channel).await?;
+                    presence::leave(&**inner, group, channel).await?;
                     synced
                 }
                 Owner::Process(process) => {
@@ -1167,9 +1210,7 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            // An ephemeral event goes out as a plain group send: not stored,
-            // no offset, and receivers fan it out without the sequencer.
-            match policy_for(&inner.config.history, group).filter(|_| !event.is_ephemeral()) {
+            match history::policy(&**inner, group, &event) {
                 Some(policy) => inner.group_send_with_history(group, &event, policy).await,
                 None => inner.group_send_plain(group, &event).await,
             }
@@ -1181,7 +1222,7 @@ impl ChannelLayer for RedisChannelLayer {
             let inner = &self.inner;
             {
                 inner.registry.clear();
-                lock(&inner.presence).clear();
+                inner.shared.clear();
             }
             let (ack, done) = oneshot::channel();
             inner
@@ -1205,17 +1246,14 @@ impl ChannelLayer for RedisChannelLayer {
         channel: &'a str,
         info: PresenceInfo,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        self.presence_join_impl(group, channel, info)
+        Box::pin(presence::join(self, &*self.inner, group, channel, info))
     }
 
     fn presence<'a>(
         &'a self,
         group: &'a str,
     ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            self.inner.presence_list(group).await
-        })
+        Box::pin(presence::list(&*self.inner, group))
     }
 
     fn recover<'a>(
@@ -1225,12 +1263,7 @@ impl ChannelLayer for RedisChannelLayer {
     ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
         Box::pin(async move {
             validate_group_name(group)?;
-            if policy_for(&self.inner.config.history, group).is_none() {
-                return Err(ChannelLayerError::NoHistory {
-                    group: group.to_owned(),
-                });
-            }
-            self.inner.recover(group, since).await
+            history::recover(&*self.inner, group, since).await
         })
     }
 }
