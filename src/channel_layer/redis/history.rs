@@ -1,10 +1,9 @@
 //! Group histories on Redis, for both layers: a capped stream per group,
 //! the offset assigned by the same script that publishes the event (see
 //! the module docs' "History and recovery"). The scripts and the Rust
-//! around them run on any [`Host`]; each layer adds only the tail of its
-//! send script (how it publishes and reaches named members).
-
-use std::sync::OnceLock;
+//! around them run on any [`Host`]; a layer's history send script is
+//! [`APPEND`] followed by the part it shares with its plain group send
+//! (how it publishes and reaches named members).
 
 use super::{
     names,
@@ -16,37 +15,33 @@ use crate::channel_layer::{
     RecoveryFailure, StreamPosition,
 };
 
-/// The head of both layers' history send scripts: `KEYS[1]` the group's
-/// Pub/Sub channel, `KEYS[2]` its stream, `KEYS[3]` its meta hash;
-/// `ARGV`: 1 origin, 2 group, 3 encoded event, 4 max len, 5 ttl (ms),
-/// 6 a new epoch ([`history_args`]). Leaves `offset`, `epoch` and `msg`
-/// for the layer's tail, which publishes `msg` and returns
-/// `{subscribers, ..., offset, epoch}`; the tail's own arguments start at
-/// `ARGV[7]`.
+/// The Lua function both layers' history send scripts start with:
+/// `append(i)` appends the event to the group's stream and returns
+/// `offset, epoch, msg`, where `msg` is what to publish (the wire envelope
+/// with `id` = offset and `channel` = epoch). `KEYS[2]` is the group's
+/// stream, `KEYS[3]` its meta hash (`KEYS[1]` is the group's channel, for
+/// the layer's part); its arguments are `ARGV[i..i+5]`, appended by
+/// [`history_args`]: origin, group, encoded event, max len, ttl (ms), a new
+/// epoch.
 ///
 /// The stream and its meta hash (`epoch`, `top`) expire together; a
-/// missing stream or meta starts a new epoch at offset 1. The Pub/Sub
-/// message is the wire envelope with `id` = offset and `channel` = epoch.
-const APPEND: &str = r"
-local stream, meta = KEYS[2], KEYS[3]
-local epoch = redis.call('HGET', meta, 'epoch')
-if (not epoch) or redis.call('EXISTS', stream) == 0 then
-  epoch = ARGV[6]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+/// missing stream or meta starts a new epoch at offset 1.
+pub(super) const APPEND: &str = r"
+local function append(i)
+  local stream, meta = KEYS[2], KEYS[3]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if (not epoch) or redis.call('EXISTS', stream) == 0 then
+    epoch = ARGV[i + 5]
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+  end
+  local offset = redis.call('HINCRBY', meta, 'top', 1)
+  redis.call('XADD', stream, 'MAXLEN', ARGV[i + 3], offset .. '-0', 'e', ARGV[i + 2])
+  redis.call('PEXPIRE', stream, ARGV[i + 4])
+  redis.call('PEXPIRE', meta, ARGV[i + 4])
+  return offset, epoch, cmsgpack.pack({ARGV[i], 0, offset, ARGV[i + 1], epoch, ARGV[i + 2]})
 end
-local offset = redis.call('HINCRBY', meta, 'top', 1)
-redis.call('XADD', stream, 'MAXLEN', ARGV[4], offset .. '-0', 'e', ARGV[3])
-redis.call('PEXPIRE', stream, ARGV[5])
-redis.call('PEXPIRE', meta, ARGV[5])
-local msg = cmsgpack.pack({ARGV[1], 0, offset, ARGV[2], epoch, ARGV[3]})
 ";
-
-/// A history send script: [`APPEND`] followed by a layer's `tail`, built
-/// once per tail (`cell` is the tail's own static).
-pub(super) fn send_script(cell: &'static OnceLock<String>, tail: &str) -> &'static str {
-    cell.get_or_init(|| format!("{APPEND}{tail}"))
-}
 
 /// The keys of a history send: the group's Pub/Sub channel (`group_key`),
 /// stream and meta hash.
@@ -55,7 +50,7 @@ pub(super) fn send_keys<H: Host>(inner: &H, group: &str, group_key: String) -> [
     [group_key, keys.stream(group), keys.meta(group)]
 }
 
-/// Appends [`APPEND`]'s arguments (`ARGV[1..=6]`).
+/// Appends [`APPEND`]'s arguments, after the layer's own.
 pub(super) fn history_args(
     c: &mut redis::Cmd,
     origin: &str,

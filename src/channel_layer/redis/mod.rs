@@ -261,7 +261,7 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -309,11 +309,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// `KEYS[1]` group (Pub/Sub channel and sorted set of named members);
-/// `ARGV`: payload, now (s), group expiry (s), capacity, expiry (s), list key prefix.
-/// Returns `{subscribers, pushed, full}`.
-const GROUP_SEND_SCRIPT: &str = r"
-local receivers = redis.call('PUBLISH', KEYS[1], ARGV[1])
+/// The part of both group send scripts after the event is known: publishes
+/// `msg` and pushes `ARGV[1]` to the named members' lists. `KEYS[1]` group
+/// (Pub/Sub channel and sorted set of named members); `ARGV`: 1 list
+/// payload, 2 now (s), 3 group expiry (s), 4 capacity, 5 list expiry (s),
+/// 6 list key prefix. Sets `receivers`, `pushed` and `full`.
+const PUBLISH_AND_PUSH: &str = r"
+local receivers = redis.call('PUBLISH', KEYS[1], msg)
 local pushed, full = 0, 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
@@ -329,34 +331,38 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     end
   end
 end
-return {receivers, pushed, full}
 ";
 
-/// The tail of this layer's history send script (after
-/// [`history::send_script`]'s head): `PUBLISH`es and pushes to named
-/// members like [`GROUP_SEND_SCRIPT`]; `ARGV`: 7 list payload, 8 now (s),
-/// 9 group expiry (s), 10 capacity, 11 list expiry (s), 12 list key
-/// prefix. Returns `{subscribers, pushed, full, offset, epoch}`.
-const HISTORY_SEND_TAIL: &str = r"
-local receivers = redis.call('PUBLISH', KEYS[1], msg)
-local pushed, full = 0, 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[8]) - tonumber(ARGV[9]))
-  local cap = tonumber(ARGV[10])
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    local key = ARGV[12] .. member
-    if redis.call('LLEN', key) < cap then
-      redis.call('LPUSH', key, ARGV[7])
-      redis.call('EXPIRE', key, ARGV[11])
-      pushed = pushed + 1
-    else
-      full = full + 1
-    end
-  end
-end
-return {receivers, pushed, full, offset, epoch}
-";
-static HISTORY_SEND: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// A group send without history: [`PUBLISH_AND_PUSH`] of the payload
+/// (`ARGV[1]`). Returns `{subscribers, pushed, full}`.
+fn group_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            "local msg = ARGV[1]",
+            PUBLISH_AND_PUSH,
+            "return {receivers, pushed, full}",
+        ],
+    )
+}
+
+/// A group send with history: [`history::APPEND`] (its arguments from
+/// `ARGV[7]`, `KEYS[2..3]` the stream and meta hash), then
+/// [`PUBLISH_AND_PUSH`] of the envelope with the offset. Returns
+/// `{subscribers, pushed, full, offset, epoch}`.
+fn history_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            history::APPEND,
+            "local offset, epoch, msg = append(7)",
+            PUBLISH_AND_PUSH,
+            "return {receivers, pushed, full, offset, epoch}",
+        ],
+    )
+}
 
 /// Configures and connects a [`RedisChannelLayer`]; made by
 /// [`RedisChannelLayer::builder`].
@@ -482,9 +488,9 @@ impl RedisChannelLayerBuilder {
         let inner = Arc::new(Inner {
             scripts: Scripts {
                 send: LuaScript::new(SEND_SCRIPT),
-                group_send: LuaScript::new(GROUP_SEND_SCRIPT),
+                group_send: group_send_script(),
             },
-            history_send: LuaScript::new(history::send_script(&HISTORY_SEND, HISTORY_SEND_TAIL)),
+            history_send: history_send_script(),
             shared,
             config,
             proc_channel,
@@ -628,6 +634,12 @@ impl LuaScript {
             sha: Mutex::default(),
         }
     }
+
+    /// A script made of `parts`, one per line, joined once into `source`
+    /// (the caller's own static).
+    fn composed(source: &'static OnceLock<String>, parts: &[&str]) -> Self {
+        Self::new(source.get_or_init(|| parts.join("\n")))
+    }
 }
 
 #[derive(Debug)]
@@ -643,7 +655,7 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
-    /// [`history::send_script`] with [`HISTORY_SEND_TAIL`].
+    /// [`history_send_script`].
     history_send: LuaScript,
     /// Presence and history, shared with the cluster layer.
     shared: Shared,
@@ -888,13 +900,13 @@ impl Inner {
                 &self.history_send,
                 &keys.each_ref().map(String::as_str),
                 |c| {
-                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
                     c.arg(&list_payload)
                         .arg(unix_now())
                         .arg(self.config.group_expiry.as_secs())
                         .arg(self.config.capacity)
                         .arg(self.config.expiry.as_secs())
                         .arg(&self.config.list_prefix);
+                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
                 },
             )
             .await?;

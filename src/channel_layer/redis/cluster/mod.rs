@@ -176,34 +176,50 @@ use crate::channel_layer::{
     DEFAULT_CAPACITY,
 };
 
-/// `KEYS[1]`: the group's shard channel and the sorted set of its named
-/// members (one name, one slot); `ARGV`: payload, now (s), group expiry (s).
-/// Returns `{subscribers, named members}`.
-const GROUP_SEND_SCRIPT: &str = r"
-local receivers = redis.call('SPUBLISH', KEYS[1], ARGV[1])
-local members = {}
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
-  members = redis.call('ZRANGE', KEYS[1], 0, -1)
-end
-return {receivers, members}
-";
-
-/// The tail of this layer's history send script (after
-/// [`history::send_script`]'s head, which appended the event to the
-/// group's stream on the same slot): `SPUBLISH`es like
-/// [`GROUP_SEND_SCRIPT`] and lists the named members; `ARGV`: 7 now (s),
-/// 8 group expiry (s). Returns `{subscribers, named members, offset, epoch}`.
-const HISTORY_SEND_TAIL: &str = r"
+/// The part of both group send scripts after the event is known:
+/// `SPUBLISH`es `msg` and, if the group has named members, prunes and lists
+/// them. `KEYS[1]`: the group's shard channel and the sorted set of its
+/// named members (one name, one slot); `ARGV`: 1 now (s), 2 group expiry
+/// (s). Sets `receivers` and `members`.
+const PUBLISH_AND_LIST: &str = r"
 local receivers = redis.call('SPUBLISH', KEYS[1], msg)
 local members = {}
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[8]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
   members = redis.call('ZRANGE', KEYS[1], 0, -1)
 end
-return {receivers, members, offset, epoch}
 ";
-static HISTORY_SEND: OnceLock<String> = OnceLock::new();
+
+/// A group send without history: [`PUBLISH_AND_LIST`] of the payload
+/// (`ARGV[3]`). Returns `{subscribers, named members}`.
+fn group_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            "local msg = ARGV[3]",
+            PUBLISH_AND_LIST,
+            "return {receivers, members}",
+        ],
+    )
+}
+
+/// A group send with history: [`history::APPEND`] (its arguments from
+/// `ARGV[3]`, `KEYS[2..3]` the stream and meta hash, on the group's slot),
+/// then [`PUBLISH_AND_LIST`] of the envelope with the offset. Returns
+/// `{subscribers, named members, offset, epoch}`.
+fn history_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            history::APPEND,
+            "local offset, epoch, msg = append(3)",
+            PUBLISH_AND_LIST,
+            "return {receivers, members, offset, epoch}",
+        ],
+    )
+}
 
 /// Configures and connects a [`RedisClusterChannelLayer`]; made by
 /// [`RedisClusterChannelLayer::builder`].
@@ -334,9 +350,9 @@ impl RedisClusterChannelLayerBuilder {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (received, received_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            group_send: LuaScript::new(GROUP_SEND_SCRIPT),
+            group_send: group_send_script(),
             send: LuaScript::new(SEND_SCRIPT),
-            history_send: LuaScript::new(history::send_script(&HISTORY_SEND, HISTORY_SEND_TAIL)),
+            history_send: history_send_script(),
             shared,
             received: subscriber::Received::new(received),
             config,
@@ -526,7 +542,7 @@ struct Inner {
     pubsub: ClusterConnection,
     send: LuaScript,
     group_send: LuaScript,
-    /// [`history::send_script`] with [`HISTORY_SEND_TAIL`].
+    /// [`history_send_script`].
     history_send: LuaScript,
     /// Presence and history, shared with the single-node layer.
     shared: Shared,
@@ -1025,9 +1041,9 @@ impl Inner {
                 &self.group_send,
                 &[&key],
                 |c| {
-                    c.arg(&payload)
-                        .arg(unix_now())
-                        .arg(self.config.group_expiry.as_secs());
+                    c.arg(unix_now())
+                        .arg(self.config.group_expiry.as_secs())
+                        .arg(&payload);
                 },
             )
             .await?;
@@ -1065,8 +1081,8 @@ impl Inner {
                 &self.history_send,
                 &keys.each_ref().map(String::as_str),
                 |c| {
-                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
                     c.arg(unix_now()).arg(self.config.group_expiry.as_secs());
+                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
                 },
             )
             .await?;
