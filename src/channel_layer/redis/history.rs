@@ -11,8 +11,8 @@ use super::{
     BackendError,
 };
 use crate::channel_layer::{
-    history::policy_for, sequencer::Base, ChannelLayerError, Event, HistoryPolicy, Recovery,
-    RecoveryFailure, StreamPosition,
+    history::policy_for, sequencer::Base, validate_group_name, ChannelLayerError, Event,
+    HistoryPolicy, Recovery, RecoveryFailure, StreamPosition,
 };
 
 /// The Lua function both layers' history send scripts start with:
@@ -194,6 +194,7 @@ pub(super) async fn recover<H: Host>(
     group: &str,
     since: &StreamPosition,
 ) -> Result<Recovery, ChannelLayerError> {
+    validate_group_name(group)?;
     let shared = inner.shared();
     if policy_for(&shared.history, group).is_none() {
         return Err(ChannelLayerError::NoHistory {

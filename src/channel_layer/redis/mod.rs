@@ -859,12 +859,7 @@ impl Inner {
         let (delivered, dropped) = self.fan_out(group, event);
         let (receivers, pushed, full): (usize, usize, usize) = self
             .eval("group send", &self.scripts.group_send, &[&key], |c| {
-                c.arg(&payload)
-                    .arg(unix_now())
-                    .arg(self.config.group_expiry.as_secs())
-                    .arg(self.config.capacity)
-                    .arg(self.config.expiry.as_secs())
-                    .arg(&self.config.list_prefix);
+                self.publish_and_push_args(c, &payload);
             })
             .await?;
         self.counters.group_sent(dropped + full);
@@ -875,6 +870,16 @@ impl Inner {
             dropped: dropped + full,
             position: None,
         })
+    }
+
+    /// The arguments of [`PUBLISH_AND_PUSH`] (`ARGV[1..=6]`).
+    fn publish_and_push_args(&self, c: &mut Cmd, payload: &[u8]) {
+        c.arg(payload)
+            .arg(unix_now())
+            .arg(self.config.group_expiry.as_secs())
+            .arg(self.config.capacity)
+            .arg(self.config.expiry.as_secs())
+            .arg(&self.config.list_prefix);
     }
 
     /// A group send to a group with history: one script appends the
@@ -900,12 +905,7 @@ impl Inner {
                 &self.history_send,
                 &keys.each_ref().map(String::as_str),
                 |c| {
-                    c.arg(&list_payload)
-                        .arg(unix_now())
-                        .arg(self.config.group_expiry.as_secs())
-                        .arg(self.config.capacity)
-                        .arg(self.config.expiry.as_secs())
-                        .arg(&self.config.list_prefix);
+                    self.publish_and_push_args(c, &list_payload);
                     history::history_args(c, self.process(), group, &encoded, policy, &fresh);
                 },
             )
@@ -1273,10 +1273,7 @@ impl ChannelLayer for RedisChannelLayer {
         group: &'a str,
         since: &'a StreamPosition,
     ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            history::recover(&*self.inner, group, since).await
-        })
+        Box::pin(history::recover(&*self.inner, group, since))
     }
 }
 

@@ -67,10 +67,8 @@
 //! send is one script there (append, `SPUBLISH` with the offset and epoch,
 //! list the named members); the sending process's members get the event
 //! once the offset is known, other processes through their shard
-//! subscription, each in offset order and once. Push messages are handed
-//! to the sequencer through a queue bounded at 16 MiB of payloads (an
-//! event dropped there is read back from the stream when the next one
-//! shows the gap).
+//! subscription, each in offset order and once (see [Limits](#limits)
+//! for the queue between the two).
 //!
 //! When the node owning a history group restarts without persistence, the
 //! group's history and epoch are gone: the next send starts a new epoch,
@@ -135,6 +133,10 @@
 //! task that hands push messages to this layer; the layer drains it without
 //! waiting (fan-out never blocks), and Redis's own `client-output-buffer-limit
 //! pubsub` disconnects a client that falls too far behind.
+//! History events go from there to the sequencer's task through a queue
+//! of at most 16 MiB of payloads; past it an event is dropped (counted in
+//! `dropped_other`) and read back from the group's stream when the group's
+//! next event shows the gap; until then it is missing here.
 
 mod subscriber;
 mod worker;
@@ -1013,10 +1015,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
         group: &'a str,
         since: &'a StreamPosition,
     ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            history::recover(&*self.inner, group, since).await
-        })
+        Box::pin(history::recover(&*self.inner, group, since))
     }
 }
 
