@@ -152,16 +152,17 @@ pub(super) fn unfollow<H: Host>(inner: &H, group: &str) {
     inner.shared().sequencer.retain(|g| g != group);
 }
 
-/// Reads what every followed group missed, after the subscriptions were
-/// made again, and re-announces this process's presence (the server may
-/// have lost it), in a task: messages keep flowing meanwhile, each group's
-/// sequencer keeps the order.
-pub(super) fn after_resubscribe<H: Host>(inner: &std::sync::Arc<H>) {
+/// Reads what `groups` missed while their subscription was down (they
+/// are subscribed again), in a task: messages keep flowing meanwhile, each
+/// group's sequencer keeps the order.
+pub(super) fn catch_up<H: Host>(inner: &std::sync::Arc<H>, groups: Vec<String>) {
+    if groups.is_empty() {
+        return;
+    }
     let inner = inner.clone();
     tokio::spawn(async move {
-        super::presence::refresh(&*inner).await;
         let sequencer = &inner.shared().sequencer;
-        for group in sequencer.groups() {
+        for group in groups {
             sequencer.catch_up(&Via(&*inner), &group).await;
         }
     });

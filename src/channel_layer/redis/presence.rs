@@ -402,6 +402,13 @@ pub(super) async fn refresh_loop<H: Host>(inner: Weak<H>, ttl: Duration) {
     }
 }
 
+/// [`refresh`] in a task: after a reconnect, when the server may have lost
+/// this process's entries.
+pub(super) fn refresh_soon<H: Host>(inner: &Arc<H>) {
+    let inner = inner.clone();
+    tokio::spawn(async move { refresh(&*inner).await });
+}
+
 /// Refreshes this process's presence in every group it has members in
 /// (and writes it again where Redis lost it): every third of the TTL, and
 /// at once after the subscriptions came back, so a listing after a

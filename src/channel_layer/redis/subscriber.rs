@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use super::{
-    history, lock,
+    history, lock, presence,
     wire::{self, Envelope},
     Counters, Inner, LocalChannels, SubscriberError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
@@ -178,7 +178,10 @@ impl Subscriber {
         match open(&inner).await {
             Ok(conn) => {
                 tracing::info!(process = %inner.process(), "reconnected to Redis Pub/Sub and re-subscribed");
-                history::after_resubscribe(&inner);
+                // Re-announce this process's presence (Redis may have lost
+                // it) and read back what the history groups missed.
+                presence::refresh_soon(&inner);
+                history::catch_up(&inner, inner.shared.sequencer.groups());
                 self.conn = Some(conn);
                 self.backoff = RECONNECT_MIN;
                 inner.connected.store(true, Ordering::Relaxed);

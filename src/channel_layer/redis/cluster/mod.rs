@@ -77,7 +77,8 @@
 //! and each process reads the new epoch from its first offset, so sends
 //! answered while it was still subscribing again are not lost. Once every
 //! primary answers again, each process writes its presence on the node
-//! again and reads back what its history groups missed.
+//! again and reads back what its history groups missed (as it does for a
+//! history group whose subscription ended because its slot moved).
 //! `tests/redis_cluster.rs` (`history_survives_node_restart`) checks both.
 //!
 //! # Redirects, restarts and slot migration

@@ -28,7 +28,10 @@ use crate::channel_layer::redis::{
     wire::{self, Envelope},
     Counters, LocalChannels, QueryError, SubscriberError, RECONNECT_MAX, RECONNECT_MIN,
 };
-use crate::channel_layer::{redis::history, Event};
+use crate::channel_layer::{
+    redis::{history, presence},
+    Event,
+};
 
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
@@ -445,9 +448,10 @@ impl Subscriber {
             tracing::info!(process = %inner.process(), "shard subscriptions restored");
         }
         if resynced && !self.resync {
-            // Re-announce presence (a restarted node lost it) and read back
-            // what the history groups missed while the node was away.
-            history::after_resubscribe(inner);
+            // Re-announce presence (a restarted node lost it); what the
+            // history groups missed is read back as each is subscribed
+            // again (`reconcile`).
+            presence::refresh_soon(inner);
         }
         if !self.pending() {
             self.backoff = RECONNECT_MIN;
@@ -469,17 +473,24 @@ impl Subscriber {
         groups: Vec<String>,
     ) -> Result<(), SubscriberError> {
         let mut result = Ok(());
+        // History groups subscribed again (a node restarted, a slot moved):
+        // what they missed meanwhile is read back.
+        let mut resumed = Vec::new();
         for group in groups {
             let wanted = inner.has_local_members(&group);
             let subscribed = lock(&inner.subscribed).contains(&group);
             let key = inner.config.group_key(&group);
             let outcome = match (wanted, subscribed) {
                 (true, false) => {
+                    let followed = inner.shared.sequencer.follows(&group);
                     // Read the position before subscribing, so what is
                     // published in between is read, not missed.
                     history::follow(inner, std::slice::from_ref(&group)).await;
                     ssubscribe(inner, &key).await.map(|()| {
                         lock(&inner.subscribed).insert(group.clone());
+                        if followed {
+                            resumed.push(group.clone());
+                        }
                     })
                 }
                 (false, true) => sunsubscribe(inner, &key).await.map(|()| {
@@ -499,6 +510,9 @@ impl Subscriber {
             } else {
                 self.retry.remove(&group);
             }
+        }
+        if let Some(inner) = self.inner.upgrade() {
+            history::catch_up(&inner, resumed);
         }
         result
     }
