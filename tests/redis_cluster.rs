@@ -14,7 +14,10 @@ use std::{
     collections::HashSet,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -22,7 +25,9 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tower_channels::channel_layer::{
     redis::RedisClusterChannelLayer, ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
+    PresenceInfo, RecoveryFailure,
 };
+use tower_channels::testing::conformance;
 
 use common::layers::{free_port, recv, unique_suffix, RECV};
 
@@ -348,6 +353,228 @@ async fn conformance_suite() {
         async move { layer(&urls, &prefix, 16).await }
     })
     .await;
+}
+
+/// A layer with the conformance suite's history policy and presence
+/// configuration.
+async fn configured(urls: &[String], prefix: &str) -> RedisClusterChannelLayer {
+    configured_with(urls, prefix, 16).await
+}
+
+async fn configured_with(
+    urls: &[String],
+    prefix: &str,
+    capacity: usize,
+) -> RedisClusterChannelLayer {
+    RedisClusterChannelLayer::builder(urls.iter().cloned())
+        .prefix(prefix)
+        .capacity(capacity)
+        .timeout(Duration::from_secs(1))
+        .history(conformance::history_policy())
+        .presence(conformance::presence_config())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {urls:?}: {e}"))
+}
+
+#[tokio::test]
+async fn conformance_presence_history() {
+    let Some(target) = cluster().await else {
+        return;
+    };
+    let urls = target.urls.clone();
+    conformance::run_presence_history(|| {
+        let urls = urls.clone();
+        async move {
+            Arc::new(configured(&urls, &unique_prefix("conformance-ph")).await)
+                as Arc<dyn ChannelLayer>
+        }
+    })
+    .await;
+    conformance::run_presence_history_pair(|| {
+        let urls = urls.clone();
+        async move {
+            let prefix = unique_prefix("conformance-ph-pair");
+            let a = configured(&urls, &prefix).await;
+            let b = configured(&urls, &prefix).await;
+            (
+                Arc::new(a) as Arc<dyn ChannelLayer>,
+                Arc::new(b) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
+/// A group's history, offset, epoch and presence all live on the group's
+/// slot: every key the layer wrote for a history group with presence hashes
+/// to the slot of the group's key.
+#[tokio::test]
+async fn history_and_presence_keys_share_the_group_slot() {
+    let Some(target) = cluster().await else {
+        return;
+    };
+    let prefix = unique_prefix("slots");
+    let layer = configured(&target.urls, &prefix).await;
+    let group = format!("{}.slots", conformance::HISTORY_GROUPS);
+    let rx = layer.new_channel().await.unwrap();
+    layer
+        .presence_join(&group, rx.name(), PresenceInfo::new("alice").unwrap())
+        .await
+        .unwrap();
+    layer.group_send(&group, Event::bare("e")).await.unwrap();
+    let slot = keyslot(&target.urls[0], &layer.group_key(&group)).await;
+    let tag = format!("{{{group}}}");
+    let keys = [
+        format!("{prefix}:history:{tag}"),
+        format!("{prefix}:history-meta:{tag}"),
+        format!("{prefix}:presence:{tag}:procs"),
+        format!("{prefix}:presence:{tag}:c:{}", layer.process_name()),
+        format!("{prefix}:presence:{tag}:u:{}", layer.process_name()),
+    ];
+    let owner_url = format!(
+        "redis://127.0.0.1:{}",
+        owner(&target.urls[0], &layer.group_key(&group)).await
+    );
+    for key in &keys {
+        assert_eq!(keyslot(&target.urls[0], key).await, slot, "{key}");
+        let exists: i64 = query(&owner_url, redis::cmd("EXISTS").arg(key))
+            .await
+            .expect("EXISTS");
+        assert_eq!(exists, 1, "{key} should exist on the group's node");
+    }
+}
+
+/// The node owning a history group's slot is killed and restarted without
+/// persistence, so the group's history and epoch are lost with it. What the
+/// sequencer promises holds in both processes, the sender's included:
+/// every send answered OK is delivered once, in offset order (the new
+/// epoch read from its start, whether or not a process had subscribed
+/// again when it was published); a send that failed may be missing; an old
+/// position fails to recover with `EpochChanged`; and both processes write
+/// their presence on the restarted node again.
+#[tokio::test]
+async fn history_survives_node_restart() {
+    let Some(mut cluster) = own_cluster().await else {
+        return;
+    };
+    let urls = cluster.urls();
+    let prefix = unique_prefix("history-restart");
+    // Room for every event of the test: they are read at the end.
+    let a = configured_with(&urls, &prefix, 256).await;
+    let b = configured_with(&urls, &prefix, 256).await;
+    let victim = cluster.nodes[0].port;
+    let mut group = String::new();
+    for n in 0.. {
+        group = format!("{}.room-{n}", conformance::HISTORY_GROUPS);
+        if owner(&urls[0], &a.group_key(&group)).await == victim {
+            break;
+        }
+    }
+    let mut rx_a = a.new_channel().await.unwrap();
+    let mut rx_b = b.new_channel().await.unwrap();
+    a.presence_join(&group, rx_a.name(), PresenceInfo::new("alice").unwrap())
+        .await
+        .unwrap();
+    b.presence_join(&group, rx_b.name(), PresenceInfo::new("bob").unwrap())
+        .await
+        .unwrap();
+
+    // Before: delivered everywhere before the node dies.
+    let mut last = None;
+    for n in 0..5u32 {
+        last = a
+            .group_send(&group, Event::new("n", n))
+            .await
+            .unwrap()
+            .position;
+    }
+    let last = last.expect("a history group send has a position");
+    for rx in [&mut rx_a, &mut rx_b] {
+        for n in 0..5u32 {
+            let e = recv(rx).await;
+            assert_eq!((e.kind(), e.body::<u32>().unwrap()), ("n", n));
+        }
+    }
+
+    cluster.kill(0);
+    // The sends answered OK from now on.
+    let mut answered = Vec::new();
+    let mut n = 5u32;
+    // Down: sends fail (the node cannot append them); one that did not
+    // fail must be delivered like any other.
+    for _ in 0..3 {
+        if a.group_send(&group, Event::new("n", n)).await.is_ok() {
+            answered.push(n);
+        }
+        n += 1;
+    }
+    cluster.restart(0).await;
+    // Back: send until 20 more are answered, from both processes, while
+    // they subscribe again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after = 0;
+    while after < 20 {
+        assert!(Instant::now() < deadline, "sends never succeeded again");
+        let from = if n % 2 == 0 { &a } else { &b };
+        match from.group_send(&group, Event::new("n", n)).await {
+            Ok(report) => {
+                answered.push(n);
+                after += 1;
+                let pos = report.position.expect("position");
+                assert_ne!(pos.epoch(), last.epoch(), "the history was lost: new epoch");
+            }
+            Err(e) => eprintln!("send {n} failed while the node comes back: {e}"),
+        }
+        n += 1;
+    }
+    b.group_send(&group, Event::bare("final")).await.unwrap();
+
+    for (name, rx) in [("a", &mut rx_a), ("b", &mut rx_b)] {
+        let mut got = Vec::new();
+        loop {
+            let e = recv(rx).await;
+            match e.kind() {
+                "final" => break,
+                "n" => got.push(e.body::<u32>().unwrap()),
+                other => panic!("{name}: unexpected {other}"),
+            }
+        }
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "{name}: out of order or twice: {got:?}"
+        );
+        let missing: Vec<u32> = answered
+            .iter()
+            .filter(|n| !got.contains(n))
+            .copied()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{name}: sends answered OK never delivered: {missing:?} (got {got:?})"
+        );
+        eprintln!("{name}: {} events, each once, in order", got.len());
+    }
+
+    let r = a.recover(&group, &last).await.expect("recover");
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+
+    // Presence written again on the restarted node (at once after the
+    // subscriptions came back, not at the next refresh tick).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = a.presence(&group).await.unwrap_or_default();
+        let mut users: Vec<&str> = members.iter().map(|m| m.user_id()).collect();
+        users.sort_unstable();
+        if users == ["alice", "bob"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence not written again: {users:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Groups live on the shard of their name: a dozen groups span at least two

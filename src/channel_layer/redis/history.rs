@@ -1,66 +1,183 @@
-//! Group histories on Redis: a capped stream per group, the offset assigned
-//! by the same script that publishes the event (see the module docs'
-//! "History and recovery").
+//! Group histories on Redis, for both layers: a capped stream per group,
+//! the offset assigned by the same script that publishes the event (see
+//! the module docs' "History and recovery"). The scripts and the Rust
+//! around them run on any [`Host`]; a layer's history send script is
+//! [`APPEND`] followed by the part it shares with its plain group send
+//! (how it publishes and reaches named members).
 
-use super::{lock, names, unix_now, wire, BackendError, Counters, Inner, LocalChannels, LuaScript};
+use super::{
+    names,
+    shared::{Host, Via},
+    BackendError,
+};
 use crate::channel_layer::{
-    history::policy_for,
-    sequencer::{Base, SequencerHost},
-    BoxFuture, ChannelLayerError, Event, GroupSendReport, HistoryPolicy, Recovery, RecoveryFailure,
-    StreamPosition,
+    history::policy_for, sequencer::Base, validate_group_name, ChannelLayerError, Event,
+    HistoryPolicy, Recovery, RecoveryFailure, StreamPosition,
 };
 
-/// `KEYS[1]` group (Pub/Sub channel and sorted set of named members);
-/// `ARGV`: 1 list payload, 2 now (s), 3 group expiry (s), 4 capacity,
-/// 5 list expiry (s), 6 list key prefix, 7 stream key, 8 meta key,
-/// 9 origin, 10 group, 11 encoded event, 12 max len, 13 ttl (ms), 14 a new epoch.
-/// Returns `{subscribers, pushed, full, offset, epoch}`.
+/// The Lua function both layers' history send scripts start with:
+/// `append(i)` appends the event to the group's stream and returns
+/// `offset, epoch, msg`, where `msg` is what to publish (the wire envelope
+/// with `id` = offset and `channel` = epoch). `KEYS[2]` is the group's
+/// stream, `KEYS[3]` its meta hash (`KEYS[1]` is the group's channel, for
+/// the layer's part); its arguments are `ARGV[i..i+5]`, appended by
+/// [`history_args`]: origin, group, encoded event, max len, ttl (ms), a new
+/// epoch.
 ///
 /// The stream and its meta hash (`epoch`, `top`) expire together; a
-/// missing stream or meta starts a new epoch at offset 1. The Pub/Sub
-/// message is the wire envelope with `id` = offset and `channel` = epoch.
-pub(super) const SEND_SCRIPT: &str = r"
-local stream, meta = ARGV[7], ARGV[8]
-local epoch = redis.call('HGET', meta, 'epoch')
-if (not epoch) or redis.call('EXISTS', stream) == 0 then
-  epoch = ARGV[14]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
-end
-local offset = redis.call('HINCRBY', meta, 'top', 1)
-redis.call('XADD', stream, 'MAXLEN', ARGV[12], offset .. '-0', 'e', ARGV[11])
-redis.call('PEXPIRE', stream, ARGV[13])
-redis.call('PEXPIRE', meta, ARGV[13])
-local msg = cmsgpack.pack({ARGV[9], 0, offset, ARGV[10], epoch, ARGV[11]})
-local receivers = redis.call('PUBLISH', KEYS[1], msg)
-local pushed, full = 0, 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
-  local cap = tonumber(ARGV[4])
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    local key = ARGV[6] .. member
-    if redis.call('LLEN', key) < cap then
-      redis.call('LPUSH', key, ARGV[1])
-      redis.call('EXPIRE', key, ARGV[5])
-      pushed = pushed + 1
-    else
-      full = full + 1
-    end
+/// missing stream or meta starts a new epoch at offset 1.
+pub(super) const APPEND: &str = r"
+local function append(i)
+  local stream, meta = KEYS[2], KEYS[3]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if (not epoch) or redis.call('EXISTS', stream) == 0 then
+    epoch = ARGV[i + 5]
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
   end
+  local offset = redis.call('HINCRBY', meta, 'top', 1)
+  redis.call('XADD', stream, 'MAXLEN', ARGV[i + 3], offset .. '-0', 'e', ARGV[i + 2])
+  redis.call('PEXPIRE', stream, ARGV[i + 4])
+  redis.call('PEXPIRE', meta, ARGV[i + 4])
+  return offset, epoch, cmsgpack.pack({ARGV[i], 0, offset, ARGV[i + 1], epoch, ARGV[i + 2]})
 end
-return {receivers, pushed, full, offset, epoch}
 ";
 
-/// `ARGV`: stream key, meta key, since offset, since epoch. Returns bulk
+/// The keys of a history send: the group's Pub/Sub channel (`group_key`),
+/// stream and meta hash.
+pub(super) fn send_keys<H: Host>(inner: &H, group: &str, group_key: String) -> [String; 3] {
+    let keys = &inner.shared().keys;
+    [group_key, keys.stream(group), keys.meta(group)]
+}
+
+/// Appends [`APPEND`]'s arguments, after the layer's own.
+pub(super) fn history_args(
+    c: &mut redis::Cmd,
+    origin: &str,
+    group: &str,
+    encoded: &[u8],
+    policy: &HistoryPolicy,
+    epoch: &str,
+) {
+    let ttl_ms = u64::try_from(policy.time_limit().as_millis()).unwrap_or(u64::MAX);
+    c.arg(origin)
+        .arg(group)
+        .arg(encoded)
+        .arg(policy.len_limit())
+        .arg(ttl_ms)
+        .arg(epoch);
+}
+
+/// A fresh epoch, used if the send starts one.
+pub(super) fn new_epoch() -> String {
+    names::random_token(10)
+}
+
+/// After a history send answered `position`: local members get the event
+/// through the sequencer, which keeps them in offset order with other
+/// senders' events and drops the copy Pub/Sub brings back.
+pub(super) async fn deliver_own<H: Host>(
+    inner: &H,
+    group: &str,
+    event: &Event,
+    position: &StreamPosition,
+    local_members: usize,
+) {
+    if local_members > 0 {
+        let event = event.clone().with_position(position.clone());
+        inner
+            .shared()
+            .sequencer
+            .offer(&Via(inner), group, event)
+            .await;
+    }
+}
+
+/// A history event another process (or this one) published, as Pub/Sub
+/// brought it: `id` its offset, `epoch` its epoch.
+pub(super) async fn received<H: Host>(inner: &H, group: &str, event: Event, id: u64, epoch: &str) {
+    let event = event.with_position(StreamPosition::new(id, epoch));
+    inner
+        .shared()
+        .sequencer
+        .offer(&Via(inner), group, event)
+        .await;
+}
+
+/// The history policy of `group`, if it has one and `event` is not
+/// ephemeral (an ephemeral event goes out as a plain group send: not
+/// stored, no offset, and receivers fan it out without the sequencer).
+pub(super) fn policy<'a, H: Host>(
+    inner: &'a H,
+    group: &str,
+    event: &Event,
+) -> Option<&'a HistoryPolicy> {
+    policy_for(&inner.shared().history, group).filter(|_| !event.is_ephemeral())
+}
+
+/// Follows the history groups among `groups` not followed yet, from the
+/// group's current position (read before subscribing, so what is
+/// published in between is read from the stream, not missed).
+pub(super) async fn follow<H: Host>(inner: &H, groups: &[String]) {
+    let shared = inner.shared();
+    for group in groups {
+        if policy_for(&shared.history, group).is_none() || shared.sequencer.follows(group) {
+            continue;
+        }
+        let base = match inner
+            .query::<(Option<String>, Option<u64>)>(
+                "HMGET",
+                redis::cmd("HMGET")
+                    .arg(shared.keys.meta(group))
+                    .arg("epoch")
+                    .arg("top"),
+            )
+            .await
+        {
+            Ok((Some(epoch), Some(top))) => Base::At(StreamPosition::new(top, epoch)),
+            Ok(_) => Base::Empty,
+            Err(e) => {
+                tracing::debug!(group, "reading the history position failed: {e}");
+                Base::Unknown
+            }
+        };
+        shared.sequencer.start(group, base);
+    }
+}
+
+/// Stops following `group` (its subscription ended because it has no
+/// local member left).
+#[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+pub(super) fn unfollow<H: Host>(inner: &H, group: &str) {
+    inner.shared().sequencer.retain(|g| g != group);
+}
+
+/// Reads what `groups` missed while their subscription was down (they
+/// are subscribed again), in a task: messages keep flowing meanwhile, each
+/// group's sequencer keeps the order.
+pub(super) fn catch_up<H: Host>(inner: &std::sync::Arc<H>, groups: Vec<String>) {
+    if groups.is_empty() {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let sequencer = &inner.shared().sequencer;
+        for group in groups {
+            sequencer.catch_up(&Via(&*inner), &group).await;
+        }
+    });
+}
+
+/// `KEYS`: stream, meta; `ARGV`: since offset, since epoch. Returns bulk
 /// strings: `{'none'}`, `{'epoch'|'old', epoch, top}` or
 /// `{'ok', epoch, top, offset1, event1, offset2, event2, ...}`.
 pub(super) const RECOVER_SCRIPT: &str = r"
-local stream, meta = ARGV[1], ARGV[2]
+local stream, meta = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 if (not epoch) or redis.call('EXISTS', stream) == 0 then return {'none'} end
 local top = tonumber(redis.call('HGET', meta, 'top'))
-local since = tonumber(ARGV[3])
-if epoch ~= ARGV[4] or since > top then return {'epoch', epoch, tostring(top)} end
+local since = tonumber(ARGV[1])
+if epoch ~= ARGV[2] or since > top then return {'epoch', epoch, tostring(top)} end
 local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
 local first_offset = tonumber(string.match(first[1][1], '^(%d+)'))
 if first_offset > since + 1 then return {'old', epoch, tostring(top)} end
@@ -72,154 +189,26 @@ end
 return out
 ";
 
-#[derive(Debug)]
-pub(super) struct Scripts {
-    pub(super) send: LuaScript,
-    pub(super) recover: LuaScript,
-}
-
-impl Scripts {
-    pub(super) fn new() -> Self {
-        Self {
-            send: LuaScript::new(SEND_SCRIPT),
-            recover: LuaScript::new(RECOVER_SCRIPT),
-        }
+/// `ChannelLayer::recover` of both layers (and the sequencer's reads).
+pub(super) async fn recover<H: Host>(
+    inner: &H,
+    group: &str,
+    since: &StreamPosition,
+) -> Result<Recovery, ChannelLayerError> {
+    validate_group_name(group)?;
+    let shared = inner.shared();
+    if policy_for(&shared.history, group).is_none() {
+        return Err(ChannelLayerError::NoHistory {
+            group: group.to_owned(),
+        });
     }
-}
-
-impl SequencerHost for Inner {
-    fn read_history<'a>(
-        &'a self,
-        group: &'a str,
-        since: &'a StreamPosition,
-    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
-        Box::pin(self.recover(group, since))
-    }
-
-    fn deliver(&self, group: &str, event: &Event) {
-        self.fan_out(group, event);
-    }
-
-    fn lost(&self, group: &str, count: Option<u64>, why: &str) {
-        let count = count.unwrap_or(1);
-        Counters::add(
-            &self.counters.dropped_other,
-            usize::try_from(count).unwrap_or(usize::MAX),
-        );
-        tracing::warn!(
-            group,
-            lost = count,
-            "history events missed here cannot be delivered: {why}"
-        );
-    }
-}
-
-impl Inner {
-    /// Follows the history groups among `groups` not followed yet, from
-    /// the group's current position (read before subscribing, so what is
-    /// published in between is read from the stream, not missed).
-    pub(super) async fn follow_history(&self, groups: &[String]) {
-        for group in groups {
-            if policy_for(&self.config.history, group).is_none() || self.sequencer.follows(group) {
-                continue;
-            }
-            let base = match self
-                .query::<(Option<String>, Option<u64>)>(
-                    "HMGET",
-                    redis::cmd("HMGET")
-                        .arg(self.meta_key(group))
-                        .arg("epoch")
-                        .arg("top"),
-                )
-                .await
-            {
-                Ok((Some(epoch), Some(top))) => Base::At(StreamPosition::new(top, epoch)),
-                Ok(_) => Base::Empty,
-                Err(e) => {
-                    tracing::debug!(group, "reading the history position failed: {e}");
-                    Base::Unknown
-                }
-            };
-            self.sequencer.start(group, base);
-        }
-    }
-
-    fn stream_key(&self, group: &str) -> String {
-        format!("{}:history:{group}", self.config.prefix)
-    }
-
-    fn meta_key(&self, group: &str) -> String {
-        format!("{}:history-meta:{group}", self.config.prefix)
-    }
-
-    /// A group send to a group with history. Local members get the event
-    /// once the script answered with its offset, through the sequencer,
-    /// which keeps them in offset order with other senders' events and
-    /// drops the copy Pub/Sub brings back.
-    pub(super) async fn group_send_with_history(
-        &self,
-        group: &str,
-        event: &Event,
-        policy: &HistoryPolicy,
-    ) -> Result<GroupSendReport, ChannelLayerError> {
-        let encoded = event.encode()?;
-        let list_payload =
-            wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
-        let key = self.config.group_key(group);
-        let subscribed_before = lock(&self.subscribed).contains(group);
-        let local_members = self.registry.group_len(group);
-        let ttl_ms = u64::try_from(policy.time_limit().as_millis()).unwrap_or(u64::MAX);
-        let (receivers, pushed, full, offset, epoch): (usize, usize, usize, u64, String) = self
-            .eval("group send with history", &self.history_scripts.send, |c| {
-                c.arg(1)
-                    .arg(&key)
-                    .arg(&list_payload)
-                    .arg(unix_now())
-                    .arg(self.config.group_expiry.as_secs())
-                    .arg(self.config.capacity)
-                    .arg(self.config.expiry.as_secs())
-                    .arg(&self.config.list_prefix)
-                    .arg(self.stream_key(group))
-                    .arg(self.meta_key(group))
-                    .arg(self.process())
-                    .arg(group)
-                    .arg(encoded.as_ref())
-                    .arg(policy.len_limit())
-                    .arg(ttl_ms)
-                    .arg(names::random_token(10));
-            })
-            .await?;
-        self.counters.group_sent(full);
-        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
-        let position = StreamPosition::new(offset, epoch);
-        if local_members > 0 {
-            let event = event.clone().with_position(position.clone());
-            self.sequencer.offer(self, group, event).await;
-        }
-        Ok(GroupSendReport {
-            local_members,
-            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
-            dropped: full,
-            position: Some(position),
+    let (stream, meta) = (shared.keys.stream(group), shared.keys.meta(group));
+    let reply: Vec<Vec<u8>> = inner
+        .eval("recover", &shared.recover, &[&stream, &meta], |c| {
+            c.arg(since.offset()).arg(since.epoch());
         })
-    }
-
-    pub(super) async fn recover(
-        &self,
-        group: &str,
-        since: &StreamPosition,
-    ) -> Result<Recovery, ChannelLayerError> {
-        let reply: Vec<Vec<u8>> = self
-            .eval("recover", &self.history_scripts.recover, |c| {
-                c.arg(0)
-                    .arg(self.stream_key(group))
-                    .arg(self.meta_key(group))
-                    .arg(since.offset())
-                    .arg(since.epoch());
-            })
-            .await?;
-        parse_recovery(&reply).ok_or_else(|| BackendError::MalformedReply("recover").into())
-    }
+        .await?;
+    parse_recovery(&reply).ok_or_else(|| BackendError::MalformedReply("recover").into())
 }
 
 fn text(bytes: &[u8]) -> Option<&str> {

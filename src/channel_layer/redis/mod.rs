@@ -247,6 +247,7 @@
 pub mod cluster;
 mod history;
 mod presence;
+mod shared;
 mod subscriber;
 mod wire;
 mod worker;
@@ -260,7 +261,7 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -272,15 +273,13 @@ use redis::{
 use tokio::sync::{mpsc, oneshot};
 
 use self::{
+    shared::{GroupKeys, Host, Shared},
     subscriber::{Command, Subscriber},
     wire::Envelope,
 };
 use super::{
-    history::policy_for,
     local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
     names,
-    presence::LocalPresence,
-    sequencer::Sequencer,
     subscriber_error::SubscriberError,
     validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Event, Feature,
@@ -310,11 +309,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// `KEYS[1]` group (Pub/Sub channel and sorted set of named members);
-/// `ARGV`: payload, now (s), group expiry (s), capacity, expiry (s), list key prefix.
-/// Returns `{subscribers, pushed, full}`.
-const GROUP_SEND_SCRIPT: &str = r"
-local receivers = redis.call('PUBLISH', KEYS[1], ARGV[1])
+/// The part of both group send scripts after the event is known: publishes
+/// `msg` and pushes `ARGV[1]` to the named members' lists. `KEYS[1]` group
+/// (Pub/Sub channel and sorted set of named members); `ARGV`: 1 list
+/// payload, 2 now (s), 3 group expiry (s), 4 capacity, 5 list expiry (s),
+/// 6 list key prefix. Sets `receivers`, `pushed` and `full`.
+const PUBLISH_AND_PUSH: &str = r"
+local receivers = redis.call('PUBLISH', KEYS[1], msg)
 local pushed, full = 0, 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
@@ -330,8 +331,38 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     end
   end
 end
-return {receivers, pushed, full}
 ";
+
+/// A group send without history: [`PUBLISH_AND_PUSH`] of the payload
+/// (`ARGV[1]`). Returns `{subscribers, pushed, full}`.
+fn group_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            "local msg = ARGV[1]",
+            PUBLISH_AND_PUSH,
+            "return {receivers, pushed, full}",
+        ],
+    )
+}
+
+/// A group send with history: [`history::APPEND`] (its arguments from
+/// `ARGV[7]`, `KEYS[2..3]` the stream and meta hash), then
+/// [`PUBLISH_AND_PUSH`] of the envelope with the offset. Returns
+/// `{subscribers, pushed, full, offset, epoch}`.
+fn history_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            history::APPEND,
+            "local offset, epoch, msg = append(7)",
+            PUBLISH_AND_PUSH,
+            "return {receivers, pushed, full, offset, epoch}",
+        ],
+    )
+}
 
 /// Configures and connects a [`RedisChannelLayer`]; made by
 /// [`RedisChannelLayer::builder`].
@@ -420,9 +451,12 @@ impl RedisChannelLayerBuilder {
             group_prefix: format!("{}:group:", self.prefix),
             list_prefix: format!("{}:channel:", self.prefix),
             prefix: self.prefix,
-            history: self.history,
-            presence: self.presence,
         };
+        let shared = Shared::new(
+            GroupKeys::plain(&config.prefix),
+            self.history,
+            self.presence,
+        );
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT.min(config.timeout)))
             .set_response_timeout(Some(config.timeout))
@@ -454,12 +488,10 @@ impl RedisChannelLayerBuilder {
         let inner = Arc::new(Inner {
             scripts: Scripts {
                 send: LuaScript::new(SEND_SCRIPT),
-                group_send: LuaScript::new(GROUP_SEND_SCRIPT),
+                group_send: group_send_script(),
             },
-            history_scripts: history::Scripts::new(),
-            presence_scripts: presence::Scripts::new(),
-            presence: Mutex::default(),
-            sequencer: Sequencer::default(),
+            history_send: history_send_script(),
+            shared,
             config,
             proc_channel,
             client,
@@ -480,7 +512,7 @@ impl RedisChannelLayerBuilder {
         tokio::spawn(Subscriber::new(&inner, commands_rx, pubsub).run());
         tokio::spawn(presence::refresh_loop(
             Arc::downgrade(&inner),
-            inner.config.presence.time_limit(),
+            inner.shared.presence_config.time_limit(),
         ));
         Ok(RedisChannelLayer { inner })
     }
@@ -573,8 +605,6 @@ struct Config {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
-    history: Vec<HistoryPolicy>,
-    presence: PresenceConfig,
 }
 
 impl Config {
@@ -604,6 +634,12 @@ impl LuaScript {
             sha: Mutex::default(),
         }
     }
+
+    /// A script made of `parts`, one per line, joined once into `source`
+    /// (the caller's own static).
+    fn composed(source: &'static OnceLock<String>, parts: &[&str]) -> Self {
+        Self::new(source.get_or_init(|| parts.join("\n")))
+    }
 }
 
 #[derive(Debug)]
@@ -619,13 +655,10 @@ struct Inner {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
-    history_scripts: history::Scripts,
-    presence_scripts: presence::Scripts,
-    /// Presence entries of this process's channels, refreshed in Redis.
-    presence: Mutex<LocalPresence>,
-    /// Delivers history events to local members in offset order, once
-    /// (own sends, Pub/Sub, and reads of what was missed).
-    sequencer: Sequencer,
+    /// [`history_send_script`].
+    history_send: LuaScript,
+    /// Presence and history, shared with the cluster layer.
+    shared: Shared,
     next_request: AtomicU64,
     /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
@@ -711,28 +744,35 @@ impl LocalChannels for Inner {
             // The task is gone only when the layer is, and then nothing is subscribed.
             let _ = self.commands.send(Command::Sync { group, ack: None });
         }
-        self.forget_presence(channel);
+        presence::forget(self, channel);
+    }
+}
+
+impl Host for Inner {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn query_raw<T: FromRedisValue + Send>(
+        &self,
+        cmd: &Cmd,
+    ) -> impl std::future::Future<Output = Result<T, QueryError>> + Send {
+        self.within_timeout(move || {
+            let mut conn = self.conn.clone();
+            async move { cmd.query_async::<T>(&mut conn).await }
+        })
+    }
+
+    fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> impl std::future::Future<Output = Result<GroupSendReport, ChannelLayerError>> + Send {
+        Inner::group_send_plain(self, group, event)
     }
 }
 
 impl Inner {
-    /// Runs one command with the layer's timeout.
-    async fn query<T: FromRedisValue>(
-        &self,
-        what: &str,
-        cmd: &Cmd,
-    ) -> Result<T, ChannelLayerError> {
-        self.query_raw(cmd).await.map_err(|e| e.context(what))
-    }
-
-    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QueryError> {
-        self.within_timeout(|| {
-            let mut conn = self.conn.clone();
-            async move { cmd.query_async::<T>(&mut conn).await }
-        })
-        .await
-    }
-
     /// Runs a pipeline (in a `MULTI` if atomic) with the layer's timeout.
     async fn query_pipe(
         &self,
@@ -774,14 +814,12 @@ impl Inner {
     }
 
     async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
-        let mut scripts = vec![
+        let own = [
             &self.scripts.send,
             &self.scripts.group_send,
-            &self.history_scripts.send,
-            &self.history_scripts.recover,
+            &self.history_send,
         ];
-        scripts.extend(self.presence_scripts.all());
-        for script in scripts {
+        for script in own.into_iter().chain(self.shared.all_scripts()) {
             let sha: String = self
                 .query(
                     "loading a Lua script",
@@ -791,30 +829,6 @@ impl Inner {
             *lock(&script.sha) = sha;
         }
         Ok(())
-    }
-
-    /// Runs a script by its SHA1, falling back to `EVAL` (which also caches
-    /// it again) after Redis forgot it, e.g. on a restart.
-    async fn eval<T: FromRedisValue>(
-        &self,
-        what: &str,
-        script: &LuaScript,
-        args: impl Fn(&mut Cmd),
-    ) -> Result<T, ChannelLayerError> {
-        let sha = lock(&script.sha).clone();
-        if !sha.is_empty() {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&sha);
-            args(&mut cmd);
-            match self.query_raw(&cmd).await {
-                Err(QueryError::Redis(e)) if e.code() == Some("NOSCRIPT") => {}
-                other => return other.map_err(|e| e.context(what)),
-            }
-        }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script.code);
-        args(&mut cmd);
-        self.query(what, &cmd).await
     }
 
     async fn publish(&self, channel: &str, payload: &[u8]) -> Result<usize, ChannelLayerError> {
@@ -844,15 +858,8 @@ impl Inner {
         // first: its members never wait for (or miss) a Redis round trip.
         let (delivered, dropped) = self.fan_out(group, event);
         let (receivers, pushed, full): (usize, usize, usize) = self
-            .eval("group send", &self.scripts.group_send, |c| {
-                c.arg(1)
-                    .arg(&key)
-                    .arg(&payload)
-                    .arg(unix_now())
-                    .arg(self.config.group_expiry.as_secs())
-                    .arg(self.config.capacity)
-                    .arg(self.config.expiry.as_secs())
-                    .arg(&self.config.list_prefix);
+            .eval("group send", &self.scripts.group_send, &[&key], |c| {
+                self.publish_and_push_args(c, &payload);
             })
             .await?;
         self.counters.group_sent(dropped + full);
@@ -862,6 +869,56 @@ impl Inner {
             remote_receivers: Some(receivers.saturating_sub(own) + pushed),
             dropped: dropped + full,
             position: None,
+        })
+    }
+
+    /// The arguments of [`PUBLISH_AND_PUSH`] (`ARGV[1..=6]`).
+    fn publish_and_push_args(&self, c: &mut Cmd, payload: &[u8]) {
+        c.arg(payload)
+            .arg(unix_now())
+            .arg(self.config.group_expiry.as_secs())
+            .arg(self.config.capacity)
+            .arg(self.config.expiry.as_secs())
+            .arg(&self.config.list_prefix);
+    }
+
+    /// A group send to a group with history: one script appends the
+    /// event, publishes it with its offset and pushes it to named members;
+    /// local members get it once the offset is known, through the
+    /// sequencer ([`history::deliver_own`]).
+    async fn group_send_with_history(
+        &self,
+        group: &str,
+        event: &Event,
+        policy: &HistoryPolicy,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let encoded = event.encode()?;
+        let list_payload =
+            wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
+        let keys = history::send_keys(self, group, self.config.group_key(group));
+        let subscribed_before = lock(&self.subscribed).contains(group);
+        let local_members = self.registry.group_len(group);
+        let fresh = history::new_epoch();
+        let (receivers, pushed, full, offset, epoch): (usize, usize, usize, u64, String) = self
+            .eval(
+                "group send with history",
+                &self.history_send,
+                &keys.each_ref().map(String::as_str),
+                |c| {
+                    self.publish_and_push_args(c, &list_payload);
+                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
+                },
+            )
+            .await?;
+        self.counters.group_sent(full);
+        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        let position = StreamPosition::new(offset, epoch);
+        history::deliver_own(self, group, event, &position, local_members).await;
+        Ok(GroupSendReport {
+            local_members,
+            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
+            dropped: full,
+            position: Some(position),
         })
     }
 
@@ -1066,10 +1123,8 @@ impl ChannelLayer for RedisChannelLayer {
                 None => {
                     let key = inner.config.list_key(channel);
                     let pushed: i64 = inner
-                        .eval("LPUSH", &inner.scripts.send, |c| {
-                            c.arg(1)
-                                .arg(&key)
-                                .arg(&payload)
+                        .eval("LPUSH", &inner.scripts.send, &[&key], |c| {
+                            c.arg(&payload)
                                 .arg(inner.config.capacity)
                                 .arg(inner.config.expiry.as_secs());
                         })
@@ -1137,7 +1192,7 @@ impl ChannelLayer for RedisChannelLayer {
                 Owner::Local => {
                     inner.registry.group_discard(group, channel);
                     let synced = inner.sync_group(group).await;
-                    inner.presence_leave(group, channel).await?;
+                    presence::leave(&**inner, group, channel).await?;
                     synced
                 }
                 Owner::Process(process) => {
@@ -1167,9 +1222,7 @@ impl ChannelLayer for RedisChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            // An ephemeral event goes out as a plain group send: not stored,
-            // no offset, and receivers fan it out without the sequencer.
-            match policy_for(&inner.config.history, group).filter(|_| !event.is_ephemeral()) {
+            match history::policy(&**inner, group, &event) {
                 Some(policy) => inner.group_send_with_history(group, &event, policy).await,
                 None => inner.group_send_plain(group, &event).await,
             }
@@ -1181,7 +1234,7 @@ impl ChannelLayer for RedisChannelLayer {
             let inner = &self.inner;
             {
                 inner.registry.clear();
-                lock(&inner.presence).clear();
+                inner.shared.clear();
             }
             let (ack, done) = oneshot::channel();
             inner
@@ -1205,17 +1258,14 @@ impl ChannelLayer for RedisChannelLayer {
         channel: &'a str,
         info: PresenceInfo,
     ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        self.presence_join_impl(group, channel, info)
+        Box::pin(presence::join(self, &*self.inner, group, channel, info))
     }
 
     fn presence<'a>(
         &'a self,
         group: &'a str,
     ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            self.inner.presence_list(group).await
-        })
+        Box::pin(presence::list(&*self.inner, group))
     }
 
     fn recover<'a>(
@@ -1223,15 +1273,7 @@ impl ChannelLayer for RedisChannelLayer {
         group: &'a str,
         since: &'a StreamPosition,
     ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
-        Box::pin(async move {
-            validate_group_name(group)?;
-            if policy_for(&self.inner.config.history, group).is_none() {
-                return Err(ChannelLayerError::NoHistory {
-                    group: group.to_owned(),
-                });
-            }
-            self.inner.recover(group, since).await
-        })
+        Box::pin(history::recover(&*self.inner, group, since))
     }
 }
 

@@ -1,6 +1,9 @@
-//! Presence on Redis (see the module docs' "Presence").
+//! Presence on Redis, for both layers (see the module docs' "Presence"):
+//! the scripts and the Rust around them run on any [`Host`].
 //!
-//! Per group, with `base` = `{prefix}:presence:{group}`:
+//! Per group, with `base` = [`GroupKeys::presence_base`](super::shared::GroupKeys::presence_base)
+//! (`{prefix}:presence:{group}`; on a cluster the group is a hash tag, so
+//! every key below is on the group's slot):
 //!
 //! * `{base}:procs`, a sorted set of the processes with members, scored by
 //!   when their entries expire (Redis time, ms); a process refreshes the
@@ -19,19 +22,22 @@ use std::{
     time::Duration,
 };
 
-use super::{lock, BackendError, Inner, LocalChannels, LuaScript, RedisChannelLayer};
+use super::{lock, shared::Host, BackendError, LuaScript};
 use crate::channel_layer::{
-    presence::group_by_user, ChannelLayer, ChannelLayerError, Event, PresenceChange, PresenceInfo,
-    PresenceMember, PRESENCE_JOIN, PRESENCE_LEAVE,
+    presence::group_by_user, validate_channel_name, validate_group_name, ChannelLayer,
+    ChannelLayerError, Event, PresenceChange, PresenceInfo, PresenceMember, PRESENCE_JOIN,
+    PRESENCE_LEAVE,
 };
 
 /// Computes `now` (ms, Redis clock), the process's keys and the alive
-/// processes other than ours. Shared head of every presence script.
+/// processes other than ours. Shared head of every presence script:
+/// `KEYS[1]` is `{base}:procs` (declared, so a cluster routes the call to
+/// the group's slot; the other keys are on the same slot).
 const PRELUDE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local base, proc = ARGV[1], ARGV[2]
-local procs = base .. ':procs'
+local procs = KEYS[1]
 local c, u = base .. ':c:' .. proc, base .. ':u:' .. proc
 local function present_elsewhere(user)
   for _, p in ipairs(redis.call('ZRANGEBYSCORE', procs, now, '+inf')) do
@@ -135,11 +141,11 @@ return out
 
 #[derive(Debug)]
 pub(super) struct Scripts {
-    pub(super) join: LuaScript,
-    pub(super) leave: LuaScript,
-    pub(super) refresh: LuaScript,
-    pub(super) restore: LuaScript,
-    pub(super) list: LuaScript,
+    join: LuaScript,
+    leave: LuaScript,
+    refresh: LuaScript,
+    restore: LuaScript,
+    list: LuaScript,
 }
 
 /// The scripts' source: the prelude followed by each body, built once.
@@ -171,184 +177,219 @@ impl Scripts {
     }
 }
 
-fn ttl_ms(inner: &Inner) -> u64 {
-    u64::try_from(inner.config.presence.time_limit().as_millis()).unwrap_or(u64::MAX)
+fn ttl_ms<H: Host>(inner: &H) -> u64 {
+    u64::try_from(inner.shared().presence_config.time_limit().as_millis()).unwrap_or(u64::MAX)
 }
 
-impl Inner {
-    fn presence_base(&self, group: &str) -> String {
-        format!("{}:presence:{group}", self.config.prefix)
-    }
+/// The base of `group`'s presence keys and the key every script declares.
+fn keys<H: Host>(inner: &H, group: &str) -> (String, String) {
+    let base = inner.shared().keys.presence_base(group);
+    let procs = format!("{base}:procs");
+    (base, procs)
+}
 
-    /// Sends a join or leave notification if the group wants them: a plain
-    /// group send, never part of the history.
-    async fn notify(&self, group: &str, kind: &'static str, change: PresenceChange) {
-        if !self.config.presence.notifies(group) {
-            return;
-        }
-        if let Err(e) = self
-            .group_send_plain(group, &Event::new(kind, change))
-            .await
-        {
-            tracing::warn!(group, kind, "presence notification failed: {e}");
-        }
+/// Sends a join or leave notification if the group wants them: a plain
+/// group send, never part of the history.
+async fn notify<H: Host>(inner: &H, group: &str, kind: &'static str, change: PresenceChange) {
+    if !inner.shared().presence_config.notifies(group) {
+        return;
     }
+    if let Err(e) = inner
+        .group_send_plain(group, &Event::new(kind, change))
+        .await
+    {
+        tracing::warn!(group, kind, "presence notification failed: {e}");
+    }
+}
 
-    pub(super) async fn presence_join(
-        &self,
-        group: &str,
-        channel: &str,
-        info: PresenceInfo,
-    ) -> Result<(), ChannelLayerError> {
-        let (joined, replaced) = lock(&self.presence).join(group, channel, info);
-        let base = self.presence_base(group);
-        let same_user = replaced
-            .as_ref()
-            .is_some_and(|old| old.info.user_id() == joined.info.user_id());
-        match replaced {
-            // The join below overwrites the entry; the user stays.
-            Some(_) if same_user => {}
-            Some(old) => self.presence_leave_remote(group, channel, old.info).await?,
-            None => {}
-        }
-        let first: i64 = self
-            .eval("presence join", &self.presence_scripts.join, |c| {
-                c.arg(0)
-                    .arg(&base)
-                    .arg(self.process())
+/// `ChannelLayer::presence_join` of both layers: `layer` is the layer
+/// whose `inner` this is (its `group_add` subscribes).
+pub(super) async fn join<H: Host>(
+    layer: &dyn ChannelLayer,
+    inner: &H,
+    group: &str,
+    channel: &str,
+    info: PresenceInfo,
+) -> Result<(), ChannelLayerError> {
+    validate_group_name(group)?;
+    validate_channel_name(channel)?;
+    if !inner.registry().is_local(channel) {
+        // Only this process can keep a channel's presence alive.
+        return Err(crate::channel_layer::local::no_such_channel(channel));
+    }
+    layer.group_add(group, channel).await?;
+    let (joined, replaced) = lock(&inner.shared().presence).join(group, channel, info);
+    let same_user = replaced
+        .as_ref()
+        .is_some_and(|old| old.info.user_id() == joined.info.user_id());
+    match replaced {
+        // The join below overwrites the entry; the user stays.
+        Some(_) if same_user => {}
+        Some(old) => leave_remote(inner, group, channel, old.info).await?,
+        None => {}
+    }
+    let (base, procs) = keys(inner, group);
+    let first: i64 = inner
+        .eval(
+            "presence join",
+            &inner.shared().scripts.join,
+            &[&procs],
+            |c| {
+                c.arg(&base)
+                    .arg(inner.process())
                     .arg(channel)
                     .arg(joined.info.to_stored())
                     .arg(joined.info.user_id())
-                    .arg(ttl_ms(self));
-            })
-            .await?;
-        if first == 1 && !same_user {
-            self.notify(group, PRESENCE_JOIN, PresenceChange::new(&joined.info))
-                .await;
-        }
-        Ok(())
+                    .arg(ttl_ms(inner));
+            },
+        )
+        .await?;
+    if first == 1 && !same_user {
+        notify(
+            inner,
+            group,
+            PRESENCE_JOIN,
+            PresenceChange::new(&joined.info),
+        )
+        .await;
     }
+    Ok(())
+}
 
-    /// Removes `channel`'s presence in `group`, here and in Redis.
-    pub(super) async fn presence_leave(
-        &self,
-        group: &str,
-        channel: &str,
-    ) -> Result<(), ChannelLayerError> {
-        let left = lock(&self.presence).leave(group, channel);
-        match left {
-            Some(change) => {
-                self.presence_leave_remote(group, channel, change.info)
-                    .await
-            }
-            None => Ok(()),
-        }
+/// Removes `channel`'s presence in `group`, here and in Redis.
+pub(super) async fn leave<H: Host>(
+    inner: &H,
+    group: &str,
+    channel: &str,
+) -> Result<(), ChannelLayerError> {
+    let left = lock(&inner.shared().presence).leave(group, channel);
+    match left {
+        Some(change) => leave_remote(inner, group, channel, change.info).await,
+        None => Ok(()),
     }
+}
 
-    async fn presence_leave_remote(
-        &self,
-        group: &str,
-        channel: &str,
-        info: PresenceInfo,
-    ) -> Result<(), ChannelLayerError> {
-        let last: i64 = self
-            .eval("presence leave", &self.presence_scripts.leave, |c| {
-                c.arg(0)
-                    .arg(self.presence_base(group))
-                    .arg(self.process())
+async fn leave_remote<H: Host>(
+    inner: &H,
+    group: &str,
+    channel: &str,
+    info: PresenceInfo,
+) -> Result<(), ChannelLayerError> {
+    let (base, procs) = keys(inner, group);
+    let last: i64 = inner
+        .eval(
+            "presence leave",
+            &inner.shared().scripts.leave,
+            &[&procs],
+            |c| {
+                c.arg(&base)
+                    .arg(inner.process())
                     .arg(channel)
                     .arg(info.user_id());
-            })
-            .await?;
-        if last == 1 {
-            self.notify(group, PRESENCE_LEAVE, PresenceChange::new(&info))
-                .await;
-        }
-        Ok(())
+            },
+        )
+        .await?;
+    if last == 1 {
+        notify(inner, group, PRESENCE_LEAVE, PresenceChange::new(&info)).await;
     }
+    Ok(())
+}
 
-    /// A channel's receiver was dropped: leave its presence groups in the
-    /// background (the TTL covers the case where this never runs).
-    pub(super) fn forget_presence(self: &Arc<Self>, channel: &str) {
-        let groups = lock(&self.presence).groups_of(channel);
-        if groups.is_empty() {
-            return;
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let inner = Arc::clone(self);
-        let channel = channel.to_owned();
-        handle.spawn(async move {
-            for group in groups {
-                if let Err(e) = inner.presence_leave(&group, &channel).await {
-                    tracing::debug!(group, "presence leave on close failed: {e}");
-                }
+/// A channel's receiver was dropped: leave its presence groups in the
+/// background (the TTL covers the case where this never runs).
+pub(super) fn forget<H: Host>(inner: &Arc<H>, channel: &str) {
+    let groups = lock(&inner.shared().presence).groups_of(channel);
+    if groups.is_empty() {
+        return;
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let inner = Arc::clone(inner);
+    let channel = channel.to_owned();
+    handle.spawn(async move {
+        for group in groups {
+            if let Err(e) = leave(&*inner, &group, &channel).await {
+                tracing::debug!(group, "presence leave on close failed: {e}");
             }
-        });
-    }
-
-    pub(super) async fn presence_list(
-        &self,
-        group: &str,
-    ) -> Result<Vec<PresenceMember>, ChannelLayerError> {
-        let flat: Vec<Vec<u8>> = self
-            .eval("presence", &self.presence_scripts.list, |c| {
-                c.arg(0).arg(self.presence_base(group)).arg(self.process());
-            })
-            .await?;
-        if flat.len() % 2 != 0 {
-            return Err(BackendError::MalformedReply("presence").into());
         }
-        let entries = flat.chunks(2).filter_map(|pair| {
-            let channel = String::from_utf8(pair[0].clone()).ok()?;
-            Some((channel, PresenceInfo::from_stored(&pair[1])?))
-        });
-        Ok(group_by_user(entries))
-    }
+    });
+}
 
-    /// Renews this process's entries in `group`, writes them again if
-    /// Redis lost them, and announces users of dead processes who left.
-    async fn refresh_group(&self, group: &str) -> Result<(), ChannelLayerError> {
-        let base = self.presence_base(group);
-        let local = lock(&self.presence).len(group);
-        let reply: Vec<String> = self
-            .eval("presence refresh", &self.presence_scripts.refresh, |c| {
-                c.arg(0)
-                    .arg(&base)
-                    .arg(self.process())
-                    .arg(ttl_ms(self))
+/// `ChannelLayer::presence` of both layers.
+pub(super) async fn list<H: Host>(
+    inner: &H,
+    group: &str,
+) -> Result<Vec<PresenceMember>, ChannelLayerError> {
+    validate_group_name(group)?;
+    let (base, procs) = keys(inner, group);
+    let flat: Vec<Vec<u8>> = inner
+        .eval("presence", &inner.shared().scripts.list, &[&procs], |c| {
+            c.arg(&base).arg(inner.process());
+        })
+        .await?;
+    if flat.len() % 2 != 0 {
+        return Err(BackendError::MalformedReply("presence").into());
+    }
+    let entries = flat.chunks(2).filter_map(|pair| {
+        let channel = String::from_utf8(pair[0].clone()).ok()?;
+        Some((channel, PresenceInfo::from_stored(&pair[1])?))
+    });
+    Ok(group_by_user(entries))
+}
+
+/// Renews this process's entries in `group`, writes them again if Redis
+/// lost them, and announces users of dead processes who left.
+async fn refresh_group<H: Host>(inner: &H, group: &str) -> Result<(), ChannelLayerError> {
+    let shared = inner.shared();
+    let (base, procs) = keys(inner, group);
+    let local = lock(&shared.presence).len(group);
+    let reply: Vec<String> = inner
+        .eval(
+            "presence refresh",
+            &shared.scripts.refresh,
+            &[&procs],
+            |c| {
+                c.arg(&base)
+                    .arg(inner.process())
+                    .arg(ttl_ms(inner))
                     .arg(local);
-            })
-            .await?;
-        let mut reply = reply.into_iter();
-        if reply.next().as_deref() == Some("0") {
-            let entries = lock(&self.presence).entries(group);
-            if !entries.is_empty() {
-                self.eval::<i64>("presence restore", &self.presence_scripts.restore, |c| {
-                    c.arg(0).arg(&base).arg(self.process()).arg(ttl_ms(self));
-                    for (channel, info) in &entries {
-                        c.arg(channel).arg(info.to_stored()).arg(info.user_id());
-                    }
-                })
+            },
+        )
+        .await?;
+    let mut reply = reply.into_iter();
+    if reply.next().as_deref() == Some("0") {
+        let entries = lock(&shared.presence).entries(group);
+        if !entries.is_empty() {
+            inner
+                .eval::<i64>(
+                    "presence restore",
+                    &shared.scripts.restore,
+                    &[&procs],
+                    |c| {
+                        c.arg(&base).arg(inner.process()).arg(ttl_ms(inner));
+                        for (channel, info) in &entries {
+                            c.arg(channel).arg(info.to_stored()).arg(info.user_id());
+                        }
+                    },
+                )
                 .await?;
-            }
         }
-        for user_id in reply {
-            // The user's data went with the dead process's keys.
-            let change = PresenceChange {
-                user_id,
-                data: None,
-            };
-            self.notify(group, PRESENCE_LEAVE, change).await;
-        }
-        Ok(())
     }
+    for user_id in reply {
+        // The user's data went with the dead process's keys.
+        let change = PresenceChange {
+            user_id,
+            data: None,
+        };
+        notify(inner, group, PRESENCE_LEAVE, change).await;
+    }
+    Ok(())
 }
 
 /// Refreshes this process's presence every third of the TTL, in the groups
 /// it has members in (only those), until the layer is dropped.
-pub(super) async fn refresh_loop(inner: Weak<Inner>, ttl: Duration) {
+pub(super) async fn refresh_loop<H: Host>(inner: Weak<H>, ttl: Duration) {
     let period = ttl / 3;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -357,42 +398,26 @@ pub(super) async fn refresh_loop(inner: Weak<Inner>, ttl: Duration) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        inner.refresh_presence().await;
+        refresh(&*inner).await;
     }
 }
 
-impl Inner {
-    /// Refreshes this process's presence in every group it has members in
-    /// (and writes it again where Redis lost it): every third of the TTL,
-    /// and at once after the Pub/Sub connection came back, so a listing
-    /// after a Redis restart is whole again without waiting for the tick.
-    pub(super) async fn refresh_presence(&self) {
-        let groups = lock(&self.presence).group_names();
-        for group in groups {
-            if let Err(e) = self.refresh_group(&group).await {
-                tracing::debug!(group, "presence refresh failed: {e}");
-            }
+/// [`refresh`] in a task: after a reconnect, when the server may have lost
+/// this process's entries.
+pub(super) fn refresh_soon<H: Host>(inner: &Arc<H>) {
+    let inner = inner.clone();
+    tokio::spawn(async move { refresh(&*inner).await });
+}
+
+/// Refreshes this process's presence in every group it has members in
+/// (and writes it again where Redis lost it): every third of the TTL, and
+/// at once after the subscriptions came back, so a listing after a
+/// restart is whole again without waiting for the tick.
+pub(super) async fn refresh<H: Host>(inner: &H) {
+    let groups = lock(&inner.shared().presence).group_names();
+    for group in groups {
+        if let Err(e) = refresh_group(inner, &group).await {
+            tracing::debug!(group, "presence refresh failed: {e}");
         }
-    }
-}
-
-impl RedisChannelLayer {
-    /// The `ChannelLayer::presence_join` of this layer.
-    pub(super) fn presence_join_impl<'a>(
-        &'a self,
-        group: &'a str,
-        channel: &'a str,
-        info: PresenceInfo,
-    ) -> crate::channel_layer::BoxFuture<'a, Result<(), ChannelLayerError>> {
-        Box::pin(async move {
-            crate::channel_layer::validate_group_name(group)?;
-            crate::channel_layer::validate_channel_name(channel)?;
-            if !self.inner.registry.is_local(channel) {
-                // Only this process can keep a channel's presence alive.
-                return Err(super::no_such_channel(channel));
-            }
-            self.group_add(group, channel).await?;
-            self.inner.presence_join(group, channel, info).await
-        })
     }
 }

@@ -19,10 +19,9 @@ use tokio::{
 };
 
 use super::{
-    lock,
+    history, lock, presence,
     wire::{self, Envelope},
-    Counters, Inner, LocalChannels, StreamPosition, SubscriberError, CONNECT_TIMEOUT,
-    RECONNECT_MAX, RECONNECT_MIN,
+    Counters, Inner, LocalChannels, SubscriberError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
 };
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
@@ -64,14 +63,14 @@ pub(super) async fn open(inner: &Inner) -> Result<PubSub, SubscriberError> {
     // Membership may change while we subscribe; the commands queued for
     // those changes reconcile afterwards.
     let groups: Vec<String> = inner.registry.group_names();
-    inner.follow_history(&groups).await;
+    history::follow(inner, &groups).await;
     for chunk in groups.chunks(CHUNK) {
         let channels = chunk.iter().map(|g| inner.config.group_key(g)).collect();
         subscribe(&mut sink, channels, timeout).await?;
     }
     *lock(&inner.subscribed) = groups.into_iter().collect();
     let subscribed = lock(&inner.subscribed);
-    inner.sequencer.retain(|g| subscribed.contains(g));
+    inner.shared.sequencer.retain(|g| subscribed.contains(g));
     drop(subscribed);
     Ok(PubSub { sink, stream })
 }
@@ -180,16 +179,9 @@ impl Subscriber {
             Ok(conn) => {
                 tracing::info!(process = %inner.process(), "reconnected to Redis Pub/Sub and re-subscribed");
                 // Re-announce this process's presence (Redis may have lost
-                // it) and read back what the history groups missed
-                // meanwhile, in a task: messages keep flowing, each
-                // group's sequencer keeps the order.
-                let catch_up = inner.clone();
-                tokio::spawn(async move {
-                    catch_up.refresh_presence().await;
-                    for group in catch_up.sequencer.groups() {
-                        catch_up.sequencer.catch_up(&*catch_up, &group).await;
-                    }
-                });
+                // it) and read back what the history groups missed.
+                presence::refresh_soon(&inner);
+                history::catch_up(&inner, inner.shared.sequencer.groups());
                 self.conn = Some(conn);
                 self.backoff = RECONNECT_MIN;
                 inner.connected.store(true, Ordering::Relaxed);
@@ -306,10 +298,10 @@ impl Subscriber {
             for group in chunk {
                 subscribed.remove(group);
             }
-            inner.sequencer.retain(|g| subscribed.contains(g));
+            inner.shared.sequencer.retain(|g| subscribed.contains(g));
         }
         if result.is_ok() {
-            inner.follow_history(&to_subscribe).await;
+            history::follow(inner, &to_subscribe).await;
             for chunk in to_subscribe.chunks(CHUNK) {
                 result = subscribe(&mut conn.sink, chunk.iter().map(key).collect(), timeout).await;
                 if result.is_err() {
@@ -351,9 +343,7 @@ impl Subscriber {
                             inner.fan_out(group, &event);
                         }
                         offset => {
-                            let position = StreamPosition::new(offset, env.channel);
-                            let event = event.with_position(position);
-                            inner.sequencer.offer(&*inner, group, event).await;
+                            history::received(&*inner, group, event, offset, env.channel).await;
                         }
                     },
                     Err(e) => {

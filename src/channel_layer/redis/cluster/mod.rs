@@ -54,6 +54,33 @@
 //! * **Worker channels** are `BRPOP` loops, each on its own cluster
 //!   connection (a blocking command must not hold up the others).
 //!
+//! # Presence, history and recovery
+//!
+//! As on the [Redis layer](super#presence) (see there, and its
+//! [history](super#history-and-recovery)), with the same scripts, the same
+//! Rust around them and the same sequencer; only the keys differ: they
+//! carry the group's hash tag, so a group's stream
+//! `{prefix}:history:{<group>}`, its offset and epoch
+//! `{prefix}:history-meta:{<group>}` and its presence keys
+//! `{prefix}:presence:{<group>}:...` all live on the group's slot, with its
+//! shard channel, and each script call runs on that one node. A history
+//! send is one script there (append, `SPUBLISH` with the offset and epoch,
+//! list the named members); the sending process's members get the event
+//! once the offset is known, other processes through their shard
+//! subscription, each in offset order and once (see [Limits](#limits)
+//! for the queue between the two).
+//!
+//! When the node owning a history group restarts without persistence, the
+//! group's history and epoch are gone: the next send starts a new epoch,
+//! old positions fail to recover with
+//! [`RecoveryFailure::EpochChanged`](crate::channel_layer::RecoveryFailure::EpochChanged),
+//! and each process reads the new epoch from its first offset, so sends
+//! answered while it was still subscribing again are not lost. Once every
+//! primary answers again, each process writes its presence on the node
+//! again and reads back what its history groups missed (as it does for a
+//! history group whose subscription ended because its slot moved).
+//! `tests/redis_cluster.rs` (`history_survives_node_restart`) checks both.
+//!
 //! # Redirects, restarts and slot migration
 //!
 //! Routing, `MOVED`/`ASK` redirects, reconnection and re-subscription come
@@ -83,11 +110,12 @@
 //! other shards keep working (set `cluster-require-full-coverage no` on
 //! the servers, otherwise Redis itself refuses every command once the
 //! cluster marks the shard as failed). Delivery semantics are those of the
-//! Redis layer: at most once; messages published while a process is not
-//! subscribed on a shard are lost for it.
+//! Redis layer: at most once, except in history groups; messages of other
+//! groups published while a process is not subscribed on a shard are lost
+//! for it.
 //!
-//! The layer needs Redis 7 (`SPUBLISH`/`SSUBSCRIBE`), `EVALSHA`, list and
-//! sorted-set commands, `SCAN` (only for [`flush`](ChannelLayer::flush)),
+//! The layer needs Redis 7 (`SPUBLISH`/`SSUBSCRIBE`), `EVALSHA`, list,
+//! sorted-set, hash and stream commands, `SCAN` (only for [`flush`](ChannelLayer::flush)),
 //! and RESP3 (set for you).
 //!
 //! # Known issue
@@ -106,6 +134,10 @@
 //! task that hands push messages to this layer; the layer drains it without
 //! waiting (fan-out never blocks), and Redis's own `client-output-buffer-limit
 //! pubsub` disconnects a client that falls too far behind.
+//! History events go from there to the sequencer's task through a queue
+//! of at most 16 MiB of payloads; past it an event is dropped (counted in
+//! `dropped_other`) and read back from the group's stream when the group's
+//! next event shows the gap; until then it is missing here.
 
 mod subscriber;
 mod worker;
@@ -132,7 +164,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::subscriber::Command;
 use super::{
-    escape_glob, lock, unix_now,
+    escape_glob, history, lock, presence,
+    shared::{GroupKeys, Host, Shared},
+    unix_now,
     wire::{self, Envelope},
     BackendError, Counters, LocalChannels, LuaScript, QueryError, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
     DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX, DEFAULT_TIMEOUT, SEND_SCRIPT,
@@ -141,21 +175,54 @@ use crate::channel_layer::{
     local::{no_such_channel, Owner, Registry},
     names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
+    HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
     DEFAULT_CAPACITY,
 };
 
-/// `KEYS[1]`: the group's shard channel and the sorted set of its named
-/// members (one name, one slot); `ARGV`: payload, now (s), group expiry (s).
-/// Returns `{subscribers, named members}`.
-const GROUP_SEND_SCRIPT: &str = r"
-local receivers = redis.call('SPUBLISH', KEYS[1], ARGV[1])
+/// The part of both group send scripts after the event is known:
+/// `SPUBLISH`es `msg` and, if the group has named members, prunes and lists
+/// them. `KEYS[1]`: the group's shard channel and the sorted set of its
+/// named members (one name, one slot); `ARGV`: 1 now (s), 2 group expiry
+/// (s). Sets `receivers` and `members`.
+const PUBLISH_AND_LIST: &str = r"
+local receivers = redis.call('SPUBLISH', KEYS[1], msg)
 local members = {}
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
   members = redis.call('ZRANGE', KEYS[1], 0, -1)
 end
-return {receivers, members}
 ";
+
+/// A group send without history: [`PUBLISH_AND_LIST`] of the payload
+/// (`ARGV[3]`). Returns `{subscribers, named members}`.
+fn group_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            "local msg = ARGV[3]",
+            PUBLISH_AND_LIST,
+            "return {receivers, members}",
+        ],
+    )
+}
+
+/// A group send with history: [`history::APPEND`] (its arguments from
+/// `ARGV[3]`, `KEYS[2..3]` the stream and meta hash, on the group's slot),
+/// then [`PUBLISH_AND_LIST`] of the envelope with the offset. Returns
+/// `{subscribers, named members, offset, epoch}`.
+fn history_send_script() -> LuaScript {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    LuaScript::composed(
+        &SOURCE,
+        &[
+            history::APPEND,
+            "local offset, epoch, msg = append(3)",
+            PUBLISH_AND_LIST,
+            "return {receivers, members, offset, epoch}",
+        ],
+    )
+}
 
 /// Configures and connects a [`RedisClusterChannelLayer`]; made by
 /// [`RedisClusterChannelLayer::builder`].
@@ -168,9 +235,27 @@ pub struct RedisClusterChannelLayerBuilder {
     group_expiry: Duration,
     expiry: Duration,
     timeout: Duration,
+    history: Vec<HistoryPolicy>,
+    presence: PresenceConfig,
 }
 
 impl RedisClusterChannelLayerBuilder {
+    /// Keeps a history for the groups `policy` applies to, on the group's
+    /// slot (see [history](self#presence-history-and-recovery)); the first
+    /// matching policy applies. Every process must configure the same ones.
+    pub fn history(mut self, policy: HistoryPolicy) -> Self {
+        self.history.push(policy);
+        self
+    }
+
+    /// Sets which groups get presence notifications and how long a
+    /// crashed process's members stay listed (see
+    /// [presence](self#presence-history-and-recovery)).
+    pub fn presence(mut self, config: PresenceConfig) -> Self {
+        self.presence = config;
+        self
+    }
+
     /// The prefix of every key and shard channel (default
     /// [`DEFAULT_PREFIX`]); it may not contain `{` or `}` (the layer's hash
     /// tags follow it).
@@ -234,6 +319,11 @@ impl RedisClusterChannelLayerBuilder {
         let client = builder(timeout).build().map_err(invalid)?;
         let worker_client = builder(worker::BLOCK + timeout).build().map_err(invalid)?;
 
+        let shared = Shared::new(
+            GroupKeys::hash_tagged(&self.prefix),
+            self.history,
+            self.presence,
+        );
         let config = Keys {
             capacity: self.capacity,
             group_expiry: self.group_expiry,
@@ -261,9 +351,13 @@ impl RedisClusterChannelLayerBuilder {
         let process = format!("specific.{}", names::random_token(12));
         let proc_channel = config.proc_key(&process);
         let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (received, received_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            group_send: LuaScript::new(GROUP_SEND_SCRIPT),
+            group_send: group_send_script(),
             send: LuaScript::new(SEND_SCRIPT),
+            history_send: history_send_script(),
+            shared,
+            received: subscriber::Received::new(received),
             config,
             proc_channel,
             worker_client,
@@ -292,6 +386,11 @@ impl RedisClusterChannelLayerBuilder {
             })?;
         inner.connected.store(true, Ordering::Relaxed);
         tokio::spawn(subscriber::Subscriber::new(&inner, commands_rx).run());
+        tokio::spawn(subscriber::sequence(Arc::downgrade(&inner), received_rx));
+        tokio::spawn(presence::refresh_loop(
+            Arc::downgrade(&inner),
+            inner.shared.presence_config.time_limit(),
+        ));
         Ok(RedisClusterChannelLayer { inner })
     }
 }
@@ -343,7 +442,8 @@ impl RedisClusterChannelLayer {
         Self::builder(urls).build().await
     }
 
-    /// A builder to set the prefix, capacity, expiries and timeout before connecting.
+    /// A builder to set the prefix, capacity, expiries, timeout, history and
+    /// presence before connecting.
     pub fn builder<I, S>(urls: I) -> RedisClusterChannelLayerBuilder
     where
         I: IntoIterator<Item = S>,
@@ -356,6 +456,8 @@ impl RedisClusterChannelLayer {
             group_expiry: DEFAULT_GROUP_EXPIRY,
             expiry: DEFAULT_EXPIRY,
             timeout: DEFAULT_TIMEOUT,
+            history: Vec::new(),
+            presence: PresenceConfig::new(),
         }
     }
 
@@ -443,6 +545,12 @@ struct Inner {
     pubsub: ClusterConnection,
     send: LuaScript,
     group_send: LuaScript,
+    /// [`history_send_script`].
+    history_send: LuaScript,
+    /// Presence and history, shared with the single-node layer.
+    shared: Shared,
+    /// History events read from pushes, on their way to the sequencer.
+    received: subscriber::Received,
     next_request: AtomicU64,
     /// This process's channels; its process name is `specific.<token>`.
     registry: Registry,
@@ -476,28 +584,41 @@ impl LocalChannels for Inner {
         &self.counters
     }
 
-    /// Unsubscribes from the groups left without a local member.
-    fn forgotten(self: &Arc<Self>, _channel: &str, emptied: Vec<String>) {
+    /// Unsubscribes from the groups left without a local member, and
+    /// removes the channel's presence.
+    fn forgotten(self: &Arc<Self>, channel: &str, emptied: Vec<String>) {
         for group in emptied {
             let _ = self.commands.send(Command::Sync { group, ack: None });
         }
+        presence::forget(self, channel);
+    }
+}
+
+impl Host for Inner {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn query_raw<T: FromRedisValue + Send>(
+        &self,
+        cmd: &Cmd,
+    ) -> impl std::future::Future<Output = Result<T, QueryError>> + Send {
+        let mut conn = self.conn.clone();
+        within(self.config.timeout, async move {
+            cmd.query_async::<T>(&mut conn).await
+        })
+    }
+
+    fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> impl std::future::Future<Output = Result<GroupSendReport, ChannelLayerError>> + Send {
+        Inner::group_send_plain(self, group, event)
     }
 }
 
 impl Inner {
-    async fn query<T: FromRedisValue>(
-        &self,
-        what: &str,
-        cmd: &Cmd,
-    ) -> Result<T, ChannelLayerError> {
-        self.query_raw(cmd).await.map_err(|e| e.context(what))
-    }
-
-    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QueryError> {
-        let mut conn = self.conn.clone();
-        within(self.config.timeout, cmd.query_async::<T>(&mut conn)).await
-    }
-
     async fn route(
         &self,
         what: &str,
@@ -512,7 +633,8 @@ impl Inner {
 
     /// Loads the scripts on every primary (`SCRIPT LOAD` to all of them).
     async fn load_scripts(&self) -> Result<(), ChannelLayerError> {
-        for script in [&self.send, &self.group_send] {
+        let own = [&self.send, &self.group_send, &self.history_send];
+        for script in own.into_iter().chain(self.shared.all_scripts()) {
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(script.code);
             let sha = self
@@ -529,29 +651,6 @@ impl Inner {
                 .map_err(|e| BackendError::Redis("loading a Lua script".into(), e.into()))?;
         }
         Ok(())
-    }
-
-    /// Runs a script with one key by its SHA1, falling back to `EVAL` (which
-    /// also caches it again) on a node that does not know it (restarted or new).
-    async fn eval<T: FromRedisValue>(
-        &self,
-        what: &str,
-        script: &LuaScript,
-        key: &str,
-        args: impl Fn(&mut Cmd),
-    ) -> Result<T, ChannelLayerError> {
-        let sha = lock(&script.sha).clone();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&sha).arg(1).arg(key);
-        args(&mut cmd);
-        match self.query_raw(&cmd).await {
-            Err(QueryError::Redis(e)) if e.code() == Some("NOSCRIPT") => {}
-            other => return other.map_err(|e| e.context(what)),
-        }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script.code).arg(1).arg(key);
-        args(&mut cmd);
-        self.query(what, &cmd).await
     }
 
     async fn spublish(&self, channel: &str, payload: &[u8]) -> Result<usize, ChannelLayerError> {
@@ -717,6 +816,8 @@ impl Drop for PendingGuard<'_> {
 impl ChannelLayer for RedisClusterChannelLayer {
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE
+            .with(Feature::Presence)
+            .with(Feature::History)
             .with(Feature::NamedGroupMembers)
             .with(Feature::CrossProcess)
     }
@@ -821,7 +922,9 @@ impl ChannelLayer for RedisClusterChannelLayer {
             match inner.registry.owner(channel) {
                 Owner::Local => {
                     inner.registry.group_discard(group, channel);
-                    inner.sync_group(group).await
+                    let synced = inner.sync_group(group).await;
+                    presence::leave(&**inner, group, channel).await?;
+                    synced
                 }
                 Owner::Process(process) => {
                     inner
@@ -849,41 +952,10 @@ impl ChannelLayer for RedisClusterChannelLayer {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            let payload =
-                wire::event_envelope(inner.process(), wire::OP_GROUP_EVENT, group, "", &event)?;
-            let key = inner.config.group_key(group);
-            let subscribed_before = lock(&inner.subscribed).contains(group);
-            // This process ignores its own publication and delivers here,
-            // first: its members never wait for (or miss) a shard round trip.
-            let (delivered, dropped) = inner.fan_out(group, &event);
-            let (receivers, named): (usize, Vec<String>) = inner
-                .eval(
-                    &format!("group send to {group:?} (key {key:?})"),
-                    &inner.group_send,
-                    &key,
-                    |c| {
-                        c.arg(&payload)
-                            .arg(unix_now())
-                            .arg(inner.config.group_expiry.as_secs());
-                    },
-                )
-                .await?;
-            let (mut pushed, mut full) = (0, 0);
-            for member in &named {
-                match inner.push_list(member, &payload).await {
-                    Ok(()) => pushed += 1,
-                    Err(e) if e.is_channel_full() => full += 1,
-                    Err(e) => return Err(e),
-                }
+            match history::policy(&**inner, group, &event) {
+                Some(policy) => inner.group_send_with_history(group, &event, policy).await,
+                None => inner.group_send_plain(group, &event).await,
             }
-            inner.counters.group_sent(dropped + full);
-            let own = usize::from(subscribed_before || lock(&inner.subscribed).contains(group));
-            Ok(GroupSendReport {
-                position: None,
-                local_members: delivered,
-                remote_receivers: Some(receivers.saturating_sub(own) + pushed),
-                dropped: dropped + full,
-            })
         })
     }
 
@@ -891,6 +963,7 @@ impl ChannelLayer for RedisClusterChannelLayer {
         Box::pin(async move {
             let inner = &self.inner;
             inner.registry.clear();
+            inner.shared.clear();
             let (ack, done) = oneshot::channel();
             inner
                 .commands
@@ -921,9 +994,128 @@ impl ChannelLayer for RedisClusterChannelLayer {
     fn stats(&self) -> ChannelLayerStats {
         self.inner.counters.stats()
     }
+
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(presence::join(self, &*self.inner, group, channel, info))
+    }
+
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        Box::pin(presence::list(&*self.inner, group))
+    }
+
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        Box::pin(history::recover(&*self.inner, group, since))
+    }
 }
 
 impl Inner {
+    /// A group send to a group without history: one script on the group's
+    /// slot publishes it and lists the named members, whose lists are then
+    /// pushed to; local members get it directly, first.
+    async fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let payload = wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
+        let key = self.config.group_key(group);
+        let subscribed_before = lock(&self.subscribed).contains(group);
+        // This process ignores its own publication and delivers here,
+        // first: its members never wait for (or miss) a shard round trip.
+        let (delivered, dropped) = self.fan_out(group, event);
+        let (receivers, named): (usize, Vec<String>) = self
+            .eval(
+                &format!("group send to {group:?} (key {key:?})"),
+                &self.group_send,
+                &[&key],
+                |c| {
+                    c.arg(unix_now())
+                        .arg(self.config.group_expiry.as_secs())
+                        .arg(&payload);
+                },
+            )
+            .await?;
+        let (pushed, full) = self.push_named(&named, &payload).await?;
+        self.counters.group_sent(dropped + full);
+        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        Ok(GroupSendReport {
+            position: None,
+            local_members: delivered,
+            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
+            dropped: dropped + full,
+        })
+    }
+
+    /// A group send to a group with history: one script on the group's
+    /// slot appends the event to the group's stream and publishes it with
+    /// its offset; local members get it once the offset is known, through
+    /// the sequencer ([`history::deliver_own`]); named members' lists are
+    /// pushed to afterwards (they live on their own slots).
+    async fn group_send_with_history(
+        &self,
+        group: &str,
+        event: &Event,
+        policy: &HistoryPolicy,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let encoded = event.encode()?;
+        let payload = wire::event_envelope(self.process(), wire::OP_GROUP_EVENT, group, "", event)?;
+        let keys = history::send_keys(self, group, self.config.group_key(group));
+        let subscribed_before = lock(&self.subscribed).contains(group);
+        let local_members = self.registry.group_len(group);
+        let fresh = history::new_epoch();
+        let (receivers, named, offset, epoch): (usize, Vec<String>, u64, String) = self
+            .eval(
+                &format!("group send to {group:?} (key {:?})", keys[0]),
+                &self.history_send,
+                &keys.each_ref().map(String::as_str),
+                |c| {
+                    c.arg(unix_now()).arg(self.config.group_expiry.as_secs());
+                    history::history_args(c, self.process(), group, &encoded, policy, &fresh);
+                },
+            )
+            .await?;
+        let position = StreamPosition::new(offset, epoch);
+        history::deliver_own(self, group, event, &position, local_members).await;
+        let (pushed, full) = self.push_named(&named, &payload).await?;
+        self.counters.group_sent(full);
+        let own = usize::from(subscribed_before || lock(&self.subscribed).contains(group));
+        Ok(GroupSendReport {
+            local_members,
+            remote_receivers: Some(receivers.saturating_sub(own) + pushed),
+            dropped: full,
+            position: Some(position),
+        })
+    }
+
+    /// Pushes a group send to its named members' lists; returns (pushed, full).
+    async fn push_named(
+        &self,
+        named: &[String],
+        payload: &[u8],
+    ) -> Result<(usize, usize), ChannelLayerError> {
+        let (mut pushed, mut full) = (0, 0);
+        for member in named {
+            match self.push_list(member, payload).await {
+                Ok(()) => pushed += 1,
+                Err(e) if e.is_channel_full() => full += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((pushed, full))
+    }
+
     /// `LPUSH` onto a named channel's list unless it is full.
     async fn push_list(&self, channel: &str, payload: &[u8]) -> Result<(), ChannelLayerError> {
         let key = self.config.list_key(channel);
@@ -931,7 +1123,7 @@ impl Inner {
             .eval(
                 &format!("LPUSH to channel {channel:?} (key {key:?})"),
                 &self.send,
-                &key,
+                &[&key],
                 |c| {
                     c.arg(payload)
                         .arg(self.config.capacity)
@@ -975,6 +1167,17 @@ mod tests {
         // The slot is the group name's, whatever the prefix.
         let slot = |key: &str| redis::cluster_routing::Slot::for_key(key);
         assert_eq!(slot(&k.group_key("lobby")), slot("lobby"));
+        // So do the history's and presence's keys, and every presence key
+        // the scripts derive from the base.
+        let g = GroupKeys::hash_tagged("app");
+        for key in [
+            g.stream("lobby"),
+            g.meta("lobby"),
+            format!("{}:procs", g.presence_base("lobby")),
+            format!("{}:u:specific.x", g.presence_base("lobby")),
+        ] {
+            assert_eq!(slot(&key), slot("lobby"), "{key}");
+        }
     }
 
     #[tokio::test]

@@ -1,10 +1,15 @@
 //! Shard subscriptions: push messages are handled as redis-rs reads them
 //! ([`Inner::push`]); one task keeps `SSUBSCRIBE`s in line with local
-//! membership, retries those that failed, and checks the nodes' health.
+//! membership, retries those that failed, and checks the nodes' health;
+//! another ([`sequence`]) hands history events to the sequencer, which may
+//! have to read the history first (a push handler must not wait).
 
 use std::{
     collections::HashSet,
-    sync::{atomic::Ordering, Arc, Weak},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Weak,
+    },
     time::Duration,
 };
 
@@ -23,9 +28,71 @@ use crate::channel_layer::redis::{
     wire::{self, Envelope},
     Counters, LocalChannels, QueryError, SubscriberError, RECONNECT_MAX, RECONNECT_MIN,
 };
+use crate::channel_layer::{
+    redis::{history, presence},
+    Event,
+};
 
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
+
+/// Bytes of history events (their encoded payloads) waiting for the
+/// [`sequence`] task, at most. Past it an event is dropped and counted in
+/// `dropped_other`; it is not lost for good: the next event of its group
+/// shows the gap, and the sequencer reads the missing offsets from the
+/// stream.
+const RECEIVED_BYTES: usize = 16 << 20;
+
+/// A history event read from a push, on its way to the sequencer.
+#[derive(Debug)]
+pub(super) struct Arrival {
+    group: String,
+    event: Event,
+    offset: u64,
+    epoch: String,
+    bytes: usize,
+}
+
+/// The queue from the push handler to the [`sequence`] task, bounded by
+/// [`RECEIVED_BYTES`].
+#[derive(Debug)]
+pub(super) struct Received {
+    tx: mpsc::UnboundedSender<Arrival>,
+    bytes: AtomicUsize,
+}
+
+pub(super) type ReceivedRx = mpsc::UnboundedReceiver<Arrival>;
+
+impl Received {
+    pub(super) fn new(tx: mpsc::UnboundedSender<Arrival>) -> Self {
+        Self {
+            tx,
+            bytes: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Hands the history events of pushes to the sequencer, in the order
+/// they arrived, until the layer is dropped.
+pub(super) async fn sequence(inner: Weak<Inner>, mut rx: ReceivedRx) {
+    while let Some(arrival) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner
+            .received
+            .bytes
+            .fetch_sub(arrival.bytes, Ordering::Relaxed);
+        history::received(
+            &*inner,
+            &arrival.group,
+            arrival.event,
+            arrival.offset,
+            &arrival.epoch,
+        )
+        .await;
+    }
+}
 
 pub(super) type Ack = oneshot::Sender<Result<(), SubscriberError>>;
 
@@ -142,10 +209,17 @@ impl Inner {
         if let Some(group) = self.config.group_of(channel) {
             if env.op != wire::OP_GROUP_EVENT {
                 Counters::add(&self.counters.dropped_other, 1);
-            } else if env.origin != self.process() {
+            } else if env.origin != self.process() || env.id != 0 {
+                // Our own group sends were delivered locally by
+                // `group_send`. Those of history groups (`id` is their
+                // offset, `channel` their epoch) go through the sequencer,
+                // which drops the copies already delivered.
                 match env.decode_event() {
-                    Ok(event) => {
+                    Ok(event) if env.id == 0 => {
                         self.fan_out(group, &event);
+                    }
+                    Ok(event) => {
+                        self.to_sequencer(group, event, env.id, env.channel, payload.len())
                     }
                     Err(e) => {
                         tracing::warn!(group, "dropping a group event: {e}");
@@ -180,6 +254,33 @@ impl Inner {
                 self.complete_request(env.id, env.op);
             }
             _ => Counters::add(&self.counters.dropped_other, 1),
+        }
+    }
+}
+
+impl Inner {
+    fn to_sequencer(&self, group: &str, event: Event, offset: u64, epoch: &str, bytes: usize) {
+        let queued = &self.received.bytes;
+        if queued.fetch_add(bytes, Ordering::Relaxed) + bytes > RECEIVED_BYTES {
+            queued.fetch_sub(bytes, Ordering::Relaxed);
+            tracing::debug!(
+                group,
+                offset,
+                "history events queue full: the gap is read back"
+            );
+            Counters::add(&self.counters.dropped_other, 1);
+            return;
+        }
+        let arrival = Arrival {
+            group: group.to_owned(),
+            event,
+            offset,
+            epoch: epoch.to_owned(),
+            bytes,
+        };
+        if self.received.tx.send(arrival).is_err() {
+            // The task is gone only when the layer is.
+            queued.fetch_sub(bytes, Ordering::Relaxed);
         }
     }
 }
@@ -323,7 +424,8 @@ impl Subscriber {
         inner.connected.store(false, Ordering::Relaxed);
     }
 
-    async fn retry(&mut self, inner: &Inner) {
+    async fn retry(&mut self, inner: &Arc<Inner>) {
+        let resynced = self.resync;
         if self.resync {
             if !ping_all(inner).await {
                 self.next_retry = Instant::now() + self.backoff;
@@ -345,6 +447,12 @@ impl Subscriber {
         if !groups.is_empty() && self.reconcile(inner, groups).await.is_ok() {
             tracing::info!(process = %inner.process(), "shard subscriptions restored");
         }
+        if resynced && !self.resync {
+            // Re-announce presence (a restarted node lost it); what the
+            // history groups missed is read back as each is subscribed
+            // again (`reconcile`).
+            presence::refresh_soon(inner);
+        }
         if !self.pending() {
             self.backoff = RECONNECT_MIN;
         }
@@ -365,16 +473,29 @@ impl Subscriber {
         groups: Vec<String>,
     ) -> Result<(), SubscriberError> {
         let mut result = Ok(());
+        // History groups subscribed again (a node restarted, a slot moved):
+        // what they missed meanwhile is read back.
+        let mut resumed = Vec::new();
         for group in groups {
             let wanted = inner.has_local_members(&group);
             let subscribed = lock(&inner.subscribed).contains(&group);
             let key = inner.config.group_key(&group);
             let outcome = match (wanted, subscribed) {
-                (true, false) => ssubscribe(inner, &key).await.map(|()| {
-                    lock(&inner.subscribed).insert(group.clone());
-                }),
+                (true, false) => {
+                    let followed = inner.shared.sequencer.follows(&group);
+                    // Read the position before subscribing, so what is
+                    // published in between is read, not missed.
+                    history::follow(inner, std::slice::from_ref(&group)).await;
+                    ssubscribe(inner, &key).await.map(|()| {
+                        lock(&inner.subscribed).insert(group.clone());
+                        if followed {
+                            resumed.push(group.clone());
+                        }
+                    })
+                }
                 (false, true) => sunsubscribe(inner, &key).await.map(|()| {
                     lock(&inner.subscribed).remove(&group);
+                    history::unfollow(inner, &group);
                 }),
                 _ => Ok(()),
             };
@@ -389,6 +510,9 @@ impl Subscriber {
             } else {
                 self.retry.remove(&group);
             }
+        }
+        if let Some(inner) = self.inner.upgrade() {
+            history::catch_up(&inner, resumed);
         }
         result
     }
