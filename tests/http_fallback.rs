@@ -936,3 +936,59 @@ async fn sse_client_that_stops_reading_is_closed_4008() {
     assert_eq!(stats.stats().open_http_sessions, 0);
     assert_eq!(stats.stats().slow_client_closes, 1);
 }
+
+/// A full session inbox answers 429; the client retries the same seq and
+/// nothing is lost or duplicated.
+#[tokio::test]
+async fn full_inbox_is_429_and_a_retry_loses_nothing() {
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+    /// Echoes, but each message waits for a permit the test hands out.
+    struct Gated(Arc<Semaphore>);
+    impl WebSocketConsumer for Gated {
+        async fn receive(&mut self, ctx: &mut Context, msg: Message) -> Result<(), BoxError> {
+            self.0.acquire().await?.forget();
+            ctx.send(msg)?;
+            Ok(())
+        }
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let layer = WebSocketLayer::new()
+        .with_config(WebSocketConfig::default().max_buffered_messages(1))
+        .route("/ws/echo", websocket_consumer(move |_| Gated(g.clone())))
+        .http_fallback(fallback());
+    let addr = serve(layer).await;
+    let mut s = open(addr, "sse").await;
+    // The consumer holds one, the engine reads ahead one, the inbox holds
+    // one: a 429 comes within a few POSTs.
+    let mut sent = 0;
+    let refused = loop {
+        let st = s.post(&format!("m{}", sent + 1)).await;
+        if st == StatusCode::TOO_MANY_REQUESTS {
+            break sent + 1;
+        }
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        sent += 1;
+        assert!(sent < 10, "no 429 with a full inbox");
+    };
+    gate.add_permits(100);
+    // Retry the refused seq until the inbox has room.
+    s.seq -= 1;
+    let text = format!("m{refused}");
+    within("a retried POST accepted", async {
+        loop {
+            let st = s.post(&text).await;
+            if st == StatusCode::NO_CONTENT {
+                break;
+            }
+            assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+            s.seq -= 1;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    for n in 1..=refused {
+        assert_eq!(s.stream().event().await.unwrap().1, format!("m{n}"));
+    }
+}

@@ -13,6 +13,12 @@
 //! same task by the `Host`, so the lock between them is never contended and
 //! no message crosses a channel.
 //!
+//! The engine talks to a `Peer` (`peer.rs`): a WebSocket socket (the
+//! frame codec over a byte transport), or an HTTP fallback session
+//! (`http/`: SSE, HTTP-streaming, long-poll). Everything else here (the
+//! phases, the outbound budget, heartbeats, timeouts, limits, shutdown,
+//! counters) is the same code for both.
+//!
 //! Dependencies run one way: value types (message, payload, scope, config)
 //! <- channel layer <- engine <- consumer <- middleware / testing.
 //!
