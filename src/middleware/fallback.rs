@@ -22,10 +22,7 @@ use crate::{
     },
     handshake::{
         self,
-        rejection::{
-            ConnectionRejected, ConsumerFailed, InvalidSubprotocols, OriginNotAllowed,
-            ShuttingDown, TooManyConnections,
-        },
+        rejection::{ConnectionRejected, ConsumerFailed, InvalidSubprotocols, OriginNotAllowed},
         HandshakeRejection,
     },
     message::{Message, Utf8Bytes},
@@ -274,20 +271,8 @@ impl WebSocketLayer {
         let (route, params) = self
             .match_route(parts.uri.path())
             .ok_or(HandshakeRejection::from(ConnectionRejected))?;
+        self.admit(&parts)?;
         let runtime = &self.runtime;
-        if runtime.tracker.is_shutting_down() {
-            return Err(ShuttingDown.into());
-        }
-        if !runtime.origins.allows(&parts) {
-            return Err(OriginNotAllowed.into());
-        }
-        if runtime
-            .config
-            .max_connections
-            .is_some_and(|max| runtime.tracker.len() >= max)
-        {
-            return Err(TooManyConnections.into());
-        }
         let protocols =
             handshake::parse_subprotocols(&parts.headers, runtime.config.max_subprotocols)
                 .ok_or(InvalidSubprotocols)?;

@@ -87,6 +87,27 @@ where
 }
 
 impl WebSocketLayer {
+    /// The admission policy every new connection passes, WebSocket or HTTP
+    /// session: not shutting down, an allowed origin, room under
+    /// `max_connections`.
+    pub(crate) fn admit(&self, parts: &http::request::Parts) -> Result<(), HandshakeRejection> {
+        let runtime = &self.runtime;
+        if runtime.tracker.is_shutting_down() {
+            return Err(ShuttingDown.into());
+        }
+        if !runtime.origins.allows(parts) {
+            return Err(OriginNotAllowed.into());
+        }
+        if runtime
+            .config
+            .max_connections
+            .is_some_and(|max| runtime.tracker.len() >= max)
+        {
+            return Err(TooManyConnections.into());
+        }
+        Ok(())
+    }
+
     /// Validates a handshake and spawns its consumer, which decides.
     fn start_handshake<B>(
         &self,
@@ -100,20 +121,8 @@ impl WebSocketLayer {
                     crate::handshake::rejection::ConnectionRejected,
                 ))?;
         let (kind, protocols) = handshake::validate(&parts, self.runtime.config.max_subprotocols)?;
+        self.admit(&parts)?;
         let runtime = &self.runtime;
-        if runtime.tracker.is_shutting_down() {
-            return Err(ShuttingDown.into());
-        }
-        if !runtime.origins.allows(&parts) {
-            return Err(OriginNotAllowed.into());
-        }
-        if runtime
-            .config
-            .max_connections
-            .is_some_and(|max| runtime.tracker.len() >= max)
-        {
-            return Err(TooManyConnections.into());
-        }
         let on_upgrade = on_upgrade.ok_or(UpgradeUnavailable)?;
         // permessage-deflate: answered on the 101 (HTTP/1.1) or the 200
         // (HTTP/2 extended CONNECT) alike.
