@@ -97,7 +97,11 @@ impl Sse {
         let resp = conn.send.send_request(req).await?;
         let (parts, body) = resp.into_parts();
         if parts.status != StatusCode::OK {
-            let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let text = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             return err(format!(
                 "GET {path_and_query}: {} {}",
                 parts.status,

@@ -39,7 +39,8 @@ use tower_channels_bench::{err, Args, Result, Summary};
 
 type Ws = WebSocketStream<TcpStream>;
 
-const USAGE: &str = "usage: loadgen <echo|fanout|idle|connections|post-rtt> --addr HOST:PORT [options]
+const USAGE: &str =
+    "usage: loadgen <echo|fanout|idle|connections|post-rtt> --addr HOST:PORT [options]
   common:      --server-pid PID (repeatable; CPU/RSS are summed over them)
   echo:        --conns 50 --size 64 --duration 10 --warmup 1
   fanout:      --subs 1000 --msgs 500 --size 100 [--addr2 HOST:PORT] [--room NAME] [--timeout 30]
@@ -226,7 +227,9 @@ impl Sub {
             Sub::Sse(sse) => loop {
                 match sse.next_event().await {
                     Ok(Some(SseEvent::Text(t))) => return Some(Ok(t)),
-                    Ok(Some(SseEvent::Close(_)) | None) => return None,
+                    // The close event says why (4008: slow client).
+                    Ok(Some(SseEvent::Close(c))) => return Some(err(format!("closed: {c}"))),
+                    Ok(None) => return None,
                     Ok(Some(_)) => {}
                     Err(e) => return Some(Err(e)),
                 }
@@ -988,7 +991,12 @@ async fn idle(mut args: Args) -> Result<bool> {
 /// once its `open` event arrived (the consumer's `connect` ran and the
 /// session is registered); unlike the WebSocket form they do not answer an
 /// echo (that would need a `POST` per session on a second connection).
-async fn idle_sse(addr: SocketAddr, conns: usize, concurrency: usize, pids: &[u32]) -> Result<bool> {
+async fn idle_sse(
+    addr: SocketAddr,
+    conns: usize,
+    concurrency: usize,
+    pids: &[u32],
+) -> Result<bool> {
     let rss_before = rss_sum(pids)?;
     let t0 = Instant::now();
     let (sessions, errors) = open_subs(addr, "/ws/echo", conns, concurrency, Transport::Sse).await;

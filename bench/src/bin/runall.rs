@@ -29,7 +29,7 @@ const USAGE: &str = "usage: runall [--smoke] [--redis URL] [--rounds N]
                       sse (= sse-fanout,sse-paced,sse-idle),post-rtt]
               [--connections-baseline] [--crate-bin PATH] [--crate-metrics-bin PATH]
               [--baseline-bin PATH] [--fastws-bin PATH] [--loadgen-bin PATH]
-              [--nginx-bin PATH] [--json-out FILE] [--verbose]";
+              [--paced-rate MSGS_PER_S] [--nginx-bin PATH] [--json-out FILE] [--verbose]";
 
 /// How long a server may take to print its `listening on` line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -199,6 +199,10 @@ struct Config {
     json_out: Option<PathBuf>,
     verbose: bool,
     sizes: &'static Sizes,
+    /// The paced modes' rate (msgs/s) and message count: `--paced-rate`,
+    /// the count scaled to keep the same duration.
+    paced_rate: u32,
+    paced_msgs: u32,
 }
 
 /// One measurement.
@@ -417,7 +421,15 @@ fn parse_config() -> Result<Config> {
     let json_out = args.opt("json-out").map(PathBuf::from);
     let connections_baseline = args.flag("connections-baseline");
     let verbose = args.flag("verbose");
+    let sizes = if smoke { &SMOKE } else { &FULL };
+    let paced_rate: u32 = args.get("paced-rate", sizes.paced_rate)?;
+    let paced_msgs = (u64::from(sizes.paced_msgs) * u64::from(paced_rate)
+        / u64::from(sizes.paced_rate))
+    .max(1) as u32;
     args.finish()?;
+    if paced_rate == 0 {
+        return err("--paced-rate must be at least 1");
+    }
     if rounds == 0 {
         return err("--rounds must be at least 1");
     }
@@ -435,7 +447,9 @@ fn parse_config() -> Result<Config> {
         nginx_bin,
         json_out,
         verbose,
-        sizes: if smoke { &SMOKE } else { &FULL },
+        sizes,
+        paced_rate,
+        paced_msgs,
     })
 }
 
@@ -562,10 +576,7 @@ struct Nginx {
 
 impl Nginx {
     fn start(bin: &Path, upstreams: &[&str], round: u32) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "runall-nginx-{}-{round}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("runall-nginx-{}-{round}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -644,7 +655,9 @@ http {{
                 return err(e);
             }
             if Instant::now() > deadline {
-                return err(format!("nginx not listening on {port} after {STARTUP_TIMEOUT:?}"));
+                return err(format!(
+                    "nginx not listening on {port} after {STARTUP_TIMEOUT:?}"
+                ));
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -736,9 +749,8 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
             let url = cfg.redis.as_deref().unwrap_or_default();
             let secret = format!("runall-{}", std::process::id());
             let extra = ["--redis", url, "--http-secret", &secret];
-            start("crate-nginx-a", &cfg.crate_bin, &extra).and_then(|a| {
-                start("crate-nginx-b", &cfg.crate_bin, &extra).map(|b| vec![a, b])
-            })
+            start("crate-nginx-a", &cfg.crate_bin, &extra)
+                .and_then(|a| start("crate-nginx-b", &cfg.crate_bin, &extra).map(|b| vec![a, b]))
         }
         "crate-delay" => start(
             "crate-delay",
@@ -794,9 +806,9 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
         }
         Mode::Paced | Mode::PacedDelay | Mode::SsePaced => {
             push("subs", s.paced_subs.to_string());
-            push("msgs", s.paced_msgs.to_string());
+            push("msgs", cfg.paced_msgs.to_string());
             push("size", s.paced_size.to_string());
-            push("rate", s.paced_rate.to_string());
+            push("rate", cfg.paced_rate.to_string());
         }
         Mode::Idle | Mode::SseIdle => push("conns", s.idle_conns.to_string()),
         Mode::PostRtt => {
@@ -1018,7 +1030,7 @@ fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
     );
     let paced = format!(
         "paced fan-out ({} subs, {} msgs/s × {} msgs, {} B)",
-        s.paced_subs, s.paced_rate, s.paced_msgs, s.paced_size
+        s.paced_subs, cfg.paced_rate, cfg.paced_msgs, s.paced_size
     );
     let idle = format!("idle ({} conns)", s.idle_conns);
     let conns = format!("connections ({})", s.conn_total);
@@ -1310,7 +1322,7 @@ fn sse_table(cfg: &Config, runs: &[Run], out: &mut String) {
             Mode::SsePaced => (
                 format!(
                     "paced fan-out ({} subs, {} msgs/s × {} msgs, {} B)",
-                    s.paced_subs, s.paced_rate, s.paced_msgs, s.paced_size
+                    s.paced_subs, cfg.paced_rate, cfg.paced_msgs, s.paced_size
                 ),
                 paced_rows(),
             ),
@@ -1390,11 +1402,23 @@ fn post_rtt_table(cfg: &Config, runs: &[Run], out: &mut String) {
             "lower",
         )),
         row("POSTs forwarded", "forwarded", "—"),
-        ms(row("POST -> sender's own SSE copy p50 ms", "own_p50_us", "lower")),
-        ms(row("POST -> sender's own SSE copy p99 ms", "own_p99_us", "lower")),
+        ms(row(
+            "POST -> sender's own SSE copy p50 ms",
+            "own_p50_us",
+            "lower",
+        )),
+        ms(row(
+            "POST -> sender's own SSE copy p99 ms",
+            "own_p99_us",
+            "lower",
+        )),
         ms(row("POST response p50 ms", "post_p50_us", "lower")),
         ms(row("POST response p99 ms", "post_p99_us", "lower")),
-        row("server CPU µs/msg (both processes)", "cpu_us_per_msg", "lower"),
+        row(
+            "server CPU µs/msg (both processes)",
+            "cpu_us_per_msg",
+            "lower",
+        ),
         lost,
     ];
     for r in &rows {
