@@ -2,6 +2,8 @@
 //! command-line parser, `/proc` readers (CPU time, RSS, open fds) and
 //! percentile statistics.
 
+pub mod fallback;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::fs;

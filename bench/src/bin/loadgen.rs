@@ -6,7 +6,13 @@
 //! loadgen fanout      --addr A [--addr2 B] [--subs 1000] [--msgs 500] [--size 100] [--rate 0] [--server-pid P]...
 //! loadgen idle        --addr A [--conns 5000] --server-pid P
 //! loadgen connections --addr A [--conns 19900] [--procs N] [--local-ip 127.0.0.2-127.0.0.5]... [--server-pid P]
+//! loadgen post-rtt    --addr LB --upstream A --upstream B [--msgs 500] [--rate 50] [--size 100] [--server-pid P]...
 //! ```
+//!
+//! `fanout --sub-transport sse` and `idle --transport sse` use the crate's
+//! HTTP fallback (Server-Sent Events sessions) instead of WebSockets for the
+//! subscribers / idle connections; `post-rtt` sends chat messages by `POST`
+//! through a load balancer to a WebSocket member on the other process.
 //!
 //! Every mode prints a human-readable summary and then exactly one JSON
 //! line (starting with `{"mode":`), and exits non-zero if anything was
@@ -27,17 +33,21 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use tower_channels_bench::fallback::{self, Poster, Sse, SseEvent};
 use tower_channels_bench::procfs::{self, CpuMeter};
 use tower_channels_bench::{err, Args, Result, Summary};
 
 type Ws = WebSocketStream<TcpStream>;
 
-const USAGE: &str = "usage: loadgen <echo|fanout|idle|connections> --addr HOST:PORT [options]
+const USAGE: &str =
+    "usage: loadgen <echo|fanout|idle|connections|post-rtt> --addr HOST:PORT [options]
   common:      --server-pid PID (repeatable; CPU/RSS are summed over them)
   echo:        --conns 50 --size 64 --duration 10 --warmup 1
   fanout:      --subs 1000 --msgs 500 --size 100 [--addr2 HOST:PORT] [--room NAME] [--timeout 30]
-               [--rate MSGS_PER_S (0: back to back)]
-  idle:        --conns 5000
+               [--rate MSGS_PER_S (0: back to back)] [--sub-transport ws|sse]
+  idle:        --conns 5000 [--transport ws|sse]
+  post-rtt:    --addr LOAD_BALANCER --upstream A --upstream B [--msgs 500] [--rate 50] [--size 100]
+               [--timeout 30]
   connections: --conns 19900 [--procs N] [--local-ip IP|IP-IP]... [--concurrency 64]
                [--source-port-base 10000 (0: kernel-chosen source ports)]";
 
@@ -56,6 +66,7 @@ async fn main() -> ExitCode {
             "fanout" => fanout(args).await,
             "idle" => idle(args).await,
             "connections" => connections(args).await,
+            "post-rtt" => post_rtt(args).await,
             "conn-worker" => conn_worker(args).await,
             _ => err(USAGE),
         },
@@ -168,6 +179,116 @@ async fn open_many(
         }
     }
     (open, errors)
+}
+
+/// How subscribers and idle connections reach the server.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transport {
+    WebSocket,
+    /// The HTTP fallback's Server-Sent Events session.
+    Sse,
+}
+
+impl Transport {
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "ws" => Ok(Self::WebSocket),
+            "sse" => Ok(Self::Sse),
+            _ => err(format!("unknown transport `{s}` (ws or sse)")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::WebSocket => "ws",
+            Self::Sse => "sse",
+        }
+    }
+}
+
+/// A subscriber's connection: a WebSocket or an SSE session.
+enum Sub {
+    Ws(Ws),
+    Sse(Sse),
+}
+
+impl Sub {
+    /// The next text message; `None` when the server closed.
+    async fn next_text(&mut self) -> Option<Result<String>> {
+        match self {
+            Sub::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => return Some(Ok(t.as_str().to_owned())),
+                    Some(Ok(Message::Close(_))) | None => return None,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Some(Err(e.into())),
+                }
+            },
+            Sub::Sse(sse) => loop {
+                match sse.next_event().await {
+                    Ok(Some(SseEvent::Text(t))) => return Some(Ok(t)),
+                    // The close event says why (4008: slow client).
+                    Ok(Some(SseEvent::Close(c))) => return Some(err(format!("closed: {c}"))),
+                    Ok(None) => return None,
+                    Ok(Some(_)) => {}
+                    Err(e) => return Some(Err(e)),
+                }
+            },
+        }
+    }
+}
+
+/// Opens an SSE session on `path` (`transport=sse` is appended) and waits
+/// for its `open` event: the consumer's `connect` has run. Returns the
+/// stream, the response headers and the `open` event's JSON.
+async fn open_sse(addr: SocketAddr, path: &str) -> Result<(Sse, http::HeaderMap, String)> {
+    let fut = async {
+        let (mut sse, headers) = Sse::open(addr, &format!("{path}?transport=sse")).await?;
+        loop {
+            match sse.next_event().await? {
+                Some(SseEvent::Open(json)) => return Ok((sse, headers, json)),
+                Some(SseEvent::Close(c)) => return err(format!("SSE session closed: {c}")),
+                Some(_) => {}
+                None => return err("SSE response ended before the open event"),
+            }
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+        Ok(res) => res,
+        Err(_) => err(format!("SSE session on {addr}{path} not open in time")),
+    }
+}
+
+/// Opens `n` subscriber connections (`concurrency` at a time).
+async fn open_subs(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+    concurrency: usize,
+    transport: Transport,
+) -> (Vec<Sub>, Vec<String>) {
+    match transport {
+        Transport::WebSocket => {
+            let (ws, errors) = open_many(addr, path, n, concurrency, &Sources::default()).await;
+            (ws.into_iter().map(Sub::Ws).collect(), errors)
+        }
+        Transport::Sse => {
+            let results: Vec<Result<Sse>> = stream::iter(0..n)
+                .map(|_| async move { open_sse(addr, path).await.map(|(s, _, _)| s) })
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+            let mut open = Vec::with_capacity(n);
+            let mut errors = Vec::new();
+            for r in results {
+                match r {
+                    Ok(s) => open.push(Sub::Sse(s)),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (open, errors)
+        }
+    }
 }
 
 /// Waits for the next text message, skipping control frames.
@@ -485,7 +606,7 @@ struct Subscriber {
 impl Subscriber {
     /// Reads until all `msgs` data messages arrived or `stop` is set.
     /// Returns the connection too so it stays open until the run is over.
-    async fn run(mut self, mut ws: Ws) -> (SubResult, Ws) {
+    async fn run(mut self, mut ws: Sub) -> (SubResult, Sub) {
         let mut r = SubResult {
             arrivals: vec![u64::MAX; self.msgs],
             ..SubResult::default()
@@ -493,16 +614,15 @@ impl Subscriber {
         while (r.received as usize) < self.msgs {
             let next = tokio::select! {
                 biased;
-                m = ws.next() => m,
+                m = ws.next_text() => m,
                 _ = self.stop.changed() => break,
             };
             let raw = match next {
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(Message::Close(_))) | None => {
+                Some(Ok(t)) => t,
+                None => {
                     r.error = Some(format!("subscriber {}: closed by server", self.id));
                     break;
                 }
-                Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     r.error = Some(format!("subscriber {}: {e}", self.id));
                     break;
@@ -551,6 +671,7 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let msgs: usize = args.get("msgs", 500)?;
     let size: usize = args.get("size", 100)?;
     let timeout: f64 = args.get("timeout", 30.0)?;
+    let transport = Transport::parse(&args.get("sub-transport", "ws".to_owned())?)?;
     // Messages per second; 0 sends back to back.
     let rate: f64 = args.get("rate", 0.0)?;
     if !rate.is_finite() || rate < 0.0 {
@@ -566,12 +687,8 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let path = format!("/ws/chat/{room}");
 
     // 1. Connect the subscribers (alternating between the two servers).
-    let (mut ws1, mut errors) =
-        open_many(addr, &path, subs.div_ceil(2), 64, &Sources::default()).await;
-    let (ws2, errors2) = match addr2 {
-        Some(a2) => open_many(a2, &path, subs / 2, 64, &Sources::default()).await,
-        None => open_many(addr, &path, subs / 2, 64, &Sources::default()).await,
-    };
+    let (mut ws1, mut errors) = open_subs(addr, &path, subs.div_ceil(2), 64, transport).await;
+    let (ws2, errors2) = open_subs(addr2.unwrap_or(addr), &path, subs / 2, 64, transport).await;
     errors.extend(errors2);
     if !errors.is_empty() {
         print_errors(&errors);
@@ -692,10 +809,11 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let cpu_per_msg = per(cpu_us as f64, msgs as u64);
     print_errors(&errors);
     println!(
-        "fanout: {subs} subs{}, {msgs} msgs, {size} B, {}: {delivered}/{expected} delivered, \
+        "fanout: {subs} {} subs{}, {msgs} msgs, {size} B, {}: {delivered}/{expected} delivered, \
          lost {lost}, {delivery_rate:.0} deliveries/s, latency p50 {:.0} µs p99 {:.0} µs, \
          broadcast completion p50 {:.0} µs p99 {:.0} µs max {:.0} µs, \
          server CPU {cpu_per_delivery:.2} µs/delivery ({cpu_per_msg:.0} µs/msg), join rounds {rounds}{}",
+        transport.name(),
         if addr2.is_some() { " on 2 servers" } else { "" },
         if rate > 0.0 {
             format!("rate {rate} msgs/s (published in {publish_s:.2} s)")
@@ -714,6 +832,7 @@ async fn fanout(mut args: Args) -> Result<bool> {
         "{}",
         json!({
             "mode": "fanout", "ok": ok, "subs": subs, "msgs": msgs, "size": size,
+            "transport": transport.name(),
             "rate": num(rate), "publish_s": num(publish_s),
             "servers": if addr2.is_some() { 2 } else { 1 },
             "expected": expected, "delivered": delivered, "lost": lost,
@@ -826,10 +945,14 @@ async fn idle(mut args: Args) -> Result<bool> {
     let addr = parse_addr(&args.required::<String>("addr")?)?;
     let conns: usize = args.get("conns", 5000)?;
     let concurrency: usize = args.get("concurrency", 64)?;
+    let transport = Transport::parse(&args.get("transport", "ws".to_owned())?)?;
     let pids = pids(&mut args)?;
     args.finish()?;
     if pids.is_empty() {
         return err("idle needs --server-pid");
+    }
+    if transport == Transport::Sse {
+        return idle_sse(addr, conns, concurrency, &pids).await;
     }
 
     let rss_before = rss_sum(&pids)?;
@@ -859,6 +982,42 @@ async fn idle(mut args: Args) -> Result<bool> {
             "rss_kib_before": rss_before, "rss_kib_after": rss_after,
             "kib_per_conn": num(kib_per_conn), "server_fds": fds, "open_s": num(open_s),
             "check_rtt_p50_us": num(rtt.p50_us), "check_rtt_p99_us": num(rtt.p99_us),
+        })
+    );
+    Ok(ok)
+}
+
+/// `idle --transport sse`: `conns` SSE sessions on `/ws/echo`, each counted
+/// once its `open` event arrived (the consumer's `connect` ran and the
+/// session is registered); unlike the WebSocket form they do not answer an
+/// echo (that would need a `POST` per session on a second connection).
+async fn idle_sse(
+    addr: SocketAddr,
+    conns: usize,
+    concurrency: usize,
+    pids: &[u32],
+) -> Result<bool> {
+    let rss_before = rss_sum(pids)?;
+    let t0 = Instant::now();
+    let (sessions, errors) = open_subs(addr, "/ws/echo", conns, concurrency, Transport::Sse).await;
+    let open_s = t0.elapsed().as_secs_f64();
+    let rss_after = rss_sum(pids)?;
+    let fds: usize = pids.iter().map(|&p| procfs::fd_count(p).unwrap_or(0)).sum();
+    let open = sessions.len();
+    drop(sessions);
+    let kib_per_conn = (rss_after as f64 - rss_before as f64) / conns as f64;
+    print_errors(&errors);
+    println!(
+        "idle sse: {open}/{conns} SSE sessions open (opened in {open_s:.1} s), server RSS \
+         {rss_before} KiB -> {rss_after} KiB = {kib_per_conn:.1} KiB/session, server fds {fds}"
+    );
+    let ok = errors.is_empty() && open == conns;
+    println!(
+        "{}",
+        json!({
+            "mode": "idle", "transport": "sse", "ok": ok, "conns": conns, "answered": open,
+            "errors": errors.len(), "rss_kib_before": rss_before, "rss_kib_after": rss_after,
+            "kib_per_conn": num(kib_per_conn), "server_fds": fds, "open_s": num(open_s),
         })
     );
     Ok(ok)
@@ -1039,6 +1198,246 @@ async fn conn_worker(mut args: Args) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+// ---------------------------------------------------------------------------
+// post-rtt
+
+/// The process a response came from: the `x-upstream` header the load
+/// balancer adds (nginx: `add_header X-Upstream $upstream_addr always;`; the
+/// last address when it tried several).
+fn upstream_of(headers: &http::HeaderMap) -> Result<SocketAddr> {
+    let Some(value) = headers.get("x-upstream") else {
+        return err("no x-upstream header: the load balancer must add it");
+    };
+    let value = value.to_str()?;
+    parse_addr(value.rsplit(", ").next().unwrap_or(value))
+}
+
+/// What the member or the sender saw, at `base.elapsed()` ns.
+enum Seen {
+    Probe,
+    Data(usize, u64),
+}
+
+/// Reads `sub` until it closes, reporting probes and data messages
+/// (tagged `member`: the WebSocket member, else the sender's own stream).
+async fn watch_room(
+    mut sub: Sub,
+    member: bool,
+    size: usize,
+    base: Instant,
+    tx: mpsc::UnboundedSender<(bool, Seen)>,
+) {
+    while let Some(Ok(text)) = sub.next_text().await {
+        let seen = match classify(&text, size) {
+            Chat::Probe(_) => Seen::Probe,
+            Chat::Data { seq, .. } => Seen::Data(seq, base.elapsed().as_nanos() as u64),
+            _ => continue,
+        };
+        if tx.send((member, seen)).is_err() {
+            break;
+        }
+    }
+}
+
+/// `post-rtt`: a sender with an SSE session opened through the load
+/// balancer (`--addr`) `POST`s `--msgs` chat messages at `--rate` through
+/// the same load balancer (round-robin: each `POST` lands on either
+/// process); a WebSocket member of the room is connected directly to the
+/// process that does *not* hold the session. Measures, per message, the
+/// time from the start of the `POST` to the member's receipt (split by
+/// whether the `POST` landed on the session's process or was forwarded
+/// through the channel layer), to the sender's own copy on its SSE stream,
+/// and the `POST`'s response time.
+async fn post_rtt(mut args: Args) -> Result<bool> {
+    let lb = parse_addr(&args.required::<String>("addr")?)?;
+    let upstreams = args
+        .all("upstream")
+        .iter()
+        .map(|a| parse_addr(a))
+        .collect::<Result<Vec<_>>>()?;
+    let msgs: usize = args.get("msgs", 500)?;
+    let rate: f64 = args.get("rate", 50.0)?;
+    let size: usize = args.get("size", 100)?;
+    let timeout: f64 = args.get("timeout", 30.0)?;
+    let pids = pids(&mut args)?;
+    args.finish()?;
+    if upstreams.len() != 2 {
+        return err("post-rtt needs two --upstream addresses");
+    }
+    if !rate.is_finite() || rate <= 0.0 {
+        return err(format!("invalid --rate {rate}: must be > 0"));
+    }
+    let base = Instant::now();
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let path = format!("/ws/chat/postrtt{}x{unique}", std::process::id());
+
+    // 1. The sender's session, through the load balancer.
+    let (sse, headers, open) = open_sse(lb, &path).await?;
+    let holder = upstream_of(&headers)?;
+    let Some(&other) = upstreams.iter().find(|&&u| u != holder) else {
+        return err(format!("the session is on {holder}, not one of --upstream"));
+    };
+    let (session, token) = fallback::session_of(&open)?;
+    // 2. The member, directly on the other process.
+    let member = connect(other, &path, None).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let readers = [
+        tokio::spawn(watch_room(Sub::Ws(member), true, size, base, tx.clone())),
+        tokio::spawn(watch_room(Sub::Sse(sse), false, size, base, tx)),
+    ];
+    let mut poster = Poster::new(lb, &path, &session, &token);
+
+    // 3. Join: probes until the member saw one (it is subscribed, across
+    // processes, and later messages arrive in order).
+    let join_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+    let mut probes = 0u64;
+    'join: loop {
+        probes += 1;
+        poster.post(chat_json(&format!("probe {probes}"))).await?;
+        let round = (tokio::time::Instant::now() + Duration::from_secs(1)).min(join_deadline);
+        loop {
+            match tokio::time::timeout_at(round, rx.recv()).await {
+                Ok(Some((true, Seen::Probe))) => break 'join,
+                Ok(Some(_)) => {}
+                Ok(None) => return err("member or sender closed while joining"),
+                Err(_) if tokio::time::Instant::now() >= join_deadline => {
+                    return err(format!("the member saw none of {probes} probes"))
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    // 4. Paced POSTs, one at a time (the protocol's order).
+    let cpu = CpuMeter::start(&pids, procfs::clock_ticks_per_sec())?;
+    let mut sent = Vec::with_capacity(msgs);
+    let mut post_ns = Vec::with_capacity(msgs);
+    let mut forwarded = Vec::with_capacity(msgs);
+    let mut errors = Vec::new();
+    let start = tokio::time::Instant::now();
+    for seq in 0..msgs {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(seq as f64 / rate)).await;
+        let t0 = base.elapsed().as_nanos() as u64;
+        match poster.post(chat_json(&data_text(seq, t0, size))).await {
+            Ok(h) => {
+                post_ns.push(base.elapsed().as_nanos() as u64 - t0);
+                forwarded.push(upstream_of(&h)? != holder);
+                sent.push(t0);
+            }
+            Err(e) => {
+                errors.push(e.to_string());
+                break;
+            }
+        }
+    }
+    let posted = sent.len();
+
+    // 5. Until the member and the sender have every message, or the timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+    let mut member_at = vec![u64::MAX; posted];
+    let mut sender_at = vec![u64::MAX; posted];
+    let (mut member_got, mut sender_got, mut duplicates, mut stray) = (0, 0, 0u64, 0u64);
+    let mut timed_out = false;
+    while member_got < posted || sender_got < posted {
+        let (is_member, seq, at) = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((m, Seen::Data(seq, at)))) => (m, seq, at),
+            Ok(Some((_, Seen::Probe))) => continue,
+            Ok(None) => {
+                errors.push("member or sender closed".to_owned());
+                break;
+            }
+            Err(_) => {
+                timed_out = true;
+                break;
+            }
+        };
+        let (slots, got) = if is_member {
+            (&mut member_at, &mut member_got)
+        } else {
+            (&mut sender_at, &mut sender_got)
+        };
+        match slots.get_mut(seq) {
+            Some(slot) if *slot == u64::MAX => {
+                *slot = at;
+                *got += 1;
+            }
+            Some(_) => duplicates += 1,
+            None => stray += 1,
+        }
+    }
+    let cpu_us = cpu.elapsed_us()?;
+    for r in readers {
+        r.abort();
+    }
+
+    // 6. Report.
+    let (mut direct, mut via, mut own) = (Vec::new(), Vec::new(), Vec::new());
+    for seq in 0..posted {
+        if member_at[seq] != u64::MAX {
+            let d = member_at[seq].saturating_sub(sent[seq]);
+            if forwarded[seq] {
+                via.push(d);
+            } else {
+                direct.push(d);
+            }
+        }
+        if sender_at[seq] != u64::MAX {
+            own.push(sender_at[seq].saturating_sub(sent[seq]));
+        }
+    }
+    let mut all: Vec<u64> = direct.iter().chain(&via).copied().collect();
+    let n_forwarded = forwarded.iter().filter(|&&f| f).count();
+    let (lat, lat_direct, lat_via) = (
+        Summary::of(&mut all),
+        Summary::of(&mut direct),
+        Summary::of(&mut via),
+    );
+    let (lat_own, post) = (Summary::of(&mut own), Summary::of(&mut post_ns));
+    let lost = (msgs - member_got) as u64;
+    let lost_own = (msgs - sender_got) as u64;
+    let cpu_per_msg = per(cpu_us as f64, posted as u64);
+    print_errors(&errors);
+    println!(
+        "post-rtt: {posted}/{msgs} POSTs through {lb} at {rate} msgs/s (session on {holder}, \
+         {n_forwarded} POSTs landed on {other} and were forwarded), member on {other}: \
+         {member_got} received, lost {lost}; POST -> member p50 {:.0} µs p99 {:.0} µs \
+         (POST on the session's process p50 {:.0} p99 {:.0}; forwarded p50 {:.0} p99 {:.0}); \
+         POST -> own SSE copy p50 {:.0} µs p99 {:.0} µs (lost {lost_own}); \
+         POST response p50 {:.0} µs p99 {:.0} µs; server CPU {cpu_per_msg:.0} µs/msg{}",
+        lat.p50_us,
+        lat.p99_us,
+        lat_direct.p50_us,
+        lat_direct.p99_us,
+        lat_via.p50_us,
+        lat_via.p99_us,
+        lat_own.p50_us,
+        lat_own.p99_us,
+        post.p50_us,
+        post.p99_us,
+        if timed_out { ", TIMED OUT" } else { "" },
+    );
+    let ok = errors.is_empty() && lost == 0 && lost_own == 0 && duplicates == 0 && stray == 0;
+    println!(
+        "{}",
+        json!({
+            "mode": "post-rtt", "ok": ok, "msgs": msgs, "posted": posted, "rate": num(rate),
+            "size": size, "forwarded": n_forwarded, "received": member_got, "lost": lost,
+            "lost_own": lost_own, "duplicates": duplicates, "stray": stray,
+            "errors": errors.len(), "timed_out": timed_out, "join_probes": probes,
+            "latency_p50_us": num(lat.p50_us), "latency_p99_us": num(lat.p99_us),
+            "latency_max_us": num(lat.max_us),
+            "direct_p50_us": num(lat_direct.p50_us), "direct_p99_us": num(lat_direct.p99_us),
+            "forwarded_p50_us": num(lat_via.p50_us), "forwarded_p99_us": num(lat_via.p99_us),
+            "own_p50_us": num(lat_own.p50_us), "own_p99_us": num(lat_own.p99_us),
+            "post_p50_us": num(post.p50_us), "post_p99_us": num(post.p99_us),
+            "server_cpu_us": cpu_us, "cpu_us_per_msg": num(cpu_per_msg),
+        })
+    );
+    Ok(ok)
 }
 
 #[cfg(test)]

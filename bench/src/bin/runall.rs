@@ -4,6 +4,10 @@
 //! round by round, each measurement on a freshly started server, and prints
 //! a markdown table of the medians with the ratios and the load average.
 //!
+//! `--only sse` compares WebSocket subscribers with SSE sessions of the
+//! HTTP fallback on the same server; `--only post-rtt --redis URL` measures
+//! a message `POST`ed through nginx to a member on another process.
+//!
 //! Normally started through `bench/run.sh`, which builds everything and
 //! raises `ulimit -n` first. See `bench/README.md`.
 
@@ -21,10 +25,11 @@ use serde_json::Value;
 use tower_channels_bench::{err, median, procfs, Args, Result};
 
 const USAGE: &str = "usage: runall [--smoke] [--redis URL] [--rounds N]
-              [--only echo,fanout,paced,idle,connections,paced-delay]
+              [--only echo,fanout,paced,idle,connections,paced-delay,
+                      sse (= sse-fanout,sse-paced,sse-idle),post-rtt]
               [--connections-baseline] [--crate-bin PATH] [--crate-metrics-bin PATH]
               [--baseline-bin PATH] [--fastws-bin PATH] [--loadgen-bin PATH]
-              [--json-out FILE] [--verbose]";
+              [--paced-rate MSGS_PER_S] [--nginx-bin PATH] [--json-out FILE] [--verbose]";
 
 /// How long a server may take to print its `listening on` line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,18 +44,34 @@ enum Mode {
     Connections,
     /// The paced workload on the crate only, without and with a write delay.
     PacedDelay,
+    /// The `fanout` workload on the crate, WebSocket subscribers vs SSE
+    /// sessions of the HTTP fallback.
+    SseFanout,
+    /// The `paced` workload, WebSocket vs SSE subscribers.
+    SsePaced,
+    /// The `idle` workload, WebSocket connections vs SSE sessions.
+    SseIdle,
+    /// Chat messages `POST`ed through nginx (round-robin) to a member on the
+    /// other of two crate processes on Redis.
+    PostRtt,
 }
 
 impl Mode {
     /// Every mode `--only` accepts.
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 10] = [
         Mode::Echo,
         Mode::Fanout,
         Mode::Paced,
         Mode::Idle,
         Mode::Connections,
         Mode::PacedDelay,
+        Mode::SseFanout,
+        Mode::SsePaced,
+        Mode::SseIdle,
+        Mode::PostRtt,
     ];
+    /// What `--only sse` stands for.
+    const SSE: [Mode; 3] = [Mode::SseFanout, Mode::SsePaced, Mode::SseIdle];
     /// The modes run without `--only`.
     const DEFAULT: [Mode; 5] = [
         Mode::Echo,
@@ -68,13 +89,26 @@ impl Mode {
             Mode::Idle => "idle",
             Mode::Connections => "connections",
             Mode::PacedDelay => "paced-delay",
+            Mode::SseFanout => "sse-fanout",
+            Mode::SsePaced => "sse-paced",
+            Mode::SseIdle => "sse-idle",
+            Mode::PostRtt => "post-rtt",
         }
+    }
+
+    /// Whether the mode has rows in the main table (crate vs baselines).
+    fn in_main_table(self) -> bool {
+        matches!(
+            self,
+            Mode::Echo | Mode::Fanout | Mode::Paced | Mode::Idle | Mode::Connections
+        )
     }
 
     /// The `loadgen` mode that measures it.
     fn loadgen_mode(self) -> &'static str {
         match self {
-            Mode::Paced | Mode::PacedDelay => "fanout",
+            Mode::Paced | Mode::PacedDelay | Mode::SseFanout | Mode::SsePaced => "fanout",
+            Mode::SseIdle => "idle",
             m => m.name(),
         }
     }
@@ -102,6 +136,9 @@ struct Sizes {
     conn_total: u32,
     conn_procs: u32,
     conn_ips: &'static str,
+    /// `post-rtt`: messages and their rate (msgs/s).
+    post_msgs: u32,
+    post_rate: u32,
 }
 
 const FULL: Sizes = Sizes {
@@ -120,6 +157,8 @@ const FULL: Sizes = Sizes {
     conn_total: 19_900,
     conn_procs: 4,
     conn_ips: "127.0.0.2-127.0.0.5",
+    post_msgs: 500,
+    post_rate: 50,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -138,6 +177,8 @@ const SMOKE: Sizes = Sizes {
     conn_total: 200,
     conn_procs: 2,
     conn_ips: "127.0.0.2-127.0.0.3",
+    post_msgs: 20,
+    post_rate: 20,
 };
 
 #[derive(Debug)]
@@ -154,9 +195,14 @@ struct Config {
     baseline_bin: PathBuf,
     fastws_bin: PathBuf,
     loadgen_bin: PathBuf,
+    nginx_bin: PathBuf,
     json_out: Option<PathBuf>,
     verbose: bool,
     sizes: &'static Sizes,
+    /// The paced modes' rate (msgs/s) and message count: `--paced-rate`,
+    /// the count scaled to keep the same duration.
+    paced_rate: u32,
+    paced_msgs: u32,
 }
 
 /// One measurement.
@@ -207,6 +253,17 @@ fn real_main() -> Result<bool> {
             ));
         }
     }
+    if cfg.modes.contains(&Mode::PostRtt) {
+        if cfg.redis.is_none() {
+            return err("post-rtt needs --redis URL (two crate processes share a room through it)");
+        }
+        if !cfg.nginx_bin.is_file() {
+            return err(format!(
+                "post-rtt needs nginx: {} not found (Debian package nginx, or --nginx-bin)",
+                cfg.nginx_bin.display()
+            ));
+        }
+    }
     let needed = u64::from(cfg.sizes.conn_total.max(cfg.sizes.idle_conns)) + 32;
     let limit = procfs::open_files_limit().unwrap_or(0);
     if limit < needed {
@@ -250,6 +307,12 @@ fn real_main() -> Result<bool> {
         if mode == Mode::PacedDelay {
             servers = vec!["crate", "crate-delay"];
         }
+        if Mode::SSE.contains(&mode) {
+            servers = vec!["crate", "crate-sse"];
+        }
+        if mode == Mode::PostRtt {
+            servers = vec!["crate-nginx"];
+        }
         loads.push((mode, load_average()));
         for round in 1..=cfg.rounds {
             for &server in &servers {
@@ -259,7 +322,7 @@ fn real_main() -> Result<bool> {
             }
         }
     }
-    if cfg.redis.is_some() {
+    if cross_process_fanout(&cfg) {
         for round in 1..=cfg.rounds {
             let run = measure(&cfg, Mode::Fanout, "crate-redis", round);
             report(&cfg, &run, round)?;
@@ -296,6 +359,13 @@ fn real_main() -> Result<bool> {
     Ok(failures.is_empty())
 }
 
+/// Whether the cross-process fan-out (`crate-redis`) runs: with `--redis`
+/// and a mode of the main table (not for `--only sse,post-rtt`, although
+/// `post-rtt` needs `--redis` itself).
+fn cross_process_fanout(cfg: &Config) -> bool {
+    cfg.redis.is_some() && cfg.modes.iter().any(|m| m.in_main_table())
+}
+
 fn parse_config() -> Result<Config> {
     let mut args = Args::parse(
         std::env::args().skip(1),
@@ -309,16 +379,23 @@ fn parse_config() -> Result<Config> {
     let rounds = args.get("rounds", if smoke { 1 } else { 2 })?;
     let redis = args.opt("redis");
     let modes = match args.opt("only") {
+        // The smoke run checks the SSE subscribers too (tiny sizes, cheap).
+        None if smoke => Mode::DEFAULT.into_iter().chain(Mode::SSE).collect(),
         None => Mode::DEFAULT.to_vec(),
-        Some(list) => list
-            .split(',')
-            .map(|m| {
-                Mode::ALL
-                    .into_iter()
-                    .find(|x| x.name() == m.trim())
-                    .map_or_else(|| err(format!("unknown mode `{m}`\n{USAGE}")), Ok)
-            })
-            .collect::<Result<_>>()?,
+        Some(list) => {
+            let mut modes = Vec::new();
+            for m in list.split(',').map(str::trim) {
+                if m == "sse" {
+                    modes.extend(Mode::SSE);
+                    continue;
+                }
+                match Mode::ALL.into_iter().find(|x| x.name() == m) {
+                    Some(mode) => modes.push(mode),
+                    None => return err(format!("unknown mode `{m}`\n{USAGE}")),
+                }
+            }
+            modes
+        }
     };
     // Binaries default to the directory runall itself was built into.
     let dir = std::env::current_exe()?
@@ -340,10 +417,19 @@ fn parse_config() -> Result<Config> {
     let baseline_bin = path(&mut args, "baseline-bin", dir.join("baseline"));
     let fastws_bin = path(&mut args, "fastws-bin", dir.join("fastws"));
     let loadgen_bin = path(&mut args, "loadgen-bin", dir.join("loadgen"));
+    let nginx_bin = path(&mut args, "nginx-bin", PathBuf::from("/usr/sbin/nginx"));
     let json_out = args.opt("json-out").map(PathBuf::from);
     let connections_baseline = args.flag("connections-baseline");
     let verbose = args.flag("verbose");
+    let sizes = if smoke { &SMOKE } else { &FULL };
+    let paced_rate: u32 = args.get("paced-rate", sizes.paced_rate)?;
+    let paced_msgs = (u64::from(sizes.paced_msgs) * u64::from(paced_rate)
+        / u64::from(sizes.paced_rate))
+    .max(1) as u32;
     args.finish()?;
+    if paced_rate == 0 {
+        return err("--paced-rate must be at least 1");
+    }
     if rounds == 0 {
         return err("--rounds must be at least 1");
     }
@@ -358,9 +444,12 @@ fn parse_config() -> Result<Config> {
         baseline_bin,
         fastws_bin,
         loadgen_bin,
+        nginx_bin,
         json_out,
         verbose,
-        sizes: if smoke { &SMOKE } else { &FULL },
+        sizes,
+        paced_rate,
+        paced_msgs,
     })
 }
 
@@ -472,6 +561,129 @@ impl Drop for Server {
     }
 }
 
+/// nginx in the foreground (`daemon off`) in front of the `post-rtt`
+/// processes: round-robin without affinity, WebSocket upgrades mapped,
+/// response buffering off (SSE), and an `X-Upstream` response header naming
+/// the process that answered (`loadgen post-rtt` reads it). Configured and
+/// run from a fresh directory under the system's temporary directory
+/// (removed on drop), on a port found free. The same configuration as the
+/// nginx test in `tests/browser.rs`, plus that header.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(bin: &Path, upstreams: &[&str], round: u32) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("runall-nginx-{}-{round}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let d = dir.display();
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("        server {a};\n"))
+            .collect();
+        // As root the workers would switch to `nobody`, who cannot use the
+        // temporary directory: keep them as the user running the benchmark.
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let user = if root { "user root;" } else { "" };
+        let conf = format!(
+            r#"{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' close;
+    }}
+    # Round-robin, no affinity (no ip_hash, no sticky cookie).
+    upstream chat {{
+{servers}    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://chat;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+            add_header X-Upstream $upstream_addr always;
+        }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut nginx = Self { child, port, dir };
+        // nginx prints nothing when ready: poll until the port accepts (or
+        // nginx exits), up to the servers' startup timeout.
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(e) = nginx.exited() {
+                return err(e);
+            }
+            if Instant::now() > deadline {
+                return err(format!(
+                    "nginx not listening on {port} after {STARTUP_TIMEOUT:?}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+
+    /// None if still running, else how it ended with its error log.
+    fn exited(&mut self) -> Option<String> {
+        let status = match self.child.try_wait() {
+            Ok(None) => return None,
+            Ok(Some(status)) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+        Some(format!("nginx exited ({status}); error.log:\n{log}"))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Keeps the last lines of a server's output (so its pipe never fills up);
 /// sends the address of the first `listening on <addr>` line to `listening`.
 fn collect_output(
@@ -530,6 +742,16 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
         },
         "baseline" => start("baseline", &cfg.baseline_bin, &[]).map(|s| vec![s]),
         "fastws" => start("fastws", &cfg.fastws_bin, &[]).map(|s| vec![s]),
+        "crate-sse" => start("crate-sse", &cfg.crate_bin, &[]).map(|s| vec![s]),
+        "crate-nginx" => {
+            // Both processes sign session tokens with the same secret, so a
+            // POST may land on either.
+            let url = cfg.redis.as_deref().unwrap_or_default();
+            let secret = format!("runall-{}", std::process::id());
+            let extra = ["--redis", url, "--http-secret", &secret];
+            start("crate-nginx-a", &cfg.crate_bin, &extra)
+                .and_then(|a| start("crate-nginx-b", &cfg.crate_bin, &extra).map(|b| vec![a, b]))
+        }
         "crate-delay" => start(
             "crate-delay",
             &cfg.crate_bin,
@@ -547,9 +769,21 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
         Ok(s) => servers.extend(s),
         Err(e) => return failed(e.to_string()),
     }
+    let nginx = if server == "crate-nginx" {
+        let upstreams: Vec<&str> = servers.iter().map(|s| s.addr.as_str()).collect();
+        match Nginx::start(&cfg.nginx_bin, &upstreams, round) {
+            Ok(n) => Some(n),
+            Err(e) => return failed(e.to_string()),
+        }
+    } else {
+        None
+    };
 
     let s = cfg.sizes;
-    let addr = servers[0].addr.clone();
+    let addr = match &nginx {
+        Some(n) => format!("127.0.0.1:{}", n.port),
+        None => servers[0].addr.clone(),
+    };
     let mut args: Vec<String> = vec![mode.loadgen_mode().into(), "--addr".into(), addr];
     let mut push = |k: &str, v: String| {
         args.push(format!("--{k}"));
@@ -562,7 +796,7 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
             push("duration", s.echo_duration.to_string());
             push("warmup", s.echo_warmup.to_string());
         }
-        Mode::Fanout => {
+        Mode::Fanout | Mode::SseFanout => {
             push("subs", s.fanout_subs.to_string());
             push("msgs", s.fanout_msgs.to_string());
             push("size", s.fanout_size.to_string());
@@ -570,18 +804,34 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
                 push("addr2", b.addr.clone());
             }
         }
-        Mode::Paced | Mode::PacedDelay => {
+        Mode::Paced | Mode::PacedDelay | Mode::SsePaced => {
             push("subs", s.paced_subs.to_string());
-            push("msgs", s.paced_msgs.to_string());
+            push("msgs", cfg.paced_msgs.to_string());
             push("size", s.paced_size.to_string());
-            push("rate", s.paced_rate.to_string());
+            push("rate", cfg.paced_rate.to_string());
         }
-        Mode::Idle => push("conns", s.idle_conns.to_string()),
+        Mode::Idle | Mode::SseIdle => push("conns", s.idle_conns.to_string()),
+        Mode::PostRtt => {
+            push("msgs", s.post_msgs.to_string());
+            push("rate", s.post_rate.to_string());
+            push("size", s.fanout_size.to_string());
+            for srv in &servers {
+                push("upstream", srv.addr.clone());
+            }
+        }
         Mode::Connections => {
             push("conns", s.conn_total.to_string());
             push("procs", s.conn_procs.to_string());
             push("local-ip", s.conn_ips.to_owned());
         }
+    }
+    if server == "crate-sse" {
+        let key = if mode == Mode::SseIdle {
+            "transport"
+        } else {
+            "sub-transport"
+        };
+        push(key, "sse".to_owned());
     }
     for srv in &servers {
         push("server-pid", srv.pid().to_string());
@@ -608,7 +858,10 @@ fn measure(cfg: &Config, mode: Mode, server: &'static str, round: u32) -> Run {
             println!("  {server} #{round}: {line}");
         }
     }
-    let crashed: Vec<String> = servers.iter_mut().filter_map(Server::exited).collect();
+    let mut crashed: Vec<String> = servers.iter_mut().filter_map(Server::exited).collect();
+    if let Some(e) = nginx.and_then(|mut n| n.exited()) {
+        crashed.push(e);
+    }
     let reported_ok = json.get("ok").and_then(Value::as_bool) == Some(true);
     let failure = if !crashed.is_empty() {
         Some(crashed.join("; "))
@@ -753,7 +1006,7 @@ fn paced_rows() -> Vec<Row> {
 fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
     let s = cfg.sizes;
     let mut out = String::new();
-    if cfg.modes.iter().any(|m| *m != Mode::PacedDelay) {
+    if cfg.modes.iter().any(|m| m.in_main_table()) {
         let _ = writeln!(
             out,
             "## Results (median of {} round(s); load average at start: {})\n\n\
@@ -777,7 +1030,7 @@ fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
     );
     let paced = format!(
         "paced fan-out ({} subs, {} msgs/s × {} msgs, {} B)",
-        s.paced_subs, s.paced_rate, s.paced_msgs, s.paced_size
+        s.paced_subs, cfg.paced_rate, cfg.paced_msgs, s.paced_size
     );
     let idle = format!("idle ({} conns)", s.idle_conns);
     let conns = format!("connections ({})", s.conn_total);
@@ -944,7 +1197,10 @@ fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
         }
     }
 
-    if cfg.redis.is_some() {
+    sse_table(cfg, runs, &mut out);
+    post_rtt_table(cfg, runs, &mut out);
+
+    if cross_process_fanout(cfg) {
         let _ = writeln!(
             out,
             "\n## Cross-process fan-out through Redis ({} subs split over 2 crate processes, \
@@ -994,6 +1250,186 @@ fn table(cfg: &Config, runs: &[Run], load_start: &str) -> String {
         }
     }
     out
+}
+
+/// The value of `r` for `mode` on `server` (median, or sum for loss rows).
+fn value(runs: &[Run], mode: Mode, server: &str, r: &Row) -> Option<f64> {
+    let v = if r.sum {
+        total(runs, mode, server, r.key)
+    } else {
+        med(runs, mode, server, r.key)
+    };
+    v.map(|x| if r.ms { x / 1000.0 } else { x })
+}
+
+/// A cell: the value, marked `(FAIL)` if a round of that server failed.
+fn cell(runs: &[Run], mode: Mode, server: &str, r: &Row) -> String {
+    let v = fmt_num(value(runs, mode, server, r));
+    if had_failure(runs, mode, server) && !r.sum {
+        format!("{v} (FAIL)")
+    } else {
+        v
+    }
+}
+
+/// The `sse-*` modes: the crate with WebSocket subscribers vs SSE sessions.
+fn sse_table(cfg: &Config, runs: &[Run], out: &mut String) {
+    let modes: Vec<Mode> = Mode::SSE
+        .into_iter()
+        .filter(|m| cfg.modes.contains(m))
+        .collect();
+    if modes.is_empty() {
+        return;
+    }
+    let s = cfg.sizes;
+    let _ = writeln!(
+        out,
+        "\n## SSE sessions vs WebSockets, tower-channels' chat example (median of {} round(s))\n\n\
+         Same server binary, same room and publisher (a WebSocket client); the subscribers \
+         (or idle connections) are WebSockets or SSE sessions of the HTTP fallback \
+         (`?transport=sse`).\n",
+        cfg.rounds
+    );
+    let _ = writeln!(
+        out,
+        "| benchmark | metric | better | WebSocket | SSE | SSE / WebSocket |"
+    );
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+    let ms = |mut r: Row| {
+        r.ms = true;
+        r
+    };
+    for mode in modes {
+        let (title, rows) = match mode {
+            Mode::SseFanout => (
+                format!(
+                    "fan-out ({} subs, {} msgs, {} B)",
+                    s.fanout_subs, s.fanout_msgs, s.fanout_size
+                ),
+                vec![
+                    row("deliveries/s", "deliveries_per_s", "higher"),
+                    row("server CPU µs/delivery", "cpu_us_per_delivery", "lower"),
+                    ms(row("latency p50 ms", "latency_p50_us", "lower")),
+                    ms(row("latency p99 ms", "latency_p99_us", "lower")),
+                    ms(row(
+                        "broadcast completion p99 ms",
+                        "completion_p99_us",
+                        "lower",
+                    )),
+                    row("lost (all rounds)", "lost", "0"),
+                ],
+            ),
+            Mode::SsePaced => (
+                format!(
+                    "paced fan-out ({} subs, {} msgs/s × {} msgs, {} B)",
+                    s.paced_subs, cfg.paced_rate, cfg.paced_msgs, s.paced_size
+                ),
+                paced_rows(),
+            ),
+            _ => (
+                format!("idle ({} conns / sessions)", s.idle_conns),
+                vec![row("server KiB/conn", "kib_per_conn", "lower")],
+            ),
+        };
+        for mut r in rows {
+            // Losses are summed over the rounds, not a median.
+            r.sum |= r.key == "lost";
+            let ratio = if r.sum {
+                "—".to_owned()
+            } else {
+                fmt_ratio(
+                    value(runs, mode, "crate-sse", &r),
+                    value(runs, mode, "crate", &r),
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {title} | {} | {} | {} | {} | {ratio} |",
+                r.label,
+                r.better,
+                cell(runs, mode, "crate", &r),
+                cell(runs, mode, "crate-sse", &r),
+            );
+        }
+    }
+}
+
+/// The `post-rtt` mode.
+fn post_rtt_table(cfg: &Config, runs: &[Run], out: &mut String) {
+    if !cfg.modes.contains(&Mode::PostRtt) {
+        return;
+    }
+    let s = cfg.sizes;
+    let _ = writeln!(
+        out,
+        "\n## POST through nginx to a member on the other process (median of {} round(s))\n\n\
+         Two chat processes on Redis with one `--http-secret`, nginx round-robin in front. \
+         The sender's SSE session is opened through nginx; its {} chat messages ({} B) are \
+         `POST`ed through nginx at {} msgs/s (each lands on either process); the member is a \
+         WebSocket on the process that does not hold the session. Latency = start of the \
+         `POST` to the member's receipt.\n",
+        cfg.rounds, s.post_msgs, s.fanout_size, s.post_rate
+    );
+    let _ = writeln!(out, "| metric | better | value |");
+    let _ = writeln!(out, "|---|---|---:|");
+    let ms = |mut r: Row| {
+        r.ms = true;
+        r
+    };
+    let mut lost = row("lost (all rounds)", "lost", "0");
+    lost.sum = true;
+    let rows = [
+        ms(row("POST -> member p50 ms", "latency_p50_us", "lower")),
+        ms(row("POST -> member p99 ms", "latency_p99_us", "lower")),
+        ms(row(
+            "  POST on the session's process: p50 ms",
+            "direct_p50_us",
+            "lower",
+        )),
+        ms(row(
+            "  POST on the session's process: p99 ms",
+            "direct_p99_us",
+            "lower",
+        )),
+        ms(row(
+            "  POST forwarded to the session's process: p50 ms",
+            "forwarded_p50_us",
+            "lower",
+        )),
+        ms(row(
+            "  POST forwarded to the session's process: p99 ms",
+            "forwarded_p99_us",
+            "lower",
+        )),
+        row("POSTs forwarded", "forwarded", "—"),
+        ms(row(
+            "POST -> sender's own SSE copy p50 ms",
+            "own_p50_us",
+            "lower",
+        )),
+        ms(row(
+            "POST -> sender's own SSE copy p99 ms",
+            "own_p99_us",
+            "lower",
+        )),
+        ms(row("POST response p50 ms", "post_p50_us", "lower")),
+        ms(row("POST response p99 ms", "post_p99_us", "lower")),
+        row(
+            "server CPU µs/msg (both processes)",
+            "cpu_us_per_msg",
+            "lower",
+        ),
+        lost,
+    ];
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            r.label,
+            r.better,
+            cell(runs, Mode::PostRtt, "crate-nginx", r)
+        );
+    }
 }
 
 /// The 1, 5 and 15 minute load averages, as `uptime` prints them.
