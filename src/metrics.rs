@@ -4,7 +4,10 @@
 //!
 //! The table of emitted metrics is in the [crate docs](crate#metrics).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{
+    atomic::{AtomicU64, Ordering::Relaxed},
+    Arc,
+};
 
 use crate::message::{close_code, CloseCode};
 
@@ -56,18 +59,18 @@ fn transport_index(transport: &str) -> usize {
 /// `metrics` feature the facade's handles, registered once per layer.
 ///
 /// Nothing here is written per message: a connection counts its messages
-/// in a [`LocalCounts`] and folds them in once per flush or wake-up, so
-/// connections on different threads do not contend on these cache lines,
-/// and the facade costs one atomic add per fold (no key lookup).
+/// in a [`LocalCounts`] and folds them once per flush or wake-up into the
+/// stripe of its thread, so connections on different threads do not
+/// contend on a cache line. The facade's message counters are written once
+/// a second and at each close ([`publish`](Self::publish)), with no key
+/// lookup.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     open: AtomicU64,
     accepted: AtomicU64,
     rejected: AtomicU64,
-    messages_in: AtomicU64,
-    messages_out: AtomicU64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
+    /// The per-message counts, one set per worker thread (see [`Stripe`]).
+    stripes: [Stripe; STRIPES],
     dropped_slow: AtomicU64,
     slow_closes: AtomicU64,
     ignored_events: AtomicU64,
@@ -76,6 +79,10 @@ pub(crate) struct Metrics {
     http_accepted: AtomicU64,
     #[cfg(feature = "metrics")]
     handles: std::sync::OnceLock<Handles>,
+    /// The per-message totals already handed to the recorder (see
+    /// [`Metrics::publish`]).
+    #[cfg(feature = "metrics")]
+    published: std::sync::Mutex<[u64; 4]>,
 }
 
 /// The facade's handles, registered with the recorder installed when the
@@ -135,6 +142,38 @@ macro_rules! emit {
     };
 }
 
+/// Stripes of the per-message counters: a power of two, more than the
+/// worker threads of most servers.
+const STRIPES: usize = 16;
+
+/// One set of the per-message counters, on cache lines of its own: a fold
+/// writes the stripe of the thread it runs on, so connections on different
+/// worker threads never write the same line. Snapshots add the stripes up.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// The stripe of the current thread: threads are numbered in the order they
+/// first fold, modulo [`STRIPES`].
+fn stripe_index() -> usize {
+    use std::cell::Cell;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    INDEX.with(|i| {
+        if i.get() == usize::MAX {
+            i.set(NEXT.fetch_add(1, Relaxed) as usize % STRIPES);
+        }
+        i.get()
+    })
+}
+
 /// Adds `n` to a counter that is read only by snapshots.
 fn add(counter: &AtomicU64, n: u64) {
     if n > 0 {
@@ -142,14 +181,70 @@ fn add(counter: &AtomicU64, n: u64) {
     }
 }
 
+/// How often the per-message counts reach the recorder: the message
+/// counters of the `metrics` facade lag the layer's own
+/// ([`ConnectionStats`]) by at most this much, and by nothing once a
+/// connection closed.
+#[cfg(feature = "metrics")]
+const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Metrics {
     #[cfg(feature = "metrics")]
     fn handles(&self) -> &Handles {
         self.handles.get_or_init(Handles::register)
     }
 
+    /// Hands the per-message counts folded since the last call to the
+    /// recorder's counters. The recorder's counters are shared by every
+    /// thread; written per fold (every flush of every connection) they cost
+    /// a contended atomic add each, so they are written here instead: once
+    /// a second (a task [`opened`](Self::opened) starts) and when a
+    /// connection closes.
+    #[cfg(feature = "metrics")]
+    fn publish(&self) {
+        let totals = [
+            self.sum(|s| &s.messages_in),
+            self.sum(|s| &s.bytes_in),
+            self.sum(|s| &s.messages_out),
+            self.sum(|s| &s.bytes_out),
+        ];
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let h = self.handles();
+        let counters = [&h.messages_in, &h.bytes_in, &h.messages_out, &h.bytes_out];
+        for ((counter, total), done) in counters.into_iter().zip(totals).zip(published.iter_mut()) {
+            // Stripes are read one after the other while folds go on, so a
+            // total is at least what an earlier call read.
+            if total > *done {
+                counter.increment(total - *done);
+                *done = total;
+            }
+        }
+    }
+
+    /// Starts the task that calls [`publish`](Self::publish) every
+    /// [`PUBLISH_EVERY`] while the layer lives, on the runtime of the first
+    /// connection.
+    #[cfg(feature = "metrics")]
+    fn start_publishing(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let metrics = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(PUBLISH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match metrics.upgrade() {
+                    Some(m) => m.publish(),
+                    None => return,
+                }
+            }
+        });
+    }
+
     /// A connection on `transport` (`websocket`, `sse`, `stream`, `poll`) opened.
-    pub(crate) fn opened(&self, transport: &'static str) {
+    pub(crate) fn opened(self: &Arc<Self>, transport: &'static str) {
         self.open.fetch_add(1, Relaxed);
         self.accepted.fetch_add(1, Relaxed);
         let i = transport_index(transport);
@@ -158,6 +253,9 @@ impl Metrics {
             self.http_accepted.fetch_add(1, Relaxed);
         }
         emit! {
+            if self.handles.get().is_none() {
+                self.start_publishing();
+            }
             let h = self.handles();
             h.open.increment(1.0);
             h.accepted.increment(1);
@@ -173,6 +271,9 @@ impl Metrics {
             self.http_open.fetch_sub(1, Relaxed);
         }
         emit! {
+            // What the connection counted reaches the recorder before its
+            // close is counted (`closed_with`).
+            self.publish();
             let h = self.handles();
             h.open.decrement(1.0);
             h.by_transport[i].0.decrement(1.0);
@@ -206,15 +307,20 @@ impl Metrics {
         emit! { self.handles().panics.increment(1); }
     }
 
+    /// One per-message counter, summed over the stripes.
+    fn sum(&self, counter: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes.iter().map(|s| counter(s).load(Relaxed)).sum()
+    }
+
     pub(crate) fn snapshot(&self) -> ConnectionStats {
         ConnectionStats {
             open_connections: self.open.load(Relaxed),
             accepted_connections: self.accepted.load(Relaxed),
             rejected_handshakes: self.rejected.load(Relaxed),
-            messages_in: self.messages_in.load(Relaxed),
-            messages_out: self.messages_out.load(Relaxed),
-            bytes_in: self.bytes_in.load(Relaxed),
-            bytes_out: self.bytes_out.load(Relaxed),
+            messages_in: self.sum(|s| &s.messages_in),
+            messages_out: self.sum(|s| &s.messages_out),
+            bytes_in: self.sum(|s| &s.bytes_in),
+            bytes_out: self.sum(|s| &s.bytes_out),
             dropped_slow: self.dropped_slow.load(Relaxed),
             slow_client_closes: self.slow_closes.load(Relaxed),
             ignored_events: self.ignored_events.load(Relaxed),
@@ -262,21 +368,11 @@ impl LocalCounts {
             messages_out,
             bytes_out,
         } = std::mem::take(self);
-        add(&metrics.messages_in, messages_in);
-        add(&metrics.bytes_in, bytes_in);
-        add(&metrics.messages_out, messages_out);
-        add(&metrics.bytes_out, bytes_out);
-        emit! {
-            let h = metrics.handles();
-            if messages_in > 0 {
-                h.messages_in.increment(messages_in);
-                h.bytes_in.increment(bytes_in);
-            }
-            if messages_out > 0 {
-                h.messages_out.increment(messages_out);
-                h.bytes_out.increment(bytes_out);
-            }
-        }
+        let stripe = &metrics.stripes[stripe_index()];
+        add(&stripe.messages_in, messages_in);
+        add(&stripe.bytes_in, bytes_in);
+        add(&stripe.messages_out, messages_out);
+        add(&stripe.bytes_out, bytes_out);
     }
 }
 

@@ -9,10 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::{
-    sync::futures::OwnedNotified,
-    time::{Instant, Sleep},
-};
+use tokio::time::{Instant, Sleep};
 
 use super::{
     link::{leave, Link, Status},
@@ -90,7 +87,6 @@ pub(crate) struct Engine {
     /// Application output was moved to the writer (or dropped by a close)
     /// since the application was last told that all of it is written.
     unflushed: bool,
-    shutdown: Option<Pin<Box<OwnedNotified>>>,
     /// The rate limit's tokens and when they were last counted.
     rate: Option<(f64, Instant)>,
     /// Messages counted since the last fold into the layer's metrics.
@@ -131,7 +127,6 @@ impl Engine {
             over_budget_since: None,
             drained: 0,
             unflushed: false,
-            shutdown: Some(Box::pin(runtime.tracker.signal.clone().notified_owned())),
             rate: config.rate_limit.map(|r| (f64::from(r.burst.max(1)), now)),
             counts: LocalCounts::default(),
             transport,
@@ -246,9 +241,6 @@ impl Engine {
                     self.leaving = None;
                 }
             }
-            if self.poll_shutdown(cx) {
-                continue;
-            }
             if let Some(peer) = &mut self.socket {
                 peer.poll_control(cx);
             }
@@ -278,22 +270,6 @@ impl Engine {
         }
     }
 
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(n) = &mut self.shutdown else {
-            return false;
-        };
-        if n.as_mut().poll(cx).is_pending() && !self.link.runtime.tracker.is_shutting_down() {
-            return false;
-        }
-        self.shutdown = None;
-        self.start_close(
-            CloseFrame::new(close_code::AWAY, "server shutting down"),
-            true,
-            false,
-        );
-        true
-    }
-
     /// Acts on what the application asked for: a close, or an overflow.
     fn check_application(&mut self) {
         if !matches!(self.phase, Phase::Open) {
@@ -304,18 +280,26 @@ impl Engine {
             self.peer_closed(frame);
             return;
         }
-        let (overflow, close) = {
+        let (overflow, shutdown, close) = {
             let mut st = self.link.lock();
             let overflow = st.overflow;
+            let shutdown = std::mem::take(&mut st.shutdown);
             let close = if st.close.as_ref().is_some_and(|c| !c.after_queued) || st.out.is_empty() {
                 st.close.take()
             } else {
                 None
             };
-            (overflow, close)
+            (overflow, shutdown, close)
         };
         if overflow {
             self.slow_close("slow consumer: outbound queue full");
+        } else if shutdown {
+            // The queued output is written first (`drain`).
+            self.start_close(
+                CloseFrame::new(close_code::AWAY, "server shutting down"),
+                true,
+                false,
+            );
         } else if let Some(req) = close {
             self.start_close(req.frame, false, false);
         }

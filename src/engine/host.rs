@@ -151,12 +151,16 @@ impl Host {
         self.engine.as_mut()
     }
 
-    /// The engine `accept` left in the slot, if it did; the slot goes with it.
+    /// The engine `accept` left in the slot, if it did; the slot goes with
+    /// it, and the tracker learns the link shutdown is to close.
     fn take_engine(&mut self) -> Option<Engine> {
-        let engine = self.slot.as_ref()?.take();
-        if engine.is_some() {
-            self.slot = None;
+        let engine = self.slot.as_ref()?.take()?;
+        self.slot = None;
+        if let Some((tracker, id)) = &self.tracked {
+            if !tracker.attach(*id, engine.link()) {
+                engine.link().shut_down();
+            }
         }
-        engine
+        Some(engine)
     }
 }

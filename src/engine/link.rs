@@ -68,6 +68,8 @@ pub(crate) struct State {
     pub(crate) close: Option<CloseRequest>,
     /// A send would have crossed the hard cap: the client is too slow.
     pub(crate) overflow: bool,
+    /// The layer is shutting down: close with 1001 after the queued output.
+    pub(crate) shutdown: bool,
     // Engine -> application.
     pub(crate) incoming: VecDeque<Message>,
     pub(crate) in_bytes: usize,
@@ -114,6 +116,7 @@ impl Link {
                 out_bytes: 0,
                 close: None,
                 overflow: false,
+                shutdown: false,
                 incoming: VecDeque::new(),
                 in_bytes: 0,
                 peer_close: None,
@@ -295,6 +298,14 @@ impl Link {
             });
             st.wake_host();
         }
+    }
+
+    /// Tells the engine that the layer is shutting down (see
+    /// [`Tracker::start_shutdown`](super::Tracker::start_shutdown)).
+    pub(crate) fn shut_down(&self) {
+        let mut st = self.lock();
+        st.shutdown = true;
+        st.wake_host();
     }
 
     /// Joins `group` (and remembers it, to leave on close). Once closing

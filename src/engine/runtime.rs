@@ -5,13 +5,13 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
 };
 
 use tokio::{sync::Notify, task::AbortHandle};
 
-use super::http::Sessions;
+use super::{http::Sessions, Link};
 use crate::{
     channel_layer::{ChannelLayer, InMemoryChannelLayer},
     metrics::Metrics,
@@ -25,7 +25,7 @@ pub(crate) struct Runtime {
     pub(crate) channel_layer: Arc<dyn ChannelLayer>,
     pub(crate) config: WebSocketConfig,
     pub(crate) origins: AllowedOrigins,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) tracker: Arc<Tracker>,
     /// The HTTP fallback's sessions in this process, when it is on.
     pub(crate) http: Option<Arc<Sessions>>,
@@ -38,7 +38,7 @@ impl Runtime {
             channel_layer,
             config: WebSocketConfig::default(),
             origins: AllowedOrigins::default(),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             tracker: Arc::default(),
             http: None,
         }
@@ -50,7 +50,7 @@ impl Runtime {
             channel_layer: self.channel_layer.clone(),
             config: self.config.clone(),
             origins: self.origins.clone(),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             tracker: self.tracker.clone(),
             http: self.http.clone(),
         };
@@ -69,6 +69,11 @@ impl Default for Runtime {
 #[derive(Debug, Default)]
 struct Tasks {
     running: HashMap<u64, AbortHandle>,
+    /// The links of the connections past their handshake, which
+    /// [`Tracker::start_shutdown`] closes. A connection does not wait on a
+    /// shared signal of its own: that would cost every idle connection a
+    /// waiter and every poll of its engine a lock of the signal's list.
+    links: HashMap<u64, Weak<Link>>,
     /// Tasks that finished before they were registered (a fast rejection
     /// on another worker thread).
     finished_early: Vec<u64>,
@@ -77,8 +82,6 @@ struct Tasks {
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     pub(crate) shutting_down: AtomicBool,
-    /// Woken once when shutdown starts; every connection listens.
-    pub(crate) signal: Arc<Notify>,
     tasks: Mutex<Tasks>,
     next_id: AtomicU64,
     all_done: Notify,
@@ -112,8 +115,23 @@ impl Tracker {
         tasks.running.insert(id, handle);
     }
 
+    /// Connection task `id` opened its engine on `link`: shutdown closes it
+    /// from now on. Returns false when shutdown already started (the engine
+    /// closes at once).
+    pub(crate) fn attach(&self, id: u64, link: &Arc<Link>) -> bool {
+        let mut tasks = self.tasks();
+        // Read under the lock `start_shutdown` takes after setting the flag:
+        // either this sees the flag or `start_shutdown` sees the link.
+        if self.is_shutting_down() {
+            return false;
+        }
+        tasks.links.insert(id, Arc::downgrade(link));
+        true
+    }
+
     pub(crate) fn finished(&self, id: u64) {
         let mut tasks = self.tasks();
+        tasks.links.remove(&id);
         if tasks.running.remove(&id).is_none() {
             tasks.finished_early.push(id);
             return;
@@ -129,7 +147,15 @@ impl Tracker {
     /// Starts shutdown: new handshakes are refused, every connection closes with 1001.
     pub(crate) fn start_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.signal.notify_waiters();
+        let links: Vec<Arc<Link>> = self
+            .tasks()
+            .links
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for link in links {
+            link.shut_down();
+        }
     }
 
     /// Waits until no connection task is left.
