@@ -169,10 +169,13 @@
 //!
 //! Recording costs an atomic add: a layer registers its handles once, when
 //! it first needs them (so install the recorder before serving), and a
-//! connection folds its message and byte counts into the layer's counters
-//! (and [`ConnectionStats`]) once per write or wake-up, before the client can
-//! see the messages counted. The histogram reads the clock once per handler
-//! call.
+//! connection folds its message and byte counts into [`ConnectionStats`]
+//! once per write or wake-up, before the client can see the messages
+//! counted, into counters of its worker thread's own (no cache line is
+//! written by two threads). The four message and byte counters reach the
+//! recorder from there once a second and whenever a connection closes, so
+//! they lag [`WebSocketLayer::stats`] by at most a second. The histogram
+//! reads the clock once per handler call.
 //!
 //! # Cancel safety
 //!
