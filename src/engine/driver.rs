@@ -32,8 +32,10 @@ const MOVE_BATCH: usize = 16;
 enum Phase {
     /// Messages flow both ways.
     Open,
-    /// A close started; only the closing handshake matters now.
-    Closing(Closing),
+    /// A close started; only the closing handshake matters now. Boxed:
+    /// most of a connection's life is spent open, and the engine is part
+    /// of every idle connection's memory.
+    Closing(Box<Closing>),
     /// Done: the socket is dropped; `code` goes to `disconnect`.
     Closed { code: CloseCode },
 }
@@ -70,7 +72,7 @@ pub(crate) struct Engine {
     read_done: bool,
     /// The peer's close, held until the application took the messages
     /// read before it.
-    deferred_close: Option<Option<CloseFrame>>,
+    deferred_close: Option<Box<Option<CloseFrame>>>,
     ping_due: bool,
     pong_due: Option<Bytes>,
     timer: Pin<Box<Sleep>>,
@@ -165,7 +167,7 @@ impl Engine {
 
     fn enter_closing(&mut self, closing: Closing) {
         let drain = closing.drain;
-        self.phase = Phase::Closing(closing);
+        self.phase = Phase::Closing(Box::new(closing));
         self.unflushed = true;
         // Leave the groups and drop the inbox at once: no more events are
         // held for a connection that is going away.
@@ -276,7 +278,7 @@ impl Engine {
             return;
         }
         if self.deferred_close.is_some() && self.link.lock().incoming.is_empty() {
-            let frame = self.deferred_close.take().flatten();
+            let frame = self.deferred_close.take().and_then(|f| *f);
             self.peer_closed(frame);
             return;
         }
@@ -550,7 +552,7 @@ impl Engine {
                             // Let the application take the messages that
                             // came before the close (and queue its answers)
                             // first; nothing more is read meanwhile.
-                            self.deferred_close = Some(frame);
+                            self.deferred_close = Some(Box::new(frame));
                         }
                     }
                     Phase::Closing(c) => c.peer_closed = true,
