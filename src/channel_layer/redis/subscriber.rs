@@ -289,16 +289,23 @@ impl Subscriber {
         let timeout = inner.config.timeout;
         let key = |g: &String| inner.config.group_key(g);
         let mut result = Ok(());
+        // Leaving groups is recorded before the UNSUBSCRIBE goes out: a member
+        // joining meanwhile must not take the group for subscribed (and
+        // return at once from `sync_group`) while the subscription goes
+        // away. It sees the group unsubscribed and queues a `Sync`, which
+        // this task handles after this one, subscribing again.
+        {
+            let mut subscribed = lock(&inner.subscribed);
+            for group in &to_unsubscribe {
+                subscribed.remove(group);
+            }
+            inner.shared.sequencer.retain(|g| subscribed.contains(g));
+        }
         for chunk in to_unsubscribe.chunks(CHUNK) {
             result = unsubscribe(&mut conn.sink, chunk.iter().map(key).collect(), timeout).await;
             if result.is_err() {
                 break;
             }
-            let mut subscribed = lock(&inner.subscribed);
-            for group in chunk {
-                subscribed.remove(group);
-            }
-            inner.shared.sequencer.retain(|g| subscribed.contains(g));
         }
         if result.is_ok() {
             history::follow(inner, &to_subscribe).await;

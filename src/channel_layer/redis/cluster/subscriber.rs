@@ -493,10 +493,15 @@ impl Subscriber {
                         }
                     })
                 }
-                (false, true) => sunsubscribe(inner, &key).await.map(|()| {
+                (false, true) => {
+                    // Recorded before the SUNSUBSCRIBE goes out: a member
+                    // joining meanwhile must not take the group for
+                    // subscribed while the subscription goes away (its
+                    // `Sync`, queued behind this one, subscribes again).
                     lock(&inner.subscribed).remove(&group);
                     history::unfollow(inner, &group);
-                }),
+                    sunsubscribe(inner, &key).await
+                }
                 _ => Ok(()),
             };
             if let Err(e) = outcome {
