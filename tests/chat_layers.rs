@@ -512,8 +512,8 @@ async fn killed_process_leaves_and_its_client_recovers_elsewhere(broker: Broker)
     let killed = std::time::Instant::now();
     drop(a); // SIGKILL: no leave, no cleanup
     drop((carol, reader));
-    // Within the TTL and a third of the kill, plus a second for the
-    // announcement to travel on a busy machine.
+    // The documented bound after the kill (the TTL and a third), plus a
+    // second for the announcement to travel on a busy machine.
     let bound = ttl + ttl / 3 + Duration::from_secs(1);
     for ws in [&mut bob, &mut dave] {
         assert_eq!(next_typed(ws, "leave").await["user"], "carol");
