@@ -1,7 +1,7 @@
 //! The chat example on its default in-memory layer: presence, join and
 //! leave messages, recovery after a disconnect, and clear answers to bad
-//! recovery parameters. (`chat_redis.rs` runs the same protocol across two
-//! processes on Redis.)
+//! recovery parameters. (`chat_layers.rs` runs the same protocol across
+//! processes on Redis and Redis Cluster.)
 
 mod common;
 

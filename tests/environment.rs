@@ -37,7 +37,7 @@ const CHECKS: &[Check] = &[
     Check {
         name: "redis",
         require: "TOWER_CHANNELS_REQUIRE_REDIS",
-        tests: "tests/redis.rs, tests/redis_faults.rs, tests/chat_redis.rs, tests/worker.rs",
+        tests: "tests/redis.rs, tests/redis_faults.rs, tests/chat_layers.rs, tests/worker.rs",
         probe: redis,
     },
     Check {
@@ -73,7 +73,7 @@ const CHECKS: &[Check] = &[
     Check {
         name: "redis_cluster",
         require: "TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER",
-        tests: "tests/redis_cluster.rs",
+        tests: "tests/redis_cluster.rs, tests/chat_layers.rs",
         probe: redis_cluster,
     },
     Check {

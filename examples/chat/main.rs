@@ -14,12 +14,16 @@
 //! * `/ws/chat/{room}`: send `{"message": "..."}`, every member of the room
 //!   (the sender included) receives `{"message": "...", "offset": N,
 //!   "epoch": "E"}` (plus `"user"` when the sender named itself). Rooms keep
-//!   a history of their last 100 messages, and have presence:
+//!   a history of their last 100 messages, and have presence, on every
+//!   layer that has both: in-memory, `--redis` and `--redis-cluster`
+//!   (with `--django*` and, for now, `--nats`, rooms are plain: messages
+//!   carry no offset and there is no presence):
 //!   * `?user=NAME` names the member for presence; members get
 //!     `{"type": "join", "user": U}` when a user's first connection joins
 //!     and `{"type": "leave", "user": U}` when its last one leaves;
 //!   * sending `{"type": "presence"}` answers
-//!     `{"type": "presence", "members": [names]}`;
+//!     `{"type": "presence", "members": [names]}` (on plain rooms,
+//!     `{"type": "error", "error": "no presence"}`);
 //!   * connecting with `?offset=N&epoch=E` (the last message seen) first
 //!     delivers the messages missed since, then live ones, with no gap and
 //!     no duplicate; when that is impossible (history reset or trimmed) the
@@ -59,7 +63,8 @@
 //! messages wait up to that long to be batched into one write (off by
 //! default, and 0 is off too; `bench/` measures its effect).
 //! `--presence-ttl SECS` sets how long the members of a crashed process stay
-//! listed with `--redis` (30 s by default).
+//! listed with `--redis` or `--redis-cluster` (30 s by default; their leave
+//! is announced within the TTL and a third).
 //!
 //! The HTTP fallback is on ([`HttpFallback`]): a browser that cannot open a
 //! WebSocket reaches the same consumers by Server-Sent Events,
@@ -135,6 +140,9 @@ struct ChatOut<'a> {
 struct Chat {
     group: String,
     user: Option<String>,
+    /// Whether the rooms have presence on this process's layer (decided
+    /// once at startup: [`ChatLayer`]).
+    presence: bool,
 }
 
 /// The group of a room: history and presence notifications apply to `chat_*`.
@@ -171,15 +179,11 @@ impl JsonWebSocketConsumer for Chat {
         }
         // `?offset=&epoch=`: the last message the client saw, if any. Joining
         // recovers what it missed after it; those messages reach `event`
-        // before live ones, each once. Layers without presence (Django, Redis
-        // Cluster, NATS) still chat: the member joins plainly.
+        // before live ones, each once. Layers without presence (Django's)
+        // still chat: the member joins plainly.
         let since = position_from_query(ctx.scope())?;
-        let presence = ctx
-            .channel_layer()
-            .capabilities()
-            .supports(Feature::Presence);
         let mut join = ctx.join(&self.group).resume_from(since);
-        if let (Some(user), true) = (&self.user, presence) {
+        if let (Some(user), true) = (&self.user, self.presence) {
             let info =
                 PresenceInfo::new(user.as_str()).map_err(|_| bad_request("invalid user name"))?;
             join = join.presence(info);
@@ -192,6 +196,9 @@ impl JsonWebSocketConsumer for Chat {
 
     async fn receive_json(&mut self, ctx: &mut Context, msg: ChatIn) -> Result<(), BoxError> {
         match (msg.kind.as_deref(), msg.message) {
+            (Some("presence"), _) if !self.presence => {
+                ctx.send_json(&serde_json::json!({ "type": "error", "error": "no presence" }))?
+            }
             (Some("presence"), _) => {
                 let members = ctx.presence(&self.group).await?;
                 let names: Vec<&str> = members.iter().map(|m| m.user_id()).collect();
@@ -469,12 +476,19 @@ async fn main() -> Result<(), BoxError> {
             std::process::exit(2);
         }
     };
+    // The channel layer first: whether rooms have presence is decided here,
+    // once, not on every connection.
+    let layer = chat_layer(&args).await?;
+    layer.check()?;
+    let presence = layer.rooms;
     let mut channels = WebSocketLayer::new()
+        .with_channel_layer(layer.layer)
         .route(
             "/ws/chat/{room}",
-            json_consumer(|scope| Chat {
+            json_consumer(move |scope| Chat {
                 group: room_group(scope.param("room").unwrap_or_default()),
                 user: scope.query_param("user").filter(|u| !u.is_empty()),
+                presence,
             }),
         )
         .route("/ws/echo", websocket_consumer(|_| Echo));
@@ -510,32 +524,6 @@ async fn main() -> Result<(), BoxError> {
     // The POST endpoint takes messages as large as the sockets do (1 MiB,
     // `WebSocketConfig`'s default, unless `--max-message-size`).
     let max_message_size = args.max_message_size.unwrap_or(1 << 20);
-    // Rooms keep their last 100 messages for 5 minutes, and announce who
-    // comes and goes (`chat` covers `chat_<room>` and `chat-x.<hex>`).
-    let history = HistoryPolicy::new(GroupPattern::prefix("chat"));
-    let mut presence = PresenceConfig::new().notify(GroupPattern::prefix("chat"));
-    if let Some(ttl) = args.presence_ttl {
-        presence = presence.ttl(ttl);
-    }
-    channels = channels.with_channel_layer(match &args.redis {
-        Some(url) => redis_layer(url, history, presence).await?,
-        None => Arc::new(
-            InMemoryChannelLayer::new()
-                .with_history(history)
-                .with_presence(presence),
-        ),
-    });
-    // Brokers without presence and history yet: plain chat rooms.
-    if let Some((url, pubsub)) = &args.django {
-        channels =
-            channels.with_channel_layer(django_layer(url, *pubsub, args.prefix.as_deref()).await?);
-    }
-    if let Some(urls) = &args.redis_cluster {
-        channels = channels.with_channel_layer(redis_cluster_layer(urls).await?);
-    }
-    if let Some(url) = &args.nats {
-        channels = channels.with_channel_layer(nats_layer(url).await?);
-    }
     // axum's graceful shutdown does not reach upgraded sockets: on Ctrl-C,
     // close them with 1001 and run every disconnect, then let axum finish.
     let websockets = channels.shutdown_handle();
@@ -596,27 +584,126 @@ fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxErr
     Ok(Router::new())
 }
 
-#[cfg(feature = "redis")]
-async fn redis_layer(
-    url: &str,
+/// The rooms' history and presence: rooms keep their last 100 messages
+/// for 5 minutes, and announce who comes and goes (`chat` covers
+/// `chat_<room>` and `chat-x.<hex>`). The same on every layer that has
+/// them.
+struct Rooms {
     history: HistoryPolicy,
     presence: PresenceConfig,
-) -> Result<Arc<dyn ChannelLayer>, BoxError> {
-    Ok(Arc::new(
-        tower_channels::channel_layer::redis::RedisChannelLayer::builder(url)
-            .history(history)
-            .presence(presence)
+}
+
+impl Rooms {
+    /// What a layer built with [`Rooms`] must support.
+    const FEATURES: [Feature; 2] = [Feature::History, Feature::Presence];
+
+    fn new(presence_ttl: Option<Duration>) -> Self {
+        let mut presence = PresenceConfig::new().notify(GroupPattern::prefix("chat"));
+        if let Some(ttl) = presence_ttl {
+            presence = presence.ttl(ttl);
+        }
+        Self {
+            history: HistoryPolicy::new(GroupPattern::prefix("chat")),
+            presence,
+        }
+    }
+}
+
+/// A cross-process layer's builder with the rooms' history and presence:
+/// the same two calls on every such builder (`.history(..)`,
+/// `.presence(..)`).
+#[cfg_attr(not(feature = "redis"), allow(unused_macros))]
+macro_rules! keep_rooms {
+    ($builder:expr, $rooms:expr) => {{
+        let rooms: Rooms = $rooms;
+        $builder.history(rooms.history).presence(rooms.presence)
+    }};
+}
+
+/// The chat's channel layer, and whether its rooms keep history and
+/// presence ([`Rooms`]) or are plain.
+struct ChatLayer {
+    layer: Arc<dyn ChannelLayer>,
+    rooms: bool,
+}
+
+impl ChatLayer {
+    /// A layer built with [`Rooms`].
+    fn with_rooms(layer: impl ChannelLayer) -> Self {
+        Self {
+            layer: Arc::new(layer),
+            rooms: true,
+        }
+    }
+
+    /// A layer built without them: plain rooms (members join without
+    /// presence, messages carry no position).
+    #[cfg_attr(not(any(feature = "django", feature = "nats")), allow(dead_code))]
+    fn plain(layer: impl ChannelLayer) -> Self {
+        Self {
+            layer: Arc::new(layer),
+            rooms: false,
+        }
+    }
+
+    /// Fails at startup, once, if the layer lacks what its rooms were built
+    /// with, rather than on every connection.
+    fn check(&self) -> Result<(), BoxError> {
+        if self.rooms {
+            self.layer.capabilities().require(&Rooms::FEATURES)?;
+        }
+        Ok(())
+    }
+}
+
+/// The layer of `--redis`, `--redis-cluster`, `--nats`, `--django*` (at
+/// most one of them), or the in-memory one. Every layer that has history
+/// and presence is built with the same [`Rooms`].
+async fn chat_layer(args: &Args) -> Result<ChatLayer, BoxError> {
+    let rooms = Rooms::new(args.presence_ttl);
+    let chosen = [
+        args.redis.is_some(),
+        args.redis_cluster.is_some(),
+        args.nats.is_some(),
+        args.django.is_some(),
+    ];
+    if chosen.into_iter().filter(|&c| c).count() > 1 {
+        return Err(
+            "choose one of --redis, --redis-cluster, --nats, --django, --django-pubsub".into(),
+        );
+    }
+    if let Some(url) = &args.redis {
+        return redis_layer(url, rooms).await;
+    }
+    if let Some(urls) = &args.redis_cluster {
+        return redis_cluster_layer(urls, rooms).await;
+    }
+    if let Some(url) = &args.nats {
+        return nats_layer(url, rooms).await;
+    }
+    if let Some((url, pubsub)) = &args.django {
+        // channels_redis' formats have neither history nor presence.
+        return django_layer(url, *pubsub, args.prefix.as_deref()).await;
+    }
+    Ok(ChatLayer::with_rooms(
+        InMemoryChannelLayer::new()
+            .with_history(rooms.history)
+            .with_presence(rooms.presence),
+    ))
+}
+
+#[cfg(feature = "redis")]
+async fn redis_layer(url: &str, rooms: Rooms) -> Result<ChatLayer, BoxError> {
+    use tower_channels::channel_layer::redis::RedisChannelLayer;
+    Ok(ChatLayer::with_rooms(
+        keep_rooms!(RedisChannelLayer::builder(url), rooms)
             .build()
             .await?,
     ))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_layer(
-    _url: &str,
-    _history: HistoryPolicy,
-    _presence: PresenceConfig,
-) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn redis_layer(_url: &str, _rooms: Rooms) -> Result<ChatLayer, BoxError> {
     Err("--redis needs the `redis` feature: cargo run --features redis --example chat".into())
 }
 
@@ -625,15 +712,15 @@ async fn django_layer(
     url: &str,
     pubsub: bool,
     prefix: Option<&str>,
-) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+) -> Result<ChatLayer, BoxError> {
     use tower_channels::channel_layer::django::{
         DjangoChannelLayer, DjangoConfig, DjangoPubSubChannelLayer,
     };
     let config = DjangoConfig::new([url]).prefix(prefix.unwrap_or("asgi"));
     Ok(if pubsub {
-        Arc::new(DjangoPubSubChannelLayer::connect(&config).await?)
+        ChatLayer::plain(DjangoPubSubChannelLayer::connect(&config).await?)
     } else {
-        Arc::new(DjangoChannelLayer::connect(&config).await?)
+        ChatLayer::plain(DjangoChannelLayer::connect(&config).await?)
     })
 }
 
@@ -642,30 +729,34 @@ async fn django_layer(
     _url: &str,
     _pubsub: bool,
     _prefix: Option<&str>,
-) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+) -> Result<ChatLayer, BoxError> {
     Err("--django needs the `django` feature: cargo run --features django --example chat".into())
 }
 
 #[cfg(feature = "redis-cluster")]
-async fn redis_cluster_layer(urls: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn redis_cluster_layer(urls: &str, rooms: Rooms) -> Result<ChatLayer, BoxError> {
     use tower_channels::channel_layer::redis::RedisClusterChannelLayer;
-    Ok(Arc::new(
-        RedisClusterChannelLayer::connect(urls.split(',').map(str::trim)).await?,
+    let builder = RedisClusterChannelLayer::builder(urls.split(',').map(str::trim));
+    Ok(ChatLayer::with_rooms(
+        keep_rooms!(builder, rooms).build().await?,
     ))
 }
 
 #[cfg(not(feature = "redis-cluster"))]
-async fn redis_cluster_layer(_urls: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn redis_cluster_layer(_urls: &str, _rooms: Rooms) -> Result<ChatLayer, BoxError> {
     Err("--redis-cluster needs the `redis-cluster` feature".into())
 }
 
 #[cfg(feature = "nats")]
-async fn nats_layer(url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn nats_layer(url: &str, _rooms: Rooms) -> Result<ChatLayer, BoxError> {
     use tower_channels::channel_layer::nats::NatsChannelLayer;
-    Ok(Arc::new(NatsChannelLayer::connect(url).await?))
+    // Plain rooms until the NATS builder has `.history`/`.presence` (branch
+    // nats-history); then this line becomes, as for Redis (with `rooms`):
+    // `ChatLayer::with_rooms(keep_rooms!(NatsChannelLayer::builder(url), rooms).build().await?)`
+    Ok(ChatLayer::plain(NatsChannelLayer::connect(url).await?))
 }
 
 #[cfg(not(feature = "nats"))]
-async fn nats_layer(_url: &str) -> Result<Arc<dyn ChannelLayer>, BoxError> {
+async fn nats_layer(_url: &str, _rooms: Rooms) -> Result<ChatLayer, BoxError> {
     Err("--nats needs the `nats` feature: cargo run --features nats --example chat".into())
 }

@@ -430,6 +430,12 @@ impl RedisChannelLayerBuilder {
     /// The timeout of each Redis command (default [`DEFAULT_TIMEOUT`]):
     /// how long an operation may take while Redis is unreachable before it
     /// fails.
+    ///
+    /// Waits on an answer, not one command, derive from it the same way on
+    /// both Redis layers: a subscription is confirmed within twice the
+    /// timeout plus a second (reconnecting, then reading a history group's
+    /// position and subscribing), another process's reply to a group change
+    /// of one of its channels within three times the timeout plus a second.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(10));
         self
@@ -935,24 +941,12 @@ impl Inner {
                 ack: Some(ack),
             })
             .map_err(|_| BackendError::SubscriberStopped)?;
-        self.wait_ack(done, format!("subscribing to group {group:?}"))
-            .await
-    }
-
-    async fn wait_ack(
-        &self,
-        done: oneshot::Receiver<Result<(), SubscriberError>>,
-        what: String,
-    ) -> Result<(), ChannelLayerError> {
-        // Connecting may take the connect timeout before the command runs.
-        match tokio::time::timeout(self.config.timeout + CONNECT_TIMEOUT, done).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(BackendError::Subscriber(what, e).into()),
-            Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
-            Err(_) => {
-                Err(BackendError::Timeout(what, self.config.timeout + CONNECT_TIMEOUT).into())
-            }
-        }
+        shared::wait_ack(
+            done,
+            self.config.timeout,
+            format!("subscribing to group {group:?}"),
+        )
+        .await
     }
 
     /// Asks the process owning `channel` to add it to or discard it from
@@ -980,16 +974,7 @@ impl Inner {
             };
         }
         let what = format!("asking process {process:?} to update group {group:?}");
-        match tokio::time::timeout(self.config.timeout, rx).await {
-            Ok(Ok(wire::OP_REPLY_OK)) => Ok(()),
-            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) if op == wire::OP_GROUP_ADD => {
-                Err(no_such_channel(channel))
-            }
-            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
-            Ok(Ok(_)) => Err(BackendError::RemoteFailed(what).into()),
-            Ok(Err(_)) => Err(BackendError::NoReply(what).into()),
-            Err(_) => Err(BackendError::Timeout(what, self.config.timeout).into()),
-        }
+        shared::wait_reply(rx, op, channel, self.config.timeout, what).await
     }
 
     /// A reply to one of our requests arrived.
@@ -1241,9 +1226,12 @@ impl ChannelLayer for RedisChannelLayer {
                 .commands
                 .send(Command::SyncAll { ack })
                 .map_err(|_| BackendError::SubscriberStopped)?;
-            inner
-                .wait_ack(done, "unsubscribing from every group".into())
-                .await?;
+            shared::wait_ack(
+                done,
+                inner.config.timeout,
+                "unsubscribing from every group".into(),
+            )
+            .await?;
             inner.flush_keys().await
         })
     }

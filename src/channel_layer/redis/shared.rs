@@ -11,18 +11,81 @@
 //! group's stream, offset and epoch and its presence entries all live on
 //! the group's slot and every script call runs on one node.
 
-use std::{borrow::Cow, future::Future, sync::Mutex};
+use std::{borrow::Cow, future::Future, sync::Mutex, time::Duration};
 
 use redis::{Cmd, FromRedisValue};
+use tokio::sync::oneshot;
 
-use super::{lock, LocalChannels, LuaScript, QueryError};
+use super::{lock, wire, BackendError, LocalChannels, LuaScript, QueryError, CONNECT_TIMEOUT};
 use crate::channel_layer::{
-    local::Counters,
+    local::{no_such_channel, Counters},
     presence::LocalPresence,
     sequencer::{Sequencer, SequencerHost},
+    subscriber_error::SubscriberError,
     BoxFuture, ChannelLayerError, Event, GroupSendReport, HistoryPolicy, PresenceConfig, Recovery,
     StreamPosition,
 };
+
+// ------------------------------------------------------------------ waits
+//
+// One policy for both layers' waits on an answer from another task or
+// process (they had drifted apart: the cluster waited twice the timeout
+// plus the connect timeout for a reply, the single-node layer the timeout
+// alone, too short for a reply that follows a subscription).
+
+/// How long a layer waits for its subscriber task to confirm a
+/// (un)subscription: the task may be (re)connecting (up to the connect
+/// timeout), then reads a history group's position and (un)subscribes,
+/// each within the command `timeout`.
+pub(super) fn ack_wait(timeout: Duration) -> Duration {
+    timeout * 2 + CONNECT_TIMEOUT
+}
+
+/// How long a process waits for another process's reply to a membership
+/// request: the other confirms its (un)subscription ([`ack_wait`]) before
+/// it publishes the reply, within `timeout`.
+pub(super) fn reply_wait(timeout: Duration) -> Duration {
+    ack_wait(timeout) + timeout
+}
+
+/// The subscriber task's answer `done` to a command about `what`, waited
+/// for up to [`ack_wait`].
+pub(super) async fn wait_ack(
+    done: oneshot::Receiver<Result<(), SubscriberError>>,
+    timeout: Duration,
+    what: String,
+) -> Result<(), ChannelLayerError> {
+    let wait = ack_wait(timeout);
+    match tokio::time::timeout(wait, done).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(BackendError::Subscriber(what, e).into()),
+        Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
+        Err(_) => Err(BackendError::Timeout(what, wait).into()),
+    }
+}
+
+/// Another process's reply `reply` to the membership request `op` (add or
+/// discard `channel`), described by `what`, waited for up to
+/// [`reply_wait`].
+pub(super) async fn wait_reply(
+    reply: oneshot::Receiver<u8>,
+    op: u8,
+    channel: &str,
+    timeout: Duration,
+    what: String,
+) -> Result<(), ChannelLayerError> {
+    let wait = reply_wait(timeout);
+    match tokio::time::timeout(wait, reply).await {
+        Ok(Ok(wire::OP_REPLY_OK)) => Ok(()),
+        Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) if op == wire::OP_GROUP_ADD => {
+            Err(no_such_channel(channel))
+        }
+        Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
+        Ok(Ok(_)) => Err(BackendError::RemoteFailed(what).into()),
+        Ok(Err(_)) => Err(BackendError::NoReply(what).into()),
+        Err(_) => Err(BackendError::Timeout(what, wait).into()),
+    }
+}
 
 /// Names the per-group keys of presence and history.
 #[derive(Debug)]

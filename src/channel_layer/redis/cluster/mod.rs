@@ -165,7 +165,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::subscriber::Command;
 use super::{
     escape_glob, history, lock, presence,
-    shared::{GroupKeys, Host, Shared},
+    shared::{self, GroupKeys, Host, Shared},
     unix_now,
     wire::{self, Envelope},
     BackendError, Counters, LocalChannels, LuaScript, QueryError, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
@@ -288,6 +288,12 @@ impl RedisClusterChannelLayerBuilder {
     /// The timeout of each operation, redirects and retries included
     /// (default [`DEFAULT_TIMEOUT`]): how long a send to a shard that is down
     /// takes to fail.
+    ///
+    /// Waits on an answer, not one command, derive from it the same way on
+    /// both Redis layers: a subscription is confirmed within twice the
+    /// timeout plus a second (reconnecting, then reading a history group's
+    /// position and subscribing), another process's reply to a group change
+    /// of one of its channels within three times the timeout plus a second.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(10));
         self
@@ -678,17 +684,12 @@ impl Inner {
                 ack: Some(ack),
             })
             .map_err(|_| BackendError::SubscriberStopped)?;
-        let wait = self.config.timeout * 2 + CONNECT_TIMEOUT;
-        match tokio::time::timeout(wait, done).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => {
-                Err(BackendError::Subscriber(format!("subscribing to group {group:?}"), e).into())
-            }
-            Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
-            Err(_) => {
-                Err(BackendError::Timeout(format!("subscribing to group {group:?}"), wait).into())
-            }
-        }
+        shared::wait_ack(
+            done,
+            self.config.timeout,
+            format!("subscribing to group {group:?}"),
+        )
+        .await
     }
 
     async fn remote_membership(
@@ -715,17 +716,7 @@ impl Inner {
             };
         }
         let what = format!("asking process {process:?} to update group {group:?}");
-        let wait = self.config.timeout * 2 + CONNECT_TIMEOUT;
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(wire::OP_REPLY_OK)) => Ok(()),
-            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) if op == wire::OP_GROUP_ADD => {
-                Err(no_such_channel(channel))
-            }
-            Ok(Ok(wire::OP_REPLY_NO_SUCH_CHANNEL)) => Ok(()),
-            Ok(Ok(_)) => Err(BackendError::RemoteFailed(what).into()),
-            Ok(Err(_)) => Err(BackendError::NoReply(what).into()),
-            Err(_) => Err(BackendError::Timeout(what, wait).into()),
-        }
+        shared::wait_reply(rx, op, channel, self.config.timeout, what).await
     }
 
     fn complete_request(&self, id: u64, op: u8) {
@@ -969,24 +960,12 @@ impl ChannelLayer for RedisClusterChannelLayer {
                 .commands
                 .send(Command::SyncAll { ack })
                 .map_err(|_| BackendError::SubscriberStopped)?;
-            let wait = inner.config.timeout * 2 + CONNECT_TIMEOUT;
-            match tokio::time::timeout(wait, done).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => {
-                    return Err(BackendError::Subscriber(
-                        "unsubscribing from every group".into(),
-                        e,
-                    )
-                    .into())
-                }
-                _ => {
-                    return Err(BackendError::Timeout(
-                        "unsubscribing from every group".into(),
-                        wait,
-                    )
-                    .into())
-                }
-            }
+            shared::wait_ack(
+                done,
+                inner.config.timeout,
+                "unsubscribing from every group".into(),
+            )
+            .await?;
             inner.flush_keys().await
         })
     }
