@@ -17,9 +17,8 @@ use redis::{Cmd, FromRedisValue};
 
 use super::{lock, LocalChannels, LuaScript, QueryError};
 use crate::channel_layer::{
-    local::Counters,
     presence::LocalPresence,
-    sequencer::{Sequencer, SequencerHost},
+    sequencer::{count_lost, Sequencer, SequencerHost},
     BoxFuture, ChannelLayerError, Event, GroupSendReport, HistoryPolicy, PresenceConfig, Recovery,
     StreamPosition,
 };
@@ -195,15 +194,6 @@ impl<H: Host> SequencerHost for Via<'_, H> {
     }
 
     fn lost(&self, group: &str, count: Option<u64>, why: &str) {
-        let count = count.unwrap_or(1);
-        Counters::add(
-            &self.0.counters().dropped_other,
-            usize::try_from(count).unwrap_or(usize::MAX),
-        );
-        tracing::warn!(
-            group,
-            lost = count,
-            "history events missed here cannot be delivered: {why}"
-        );
+        count_lost(self.0.counters(), group, count, why);
     }
 }
