@@ -545,6 +545,65 @@ async fn history_and_presence_survive_a_nats_restart() {
     }
 }
 
+/// A process that stops without leaving (its receiver is never dropped,
+/// the layer is): its members vanish from listings within the TTL of its
+/// last refresh, which came at most a third of the TTL before it stopped.
+#[tokio::test]
+async fn presence_of_a_stopped_process_expires() {
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("presence-expiry");
+    let ttl = Duration::from_secs(2);
+    let make = || {
+        NatsChannelLayer::builder(&nats.url)
+            .prefix(&prefix)
+            .presence(tower_channels::channel_layer::PresenceConfig::new().ttl(ttl))
+            .build()
+    };
+    let a = make().await.unwrap();
+    let b = make().await.unwrap();
+    let info = |u: &str| tower_channels::channel_layer::PresenceInfo::new(u).unwrap();
+    let on_a = a.new_channel().await.unwrap();
+    a.presence_join("room", on_a.name(), info("ada"))
+        .await
+        .unwrap();
+    let on_b = b.new_channel().await.unwrap();
+    b.presence_join("room", on_b.name(), info("bob"))
+        .await
+        .unwrap();
+    assert_eq!(a.presence("room").await.unwrap().len(), 2);
+    // The "crash": bob's channel never leaves, and its process goes away.
+    std::mem::forget(on_b);
+    drop(b);
+    let stopped = Instant::now();
+    loop {
+        let users: Vec<String> = a
+            .presence("room")
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.user_id().to_owned())
+            .collect();
+        if users == ["ada"] {
+            break;
+        }
+        // JetStream expires by a timer: allow it a second past the TTL.
+        assert!(
+            stopped.elapsed() < ttl + Duration::from_secs(1),
+            "bob still listed {:?} after his process stopped: {users:?}",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "a stopped process's members left the listing after {:?}",
+        stopped.elapsed()
+    );
+    // Ada's own process keeps refreshing her.
+    tokio::time::sleep(ttl * 2).await;
+    assert_eq!(a.presence("room").await.unwrap().len(), 1);
+    drop(on_a);
+}
+
 // ------------------------------------------------------------- chat example
 
 use common::*;
