@@ -133,10 +133,13 @@
 //!   it appended, publishes the next offset with
 //!   `Nats-Expected-Last-Subject-Sequence` set to that sequence, and when
 //!   another process got there first (wrong last sequence) reads the
-//!   subject's last event and tries again (16 attempts in all). An empty
-//!   subject (never written, or every event expired) starts a new random
-//!   epoch at offset 1 with expected sequence 0, so exactly one process
-//!   starts it.
+//!   subject's last event and tries again after a short jittered pause,
+//!   until it wins or the layer's timeout passes (then the send fails and
+//!   its event was not stored). Under heavy contention from several
+//!   processes on one group, sends therefore slow down rather than
+//!   interleave offsets. An empty subject (never written, or every event
+//!   expired) starts a new random epoch at offset 1 with expected sequence
+//!   0, so exactly one process starts it.
 //! * **Delivery.** The stream republishes every stored event to
 //!   `{prefix}.hlive.{group}` (JetStream's republish), which a process
 //!   subscribes to (core NATS) while it has a member in the group, beside

@@ -26,9 +26,15 @@ use crate::channel_layer::{
 const EPOCH: &str = "Tower-Channels-Epoch";
 /// The header carrying a stored event's offset.
 const OFFSET: &str = "Tower-Channels-Offset";
-/// Appends that lost the race for the next offset are tried again this
-/// many times in all before the send fails.
-const APPEND_ATTEMPTS: usize = 16;
+/// Appends that lost the race for the next offset are tried again, up to
+/// this many times in all, within the layer's timeout. A process whose
+/// cache is stale needs two round trips (read the last event, publish)
+/// where one with a fresh cache needs one, so under sustained contention
+/// it may lose many times in a row; it waits a little (jittered) between
+/// tries, and gives up at the timeout.
+const APPEND_ATTEMPTS: u32 = 256;
+/// The longest pause between two tries of an append.
+const APPEND_BACKOFF: Duration = Duration::from_millis(5);
 
 /// `prefix` as a stream or bucket name token: `_` is written `_u` and `.`
 /// `_d`, so different prefixes never share a name.
@@ -378,10 +384,15 @@ impl Store for JetStreamStore {
         event: Bytes,
     ) -> BoxFuture<'a, Result<StreamPosition, TransportError>> {
         Box::pin(async move {
-            for _ in 0..APPEND_ATTEMPTS {
+            for attempt in 0..APPEND_ATTEMPTS {
                 if let Some(position) = self.append_once(group, &event).await? {
                     return Ok(position);
                 }
+                let ceiling = APPEND_BACKOFF.min(Duration::from_micros(250) * (attempt + 1));
+                let micros = u64::try_from(ceiling.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                tokio::time::sleep(Duration::from_micros(names::random_u64() % micros)).await;
             }
             Err(failed(
                 &format!("history append to {group:?}"),
