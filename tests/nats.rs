@@ -545,6 +545,81 @@ async fn history_and_presence_survive_a_nats_restart() {
     }
 }
 
+/// NATS restarts without its store: history sends work again in a new
+/// epoch from offset 1 (the stream is made again), a member that stayed
+/// connected follows the new epoch, recovering an old position says the
+/// epoch changed, and presence is written again.
+#[tokio::test]
+async fn history_and_presence_after_nats_lost_its_store() {
+    let Some(mut server) = own_server("the restart test needs its own server").await else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix("store-lost");
+    let group = format!("{}.lost", conformance::HISTORY_GROUPS);
+    let a = configured(&url, &prefix).await;
+    let b = configured(&url, &prefix).await;
+    let mut member = b.new_channel().await.unwrap();
+    let alice = tower_channels::channel_layer::PresenceInfo::new("alice").unwrap();
+    b.presence_join(&group, member.name(), alice).await.unwrap();
+    let old = a
+        .group_send(&group, Event::bare("h"))
+        .await
+        .unwrap()
+        .position
+        .unwrap();
+    assert_eq!(recv(&mut member).await.position(), Some(&old));
+
+    server.kill();
+    std::fs::remove_dir_all(&server.dir).expect("remove the NATS store");
+    std::fs::create_dir_all(&server.dir).expect("NATS store directory");
+    server.restart().await;
+
+    let restarted = Instant::now();
+    let new = loop {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "history sends still failing 30 s after the restart"
+        );
+        match a.group_send(&group, Event::bare("h")).await {
+            Ok(report) => break report.position.unwrap(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_ne!(
+        new.epoch(),
+        old.epoch(),
+        "a new epoch after the store was lost"
+    );
+    // The member gets the new epoch from its first offset, in order.
+    let mut offsets = Vec::new();
+    while offsets.last().copied().unwrap_or(0) < new.offset() {
+        let event = recv(&mut member).await;
+        let position = event.position().expect("position").clone();
+        assert_eq!(position.epoch(), new.epoch());
+        offsets.push(position.offset());
+    }
+    assert_eq!(offsets, (1..=new.offset()).collect::<Vec<_>>());
+    let recovery = b.recover(&group, &old).await.unwrap();
+    assert_eq!(
+        recovery.failure(),
+        Some(tower_channels::channel_layer::RecoveryFailure::EpochChanged),
+        "{recovery:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let members = b.presence(&group).await;
+        if matches!(&members, Ok(m) if m.len() == 1 && m[0].user_id() == "alice") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence after the store was lost: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A process that stops without leaving (its receiver is never dropped,
 /// the layer is): its members vanish from listings within the TTL of its
 /// last refresh, which came at most a third of the TTL before it stopped.

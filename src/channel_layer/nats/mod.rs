@@ -126,7 +126,12 @@
 //!   the configured policies (`max_msgs_per_subject`) for the longest `ttl`
 //!   (`max_age`: each event is dropped that long after it was stored); a
 //!   recovery applies the group's own policy's `max_len`. A NATS restart
-//!   with the same store keeps every history and its epoch.
+//!   with the same store keeps every history and its epoch; one that lost
+//!   its store (no `-sd` volume) loses them: the layer makes the stream and
+//!   the presence bucket again when it finds them missing, histories start
+//!   new epochs (members follow them from offset 1, recoveries from an old
+//!   position answer [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)),
+//!   and each process writes its presence again once reconnected.
 //! * **Contiguous offsets.** Each event carries its epoch and offset in the
 //!   headers `Tower-Channels-Epoch` and `Tower-Channels-Offset`. A process
 //!   remembers per group the stream sequence and position of the last event

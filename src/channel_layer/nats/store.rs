@@ -10,6 +10,7 @@ use async_nats::{
         context::PublishErrorKind,
         kv,
         stream::{self, DiscardPolicy, LastRawMessageErrorKind, Republish, StorageType},
+        ErrorCode,
     },
     Client, HeaderMap,
 };
@@ -74,6 +75,9 @@ pub(super) struct JetStreamStore {
     js: jetstream::Context,
     history: Option<stream::Stream>,
     presence: Option<kv::Store>,
+    /// The configurations of the stream and the bucket's stream, to make
+    /// them again when NATS lost them (restarted without its store).
+    configs: Vec<stream::Config>,
     /// Per group: the stream sequence and position of the last event this
     /// process appended or read, the expected last sequence of its next
     /// append.
@@ -109,6 +113,7 @@ impl JetStreamStore {
     ) -> Result<Self, NatsError> {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(timeout);
+        let mut configs = Vec::new();
         let history = match history.iter().map(HistoryPolicy::len_limit).max() {
             None => None,
             Some(max_len) => {
@@ -139,6 +144,7 @@ impl JetStreamStore {
                     .get_stream(&config.name)
                     .await
                     .map_err(|e| setup("opening the history stream", e))?;
+                configs.push(config);
                 Some(stream)
             }
         };
@@ -148,7 +154,7 @@ impl JetStreamStore {
                 // The bucket's stream as async-nats would make it (its own
                 // helper asks for account details a 2.9 server lacks).
                 let bucket = bucket_name(prefix);
-                js.create_or_update_stream(stream::Config {
+                let config = stream::Config {
                     name: format!("KV_{bucket}"),
                     subjects: vec![format!("$KV.{bucket}.>")],
                     max_messages_per_subject: 1,
@@ -159,9 +165,11 @@ impl JetStreamStore {
                     allow_direct: true,
                     discard: DiscardPolicy::New,
                     ..Default::default()
-                })
-                .await
-                .map_err(|e| setup("creating the presence bucket", e))?;
+                };
+                js.create_or_update_stream(config.clone())
+                    .await
+                    .map_err(|e| setup("creating the presence bucket", e))?;
+                configs.push(config);
                 Some(
                     js.get_key_value(bucket)
                         .await
@@ -175,8 +183,28 @@ impl JetStreamStore {
             js,
             history,
             presence,
+            configs,
             last: Mutex::default(),
         })
+    }
+
+    /// Makes the history stream and presence bucket again if NATS lost
+    /// them (a restart without its store): the histories start new epochs
+    /// and each process writes its presence again on its next refresh.
+    async fn recreate(&self) {
+        lock(&self.last).clear();
+        for config in &self.configs {
+            match self.js.create_or_update_stream(config.clone()).await {
+                Ok(_) => tracing::warn!(
+                    stream = config.name,
+                    "JetStream stream was missing; created it again"
+                ),
+                Err(e) => tracing::debug!(
+                    stream = config.name,
+                    "creating a JetStream stream again failed: {e}"
+                ),
+            }
+        }
     }
 
     /// Fails at once while the client is reconnecting, as the transport's
@@ -216,6 +244,14 @@ impl JetStreamStore {
                 None => Err(failed(&what, "a stored event without a position")),
             },
             Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e)
+                if matches!(e.kind(), LastRawMessageErrorKind::JetStream(ref js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                // Lost with NATS's store: an empty history.
+                self.recreate().await;
+                Ok(None)
+            }
             Err(e) => Err(failed(&what, e)),
         }
     }
@@ -261,10 +297,13 @@ impl JetStreamStore {
             }
             Err(e) => {
                 lock(&self.last).remove(group);
-                if e.kind() == PublishErrorKind::WrongLastSequence {
-                    Ok(None)
-                } else {
-                    Err(failed(&what, e))
+                match e.kind() {
+                    PublishErrorKind::WrongLastSequence => Ok(None),
+                    PublishErrorKind::StreamNotFound => {
+                        self.recreate().await;
+                        Ok(None)
+                    }
+                    _ => Err(failed(&what, e)),
                 }
             }
         }
@@ -425,10 +464,18 @@ impl Store for JetStreamStore {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         // The bucket's max age is the TTL (set when it was opened).
         Box::pin(async move {
-            self.presence()?
-                .put(presence_key(group, process), entries)
-                .await
-                .map_err(|e| failed(&format!("writing the presence of {group:?}"), e))?;
+            let key = presence_key(group, process);
+            let bucket = self.presence()?;
+            if let Err(e) = bucket.put(&key, entries.clone()).await {
+                // The bucket may be gone with NATS's store: make it again
+                // and try once more.
+                tracing::debug!(group, "writing presence failed: {e}");
+                self.recreate().await;
+                bucket
+                    .put(&key, entries)
+                    .await
+                    .map_err(|e| failed(&format!("writing the presence of {group:?}"), e))?;
+            }
             Ok(())
         })
     }
