@@ -622,22 +622,27 @@ async fn history_and_presence_after_nats_lost_its_store() {
 
 /// A process that stops without leaving (its receiver is never dropped,
 /// the layer is): its members vanish from listings within the TTL of its
-/// last refresh, which came at most a third of the TTL before it stopped.
+/// last refresh, which came at most a third of the TTL before it stopped,
+/// and a live process announces their `presence.leave` once, within
+/// TTL + TTL/3.
 #[tokio::test]
 async fn presence_of_a_stopped_process_expires() {
+    use tower_channels::channel_layer::{
+        GroupPattern, PresenceChange, PresenceConfig, PresenceInfo, PRESENCE_JOIN, PRESENCE_LEAVE,
+    };
     let Some(nats) = nats().await else { return };
     let prefix = unique_prefix("presence-expiry");
     let ttl = Duration::from_secs(2);
     let make = || {
         NatsChannelLayer::builder(&nats.url)
             .prefix(&prefix)
-            .presence(tower_channels::channel_layer::PresenceConfig::new().ttl(ttl))
+            .presence(PresenceConfig::new().ttl(ttl).notify(GroupPattern::any()))
             .build()
     };
     let a = make().await.unwrap();
     let b = make().await.unwrap();
-    let info = |u: &str| tower_channels::channel_layer::PresenceInfo::new(u).unwrap();
-    let on_a = a.new_channel().await.unwrap();
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let mut on_a = a.new_channel().await.unwrap();
     a.presence_join("room", on_a.name(), info("ada"))
         .await
         .unwrap();
@@ -646,10 +651,15 @@ async fn presence_of_a_stopped_process_expires() {
         .await
         .unwrap();
     assert_eq!(a.presence("room").await.unwrap().len(), 2);
+    for _ in 0..2 {
+        assert_eq!(recv(&mut on_a).await.kind(), PRESENCE_JOIN);
+    }
     // The "crash": bob's channel never leaves, and its process goes away.
     std::mem::forget(on_b);
     drop(b);
     let stopped = Instant::now();
+    // JetStream expires by a timer: allow it a second past each bound.
+    let slack = Duration::from_secs(1);
     loop {
         let users: Vec<String> = a
             .presence("room")
@@ -661,22 +671,24 @@ async fn presence_of_a_stopped_process_expires() {
         if users == ["ada"] {
             break;
         }
-        // JetStream expires by a timer: allow it a second past the TTL.
         assert!(
-            stopped.elapsed() < ttl + Duration::from_secs(1),
+            stopped.elapsed() < ttl + slack,
             "bob still listed {:?} after his process stopped: {users:?}",
             stopped.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!(
-        "a stopped process's members left the listing after {:?}",
-        stopped.elapsed()
-    );
-    // Ada's own process keeps refreshing her.
+    let listed_until = stopped.elapsed();
+    let leave = recv(&mut on_a).await;
+    assert_eq!(leave.kind(), PRESENCE_LEAVE);
+    assert_eq!(leave.body::<PresenceChange>().unwrap().user_id, "bob");
+    let announced = stopped.elapsed();
+    assert!(announced < ttl + ttl / 3 + slack, "{announced:?}");
+    eprintln!("a stopped process's member left the listing after {listed_until:?}, announced after {announced:?}");
+    // Ada's own process keeps refreshing her; bob is announced once.
     tokio::time::sleep(ttl * 2).await;
     assert_eq!(a.presence("room").await.unwrap().len(), 1);
-    drop(on_a);
+    assert!(on_a.try_recv().is_none(), "a second announcement");
 }
 
 // ------------------------------------------------------------- chat example

@@ -73,7 +73,8 @@ pub(crate) use self::transport::history_subject;
 pub(crate) use self::{
     envelope::{Dedup, Envelope, Op, Status},
     transport::{
-        live_subject, Arrival, HistoryRange, Inbox, Incoming, Store, Transport, TransportError,
+        live_subject, Arrival, HistoryRange, Inbox, Incoming, PresenceRecords, Store, Transport,
+        TransportError,
     },
 };
 use super::{
@@ -145,6 +146,9 @@ struct Inner<T> {
     /// Presence writes run one at a time, so the store gets the entries
     /// in the order they changed.
     presence_writes: tokio::sync::Mutex<()>,
+    /// Per group with notifications: the users of each process listed at
+    /// this process's last refresh (to tell which records expired).
+    presence_seen: Mutex<HashMap<String, HashMap<String, HashSet<String>>>>,
 }
 
 impl<T: Transport> MeshLayer<T> {
@@ -176,6 +180,7 @@ impl<T: Transport> MeshLayer<T> {
             sequencer: Sequencer::default(),
             presence: Mutex::default(),
             presence_writes: tokio::sync::Mutex::new(()),
+            presence_seen: Mutex::default(),
         });
         inner
             .attempt("subscribing to the process subject", || {

@@ -8,8 +8,13 @@
 //!
 //! A process that stops without leaving stops refreshing: its record is
 //! gone at most one TTL after its last refresh, so at most one TTL after
-//! it stopped (the store expires records TTL after they were written).
-//! Leave notifications are not sent for such members.
+//! it stopped (the store expires records TTL after they were written). In
+//! groups with notifications, every process refreshing the group compares
+//! the listing with the one of its previous refresh: a record that vanished
+//! without being removed (a removed record stays listed as removed for the
+//! TTL) expired, and the one process that wins the store's claim for it
+//! announces the `presence.leave` of its users not present elsewhere
+//! (without their data, as on Redis): within TTL + TTL/3 of the stop.
 //!
 //! Notifications are collapsed per user across processes without a lock
 //! in the broker: a join is announced when the user was not present
@@ -19,7 +24,7 @@
 //! both announce it; no join or leave goes unannounced.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Weak},
     time::Duration,
 };
@@ -82,12 +87,12 @@ impl<T: Transport> Inner<T> {
         let entries = lock(&self.presence).entries(group);
         let process = self.process();
         let what = format!("writing the presence of {group:?}");
+        let ttl = config.time_limit();
         if entries.is_empty() {
-            self.attempt(&what, || store.presence_remove(group, process))
+            self.attempt(&what, || store.presence_remove(group, process, ttl))
                 .await
         } else {
             let record = encode(&entries);
-            let ttl = config.time_limit();
             self.attempt(&what, || {
                 store.presence_put(group, process, record.clone(), ttl)
             })
@@ -106,9 +111,9 @@ impl<T: Transport> Inner<T> {
         let own = self.process();
         let mut users = HashSet::new();
         for (process, record) in records {
-            if process == own {
+            let Some(record) = record.filter(|_| process != own) else {
                 continue;
-            }
+            };
             match decode(&record) {
                 Ok(entries) => {
                     users.extend(entries.into_iter().map(|(_, i)| i.user_id().to_owned()))
@@ -219,7 +224,7 @@ impl<T: Transport> Inner<T> {
             })
             .await?;
         let mut entries = Vec::new();
-        for (_, record) in records {
+        for record in records.into_iter().filter_map(|(_, record)| record) {
             entries.extend(decode(&record)?);
         }
         Ok(group_by_user(entries))
@@ -232,11 +237,74 @@ impl<T: Transport> Inner<T> {
         }
         let groups = lock(&self.presence).group_names();
         for group in groups {
-            let _one_at_a_time = self.presence_writes.lock().await;
-            if let Err(e) = self.write_presence(&group).await {
-                tracing::debug!(group, "presence refresh failed: {e}");
+            {
+                let _one_at_a_time = self.presence_writes.lock().await;
+                if let Err(e) = self.write_presence(&group).await {
+                    tracing::debug!(group, "presence refresh failed: {e}");
+                    continue;
+                }
+            }
+            if let Err(e) = self.announce_expired(&group).await {
+                tracing::debug!(group, "looking for expired presence failed: {e}");
             }
         }
+    }
+
+    /// Announces the users of the processes whose record in `group` expired
+    /// since the last refresh (see the module docs), if the group wants
+    /// notifications.
+    async fn announce_expired(&self, group: &str) -> Result<(), ChannelLayerError> {
+        let (config, store) = self.presence_store()?;
+        if !config.notifies(group) {
+            return Ok(());
+        }
+        let records = self
+            .attempt(&format!("reading the presence of {group:?}"), || {
+                store.presence_list(group)
+            })
+            .await?;
+        let mut listed: HashMap<String, Option<HashSet<String>>> = HashMap::new();
+        for (process, record) in records {
+            let users = record.and_then(|r| decode(&r).ok()).map(|entries| {
+                entries
+                    .into_iter()
+                    .map(|(_, info)| info.user_id().to_owned())
+                    .collect()
+            });
+            listed.insert(process, users);
+        }
+        let present: HashSet<&String> = listed.values().flatten().flatten().collect();
+        let previous = lock(&self.presence_seen).insert(
+            group.to_owned(),
+            listed
+                .iter()
+                .filter_map(|(p, users)| Some((p.clone(), users.clone()?)))
+                .collect(),
+        );
+        let own = self.process();
+        for (process, users) in previous.unwrap_or_default() {
+            if process == own || listed.contains_key(&process) {
+                continue; // Still there, or removed by itself (it announced).
+            }
+            let ttl = config.time_limit();
+            let claimed = self
+                .attempt(&format!("claiming a presence leave in {group:?}"), || {
+                    store.presence_claim(group, &process, ttl)
+                })
+                .await?;
+            if !claimed {
+                continue;
+            }
+            for user_id in users.into_iter().filter(|u| !present.contains(u)) {
+                // The user's data went with the expired record.
+                let change = PresenceChange {
+                    user_id,
+                    data: None,
+                };
+                self.notify(group, PRESENCE_LEAVE, change).await;
+            }
+        }
+        Ok(())
     }
 
     /// Forgets every local entry and removes this process's records (`flush`).

@@ -15,7 +15,9 @@ use std::{
 use bytes::Bytes;
 use tokio::{sync::mpsc, time::Instant};
 
-use super::{live_subject, Arrival, HistoryRange, Inbox, Store, Transport, TransportError};
+use super::{
+    live_subject, Arrival, HistoryRange, Inbox, PresenceRecords, Store, Transport, TransportError,
+};
 use crate::channel_layer::{BoxFuture, StreamPosition};
 
 /// The subject prefix the simulated broker's clients use.
@@ -60,8 +62,10 @@ struct Net {
     publish_calls: u64,
     /// Group → its history.
     histories: HashMap<String, History>,
-    /// Group → process → (record, expiry).
-    presence: HashMap<String, HashMap<String, (Bytes, Instant)>>,
+    /// Group → process → (record, or `None` when removed; expiry).
+    presence: HashMap<String, HashMap<String, (Option<Bytes>, Instant)>>,
+    /// (group, process) → when the claim expires.
+    claims: HashMap<(String, String), Instant>,
 }
 
 #[derive(Debug)]
@@ -126,6 +130,7 @@ impl SimNet {
                 publish_calls: 0,
                 histories: HashMap::new(),
                 presence: HashMap::new(),
+                claims: HashMap::new(),
             })),
         }
     }
@@ -411,7 +416,7 @@ impl Store for SimTransport {
                 .presence
                 .entry(group.to_owned())
                 .or_default()
-                .insert(process.to_owned(), (entries, Instant::now() + ttl));
+                .insert(process.to_owned(), (Some(entries), Instant::now() + ttl));
         });
         Box::pin(std::future::ready(result))
     }
@@ -420,10 +425,17 @@ impl Store for SimTransport {
         &'a self,
         group: &'a str,
         process: &'a str,
+        ttl: Duration,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         let result = self.check().map(|()| {
-            if let Some(records) = self.net.lock().presence.get_mut(group) {
-                records.remove(process);
+            if let Some(record) = self
+                .net
+                .lock()
+                .presence
+                .get_mut(group)
+                .and_then(|records| records.get_mut(process))
+            {
+                *record = (None, Instant::now() + ttl);
             }
         });
         Box::pin(std::future::ready(result))
@@ -432,7 +444,7 @@ impl Store for SimTransport {
     fn presence_list<'a>(
         &'a self,
         group: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(String, Bytes)>, TransportError>> {
+    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>> {
         let result = self.check().map(|()| {
             let now = Instant::now();
             self.net
@@ -447,6 +459,25 @@ impl Store for SimTransport {
                         .collect()
                 })
                 .unwrap_or_default()
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_claim<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>> {
+        let result = self.check().map(|()| {
+            let now = Instant::now();
+            let mut net = self.net.lock();
+            let key = (group.to_owned(), process.to_owned());
+            if net.claims.get(&key).is_some_and(|expiry| *expiry > now) {
+                return false;
+            }
+            net.claims.insert(key, now + ttl);
+            true
         });
         Box::pin(std::future::ready(result))
     }

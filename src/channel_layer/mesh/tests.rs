@@ -422,38 +422,46 @@ async fn a_lost_history_starts_a_new_epoch() {
 }
 
 /// A process that stops refreshing (cut off for good) drops out of the
-/// listing within the TTL; the live one stays.
+/// listing within the TTL, and exactly one live process announces its
+/// user's `presence.leave` within TTL + TTL/3; the live one stays.
 #[tokio::test(start_paused = true)]
 async fn presence_of_a_silent_process_expires() {
+    use crate::channel_layer::{PresenceChange, PresenceInfo, PRESENCE_JOIN, PRESENCE_LEAVE};
     let net = SimNet::new(24);
     let a = process(&net, 16).await;
+    let c = process(&net, 16).await;
     let (tb, inbox_b) = net.connect();
     let b = MeshLayer::start(tb, inbox_b, config(16), Arc::default())
         .await
         .unwrap();
-    let group = "room";
-    let on_a = a.new_channel().await.unwrap();
+    let group = format!("{}.silent", conformance::NOTIFY_GROUPS);
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let mut on_a = a.new_channel().await.unwrap();
+    a.presence_join(&group, on_a.name(), info("ada"))
+        .await
+        .unwrap();
+    let mut on_c = c.new_channel().await.unwrap();
+    c.presence_join(&group, on_c.name(), info("cy"))
+        .await
+        .unwrap();
     let on_b = b.new_channel().await.unwrap();
-    let info = |u: &str| crate::channel_layer::PresenceInfo::new(u).unwrap();
-    a.presence_join(group, on_a.name(), info("ada"))
+    b.presence_join(&group, on_b.name(), info("bob"))
         .await
         .unwrap();
-    b.presence_join(group, on_b.name(), info("bob"))
-        .await
-        .unwrap();
-    assert_eq!(a.presence(group).await.unwrap().len(), 2);
+    assert_eq!(a.presence(&group).await.unwrap().len(), 3);
+    for (rx, joins) in [(&mut on_a, 3), (&mut on_c, 2)] {
+        for _ in 0..joins {
+            assert_eq!(recv(rx).await.kind(), PRESENCE_JOIN);
+        }
+    }
     net.partition(&b.inner.transport, true);
     let cut = tokio::time::Instant::now();
     let ttl = conformance::presence_config().time_limit();
+    let users = |members: Vec<crate::channel_layer::PresenceMember>| -> Vec<String> {
+        members.iter().map(|m| m.user_id().to_owned()).collect()
+    };
     loop {
-        let users: Vec<String> = a
-            .presence(group)
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.user_id().to_owned())
-            .collect();
-        if users == ["ada"] {
+        if users(a.presence(&group).await.unwrap()) == ["ada", "cy"] {
             break;
         }
         assert!(
@@ -463,8 +471,17 @@ async fn presence_of_a_silent_process_expires() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Ada, refreshed every third of the TTL, is still there long after.
+    for rx in [&mut on_a, &mut on_c] {
+        let leave = recv(rx).await;
+        assert_eq!(leave.kind(), PRESENCE_LEAVE);
+        assert_eq!(leave.body::<PresenceChange>().unwrap().user_id, "bob");
+    }
+    assert!(cut.elapsed() <= ttl + ttl / 3, "{:?}", cut.elapsed());
+    // Announced once: nothing more comes, and ada and cy stay.
     tokio::time::sleep(ttl * 3).await;
-    assert_eq!(a.presence(group).await.unwrap().len(), 1);
-    drop((on_a, on_b));
+    assert_eq!(users(a.presence(&group).await.unwrap()), ["ada", "cy"]);
+    for rx in [&mut on_a, &mut on_c] {
+        assert!(rx.try_recv().is_none(), "a second announcement");
+    }
+    drop(on_b);
 }

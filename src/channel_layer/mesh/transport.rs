@@ -141,19 +141,37 @@ pub(crate) trait Store: Send + Sync {
         ttl: std::time::Duration,
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
-    /// Removes this process's presence entries in `group`.
+    /// Removes this process's presence entries in `group` (listed as
+    /// removed for `ttl`).
     fn presence_remove<'a>(
         &'a self,
         group: &'a str,
         process: &'a str,
+        ttl: std::time::Duration,
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
-    /// Every live process's presence entries in `group`: (process, entries).
+    /// Every process's presence record in `group` that has not expired:
+    /// (process, `Some(entries)`), or (process, `None`) for one the process
+    /// removed itself (kept as removed for the TTL, so a record that
+    /// expired can be told from one that was removed).
     fn presence_list<'a>(
         &'a self,
         group: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(String, Bytes)>, TransportError>>;
+    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>>;
+
+    /// Claims announcing that `process`'s members left `group` (its record
+    /// expired): true for exactly one caller among every process.
+    fn presence_claim<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>>;
 }
+
+/// What [`Store::presence_list`] answers: (process, its record, or `None`
+/// when the process removed it).
+pub(crate) type PresenceRecords = Vec<(String, Option<Bytes>)>;
 
 /// The subject a broker may store `group`'s history on: `{prefix}.hist.{group}`.
 #[cfg_attr(not(feature = "nats"), allow(dead_code))]

@@ -169,11 +169,17 @@
 //! with that process's entries of the group (JSON). A process writes it
 //! on every presence join and leave and every third of the TTL (only the
 //! groups it has members in), and right after reconnecting. A listing
-//! reads the last value of every key of the group. The members of a
-//! process that stopped without leaving vanish from listings when its
-//! key expires: at most one TTL after its last refresh, so at most one
-//! TTL after it stopped (30 s by default). No `presence.leave` is sent for
-//! them on NATS (Redis sends one); a listing is exact.
+//! reads the last value of every key of the group (a removed record is
+//! a delete marker, kept for the TTL). The members of a process that
+//! stopped without leaving vanish from listings when its key expires: at
+//! most one TTL after its last refresh, so at most one TTL after it
+//! stopped (30 s by default). In groups with notifications, a process that
+//! refreshes the group and finds a key gone that it saw at its previous
+//! refresh (expired, not removed) claims the announcement by creating the
+//! key `{group}.=gone.{process}` (only one creation succeeds) and sends the
+//! `presence.leave` of that process's users not present elsewhere, without
+//! their data: within TTL + TTL/3 of the stop (40 s by default), as on
+//! Redis.
 //!
 //! Notifications are collapsed per user across processes without a lock
 //! in the broker: a join is announced when the user was not listed in

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 
 use super::{failed, lock, names, NatsError};
 use crate::channel_layer::{
-    mesh::{history_subject, live_subject, HistoryRange, Store, TransportError},
+    mesh::{history_subject, live_subject, HistoryRange, PresenceRecords, Store, TransportError},
     BoxFuture, HistoryPolicy, PresenceConfig, StreamPosition,
 };
 
@@ -58,6 +58,12 @@ pub(super) fn bucket_name(prefix: &str) -> String {
 /// group's keys.
 fn presence_key(group: &str, process: &str) -> String {
     format!("{group}.=.{process}")
+}
+
+/// The KV key claiming the announcement that `process`'s members of
+/// `group` left (outside the listing's `{group}.=.>`).
+fn claim_key(group: &str, process: &str) -> String {
+    format!("{group}.=gone.{process}")
 }
 
 /// The position a stored history message carries in its headers.
@@ -367,7 +373,7 @@ impl JetStreamStore {
         Ok(Some(range))
     }
 
-    async fn list(&self, group: &str) -> Result<Vec<(String, Bytes)>, TransportError> {
+    async fn list(&self, group: &str) -> Result<PresenceRecords, TransportError> {
         let what = format!("reading the presence of {group:?}");
         let bucket = self.presence()?;
         let key_prefix = format!("{}{}", bucket.prefix, presence_key(group, ""));
@@ -403,10 +409,10 @@ impl JetStreamStore {
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some();
             if let Some(process) = message.message.subject.strip_prefix(&key_prefix) {
-                records.retain(|(p, _): &(String, Bytes)| p != process);
-                if !deleted && !message.message.payload.is_empty() {
-                    records.push((process.to_owned(), message.message.payload.clone()));
-                }
+                records.retain(|(p, _): &(String, Option<Bytes>)| p != process);
+                let record = message.message.payload.clone();
+                let record = (!deleted && !record.is_empty()).then_some(record);
+                records.push((process.to_owned(), record));
             }
             if seen >= expected || pending == 0 {
                 break;
@@ -484,7 +490,9 @@ impl Store for JetStreamStore {
         &'a self,
         group: &'a str,
         process: &'a str,
+        _ttl: Duration,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
+        // The delete marker lives the bucket's max age, the TTL.
         Box::pin(async move {
             self.presence()?
                 .delete(presence_key(group, process))
@@ -496,8 +504,32 @@ impl Store for JetStreamStore {
     fn presence_list<'a>(
         &'a self,
         group: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(String, Bytes)>, TransportError>> {
+    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>> {
         Box::pin(self.list(group))
+    }
+
+    fn presence_claim<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        _ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>> {
+        // Creating a key succeeds once (expected last subject sequence 0);
+        // it expires with the bucket's max age.
+        Box::pin(async move {
+            match self
+                .presence()?
+                .create(claim_key(group, process), Bytes::new())
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(failed(
+                    &format!("claiming a presence leave in {group:?}"),
+                    e,
+                )),
+            }
+        })
     }
 }
 
