@@ -397,26 +397,13 @@ async fn conformance_presence_history() {
         .await
         .unwrap_err()
         .is_unsupported());
-    conformance::run_presence_history(|| {
+    common::layers::presence_history_suite(unique_prefix, |prefix| {
         let url = url.clone();
         async move {
-            let layer = configured(&url, &unique_prefix("conformance-ph")).await;
+            let layer = configured(&url, &prefix).await;
             assert!(layer.capabilities().supports(Feature::History));
             assert!(layer.capabilities().supports(Feature::Presence));
-            Arc::new(layer) as Arc<dyn ChannelLayer>
-        }
-    })
-    .await;
-    conformance::run_presence_history_pair(|| {
-        let url = url.clone();
-        async move {
-            let prefix = unique_prefix("conformance-ph-pair");
-            let a = configured(&url, &prefix).await;
-            let b = configured(&url, &prefix).await;
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
+            layer
         }
     })
     .await;
