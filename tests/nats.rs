@@ -23,8 +23,11 @@ use std::{
 use futures_util::SinkExt;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tower_channels::channel_layer::{
-    nats::NatsChannelLayer, ChannelLayer, ChannelLayerError, Event,
+use tower_channels::{
+    channel_layer::{
+        nats::NatsChannelLayer, ChannelLayer, ChannelLayerError, Event, Feature, StreamPosition,
+    },
+    testing::conformance,
 };
 
 use common::layers::{free_port, recv, unique_suffix};
@@ -365,6 +368,314 @@ async fn nats_restart() {
         }
         assert_eq!(e.kind(), "after");
     }
+}
+
+// ------------------------------------------------------ presence and history
+
+/// A layer with the conformance checks' history policy and presence.
+async fn configured(url: &str, prefix: &str) -> NatsChannelLayer {
+    NatsChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(64)
+        .timeout(Duration::from_secs(2))
+        .history(conformance::history_policy())
+        .presence(conformance::presence_config())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {}", error_chain(&e)))
+}
+
+#[tokio::test]
+async fn conformance_presence_history() {
+    let Some(nats) = nats().await else { return };
+    let url = nats.url.clone();
+    let plain = layer(&url, &unique_prefix("caps"), 16).await;
+    assert!(!plain.capabilities().supports(Feature::History));
+    assert!(!plain.capabilities().supports(Feature::Presence));
+    assert!(plain
+        .recover("g", &StreamPosition::new(1, "e"))
+        .await
+        .unwrap_err()
+        .is_unsupported());
+    common::layers::presence_history_suite(unique_prefix, |prefix| {
+        let url = url.clone();
+        async move {
+            let layer = configured(&url, &prefix).await;
+            assert!(layer.capabilities().supports(Feature::History));
+            assert!(layer.capabilities().supports(Feature::Presence));
+            layer
+        }
+    })
+    .await;
+}
+
+/// Many concurrent history sends from three processes: offsets are
+/// contiguous and unique (the expected-last-sequence race is retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_history_sends_get_contiguous_offsets() {
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("contended");
+    let group = format!("{}.contended", conformance::HISTORY_GROUPS);
+    let layers = [
+        configured(&nats.url, &prefix).await,
+        configured(&nats.url, &prefix).await,
+        configured(&nats.url, &prefix).await,
+    ];
+    let mut member = layers[0].new_channel().await.unwrap();
+    layers[0].group_add(&group, member.name()).await.unwrap();
+    let sends = layers.iter().map(|l| {
+        let group = group.clone();
+        async move {
+            let mut offsets = Vec::new();
+            for n in 0..20u32 {
+                let report = l.group_send(&group, Event::new("h", n)).await.unwrap();
+                offsets.push(report.position.unwrap().offset());
+            }
+            offsets
+        }
+    });
+    let mut all: Vec<u64> = futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=60).collect::<Vec<_>>());
+    for expected in 1..=60u64 {
+        let event = recv(&mut member).await;
+        assert_eq!(event.position().map(StreamPosition::offset), Some(expected));
+    }
+}
+
+/// NATS restarts with the same store: every history send answered OK,
+/// before or after, reaches a member that stayed connected, in order and
+/// once, and is recovered; the epoch is kept; presence is listed again.
+#[tokio::test]
+async fn history_and_presence_survive_a_nats_restart() {
+    let Some(mut server) = own_server("the restart test needs its own server").await else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix("hist-restart");
+    let group = format!("{}.restart", conformance::HISTORY_GROUPS);
+    let a = configured(&url, &prefix).await;
+    let b = configured(&url, &prefix).await;
+    let mut member = b.new_channel().await.unwrap();
+    let alice = tower_channels::channel_layer::PresenceInfo::new("alice").unwrap();
+    b.presence_join(&group, member.name(), alice).await.unwrap();
+    let mut answered = Vec::new();
+    for n in 0..3u32 {
+        let report = a.group_send(&group, Event::new("h", n)).await.unwrap();
+        answered.push(report.position.unwrap());
+    }
+    let first = answered[0].clone();
+
+    server.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.is_connected() || b.is_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "still connected 10 s after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(a.group_send(&group, Event::bare("down")).await.is_err());
+    server.restart().await;
+
+    let restarted = Instant::now();
+    while answered.len() < 8 {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "history sends still failing 30 s after the restart"
+        );
+        match a.group_send(&group, Event::new("h", answered.len())).await {
+            Ok(report) => answered.push(report.position.unwrap()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(
+        answered.iter().all(|p| p.epoch() == first.epoch()),
+        "the history survived the restart: {answered:?}"
+    );
+    // A send that failed ("unknown") may have been stored too: the member
+    // gets one contiguous run of offsets, once each, holding every answered one.
+    let top = answered.last().map_or(0, StreamPosition::offset);
+    let mut received = Vec::new();
+    while received.last().copied().unwrap_or(0) < top {
+        let event = recv(&mut member).await;
+        let position = event.position().expect("a history event has a position");
+        assert_eq!(position.epoch(), first.epoch());
+        received.push(position.offset());
+    }
+    assert_eq!(received, (1..=top).collect::<Vec<_>>());
+    assert!(answered.iter().all(|p| received.contains(&p.offset())));
+    let recovery = b.recover(&group, &first).await.unwrap();
+    let recovered: Vec<u64> = recovery
+        .events()
+        .iter()
+        .filter_map(|e| e.position().map(StreamPosition::offset))
+        .collect();
+    assert_eq!(recovered, (2..=top).collect::<Vec<_>>(), "{recovery:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = b.presence(&group).await;
+        if let Ok(members) = &members {
+            if members.len() == 1 && members[0].user_id() == "alice" {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence after the restart: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// NATS restarts without its store: history sends work again in a new
+/// epoch from offset 1 (the stream is made again), a member that stayed
+/// connected follows the new epoch, recovering an old position says the
+/// epoch changed, and presence is written again.
+#[tokio::test]
+async fn history_and_presence_after_nats_lost_its_store() {
+    let Some(mut server) = own_server("the restart test needs its own server").await else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix("store-lost");
+    let group = format!("{}.lost", conformance::HISTORY_GROUPS);
+    let a = configured(&url, &prefix).await;
+    let b = configured(&url, &prefix).await;
+    let mut member = b.new_channel().await.unwrap();
+    let alice = tower_channels::channel_layer::PresenceInfo::new("alice").unwrap();
+    b.presence_join(&group, member.name(), alice).await.unwrap();
+    let old = a
+        .group_send(&group, Event::bare("h"))
+        .await
+        .unwrap()
+        .position
+        .unwrap();
+    assert_eq!(recv(&mut member).await.position(), Some(&old));
+
+    server.kill();
+    std::fs::remove_dir_all(&server.dir).expect("remove the NATS store");
+    std::fs::create_dir_all(&server.dir).expect("NATS store directory");
+    server.restart().await;
+
+    let restarted = Instant::now();
+    let new = loop {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "history sends still failing 30 s after the restart"
+        );
+        match a.group_send(&group, Event::bare("h")).await {
+            Ok(report) => break report.position.unwrap(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_ne!(
+        new.epoch(),
+        old.epoch(),
+        "a new epoch after the store was lost"
+    );
+    // The member gets the new epoch from its first offset, in order.
+    let mut offsets = Vec::new();
+    while offsets.last().copied().unwrap_or(0) < new.offset() {
+        let event = recv(&mut member).await;
+        let position = event.position().expect("position").clone();
+        assert_eq!(position.epoch(), new.epoch());
+        offsets.push(position.offset());
+    }
+    assert_eq!(offsets, (1..=new.offset()).collect::<Vec<_>>());
+    let recovery = b.recover(&group, &old).await.unwrap();
+    assert_eq!(
+        recovery.failure(),
+        Some(tower_channels::channel_layer::RecoveryFailure::EpochChanged),
+        "{recovery:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let members = b.presence(&group).await;
+        if matches!(&members, Ok(m) if m.len() == 1 && m[0].user_id() == "alice") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence after the store was lost: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A process that stops without leaving (its receiver is never dropped,
+/// the layer is): its members vanish from listings within the TTL of its
+/// last refresh, which came at most a third of the TTL before it stopped,
+/// and a live process announces their `presence.leave` once, within
+/// TTL + TTL/3.
+#[tokio::test]
+async fn presence_of_a_stopped_process_expires() {
+    use tower_channels::channel_layer::{
+        GroupPattern, PresenceChange, PresenceConfig, PresenceInfo, PRESENCE_JOIN, PRESENCE_LEAVE,
+    };
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("presence-expiry");
+    let ttl = Duration::from_secs(2);
+    let make = || {
+        NatsChannelLayer::builder(&nats.url)
+            .prefix(&prefix)
+            .presence(PresenceConfig::new().ttl(ttl).notify(GroupPattern::any()))
+            .build()
+    };
+    let a = make().await.unwrap();
+    let b = make().await.unwrap();
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let mut on_a = a.new_channel().await.unwrap();
+    a.presence_join("room", on_a.name(), info("ada"))
+        .await
+        .unwrap();
+    let on_b = b.new_channel().await.unwrap();
+    b.presence_join("room", on_b.name(), info("bob"))
+        .await
+        .unwrap();
+    assert_eq!(a.presence("room").await.unwrap().len(), 2);
+    for _ in 0..2 {
+        assert_eq!(recv(&mut on_a).await.kind(), PRESENCE_JOIN);
+    }
+    // The "crash": bob's channel never leaves, and its process goes away.
+    std::mem::forget(on_b);
+    drop(b);
+    let stopped = Instant::now();
+    // JetStream expires by a timer: allow it a second past each bound.
+    let slack = Duration::from_secs(1);
+    loop {
+        let users: Vec<String> = a
+            .presence("room")
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.user_id().to_owned())
+            .collect();
+        if users == ["ada"] {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < ttl + slack,
+            "bob still listed {:?} after his process stopped: {users:?}",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed_until = stopped.elapsed();
+    let leave = recv(&mut on_a).await;
+    assert_eq!(leave.kind(), PRESENCE_LEAVE);
+    assert_eq!(leave.body::<PresenceChange>().unwrap().user_id, "bob");
+    let announced = stopped.elapsed();
+    assert!(announced < ttl + ttl / 3 + slack, "{announced:?}");
+    eprintln!("a stopped process's member left the listing after {listed_until:?}, announced after {announced:?}");
+    // Ada's own process keeps refreshing her; bob is announced once.
+    tokio::time::sleep(ttl * 2).await;
+    assert_eq!(a.presence("room").await.unwrap().len(), 1);
+    assert!(on_a.try_recv().is_none(), "a second announcement");
 }
 
 // ------------------------------------------------------------- chat example

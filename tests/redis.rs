@@ -101,25 +101,9 @@ async fn configured(url: &str, prefix: &str) -> RedisChannelLayer {
 async fn conformance_presence_history() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    conformance::run_presence_history(|| {
+    common::layers::presence_history_suite(unique_prefix, |prefix| {
         let url = url.clone();
-        async move {
-            Arc::new(configured(&url, &unique_prefix("conformance-ph")).await)
-                as Arc<dyn ChannelLayer>
-        }
-    })
-    .await;
-    conformance::run_presence_history_pair(|| {
-        let url = url.clone();
-        async move {
-            let prefix = unique_prefix("conformance-ph-pair");
-            let a = configured(&url, &prefix).await;
-            let b = configured(&url, &prefix).await;
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
+        async move { configured(&url, &prefix).await }
     })
     .await;
 }

@@ -14,10 +14,7 @@ use std::{
     collections::HashSet,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -383,25 +380,9 @@ async fn conformance_presence_history() {
         return;
     };
     let urls = target.urls.clone();
-    conformance::run_presence_history(|| {
+    common::layers::presence_history_suite(unique_prefix, |prefix| {
         let urls = urls.clone();
-        async move {
-            Arc::new(configured(&urls, &unique_prefix("conformance-ph")).await)
-                as Arc<dyn ChannelLayer>
-        }
-    })
-    .await;
-    conformance::run_presence_history_pair(|| {
-        let urls = urls.clone();
-        async move {
-            let prefix = unique_prefix("conformance-ph-pair");
-            let a = configured(&urls, &prefix).await;
-            let b = configured(&urls, &prefix).await;
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
+        async move { configured(&urls, &prefix).await }
     })
     .await;
 }

@@ -154,7 +154,7 @@ mod presence;
 mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
-#[cfg(feature = "redis")]
+#[cfg(any(test, feature = "redis", feature = "nats"))]
 mod sequencer;
 #[cfg(any(feature = "redis", feature = "django"))]
 mod subscriber_error;

@@ -259,6 +259,50 @@ impl PresenceConfig {
     }
 }
 
+/// Runs `leave(group)` for each of `groups` in a task: a channel's
+/// receiver was dropped and it leaves its presence groups (the TTL covers
+/// the case where this never runs, e.g. outside a runtime).
+#[cfg(any(test, feature = "redis", feature = "nats"))]
+pub(crate) fn leave_in_background<F, Fut>(groups: Vec<String>, leave: F)
+where
+    F: Fn(String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), super::ChannelLayerError>> + Send,
+{
+    if groups.is_empty() {
+        return;
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        for group in groups {
+            if let Err(e) = leave(group.clone()).await {
+                tracing::debug!(group, "presence leave on close failed: {e}");
+            }
+        }
+    });
+}
+
+/// Calls `refresh` every third of `ttl` while `inner` lives: how a
+/// process keeps its presence entries from expiring.
+#[cfg(any(test, feature = "redis", feature = "nats"))]
+pub(crate) async fn refresh_loop<T, F, Fut>(inner: std::sync::Weak<T>, ttl: Duration, refresh: F)
+where
+    F: Fn(std::sync::Arc<T>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let period = ttl / 3;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        refresh(inner).await;
+    }
+}
+
 /// The presence entries of one process's channels.
 #[derive(Debug, Default)]
 pub(crate) struct LocalPresence {

@@ -32,7 +32,9 @@ use std::{
 
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::{BoxFuture, ChannelLayerError, Event, Recovery, RecoveryFailure, StreamPosition};
+use super::{
+    local::Counters, BoxFuture, ChannelLayerError, Event, Recovery, RecoveryFailure, StreamPosition,
+};
 
 /// Events of one group held back while missing offsets are read; past this
 /// the held-back events are delivered and the gap counted as lost. Bounds
@@ -60,6 +62,21 @@ pub(crate) trait SequencerHost: Send + Sync {
     /// `count` events of `group` could not be delivered here (`None`: an
     /// unknown number); `why` says why.
     fn lost(&self, group: &str, count: Option<u64>, why: &str);
+}
+
+/// What a layer's [`SequencerHost::lost`] does: counts the events in
+/// `dropped_other` (an unknown number as one) and warns.
+pub(crate) fn count_lost(counters: &Counters, group: &str, count: Option<u64>, why: &str) {
+    let count = count.unwrap_or(1);
+    Counters::add(
+        &counters.dropped_other,
+        usize::try_from(count).unwrap_or(usize::MAX),
+    );
+    tracing::warn!(
+        group,
+        lost = count,
+        "history events missed here cannot be delivered: {why}"
+    );
 }
 
 /// Where a group stands in this process.

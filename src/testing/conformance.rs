@@ -153,7 +153,14 @@ async fn new_channel(layer: &dyn ChannelLayer) -> ChannelReceiver {
 }
 
 async fn ok<T>(what: &str, fut: impl Future<Output = Result<T, ChannelLayerError>>) -> T {
-    fut.await.unwrap_or_else(|e| panic!("{what}: {e}"))
+    fut.await.unwrap_or_else(|e| {
+        // With the causes: a backend error says little by itself.
+        let chain: Vec<String> =
+            std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .map(ToString::to_string)
+                .collect();
+        panic!("{what}: {}", chain.join(": "))
+    })
 }
 
 /// Direct-sends until the channel is full; returns how many were accepted.

@@ -100,6 +100,36 @@ where
     .await;
 }
 
+/// The presence and history checks: [`conformance::run_presence_history`]
+/// on fresh instances, then [`conformance::run_presence_history_pair`] on
+/// two sharing a prefix. `connect(prefix)` connects one instance
+/// configured with [`conformance::history_policy`] and
+/// [`conformance::presence_config`].
+#[allow(dead_code)] // Not every test binary has a layer with presence.
+pub(crate) async fn presence_history_suite<L, F, Fut>(unique_prefix: fn(&str) -> String, connect: F)
+where
+    L: ChannelLayer,
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = L>,
+{
+    conformance::run_presence_history(|| {
+        let layer = connect(unique_prefix("conformance-ph"));
+        async move { Arc::new(layer.await) as Arc<dyn ChannelLayer> }
+    })
+    .await;
+    conformance::run_presence_history_pair(|| {
+        let prefix = unique_prefix("conformance-ph-pair");
+        let (a, b) = (connect(prefix.clone()), connect(prefix));
+        async move {
+            (
+                Arc::new(a.await) as Arc<dyn ChannelLayer>,
+                Arc::new(b.await) as Arc<dyn ChannelLayer>,
+            )
+        }
+    })
+    .await;
+}
+
 /// The conformance suite: [`run_all`], then [`conformance::run_pair`] on
 /// two instances sharing one prefix (two processes of one application,
 /// with different process names). `connect(prefix)` connects one instance;

@@ -26,11 +26,28 @@
 //!   with [`TransportError::NotSent`] is tried once more within the same
 //!   timeout; nothing that may have reached the broker is resent.
 //!
-//! Each broker supplies only [`Transport`]'s three primitives. The
-//! in-process [`sim`] transport injects faults (drop, delay, duplicate,
-//! reorder, partition, restart) on a paused clock for the tests.
+//! * **Histories** (groups a [`HistoryPolicy`] applies to, on a transport
+//!   with a [`Store`]): a group send appends the event to the group's
+//!   history, which gives it its offset and publishes it on the group's
+//!   live subject `{prefix}.hlive.{group}`, subscribed (with the group
+//!   subject) while the process has a member. Each process hands history
+//!   events to its members through the [`Sequencer`]: in offset order,
+//!   once, reading gaps back from the history; the sending process hands
+//!   its own event on as soon as the store answered with the offset. After
+//!   a reconnect every followed group catches up. Ephemeral events take the
+//!   plain group path. See [`history`].
+//! * **Presence** (with a [`PresenceConfig`], on a transport with a
+//!   [`Store`]): each process writes its entries of a group as one record
+//!   with a TTL, refreshed every third of it. See [`presence`].
+//!
+//! Each broker supplies only [`Transport`]'s three primitives, and
+//! optionally a [`Store`]. The in-process [`sim`] transport injects faults
+//! (drop, delay, duplicate, reorder, partition, restart) on a paused clock
+//! for the tests, and keeps histories and presence in memory.
 
 mod envelope;
+mod history;
+mod presence;
 #[cfg(test)]
 pub(crate) mod sim;
 #[cfg(all(test, feature = "testing"))]
@@ -51,14 +68,23 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+#[cfg(feature = "nats")]
+pub(crate) use self::transport::history_subject;
 pub(crate) use self::{
     envelope::{Dedup, Envelope, Op, Status},
-    transport::{Inbox, Incoming, Transport, TransportError},
+    transport::{
+        live_subject, Arrival, HistoryRange, Inbox, Incoming, PresenceRecords, Store, Transport,
+        TransportError,
+    },
 };
 use super::{
     local::{no_such_channel, Counters, LocalChannels, Owner, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    names,
+    presence::LocalPresence,
+    sequencer::Sequencer,
+    validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
+    HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
 };
 
 /// Settings of a mesh layer.
@@ -70,6 +96,10 @@ pub(crate) struct MeshConfig {
     pub(crate) capacity: usize,
     /// The timeout of each broker operation and of waiting for a reply.
     pub(crate) timeout: Duration,
+    /// Groups with a history (used when the transport has a [`Store`]).
+    pub(crate) history: Vec<HistoryPolicy>,
+    /// Presence, if configured (used when the transport has a [`Store`]).
+    pub(crate) presence: Option<PresenceConfig>,
 }
 
 /// A channel layer: the mesh protocol over the transport `T`.
@@ -109,6 +139,16 @@ struct Inner<T> {
     /// Subscription changes run one at a time, so they follow membership.
     subscribing: tokio::sync::Mutex<()>,
     dedup: Mutex<Dedup>,
+    /// Delivers history events to local members in offset order, once.
+    sequencer: Sequencer,
+    /// Presence entries of this process's channels.
+    presence: Mutex<LocalPresence>,
+    /// Presence writes run one at a time, so the store gets the entries
+    /// in the order they changed.
+    presence_writes: tokio::sync::Mutex<()>,
+    /// Per group with notifications: the users of each process listed at
+    /// this process's last refresh (to tell which records expired).
+    presence_seen: Mutex<HashMap<String, HashMap<String, HashSet<String>>>>,
 }
 
 impl<T: Transport> MeshLayer<T> {
@@ -120,7 +160,7 @@ impl<T: Transport> MeshLayer<T> {
     /// drops in them).
     pub(crate) async fn start(
         transport: T,
-        messages: mpsc::Receiver<Incoming>,
+        messages: mpsc::Receiver<Arrival>,
         config: MeshConfig,
         counters: Arc<Counters>,
     ) -> Result<Self, ChannelLayerError> {
@@ -137,6 +177,10 @@ impl<T: Transport> MeshLayer<T> {
             subscribed: Mutex::default(),
             subscribing: tokio::sync::Mutex::new(()),
             dedup: Mutex::default(),
+            sequencer: Sequencer::default(),
+            presence: Mutex::default(),
+            presence_writes: tokio::sync::Mutex::new(()),
+            presence_seen: Mutex::default(),
         });
         inner
             .attempt("subscribing to the process subject", || {
@@ -144,6 +188,9 @@ impl<T: Transport> MeshLayer<T> {
             })
             .await?;
         tokio::spawn(dispatch(Arc::downgrade(&inner), messages));
+        if let Some(ttl) = inner.presence_ttl() {
+            tokio::spawn(presence::refresh_loop(Arc::downgrade(&inner), ttl));
+        }
         Ok(Self { inner })
     }
 
@@ -195,6 +242,7 @@ impl<T: Transport> LocalChannels for Inner<T> {
     }
 
     fn forgotten(self: &Arc<Self>, channel: &str, emptied: Vec<String>) {
+        self.forget_presence(channel);
         let mut subjects: Vec<String> = emptied.iter().map(|g| self.group_subject(g)).collect();
         if self.registry.owner(channel) == Owner::Named {
             subjects.push(self.channel_subject(channel));
@@ -316,6 +364,9 @@ impl<T: Transport> Inner<T> {
     /// Makes the subscription of `group` match local membership.
     async fn sync_group(&self, group: &str) -> Result<(), ChannelLayerError> {
         let want = self.registry.group_len(group) > 0;
+        if self.history_policy(group).is_some() {
+            self.sync_history(group, want).await?;
+        }
         self.sync_subject(&self.group_subject(group), want, false)
             .await
     }
@@ -382,6 +433,11 @@ impl<T: Transport> Inner<T> {
 
     /// One message from the broker.
     async fn handle(self: &Arc<Self>, message: Incoming) {
+        if let Some(position) = message.position {
+            self.history_received(&message.subject, &message.payload, position)
+                .await;
+            return;
+        }
         let subject = message.subject.as_str();
         let env = match Envelope::from_bytes(&message.payload) {
             Ok(env) => env,
@@ -465,6 +521,42 @@ impl<T: Transport> Inner<T> {
     }
 }
 
+impl<T: Transport> Inner<T> {
+    /// A group send outside any history: local members first, then one
+    /// publication the other processes fan out.
+    async fn group_send_plain(
+        &self,
+        group: &str,
+        event: &Event,
+    ) -> Result<GroupSendReport, ChannelLayerError> {
+        let encoded = event.encode()?;
+        let payload: Bytes = Envelope {
+            origin: self.process(),
+            seq: self.next_seq(),
+            op: Op::Group {
+                group,
+                event: &encoded,
+            },
+        }
+        .to_bytes()?
+        .into();
+        let subject = self.group_subject(group);
+        let own = lock(&self.subscribed).contains(&subject);
+        // Local members first: they never wait for (or miss) the broker.
+        let (delivered, dropped) = self.fan_out(group, event);
+        let receivers = self
+            .publish(&format!("group send to {group:?}"), &subject, &payload)
+            .await?;
+        self.counters.group_sent(dropped);
+        Ok(GroupSendReport {
+            local_members: delivered,
+            remote_receivers: receivers.map(|n| n.saturating_sub(usize::from(own))),
+            dropped,
+            position: None,
+        })
+    }
+}
+
 /// Where the answer to a request goes.
 struct Reply {
     origin: String,
@@ -484,12 +576,15 @@ impl<T> Drop for PendingGuard<'_, T> {
 }
 
 /// Hands the broker's messages to the layer until it is dropped.
-async fn dispatch<T: Transport>(inner: Weak<Inner<T>>, mut messages: mpsc::Receiver<Incoming>) {
-    while let Some(message) = messages.recv().await {
+async fn dispatch<T: Transport>(inner: Weak<Inner<T>>, mut messages: mpsc::Receiver<Arrival>) {
+    while let Some(arrival) = messages.recv().await {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        inner.handle(message).await;
+        match arrival {
+            Arrival::Message(message) => inner.handle(message).await,
+            Arrival::Reconnected => inner.reconnected(),
+        }
     }
 }
 
@@ -530,7 +625,17 @@ fn outcome(channel: &str, status: Status) -> Result<(), ChannelLayerError> {
 
 impl<T: Transport> ChannelLayer for MeshLayer<T> {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE.with(Feature::CrossProcess)
+        let inner = &self.inner;
+        let mut capabilities = Capabilities::NONE.with(Feature::CrossProcess);
+        if inner.transport.store().is_some() {
+            if !inner.config.history.is_empty() {
+                capabilities = capabilities.with(Feature::History);
+            }
+            if inner.config.presence.is_some() {
+                capabilities = capabilities.with(Feature::Presence);
+            }
+        }
+        capabilities
     }
 
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
@@ -620,7 +725,9 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
             match inner.registry.owner(channel) {
                 Owner::Local => {
                     inner.registry.group_discard(group, channel);
-                    inner.sync_group(group).await
+                    let synced = inner.sync_group(group).await;
+                    inner.presence_leave(group, channel).await?;
+                    synced
                 }
                 Owner::Process(process) => {
                     let status = inner
@@ -648,31 +755,13 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            let encoded = event.encode()?;
-            let payload: Bytes = Envelope {
-                origin: inner.process(),
-                seq: inner.next_seq(),
-                op: Op::Group {
-                    group,
-                    event: &encoded,
-                },
+            match inner
+                .history_policy(group)
+                .filter(|_| !event.is_ephemeral())
+            {
+                Some(_) => inner.group_send_with_history(group, &event).await,
+                None => inner.group_send_plain(group, &event).await,
             }
-            .to_bytes()?
-            .into();
-            let subject = inner.group_subject(group);
-            let own = lock(&inner.subscribed).contains(&subject);
-            // Local members first: they never wait for (or miss) the broker.
-            let (delivered, dropped) = inner.fan_out(group, &event);
-            let receivers = inner
-                .publish(&format!("group send to {group:?}"), &subject, &payload)
-                .await?;
-            inner.counters.group_sent(dropped);
-            Ok(GroupSendReport {
-                local_members: delivered,
-                remote_receivers: receivers.map(|n| n.saturating_sub(usize::from(own))),
-                dropped,
-                position: None,
-            })
         })
     }
 
@@ -680,6 +769,7 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
         Box::pin(async move {
             let inner = &self.inner;
             inner.registry.clear();
+            inner.presence_clear().await?;
             let groups: Vec<String> = {
                 let prefix = format!("{}.group.", inner.config.prefix);
                 lock(&inner.subscribed)
@@ -696,5 +786,39 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
 
     fn stats(&self) -> ChannelLayerStats {
         self.inner.counters.stats()
+    }
+
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            validate_group_name(group)?;
+            validate_channel_name(channel)?;
+            self.inner.presence_store()?;
+            if !self.inner.registry.is_local(channel) {
+                // Only this process can keep a channel's presence alive.
+                return Err(no_such_channel(channel));
+            }
+            self.group_add(group, channel).await?;
+            self.inner.presence_join(group, channel, info).await
+        })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        Box::pin(self.inner.presence_list(group))
+    }
+
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        Box::pin(self.inner.recover(group, since))
     }
 }

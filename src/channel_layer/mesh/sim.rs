@@ -2,19 +2,28 @@
 //! generator decides every fault) and meant for a paused tokio clock:
 //! drop, delay, duplicate and reorder messages, partition one process,
 //! restart the broker (subscriptions lost until the clients re-subscribe,
-//! messages in flight lost).
+//! messages in flight lost). It is also a [`Store`]: histories (kept
+//! across restarts unless [`SimNet::forget_histories`]) and presence
+//! records with a TTL on the (paused) tokio clock.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 
-use super::{Inbox, Incoming, Transport, TransportError};
-use crate::channel_layer::BoxFuture;
+use super::{
+    live_subject, Arrival, HistoryRange, Inbox, PresenceRecords, Store, Transport, TransportError,
+};
+use crate::channel_layer::{BoxFuture, StreamPosition};
+
+/// The subject prefix the simulated broker's clients use.
+pub(crate) const PREFIX: &str = "t";
+/// Events the simulated store keeps per group.
+pub(crate) const KEPT: usize = 64;
 
 /// Which faults the network injects, per message and receiver.
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,6 +60,19 @@ struct Net {
     next_queue: usize,
     /// Publish calls made, whatever became of them.
     publish_calls: u64,
+    /// Group → its history.
+    histories: HashMap<String, History>,
+    /// Group → process → (record, or `None` when removed; expiry).
+    presence: HashMap<String, HashMap<String, (Option<Bytes>, Instant)>>,
+    /// (group, process) → when the claim expires.
+    claims: HashMap<(String, String), Instant>,
+}
+
+#[derive(Debug)]
+struct History {
+    epoch: String,
+    top: u64,
+    events: VecDeque<(u64, Bytes)>,
 }
 
 #[derive(Debug)]
@@ -70,6 +92,19 @@ impl Net {
         x ^= x >> 27;
         self.rng = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A publication from `from` reaches the broker (counted whatever
+    /// becomes of it), or fails as not sent.
+    fn reach(&mut self, from: usize) -> Result<(), TransportError> {
+        self.publish_calls += 1;
+        if self.down {
+            return Err(not_sent("the broker is down"));
+        }
+        if self.procs[from].partitioned {
+            return Err(not_sent("partitioned from the broker"));
+        }
+        Ok(())
     }
 
     fn roll(&mut self, per_thousand: u32) -> bool {
@@ -93,6 +128,9 @@ impl SimNet {
                 procs: Vec::new(),
                 next_queue: 0,
                 publish_calls: 0,
+                histories: HashMap::new(),
+                presence: HashMap::new(),
+                claims: HashMap::new(),
             })),
         }
     }
@@ -102,7 +140,7 @@ impl SimNet {
     }
 
     /// A new client of the broker, and the receiving end of its inbox.
-    pub(crate) fn connect(&self) -> (SimTransport, mpsc::Receiver<Incoming>) {
+    pub(crate) fn connect(&self) -> (SimTransport, mpsc::Receiver<Arrival>) {
         let (inbox, rx) = Inbox::new();
         let mut net = self.lock();
         net.procs.push(Proc {
@@ -147,7 +185,20 @@ impl SimNet {
             net.down = true;
         }
         tokio::time::sleep(down_for).await;
-        self.lock().down = false;
+        let inboxes: Vec<Inbox> = {
+            let mut net = self.lock();
+            net.down = false;
+            net.procs.iter().map(|p| p.inbox.clone()).collect()
+        };
+        for inbox in inboxes {
+            inbox.reconnected().await;
+        }
+    }
+
+    /// Loses every history (as a broker that restarted without its store):
+    /// the next append starts a new epoch.
+    pub(crate) fn forget_histories(&self) {
+        self.lock().histories.clear();
     }
 
     fn publish(
@@ -157,13 +208,44 @@ impl SimNet {
         payload: &Bytes,
     ) -> Result<usize, TransportError> {
         let mut net = self.lock();
-        net.publish_calls += 1;
-        if net.down {
-            return Err(not_sent("the broker is down"));
+        net.reach(from)?;
+        self.fan_out(&mut net, subject, payload, None)
+    }
+
+    /// Stores `event` in `group`'s history and publishes it on the live
+    /// subject, with the faults of a publication.
+    fn append(
+        &self,
+        from: usize,
+        group: &str,
+        event: &Bytes,
+    ) -> Result<StreamPosition, TransportError> {
+        let mut net = self.lock();
+        net.reach(from)?;
+        let fresh = format!("e{}", net.next() % 1_000_000);
+        let history = net.histories.entry(group.to_owned()).or_insert(History {
+            epoch: fresh,
+            top: 0,
+            events: VecDeque::new(),
+        });
+        history.top += 1;
+        history.events.push_back((history.top, event.clone()));
+        if history.events.len() > KEPT {
+            history.events.pop_front();
         }
-        if net.procs[from].partitioned {
-            return Err(not_sent("partitioned from the broker"));
-        }
+        let position = StreamPosition::new(history.top, history.epoch.as_str());
+        let live = live_subject(PREFIX, group);
+        self.fan_out(&mut net, &live, event, Some(&position))
+            .map(|_| position)
+    }
+
+    fn fan_out(
+        &self,
+        net: &mut Net,
+        subject: &str,
+        payload: &Bytes,
+        position: Option<&StreamPosition>,
+    ) -> Result<usize, TransportError> {
         let mut targets = Vec::new();
         let mut queue = Vec::new();
         for (id, proc) in net.procs.iter().enumerate() {
@@ -189,11 +271,14 @@ impl SimNet {
                 let max = u64::try_from(faults.max_delay.as_micros()).unwrap_or(u64::MAX);
                 let delay = if max == 0 { 0 } else { net.next() % max };
                 if delay == 0 {
-                    net.procs[target].inbox.deliver(subject, payload.clone());
+                    net.procs[target]
+                        .inbox
+                        .deliver(subject, payload.clone(), position.cloned());
                     continue;
                 }
                 let this = self.clone();
                 let (subject, payload) = (subject.to_owned(), payload.clone());
+                let position = position.cloned();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_micros(delay)).await;
                     let net = this.lock();
@@ -203,7 +288,7 @@ impl SimNet {
                         && !proc.partitioned
                         && proc.subjects.contains_key(&subject)
                     {
-                        proc.inbox.deliver(&subject, payload);
+                        proc.inbox.deliver(&subject, payload, position);
                     }
                 });
             }
@@ -263,6 +348,136 @@ impl Transport for SimTransport {
     fn unsubscribe<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<(), TransportError>> {
         let result = self.check().map(|()| {
             self.net.lock().procs[self.id].subjects.remove(subject);
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn store(&self) -> Option<&dyn Store> {
+        Some(self)
+    }
+}
+
+impl Store for SimTransport {
+    fn append<'a>(
+        &'a self,
+        group: &'a str,
+        event: Bytes,
+    ) -> BoxFuture<'a, Result<StreamPosition, TransportError>> {
+        Box::pin(std::future::ready(self.net.append(self.id, group, &event)))
+    }
+
+    fn latest<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StreamPosition>, TransportError>> {
+        let result = self.check().map(|()| {
+            self.net
+                .lock()
+                .histories
+                .get(group)
+                .map(|h| StreamPosition::new(h.top, h.epoch.as_str()))
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn read<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Option<HistoryRange>, TransportError>> {
+        let result = self.check().map(|()| {
+            let net = self.net.lock();
+            let h = net.histories.get(group)?;
+            let same_epoch = h.epoch == since.epoch();
+            Some(HistoryRange {
+                latest: StreamPosition::new(h.top, h.epoch.as_str()),
+                first: h.events.front().map_or(h.top + 1, |(o, _)| *o),
+                events: h
+                    .events
+                    .iter()
+                    .filter(|(o, _)| same_epoch && *o > since.offset())
+                    .cloned()
+                    .collect(),
+            })
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_put<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        entries: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self.check().map(|()| {
+            self.net
+                .lock()
+                .presence
+                .entry(group.to_owned())
+                .or_default()
+                .insert(process.to_owned(), (Some(entries), Instant::now() + ttl));
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self.check().map(|()| {
+            if let Some(record) = self
+                .net
+                .lock()
+                .presence
+                .get_mut(group)
+                .and_then(|records| records.get_mut(process))
+            {
+                *record = (None, Instant::now() + ttl);
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_list<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>> {
+        let result = self.check().map(|()| {
+            let now = Instant::now();
+            self.net
+                .lock()
+                .presence
+                .get(group)
+                .map(|records| {
+                    records
+                        .iter()
+                        .filter(|(_, (_, expiry))| *expiry > now)
+                        .map(|(p, (record, _))| (p.clone(), record.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_claim<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>> {
+        let result = self.check().map(|()| {
+            let now = Instant::now();
+            let mut net = self.net.lock();
+            let key = (group.to_owned(), process.to_owned());
+            if net.claims.get(&key).is_some_and(|expiry| *expiry > now) {
+                return false;
+            }
+            net.claims.insert(key, now + ttl);
+            true
         });
         Box::pin(std::future::ready(result))
     }

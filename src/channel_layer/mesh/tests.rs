@@ -18,9 +18,11 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn config(capacity: usize) -> MeshConfig {
     MeshConfig {
-        prefix: "t".into(),
+        prefix: super::sim::PREFIX.into(),
         capacity,
         timeout: TIMEOUT,
+        history: vec![conformance::history_policy()],
+        presence: Some(conformance::presence_config()),
     }
 }
 
@@ -62,6 +64,25 @@ async fn conformance_on_the_simulated_broker() {
         let a = process(&net, 16).await;
         let b = process(&net, 16).await;
         assert_ne!(a.process_name(), b.process_name());
+        (
+            Arc::new(a) as Arc<dyn ChannelLayer>,
+            Arc::new(b) as Arc<dyn ChannelLayer>,
+        )
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn presence_history_conformance_on_the_simulated_broker() {
+    conformance::run_presence_history(|| async {
+        let net = SimNet::new(11);
+        Arc::new(process(&net, 64).await) as Arc<dyn ChannelLayer>
+    })
+    .await;
+    conformance::run_presence_history_pair(|| async {
+        let net = SimNet::new(12);
+        let a = process(&net, 64).await;
+        let b = process(&net, 64).await;
         (
             Arc::new(a) as Arc<dyn ChannelLayer>,
             Arc::new(b) as Arc<dyn ChannelLayer>,
@@ -283,4 +304,184 @@ async fn maybe_sent_is_not_retried() {
     a.group_send("room", Event::bare("next")).await.unwrap();
     assert_eq!(recv(&mut on_b).await.kind(), "once");
     assert_eq!(recv(&mut on_b).await.kind(), "next");
+}
+
+fn history_group(name: &str) -> String {
+    format!("{}.{name}", conformance::HISTORY_GROUPS)
+}
+
+/// Receives `n` history events and returns their (offset, epoch).
+async fn positions(rx: &mut ChannelReceiver, n: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let event = recv(rx).await;
+        let pos = event
+            .position()
+            .unwrap_or_else(|| panic!("{event:?} has no position"));
+        out.push((pos.offset(), pos.epoch().to_owned()));
+    }
+    out
+}
+
+/// History events under drops, duplicates and reordering of the live
+/// copies: a member elsewhere gets every offset once, in order (gaps are
+/// read back from the history); the sender's member too.
+#[tokio::test(start_paused = true)]
+async fn history_in_order_once_under_faults() {
+    let net = SimNet::new(21);
+    let a = process(&net, 1000).await;
+    let b = process(&net, 1000).await;
+    let group = history_group("faults");
+    let mut on_a = a.new_channel().await.unwrap();
+    a.group_add(&group, on_a.name()).await.unwrap();
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add(&group, on_b.name()).await.unwrap();
+    net.set_faults(Faults {
+        drop: 200,
+        duplicate: 300,
+        max_delay: Duration::from_millis(20),
+        ..Faults::default()
+    });
+    let mut epoch = None;
+    for i in 0..60u64 {
+        let sender = if i % 2 == 0 { &a } else { &b };
+        let pos = sender
+            .group_send(&group, Event::new("h", i))
+            .await
+            .unwrap()
+            .position
+            .unwrap();
+        epoch.get_or_insert_with(|| pos.epoch().to_owned());
+    }
+    net.set_faults(Faults::default());
+    // A last send without faults reveals any trailing gap.
+    a.group_send(&group, Event::new("h", 60u64)).await.unwrap();
+    let epoch = epoch.unwrap();
+    let expected: Vec<(u64, String)> = (1..=61).map(|o| (o, epoch.clone())).collect();
+    assert_eq!(positions(&mut on_b, 61).await, expected);
+    assert_eq!(positions(&mut on_a, 61).await, expected);
+}
+
+/// Live copies lost while a process is cut off are read back when the
+/// connection is back (catch-up), without waiting for the next event.
+#[tokio::test(start_paused = true)]
+async fn history_catches_up_after_a_restart() {
+    let net = SimNet::new(22);
+    let a = process(&net, 100).await;
+    let b = process(&net, 100).await;
+    let group = history_group("restart");
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add(&group, on_b.name()).await.unwrap();
+    a.group_send(&group, Event::bare("h")).await.unwrap();
+    assert_eq!(positions(&mut on_b, 1).await[0].0, 1);
+    net.set_faults(Faults {
+        drop: 1000,
+        ..Faults::default()
+    });
+    for _ in 0..3 {
+        a.group_send(&group, Event::bare("h")).await.unwrap();
+    }
+    net.set_faults(Faults::default());
+    net.restart(Duration::from_millis(100)).await;
+    let got: Vec<u64> = positions(&mut on_b, 3).await.iter().map(|p| p.0).collect();
+    assert_eq!(got, [2, 3, 4]);
+}
+
+/// The broker lost its histories: the next send starts a new epoch at 1,
+/// members elsewhere follow it, and recovering an old position says so.
+#[tokio::test(start_paused = true)]
+async fn a_lost_history_starts_a_new_epoch() {
+    let net = SimNet::new(23);
+    let a = process(&net, 100).await;
+    let b = process(&net, 100).await;
+    let group = history_group("epoch");
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add(&group, on_b.name()).await.unwrap();
+    let old = a
+        .group_send(&group, Event::bare("h"))
+        .await
+        .unwrap()
+        .position
+        .unwrap();
+    positions(&mut on_b, 1).await;
+    net.forget_histories();
+    let new = a
+        .group_send(&group, Event::bare("h"))
+        .await
+        .unwrap()
+        .position
+        .unwrap();
+    assert_eq!(new.offset(), 1);
+    assert_ne!(new.epoch(), old.epoch());
+    assert_eq!(positions(&mut on_b, 1).await, [(1, new.epoch().to_owned())]);
+    let r = b.recover(&group, &old).await.unwrap();
+    assert_eq!(
+        r.failure(),
+        Some(crate::channel_layer::RecoveryFailure::EpochChanged)
+    );
+}
+
+/// A process that stops refreshing (cut off for good) drops out of the
+/// listing within the TTL, and exactly one live process announces its
+/// user's `presence.leave` within TTL + TTL/3; the live one stays.
+#[tokio::test(start_paused = true)]
+async fn presence_of_a_silent_process_expires() {
+    use crate::channel_layer::{PresenceChange, PresenceInfo, PRESENCE_JOIN, PRESENCE_LEAVE};
+    let net = SimNet::new(24);
+    let a = process(&net, 16).await;
+    let c = process(&net, 16).await;
+    let (tb, inbox_b) = net.connect();
+    let b = MeshLayer::start(tb, inbox_b, config(16), Arc::default())
+        .await
+        .unwrap();
+    let group = format!("{}.silent", conformance::NOTIFY_GROUPS);
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let mut on_a = a.new_channel().await.unwrap();
+    a.presence_join(&group, on_a.name(), info("ada"))
+        .await
+        .unwrap();
+    let mut on_c = c.new_channel().await.unwrap();
+    c.presence_join(&group, on_c.name(), info("cy"))
+        .await
+        .unwrap();
+    let on_b = b.new_channel().await.unwrap();
+    b.presence_join(&group, on_b.name(), info("bob"))
+        .await
+        .unwrap();
+    assert_eq!(a.presence(&group).await.unwrap().len(), 3);
+    for (rx, joins) in [(&mut on_a, 3), (&mut on_c, 2)] {
+        for _ in 0..joins {
+            assert_eq!(recv(rx).await.kind(), PRESENCE_JOIN);
+        }
+    }
+    net.partition(&b.inner.transport, true);
+    let cut = tokio::time::Instant::now();
+    let ttl = conformance::presence_config().time_limit();
+    let users = |members: Vec<crate::channel_layer::PresenceMember>| -> Vec<String> {
+        members.iter().map(|m| m.user_id().to_owned()).collect()
+    };
+    loop {
+        if users(a.presence(&group).await.unwrap()) == ["ada", "cy"] {
+            break;
+        }
+        assert!(
+            cut.elapsed() <= ttl,
+            "bob still listed {:?} after the cut",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for rx in [&mut on_a, &mut on_c] {
+        let leave = recv(rx).await;
+        assert_eq!(leave.kind(), PRESENCE_LEAVE);
+        assert_eq!(leave.body::<PresenceChange>().unwrap().user_id, "bob");
+    }
+    assert!(cut.elapsed() <= ttl + ttl / 3, "{:?}", cut.elapsed());
+    // Announced once: nothing more comes, and ada and cy stay.
+    tokio::time::sleep(ttl * 3).await;
+    assert_eq!(users(a.presence(&group).await.unwrap()), ["ada", "cy"]);
+    for rx in [&mut on_a, &mut on_c] {
+        assert!(rx.try_recv().is_none(), "a second announcement");
+    }
+    drop(on_b);
 }

@@ -1,12 +1,13 @@
-//! What a broker gives the mesh: publish, subscribe, unsubscribe, and an
-//! inbox the broker's messages arrive in.
+//! What a broker gives the mesh: publish, subscribe, unsubscribe, an
+//! inbox the broker's messages arrive in, and optionally a [`Store`] for
+//! histories and presence.
 
 use std::fmt;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::channel_layer::{BoxError, BoxFuture};
+use crate::channel_layer::{BoxError, BoxFuture, StreamPosition};
 
 /// Messages an [`Inbox`] holds before the transport drops what arrives
 /// (counted in `dropped_other`). A message is at most one encoded event
@@ -83,6 +84,117 @@ pub(crate) trait Transport: fmt::Debug + Send + Sync + 'static {
         let _ = (subject, payload);
         None
     }
+
+    /// The broker's storage for group histories and presence, if it has
+    /// one (`None`, the default: the mesh reports neither
+    /// [`Feature::History`](crate::channel_layer::Feature::History) nor
+    /// [`Feature::Presence`](crate::channel_layer::Feature::Presence)).
+    fn store(&self) -> Option<&dyn Store> {
+        None
+    }
+}
+
+/// Storage a broker may offer the mesh: group histories and presence
+/// entries. Optional (see [`Transport::store`]); the mesh builds
+/// `recover`, history group sends and presence on it, once for every
+/// broker.
+///
+/// Once an event is stored, the broker publishes it to the subscribers of
+/// the group's live subject ([`live_subject`]); the copy arrives in the
+/// inbox as an [`Incoming`] with its `position`. An event whose append
+/// failed is never published there.
+pub(crate) trait Store: Send + Sync {
+    /// Appends `event` (an encoded [`Event`](crate::channel_layer::Event))
+    /// to `group`'s history and publishes it to the live subject,
+    /// atomically: offsets of one group are contiguous (1, 2, 3... in one
+    /// epoch). An empty history (never written, expired, lost) starts a
+    /// new random epoch at offset 1. Returns the event's position.
+    fn append<'a>(
+        &'a self,
+        group: &'a str,
+        event: Bytes,
+    ) -> BoxFuture<'a, Result<StreamPosition, TransportError>>;
+
+    /// The position of the newest event of `group`; `None` when its
+    /// history is empty.
+    fn latest<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StreamPosition>, TransportError>>;
+
+    /// Reads `group`'s history: `None` when it is empty. A store may leave
+    /// `events` empty when `since` is of another epoch or older than the
+    /// history (the mesh then fails the recovery).
+    fn read<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Option<HistoryRange>, TransportError>>;
+
+    /// Sets this process's presence entries in `group` to `entries`
+    /// (opaque to the store), kept for `ttl` unless put again.
+    fn presence_put<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        entries: Bytes,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Removes this process's presence entries in `group` (listed as
+    /// removed for `ttl`).
+    fn presence_remove<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Every process's presence record in `group` that has not expired:
+    /// (process, `Some(entries)`), or (process, `None`) for one the process
+    /// removed itself (kept as removed for the TTL, so a record that
+    /// expired can be told from one that was removed).
+    fn presence_list<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>>;
+
+    /// Claims announcing that `process`'s members left `group` (its record
+    /// expired): true for exactly one caller among every process.
+    fn presence_claim<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>>;
+}
+
+/// What [`Store::presence_list`] answers: (process, its record, or `None`
+/// when the process removed it).
+pub(crate) type PresenceRecords = Vec<(String, Option<Bytes>)>;
+
+/// The subject a broker may store `group`'s history on: `{prefix}.hist.{group}`.
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
+pub(crate) fn history_subject(prefix: &str, group: &str) -> String {
+    format!("{prefix}.hist.{group}")
+}
+
+/// The subject stored events of `group` are published on, which the mesh
+/// subscribes to: `{prefix}.hlive.{group}`.
+pub(crate) fn live_subject(prefix: &str, group: &str) -> String {
+    format!("{prefix}.hlive.{group}")
+}
+
+/// What [`Store::read`] found.
+#[derive(Debug)]
+pub(crate) struct HistoryRange {
+    /// The newest event's position.
+    pub(crate) latest: StreamPosition,
+    /// The offset of the oldest event kept.
+    pub(crate) first: u64,
+    /// The events after the asked position (offset, encoded event),
+    /// oldest first, up to `latest`.
+    pub(crate) events: Vec<(u64, Bytes)>,
 }
 
 /// One message the broker delivered.
@@ -94,17 +206,31 @@ pub(crate) struct Incoming {
     /// request/reply ([`Transport::request`]).
     pub(crate) reply_to: Option<String>,
     pub(crate) payload: Bytes,
+    /// Set on a stored history event (published on a live subject, see
+    /// [`Store`]): its position; the payload is the encoded event.
+    pub(crate) position: Option<StreamPosition>,
+}
+
+/// What arrives in an [`Inbox`].
+#[derive(Debug)]
+pub(crate) enum Arrival {
+    /// A message the broker delivered.
+    Message(Incoming),
+    /// The connection came back after an outage (subscriptions are back):
+    /// the mesh reads what its history groups missed and writes its
+    /// presence again.
+    Reconnected,
 }
 
 /// Where a transport puts what the broker delivers, bounded by
 /// [`INBOX_CAPACITY`].
 #[derive(Debug, Clone)]
 pub(crate) struct Inbox {
-    tx: mpsc::Sender<Incoming>,
+    tx: mpsc::Sender<Arrival>,
 }
 
 impl Inbox {
-    pub(crate) fn new() -> (Self, mpsc::Receiver<Incoming>) {
+    pub(crate) fn new() -> (Self, mpsc::Receiver<Arrival>) {
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         (Self { tx }, rx)
     }
@@ -112,14 +238,25 @@ impl Inbox {
     /// Hands a message to the mesh without waiting; false when the inbox is
     /// full or the mesh is gone (the message is dropped).
     #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn deliver(&self, subject: &str, payload: Bytes) -> bool {
+    pub(crate) fn deliver(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        position: Option<StreamPosition>,
+    ) -> bool {
         self.tx
-            .try_send(Incoming {
+            .try_send(Arrival::Message(Incoming {
                 subject: subject.to_owned(),
                 reply_to: None,
                 payload,
-            })
+                position,
+            }))
             .is_ok()
+    }
+
+    /// Tells the mesh the connection is back; false when the mesh is gone.
+    pub(crate) async fn reconnected(&self) -> bool {
+        self.tx.send(Arrival::Reconnected).await.is_ok()
     }
 
     /// Hands a message to the mesh, waiting while the inbox is full (the
@@ -127,6 +264,6 @@ impl Inbox {
     /// mesh is gone.
     #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     pub(crate) async fn send(&self, message: Incoming) -> bool {
-        self.tx.send(message).await.is_ok()
+        self.tx.send(Arrival::Message(message)).await.is_ok()
     }
 }

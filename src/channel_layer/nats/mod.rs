@@ -77,21 +77,124 @@
 //! [`ChannelLayerError::Backend`] (`not connected to NATS`) instead of being
 //! buffered, and [`is_connected`](NatsChannelLayer::is_connected) is false;
 //! sends within the process keep working. Events published while a process
-//! is disconnected are lost for it (at most once, as in Django Channels).
+//! is disconnected are lost for it (at most once, as in Django Channels),
+//! except in groups with a history: it reads those back once reconnected.
 //! Each subscription buffers at most `capacity` messages on the client;
 //! beyond that async-nats drops them (a slow consumer) and the layer counts
 //! them in [`ChannelLayerStats::dropped_other`].
 //!
+//! # Presence and history
+//!
+//! Both need JetStream (`nats-server -js`) and are off unless configured:
+//! [`history`](NatsChannelLayerBuilder::history) and
+//! [`presence`](NatsChannelLayerBuilder::presence) on the builder, which
+//! then creates (or updates) what they need and fails if JetStream does not
+//! answer. [`capabilities`](ChannelLayer::capabilities) reports
+//! [`Feature::History`](super::Feature::History) and
+//! [`Feature::Presence`](super::Feature::Presence) only then. The protocol
+//! (offsets, the sequencer, recovery, presence records and notifications)
+//! is the mesh's, written once for every broker; this module only stores.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_channels::channel_layer::nats::NatsChannelLayer;
+//! use tower_channels::channel_layer::{
+//!     BoxError, ChannelLayer, Event, Feature, GroupPattern, HistoryPolicy, PresenceConfig,
+//! };
+//!
+//! async fn doc_main() -> Result<(), BoxError> {
+//!     let layer = NatsChannelLayer::builder("nats://127.0.0.1:4222")
+//!         .history(HistoryPolicy::new(GroupPattern::prefix("chat_")).max_len(500))
+//!         .presence(PresenceConfig::new().ttl(Duration::from_secs(10)))
+//!         .build()
+//!         .await?;
+//!     layer.capabilities().require(&[Feature::History, Feature::Presence])?;
+//!     let sent = layer.group_send("chat_lobby", Event::text("chat.message", "hi")).await?;
+//!     let since = sent.position.expect("a history group");
+//!     let missed = layer.recover("chat_lobby", &since).await?;
+//!     assert!(missed.is_recovered());
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## History and recovery
+//!
+//! * **One stream per prefix**, `tower-channels-history-{prefix}` (`.` in
+//!   the prefix written `_d`, `_` written `_u`), file storage, on the
+//!   subjects `{prefix}.hist.>`: a group's history is the subject
+//!   `{prefix}.hist.{group}`. It keeps, per group, the largest `max_len` of
+//!   the configured policies (`max_msgs_per_subject`) for the longest `ttl`
+//!   (`max_age`: each event is dropped that long after it was stored); a
+//!   recovery applies the group's own policy's `max_len`. A NATS restart
+//!   with the same store keeps every history and its epoch; one that lost
+//!   its store (no `-sd` volume) loses them: the layer makes the stream and
+//!   the presence bucket again when it finds them missing, histories start
+//!   new epochs (members follow them from offset 1, recoveries from an old
+//!   position answer [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)),
+//!   and each process writes its presence again once reconnected.
+//! * **Contiguous offsets.** Each event carries its epoch and offset in the
+//!   headers `Tower-Channels-Epoch` and `Tower-Channels-Offset`. A process
+//!   remembers per group the stream sequence and position of the last event
+//!   it appended, publishes the next offset with
+//!   `Nats-Expected-Last-Subject-Sequence` set to that sequence, and when
+//!   another process got there first (wrong last sequence) reads the
+//!   subject's last event and tries again after a short jittered pause,
+//!   until it wins or the layer's timeout passes (then the send fails and
+//!   its event was not stored). Under heavy contention from several
+//!   processes on one group, sends therefore slow down rather than
+//!   interleave offsets. An empty subject (never written, or every event
+//!   expired) starts a new random epoch at offset 1 with expected sequence
+//!   0, so exactly one process starts it.
+//! * **Delivery.** The stream republishes every stored event to
+//!   `{prefix}.hlive.{group}` (JetStream's republish), which a process
+//!   subscribes to (core NATS) while it has a member in the group, beside
+//!   the group subject that carries ephemeral events and presence
+//!   notifications. An append that JetStream refused is never republished,
+//!   so members only ever see stored events. The sending process hands its
+//!   event to its own members when JetStream acknowledged it, through the
+//!   sequencer, which keeps every process's delivery in offset order and
+//!   once, reads gaps back from the stream, and reads what a group missed
+//!   after async-nats reconnects.
+//! * **Reads** (recovery, gaps) take the subject's last event (the latest
+//!   position), then an ordered consumer filtered on the subject, from its
+//!   oldest event up to that position: at most `max_len` events.
+//! * While the client is disconnected, history sends and reads fail at once
+//!   (not buffered); members in the sending process do not get an event
+//!   whose send failed.
+//!
+//! ## Presence
+//!
+//! A KV bucket `tower-channels-presence-{prefix}` whose max age is the
+//! presence TTL holds one key `{group}.=.{process}` per group and process,
+//! with that process's entries of the group (JSON). A process writes it
+//! on every presence join and leave and every third of the TTL (only the
+//! groups it has members in), and right after reconnecting. A listing
+//! reads the last value of every key of the group (a removed record is
+//! a delete marker, kept for the TTL). The members of a process that
+//! stopped without leaving vanish from listings when its key expires: at
+//! most one TTL after its last refresh, so at most one TTL after it
+//! stopped (30 s by default). In groups with notifications, a process that
+//! refreshes the group and finds a key gone that it saw at its previous
+//! refresh (expired, not removed) claims the announcement by creating the
+//! key `{group}.=gone.{process}` (only one creation succeeds) and sends the
+//! `presence.leave` of that process's users not present elsewhere, without
+//! their data: within TTL + TTL/3 of the stop (40 s by default), as on
+//! Redis.
+//!
+//! Notifications are collapsed per user across processes without a lock
+//! in the broker: a join is announced when the user was not listed in
+//! another process before this one wrote its key, a leave when it is not
+//! listed elsewhere after this one wrote its key without it. Two processes
+//! joining (or leaving) the same user at the same moment may both announce
+//! it; none is missed.
+//!
 //! # Not yet supported
 //!
-//! [`capabilities`](ChannelLayer::capabilities) reports what is missing,
-//! so an application can refuse to start on this layer:
-//!
-//! * Named (worker) channels as group members: core NATS stores nothing, so
-//!   such a membership needs JetStream; `group_add` of a name without `!`
-//!   fails with [`ChannelLayerError::Unsupported`].
-//! * Presence and history on JetStream (KV for presence, a stream per
-//!   history group) are not implemented yet.
+//! * Named (worker) channels as group members: `group_add` of a name
+//!   without `!` fails with [`ChannelLayerError::Unsupported`], and
+//!   [`capabilities`](ChannelLayer::capabilities) says so.
+//! * Replicated streams: the history stream and presence bucket have one
+//!   replica (a NATS cluster keeps them on one server).
 //!
 //! # Why async-nats
 //!
@@ -101,7 +204,9 @@
 
 pub use async_nats;
 
-use super::local::lock;
+mod store;
+
+use super::{local::lock, names};
 use std::{
     collections::HashMap,
     fmt,
@@ -114,11 +219,13 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
+use self::store::JetStreamStore;
 use super::{
     local::Counters,
-    mesh::{Inbox, Incoming, MeshConfig, MeshLayer, Transport, TransportError},
+    mesh::{Inbox, Incoming, MeshConfig, MeshLayer, Store, Transport, TransportError},
     BoxError, BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver,
-    Event, GroupSendReport, DEFAULT_CAPACITY,
+    Event, GroupSendReport, HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery,
+    StreamPosition, DEFAULT_CAPACITY,
 };
 use crate::channel_layer::Capabilities;
 
@@ -142,6 +249,8 @@ pub struct NatsChannelLayerBuilder {
     capacity: usize,
     timeout: Duration,
     options: Option<async_nats::ConnectOptions>,
+    history: Vec<HistoryPolicy>,
+    presence: Option<PresenceConfig>,
 }
 
 impl fmt::Debug for NatsChannelLayerBuilder {
@@ -151,11 +260,30 @@ impl fmt::Debug for NatsChannelLayerBuilder {
             .field("prefix", &self.prefix)
             .field("capacity", &self.capacity)
             .field("timeout", &self.timeout)
+            .field("history", &self.history)
+            .field("presence", &self.presence)
             .finish_non_exhaustive()
     }
 }
 
 impl NatsChannelLayerBuilder {
+    /// Keeps a history for the groups `policy` applies to, in a JetStream
+    /// stream (see [history](self#history-and-recovery)); the first
+    /// matching policy applies. Call once per policy; every process of an
+    /// application must use the same policies. Needs JetStream.
+    pub fn history(mut self, policy: HistoryPolicy) -> Self {
+        self.history.push(policy);
+        self
+    }
+
+    /// Turns presence on, in a JetStream KV bucket: which groups get
+    /// presence notifications and how long a crashed process's members stay
+    /// listed (see [presence](self#presence)). Needs JetStream.
+    pub fn presence(mut self, config: PresenceConfig) -> Self {
+        self.presence = Some(config);
+        self
+    }
+
     /// The first token(s) of every subject (default [`DEFAULT_PREFIX`]).
     /// Applications sharing a NATS account use different prefixes.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -199,6 +327,9 @@ impl NatsChannelLayerBuilder {
         }
         let counters = Arc::new(Counters::default());
         let slow = counters.clone();
+        let (inbox, messages) = Inbox::new();
+        let on_reconnect = inbox.clone();
+        let reconnected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let options = self
             .options
             .unwrap_or_default()
@@ -212,6 +343,8 @@ impl NatsChannelLayerBuilder {
             })
             .event_callback(move |event| {
                 let slow = slow.clone();
+                let on_reconnect = on_reconnect.clone();
+                let reconnected = reconnected.clone();
                 async move {
                     match event {
                         async_nats::Event::SlowConsumer(_) => {
@@ -219,7 +352,13 @@ impl NatsChannelLayerBuilder {
                             tracing::warn!("NATS subscription overflowed (slow consumer); a message was dropped");
                         }
                         async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            // The first connection is not a reconnection.
+                            if reconnected.swap(true, Ordering::Relaxed) {
+                                on_reconnect.reconnected().await;
+                            }
+                        }
                         other => tracing::debug!("NATS: {other}"),
                     }
                 }
@@ -240,17 +379,33 @@ impl NatsChannelLayerBuilder {
                 )
             }
         };
-        let (inbox, messages) = Inbox::new();
+        let store = if self.history.is_empty() && self.presence.is_none() {
+            None
+        } else {
+            Some(
+                JetStreamStore::open(
+                    client.clone(),
+                    &self.prefix,
+                    self.timeout,
+                    &self.history,
+                    self.presence.as_ref(),
+                )
+                .await?,
+            )
+        };
         let transport = NatsTransport {
             client,
             inbox,
             timeout: self.timeout,
             subscriptions: Mutex::default(),
+            store,
         };
         let config = MeshConfig {
             prefix: self.prefix,
             capacity: self.capacity,
             timeout: self.timeout,
+            history: self.history,
+            presence: self.presence,
         };
         let mesh = MeshLayer::start(transport, messages, config, counters).await?;
         Ok(NatsChannelLayer { mesh })
@@ -292,6 +447,8 @@ impl NatsChannelLayer {
             capacity: DEFAULT_CAPACITY,
             timeout: DEFAULT_TIMEOUT,
             options: None,
+            history: Vec::new(),
+            presence: None,
         }
     }
 
@@ -362,6 +519,8 @@ struct NatsTransport {
     inbox: Inbox,
     timeout: Duration,
     subscriptions: Mutex<HashMap<String, AbortOnDrop>>,
+    /// Histories and presence, when configured.
+    store: Option<JetStreamStore>,
 }
 
 impl fmt::Debug for NatsTransport {
@@ -438,6 +597,7 @@ async fn forward(subject: String, mut sub: Subscriber, inbox: Inbox) {
         let message = Incoming {
             subject: subject.clone(),
             reply_to: msg.reply.map(|r| r.to_string()),
+            position: store::position_of(msg.headers.as_ref()),
             payload: msg.payload,
         };
         if !inbox.send(message).await {
@@ -504,6 +664,10 @@ impl Transport for NatsTransport {
             }
         }))
     }
+
+    fn store(&self) -> Option<&dyn Store> {
+        self.store.as_ref().map(|s| s as &dyn Store)
+    }
 }
 
 impl ChannelLayer for NatsChannelLayer {
@@ -560,6 +724,30 @@ impl ChannelLayer for NatsChannelLayer {
 
     fn stats(&self) -> ChannelLayerStats {
         self.mesh.stats()
+    }
+
+    fn presence_join<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        info: PresenceInfo,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        self.mesh.presence_join(group, channel, info)
+    }
+
+    fn presence<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
+        self.mesh.presence(group)
+    }
+
+    fn recover<'a>(
+        &'a self,
+        group: &'a str,
+        since: &'a StreamPosition,
+    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+        self.mesh.recover(group, since)
     }
 }
 

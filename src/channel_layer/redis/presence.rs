@@ -24,9 +24,9 @@ use std::{
 
 use super::{lock, shared::Host, BackendError, LuaScript};
 use crate::channel_layer::{
-    presence::group_by_user, validate_channel_name, validate_group_name, ChannelLayer,
-    ChannelLayerError, Event, PresenceChange, PresenceInfo, PresenceMember, PRESENCE_JOIN,
-    PRESENCE_LEAVE,
+    presence::{self, group_by_user, leave_in_background},
+    validate_channel_name, validate_group_name, ChannelLayer, ChannelLayerError, Event,
+    PresenceChange, PresenceInfo, PresenceMember, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 
 /// Computes `now` (ms, Redis clock), the process's keys and the alive
@@ -299,20 +299,10 @@ async fn leave_remote<H: Host>(
 /// background (the TTL covers the case where this never runs).
 pub(super) fn forget<H: Host>(inner: &Arc<H>, channel: &str) {
     let groups = lock(&inner.shared().presence).groups_of(channel);
-    if groups.is_empty() {
-        return;
-    }
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let inner = Arc::clone(inner);
-    let channel = channel.to_owned();
-    handle.spawn(async move {
-        for group in groups {
-            if let Err(e) = leave(&*inner, &group, &channel).await {
-                tracing::debug!(group, "presence leave on close failed: {e}");
-            }
-        }
+    let (inner, channel) = (Arc::clone(inner), channel.to_owned());
+    leave_in_background(groups, move |group| {
+        let (inner, channel) = (inner.clone(), channel.clone());
+        async move { leave(&*inner, &group, &channel).await }
     });
 }
 
@@ -390,16 +380,7 @@ async fn refresh_group<H: Host>(inner: &H, group: &str) -> Result<(), ChannelLay
 /// Refreshes this process's presence every third of the TTL, in the groups
 /// it has members in (only those), until the layer is dropped.
 pub(super) async fn refresh_loop<H: Host>(inner: Weak<H>, ttl: Duration) {
-    let period = ttl / 3;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        refresh(&*inner).await;
-    }
+    presence::refresh_loop(inner, ttl, |inner| async move { refresh(&*inner).await }).await;
 }
 
 /// [`refresh`] in a task: after a reconnect, when the server may have lost

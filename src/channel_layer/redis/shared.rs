@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 
 use super::{lock, wire, BackendError, LocalChannels, LuaScript, QueryError, CONNECT_TIMEOUT};
 use crate::channel_layer::{
-    local::{no_such_channel, Counters},
+    local::no_such_channel,
     presence::LocalPresence,
-    sequencer::{Sequencer, SequencerHost},
+    sequencer::{count_lost, Sequencer, SequencerHost},
     subscriber_error::SubscriberError,
     BoxFuture, ChannelLayerError, Event, GroupSendReport, HistoryPolicy, PresenceConfig, Recovery,
     StreamPosition,
@@ -258,15 +258,6 @@ impl<H: Host> SequencerHost for Via<'_, H> {
     }
 
     fn lost(&self, group: &str, count: Option<u64>, why: &str) {
-        let count = count.unwrap_or(1);
-        Counters::add(
-            &self.0.counters().dropped_other,
-            usize::try_from(count).unwrap_or(usize::MAX),
-        );
-        tracing::warn!(
-            group,
-            lost = count,
-            "history events missed here cannot be delivered: {why}"
-        );
+        count_lost(self.0.counters(), group, count, why);
     }
 }
