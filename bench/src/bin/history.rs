@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p tower-channels-bench --bin history -- [--redis URL]
+//!     [--redis-cluster URL,URL,...] [--nats URL]
 //!     [--members 100] [--sends 100000] [--redis-sends 10000] [--presence 10000] [--rounds 3]
 //! ```
 //!
@@ -16,7 +17,9 @@
 //!   presence (on Redis from two layer instances, i.e. two processes),
 //!   then `presence()` is timed 20 times: median and maximum.
 //!
-//! Without `--redis` only the in-memory layer is measured.
+//! Each broker given is measured too (`--redis-sends` sends on each); the
+//! broker's own CPU is read for a single Redis only. Without a broker only
+//! the in-memory layer is measured.
 
 use std::{
     sync::{
@@ -28,14 +31,18 @@ use std::{
 
 use tokio::sync::Notify;
 use tower_channels::channel_layer::{
-    redis::RedisChannelLayer, ChannelLayer, Event, GroupPattern, HistoryPolicy,
-    InMemoryChannelLayer, PresenceInfo,
+    nats::NatsChannelLayer,
+    redis::{RedisChannelLayer, RedisClusterChannelLayer},
+    ChannelLayer, Event, GroupPattern, HistoryPolicy, InMemoryChannelLayer, PresenceConfig,
+    PresenceInfo,
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 struct Args {
     redis: Option<String>,
+    redis_cluster: Option<String>,
+    nats: Option<String>,
     members: usize,
     sends: usize,
     redis_sends: usize,
@@ -46,6 +53,8 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         redis: None,
+        redis_cluster: None,
+        nats: None,
         members: 100,
         sends: 100_000,
         redis_sends: 10_000,
@@ -58,6 +67,8 @@ fn parse_args() -> Result<Args, String> {
         let number = |v: String| v.parse::<usize>().map_err(|e| format!("{flag} {v:?}: {e}"));
         match flag.as_str() {
             "--redis" => args.redis = Some(value()?),
+            "--redis-cluster" => args.redis_cluster = Some(value()?),
+            "--nats" => args.nats = Some(value()?),
             "--members" => args.members = number(value()?)?.max(1),
             "--sends" => args.sends = number(value()?)?.max(1),
             "--redis-sends" => args.redis_sends = number(value()?)?.max(1),
@@ -312,6 +323,37 @@ async fn main() -> Result<(), Error> {
         send_rows("Redis", layer.clone(), &args, args.redis_sends, Some(conn)).await?;
         layer.flush().await?;
     }
+    if let Some(urls) = &args.redis_cluster {
+        let layer: Arc<dyn ChannelLayer> = Arc::new(
+            RedisClusterChannelLayer::builder(urls.split(','))
+                .prefix(&prefix)
+                .capacity(args.redis_sends + 1)
+                .history(policy())
+                .build()
+                .await?,
+        );
+        send_rows(
+            "Redis Cluster",
+            layer.clone(),
+            &args,
+            args.redis_sends,
+            None,
+        )
+        .await?;
+        layer.flush().await?;
+    }
+    if let Some(url) = &args.nats {
+        let layer: Arc<dyn ChannelLayer> = Arc::new(
+            NatsChannelLayer::builder(url.as_str())
+                .prefix(&prefix)
+                .capacity(args.redis_sends + 1)
+                .history(policy())
+                .build()
+                .await?,
+        );
+        send_rows("NATS", layer.clone(), &args, args.redis_sends, None).await?;
+        layer.flush().await?;
+    }
 
     println!("\nPresence listing (20 calls):\n");
     println!("| layer | group | median | max | join (per connection) |");
@@ -327,6 +369,30 @@ async fn main() -> Result<(), Error> {
         let a: Arc<dyn ChannelLayer> = Arc::new(build().await?);
         let b: Arc<dyn ChannelLayer> = Arc::new(build().await?);
         presence_row("Redis", &[a.clone(), b], args.presence).await?;
+        a.flush().await?;
+    }
+    if let Some(urls) = &args.redis_cluster {
+        let build = || {
+            RedisClusterChannelLayer::builder(urls.split(','))
+                .prefix(&prefix)
+                .presence(PresenceConfig::new())
+                .build()
+        };
+        let a: Arc<dyn ChannelLayer> = Arc::new(build().await?);
+        let b: Arc<dyn ChannelLayer> = Arc::new(build().await?);
+        presence_row("Redis Cluster", &[a.clone(), b], args.presence).await?;
+        a.flush().await?;
+    }
+    if let Some(url) = &args.nats {
+        let build = || {
+            NatsChannelLayer::builder(url.as_str())
+                .prefix(&prefix)
+                .presence(PresenceConfig::new())
+                .build()
+        };
+        let a: Arc<dyn ChannelLayer> = Arc::new(build().await?);
+        let b: Arc<dyn ChannelLayer> = Arc::new(build().await?);
+        presence_row("NATS", &[a.clone(), b], args.presence).await?;
         a.flush().await?;
     }
     Ok(())
