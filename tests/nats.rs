@@ -678,6 +678,120 @@ async fn presence_of_a_stopped_process_expires() {
     assert!(on_a.try_recv().is_none(), "a second announcement");
 }
 
+/// Bob on B, alice on A, then a second connection of alice on B: the joins
+/// of bob and alice are announced once each, the second connection is not
+/// announced at all (alice was present on A already), and presence lists
+/// both users. Each member receives exactly those notifications: a marker
+/// sent by each process after the last join comes next.
+#[tokio::test]
+async fn second_connection_of_a_user_on_another_process_is_not_announced() {
+    use tower_channels::channel_layer::{
+        GroupPattern, HistoryPolicy, PresenceChange, PresenceConfig, PresenceInfo, PRESENCE_JOIN,
+    };
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("presence-second");
+    let make = || {
+        NatsChannelLayer::builder(&nats.url)
+            .prefix(&prefix)
+            .timeout(Duration::from_secs(2))
+            .history(HistoryPolicy::new(GroupPattern::prefix("chat")))
+            .presence(PresenceConfig::new().notify(GroupPattern::prefix("chat")))
+            .build()
+    };
+    let a = make().await.unwrap();
+    let b = make().await.unwrap();
+    let group = "chat_room";
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let users = |members: Vec<tower_channels::channel_layer::PresenceMember>| -> Vec<String> {
+        members.iter().map(|m| m.user_id().to_owned()).collect()
+    };
+    // What a member received, up to `markers` markers.
+    async fn received(
+        rx: &mut tower_channels::channel_layer::ChannelReceiver,
+        markers: usize,
+    ) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut left = markers;
+        while left > 0 {
+            let event = recv(rx).await;
+            match event.kind() {
+                "marker" => {
+                    left -= 1;
+                    seen.push(format!("marker {}", event.body::<String>().unwrap()));
+                }
+                kind => {
+                    let change = event.body::<PresenceChange>().unwrap();
+                    seen.push(format!("{kind} {}", change.user_id));
+                }
+            }
+        }
+        seen
+    }
+    let mut bob = b.new_channel().await.unwrap();
+    b.presence_join(group, bob.name(), info("bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut bob)
+            .await
+            .body::<PresenceChange>()
+            .unwrap()
+            .user_id,
+        "bob"
+    );
+    let mut alice1 = a.new_channel().await.unwrap();
+    a.presence_join(group, alice1.name(), info("alice"))
+        .await
+        .unwrap();
+    for rx in [&mut bob, &mut alice1] {
+        let join = recv(rx).await;
+        assert_eq!(join.kind(), PRESENCE_JOIN);
+        assert_eq!(join.body::<PresenceChange>().unwrap().user_id, "alice");
+    }
+    assert_eq!(users(b.presence(group).await.unwrap()), ["alice", "bob"]);
+
+    let mut alice2 = b.new_channel().await.unwrap();
+    b.presence_join(group, alice2.name(), info("alice"))
+        .await
+        .unwrap();
+    for (layer, name) in [(&a, "a"), (&b, "b")] {
+        let marker = Event::new("marker", name).ephemeral();
+        layer.group_send(group, marker).await.unwrap();
+    }
+    for (rx, who) in [
+        (&mut bob, "bob"),
+        (&mut alice1, "alice on A"),
+        (&mut alice2, "alice on B"),
+    ] {
+        let mut seen = received(rx, 2).await;
+        seen.sort();
+        assert_eq!(seen, ["marker a", "marker b"], "{who} received");
+    }
+    assert_eq!(users(b.presence(group).await.unwrap()), ["alice", "bob"]);
+    assert_eq!(users(a.presence(group).await.unwrap()), ["alice", "bob"]);
+
+    // Both tabs close at the same moment (as the chat's two closes do):
+    // alice leaves once.
+    let (left_a, left_b) = tokio::join!(
+        a.group_discard(group, alice1.name()),
+        b.group_discard(group, alice2.name())
+    );
+    left_a.unwrap();
+    left_b.unwrap();
+    for (layer, name) in [(&a, "a"), (&b, "b")] {
+        let marker = Event::new("marker", name).ephemeral();
+        layer.group_send(group, marker).await.unwrap();
+    }
+    let mut seen = received(&mut bob, 2).await;
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["marker a", "marker b", "presence.leave alice"],
+        "bob received"
+    );
+    assert_eq!(users(a.presence(group).await.unwrap()), ["bob"]);
+}
+
 // ------------------------------------------------------------- chat example
 
 use common::*;
