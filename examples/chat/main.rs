@@ -15,9 +15,9 @@
 //!   (the sender included) receives `{"message": "...", "offset": N,
 //!   "epoch": "E"}` (plus `"user"` when the sender named itself). Rooms keep
 //!   a history of their last 100 messages, and have presence, on every
-//!   layer that has both: in-memory, `--redis` and `--redis-cluster`
-//!   (with `--django*` and, for now, `--nats`, rooms are plain: messages
-//!   carry no offset and there is no presence):
+//!   layer that has both: in-memory, `--redis`, `--redis-cluster` and
+//!   `--nats` (with `--django*`, rooms are plain: messages carry no offset
+//!   and there is no presence):
 //!   * `?user=NAME` names the member for presence; members get
 //!     `{"type": "join", "user": U}` when a user's first connection joins
 //!     and `{"type": "leave", "user": U}` when its last one leaves;
