@@ -163,18 +163,14 @@ on_every_broker! {
         default: None,
         require: "TOWER_CHANNELS_REQUIRE_REDIS_CLUSTER",
     },
-    // NATS, once the example's rooms keep history and presence on it
-    // (`nats_layer` in examples/chat/main.rs; today a user's second
-    // connection on another process is announced as a leave there, which
-    // `presence_join_and_leave_across_processes` catches):
-    // #[cfg(feature = "nats")]
-    // nats => Broker {
-    //     name: "NATS",
-    //     flag: "--nats",
-    //     env: "NATS_URL",
-    //     default: None,
-    //     require: "TOWER_CHANNELS_REQUIRE_NATS",
-    // },
+    #[cfg(feature = "nats")]
+    nats => Broker {
+        name: "NATS",
+        flag: "--nats",
+        env: "NATS_URL",
+        default: None,
+        require: "TOWER_CHANNELS_REQUIRE_NATS",
+    },
 }
 
 // ------------------------------------------------------------------ helpers

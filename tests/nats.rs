@@ -678,9 +678,132 @@ async fn presence_of_a_stopped_process_expires() {
     assert!(on_a.try_recv().is_none(), "a second announcement");
 }
 
+/// Bob on B, alice on A, then a second connection of alice on B: the joins
+/// of bob and alice are announced once each, the second connection is not
+/// announced at all (alice was present on A already), and presence lists
+/// both users. Each member receives exactly those notifications: a marker
+/// sent by each process after the last join comes next.
+#[tokio::test]
+async fn second_connection_of_a_user_on_another_process_is_not_announced() {
+    use tower_channels::channel_layer::{
+        GroupPattern, HistoryPolicy, PresenceChange, PresenceConfig, PresenceInfo, PRESENCE_JOIN,
+    };
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("presence-second");
+    let make = || {
+        NatsChannelLayer::builder(&nats.url)
+            .prefix(&prefix)
+            .timeout(Duration::from_secs(2))
+            .history(HistoryPolicy::new(GroupPattern::prefix("chat")))
+            .presence(PresenceConfig::new().notify(GroupPattern::prefix("chat")))
+            .build()
+    };
+    let a = make().await.unwrap();
+    let b = make().await.unwrap();
+    let group = "chat_room";
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let users = |members: Vec<tower_channels::channel_layer::PresenceMember>| -> Vec<String> {
+        members.iter().map(|m| m.user_id().to_owned()).collect()
+    };
+    // What a member received, up to `markers` markers.
+    async fn received(
+        rx: &mut tower_channels::channel_layer::ChannelReceiver,
+        markers: usize,
+    ) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut left = markers;
+        while left > 0 {
+            let event = recv(rx).await;
+            match event.kind() {
+                "marker" => {
+                    left -= 1;
+                    seen.push(format!("marker {}", event.body::<String>().unwrap()));
+                }
+                kind => {
+                    let change = event.body::<PresenceChange>().unwrap();
+                    seen.push(format!("{kind} {}", change.user_id));
+                }
+            }
+        }
+        seen
+    }
+    let mut bob = b.new_channel().await.unwrap();
+    b.presence_join(group, bob.name(), info("bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut bob)
+            .await
+            .body::<PresenceChange>()
+            .unwrap()
+            .user_id,
+        "bob"
+    );
+    let mut alice1 = a.new_channel().await.unwrap();
+    a.presence_join(group, alice1.name(), info("alice"))
+        .await
+        .unwrap();
+    for rx in [&mut bob, &mut alice1] {
+        let join = recv(rx).await;
+        assert_eq!(join.kind(), PRESENCE_JOIN);
+        assert_eq!(join.body::<PresenceChange>().unwrap().user_id, "alice");
+    }
+    assert_eq!(users(b.presence(group).await.unwrap()), ["alice", "bob"]);
+
+    let mut alice2 = b.new_channel().await.unwrap();
+    b.presence_join(group, alice2.name(), info("alice"))
+        .await
+        .unwrap();
+    for (layer, name) in [(&a, "a"), (&b, "b")] {
+        let marker = Event::new("marker", name).ephemeral();
+        layer.group_send(group, marker).await.unwrap();
+    }
+    for (rx, who) in [
+        (&mut bob, "bob"),
+        (&mut alice1, "alice on A"),
+        (&mut alice2, "alice on B"),
+    ] {
+        let mut seen = received(rx, 2).await;
+        seen.sort();
+        assert_eq!(seen, ["marker a", "marker b"], "{who} received");
+    }
+    assert_eq!(users(b.presence(group).await.unwrap()), ["alice", "bob"]);
+    assert_eq!(users(a.presence(group).await.unwrap()), ["alice", "bob"]);
+
+    // Both tabs close at the same moment (as the chat's two closes do):
+    // alice leaves once.
+    let (left_a, left_b) = tokio::join!(
+        a.group_discard(group, alice1.name()),
+        b.group_discard(group, alice2.name())
+    );
+    left_a.unwrap();
+    left_b.unwrap();
+    for (layer, name) in [(&a, "a"), (&b, "b")] {
+        let marker = Event::new("marker", name).ephemeral();
+        layer.group_send(group, marker).await.unwrap();
+    }
+    let mut seen = received(&mut bob, 2).await;
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["marker a", "marker b", "presence.leave alice"],
+        "bob received"
+    );
+    assert_eq!(users(a.presence(group).await.unwrap()), ["bob"]);
+}
+
 // ------------------------------------------------------------- chat example
 
 use common::*;
+
+/// The text of a chat frame (`message`, without its history position), or
+/// the frame itself when it is not a chat message (an error frame).
+fn text_of(frame: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(frame)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| frame.to_owned())
+}
 
 async fn send_text(ws: &mut Client, text: &str) {
     ws.send(WsMessage::text(text.to_owned())).await.unwrap();
@@ -697,16 +820,13 @@ async fn two_chat_processes_share_a_room() {
     let mut on_b = connect(addr_b, &room).await;
     let mut elsewhere = connect(addr_b, &format!("{room}-other")).await;
     send_text(&mut on_a, r#"{"message":"from a"}"#).await;
-    assert_eq!(next_text(&mut on_a).await, r#"{"message":"from a"}"#);
-    assert_eq!(next_text(&mut on_b).await, r#"{"message":"from a"}"#);
+    assert_eq!(text_of(&next_text(&mut on_a).await), "from a");
+    assert_eq!(text_of(&next_text(&mut on_b).await), "from a");
     send_text(&mut on_b, r#"{"message":"from b"}"#).await;
-    assert_eq!(next_text(&mut on_b).await, r#"{"message":"from b"}"#);
-    assert_eq!(next_text(&mut on_a).await, r#"{"message":"from b"}"#);
+    assert_eq!(text_of(&next_text(&mut on_b).await), "from b");
+    assert_eq!(text_of(&next_text(&mut on_a).await), "from b");
     send_text(&mut elsewhere, r#"{"message":"other room"}"#).await;
-    assert_eq!(
-        next_text(&mut elsewhere).await,
-        r#"{"message":"other room"}"#
-    );
+    assert_eq!(text_of(&next_text(&mut elsewhere).await), "other room");
 }
 
 /// The NATS server restarts under two chat processes: messages sent while
@@ -723,8 +843,8 @@ async fn chat_survives_nats_restart() {
     let mut on_a = connect(addr_a, "/ws/chat/restart").await;
     let mut on_b = connect(addr_b, "/ws/chat/restart").await;
     send_text(&mut on_a, r#"{"message":"hello"}"#).await;
-    assert_eq!(next_text(&mut on_a).await, r#"{"message":"hello"}"#);
-    assert_eq!(next_text(&mut on_b).await, r#"{"message":"hello"}"#);
+    assert_eq!(text_of(&next_text(&mut on_a).await), "hello");
+    assert_eq!(text_of(&next_text(&mut on_b).await), "hello");
 
     server.kill();
     // Until a's client notices, a send may still be accepted; once it has,
@@ -744,7 +864,7 @@ async fn chat_survives_nats_restart() {
             if t.contains("temporarily unavailable") {
                 break 'outage;
             }
-            assert_eq!(t, r#"{"message":"during"}"#);
+            assert_eq!(text_of(&t), "during");
         }
     }
 
@@ -762,14 +882,14 @@ async fn chat_survives_nats_restart() {
         let got = tokio::time::timeout(Duration::from_millis(300), async {
             loop {
                 let t = next_text(&mut on_b).await;
-                if t != r#"{"message":"during"}"# {
+                if text_of(&t) != "during" {
                     return t;
                 }
             }
         })
         .await;
         if let Ok(got) = got {
-            assert_eq!(got, text);
+            assert_eq!(text_of(&got), "after restart");
             break;
         }
     }
@@ -780,12 +900,12 @@ async fn chat_survives_nats_restart() {
     for ws in [&mut on_a, &mut on_b] {
         loop {
             let t = next_text(ws).await;
-            if t == r#"{"message":"sync"}"# {
+            if text_of(&t) == "sync" {
                 break;
             }
             assert!(
-                t == text
-                    || t == r#"{"message":"during"}"#
+                text_of(&t) == "after restart"
+                    || text_of(&t) == "during"
                     || t.contains("temporarily unavailable"),
                 "{t}"
             );

@@ -15,9 +15,9 @@
 //!   (the sender included) receives `{"message": "...", "offset": N,
 //!   "epoch": "E"}` (plus `"user"` when the sender named itself). Rooms keep
 //!   a history of their last 100 messages, and have presence, on every
-//!   layer that has both: in-memory, `--redis` and `--redis-cluster`
-//!   (with `--django*` and, for now, `--nats`, rooms are plain: messages
-//!   carry no offset and there is no presence):
+//!   layer that has both: in-memory, `--redis`, `--redis-cluster` and
+//!   `--nats` (with `--django*`, rooms are plain: messages carry no offset
+//!   and there is no presence):
 //!   * `?user=NAME` names the member for presence; members get
 //!     `{"type": "join", "user": U}` when a user's first connection joins
 //!     and `{"type": "leave", "user": U}` when its last one leaves;
@@ -615,7 +615,7 @@ impl Rooms {
 /// A cross-process layer's builder with the rooms' history and presence:
 /// the same two calls on every such builder (`.history(..)`,
 /// `.presence(..)`).
-#[cfg_attr(not(feature = "redis"), allow(unused_macros))]
+#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(unused_macros))]
 macro_rules! keep_rooms {
     ($builder:expr, $rooms:expr) => {{
         let rooms: Rooms = $rooms;
@@ -641,7 +641,7 @@ impl ChatLayer {
 
     /// A layer built without them: plain rooms (members join without
     /// presence, messages carry no position).
-    #[cfg_attr(not(any(feature = "django", feature = "nats")), allow(dead_code))]
+    #[cfg_attr(not(feature = "django"), allow(dead_code))]
     fn plain(layer: impl ChannelLayer) -> Self {
         Self {
             layer: Arc::new(layer),
@@ -769,18 +769,15 @@ async fn redis_cluster_layer(
 }
 
 #[cfg(feature = "nats")]
-async fn nats_layer(url: &str, prefix: Option<&str>, _rooms: Rooms) -> Result<ChatLayer, BoxError> {
+async fn nats_layer(url: &str, prefix: Option<&str>, rooms: Rooms) -> Result<ChatLayer, BoxError> {
     use tower_channels::channel_layer::nats::NatsChannelLayer;
     let mut builder = NatsChannelLayer::builder(url);
     if let Some(prefix) = prefix {
         builder = builder.prefix(prefix);
     }
-    // Plain rooms on NATS for now: its layer has history and presence
-    // (`keep_rooms!(builder, rooms)` turns them on), but a user's second
-    // connection on another process is announced as a leave there
-    // (tests/chat_layers.rs, `presence_join_and_leave_across_processes`),
-    // so the example does not use them yet.
-    Ok(ChatLayer::plain(builder.build().await?))
+    Ok(ChatLayer::with_rooms(
+        keep_rooms!(builder, rooms).build().await?,
+    ))
 }
 
 #[cfg(not(feature = "nats"))]

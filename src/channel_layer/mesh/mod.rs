@@ -149,6 +149,10 @@ struct Inner<T> {
     /// Per group with notifications: the users of each process listed at
     /// this process's last refresh (to tell which records expired).
     presence_seen: Mutex<HashMap<String, HashMap<String, HashSet<String>>>>,
+    /// Per (group, user) present here: the token of the user's stay in
+    /// the group, shared by its connections on every process (see the
+    /// presence module docs).
+    presence_stays: Mutex<HashMap<(String, String), String>>,
 }
 
 impl<T: Transport> MeshLayer<T> {
@@ -181,6 +185,7 @@ impl<T: Transport> MeshLayer<T> {
             presence: Mutex::default(),
             presence_writes: tokio::sync::Mutex::new(()),
             presence_seen: Mutex::default(),
+            presence_stays: Mutex::default(),
         });
         inner
             .attempt("subscribing to the process subject", || {

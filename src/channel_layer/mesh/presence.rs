@@ -2,7 +2,7 @@
 //!
 //! Each process keeps its channels' entries ([`LocalPresence`]) and writes
 //! those of a group as one record per (group, process), JSON
-//! `[[channel, [user, data]], ...]`, with the configured TTL: on every
+//! `[[channel, [user, data], stay], ...]`, with the configured TTL: on every
 //! join and leave, every third of the TTL, and at once after a reconnect
 //! (the broker may have lost it). A listing reads every process's record.
 //!
@@ -19,9 +19,16 @@
 //! Notifications are collapsed per user across processes without a lock
 //! in the broker: a join is announced when the user was not present
 //! elsewhere before this process wrote its entry, a leave when it is not
-//! present elsewhere after this process removed its own. Two processes
-//! joining (or leaving) the same user at the same moment may therefore
-//! both announce it; no join or leave goes unannounced.
+//! present elsewhere after this process removed its own. Each entry
+//! carries the token of its user's stay in the group: a connection joining
+//! while the user is present (here or elsewhere) takes the stay's token,
+//! else it starts a new stay. When the last connections of a user on
+//! several processes leave at the same moment, each may find the user
+//! gone; only the one that wins the store's claim for the stay announces
+//! the leave (if the claim cannot be made, it announces anyway). Two
+//! processes joining the same user at the same moment may both announce
+//! it (and start two stays, whose leaves may then both be announced); no
+//! join or leave goes unannounced.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,26 +41,40 @@ use bytes::Bytes;
 use super::{lock, Inner, Store, Transport};
 use crate::channel_layer::{
     local::LocalChannels,
+    names,
     presence::{self, group_by_user, LocalPresence},
     validate_group_name, ChannelLayerError, Event, EventCodecError, Feature, PresenceChange,
     PresenceConfig, PresenceInfo, PresenceMember, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 
+/// An entry as stored: the channel, its info, and the token of its user's
+/// stay in the group (see the module docs).
+type Entry = (String, PresenceInfo, Option<String>);
+
 /// One process's entries of a group, as stored.
-fn encode(entries: &[(String, PresenceInfo)]) -> Bytes {
-    let stored: Vec<(&str, String)> = entries
+fn encode(entries: &[Entry]) -> Bytes {
+    let stored: Vec<Vec<String>> = entries
         .iter()
-        .map(|(channel, info)| (channel.as_str(), info.to_stored()))
+        .map(|(channel, info, stay)| {
+            let mut entry = vec![channel.clone(), info.to_stored()];
+            entry.extend(stay.clone());
+            entry
+        })
         .collect();
     serde_json::to_vec(&stored).unwrap_or_default().into()
 }
 
-fn decode(bytes: &[u8]) -> Result<Vec<(String, PresenceInfo)>, EventCodecError> {
-    let stored: Vec<(String, String)> = serde_json::from_slice(bytes)
+fn decode(bytes: &[u8]) -> Result<Vec<Entry>, EventCodecError> {
+    let stored: Vec<Vec<String>> = serde_json::from_slice(bytes)
         .map_err(|e| EventCodecError::new(format_args!("malformed presence record: {e}")))?;
     Ok(stored
         .into_iter()
-        .filter_map(|(channel, info)| Some((channel, PresenceInfo::from_stored(info.as_bytes())?)))
+        .filter_map(|entry| {
+            let mut entry = entry.into_iter();
+            let channel = entry.next()?;
+            let info = PresenceInfo::from_stored(entry.next()?.as_bytes())?;
+            Some((channel, info, entry.next()))
+        })
         .collect())
 }
 
@@ -84,7 +105,19 @@ impl<T: Transport> Inner<T> {
     /// the record when there are none). Callers hold `presence_writes`.
     async fn write_presence(&self, group: &str) -> Result<(), ChannelLayerError> {
         let (config, store) = self.presence_store()?;
-        let entries = lock(&self.presence).entries(group);
+        let entries: Vec<Entry> = {
+            let stays = lock(&self.presence_stays);
+            lock(&self.presence)
+                .entries(group)
+                .into_iter()
+                .map(|(channel, info)| {
+                    let stay = stays
+                        .get(&(group.to_owned(), info.user_id().to_owned()))
+                        .cloned();
+                    (channel, info, stay)
+                })
+                .collect()
+        };
         let process = self.process();
         let what = format!("writing the presence of {group:?}");
         let ttl = config.time_limit();
@@ -100,8 +133,12 @@ impl<T: Transport> Inner<T> {
         }
     }
 
-    /// The users present in `group` in other processes.
-    async fn users_elsewhere(&self, group: &str) -> Result<HashSet<String>, ChannelLayerError> {
+    /// The users present in `group` in other processes, with the token of
+    /// their stay when a record has one.
+    async fn users_elsewhere(
+        &self,
+        group: &str,
+    ) -> Result<HashMap<String, Option<String>>, ChannelLayerError> {
         let (_, store) = self.presence_store()?;
         let records = self
             .attempt(&format!("reading the presence of {group:?}"), || {
@@ -109,14 +146,22 @@ impl<T: Transport> Inner<T> {
             })
             .await?;
         let own = self.process();
-        let mut users = HashSet::new();
+        let mut users: HashMap<String, Option<String>> = HashMap::new();
         for (process, record) in records {
             let Some(record) = record.filter(|_| process != own) else {
                 continue;
             };
             match decode(&record) {
                 Ok(entries) => {
-                    users.extend(entries.into_iter().map(|(_, i)| i.user_id().to_owned()))
+                    for (_, info, stay) in entries {
+                        // Of two stays (joined at the same moment), the
+                        // least, so that later joins agree on one.
+                        let known = users.entry(info.user_id().to_owned()).or_default();
+                        *known = match (known.take(), stay) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
                 }
                 Err(e) => tracing::warn!(group, process, "{e}"),
             }
@@ -149,28 +194,73 @@ impl<T: Transport> Inner<T> {
         channel: &str,
         info: PresenceInfo,
     ) -> Result<(), ChannelLayerError> {
-        let (elsewhere, joined, replaced) = {
+        let (elsewhere, joined, replaced, replaced_stay) = {
             let _one_at_a_time = self.presence_writes.lock().await;
             // Read before writing: a join is never missed (see the module docs).
             let elsewhere = self.users_elsewhere(group).await?;
             let (joined, replaced) = lock(&self.presence).join(group, channel, info);
+            let replaced_stay = {
+                let mut stays = lock(&self.presence_stays);
+                // The user's stay: this process's, else the one of its
+                // connections elsewhere, else a new one.
+                let user = joined.info.user_id();
+                stays
+                    .entry((group.to_owned(), user.to_owned()))
+                    .or_insert_with(|| {
+                        elsewhere
+                            .get(user)
+                            .cloned()
+                            .flatten()
+                            .unwrap_or_else(|| names::random_token(16))
+                    });
+                replaced
+                    .as_ref()
+                    .filter(|old| old.collapsed)
+                    .and_then(|old| {
+                        stays.remove(&(group.to_owned(), old.info.user_id().to_owned()))
+                    })
+            };
             self.write_presence(group).await?;
-            (elsewhere, joined, replaced)
+            (elsewhere, joined, replaced, replaced_stay)
         };
         let same_user = replaced
             .as_ref()
             .is_some_and(|old| old.info.user_id() == joined.info.user_id());
         if let Some(old) = replaced.filter(|old| old.collapsed && !same_user) {
-            if !elsewhere.contains(old.info.user_id()) {
-                self.notify(group, PRESENCE_LEAVE, PresenceChange::new(&old.info))
-                    .await;
+            if !elsewhere.contains_key(old.info.user_id()) {
+                self.announce_leave(group, &old.info, replaced_stay).await;
             }
         }
-        if joined.collapsed && !same_user && !elsewhere.contains(joined.info.user_id()) {
+        if joined.collapsed && !same_user && !elsewhere.contains_key(joined.info.user_id()) {
             self.notify(group, PRESENCE_JOIN, PresenceChange::new(&joined.info))
                 .await;
         }
         Ok(())
+    }
+
+    /// Announces that `info`'s user left `group`, once per stay: of the
+    /// processes whose last connection of the user left at the same
+    /// moment, the one that wins the store's claim for the stay does.
+    async fn announce_leave(&self, group: &str, info: &PresenceInfo, stay: Option<String>) {
+        if let (Some(stay), Ok((config, store))) = (stay, self.presence_store()) {
+            if !config.notifies(group) {
+                return;
+            }
+            let ttl = config.time_limit();
+            let key = format!("left.{stay}");
+            let claimed = self
+                .attempt(&format!("claiming a presence leave in {group:?}"), || {
+                    store.presence_claim(group, &key, ttl)
+                })
+                .await;
+            // When the claim cannot be made, announce: no leave goes
+            // unannounced.
+            if matches!(claimed, Ok(false)) {
+                return;
+            }
+        }
+        self.notify(group, PRESENCE_LEAVE, PresenceChange::new(info))
+            .await;
     }
 
     /// Removes `channel`'s presence in `group`, here and in the store.
@@ -179,23 +269,26 @@ impl<T: Transport> Inner<T> {
         group: &str,
         channel: &str,
     ) -> Result<(), ChannelLayerError> {
-        let left = {
+        let (left, stay) = {
             let _one_at_a_time = self.presence_writes.lock().await;
             let Some(left) = lock(&self.presence).leave(group, channel) else {
                 return Ok(());
             };
+            let stay = left.collapsed.then(|| {
+                lock(&self.presence_stays)
+                    .remove(&(group.to_owned(), left.info.user_id().to_owned()))
+            });
             self.write_presence(group).await?;
-            left
+            (left, stay.flatten())
         };
         // Read after removing: a leave is never missed (see the module docs).
         if left.collapsed
             && !self
                 .users_elsewhere(group)
                 .await?
-                .contains(left.info.user_id())
+                .contains_key(left.info.user_id())
         {
-            self.notify(group, PRESENCE_LEAVE, PresenceChange::new(&left.info))
-                .await;
+            self.announce_leave(group, &left.info, stay).await;
         }
         Ok(())
     }
@@ -225,7 +318,11 @@ impl<T: Transport> Inner<T> {
             .await?;
         let mut entries = Vec::new();
         for record in records.into_iter().filter_map(|(_, record)| record) {
-            entries.extend(decode(&record)?);
+            entries.extend(
+                decode(&record)?
+                    .into_iter()
+                    .map(|(channel, info, _)| (channel, info)),
+            );
         }
         Ok(group_by_user(entries))
     }
@@ -268,7 +365,7 @@ impl<T: Transport> Inner<T> {
             let users = record.and_then(|r| decode(&r).ok()).map(|entries| {
                 entries
                     .into_iter()
-                    .map(|(_, info)| info.user_id().to_owned())
+                    .map(|(_, info, _)| info.user_id().to_owned())
                     .collect()
             });
             listed.insert(process, users);
@@ -319,6 +416,7 @@ impl<T: Transport> Inner<T> {
             *presence = LocalPresence::default();
             groups
         };
+        lock(&self.presence_stays).clear();
         for group in groups {
             self.write_presence(&group).await?;
         }
@@ -344,8 +442,13 @@ mod tests {
     #[test]
     fn records_roundtrip() {
         let info = PresenceInfo::new("ada").unwrap().with_data(&1).unwrap();
-        let bytes = encode(&[("c!1".to_owned(), info.clone())]);
-        assert_eq!(decode(&bytes).unwrap(), vec![("c!1".to_owned(), info)]);
+        let entry = ("c!1".to_owned(), info, Some("stay1".to_owned()));
+        let bytes = encode(std::slice::from_ref(&entry));
+        assert_eq!(decode(&bytes).unwrap(), vec![entry]);
+        // Records without stays (older processes) still read.
+        let old = br#"[["c!2","[\"bob\",null]"]]"#;
+        let decoded = decode(old).unwrap();
+        assert_eq!((decoded[0].1.user_id(), &decoded[0].2), ("bob", &None));
         assert!(decode(b"garbage").is_err());
     }
 }

@@ -184,9 +184,12 @@
 //! Notifications are collapsed per user across processes without a lock
 //! in the broker: a join is announced when the user was not listed in
 //! another process before this one wrote its key, a leave when it is not
-//! listed elsewhere after this one wrote its key without it. Two processes
-//! joining (or leaving) the same user at the same moment may both announce
-//! it; none is missed.
+//! listed elsewhere after this one wrote its key without it. When a user's
+//! last connections on several processes leave at the same moment, the
+//! process that creates the key `{group}.=gone.left.{stay}` (the token of
+//! the user's stay in the group, stored with its entries) announces the
+//! leave, once. Two processes joining the same user at the same moment may
+//! both announce it; none is missed.
 //!
 //! # Not yet supported
 //!
