@@ -83,6 +83,9 @@ pub(crate) struct Metrics {
     /// [`Metrics::publish`]).
     #[cfg(feature = "metrics")]
     published: std::sync::Mutex<[u64; 4]>,
+    /// Whether the publishing task was started (by the first connection).
+    #[cfg(feature = "metrics")]
+    publishing: std::sync::atomic::AtomicBool,
 }
 
 /// The facade's handles, registered with the recorder installed when the
@@ -253,7 +256,9 @@ impl Metrics {
             self.http_accepted.fetch_add(1, Relaxed);
         }
         emit! {
-            if self.handles.get().is_none() {
+            // Once per layer, whatever registered the handles first (a
+            // rejected handshake registers them without a connection).
+            if !self.publishing.swap(true, Relaxed) {
                 self.start_publishing();
             }
             let h = self.handles();

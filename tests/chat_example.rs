@@ -105,6 +105,43 @@ async fn non_ascii_room_names_work_and_stay_apart() {
     assert_eq!(reply.body, "room name too long");
 }
 
+/// Issue 23: the message counters reach the recorder while the connection
+/// stays open (published once a second), also when a refused handshake was
+/// the first thing the layer counted (it registers the recorder's handles
+/// before any connection opened).
+#[cfg(feature = "example-metrics")]
+#[tokio::test]
+async fn message_counters_reach_the_recorder_while_connected() {
+    let (_chat, addr) = spawn_example("chat");
+    let evil = empty(ws_req(addr, "/ws/chat/published").header("origin", "http://evil.example"));
+    assert_eq!(http1(addr, evil).await.status, StatusCode::FORBIDDEN);
+    let mut ws = connect(addr, "/ws/chat/published").await;
+    ws.send(WsMessage::text(r#"{"message":"counted"}"#))
+        .await
+        .unwrap();
+    assert_eq!(chat_message(&next_text(&mut ws).await), "counted");
+    // The publishing period is a second; the deadline leaves room for a
+    // busy machine. The socket stays open throughout.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let reply = http1(addr, empty(get_req(addr, "/metrics"))).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let lines: Vec<&str> = reply.body.lines().collect();
+        if lines.contains(&"tower_channels_messages_received_total 1")
+            && lines.contains(&"tower_channels_messages_sent_total 1")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "message counters not published while connected:\n{}",
+            reply.body
+        );
+        tokio::task::yield_now().await;
+    }
+    close(&mut ws).await;
+}
+
 /// Issue 14 (13): the chat example's `GET /metrics` in Prometheus' format
 /// reflects real traffic.
 #[cfg(feature = "example-metrics")]
