@@ -222,7 +222,7 @@ pub use self::{
     engine::http::HttpFallback,
     error::Error,
     metrics::ConnectionStats,
-    middleware::{WebSocketLayer, WebSocketService},
+    middleware::{layer::WebSocketLayer, service::WebSocketService},
     route::Params,
     scope::{PeerAddr, Scope},
 };

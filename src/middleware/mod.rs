@@ -1,4 +1,6 @@
-//! The tower middleware: [`WebSocketLayer`] makes [`WebSocketService`]s.
+//! The tower middleware: [`WebSocketLayer`] makes
+//! [`WebSocketService`]s; this module holds their
+//! response types and the shutdown handle.
 //!
 //! ```
 //! use axum::{routing::get, Router};
@@ -99,18 +101,17 @@ mod body;
 mod fallback;
 mod future;
 #[allow(clippy::module_inception)]
-mod layer;
+pub(crate) mod layer;
 #[cfg(feature = "axum")]
 mod router;
-mod service;
+pub(crate) mod service;
 mod shutdown;
 
 pub use self::{
     body::ResponseBody,
     future::ResponseFuture,
-    layer::WebSocketLayer,
-    service::WebSocketService,
     shutdown::{ShutdownHandle, ShutdownReport},
 };
 
+pub(crate) use self::{layer::WebSocketLayer, service::WebSocketService};
 pub(crate) use crate::engine::Runtime;

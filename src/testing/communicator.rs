@@ -17,9 +17,8 @@ use crate::{
     consumer::{Connection, Decision, UpgradeSource},
     engine::{Probe, Progress, Runtime, Transport},
     message::{CloseCode, CloseFrame, Message, Utf8Bytes},
-    middleware::WebSocketLayer,
     route::RoutePattern,
-    Scope,
+    Scope, WebSocketLayer,
 };
 
 /// How long [`Communicator::receive`] waits by default.
@@ -242,7 +241,7 @@ impl Communicator {
 
     /// A communicator whose handshake goes through `service`, a whole
     /// application: an axum `Router` with its layers, a
-    /// [`WebSocketService`](crate::middleware::WebSocketService), anything
+    /// [`WebSocketService`](crate::WebSocketService), anything
     /// `hyper` can serve. The request is sent as a real HTTP/1.1 upgrade over
     /// an in-memory connection, so outer middleware (auth putting a user in
     /// the extensions, nesting, CORS) runs as in production, and a refusal by

@@ -244,7 +244,7 @@
 //! Sentinel and RESP3 available behind its own features.
 
 #[cfg(feature = "redis-cluster")]
-pub mod cluster;
+mod cluster;
 mod history;
 mod presence;
 mod shared;

@@ -1,143 +1,6 @@
-//! The Redis layer on a Redis Cluster, with sharded Pub/Sub (feature `redis-cluster`).
-//!
-//! [`RedisClusterChannelLayer`] is [`RedisChannelLayer`](super::RedisChannelLayer)
-//! for a Redis Cluster (Redis 7 or newer): the same local state, process
-//! channels, groups, worker channels and [wire format](super#wire-format),
-//! but every message goes to one shard instead of the whole cluster.
-//! Classic `PUBLISH` on a cluster is broadcast to every node over the
-//! cluster bus, so adding nodes adds no Pub/Sub capacity; sharded Pub/Sub
-//! (`SPUBLISH`/`SSUBSCRIBE`) keeps a channel's traffic on the shard that
-//! owns its slot, so capacity grows with the number of shards.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use tower_channels::channel_layer::redis::RedisClusterChannelLayer;
-//! use tower_channels::channel_layer::{BoxError, ChannelLayer, Event};
-//!
-//! async fn doc_main() -> Result<(), BoxError> {
-//!     // Any reachable nodes of the cluster; the others are discovered.
-//!     let layer = RedisClusterChannelLayer::builder([
-//!         "redis://10.0.0.1:6379",
-//!         "redis://10.0.0.2:6379",
-//!     ])
-//!     .prefix("myapp")
-//!     .build()
-//!     .await?;
-//!     let layer: Arc<dyn ChannelLayer> = Arc::new(layer);
-//!
-//!     let mut inbox = layer.new_channel().await?;
-//!     layer.group_add("lobby", inbox.name()).await?;
-//!     layer.group_send("lobby", Event::text("chat.message", "hello")).await?;
-//!     assert_eq!(inbox.recv().await?.kind(), "chat.message");
-//!     Ok(())
-//! }
-//! ```
-//!
-//! # How it works
-//!
-//! * **Slots.** Every key and shard channel carries a hash tag, so
-//!   everything about one group lives on one slot: the group's shard
-//!   channel and the sorted set of its named members are both
-//!   `{prefix}:group:{<group>}` (the braces are literal: the slot is the
-//!   group name's). A process channel is `{prefix}:proc:{<process>}`, a
-//!   worker channel's list `{prefix}:channel:{<name>}`. Different groups
-//!   spread over the shards by their names.
-//! * **Group sends** run one script on the group's slot: `SPUBLISH` to the
-//!   shard channel and, if the group has named members, prune and list
-//!   them; each named member's list (on its own slot) is then pushed to
-//!   with the same capacity check as a direct send.
-//! * **Subscriptions.** Each process `SSUBSCRIBE`s to its process channel
-//!   and to the shard channel of each group with a local member, on the
-//!   shard that owns it, through one multiplexed cluster connection, and
-//!   unsubscribes when the group's last local member leaves. Incoming
-//!   messages are RESP3 push messages, fanned out as soon as they are read.
-//! * **Worker channels** are `BRPOP` loops, each on its own cluster
-//!   connection (a blocking command must not hold up the others).
-//!
-//! # Presence, history and recovery
-//!
-//! As on the [Redis layer](super#presence) (see there, and its
-//! [history](super#history-and-recovery)), with the same scripts, the same
-//! Rust around them and the same sequencer; only the keys differ: they
-//! carry the group's hash tag, so a group's stream
-//! `{prefix}:history:{<group>}`, its offset and epoch
-//! `{prefix}:history-meta:{<group>}` and its presence keys
-//! `{prefix}:presence:{<group>}:...` all live on the group's slot, with its
-//! shard channel, and each script call runs on that one node. A history
-//! send is one script there (append, `SPUBLISH` with the offset and epoch,
-//! list the named members); the sending process's members get the event
-//! once the offset is known, other processes through their shard
-//! subscription, each in offset order and once (see [Limits](#limits)
-//! for the queue between the two).
-//!
-//! When the node owning a history group restarts without persistence, the
-//! group's history and epoch are gone: the next send starts a new epoch,
-//! old positions fail to recover with
-//! [`RecoveryFailure::EpochChanged`](crate::channel_layer::RecoveryFailure::EpochChanged),
-//! and each process reads the new epoch from its first offset, so sends
-//! answered while it was still subscribing again are not lost. Once every
-//! primary answers again, each process writes its presence on the node
-//! again and reads back what its history groups missed (as it does for a
-//! history group whose subscription ended because its slot moved).
-//! `tests/redis_cluster.rs` (`history_survives_node_restart`) checks both.
-//!
-//! # Redirects, restarts and slot migration
-//!
-//! Routing, `MOVED`/`ASK` redirects, reconnection and re-subscription come
-//! from redis-rs's cluster connection
-//! ([`redis::cluster_async`]); redis 1.x
-//! supports sharded Pub/Sub there (`ClusterConnection::ssubscribe`, RESP3
-//! pushes delivered to a `push_sender`), so this layer keeps no slot map of
-//! its own:
-//!
-//! * a command sent to a node that no longer owns the slot is redirected
-//!   and redis-rs refreshes its slot map;
-//! * when a node connection drops (a restart), redis-rs reconnects; in our
-//!   tests its own re-subscription did not always restore the shard
-//!   channels, so on redis-rs's disconnection push the layer waits until
-//!   every primary answers `PING` and then `SSUBSCRIBE`s again to
-//!   everything it needs (a repeated `SSUBSCRIBE` is harmless);
-//! * when a slot migrates, the old owner ends its shard subscriptions with
-//!   `SUNSUBSCRIBE` pushes; the layer subscribes again to each one it still
-//!   needs, which redis-rs routes to the new owner;
-//! * a subscription that failed (its shard was down) is retried in the
-//!   background with backoff (50 ms doubling up to 1 s) until it succeeds
-//!   or is no longer needed.
-//!
-//! While a shard is down, operations on its slots fail within the timeout
-//! with a [`ChannelLayerError::Backend`] naming the group or channel and the
-//! key (`group send to "lobby" (key "myapp:group:{lobby}") failed: ...`); the
-//! other shards keep working (set `cluster-require-full-coverage no` on
-//! the servers, otherwise Redis itself refuses every command once the
-//! cluster marks the shard as failed). Delivery semantics are those of the
-//! Redis layer: at most once, except in history groups; messages of other
-//! groups published while a process is not subscribed on a shard are lost
-//! for it.
-//!
-//! The layer needs Redis 7 (`SPUBLISH`/`SSUBSCRIBE`), `EVALSHA`, list,
-//! sorted-set, hash and stream commands, `SCAN` (only for [`flush`](ChannelLayer::flush)),
-//! and RESP3 (set for you).
-//!
-//! # Known issue
-//!
-//! While a node is down, redis-rs's cluster connection recovers from the
-//! lost node in the same task that forwards push messages; in our tests
-//! (`chat_survives_node_restarts`) messages from the *healthy* shards could
-//! be held up (or, rarely, lost) until the dead node came back. A layer
-//! built on one plain connection per node would avoid that; it was not
-//! built here because redis-rs does everything else (routing, redirects,
-//! re-subscription) right.
-//!
-//! # Limits
-//!
-//! redis-rs keeps an unbounded queue between a node connection and the
-//! task that hands push messages to this layer; the layer drains it without
-//! waiting (fan-out never blocks), and Redis's own `client-output-buffer-limit
-//! pubsub` disconnects a client that falls too far behind.
-//! History events go from there to the sequencer's task through a queue
-//! of at most 16 MiB of payloads; past it an event is dropped (counted in
-//! `dropped_other`) and read back from the group's stream when the group's
-//! next event shows the gap; until then it is missing here.
+//! The Redis layer on a Redis Cluster (feature `redis-cluster`): its docs
+//! are on [`RedisClusterChannelLayer`], public as
+//! `channel_layer::redis::RedisClusterChannelLayer`.
 
 mod subscriber;
 mod worker;
@@ -241,7 +104,7 @@ pub struct RedisClusterChannelLayerBuilder {
 
 impl RedisClusterChannelLayerBuilder {
     /// Keeps a history for the groups `policy` applies to, on the group's
-    /// slot (see [history](self#presence-history-and-recovery)); the first
+    /// slot (see [history](RedisClusterChannelLayer#presence-history-and-recovery)); the first
     /// matching policy applies. Every process must configure the same ones.
     pub fn history(mut self, policy: HistoryPolicy) -> Self {
         self.history.push(policy);
@@ -250,7 +113,7 @@ impl RedisClusterChannelLayerBuilder {
 
     /// Sets which groups get presence notifications and how long a
     /// crashed process's members stay listed (see
-    /// [presence](self#presence-history-and-recovery)).
+    /// [presence](RedisClusterChannelLayer#presence-history-and-recovery)).
     pub fn presence(mut self, config: PresenceConfig) -> Self {
         self.presence = config;
         self
@@ -416,8 +279,146 @@ async fn connect(
     }
 }
 
-/// A [`ChannelLayer`] on a Redis Cluster's sharded Pub/Sub and lists. See
-/// the [module docs](self).
+/// The Redis layer on a Redis Cluster, with sharded Pub/Sub (feature `redis-cluster`).
+///
+/// [`RedisClusterChannelLayer`] is [`RedisChannelLayer`](super::RedisChannelLayer)
+/// for a Redis Cluster (Redis 7 or newer): the same local state, process
+/// channels, groups, worker channels and [wire format](super#wire-format),
+/// but every message goes to one shard instead of the whole cluster.
+/// Classic `PUBLISH` on a cluster is broadcast to every node over the
+/// cluster bus, so adding nodes adds no Pub/Sub capacity; sharded Pub/Sub
+/// (`SPUBLISH`/`SSUBSCRIBE`) keeps a channel's traffic on the shard that
+/// owns its slot, so capacity grows with the number of shards.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_channels::channel_layer::redis::RedisClusterChannelLayer;
+/// use tower_channels::channel_layer::{BoxError, ChannelLayer, Event};
+///
+/// async fn doc_main() -> Result<(), BoxError> {
+///     // Any reachable nodes of the cluster; the others are discovered.
+///     let layer = RedisClusterChannelLayer::builder([
+///         "redis://10.0.0.1:6379",
+///         "redis://10.0.0.2:6379",
+///     ])
+///     .prefix("myapp")
+///     .build()
+///     .await?;
+///     let layer: Arc<dyn ChannelLayer> = Arc::new(layer);
+///
+///     let mut inbox = layer.new_channel().await?;
+///     layer.group_add("lobby", inbox.name()).await?;
+///     layer.group_send("lobby", Event::text("chat.message", "hello")).await?;
+///     assert_eq!(inbox.recv().await?.kind(), "chat.message");
+///     Ok(())
+/// }
+/// ```
+///
+/// # How it works
+///
+/// * **Slots.** Every key and shard channel carries a hash tag, so
+///   everything about one group lives on one slot: the group's shard
+///   channel and the sorted set of its named members are both
+///   `{prefix}:group:{<group>}` (the braces are literal: the slot is the
+///   group name's). A process channel is `{prefix}:proc:{<process>}`, a
+///   worker channel's list `{prefix}:channel:{<name>}`. Different groups
+///   spread over the shards by their names.
+/// * **Group sends** run one script on the group's slot: `SPUBLISH` to the
+///   shard channel and, if the group has named members, prune and list
+///   them; each named member's list (on its own slot) is then pushed to
+///   with the same capacity check as a direct send.
+/// * **Subscriptions.** Each process `SSUBSCRIBE`s to its process channel
+///   and to the shard channel of each group with a local member, on the
+///   shard that owns it, through one multiplexed cluster connection, and
+///   unsubscribes when the group's last local member leaves. Incoming
+///   messages are RESP3 push messages, fanned out as soon as they are read.
+/// * **Worker channels** are `BRPOP` loops, each on its own cluster
+///   connection (a blocking command must not hold up the others).
+///
+/// # Presence, history and recovery
+///
+/// As on the [Redis layer](super#presence) (see there, and its
+/// [history](super#history-and-recovery)), with the same scripts, the same
+/// Rust around them and the same sequencer; only the keys differ: they
+/// carry the group's hash tag, so a group's stream
+/// `{prefix}:history:{<group>}`, its offset and epoch
+/// `{prefix}:history-meta:{<group>}` and its presence keys
+/// `{prefix}:presence:{<group>}:...` all live on the group's slot, with its
+/// shard channel, and each script call runs on that one node. A history
+/// send is one script there (append, `SPUBLISH` with the offset and epoch,
+/// list the named members); the sending process's members get the event
+/// once the offset is known, other processes through their shard
+/// subscription, each in offset order and once (see [Limits](#limits)
+/// for the queue between the two).
+///
+/// When the node owning a history group restarts without persistence, the
+/// group's history and epoch are gone: the next send starts a new epoch,
+/// old positions fail to recover with
+/// [`RecoveryFailure::EpochChanged`](crate::channel_layer::RecoveryFailure::EpochChanged),
+/// and each process reads the new epoch from its first offset, so sends
+/// answered while it was still subscribing again are not lost. Once every
+/// primary answers again, each process writes its presence on the node
+/// again and reads back what its history groups missed (as it does for a
+/// history group whose subscription ended because its slot moved).
+/// `tests/redis_cluster.rs` (`history_survives_node_restart`) checks both.
+///
+/// # Redirects, restarts and slot migration
+///
+/// Routing, `MOVED`/`ASK` redirects, reconnection and re-subscription come
+/// from redis-rs's cluster connection
+/// ([`redis::cluster_async`]); redis 1.x
+/// supports sharded Pub/Sub there (`ClusterConnection::ssubscribe`, RESP3
+/// pushes delivered to a `push_sender`), so this layer keeps no slot map of
+/// its own:
+///
+/// * a command sent to a node that no longer owns the slot is redirected
+///   and redis-rs refreshes its slot map;
+/// * when a node connection drops (a restart), redis-rs reconnects; in our
+///   tests its own re-subscription did not always restore the shard
+///   channels, so on redis-rs's disconnection push the layer waits until
+///   every primary answers `PING` and then `SSUBSCRIBE`s again to
+///   everything it needs (a repeated `SSUBSCRIBE` is harmless);
+/// * when a slot migrates, the old owner ends its shard subscriptions with
+///   `SUNSUBSCRIBE` pushes; the layer subscribes again to each one it still
+///   needs, which redis-rs routes to the new owner;
+/// * a subscription that failed (its shard was down) is retried in the
+///   background with backoff (50 ms doubling up to 1 s) until it succeeds
+///   or is no longer needed.
+///
+/// While a shard is down, operations on its slots fail within the timeout
+/// with a [`ChannelLayerError::Backend`] naming the group or channel and the
+/// key (`group send to "lobby" (key "myapp:group:{lobby}") failed: ...`); the
+/// other shards keep working (set `cluster-require-full-coverage no` on
+/// the servers, otherwise Redis itself refuses every command once the
+/// cluster marks the shard as failed). Delivery semantics are those of the
+/// Redis layer: at most once, except in history groups; messages of other
+/// groups published while a process is not subscribed on a shard are lost
+/// for it.
+///
+/// The layer needs Redis 7 (`SPUBLISH`/`SSUBSCRIBE`), `EVALSHA`, list,
+/// sorted-set, hash and stream commands, `SCAN` (only for [`flush`](ChannelLayer::flush)),
+/// and RESP3 (set for you).
+///
+/// # Known issue
+///
+/// While a node is down, redis-rs's cluster connection recovers from the
+/// lost node in the same task that forwards push messages; in our tests
+/// (`chat_survives_node_restarts`) messages from the *healthy* shards could
+/// be held up (or, rarely, lost) until the dead node came back. A layer
+/// built on one plain connection per node would avoid that; it was not
+/// built here because redis-rs does everything else (routing, redirects,
+/// re-subscription) right.
+///
+/// # Limits
+///
+/// redis-rs keeps an unbounded queue between a node connection and the
+/// task that hands push messages to this layer; the layer drains it without
+/// waiting (fan-out never blocks), and Redis's own `client-output-buffer-limit
+/// pubsub` disconnects a client that falls too far behind.
+/// History events go from there to the sequencer's task through a queue
+/// of at most 16 MiB of payloads; past it an event is dropped (counted in
+/// `dropped_other`) and read back from the group's stream when the group's
+/// next event shows the gap; until then it is missing here.
 ///
 /// Cloning is cheap and shares the connections and local state (a clone is
 /// the same "process"). Dropping the last clone closes the connections.
