@@ -15,7 +15,9 @@
 //!   alternate over `--rounds`; the table shows medians.
 //! * **Presence listing**: `--presence` channels join one group with
 //!   presence (on Redis from two layer instances, i.e. two processes),
-//!   then `presence()` is timed 20 times: median and maximum.
+//!   then `presence()` is timed 20 times: median and maximum; then a tenth
+//!   of the connections (at most 1000) leave one after the other (cost per
+//!   leave), and every layer is flushed (teardown time).
 //!
 //! Each broker given is measured too (`--redis-sends` sends on each); the
 //! broker's own CPU is read for a single Redis only. Without a broker only
@@ -283,10 +285,27 @@ async fn presence_row(
         .into());
     }
     let max = times.iter().copied().fold(0.0, f64::max);
+    // Leaves of a sample of the connections, one after the other.
+    let sample = (members / 10).clamp(1, 1000);
+    let leaving = Instant::now();
+    for (i, rx) in keep.iter().enumerate().take(sample) {
+        layers[i % layers.len()]
+            .group_discard(group, rx.name())
+            .await?;
+    }
+    let leave_us = leaving.elapsed().as_secs_f64() * 1e6 / sample as f64;
+    // Flush before the receivers go: dropped receivers would leave one
+    // by one.
+    let teardown = Instant::now();
+    for layer in layers {
+        layer.flush().await?;
+    }
+    drop(keep);
     println!(
-        "| {name} | {members} connections ({users} users, {} process(es)) | {:.1} ms | {max:.1} ms | {join_us:.0} µs |",
+        "| {name} | {members} connections ({users} users, {} process(es)) | {:.1} ms | {max:.1} ms | {join_us:.0} µs | {leave_us:.0} µs | {:.1} s |",
         layers.len(),
-        median(times)
+        median(times),
+        teardown.elapsed().as_secs_f64()
     );
     Ok(())
 }
@@ -356,8 +375,8 @@ async fn main() -> Result<(), Error> {
     }
 
     println!("\nPresence listing (20 calls):\n");
-    println!("| layer | group | median | max | join (per connection) |");
-    println!("|---|---|---|---|---|");
+    println!("| layer | group | median | max | join (per connection) | leave (per connection, {} sampled) | teardown (flush) |", (args.presence / 10).clamp(1, 1000));
+    println!("|---|---|---|---|---|---|---|");
     let memory: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::new());
     presence_row("in-memory", &[memory], args.presence).await?;
     if let Some(url) = &args.redis {
@@ -368,8 +387,7 @@ async fn main() -> Result<(), Error> {
         };
         let a: Arc<dyn ChannelLayer> = Arc::new(build().await?);
         let b: Arc<dyn ChannelLayer> = Arc::new(build().await?);
-        presence_row("Redis", &[a.clone(), b], args.presence).await?;
-        a.flush().await?;
+        presence_row("Redis", &[a, b], args.presence).await?;
     }
     if let Some(urls) = &args.redis_cluster {
         let build = || {
@@ -380,8 +398,7 @@ async fn main() -> Result<(), Error> {
         };
         let a: Arc<dyn ChannelLayer> = Arc::new(build().await?);
         let b: Arc<dyn ChannelLayer> = Arc::new(build().await?);
-        presence_row("Redis Cluster", &[a.clone(), b], args.presence).await?;
-        a.flush().await?;
+        presence_row("Redis Cluster", &[a, b], args.presence).await?;
     }
     if let Some(url) = &args.nats {
         let build = || {
@@ -392,8 +409,7 @@ async fn main() -> Result<(), Error> {
         };
         let a: Arc<dyn ChannelLayer> = Arc::new(build().await?);
         let b: Arc<dyn ChannelLayer> = Arc::new(build().await?);
-        presence_row("NATS", &[a.clone(), b], args.presence).await?;
-        a.flush().await?;
+        presence_row("NATS", &[a, b], args.presence).await?;
     }
     Ok(())
 }

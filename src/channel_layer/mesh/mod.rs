@@ -37,8 +37,10 @@
 //!   a reconnect every followed group catches up. Ephemeral events take the
 //!   plain group path. See [`history`].
 //! * **Presence** (with a [`PresenceConfig`], on a transport with a
-//!   [`Store`]): each process writes its entries of a group as one record
-//!   with a TTL, refreshed every third of it. See [`presence`].
+//!   [`Store`]): each process writes one entry per connection on a join
+//!   and removes it on a leave, and keeps a liveness per group with a TTL,
+//!   refreshed every third of it; a listing is the entries of live
+//!   processes. See [`presence`].
 //!
 //! Each broker supplies only [`Transport`]'s three primitives, and
 //! optionally a [`Store`]. The in-process [`sim`] transport injects faults
@@ -73,8 +75,8 @@ pub(crate) use self::transport::history_subject;
 pub(crate) use self::{
     envelope::{Dedup, Envelope, Op, Status},
     transport::{
-        live_subject, Arrival, HistoryRange, Inbox, Incoming, PresenceRecords, Store, Transport,
-        TransportError,
+        live_subject, Arrival, HistoryRange, Inbox, Incoming, PresenceListing, Store, StoredEntry,
+        Transport, TransportError,
     },
 };
 use super::{
@@ -146,9 +148,9 @@ struct Inner<T> {
     /// Presence writes run one at a time, so the store gets the entries
     /// in the order they changed.
     presence_writes: tokio::sync::Mutex<()>,
-    /// Per group with notifications: the users of each process listed at
-    /// this process's last refresh (to tell which records expired).
-    presence_seen: Mutex<HashMap<String, HashMap<String, HashSet<String>>>>,
+    /// Per group this process wrote presence in: whether the store has
+    /// its entries (see the presence module docs).
+    presence_groups: Mutex<HashMap<String, presence::Written>>,
     /// Per (group, user) present here: the token of the user's stay in
     /// the group, shared by its connections on every process (see the
     /// presence module docs).
@@ -184,7 +186,7 @@ impl<T: Transport> MeshLayer<T> {
             sequencer: Sequencer::default(),
             presence: Mutex::default(),
             presence_writes: tokio::sync::Mutex::new(()),
-            presence_seen: Mutex::default(),
+            presence_groups: Mutex::default(),
             presence_stays: Mutex::default(),
         });
         inner

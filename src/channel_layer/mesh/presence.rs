@@ -1,29 +1,37 @@
 //! Presence in the mesh, on the transport's [`Store`].
 //!
 //! Each process keeps its channels' entries ([`LocalPresence`]) and writes
-//! those of a group as one record per (group, process), JSON
-//! `[[channel, [user, data], stay], ...]`, with the configured TTL: on every
-//! join and leave, every third of the TTL, and at once after a reconnect
-//! (the broker may have lost it). A listing reads every process's record.
+//! each of them as one stored entry (connection, user, info, the token of
+//! the user's stay): on a join it writes that entry, on a leave it removes
+//! it, so a join or a leave costs O(1) whatever the group's size. Entries
+//! are not refreshed one by one: per group, the process keeps a liveness
+//! with the configured TTL, refreshed every third of the TTL
+//! ([`Store::presence_alive`]). A listing is the entries whose process is
+//! alive. When the store did not have the process alive (its first entry
+//! in the group, its liveness expired while it was stalled, the broker lost
+//! its store) or a write failed, the process writes all its entries of the
+//! group again on that refresh, and at once after a reconnect.
 //!
-//! A process that stops without leaving stops refreshing: its record is
-//! gone at most one TTL after its last refresh, so at most one TTL after
-//! it stopped (the store expires records TTL after they were written). In
-//! groups with notifications, every process refreshing the group compares
-//! the listing with the one of its previous refresh: a record that vanished
-//! without being removed (a removed record stays listed as removed for the
-//! TTL) expired, and the one process that wins the store's claim for it
-//! announces the `presence.leave` of its users not present elsewhere
-//! (without their data, as on Redis): within TTL + TTL/3 of the stop.
+//! A process that stops without leaving stops refreshing: its liveness
+//! expires at most one TTL after its last refresh, so its members are out
+//! of listings at most one TTL after it stopped. Its entries are then
+//! garbage: every process refreshing the group lists the group's processes
+//! ([`Store::presence_processes`]), and for each one no longer alive, the
+//! one process that wins the store's claim for it removes its entries
+//! ([`Store::presence_collect`]) and, in groups with notifications,
+//! announces the `presence.leave` of its users not present on a live
+//! process (without their data, as on Redis; once per stay, see below):
+//! within TTL + TTL/3 of the stop.
 //!
 //! Notifications are collapsed per user across processes without a lock
 //! in the broker: a join is announced when the user was not present
 //! elsewhere before this process wrote its entry, a leave when it is not
-//! present elsewhere after this process removed its own. Each entry
-//! carries the token of its user's stay in the group: a connection joining
-//! while the user is present (here or elsewhere) takes the stay's token,
-//! else it starts a new stay. When the last connections of a user on
-//! several processes leave at the same moment, each may find the user
+//! present elsewhere after this process removed its own (both read only
+//! the user's entries, [`Store::presence_user`]). Each entry carries the
+//! token of its user's stay in the group: a connection joining while the
+//! user is present (here or elsewhere) takes the stay's token, else it
+//! starts a new stay. When the last connections of a user on several
+//! processes leave at the same moment (or crash), each may find the user
 //! gone; only the one that wins the store's claim for the stay announces
 //! the leave (if the claim cannot be made, it announces anyway). Two
 //! processes joining the same user at the same moment may both announce
@@ -31,14 +39,14 @@
 //! join or leave goes unannounced.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{Arc, Weak},
     time::Duration,
 };
 
 use bytes::Bytes;
 
-use super::{lock, Inner, Store, Transport};
+use super::{lock, Inner, PresenceListing, Store, Transport};
 use crate::channel_layer::{
     local::LocalChannels,
     names,
@@ -47,35 +55,53 @@ use crate::channel_layer::{
     PresenceConfig, PresenceInfo, PresenceMember, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 
-/// An entry as stored: the channel, its info, and the token of its user's
-/// stay in the group (see the module docs).
-type Entry = (String, PresenceInfo, Option<String>);
-
-/// One process's entries of a group, as stored.
-fn encode(entries: &[Entry]) -> Bytes {
-    let stored: Vec<Vec<String>> = entries
-        .iter()
-        .map(|(channel, info, stay)| {
-            let mut entry = vec![channel.clone(), info.to_stored()];
-            entry.extend(stay.clone());
-            entry
-        })
-        .collect();
+/// An entry's stored value: JSON `[info, stay]` (see the module docs).
+fn encode(info: &PresenceInfo, stay: Option<&str>) -> Bytes {
+    let mut stored = vec![info.to_stored()];
+    stored.extend(stay.map(str::to_owned));
     serde_json::to_vec(&stored).unwrap_or_default().into()
 }
 
-fn decode(bytes: &[u8]) -> Result<Vec<Entry>, EventCodecError> {
-    let stored: Vec<Vec<String>> = serde_json::from_slice(bytes)
-        .map_err(|e| EventCodecError::new(format_args!("malformed presence record: {e}")))?;
-    Ok(stored
-        .into_iter()
-        .filter_map(|entry| {
-            let mut entry = entry.into_iter();
-            let channel = entry.next()?;
-            let info = PresenceInfo::from_stored(entry.next()?.as_bytes())?;
-            Some((channel, info, entry.next()))
+fn decode(bytes: &[u8]) -> Result<(PresenceInfo, Option<String>), EventCodecError> {
+    let malformed = || EventCodecError::new("malformed presence entry");
+    let stored: Vec<String> = serde_json::from_slice(bytes)
+        .map_err(|e| EventCodecError::new(format_args!("malformed presence entry: {e}")))?;
+    let mut stored = stored.into_iter();
+    let info = stored
+        .next()
+        .and_then(|info| PresenceInfo::from_stored(info.as_bytes()))
+        .ok_or_else(malformed)?;
+    Ok((info, stored.next()))
+}
+
+/// The live entries of a listing, decoded (a malformed one is skipped).
+fn live_entries(
+    group: &str,
+    listing: &PresenceListing,
+    except: Option<&str>,
+) -> Vec<(String, PresenceInfo, Option<String>)> {
+    listing
+        .entries
+        .iter()
+        .filter(|e| listing.alive.contains(&e.process) && Some(e.process.as_str()) != except)
+        .filter_map(|e| match decode(&e.entry) {
+            Ok((info, stay)) => Some((e.channel.clone(), info, stay)),
+            Err(err) => {
+                tracing::warn!(group, process = e.process, "{err}");
+                None
+            }
         })
-        .collect())
+        .collect()
+}
+
+/// Where this process's entries of a group stand in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Written {
+    /// Every local entry is stored and the liveness was written.
+    InStep,
+    /// A write failed: the next refresh removes this process's entries and
+    /// writes them all again.
+    Resync,
 }
 
 impl<T: Transport> Inner<T> {
@@ -101,72 +127,97 @@ impl<T: Transport> Inner<T> {
             .map(|(config, _)| config.time_limit())
     }
 
-    /// Writes this process's entries of `group` as they are now (removes
-    /// the record when there are none). Callers hold `presence_writes`.
-    async fn write_presence(&self, group: &str) -> Result<(), ChannelLayerError> {
-        let (config, store) = self.presence_store()?;
-        let entries: Vec<Entry> = {
-            let stays = lock(&self.presence_stays);
-            lock(&self.presence)
-                .entries(group)
-                .into_iter()
-                .map(|(channel, info)| {
-                    let stay = stays
-                        .get(&(group.to_owned(), info.user_id().to_owned()))
-                        .cloned();
-                    (channel, info, stay)
-                })
-                .collect()
-        };
-        let process = self.process();
-        let what = format!("writing the presence of {group:?}");
-        let ttl = config.time_limit();
-        if entries.is_empty() {
-            self.attempt(&what, || store.presence_remove(group, process, ttl))
-                .await
-        } else {
-            let record = encode(&entries);
-            self.attempt(&what, || {
-                store.presence_put(group, process, record.clone(), ttl)
-            })
-            .await
-        }
+    fn mark(&self, group: &str, written: Written) {
+        lock(&self.presence_groups).insert(group.to_owned(), written);
     }
 
-    /// The users present in `group` in other processes, with the token of
-    /// their stay when a record has one.
-    async fn users_elsewhere(
+    /// Writes one local entry (callers hold `presence_writes`).
+    async fn write_entry(
         &self,
         group: &str,
-    ) -> Result<HashMap<String, Option<String>>, ChannelLayerError> {
+        channel: &str,
+        info: &PresenceInfo,
+    ) -> Result<(), ChannelLayerError> {
         let (_, store) = self.presence_store()?;
-        let records = self
-            .attempt(&format!("reading the presence of {group:?}"), || {
-                store.presence_list(group)
+        let stay = lock(&self.presence_stays)
+            .get(&(group.to_owned(), info.user_id().to_owned()))
+            .cloned();
+        let entry = encode(info, stay.as_deref());
+        let process = self.process();
+        let written = self
+            .attempt(&format!("writing the presence of {group:?}"), || {
+                store.presence_add(group, process, info.user_id(), channel, entry.clone())
+            })
+            .await;
+        if written.is_err() {
+            self.mark(group, Written::Resync);
+        }
+        written
+    }
+
+    /// Refreshes this process's liveness in `group`; writes its entries
+    /// again when the store did not have it alive or a write failed (see
+    /// the module docs). Callers hold `presence_writes`.
+    async fn keep_alive(&self, group: &str) -> Result<(), ChannelLayerError> {
+        let (config, store) = self.presence_store()?;
+        let process = self.process();
+        let state = lock(&self.presence_groups).get(group).copied();
+        if state == Some(Written::Resync) {
+            self.attempt(&format!("removing the presence of {group:?}"), || {
+                store.presence_drop(group, process)
             })
             .await?;
-        let own = self.process();
-        let mut users: HashMap<String, Option<String>> = HashMap::new();
-        for (process, record) in records {
-            let Some(record) = record.filter(|_| process != own) else {
-                continue;
-            };
-            match decode(&record) {
-                Ok(entries) => {
-                    for (_, info, stay) in entries {
-                        // Of two stays (joined at the same moment), the
-                        // least, so that later joins agree on one.
-                        let known = users.entry(info.user_id().to_owned()).or_default();
-                        *known = match (known.take(), stay) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
-                    }
-                }
-                Err(e) => tracing::warn!(group, process, "{e}"),
+        }
+        let ttl = config.time_limit();
+        let was_alive = self
+            .attempt(&format!("refreshing the presence of {group:?}"), || {
+                store.presence_alive(group, process, ttl)
+            })
+            .await;
+        let was_alive = match was_alive {
+            Ok(was_alive) => was_alive,
+            Err(e) => {
+                self.mark(group, Written::Resync);
+                return Err(e);
+            }
+        };
+        if state != Some(Written::InStep) || !was_alive {
+            self.mark(group, Written::Resync);
+            let entries = lock(&self.presence).entries(group);
+            for (channel, info) in entries {
+                self.write_entry(group, &channel, &info).await?;
             }
         }
-        Ok(users)
+        self.mark(group, Written::InStep);
+        Ok(())
+    }
+
+    /// Whether `user` is present in `group` on another live process, and
+    /// the token of its stay there (the least of two, so that later joins
+    /// agree on one).
+    async fn user_elsewhere(
+        &self,
+        group: &str,
+        user: &str,
+    ) -> Result<Option<Option<String>>, ChannelLayerError> {
+        let (_, store) = self.presence_store()?;
+        let listing = self
+            .attempt(&format!("reading the presence of {group:?}"), || {
+                store.presence_user(group, user)
+            })
+            .await?;
+        let mut found: Option<Option<String>> = None;
+        for (_, info, stay) in live_entries(group, &listing, Some(self.process())) {
+            if info.user_id() != user {
+                continue;
+            }
+            let known = found.get_or_insert(None);
+            *known = match (known.take(), stay) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(found)
     }
 
     /// Sends a join or leave notification if the group wants them: a
@@ -194,22 +245,25 @@ impl<T: Transport> Inner<T> {
         channel: &str,
         info: PresenceInfo,
     ) -> Result<(), ChannelLayerError> {
+        let (_, store) = self.presence_store()?;
+        let user = info.user_id().to_owned();
         let (elsewhere, joined, replaced, replaced_stay) = {
             let _one_at_a_time = self.presence_writes.lock().await;
             // Read before writing: a join is never missed (see the module docs).
-            let elsewhere = self.users_elsewhere(group).await?;
+            let elsewhere = self.user_elsewhere(group, &user).await?;
+            if lock(&self.presence_groups).get(group) != Some(&Written::InStep) {
+                self.keep_alive(group).await?;
+            }
             let (joined, replaced) = lock(&self.presence).join(group, channel, info);
             let replaced_stay = {
                 let mut stays = lock(&self.presence_stays);
                 // The user's stay: this process's, else the one of its
                 // connections elsewhere, else a new one.
-                let user = joined.info.user_id();
                 stays
-                    .entry((group.to_owned(), user.to_owned()))
+                    .entry((group.to_owned(), user.clone()))
                     .or_insert_with(|| {
                         elsewhere
-                            .get(user)
-                            .cloned()
+                            .clone()
                             .flatten()
                             .unwrap_or_else(|| names::random_token(16))
                     });
@@ -220,28 +274,47 @@ impl<T: Transport> Inner<T> {
                         stays.remove(&(group.to_owned(), old.info.user_id().to_owned()))
                     })
             };
-            self.write_presence(group).await?;
+            if let Some(old) = replaced.as_ref().filter(|old| old.info.user_id() != user) {
+                // The old entry is stored under the old user.
+                let process = self.process();
+                let removed = self
+                    .attempt(&format!("writing the presence of {group:?}"), || {
+                        store.presence_remove(group, process, old.info.user_id(), channel)
+                    })
+                    .await;
+                if removed.is_err() {
+                    self.mark(group, Written::Resync);
+                }
+                removed?;
+            }
+            self.write_entry(group, channel, &joined.info).await?;
             (elsewhere, joined, replaced, replaced_stay)
         };
         let same_user = replaced
             .as_ref()
             .is_some_and(|old| old.info.user_id() == joined.info.user_id());
         if let Some(old) = replaced.filter(|old| old.collapsed && !same_user) {
-            if !elsewhere.contains_key(old.info.user_id()) {
-                self.announce_leave(group, &old.info, replaced_stay).await;
+            // The old user may be present elsewhere: ask the store.
+            if self
+                .user_elsewhere(group, old.info.user_id())
+                .await?
+                .is_none()
+            {
+                self.announce_leave(group, PresenceChange::new(&old.info), replaced_stay)
+                    .await;
             }
         }
-        if joined.collapsed && !same_user && !elsewhere.contains_key(joined.info.user_id()) {
+        if joined.collapsed && !same_user && elsewhere.is_none() {
             self.notify(group, PRESENCE_JOIN, PresenceChange::new(&joined.info))
                 .await;
         }
         Ok(())
     }
 
-    /// Announces that `info`'s user left `group`, once per stay: of the
-    /// processes whose last connection of the user left at the same
+    /// Announces that a user left `group`, once per stay: of the processes
+    /// whose last connection of the user left (or crashed) at the same
     /// moment, the one that wins the store's claim for the stay does.
-    async fn announce_leave(&self, group: &str, info: &PresenceInfo, stay: Option<String>) {
+    async fn announce_leave(&self, group: &str, change: PresenceChange, stay: Option<String>) {
         if let (Some(stay), Ok((config, store))) = (stay, self.presence_store()) {
             if !config.notifies(group) {
                 return;
@@ -259,8 +332,7 @@ impl<T: Transport> Inner<T> {
                 return;
             }
         }
-        self.notify(group, PRESENCE_LEAVE, PresenceChange::new(info))
-            .await;
+        self.notify(group, PRESENCE_LEAVE, change).await;
     }
 
     /// Removes `channel`'s presence in `group`, here and in the store.
@@ -269,6 +341,10 @@ impl<T: Transport> Inner<T> {
         group: &str,
         channel: &str,
     ) -> Result<(), ChannelLayerError> {
+        let Ok((_, store)) = self.presence_store() else {
+            return Ok(());
+        };
+        let process = self.process();
         let (left, stay) = {
             let _one_at_a_time = self.presence_writes.lock().await;
             let Some(left) = lock(&self.presence).leave(group, channel) else {
@@ -278,17 +354,42 @@ impl<T: Transport> Inner<T> {
                 lock(&self.presence_stays)
                     .remove(&(group.to_owned(), left.info.user_id().to_owned()))
             });
-            self.write_presence(group).await?;
+            let what = format!("removing the presence of {group:?}");
+            let removed = self
+                .attempt(&what, || {
+                    store.presence_remove(group, process, left.info.user_id(), channel)
+                })
+                .await;
+            if removed.is_err() {
+                self.mark(group, Written::Resync);
+            }
+            removed?;
+            if lock(&self.presence).len(group) == 0
+                && lock(&self.presence_groups).get(group) == Some(&Written::InStep)
+            {
+                // The last entry here: leave the group's processes too
+                // (after a failed write, the refresh drops it all).
+                let retired = self
+                    .attempt(&what, || store.presence_retire(group, process))
+                    .await;
+                if retired.is_ok() {
+                    lock(&self.presence_groups).remove(group);
+                }
+                if let Err(e) = retired {
+                    tracing::debug!(group, "leaving the presence of a group failed: {e}");
+                }
+            }
             (left, stay.flatten())
         };
         // Read after removing: a leave is never missed (see the module docs).
         if left.collapsed
-            && !self
-                .users_elsewhere(group)
+            && self
+                .user_elsewhere(group, left.info.user_id())
                 .await?
-                .contains_key(left.info.user_id())
+                .is_none()
         {
-            self.announce_leave(group, &left.info, stay).await;
+            self.announce_leave(group, PresenceChange::new(&left.info), stay)
+                .await;
         }
         Ok(())
     }
@@ -311,78 +412,78 @@ impl<T: Transport> Inner<T> {
     ) -> Result<Vec<PresenceMember>, ChannelLayerError> {
         validate_group_name(group)?;
         let (_, store) = self.presence_store()?;
-        let records = self
+        let listing = self
             .attempt(&format!("reading the presence of {group:?}"), || {
                 store.presence_list(group)
             })
             .await?;
-        let mut entries = Vec::new();
-        for record in records.into_iter().filter_map(|(_, record)| record) {
-            entries.extend(
-                decode(&record)?
-                    .into_iter()
-                    .map(|(channel, info, _)| (channel, info)),
-            );
-        }
-        Ok(group_by_user(entries))
+        let entries = live_entries(group, &listing, None)
+            .into_iter()
+            .map(|(channel, info, _)| (channel, info));
+        Ok(group_by_user(entries.collect::<Vec<_>>()))
     }
 
-    /// Writes this process's entries of every group it has some in again.
+    /// Refreshes this process's liveness in every group it has entries in
+    /// (writing them again where needed), leaves the groups it has none
+    /// in any more, and collects the entries of processes that stopped.
     pub(super) async fn refresh_presence(&self) {
-        if self.presence_store().is_err() {
+        let Ok((_, store)) = self.presence_store() else {
             return;
-        }
-        let groups = lock(&self.presence).group_names();
+        };
+        let groups: HashSet<String> = lock(&self.presence)
+            .group_names()
+            .into_iter()
+            .chain(lock(&self.presence_groups).keys().cloned())
+            .collect();
         for group in groups {
             {
                 let _one_at_a_time = self.presence_writes.lock().await;
-                if let Err(e) = self.write_presence(&group).await {
+                let refreshed = if lock(&self.presence).len(&group) == 0 {
+                    // Leaving the group failed: try again.
+                    let process = self.process();
+                    let in_step = lock(&self.presence_groups).get(&group) == Some(&Written::InStep);
+                    let dropped = self
+                        .attempt(&format!("removing the presence of {group:?}"), || {
+                            if in_step {
+                                store.presence_retire(&group, process)
+                            } else {
+                                store.presence_drop(&group, process)
+                            }
+                        })
+                        .await;
+                    if dropped.is_ok() {
+                        lock(&self.presence_groups).remove(&group);
+                    }
+                    dropped
+                } else {
+                    self.keep_alive(&group).await
+                };
+                if let Err(e) = refreshed {
                     tracing::debug!(group, "presence refresh failed: {e}");
                     continue;
                 }
             }
-            if let Err(e) = self.announce_expired(&group).await {
-                tracing::debug!(group, "looking for expired presence failed: {e}");
+            if let Err(e) = self.collect_stopped(&group).await {
+                tracing::debug!(group, "collecting stopped processes' presence failed: {e}");
             }
         }
     }
 
-    /// Announces the users of the processes whose record in `group` expired
-    /// since the last refresh (see the module docs), if the group wants
-    /// notifications.
-    async fn announce_expired(&self, group: &str) -> Result<(), ChannelLayerError> {
+    /// Removes the entries of the processes of `group` that are no longer
+    /// alive, announcing their users' leaves (see the module docs).
+    async fn collect_stopped(&self, group: &str) -> Result<(), ChannelLayerError> {
         let (config, store) = self.presence_store()?;
-        if !config.notifies(group) {
-            return Ok(());
-        }
-        let records = self
+        let own = self.process();
+        let processes = self
             .attempt(&format!("reading the presence of {group:?}"), || {
-                store.presence_list(group)
+                store.presence_processes(group)
             })
             .await?;
-        let mut listed: HashMap<String, Option<HashSet<String>>> = HashMap::new();
-        for (process, record) in records {
-            let users = record.and_then(|r| decode(&r).ok()).map(|entries| {
-                entries
-                    .into_iter()
-                    .map(|(_, info, _)| info.user_id().to_owned())
-                    .collect()
-            });
-            listed.insert(process, users);
-        }
-        let present: HashSet<&String> = listed.values().flatten().flatten().collect();
-        let previous = lock(&self.presence_seen).insert(
-            group.to_owned(),
-            listed
-                .iter()
-                .filter_map(|(p, users)| Some((p.clone(), users.clone()?)))
-                .collect(),
-        );
-        let own = self.process();
-        for (process, users) in previous.unwrap_or_default() {
-            if process == own || listed.contains_key(&process) {
-                continue; // Still there, or removed by itself (it announced).
-            }
+        let mut listing = None;
+        for (process, _) in processes
+            .into_iter()
+            .filter(|(process, alive)| !alive && process != own)
+        {
             let ttl = config.time_limit();
             let claimed = self
                 .attempt(&format!("claiming a presence leave in {group:?}"), || {
@@ -392,33 +493,69 @@ impl<T: Transport> Inner<T> {
             if !claimed {
                 continue;
             }
-            for user_id in users.into_iter().filter(|u| !present.contains(u)) {
-                // The user's data went with the expired record.
+            let listing = match &mut listing {
+                Some(listing) => listing,
+                None => listing.insert(
+                    self.attempt(&format!("reading the presence of {group:?}"), || {
+                        store.presence_list(group)
+                    })
+                    .await?,
+                ),
+            };
+            let present: HashSet<String> = live_entries(group, listing, None)
+                .into_iter()
+                .map(|(_, info, _)| info.user_id().to_owned())
+                .collect();
+            let mut gone: Vec<(String, Option<String>)> = Vec::new();
+            for entry in listing.entries.iter().filter(|e| e.process == process) {
+                if let Ok((info, stay)) = decode(&entry.entry) {
+                    if !present.contains(info.user_id())
+                        && !gone.iter().any(|(u, _)| u == info.user_id())
+                    {
+                        gone.push((info.user_id().to_owned(), stay));
+                    }
+                }
+            }
+            self.attempt(&format!("removing stopped presence in {group:?}"), || {
+                store.presence_collect(group, &process)
+            })
+            .await?;
+            for (user_id, stay) in gone {
+                // The user's data went with its process.
                 let change = PresenceChange {
                     user_id,
                     data: None,
                 };
-                self.notify(group, PRESENCE_LEAVE, change).await;
+                self.announce_leave(group, change, stay).await;
             }
         }
         Ok(())
     }
 
-    /// Forgets every local entry and removes this process's records (`flush`).
+    /// Forgets every local entry and removes this process's entries from
+    /// the store (`flush`).
     pub(super) async fn presence_clear(&self) -> Result<(), ChannelLayerError> {
-        if self.presence_store().is_err() {
+        let Ok((_, store)) = self.presence_store() else {
             return Ok(());
-        }
+        };
         let _one_at_a_time = self.presence_writes.lock().await;
-        let groups = {
+        let groups: HashSet<String> = {
             let mut presence = lock(&self.presence);
             let groups = presence.group_names();
             *presence = LocalPresence::default();
             groups
+                .into_iter()
+                .chain(lock(&self.presence_groups).keys().cloned())
+                .collect()
         };
         lock(&self.presence_stays).clear();
+        let process = self.process();
         for group in groups {
-            self.write_presence(&group).await?;
+            self.attempt(&format!("removing the presence of {group:?}"), || {
+                store.presence_drop(&group, process)
+            })
+            .await?;
+            lock(&self.presence_groups).remove(&group);
         }
         Ok(())
     }
@@ -440,15 +577,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_roundtrip() {
+    fn entries_roundtrip() {
         let info = PresenceInfo::new("ada").unwrap().with_data(&1).unwrap();
-        let entry = ("c!1".to_owned(), info, Some("stay1".to_owned()));
-        let bytes = encode(std::slice::from_ref(&entry));
-        assert_eq!(decode(&bytes).unwrap(), vec![entry]);
-        // Records without stays (older processes) still read.
-        let old = br#"[["c!2","[\"bob\",null]"]]"#;
-        let decoded = decode(old).unwrap();
-        assert_eq!((decoded[0].1.user_id(), &decoded[0].2), ("bob", &None));
+        let bytes = encode(&info, Some("stay1"));
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            (info.clone(), Some("stay1".into()))
+        );
+        assert_eq!(decode(&encode(&info, None)).unwrap(), (info, None));
         assert!(decode(b"garbage").is_err());
+        assert!(decode(b"[]").is_err());
+        assert!(decode(br#"["not info"]"#).is_err());
     }
 }

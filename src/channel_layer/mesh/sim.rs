@@ -4,10 +4,11 @@
 //! restart the broker (subscriptions lost until the clients re-subscribe,
 //! messages in flight lost). It is also a [`Store`]: histories (kept
 //! across restarts unless [`SimNet::forget_histories`]) and presence
-//! records with a TTL on the (paused) tokio clock.
+//! entries, with a liveness per (group, process) that expires on the
+//! (paused) tokio clock.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,7 +17,8 @@ use bytes::Bytes;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    live_subject, Arrival, HistoryRange, Inbox, PresenceRecords, Store, Transport, TransportError,
+    live_subject, Arrival, HistoryRange, Inbox, PresenceListing, Store, StoredEntry, Transport,
+    TransportError,
 };
 use crate::channel_layer::{BoxFuture, StreamPosition};
 
@@ -62,8 +64,11 @@ struct Net {
     publish_calls: u64,
     /// Group → its history.
     histories: HashMap<String, History>,
-    /// Group → process → (record, or `None` when removed; expiry).
-    presence: HashMap<String, HashMap<String, (Option<Bytes>, Instant)>>,
+    /// Group → (process, user, channel) → entry.
+    presence: HashMap<String, BTreeMap<(String, String, String), Bytes>>,
+    /// Group → process → when its liveness expires (kept after that, as
+    /// the record of a process of the group, until dropped or collected).
+    alive: HashMap<String, HashMap<String, Instant>>,
     /// (group, process) → when the claim expires.
     claims: HashMap<(String, String), Instant>,
 }
@@ -112,6 +117,55 @@ impl Net {
     }
 }
 
+impl Net {
+    /// The processes alive in `group` at `now`.
+    fn alive_in(&self, group: &str, now: Instant) -> HashSet<String> {
+        self.alive
+            .get(group)
+            .map(|processes| {
+                processes
+                    .iter()
+                    .filter(|(_, expiry)| **expiry > now)
+                    .map(|(p, _)| p.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The entries of `group` whose user passes `user`.
+    fn listing(&self, group: &str, user: impl Fn(&str) -> bool) -> PresenceListing {
+        let entries = self
+            .presence
+            .get(group)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|((_, u, _), _)| user(u))
+                    .map(|((process, _, channel), entry)| StoredEntry {
+                        process: process.clone(),
+                        channel: channel.clone(),
+                        entry: entry.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PresenceListing {
+            entries,
+            alive: self.alive_in(group, Instant::now()),
+        }
+    }
+
+    /// Forgets `process`'s liveness and entries in `group`.
+    fn drop_process(&mut self, group: &str, process: &str) {
+        if let Some(processes) = self.alive.get_mut(group) {
+            processes.remove(process);
+        }
+        if let Some(entries) = self.presence.get_mut(group) {
+            entries.retain(|(p, _, _), _| p != process);
+        }
+    }
+}
+
 fn not_sent(why: &str) -> TransportError {
     TransportError::NotSent(why.into())
 }
@@ -130,6 +184,7 @@ impl SimNet {
                 publish_calls: 0,
                 histories: HashMap::new(),
                 presence: HashMap::new(),
+                alive: HashMap::new(),
                 claims: HashMap::new(),
             })),
         }
@@ -403,12 +458,13 @@ impl Store for SimTransport {
         Box::pin(std::future::ready(result))
     }
 
-    fn presence_put<'a>(
+    fn presence_add<'a>(
         &'a self,
         group: &'a str,
         process: &'a str,
-        entries: Bytes,
-        ttl: Duration,
+        user: &'a str,
+        channel: &'a str,
+        entry: Bytes,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         let result = self.check().map(|()| {
             self.net
@@ -416,7 +472,7 @@ impl Store for SimTransport {
                 .presence
                 .entry(group.to_owned())
                 .or_default()
-                .insert(process.to_owned(), (Some(entries), Instant::now() + ttl));
+                .insert((process.into(), user.into(), channel.into()), entry);
         });
         Box::pin(std::future::ready(result))
     }
@@ -425,17 +481,70 @@ impl Store for SimTransport {
         &'a self,
         group: &'a str,
         process: &'a str,
-        ttl: Duration,
+        user: &'a str,
+        channel: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         let result = self.check().map(|()| {
-            if let Some(record) = self
-                .net
-                .lock()
-                .presence
-                .get_mut(group)
-                .and_then(|records| records.get_mut(process))
-            {
-                *record = (None, Instant::now() + ttl);
+            if let Some(entries) = self.net.lock().presence.get_mut(group) {
+                entries.remove(&(process.into(), user.into(), channel.into()));
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_alive<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>> {
+        let result = self.check().map(|()| {
+            let now = Instant::now();
+            let mut net = self.net.lock();
+            let expiry = net
+                .alive
+                .entry(group.to_owned())
+                .or_default()
+                .insert(process.to_owned(), now + ttl);
+            expiry.is_some_and(|expiry| expiry > now)
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_retire<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self.check().map(|()| {
+            if let Some(processes) = self.net.lock().alive.get_mut(group) {
+                processes.remove(process);
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_drop<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self
+            .check()
+            .map(|()| self.net.lock().drop_process(group, process));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_collect<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self.check().map(|()| {
+            let mut net = self.net.lock();
+            let alive = net.alive_in(group, Instant::now());
+            if !alive.contains(process) {
+                net.drop_process(group, process);
             }
         });
         Box::pin(std::future::ready(result))
@@ -444,18 +553,38 @@ impl Store for SimTransport {
     fn presence_list<'a>(
         &'a self,
         group: &'a str,
-    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>> {
+    ) -> BoxFuture<'a, Result<PresenceListing, TransportError>> {
+        let result = self
+            .check()
+            .map(|()| self.net.lock().listing(group, |_| true));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_user<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceListing, TransportError>> {
+        let result = self
+            .check()
+            .map(|()| self.net.lock().listing(group, |u| u == user));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn presence_processes<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, bool)>, TransportError>> {
         let result = self.check().map(|()| {
             let now = Instant::now();
             self.net
                 .lock()
-                .presence
+                .alive
                 .get(group)
-                .map(|records| {
-                    records
+                .map(|processes| {
+                    processes
                         .iter()
-                        .filter(|(_, (_, expiry))| *expiry > now)
-                        .map(|(p, (record, _))| (p.clone(), record.clone()))
+                        .map(|(p, expiry)| (p.clone(), *expiry > now))
                         .collect()
                 })
                 .unwrap_or_default()
@@ -466,13 +595,13 @@ impl Store for SimTransport {
     fn presence_claim<'a>(
         &'a self,
         group: &'a str,
-        process: &'a str,
+        key: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, TransportError>> {
         let result = self.check().map(|()| {
             let now = Instant::now();
             let mut net = self.net.lock();
-            let key = (group.to_owned(), process.to_owned());
+            let key = (group.to_owned(), key.to_owned());
             if net.claims.get(&key).is_some_and(|expiry| *expiry > now) {
                 return false;
             }

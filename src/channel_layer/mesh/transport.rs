@@ -131,47 +131,129 @@ pub(crate) trait Store: Send + Sync {
         since: &'a StreamPosition,
     ) -> BoxFuture<'a, Result<Option<HistoryRange>, TransportError>>;
 
-    /// Sets this process's presence entries in `group` to `entries`
-    /// (opaque to the store), kept for `ttl` unless put again.
-    fn presence_put<'a>(
+    /// Writes one presence entry: `process`'s connection `channel` of
+    /// user `user` in `group`, with `entry` (opaque to the store). Entries
+    /// do not expire by themselves: they count while their process is
+    /// alive in the group ([`presence_alive`](Self::presence_alive)).
+    /// Writes O(1) data, whatever the group's size.
+    fn presence_add<'a>(
         &'a self,
         group: &'a str,
         process: &'a str,
-        entries: Bytes,
-        ttl: std::time::Duration,
+        user: &'a str,
+        channel: &'a str,
+        entry: Bytes,
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
-    /// Removes this process's presence entries in `group` (listed as
-    /// removed for `ttl`).
+    /// Removes the entry [`presence_add`](Self::presence_add) wrote (no
+    /// error when there is none). O(1).
     fn presence_remove<'a>(
         &'a self,
         group: &'a str,
         process: &'a str,
-        ttl: std::time::Duration,
+        user: &'a str,
+        channel: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
-    /// Every process's presence record in `group` that has not expired:
-    /// (process, `Some(entries)`), or (process, `None`) for one the process
-    /// removed itself (kept as removed for the TTL, so a record that
-    /// expired can be told from one that was removed).
-    fn presence_list<'a>(
-        &'a self,
-        group: &'a str,
-    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>>;
-
-    /// Claims announcing that `process`'s members left `group` (its record
-    /// expired): true for exactly one caller among every process.
-    fn presence_claim<'a>(
+    /// Marks `process` alive in `group` for `ttl` (the process calls it
+    /// every third of the TTL while it has entries there) and records it as
+    /// one of the group's processes until
+    /// [`presence_retire`](Self::presence_retire),
+    /// [`presence_drop`](Self::presence_drop) or
+    /// [`presence_collect`](Self::presence_collect). Returns whether it was
+    /// alive already: `false` the first time, after it expired or after
+    /// the store lost it, when the caller writes its entries again (they
+    /// may be gone). O(1).
+    fn presence_alive<'a>(
         &'a self,
         group: &'a str,
         process: &'a str,
         ttl: std::time::Duration,
     ) -> BoxFuture<'a, Result<bool, TransportError>>;
+
+    /// Removes `process`'s liveness in `group` and its record as one of
+    /// the group's processes: it has no entries there any more (it removed
+    /// them). O(1).
+    fn presence_retire<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Removes `process` from `group`: its liveness and every entry it
+    /// has there, which the process may not know (`flush`, or after a
+    /// write failed). May cost O(entries).
+    fn presence_drop<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Removes `process`'s entries in `group` and its record as one of the
+    /// group's processes if it is not alive there; entries it writes once
+    /// alive again are kept (the check and the removal are atomic, or
+    /// each removal is written only over what was read before the check).
+    /// Rare (a process stopped without leaving): may cost O(entries).
+    fn presence_collect<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Every entry of `group` and which of their processes are alive.
+    /// O(entries).
+    fn presence_list<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceListing, TransportError>>;
+
+    /// The entries of user `user` in `group` and which of their processes
+    /// are alive: O(the user's connections), whatever the group's size.
+    fn presence_user<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceListing, TransportError>>;
+
+    /// The processes recorded in `group` (see
+    /// [`presence_alive`](Self::presence_alive)), each with whether it is
+    /// alive: O(processes). A process listed as not alive crashed or was
+    /// cut off; its entries are garbage for
+    /// [`presence_collect`](Self::presence_collect).
+    fn presence_processes<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, bool)>, TransportError>>;
+
+    /// Claims `key` in `group` (announcing a leave): true for exactly one
+    /// caller among every process until `ttl` passed.
+    fn presence_claim<'a>(
+        &'a self,
+        group: &'a str,
+        key: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>>;
 }
 
-/// What [`Store::presence_list`] answers: (process, its record, or `None`
-/// when the process removed it).
-pub(crate) type PresenceRecords = Vec<(String, Option<Bytes>)>;
+/// One presence entry as stored (see [`Store::presence_add`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredEntry {
+    /// The process that wrote it.
+    pub(crate) process: String,
+    /// The connection.
+    pub(crate) channel: String,
+    /// What the mesh stored.
+    pub(crate) entry: Bytes,
+}
+
+/// What [`Store::presence_list`] and [`Store::presence_user`] answer.
+#[derive(Debug, Default)]
+pub(crate) struct PresenceListing {
+    /// The entries, of live and dead processes.
+    pub(crate) entries: Vec<StoredEntry>,
+    /// Which of the entries' processes are alive in the group.
+    pub(crate) alive: std::collections::HashSet<String>,
+}
 
 /// The subject a broker may store `group`'s history on: `{prefix}.hist.{group}`.
 #[cfg_attr(not(feature = "nats"), allow(dead_code))]

@@ -128,7 +128,7 @@
 //!   recovery applies the group's own policy's `max_len`. A NATS restart
 //!   with the same store keeps every history and its epoch; one that lost
 //!   its store (no `-sd` volume) loses them: the layer makes the stream and
-//!   the presence bucket again when it finds them missing, histories start
+//!   the presence buckets again when it finds them missing, histories start
 //!   new epochs (members follow them from offset 1, recoveries from an old
 //!   position answer [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)),
 //!   and each process writes its presence again once reconnected.
@@ -164,39 +164,51 @@
 //!
 //! ## Presence
 //!
-//! A KV bucket `tower-channels-presence-{prefix}` whose max age is the
-//! presence TTL holds one key `{group}.=.{process}` per group and process,
-//! with that process's entries of the group (JSON). A process writes it
-//! on every presence join and leave and every third of the TTL (only the
-//! groups it has members in), and right after reconnecting. A listing
-//! reads the last value of every key of the group (a removed record is
-//! a delete marker, kept for the TTL). The members of a process that
-//! stopped without leaving vanish from listings when its key expires: at
-//! most one TTL after its last refresh, so at most one TTL after it
-//! stopped (30 s by default). In groups with notifications, a process that
-//! refreshes the group and finds a key gone that it saw at its previous
-//! refresh (expired, not removed) claims the announcement by creating the
-//! key `{group}.=gone.{process}` (only one creation succeeds) and sends the
-//! `presence.leave` of that process's users not present elsewhere, without
-//! their data: within TTL + TTL/3 of the stop (40 s by default), as on
-//! Redis.
+//! Two KV buckets. `tower-channels-members-{prefix}` (no max age) holds
+//! one key per group and user, `{group}.=u.{user}` (the user id as a
+//! URL-safe base64 token), whose value lists the user's connections in the
+//! group: JSON `[[process, channel, entry], ...]`, the entry being the
+//! connection's info and the token of the user's stay. A presence join
+//! adds its connection and a leave removes it, compare-and-set on that one
+//! key (expected revision): a read and a small write each, whatever the
+//! group's size. A key stays (as `[]`) after its user's last connection
+//! left, until [`flush`](ChannelLayer::flush). The key `{group}.=procs`
+//! lists the processes that wrote presence in the group.
+//! `tower-channels-presence-{prefix}`, whose max age is the presence TTL,
+//! holds the liveness `{group}.=alive.{process}` of each process in each
+//! group, which the process updates every third of the TTL (with the
+//! revision it wrote last: when that fails, the key expired or NATS lost
+//! it, and the process writes its entries of the group again), and the
+//! claims below. A listing reads the group's user keys with one consumer
+//! and keeps the connections of processes whose liveness is there. The
+//! members of a process that stopped without leaving vanish from listings
+//! when its liveness expires: at most one TTL after its last refresh, so
+//! at most one TTL after it stopped (30 s by default). Every process
+//! refreshing the group looks for processes listed there without a
+//! liveness; the one that creates the key `{group}.=gone.{process}` (only
+//! one creation succeeds) removes that process's connections from the
+//! user keys (each written over the revision read before it checked the
+//! liveness, so a process that comes back keeps what it writes again) and,
+//! in groups with notifications, sends the `presence.leave` of its users
+//! not present on a live process, without their data: within TTL + TTL/3
+//! of the stop (40 s by default), as on Redis.
 //!
 //! Notifications are collapsed per user across processes without a lock
-//! in the broker: a join is announced when the user was not listed in
-//! another process before this one wrote its key, a leave when it is not
-//! listed elsewhere after this one wrote its key without it. When a user's
-//! last connections on several processes leave at the same moment, the
-//! process that creates the key `{group}.=gone.left.{stay}` (the token of
-//! the user's stay in the group, stored with its entries) announces the
-//! leave, once. Two processes joining the same user at the same moment may
-//! both announce it; none is missed.
+//! in the broker: a join is announced when the user has no entry of
+//! another live process before this one wrote its own, a leave when it has
+//! none after this one removed its own. When a user's last connections on
+//! several processes leave (or stop) at the same moment, the process that
+//! creates the key `{group}.=gone.left.{stay}` (the token of the user's
+//! stay in the group, stored with its entries) announces the leave, once.
+//! Two processes joining the same user at the same moment may both
+//! announce it; none is missed.
 //!
 //! # Not yet supported
 //!
 //! * Named (worker) channels as group members: `group_add` of a name
 //!   without `!` fails with [`ChannelLayerError::Unsupported`], and
 //!   [`capabilities`](ChannelLayer::capabilities) says so.
-//! * Replicated streams: the history stream and presence bucket have one
+//! * Replicated streams: the history stream and presence buckets have one
 //!   replica (a NATS cluster keeps them on one server).
 //!
 //! # Why async-nats

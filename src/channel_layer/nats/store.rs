@@ -1,12 +1,12 @@
 //! The mesh's [`Store`] on JetStream: group histories in a stream,
-//! presence in a KV bucket (see the module docs' "Presence and history").
+//! presence in two KV buckets (see the module docs' "Presence and history").
 
 use std::{collections::HashMap, fmt, sync::Mutex, time::Duration};
 
 use async_nats::{
     jetstream::{
         self,
-        consumer::{push, DeliverPolicy, ReplayPolicy},
+        consumer::{pull, push, AckPolicy, DeliverPolicy, ReplayPolicy},
         context::PublishErrorKind,
         kv,
         stream::{self, DiscardPolicy, LastRawMessageErrorKind, Republish, StorageType},
@@ -14,12 +14,16 @@ use async_nats::{
     },
     Client, HeaderMap,
 };
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::{failed, lock, names, NatsError};
 use crate::channel_layer::{
-    mesh::{history_subject, live_subject, HistoryRange, PresenceRecords, Store, TransportError},
+    mesh::{
+        history_subject, live_subject, HistoryRange, PresenceListing, Store, StoredEntry,
+        TransportError,
+    },
     BoxFuture, HistoryPolicy, PresenceConfig, StreamPosition,
 };
 
@@ -34,6 +38,14 @@ const OFFSET: &str = "Tower-Channels-Offset";
 /// it may lose many times in a row; it waits a little (jittered) between
 /// tries, and gives up at the timeout.
 const APPEND_ATTEMPTS: u32 = 256;
+/// Keys a listing fetches per request.
+const FETCH_BATCH: usize = 1024;
+/// How long a listing's first fetch may deliver nothing (see
+/// `JetStreamStore::keys`).
+const FETCH_WAIT: Duration = Duration::from_millis(50);
+/// How long the server keeps a listing's consumer if this process does
+/// not delete it (it does, after the listing).
+const CONSUMER_IDLE: Duration = Duration::from_secs(10);
 /// The longest pause between two tries of an append.
 const APPEND_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -48,22 +60,57 @@ pub(super) fn stream_name(prefix: &str) -> String {
     format!("tower-channels-history-{}", escape(prefix))
 }
 
-/// The name of the presence bucket of `prefix`.
+/// The name of the presence bucket of `prefix` (liveness and claims,
+/// whose max age is the TTL).
 pub(super) fn bucket_name(prefix: &str) -> String {
     format!("tower-channels-presence-{}", escape(prefix))
 }
 
-/// The KV key of `process`'s presence record in `group`. Group names
-/// cannot contain `=`, so `{group}.=.` never is a prefix of another
-/// group's keys.
-fn presence_key(group: &str, process: &str) -> String {
-    format!("{group}.=.{process}")
+/// The name of the bucket of presence entries of `prefix` (no max age:
+/// entries count while their process is alive).
+pub(super) fn entries_bucket_name(prefix: &str) -> String {
+    format!("tower-channels-members-{}", escape(prefix))
 }
 
-/// The KV key claiming the announcement that `process`'s members of
-/// `group` left (outside the listing's `{group}.=.>`).
-fn claim_key(group: &str, process: &str) -> String {
-    format!("{group}.=gone.{process}")
+/// `name` as one KV key token (URL-safe base64: no `.`, no `!`).
+fn token(name: &str) -> String {
+    URL_SAFE_NO_PAD.encode(name)
+}
+
+#[cfg(test)]
+fn untoken(token: &str) -> Option<String> {
+    String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()
+}
+
+/// The key of user `user`'s entries in `group`: `{group}.=u.{user}` (the
+/// user id as a [`token`]); its value is JSON `[[process, channel,
+/// entry], ...]`, `[]` once every connection left. Group names cannot
+/// contain `=`, so `{group}.=u.` never is a prefix of another group's keys.
+fn user_key(group: &str, user: &str) -> String {
+    format!("{group}.=u.{}", token(user))
+}
+
+/// The key listing the processes that wrote presence in `group`: JSON
+/// `[process, ...]`.
+fn processes_key(group: &str) -> String {
+    format!("{group}.=procs")
+}
+
+/// The entries of one user in one group, as stored.
+type UserEntries = Vec<(String, String, String)>;
+
+/// Compare-and-set attempts on one key before giving up (contention
+/// comes from one user's connections, or one group's processes).
+const CAS_ATTEMPTS: u32 = 64;
+
+/// The liveness of `process` in `group` (in the TTL bucket).
+fn alive_key(group: &str, process: &str) -> String {
+    format!("{group}.=alive.{process}")
+}
+
+/// The KV key of the claim `key` in `group` (in the TTL bucket).
+fn claim_key(group: &str, key: &str) -> String {
+    format!("{group}.=gone.{key}")
 }
 
 /// The position a stored history message carries in its headers.
@@ -81,6 +128,10 @@ pub(super) struct JetStreamStore {
     js: jetstream::Context,
     history: Option<stream::Stream>,
     presence: Option<kv::Store>,
+    /// The presence entries (present when `presence` is).
+    entries: Option<kv::Store>,
+    /// The revision of each liveness key this process wrote last.
+    alive: Mutex<HashMap<String, u64>>,
     /// The configurations of the stream and the bucket's stream, to make
     /// them again when NATS lost them (restarted without its store).
     configs: Vec<stream::Config>,
@@ -154,17 +205,16 @@ impl JetStreamStore {
                 Some(stream)
             }
         };
-        let presence = match presence {
-            None => None,
+        let (presence, entries) = match presence {
+            None => (None, None),
             Some(config) => {
-                // The bucket's stream as async-nats would make it (its own
-                // helper asks for account details a 2.9 server lacks).
-                let bucket = bucket_name(prefix);
-                let config = stream::Config {
-                    name: format!("KV_{bucket}"),
-                    subjects: vec![format!("$KV.{bucket}.>")],
+                // The buckets' streams as async-nats would make them (its
+                // own helper asks for account details a 2.9 server lacks).
+                let bucket = |name: String, max_age: Duration| stream::Config {
+                    name: format!("KV_{name}"),
+                    subjects: vec![format!("$KV.{name}.>")],
                     max_messages_per_subject: 1,
-                    max_age: config.time_limit(),
+                    max_age,
                     storage: StorageType::File,
                     allow_rollup: true,
                     deny_delete: true,
@@ -172,15 +222,24 @@ impl JetStreamStore {
                     discard: DiscardPolicy::New,
                     ..Default::default()
                 };
-                js.create_or_update_stream(config.clone())
-                    .await
-                    .map_err(|e| setup("creating the presence bucket", e))?;
-                configs.push(config);
-                Some(
-                    js.get_key_value(bucket)
+                let mut opened = Vec::new();
+                for (name, max_age) in [
+                    (bucket_name(prefix), config.time_limit()),
+                    (entries_bucket_name(prefix), Duration::ZERO),
+                ] {
+                    let config = bucket(name.clone(), max_age);
+                    js.create_or_update_stream(config.clone())
                         .await
-                        .map_err(|e| setup("opening the presence bucket", e))?,
-                )
+                        .map_err(|e| setup("creating a presence bucket", e))?;
+                    configs.push(config);
+                    opened.push(
+                        js.get_key_value(name)
+                            .await
+                            .map_err(|e| setup("opening a presence bucket", e))?,
+                    );
+                }
+                let entries = opened.pop();
+                (opened.pop(), entries)
             }
         };
         Ok(Self {
@@ -189,6 +248,8 @@ impl JetStreamStore {
             js,
             history,
             presence,
+            entries,
+            alive: Mutex::default(),
             configs,
             last: Mutex::default(),
         })
@@ -199,6 +260,7 @@ impl JetStreamStore {
     /// and each process writes its presence again on its next refresh.
     async fn recreate(&self) {
         lock(&self.last).clear();
+        lock(&self.alive).clear();
         for config in &self.configs {
             match self.js.create_or_update_stream(config.clone()).await {
                 Ok(_) => tracing::warn!(
@@ -229,10 +291,12 @@ impl JetStreamStore {
             .ok_or_else(|| failed("history", "no history policy was configured"))
     }
 
-    fn presence(&self) -> Result<&kv::Store, TransportError> {
+    /// The TTL bucket (liveness, claims) and the entries bucket.
+    fn presence(&self) -> Result<(&kv::Store, &kv::Store), TransportError> {
         self.check_connected()?;
         self.presence
             .as_ref()
+            .zip(self.entries.as_ref())
             .ok_or_else(|| failed("presence", "presence was not configured"))
     }
 
@@ -373,52 +437,369 @@ impl JetStreamStore {
         Ok(Some(range))
     }
 
-    async fn list(&self, group: &str) -> Result<PresenceRecords, TransportError> {
-        let what = format!("reading the presence of {group:?}");
-        let bucket = self.presence()?;
-        let key_prefix = format!("{}{}", bucket.prefix, presence_key(group, ""));
+    /// The keys under `filter` (a subject filter relative to `bucket`'s
+    /// prefix) and their values: an ephemeral pull consumer, fetched
+    /// without waiting. A NATS 2.9 consumer may stall when a key it has
+    /// not delivered yet is purged meanwhile: a fetch that delivers
+    /// nothing within `wait` while keys are pending starts the listing
+    /// again with a longer wait (within the layer's timeout).
+    async fn keys(
+        &self,
+        bucket: &kv::Store,
+        filter: &str,
+        what: &str,
+    ) -> Result<Vec<(String, Bytes)>, TransportError> {
+        let mut wait = FETCH_WAIT;
+        loop {
+            if let Some(keys) = self.keys_once(bucket, filter, what, wait).await? {
+                return Ok(keys);
+            }
+            tracing::debug!(filter, "a presence listing stalled; listing again");
+            wait *= 2;
+        }
+    }
+
+    async fn keys_once(
+        &self,
+        bucket: &kv::Store,
+        filter: &str,
+        what: &str,
+        wait: Duration,
+    ) -> Result<Option<Vec<(String, Bytes)>>, TransportError> {
         let consumer = bucket
             .stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("{key_prefix}>"),
-                deliver_policy: DeliverPolicy::LastPerSubject,
+            .create_consumer(pull::Config {
+                filter_subject: format!("{}{filter}", bucket.prefix),
+                // One message per key (the stream keeps one per subject).
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
                 replay_policy: ReplayPolicy::Instant,
-                headers_only: false,
+                inactive_threshold: CONSUMER_IDLE,
                 ..Default::default()
             })
             .await
+            .map_err(|e| failed(what, e))?;
+        let mut keys = Vec::new();
+        let listed = async {
+            let mut pending = consumer.cached_info().num_pending;
+            while pending > 0 {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(FETCH_BATCH)
+                    .expires(wait)
+                    .messages()
+                    .await
+                    .map_err(|e| failed(what, e))?;
+                let mut got = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(|e| failed(what, e))?;
+                    got += 1;
+                    pending = message.info().map_err(|e| failed(what, e))?.pending;
+                    let deleted = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation"))
+                        .is_some();
+                    if let Some(key) = message.subject.strip_prefix(&bucket.prefix) {
+                        if !deleted {
+                            keys.push((key.to_owned(), message.payload.clone()));
+                        }
+                    }
+                }
+                if got == 0 {
+                    return Ok(false); // Stalled.
+                }
+            }
+            Ok::<_, TransportError>(true)
+        }
+        .await;
+        // Not waited for: the server also drops it once idle.
+        let (stream, name) = (bucket.stream.clone(), consumer.cached_info().name.clone());
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        Ok(listed?.then_some(keys))
+    }
+
+    /// Reads `key` of the entries bucket: its revision (`None`: never
+    /// written) and its JSON value (empty when unreadable).
+    async fn read_json<V: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<(Option<u64>, V), TransportError> {
+        let (_, entries) = self.presence()?;
+        match entries.entry(key).await.map_err(|e| failed(what, e))? {
+            None => Ok((None, V::default())),
+            Some(entry) => {
+                let value = match entry.operation {
+                    kv::Operation::Put => {
+                        serde_json::from_slice(&entry.value).unwrap_or_else(|e| {
+                            tracing::warn!(key, "a malformed presence key: {e}");
+                            V::default()
+                        })
+                    }
+                    _ => V::default(),
+                };
+                Ok((Some(entry.revision), value))
+            }
+        }
+    }
+
+    /// Changes the JSON value of `key` in the entries bucket with
+    /// `change` (which answers false when there is nothing to change),
+    /// compare-and-set: written only over the revision it read.
+    async fn change_json<V>(
+        &self,
+        key: &str,
+        what: &str,
+        mut change: impl FnMut(&mut V) -> bool,
+    ) -> Result<(), TransportError>
+    where
+        V: serde::de::DeserializeOwned + serde::Serialize + Default,
+    {
+        let (_, entries) = self.presence()?;
+        for _ in 0..CAS_ATTEMPTS {
+            let (revision, mut value) = self.read_json::<V>(key, what).await?;
+            if !change(&mut value) {
+                return Ok(());
+            }
+            let bytes: Bytes = serde_json::to_vec(&value)
+                .map_err(|e| failed(what, e))?
+                .into();
+            let written = match revision {
+                None => {
+                    entries
+                        .create(key, bytes)
+                        .await
+                        .map(|_| true)
+                        .or_else(|e| match e.kind() {
+                            kv::CreateErrorKind::AlreadyExists => Ok(false),
+                            _ => Err(failed(what, e)),
+                        })
+                }
+                Some(revision) => entries
+                    .update(key, bytes, revision)
+                    .await
+                    .map(|_| true)
+                    .or_else(|e| match e.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                        _ => Err(failed(what, e)),
+                    }),
+            };
+            if written? {
+                return Ok(());
+            }
+        }
+        Err(failed(what, "other writers kept changing the key"))
+    }
+
+    /// Decoded user entries as the mesh's, with which processes are alive.
+    async fn listing(
+        &self,
+        group: &str,
+        users: Vec<UserEntries>,
+    ) -> Result<PresenceListing, TransportError> {
+        let mut listing = PresenceListing::default();
+        for (process, channel, entry) in users.into_iter().flatten() {
+            listing.entries.push(StoredEntry {
+                process,
+                channel,
+                entry: entry.into(),
+            });
+        }
+        let processes: std::collections::HashSet<&str> =
+            listing.entries.iter().map(|e| e.process.as_str()).collect();
+        listing.alive = self.alive_of(group, processes.into_iter()).await?;
+        Ok(listing)
+    }
+
+    /// Every user key of `group` (one consumer).
+    async fn users(&self, group: &str) -> Result<Vec<(String, UserEntries)>, TransportError> {
+        let what = format!("reading the presence of {group:?}");
+        let (_, entries) = self.presence()?;
+        let filter = format!("{group}.=u.>");
+        Ok(self
+            .keys(entries, &filter, &what)
+            .await?
+            .into_iter()
+            .map(|(key, value)| {
+                let users = serde_json::from_slice(&value).unwrap_or_else(|e| {
+                    tracing::warn!(key, "a malformed presence key: {e}");
+                    Vec::new()
+                });
+                (key, users)
+            })
+            .collect())
+    }
+
+    /// Which of `processes` are alive in `group` (one read each, at once).
+    async fn alive_of<'p>(
+        &self,
+        group: &str,
+        processes: impl Iterator<Item = &'p str>,
+    ) -> Result<std::collections::HashSet<String>, TransportError> {
+        let what = format!("reading the presence of {group:?}");
+        let (bucket, _) = self.presence()?;
+        let what = &what;
+        let checks = processes.map(|process| async move {
+            match bucket.get(alive_key(group, process)).await {
+                Ok(found) => Ok(found.map(|_| process.to_owned())),
+                Err(e) => Err(failed(what, e)),
+            }
+        });
+        let mut alive = std::collections::HashSet::new();
+        for found in futures_util::future::join_all(checks).await {
+            alive.extend(found?);
+        }
+        Ok(alive)
+    }
+
+    async fn alive(&self, group: &str, process: &str) -> Result<bool, TransportError> {
+        let what = format!("refreshing the presence of {group:?}");
+        let (bucket, _) = self.presence()?;
+        let key = alive_key(group, process);
+        let revision = lock(&self.alive).get(&key).copied();
+        if let Some(revision) = revision {
+            match bucket.update(&key, Bytes::new(), revision).await {
+                Ok(revision) => {
+                    lock(&self.alive).insert(key, revision);
+                    return Ok(true);
+                }
+                // Expired, or lost with NATS's store.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => tracing::debug!(group, "refreshing presence failed: {e}"),
+            }
+        }
+        let revision = match bucket.put(&key, Bytes::new()).await {
+            Ok(revision) => revision,
+            Err(e) => {
+                // The bucket may be gone with NATS's store: make it again
+                // and try once more.
+                tracing::debug!(group, "writing presence failed: {e}");
+                self.recreate().await;
+                bucket
+                    .put(&key, Bytes::new())
+                    .await
+                    .map_err(|e| failed(&what, e))?
+            }
+        };
+        lock(&self.alive).insert(key, revision);
+        self.change_json(
+            &processes_key(group),
+            &what,
+            |processes: &mut Vec<String>| {
+                let missing = !processes.iter().any(|p| p == process);
+                if missing {
+                    processes.push(process.to_owned());
+                }
+                missing
+            },
+        )
+        .await?;
+        Ok(false)
+    }
+
+    /// Removes `process`'s liveness and its name from `group`'s processes.
+    async fn retire(&self, group: &str, process: &str) -> Result<(), TransportError> {
+        let what = format!("removing the presence of {group:?}");
+        let (bucket, _) = self.presence()?;
+        let key = alive_key(group, process);
+        lock(&self.alive).remove(&key);
+        bucket
+            .stream
+            .purge()
+            .filter(format!("{}{key}", bucket.prefix))
+            .await
             .map_err(|e| failed(&what, e))?;
-        // One message per key (its last) as of the consumer's creation:
-        // stop after that many, whatever arrives meanwhile.
-        let expected = consumer.cached_info().num_pending;
-        let mut records = Vec::new();
-        if expected == 0 {
-            return Ok(records);
-        }
-        let mut messages = consumer.messages().await.map_err(|e| failed(&what, e))?;
-        let mut seen = 0;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| failed(&what, e))?;
-            let pending = message.info().map_err(|e| failed(&what, e))?.pending;
-            seen += 1;
-            let deleted = message
-                .message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some();
-            if let Some(process) = message.message.subject.strip_prefix(&key_prefix) {
-                records.retain(|(p, _): &(String, Option<Bytes>)| p != process);
-                let record = message.message.payload.clone();
-                let record = (!deleted && !record.is_empty()).then_some(record);
-                records.push((process.to_owned(), record));
+        self.forget_process(group, process, &what).await
+    }
+
+    async fn forget_process(
+        &self,
+        group: &str,
+        process: &str,
+        what: &str,
+    ) -> Result<(), TransportError> {
+        self.change_json(
+            &processes_key(group),
+            what,
+            |processes: &mut Vec<String>| {
+                let before = processes.len();
+                processes.retain(|p| p != process);
+                processes.len() != before
+            },
+        )
+        .await
+    }
+
+    /// Removes `process`'s entries from every user key of `group`; with
+    /// `unless_alive`, each key is changed only over the revision read
+    /// before checking that the process is not alive (so entries it writes
+    /// once alive again are kept).
+    async fn remove_entries_of(
+        &self,
+        group: &str,
+        process: &str,
+        unless_alive: bool,
+    ) -> Result<bool, TransportError> {
+        let what = format!("removing the presence of {group:?}");
+        for (key, users) in self.users(group).await? {
+            if !users.iter().any(|(p, _, _)| p == process) {
+                continue;
             }
-            if seen >= expected || pending == 0 {
-                break;
+            let mut alive = false;
+            for _ in 0..CAS_ATTEMPTS {
+                let (revision, mut users) = self.read_json::<UserEntries>(&key, &what).await?;
+                let Some(revision) = revision else {
+                    break;
+                };
+                if unless_alive
+                    && !self
+                        .alive_of(group, [process].into_iter())
+                        .await?
+                        .is_empty()
+                {
+                    alive = true;
+                    break;
+                }
+                let before = users.len();
+                users.retain(|(p, _, _)| p != process);
+                if users.len() == before {
+                    break;
+                }
+                let bytes: Bytes = serde_json::to_vec(&users)
+                    .map_err(|e| failed(&what, e))?
+                    .into();
+                let (_, entries) = self.presence()?;
+                match entries.update(&key, bytes, revision).await {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(failed(&what, e)),
+                }
+            }
+            if alive {
+                return Ok(false);
             }
         }
-        Ok(records)
+        Ok(true)
+    }
+
+    async fn processes(&self, group: &str) -> Result<Vec<(String, bool)>, TransportError> {
+        let what = format!("reading the presence of {group:?}");
+        let (_, recorded) = self
+            .read_json::<Vec<String>>(&processes_key(group), &what)
+            .await?;
+        let alive = self
+            .alive_of(group, recorded.iter().map(String::as_str))
+            .await?;
+        Ok(recorded
+            .into_iter()
+            .map(|process| {
+                let live = alive.contains(&process);
+                (process, live)
+            })
+            .collect())
     }
 }
 
@@ -461,28 +842,23 @@ impl Store for JetStreamStore {
         Box::pin(self.read_range(group, since))
     }
 
-    fn presence_put<'a>(
+    fn presence_add<'a>(
         &'a self,
         group: &'a str,
         process: &'a str,
-        entries: Bytes,
-        _ttl: Duration,
+        user: &'a str,
+        channel: &'a str,
+        entry: Bytes,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        // The bucket's max age is the TTL (set when it was opened).
         Box::pin(async move {
-            let key = presence_key(group, process);
-            let bucket = self.presence()?;
-            if let Err(e) = bucket.put(&key, entries.clone()).await {
-                // The bucket may be gone with NATS's store: make it again
-                // and try once more.
-                tracing::debug!(group, "writing presence failed: {e}");
-                self.recreate().await;
-                bucket
-                    .put(&key, entries)
-                    .await
-                    .map_err(|e| failed(&format!("writing the presence of {group:?}"), e))?;
-            }
-            Ok(())
+            let what = format!("writing the presence of {group:?}");
+            let entry = String::from_utf8_lossy(&entry).into_owned();
+            self.change_json(&user_key(group, user), &what, |users: &mut UserEntries| {
+                users.retain(|(p, c, _)| !(p == process && c == channel));
+                users.push((process.to_owned(), channel.to_owned(), entry.clone()));
+                true
+            })
+            .await
         })
     }
 
@@ -490,38 +866,106 @@ impl Store for JetStreamStore {
         &'a self,
         group: &'a str,
         process: &'a str,
-        _ttl: Duration,
+        user: &'a str,
+        channel: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        // The delete marker lives the bucket's max age, the TTL.
         Box::pin(async move {
-            self.presence()?
-                .delete(presence_key(group, process))
-                .await
-                .map_err(|e| failed(&format!("removing the presence of {group:?}"), e))
+            let what = format!("removing the presence of {group:?}");
+            self.change_json(&user_key(group, user), &what, |users: &mut UserEntries| {
+                let before = users.len();
+                users.retain(|(p, c, _)| !(p == process && c == channel));
+                users.len() != before
+            })
+            .await
+        })
+    }
+
+    fn presence_alive<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+        _ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, TransportError>> {
+        // The TTL bucket's max age is the TTL (set when it was opened).
+        Box::pin(self.alive(group, process))
+    }
+
+    fn presence_retire<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(self.retire(group, process))
+    }
+
+    fn presence_drop<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            self.remove_entries_of(group, process, false).await?;
+            self.retire(group, process).await
+        })
+    }
+
+    fn presence_collect<'a>(
+        &'a self,
+        group: &'a str,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            if self.remove_entries_of(group, process, true).await? {
+                let what = format!("removing stopped presence in {group:?}");
+                self.forget_process(group, process, &what).await?;
+            }
+            Ok(())
         })
     }
 
     fn presence_list<'a>(
         &'a self,
         group: &'a str,
-    ) -> BoxFuture<'a, Result<PresenceRecords, TransportError>> {
-        Box::pin(self.list(group))
+    ) -> BoxFuture<'a, Result<PresenceListing, TransportError>> {
+        Box::pin(async move {
+            let users = self.users(group).await?;
+            self.listing(group, users.into_iter().map(|(_, u)| u).collect())
+                .await
+        })
+    }
+
+    fn presence_user<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceListing, TransportError>> {
+        Box::pin(async move {
+            let what = format!("reading the presence of {group:?}");
+            let (_, entries) = self
+                .read_json::<UserEntries>(&user_key(group, user), &what)
+                .await?;
+            self.listing(group, vec![entries]).await
+        })
+    }
+
+    fn presence_processes<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, bool)>, TransportError>> {
+        Box::pin(self.processes(group))
     }
 
     fn presence_claim<'a>(
         &'a self,
         group: &'a str,
-        process: &'a str,
+        key: &'a str,
         _ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, TransportError>> {
         // Creating a key succeeds once (expected last subject sequence 0);
-        // it expires with the bucket's max age.
+        // it expires with the TTL bucket's max age.
         Box::pin(async move {
-            match self
-                .presence()?
-                .create(claim_key(group, process), Bytes::new())
-                .await
-            {
+            let (bucket, _) = self.presence()?;
+            match bucket.create(claim_key(group, key), Bytes::new()).await {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
                 Err(e) => Err(failed(
@@ -542,7 +986,19 @@ mod tests {
         assert_ne!(stream_name("a.b"), stream_name("a_b"));
         assert_ne!(stream_name("a_d"), stream_name("a.d"));
         assert_eq!(stream_name("myapp"), "tower-channels-history-myapp");
-        assert_eq!(presence_key("room.1", "specific.x"), "room.1.=.specific.x");
+        assert_eq!(
+            alive_key("room.1", "specific.x"),
+            "room.1.=alive.specific.x"
+        );
+        let key = user_key("room.1", "ada lovelace!");
+        let tokens: Vec<&str> = key.split('.').collect();
+        assert_eq!(tokens[..3], ["room", "1", "=u"]);
+        assert_eq!(tokens.len(), 4);
+        assert_eq!(untoken(tokens[3]).as_deref(), Some("ada lovelace!"));
+        assert!(key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=.".contains(c)));
+        assert_eq!(untoken("!"), None);
         let mut h = HeaderMap::new();
         h.insert(EPOCH, "e1");
         h.insert(OFFSET, "7");
