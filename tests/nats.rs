@@ -201,7 +201,7 @@ async fn conformance_suite_multi_thread() {
 }
 
 /// Direct sends across processes answer exactly: full, gone, delivered; a
-/// named channel cannot join a group (not supported without JetStream).
+/// named channel cannot join a group without JetStream (no store).
 #[tokio::test]
 async fn direct_sends_and_limits() {
     let Some(nats) = nats().await else { return };
@@ -227,7 +227,8 @@ async fn direct_sends_and_limits() {
         a.send("nobody-receives-this", Event::bare("x")).await,
         Err(ChannelLayerError::NoSuchChannel { .. })
     ));
-    // Named channels as group members: not yet on NATS, and the layer says so.
+    // Named channels as group members need the JetStream store, and the
+    // layer says so.
     let err = a.group_add("news", "mailer").await.unwrap_err();
     assert!(err.is_unsupported(), "{err}");
     assert!(!a
@@ -407,6 +408,38 @@ async fn conformance_presence_history() {
         }
     })
     .await;
+}
+
+/// With JetStream, named channels are group members (the conformance
+/// checks gated on the capability), on one process and across two.
+#[tokio::test]
+async fn named_group_members() {
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("named");
+    let a = configured(&nats.url, &prefix).await;
+    assert!(a.capabilities().supports(Feature::NamedGroupMembers));
+    conformance::worker_channel(&a).await;
+    let prefix = unique_prefix("named-pair");
+    let a = configured(&nats.url, &prefix).await;
+    let b = configured(&nats.url, &prefix).await;
+    conformance::pair_worker(&a, &b).await;
+    // A full named member counts as dropped; the group send succeeds.
+    let mut group_member = a.new_channel().await.unwrap();
+    a.group_add("named.full", group_member.name())
+        .await
+        .unwrap();
+    let _jobs = b.receive("named.jobs").await.unwrap();
+    a.group_add("named.full", "named.jobs").await.unwrap();
+    let mut dropped = 0;
+    for n in 0..70u32 {
+        let report = a
+            .group_send("named.full", Event::new("n", n))
+            .await
+            .unwrap();
+        dropped += report.dropped;
+        assert_eq!(recv(&mut group_member).await.kind(), "n");
+    }
+    assert_eq!(dropped, 70 - 64, "capacity 64: the rest dropped");
 }
 
 /// Many concurrent history sends from three processes: offsets are

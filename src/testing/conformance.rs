@@ -523,6 +523,41 @@ pub async fn worker_channel(layer: &dyn ChannelLayer) {
         body(3)
     );
     expect_kind(&mut rx, "conformance.job2").await;
+
+    // A layer with named group members delivers group sends to them.
+    if !layer
+        .capabilities()
+        .supports(crate::channel_layer::Feature::NamedGroupMembers)
+    {
+        return;
+    }
+    let group = "conformance.worker-group";
+    let mut member = new_channel(layer).await;
+    ok("group_add", layer.group_add(group, member.name())).await;
+    ok("group_add named", layer.group_add(group, rx.name())).await;
+    ok("group_add named again", layer.group_add(group, rx.name())).await;
+    ok(
+        "group_send",
+        layer.group_send(group, Event::new("conformance.named", body(4))),
+    )
+    .await;
+    for receiver in [&mut rx, &mut member] {
+        assert_eq!(
+            expect_kind(receiver, "conformance.named")
+                .await
+                .body::<Body>()
+                .expect("body"),
+            body(4)
+        );
+    }
+    ok("group_discard named", layer.group_discard(group, rx.name())).await;
+    ok(
+        "group_send",
+        layer.group_send(group, Event::bare("conformance.after")),
+    )
+    .await;
+    expect_kind(&mut member, "conformance.after").await;
+    expect_nothing(layer, &mut rx).await;
 }
 
 /// `stats` counts group sends and local deliveries.
@@ -672,6 +707,45 @@ pub async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
             n
         );
     }
+
+    // A named member added on one instance gets the other's group sends.
+    if !b
+        .capabilities()
+        .supports(crate::channel_layer::Feature::NamedGroupMembers)
+    {
+        return;
+    }
+    let group = "conformance.pair-worker-group";
+    ok(
+        "group_add named on b",
+        b.group_add(group, "conformance.pair-worker"),
+    )
+    .await;
+    for (from, n) in [(a, 10u32), (b, 11)] {
+        ok(
+            "group_send",
+            from.group_send(group, Event::new("conformance.named", n)),
+        )
+        .await;
+        assert_eq!(
+            expect_kind(&mut jobs, "conformance.named")
+                .await
+                .body::<u32>()
+                .expect("body"),
+            n
+        );
+    }
+    ok(
+        "group_discard named on a",
+        a.group_discard(group, "conformance.pair-worker"),
+    )
+    .await;
+    ok(
+        "group_send",
+        b.group_send(group, Event::bare("conformance.after")),
+    )
+    .await;
+    expect_nothing(b, &mut jobs).await;
 }
 
 // ------------------------------------------------------ presence and history

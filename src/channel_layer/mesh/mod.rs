@@ -18,7 +18,11 @@
 //!   change at a time). A group send hands the event to local members
 //!   first, then publishes it once; the other processes fan it out.
 //! * **Membership** of another process's channel is a request to it; it
-//!   subscribes before answering.
+//!   subscribes before answering. A named channel joins a group in the
+//!   transport's [`Store`] (expiring after [`NAMED_MEMBER_EXPIRY`] unless
+//!   added again); a group send then also sends the event to each named
+//!   member, as a send to the channel (one process receiving it takes it;
+//!   a full one or one nobody receives counts as dropped).
 //! * **One envelope** ([`Envelope`]): origin, sequence number, and an enum
 //!   of operations. Duplicates (same origin and sequence) are dropped.
 //! * **Timeouts and one retry.** Every broker operation has the layer's
@@ -88,6 +92,10 @@ use super::{
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
     HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
 };
+
+/// How long a named channel stays a member of a group unless added again
+/// (channels_redis' `group_expiry` default, as on Redis).
+pub(crate) const NAMED_MEMBER_EXPIRY: Duration = Duration::from_secs(86_400);
 
 /// Settings of a mesh layer.
 #[derive(Debug, Clone)]
@@ -564,6 +572,64 @@ impl<T: Transport> Inner<T> {
     }
 }
 
+impl<T: Transport> Inner<T> {
+    /// Sends `event` to each named member of `group` (when the transport
+    /// has a store), as a send to the channel: counted in
+    /// `remote_receivers` when a process took it, in `dropped` when the
+    /// channel was full or nobody receives it.
+    async fn send_to_named(
+        &self,
+        group: &str,
+        event: &Event,
+        report: &mut GroupSendReport,
+    ) -> Result<(), ChannelLayerError> {
+        let Some(store) = self.transport.store() else {
+            return Ok(());
+        };
+        let members = self
+            .attempt(&format!("reading the named members of {group:?}"), || {
+                store.named_members(group)
+            })
+            .await?;
+        if members.is_empty() {
+            return Ok(());
+        }
+        let encoded = event.encode()?;
+        let sends = members.iter().map(|channel| {
+            let subject = self.channel_subject(channel);
+            let encoded = &encoded;
+            async move {
+                let op = Op::Channel {
+                    channel,
+                    event: encoded,
+                };
+                (channel, self.request(&subject, op).await)
+            }
+        });
+        for (channel, status) in futures_util::future::join_all(sends).await {
+            match status {
+                Ok(Status::Ok) => {
+                    report.remote_receivers = Some(report.remote_receivers.unwrap_or(0) + 1);
+                }
+                Ok(status) => {
+                    tracing::debug!(
+                        group,
+                        channel,
+                        ?status,
+                        "a named member did not take a group send"
+                    );
+                    report.dropped += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(group, channel, "sending to a named member failed: {e}");
+                    report.dropped += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where the answer to a request goes.
 struct Reply {
     origin: String,
@@ -641,6 +707,7 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
             if inner.config.presence.is_some() {
                 capabilities = capabilities.with(Feature::Presence);
             }
+            capabilities = capabilities.with(Feature::NamedGroupMembers);
         }
         capabilities
     }
@@ -713,9 +780,14 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
                         .await?;
                     outcome(channel, status)
                 }
-                Owner::Named => Err(ChannelLayerError::Unsupported {
-                    feature: Feature::NamedGroupMembers.name(),
-                }),
+                Owner::Named => {
+                    let store = inner.store(Feature::NamedGroupMembers)?;
+                    inner
+                        .attempt(&format!("adding {channel:?} to {group:?}"), || {
+                            store.named_add(group, channel, NAMED_MEMBER_EXPIRY)
+                        })
+                        .await
+                }
             }
         })
     }
@@ -749,7 +821,16 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
                         status => outcome(channel, status),
                     }
                 }
-                Owner::Named => Ok(()),
+                Owner::Named => match inner.transport.store() {
+                    Some(store) => {
+                        inner
+                            .attempt(&format!("removing {channel:?} from {group:?}"), || {
+                                store.named_remove(group, channel)
+                            })
+                            .await
+                    }
+                    None => Ok(()),
+                },
             }
         })
     }
@@ -762,13 +843,15 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            match inner
+            let mut report = match inner
                 .history_policy(group)
                 .filter(|_| !event.is_ephemeral())
             {
                 Some(_) => inner.group_send_with_history(group, &event).await,
                 None => inner.group_send_plain(group, &event).await,
-            }
+            }?;
+            inner.send_to_named(group, &event, &mut report).await?;
+            Ok(report)
         })
     }
 

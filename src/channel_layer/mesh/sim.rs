@@ -69,6 +69,8 @@ struct Net {
     /// Group → process → when its liveness expires (kept after that, as
     /// the record of a process of the group, until dropped or collected).
     alive: HashMap<String, HashMap<String, Instant>>,
+    /// Group → named member → when its membership expires.
+    named: HashMap<String, HashMap<String, Instant>>,
     /// (group, process) → when the claim expires.
     claims: HashMap<(String, String), Instant>,
 }
@@ -185,6 +187,7 @@ impl SimNet {
                 histories: HashMap::new(),
                 presence: HashMap::new(),
                 alive: HashMap::new(),
+                named: HashMap::new(),
                 claims: HashMap::new(),
             })),
         }
@@ -588,6 +591,61 @@ impl Store for SimTransport {
                         .collect()
                 })
                 .unwrap_or_default()
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn named_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        expiry: Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self.check().map(|()| {
+            self.net
+                .lock()
+                .named
+                .entry(group.to_owned())
+                .or_default()
+                .insert(channel.to_owned(), Instant::now() + expiry);
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn named_remove<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = self.check().map(|()| {
+            if let Some(members) = self.net.lock().named.get_mut(group) {
+                members.remove(channel);
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn named_members<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, TransportError>> {
+        let result = self.check().map(|()| {
+            let now = Instant::now();
+            let mut members: Vec<String> = self
+                .net
+                .lock()
+                .named
+                .get(group)
+                .map(|members| {
+                    members
+                        .iter()
+                        .filter(|(_, expiry)| **expiry > now)
+                        .map(|(c, _)| c.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            members.sort();
+            members
         });
         Box::pin(std::future::ready(result))
     }

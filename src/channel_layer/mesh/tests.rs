@@ -256,7 +256,8 @@ async fn broker_restart() {
 }
 
 /// Membership of another process's channel is a request: it subscribes
-/// before answering, and a channel that is gone is `NoSuchChannel`.
+/// before answering, and a channel that is gone is `NoSuchChannel`. A
+/// named member gets group sends through the store.
 #[tokio::test(start_paused = true)]
 async fn remote_membership() {
     let net = SimNet::new(8);
@@ -275,8 +276,15 @@ async fn remote_membership() {
         matches!(err, ChannelLayerError::NoSuchChannel { .. }),
         "{err}"
     );
-    let err = a.group_add("room", "workers").await.unwrap_err();
-    assert!(err.is_unsupported(), "{err}");
+    // A named channel joins in the store; group sends reach it.
+    let mut workers = b.receive("workers").await.unwrap();
+    a.group_add("room", "workers").await.unwrap();
+    let report = a.group_send("room", Event::bare("job")).await.unwrap();
+    assert_eq!(recv(&mut workers).await.kind(), "job");
+    assert_eq!((report.remote_receivers, report.dropped), (Some(1), 0));
+    drop(workers);
+    let report = a.group_send("room", Event::bare("job")).await.unwrap();
+    assert_eq!(report.dropped, 1, "nobody receives the named member");
 }
 
 /// An operation that may have reached the broker is never resent: the

@@ -225,6 +225,32 @@ pub(crate) trait Store: Send + Sync {
         group: &'a str,
     ) -> BoxFuture<'a, Result<Vec<(String, bool)>, TransportError>>;
 
+    /// Makes the named channel `channel` a member of `group` until
+    /// `expiry` passed (adding it again renews it). O(1).
+    fn named_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        expiry: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Removes the named channel `channel` from `group` (no error when it
+    /// is not a member). O(1).
+    fn named_remove<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// The named members of `group` whose membership has not expired.
+    /// Asked on every group send: a store answers from memory (NATS keeps
+    /// a mirror of its bucket, updated by a watch) or in the send's own
+    /// round trip (a Redis script).
+    fn named_members<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, TransportError>>;
+
     /// Claims `key` in `group` (announcing a leave): true for exactly one
     /// caller among every process until `ttl` passed.
     fn presence_claim<'a>(

@@ -203,11 +203,24 @@
 //! Two processes joining the same user at the same moment may both
 //! announce it; none is missed.
 //!
+//! ## Named channels as group members
+//!
+//! With the JetStream store (`.history(..)` or `.presence(..)`), a named
+//! (worker) channel can join a group: the KV bucket
+//! `tower-channels-groups-{prefix}` holds one key per group, `{group}.=n`,
+//! listing its named members with when each was added (changed
+//! compare-and-set); a membership lasts one day
+//! (channels_redis' `group_expiry` default) unless added again, and the
+//! bucket's max age drops a key a day after its last change. Every group
+//! send reads that key (one round trip) and sends the event to each named
+//! member as a send to the channel (one process receiving it takes it);
+//! a full one, or one nobody receives, counts in the report's `dropped`.
+//! Without the store, `group_add` of a name without `!` fails with
+//! [`ChannelLayerError::Unsupported`], and
+//! [`capabilities`](ChannelLayer::capabilities) says so.
+//!
 //! # Not yet supported
 //!
-//! * Named (worker) channels as group members: `group_add` of a name
-//!   without `!` fails with [`ChannelLayerError::Unsupported`], and
-//!   [`capabilities`](ChannelLayer::capabilities) says so.
 //! * Replicated streams: the history stream and presence buckets have one
 //!   replica (a NATS cluster keeps them on one server).
 //!
@@ -404,6 +417,7 @@ impl NatsChannelLayerBuilder {
                     self.timeout,
                     &self.history,
                     self.presence.as_ref(),
+                    crate::channel_layer::mesh::NAMED_MEMBER_EXPIRY,
                 )
                 .await?,
             )

@@ -1,7 +1,12 @@
 //! The mesh's [`Store`] on JetStream: group histories in a stream,
 //! presence in two KV buckets (see the module docs' "Presence and history").
 
-use std::{collections::HashMap, fmt, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
 
 use async_nats::{
     jetstream::{
@@ -72,6 +77,44 @@ pub(super) fn entries_bucket_name(prefix: &str) -> String {
     format!("tower-channels-members-{}", escape(prefix))
 }
 
+/// The name of the bucket of named group members of `prefix` (max age =
+/// the membership's expiry).
+pub(super) fn groups_bucket_name(prefix: &str) -> String {
+    format!("tower-channels-groups-{}", escape(prefix))
+}
+
+/// The key listing the named members of `group`: JSON `{channel: added}`
+/// (seconds since the Unix epoch when it was added or renewed).
+fn named_key(group: &str) -> String {
+    format!("{group}.=n")
+}
+
+/// Named members of a group, as stored.
+type NamedMembers = HashMap<String, u64>;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The stream of a KV bucket as async-nats would make it (its own helper
+/// asks for account details a 2.9 server lacks).
+fn bucket_config(name: &str, max_age: Duration) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// `name` as one KV key token (URL-safe base64: no `.`, no `!`).
 fn token(name: &str) -> String {
     URL_SAFE_NO_PAD.encode(name)
@@ -130,6 +173,10 @@ pub(super) struct JetStreamStore {
     presence: Option<kv::Store>,
     /// The presence entries (present when `presence` is).
     entries: Option<kv::Store>,
+    /// The named group members: one key per group, max age = the expiry.
+    named: kv::Store,
+    /// How long a named channel stays a member unless added again.
+    named_expiry: Duration,
     /// The revision of each liveness key this process wrote last.
     alive: Mutex<HashMap<String, u64>>,
     /// The configurations of the stream and the bucket's stream, to make
@@ -167,6 +214,7 @@ impl JetStreamStore {
         timeout: Duration,
         history: &[HistoryPolicy],
         presence: Option<&PresenceConfig>,
+        named_expiry: Duration,
     ) -> Result<Self, NatsError> {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(timeout);
@@ -208,26 +256,12 @@ impl JetStreamStore {
         let (presence, entries) = match presence {
             None => (None, None),
             Some(config) => {
-                // The buckets' streams as async-nats would make them (its
-                // own helper asks for account details a 2.9 server lacks).
-                let bucket = |name: String, max_age: Duration| stream::Config {
-                    name: format!("KV_{name}"),
-                    subjects: vec![format!("$KV.{name}.>")],
-                    max_messages_per_subject: 1,
-                    max_age,
-                    storage: StorageType::File,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    discard: DiscardPolicy::New,
-                    ..Default::default()
-                };
                 let mut opened = Vec::new();
                 for (name, max_age) in [
                     (bucket_name(prefix), config.time_limit()),
                     (entries_bucket_name(prefix), Duration::ZERO),
                 ] {
-                    let config = bucket(name.clone(), max_age);
+                    let config = bucket_config(&name, max_age);
                     js.create_or_update_stream(config.clone())
                         .await
                         .map_err(|e| setup("creating a presence bucket", e))?;
@@ -242,6 +276,16 @@ impl JetStreamStore {
                 (opened.pop(), entries)
             }
         };
+        let name = groups_bucket_name(prefix);
+        let config = bucket_config(&name, named_expiry);
+        js.create_or_update_stream(config.clone())
+            .await
+            .map_err(|e| setup("creating the named group members bucket", e))?;
+        configs.push(config);
+        let named = js
+            .get_key_value(name)
+            .await
+            .map_err(|e| setup("opening the named group members bucket", e))?;
         Ok(Self {
             prefix: prefix.to_owned(),
             client,
@@ -249,6 +293,8 @@ impl JetStreamStore {
             history,
             presence,
             entries,
+            named,
+            named_expiry,
             alive: Mutex::default(),
             configs,
             last: Mutex::default(),
@@ -529,7 +575,16 @@ impl JetStreamStore {
         what: &str,
     ) -> Result<(Option<u64>, V), TransportError> {
         let (_, entries) = self.presence()?;
-        match entries.entry(key).await.map_err(|e| failed(what, e))? {
+        Self::read_json_in(entries, key, what).await
+    }
+
+    /// Reads `key` of `bucket` (see [`read_json`](Self::read_json)).
+    async fn read_json_in<V: serde::de::DeserializeOwned + Default>(
+        bucket: &kv::Store,
+        key: &str,
+        what: &str,
+    ) -> Result<(Option<u64>, V), TransportError> {
+        match bucket.entry(key).await.map_err(|e| failed(what, e))? {
             None => Ok((None, V::default())),
             Some(entry) => {
                 let value = match entry.operation {
@@ -553,14 +608,27 @@ impl JetStreamStore {
         &self,
         key: &str,
         what: &str,
-        mut change: impl FnMut(&mut V) -> bool,
+        change: impl FnMut(&mut V) -> bool,
     ) -> Result<(), TransportError>
     where
         V: serde::de::DeserializeOwned + serde::Serialize + Default,
     {
         let (_, entries) = self.presence()?;
+        Self::change_json_in(entries, key, what, change).await
+    }
+
+    /// Changes `key` of `bucket` (see [`change_json`](Self::change_json)).
+    async fn change_json_in<V>(
+        entries: &kv::Store,
+        key: &str,
+        what: &str,
+        mut change: impl FnMut(&mut V) -> bool,
+    ) -> Result<(), TransportError>
+    where
+        V: serde::de::DeserializeOwned + serde::Serialize + Default,
+    {
         for _ in 0..CAS_ATTEMPTS {
-            let (revision, mut value) = self.read_json::<V>(key, what).await?;
+            let (revision, mut value) = Self::read_json_in::<V>(entries, key, what).await?;
             if !change(&mut value) {
                 return Ok(());
             }
@@ -955,6 +1023,71 @@ impl Store for JetStreamStore {
         Box::pin(self.processes(group))
     }
 
+    fn named_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+        _expiry: Duration,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        // The bucket's max age is the expiry (set when it was opened): the
+        // key goes that long after its last change.
+        Box::pin(async move {
+            self.check_connected()?;
+            let what = format!("adding {channel:?} to {group:?}");
+            let now = unix_now();
+            let expiry = self.named_expiry.as_secs();
+            Self::change_json_in(
+                &self.named,
+                &named_key(group),
+                &what,
+                |members: &mut NamedMembers| {
+                    members.retain(|_, added| added.saturating_add(expiry) > now);
+                    members.insert(channel.to_owned(), now);
+                    true
+                },
+            )
+            .await
+        })
+    }
+
+    fn named_remove<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            self.check_connected()?;
+            let what = format!("removing {channel:?} from {group:?}");
+            Self::change_json_in(
+                &self.named,
+                &named_key(group),
+                &what,
+                |members: &mut NamedMembers| members.remove(channel).is_some(),
+            )
+            .await
+        })
+    }
+
+    fn named_members<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, TransportError>> {
+        Box::pin(async move {
+            self.check_connected()?;
+            let what = format!("reading the named members of {group:?}");
+            let (_, members) =
+                Self::read_json_in::<NamedMembers>(&self.named, &named_key(group), &what).await?;
+            let (now, expiry) = (unix_now(), self.named_expiry.as_secs());
+            let mut members: Vec<String> = members
+                .into_iter()
+                .filter(|(_, added)| added.saturating_add(expiry) > now)
+                .map(|(channel, _)| channel)
+                .collect();
+            members.sort();
+            Ok(members)
+        })
+    }
+
     fn presence_claim<'a>(
         &'a self,
         group: &'a str,
@@ -999,6 +1132,7 @@ mod tests {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_=.".contains(c)));
         assert_eq!(untoken("!"), None);
+        assert_eq!(named_key("room.1"), "room.1.=n");
         let mut h = HeaderMap::new();
         h.insert(EPOCH, "e1");
         h.insert(OFFSET, "7");
