@@ -3,12 +3,16 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
+use futures_util::task::{waker_ref, ArcWake, AtomicWaker};
 use tokio::time::{Instant, Sleep};
 
 use super::{
@@ -58,6 +62,28 @@ struct Closing {
     fail_fast: bool,
 }
 
+/// The waker the engine polls its socket, timer and group leaving with.
+///
+/// The connection's task is woken by its application side too (an event in
+/// its inbox, a message queued by a handler), far more often than by the
+/// socket when the server mostly writes (fan-out). A wake through this
+/// waker sets `woken` first, so the engine polls the socket's read side and
+/// the timer again only when one of them may have changed, not on every
+/// wake-up: a read poll goes through several layers of boxed I/O (hyper's
+/// upgrade, its rewind buffers, tokio's readiness) for nothing.
+#[derive(Debug, Default)]
+struct IoWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for IoWake {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.woken.store(true, Ordering::Release);
+        arc_self.task.wake();
+    }
+}
+
 /// Drives one WebSocket connection: socket I/O, timers, limits, the outbound
 /// queue and the closing handshake. Its settings are the layer's
 /// [`WebSocketConfig`] (shared, see [`config`](Self::config)); its fields
@@ -95,6 +121,12 @@ pub(crate) struct Engine {
     counts: LocalCounts,
     /// The transport's name (the metrics' `transport` label).
     transport: &'static str,
+    /// Wakes the task on socket and timer events and notes them.
+    io: Arc<IoWake>,
+    /// The read side answered `Pending` and nothing woke `io` since.
+    read_armed: bool,
+    /// The timer was polled at its current deadline and has not fired.
+    timer_armed: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -132,6 +164,9 @@ impl Engine {
             rate: config.rate_limit.map(|r| (f64::from(r.burst.max(1)), now)),
             counts: LocalCounts::default(),
             transport,
+            io: Arc::default(),
+            read_armed: false,
+            timer_armed: false,
             link,
         };
         e.rearm_timer();
@@ -222,7 +257,14 @@ impl Engine {
     /// Drives the connection; ready with the close code once it is over and
     /// its groups are left.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseCode> {
-        let res = self.poll_inner(cx);
+        let io = Arc::clone(&self.io);
+        io.task.register(cx.waker());
+        if io.woken.swap(false, Ordering::AcqRel) {
+            self.read_armed = false;
+            self.timer_armed = false;
+        }
+        let waker = waker_ref(&io);
+        let res = self.poll_inner(&mut Context::from_waker(&waker));
         self.counts.fold(&self.link.runtime.metrics);
         res
     }
@@ -407,7 +449,7 @@ impl Engine {
                 st.out = Default::default();
             }
             if st.out_bytes <= soft_budget {
-                st.wake_app();
+                st.wake_output_waiter();
             }
             drop(st);
             for out in batch.iter_mut().take(n).filter_map(Option::take) {
@@ -458,11 +500,19 @@ impl Engine {
                     break;
                 }
             }
+            if self.read_armed && matches!(self.phase, Phase::Open) {
+                // Nothing can have arrived: `io` was not woken. (While
+                // closing, an HTTP peer's read answers our own close.)
+                break;
+            }
             let Some(socket) = &mut self.socket else {
                 return progress;
             };
             let item = match socket.poll_read(cx) {
-                Poll::Pending => break,
+                Poll::Pending => {
+                    self.read_armed = true;
+                    break;
+                }
                 Poll::Ready(r) => r,
             };
             progress = true;
@@ -606,7 +656,7 @@ impl Engine {
             let mut st = self.link.lock();
             if st.out.is_empty() && !st.flushed {
                 st.flushed = true;
-                st.wake_app();
+                st.wake_output_waiter();
             }
         }
         if let Phase::Closing(c) = &self.phase {
@@ -688,6 +738,7 @@ impl Engine {
                 self.timer.as_mut().reset(d);
             }
             self.timer_at = next;
+            self.timer_armed = false;
         }
     }
 
@@ -695,7 +746,11 @@ impl Engine {
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         self.check_budget();
         self.rearm_timer();
-        if self.timer_at.is_none() || self.timer.as_mut().poll(cx).is_pending() {
+        if self.timer_at.is_none() || self.timer_armed {
+            return false;
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            self.timer_armed = true;
             return false;
         }
         // Read the clock only when a deadline passed: this runs on every

@@ -120,6 +120,10 @@ impl Future for Host {
                 if this.app.is_none() && e.application_detached() {
                     e.application_gone();
                 }
+                // What the application changed just now the engine sees in
+                // this poll: only what the engine changes for the
+                // application calls for another turn.
+                e.link().engine_turn();
                 let done = e.poll(cx).is_ready();
                 again = e.link().leave_host();
                 if done {

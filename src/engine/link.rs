@@ -85,6 +85,11 @@ pub(crate) struct State {
     host_waker: Option<Waker>,
     /// The host is polling: wake-ups between its two sides become a flag.
     in_host: bool,
+    /// The application waits for room in the queue or for the flush
+    /// (`poll_ready`, `poll_flushed`): only then does the engine's progress
+    /// on the output wake it. A consumer that only queues is not polled
+    /// again after every write.
+    waits_output: bool,
     dirty: bool,
     /// Application handles alive ([`AppLink`]s).
     handles: usize,
@@ -126,6 +131,7 @@ impl Link {
                 app_waker: None,
                 host_waker: None,
                 in_host: false,
+                waits_output: false,
                 dirty: false,
                 handles: 0,
             }),
@@ -191,6 +197,7 @@ impl Link {
         if st.out_bytes <= self.runtime.config.max_outbound_bytes {
             return Poll::Ready(Ok(()));
         }
+        st.waits_output = true;
         st.register_app(cx);
         Poll::Pending
     }
@@ -204,6 +211,7 @@ impl Link {
         if matches!(st.status, Status::Closed(_)) || st.overflow {
             return Poll::Ready(Err(Error::closed()));
         }
+        st.waits_output = true;
         st.register_app(cx);
         Poll::Pending
     }
@@ -417,6 +425,12 @@ impl Link {
         }
     }
 
+    /// The host polls the engine next: the application's changes so far
+    /// need no further turn (the engine is about to see them).
+    pub(crate) fn engine_turn(&self) {
+        self.lock().dirty = false;
+    }
+
     /// The host stops polling; returns whether it must poll again.
     pub(crate) fn leave_host(&self) -> bool {
         let mut st = self.lock();
@@ -439,6 +453,14 @@ impl State {
             self.dirty = true;
         } else if let Some(w) = &self.host_waker {
             w.wake_by_ref();
+        }
+    }
+
+    /// Wakes the application if it waits for the output to move (see
+    /// `waits_output`).
+    pub(crate) fn wake_output_waiter(&mut self) {
+        if std::mem::take(&mut self.waits_output) {
+            self.wake_app();
         }
     }
 

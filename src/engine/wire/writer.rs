@@ -26,6 +26,9 @@ use crate::payload::SharedPayload;
 /// member's task), so small frames stay batched in one buffer.
 pub(crate) const ZERO_COPY_MIN: usize = 4096;
 
+/// The small-frame buffer's first capacity after a flush.
+const FIRST_BUFFER: usize = 512;
+
 /// Most slices handed to one vectored write (Linux's `IOV_MAX` is 1024; this
 /// keeps the array on the stack).
 const MAX_IOVECS: usize = 64;
@@ -77,9 +80,10 @@ impl std::fmt::Debug for FrameWriter {
 }
 
 impl FrameWriter {
-    /// A writer compressing per `deflate` (when negotiated), allocating
-    /// `write_buffer_size` for small frames when it has something to send and
-    /// releasing it once the queue is written.
+    /// A writer compressing per `deflate` (when negotiated), allocating a
+    /// buffer for small frames when it has something to send (growing
+    /// towards `write_buffer_size`, which the engine fills at most per
+    /// write) and releasing it once the queue is written.
     pub(crate) fn new(deflate: Option<DeflateParams>, write_buffer_size: usize) -> Self {
         Self {
             deflate,
@@ -281,8 +285,13 @@ impl FrameWriter {
         let _ = header.format(len as u64, &mut cursor);
         let n = usize::try_from(cursor.position()).unwrap_or(0);
         if self.buf.capacity() == 0 {
-            self.buf
-                .reserve(self.write_buffer_size.max(n + len.min(ZERO_COPY_MIN)));
+            // The buffer is dropped after every flush (an idle connection
+            // holds none), so this runs about once per write: start at what
+            // this frame needs, small enough for the allocator's fast path;
+            // a batch grows it by doubling.
+            self.buf.reserve(
+                (n + len.min(ZERO_COPY_MIN)).max(FIRST_BUFFER.min(self.write_buffer_size)),
+            );
         }
         self.buf.extend_from_slice(&bytes[..n]);
         self.queued += n;
