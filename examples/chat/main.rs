@@ -569,7 +569,18 @@ async fn main() -> Result<(), BoxError> {
 /// `metrics` recorder and renders it on request.
 #[cfg(feature = "example-metrics")]
 fn metrics_route<S: Clone + Send + Sync + 'static>() -> Result<Router<S>, BoxError> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    // Histograms as Prometheus histograms (buckets), which add up across
+    // instances, rather than the exporter's default summaries (quantiles
+    // per process, and a sketch to update per sample).
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5,
+            ],
+        )?
+        .install_recorder()?;
     // Histograms need periodic upkeep when no exporter task of the crate runs.
     let upkeep = handle.clone();
     tokio::spawn(async move {
