@@ -445,7 +445,8 @@ impl Engine {
                     break;
                 }
             }
-            if st.out.is_empty() && st.out.capacity() > 16 {
+            let emptied = st.out.is_empty();
+            if emptied && st.out.capacity() > 16 {
                 st.out = Default::default();
             }
             if st.out_bytes <= soft_budget {
@@ -458,6 +459,12 @@ impl Engine {
                 socket.queue(&out);
             }
             moved = true;
+            if emptied {
+                // Nothing left; what the application queues meanwhile
+                // wakes the host again (or sets its `dirty` flag), so the
+                // next round or poll sees it without another lock here.
+                break;
+            }
         }
         self.unflushed |= moved;
         moved
