@@ -243,9 +243,8 @@ pub(crate) trait Store: Send + Sync {
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
     /// The named members of `group` whose membership has not expired.
-    /// Asked on every group send: a store answers from memory (NATS keeps
-    /// a mirror of its bucket, updated by a watch) or in the send's own
-    /// round trip (a Redis script).
+    /// Asked on every group send, so a store answers in one round trip
+    /// (NATS reads the group's key in its bucket).
     fn named_members<'a>(
         &'a self,
         group: &'a str,
