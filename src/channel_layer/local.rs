@@ -29,7 +29,8 @@ pub(crate) struct Registry {
 
 #[derive(Debug, Default)]
 struct State {
-    channels: HashMap<String, Entry>,
+    /// Keyed by the channel's own name (shared with its queue).
+    channels: HashMap<Arc<str>, Entry>,
     groups: HashMap<String, HashMap<String, ChannelSender>>,
 }
 
@@ -135,8 +136,13 @@ impl Registry {
                 "channel {name:?} already has a receiver in this process"
             )));
         }
+        let key = if sender.name() == name {
+            sender.shared_name()
+        } else {
+            Arc::from(name)
+        };
         st.channels.insert(
-            name.to_owned(),
+            key,
             Entry {
                 sender,
                 groups: HashSet::new(),
@@ -358,7 +364,8 @@ pub(crate) trait LocalChannels: Send + Sync + Sized + 'static {
     /// Makes the channel `name` of this process; dropping its receiver
     /// forgets it (then [`forgotten`](Self::forgotten) runs).
     fn register(self: &Arc<Self>, name: String) -> Result<ChannelReceiver, ChannelLayerError> {
-        let (tx, rx) = channel(name.clone(), self.capacity());
+        let (tx, rx) = channel(name, self.capacity());
+        let name = tx.shared_name();
         self.registry().insert(&name, tx)?;
         let weak: Weak<Self> = Arc::downgrade(self);
         Ok(rx.on_drop(move || {

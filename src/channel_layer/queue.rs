@@ -29,7 +29,7 @@ use super::Event;
 /// ```
 pub fn channel(name: impl Into<String>, capacity: usize) -> (ChannelSender, ChannelReceiver) {
     let shared = Arc::new(Shared {
-        name: name.into(),
+        name: Arc::from(name.into()),
         capacity: capacity.max(1),
         state: Mutex::new(State {
             queue: VecDeque::new(),
@@ -52,7 +52,9 @@ pub fn channel(name: impl Into<String>, capacity: usize) -> (ChannelSender, Chan
 }
 
 struct Shared {
-    name: String,
+    /// Shared with the registry's key, the drop hook and the connection
+    /// (one allocation per channel, not one per holder).
+    name: Arc<str>,
     capacity: usize,
     state: Mutex<State>,
 }
@@ -106,6 +108,11 @@ pub struct ChannelSender {
 }
 
 impl ChannelSender {
+    /// The channel's name, shared (no copy).
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.shared.name.clone()
+    }
+
     /// The channel's name.
     pub fn name(&self) -> &str {
         &self.shared.name
@@ -247,6 +254,11 @@ pub struct ChannelReceiver {
 }
 
 impl ChannelReceiver {
+    /// The channel's name, shared (no copy).
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.shared.name.clone()
+    }
+
     /// The channel's name: give it to others so they can
     /// [`send`](super::ChannelLayer::send) to this receiver.
     pub fn name(&self) -> &str {

@@ -1,5 +1,6 @@
 use std::{convert::Infallible, fmt, future::Future, task::Poll};
 
+use futures_util::FutureExt;
 use tower_service::Service;
 
 use super::{driver, Accept, Connection, Context, Reject};
@@ -186,9 +187,8 @@ where
 
     fn call(&mut self, conn: Connection) -> Self::Future {
         let consumer = (self.factory)(conn.scope());
-        Box::pin(async move {
-            driver::run(consumer, conn).await;
-            Ok(())
-        })
+        // Not an `async` block: it would hold `consumer` and `conn` again
+        // beside the future it awaits, for the life of the connection.
+        Box::pin(driver::run(consumer, conn).map(Ok))
     }
 }

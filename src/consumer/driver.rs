@@ -6,6 +6,7 @@
 use std::{
     future::{poll_fn, Future},
     panic::AssertUnwindSafe,
+    pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
 };
@@ -27,11 +28,26 @@ enum Outcome {
 }
 
 /// Runs `consumer` on `conn` from handshake to disconnect.
-pub(crate) async fn run<C: WebSocketConsumer>(consumer: C, conn: Connection) {
-    // The handshake runs in a boxed future of its own, so the state this
-    // task keeps for the (long) life of the connection holds only what the
-    // loop needs: that is most of an idle connection's memory.
-    let Some((mut consumer, mut ctx, link)) = Box::pin(open(consumer, conn)).await else {
+///
+/// The handshake runs in a boxed future of its own, made here, before the
+/// loop's future: an `async fn`'s arguments keep their place in its state
+/// for its whole life, so `run` being `async` would hold the `Connection`
+/// (and the consumer) a second time for the life of the connection. The
+/// loop's state is what an idle connection's application side costs.
+pub(crate) fn run<C: WebSocketConsumer>(
+    consumer: C,
+    conn: Connection,
+) -> impl Future<Output = ()> + Send {
+    serve(Box::pin(open(consumer, conn)))
+}
+
+/// The callback loop, after the handshake `open`.
+async fn serve<C, F>(open: Pin<Box<F>>)
+where
+    C: WebSocketConsumer,
+    F: Future<Output = Option<(C, Context, Arc<Link>)>> + Send,
+{
+    let Some((mut consumer, mut ctx, link)) = open.await else {
         return;
     };
     let mut timer = HandlerTimer::default();

@@ -16,7 +16,7 @@ use futures_util::task::{waker_ref, ArcWake, AtomicWaker};
 use tokio::time::{Instant, Sleep};
 
 use super::{
-    link::{leave, Link, Status},
+    link::{keeps_capacity, leave, Link, Status},
     peer::Peer,
     socket::ReadError,
     Outbound,
@@ -123,6 +123,10 @@ pub(crate) struct Engine {
     transport: &'static str,
     /// Wakes the task on socket and timer events and notes them.
     io: Arc<IoWake>,
+    /// Messages read and batches moved to the writer since the last ping
+    /// (saturating; see [`State::busy`](super::link::State)).
+    data_in: u8,
+    data_out: u8,
     /// The read side answered `Pending` and nothing woke `io` since.
     read_armed: bool,
     /// The timer was polled at its current deadline and has not fired.
@@ -170,6 +174,8 @@ impl Engine {
             counts: LocalCounts::default(),
             transport,
             io: Arc::default(),
+            data_in: 0,
+            data_out: 0,
             read_armed: false,
             timer_armed: false,
             deadline: None,
@@ -401,6 +407,8 @@ impl Engine {
                 socket.queue_pong(p);
             } else if std::mem::take(&mut self.ping_due) {
                 socket.queue_ping();
+                (self.data_in, self.data_out) = (0, 0);
+                self.link.lock().release_idle_queues();
             } else if draining && !holding && self.move_queued() {
                 // Moved a batch; the writer may have room for more.
             } else if let (true, Phase::Closing(c)) = (close_ready, &mut self.phase) {
@@ -455,8 +463,9 @@ impl Engine {
                     break;
                 }
             }
+            st.note_data(&mut self.data_out);
             let emptied = st.out.is_empty();
-            if emptied && st.out.capacity() > 16 {
+            if emptied && !keeps_capacity(st.busy, st.out.capacity()) {
                 st.out = Default::default();
             }
             if st.out_bytes <= soft_budget {
@@ -582,6 +591,7 @@ impl Engine {
                     return;
                 }
                 let mut st = self.link.lock();
+                st.note_data(&mut self.data_in);
                 st.in_bytes += message.len();
                 st.incoming.push_back(message);
                 st.wake_app();

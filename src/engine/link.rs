@@ -77,6 +77,13 @@ pub(crate) struct State {
     pub(crate) peer_close: Option<Option<CloseFrame>>,
     /// Everything the application queued has been written to the socket.
     pub(crate) flushed: bool,
+    /// Data moved more than once the same way since the last ping: an
+    /// emptied `out` or `incoming` keeps its allocation (up to 16 entries)
+    /// for the next message. Otherwise an emptied queue gives it back, so
+    /// a connection that answered once (a liveness check) and went quiet
+    /// holds none. Set and cleared by the engine
+    /// ([`State::note_data`], [`State::release_idle_queues`]).
+    pub(crate) busy: bool,
     // Channel layer membership: one place for every consumer form.
     pub(crate) inbox: Option<ChannelReceiver>,
     pub(crate) groups: Vec<String>,
@@ -99,7 +106,8 @@ pub(crate) struct State {
 #[derive(Debug)]
 pub(crate) struct Link {
     pub(crate) runtime: Arc<Runtime>,
-    channel_name: String,
+    /// Shared with the channel's queue and registry entry.
+    channel_name: Arc<str>,
     state: Mutex<State>,
     /// A test's probe (see [`Probe`]); `None` outside tests.
     probe: Option<Probe>,
@@ -113,7 +121,7 @@ impl Link {
     ) -> Arc<Self> {
         Arc::new(Self {
             runtime,
-            channel_name: inbox.name().to_owned(),
+            channel_name: inbox.shared_name(),
             probe,
             state: Mutex::new(State {
                 status: Status::Handshake,
@@ -126,6 +134,7 @@ impl Link {
                 in_bytes: 0,
                 peer_close: None,
                 flushed: true,
+                busy: false,
                 inbox: Some(inbox),
                 groups: Vec::new(),
                 app_waker: None,
@@ -255,7 +264,7 @@ impl Link {
     fn take_message(&self, st: &mut MutexGuard<'_, State>) -> Option<Option<Message>> {
         if let Some(m) = st.incoming.pop_front() {
             st.in_bytes -= m.len();
-            if st.incoming.is_empty() && st.incoming.capacity() > 16 {
+            if st.incoming.is_empty() && !keeps_capacity(st.busy, st.incoming.capacity()) {
                 st.incoming = VecDeque::new();
             }
             // The engine may be waiting for read-ahead space.
@@ -439,7 +448,37 @@ impl Link {
     }
 }
 
+/// Whether an emptied queue of `capacity` entries keeps its allocation:
+/// only while the connection is [`busy`](State::busy), and only a small one.
+pub(crate) fn keeps_capacity(busy: bool, capacity: usize) -> bool {
+    busy && capacity <= 16
+}
+
 impl State {
+    /// The engine moved data one way (a message read, or a batch moved to
+    /// the writer); `moves` counts them since the last ping. From the second
+    /// one the same way on, the connection is [`busy`](Self::busy): one
+    /// exchange (a message and its answer) is not.
+    pub(crate) fn note_data(&mut self, moves: &mut u8) {
+        *moves = moves.saturating_add(1);
+        if *moves >= 2 {
+            self.busy = true;
+        }
+    }
+
+    /// A ping went out (once per ping interval): the connection is no longer
+    /// [`busy`](Self::busy) until data moves twice again, and its empty
+    /// queues give their allocations back.
+    pub(crate) fn release_idle_queues(&mut self) {
+        self.busy = false;
+        if self.out.is_empty() {
+            self.out = VecDeque::new();
+        }
+        if self.incoming.is_empty() {
+            self.incoming = VecDeque::new();
+        }
+    }
+
     fn register_app(&mut self, cx: &mut TaskContext<'_>) {
         match &self.app_waker {
             Some(w) if w.will_wake(cx.waker()) => {}

@@ -102,3 +102,26 @@ pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod size_tests {
+    /// An idle connection's task holds its host (the engine and its socket
+    /// inline) for the connection's life: rarely used state (a fragmented
+    /// or compressed message in progress, deflate contexts, the closing
+    /// handshake) is boxed so this stays small. Grew past the bound? Box
+    /// the new field or justify raising it.
+    #[test]
+    fn connection_state_stays_small() {
+        use std::mem::size_of;
+        let sizes = [
+            ("Host", size_of::<super::Host>(), 720),
+            ("Engine", size_of::<super::Engine>(), 656),
+            ("FrameReader", size_of::<super::wire::FrameReader>(), 176),
+            ("FrameWriter", size_of::<super::wire::FrameWriter>(), 120),
+            ("Link", size_of::<super::Link>(), 320),
+        ];
+        for (name, size, bound) in sizes {
+            assert!(size <= bound, "{name} is {size} bytes (bound {bound})");
+        }
+    }
+}

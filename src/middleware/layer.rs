@@ -1,15 +1,19 @@
 use std::{
     fmt,
     future::poll_fn,
+    panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
+    task::Poll,
 };
 
+use futures_util::FutureExt;
 use tower_layer::Layer;
 
 use super::{Runtime, ShutdownHandle, WebSocketService};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::{Connection, ConsumerService},
+    engine::panic_message,
     metrics::ConnectionStats,
     origin::AllowedOrigins,
     route::{Params, RoutePattern},
@@ -17,6 +21,25 @@ use crate::{
 };
 
 pub(crate) type BoxConsumer = Arc<dyn Fn(Connection) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Logs a consumer service that failed to become ready (the connection is
+/// then dropped undecided: 403).
+fn not_ready(route: &str, e: BoxError) {
+    tracing::error!(
+        error = &*e as &(dyn std::error::Error + 'static),
+        route,
+        "consumer service not ready"
+    );
+}
+
+/// Logs a consumer service whose call failed.
+fn consumer_failed(route: &str, e: BoxError) {
+    tracing::error!(
+        error = &*e as &(dyn std::error::Error + 'static),
+        route,
+        "consumer failed"
+    );
+}
 
 #[derive(Clone)]
 pub(crate) struct Route {
@@ -73,27 +96,47 @@ impl WebSocketLayer {
         let consumer = Mutex::new(consumer);
         let consumer: BoxConsumer = Arc::new(move |conn: Connection| {
             let mut svc = consumer.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Box::pin(async move {
-                let route = conn.scope().route();
-                let route = route.to_owned();
-                if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
-                    let e: BoxError = e.into();
-                    tracing::error!(
-                        error = &*e as &(dyn std::error::Error + 'static),
-                        route,
-                        "consumer service not ready"
-                    );
-                    return;
+            // A service that is ready at once (every consumer of this crate
+            // is) is called here, and its future is the connection's
+            // application future with only the error log around it: an
+            // `async` block awaiting it would hold the `Connection` and the
+            // service beside it for the life of the connection.
+            let mut noop = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+            match svc.poll_ready(&mut noop) {
+                Poll::Ready(Ok(())) => {
+                    let scope = conn.scope().clone();
+                    let runtime = conn.runtime.clone();
+                    // The call (the consumer's factory) runs here, in the
+                    // connection's span (see `spawn_connection`); a panic
+                    // in it is the consumer's, as one in its future is.
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(conn))) {
+                        Ok(running) => Box::pin(running.map(move |done| {
+                            if let Err(e) = done {
+                                consumer_failed(scope.route(), e.into());
+                            }
+                        })),
+                        Err(p) => {
+                            tracing::error!(panic = %panic_message(&*p), "consumer panicked; closing with 1011");
+                            runtime.metrics.panicked();
+                            Box::pin(std::future::ready(()))
+                        }
+                    }
                 }
-                if let Err(e) = svc.call(conn).await {
-                    let e: BoxError = e.into();
-                    tracing::error!(
-                        error = &*e as &(dyn std::error::Error + 'static),
-                        route,
-                        "consumer failed"
-                    );
+                Poll::Ready(Err(e)) => {
+                    not_ready(conn.scope().route(), e.into());
+                    Box::pin(std::future::ready(()))
                 }
-            })
+                Poll::Pending => Box::pin(async move {
+                    if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
+                        not_ready(conn.scope().route(), e.into());
+                        return;
+                    }
+                    let scope = conn.scope().clone();
+                    if let Err(e) = svc.call(conn).await {
+                        consumer_failed(scope.route(), e.into());
+                    }
+                }),
+            }
         });
         let mut routes = self.routes.to_vec();
         routes.push(Route { pattern, consumer });

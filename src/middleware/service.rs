@@ -169,8 +169,12 @@ impl WebSocketLayer {
             peer = scope.peer_addr().map(tracing::field::display),
             channel = tracing::field::Empty,
         );
-        let (rx, host) = Connection::start(scope, runtime.clone(), source, deflate, |conn| {
-            (route.consumer)(conn)
+        // The consumer service is called now (see `WebSocketLayer::route`):
+        // in the connection's span, as its future runs.
+        let (rx, host) = span.in_scope(|| {
+            Connection::start(scope, runtime.clone(), source, deflate, |conn| {
+                (route.consumer)(conn)
+            })
         });
         let tracker = runtime.tracker.clone();
         let id = tracker.next_id();

@@ -46,10 +46,12 @@ pub(crate) struct FrameReader {
     buf: BytesMut,
     /// Bytes needed in `buf` before the next frame can be decoded.
     need: usize,
-    partial: Option<Partial>,
+    /// Boxed: most messages are one uncompressed frame, and the reader is
+    /// part of every idle connection's state.
+    partial: Option<Box<Partial>>,
     /// The client's deflate context, kept between messages (client context
     /// takeover only; otherwise a pooled one lives in `Partial`).
-    context: Option<Decompress>,
+    context: Option<Box<Decompress>>,
     failed: Option<ProtocolError>,
     /// What compressed frames may still inflate to (`WireLimits::inflate`).
     inflate_budget: Option<InflateBudget>,
@@ -106,13 +108,14 @@ enum Inflater {
     /// Borrowed from the thread's pool for this message.
     Pooled(Decompress),
     /// The connection's own (`FrameReader::context`), moved here for the message.
-    Context(Decompress),
+    Context(Box<Decompress>),
 }
 
 impl Inflater {
     fn get(&mut self) -> &mut Decompress {
         match self {
-            Inflater::Pooled(d) | Inflater::Context(d) => d,
+            Inflater::Pooled(d) => d,
+            Inflater::Context(d) => d,
         }
     }
 }
@@ -322,12 +325,12 @@ impl FrameReader {
             return complete(text, payload.freeze()).map(Some);
         }
         let inflater = header.rsv1.then(|| self.take_inflater());
-        self.partial = Some(Partial {
+        self.partial = Some(Box::new(Partial {
             text,
             data: Vec::new(),
             utf8_checked: 0,
             inflater,
-        });
+        }));
         self.continuation(header.is_final, &payload)
     }
 
@@ -383,6 +386,7 @@ impl FrameReader {
         let Some(p) = self.partial.take() else {
             return Err(ProtocolError::UnexpectedContinuation);
         };
+        let p = *p;
         self.put_back_inflater(p.inflater);
         complete(p.text, Bytes::from(p.data)).map(Some)
     }
@@ -393,7 +397,7 @@ impl FrameReader {
             Some(d) if !d.client_no_context_takeover => Inflater::Context(
                 self.context
                     .take()
-                    .unwrap_or_else(|| deflate::new_inflater(client_window)),
+                    .unwrap_or_else(|| Box::new(deflate::new_inflater(client_window))),
             ),
             _ => Inflater::Pooled(deflate::take_pooled_inflater()),
         }

@@ -64,19 +64,24 @@ impl Outbound {
 /// drains what is queued before one flush.
 pub(crate) struct FrameWriter {
     deflate: Option<DeflateParams>,
-    /// The server's deflate context (server context takeover only).
-    context: Option<Compress>,
+    /// The server's deflate context (server context takeover only). Boxed:
+    /// the writer is part of every connection's state, compressing or not.
+    context: Option<Box<Compress>>,
     write_buffer_size: usize,
     /// Small frames, not yet moved to `segments`.
     buf: BytesMut,
     /// Frames ready to write, in order.
     segments: VecDeque<Bytes>,
     queued: usize,
-    /// A data frame was queued since the last ping: keep the small-frame
-    /// buffer between writes. A ping goes out every ping interval, so a
-    /// connection that wrote no data for a whole interval gives its buffer
-    /// back once that ping is written.
-    sending_data: bool,
+    /// A data frame was queued since the last flush.
+    data_queued: bool,
+    /// Flushes that carried data since the last ping (saturating). From the
+    /// second one on, the small-frame buffer is kept between writes: a
+    /// connection that answered once (an echo, a liveness check) and went
+    /// quiet holds none. A ping goes out every ping interval and resets
+    /// the count, so a connection that wrote no data for a whole interval
+    /// gives its buffer back once that ping is written.
+    data_flushes: u8,
 }
 
 impl std::fmt::Debug for FrameWriter {
@@ -94,8 +99,8 @@ impl FrameWriter {
     /// buffer for small frames when it has something to send (growing
     /// towards `write_buffer_size`, which the engine fills at most per
     /// write) and releasing it once the queue is written, except for a
-    /// buffer of at most 1 KiB kept while the connection sends data (until
-    /// the next ping).
+    /// buffer of at most 1 KiB kept while the connection keeps sending data
+    /// (from its second write with data until the next ping).
     pub(crate) fn new(deflate: Option<DeflateParams>, write_buffer_size: usize) -> Self {
         Self {
             deflate,
@@ -104,7 +109,8 @@ impl FrameWriter {
             buf: BytesMut::new(),
             segments: VecDeque::new(),
             queued: 0,
-            sending_data: false,
+            data_queued: false,
+            data_flushes: 0,
         }
     }
 
@@ -115,7 +121,7 @@ impl FrameWriter {
             Outbound::Message(Message::Text(t)) => self.data(true, t.as_bytes()),
             Outbound::Message(Message::Binary(b)) => self.data(false, b),
             Outbound::Message(Message::Ping(b)) => {
-                self.sending_data = false;
+                self.data_flushes = 0;
                 self.control(Control::Ping, &b[..b.len().min(125)]);
             }
             Outbound::Message(Message::Pong(b)) => {
@@ -179,12 +185,15 @@ impl FrameWriter {
             self.advance(n);
         }
         ready!(Pin::new(&mut *io).poll_flush(cx))?;
-        // Between writes of a connection that sends data, keep a small
-        // buffer (at most KEPT_BUFFER bytes; `try_reclaim` rewinds it
+        // Between writes of a connection that keeps sending data, keep a
+        // small buffer (at most KEPT_BUFFER bytes; `try_reclaim` rewinds it
         // without allocating); otherwise hold none: an idle connection
         // costs no write buffer.
+        if std::mem::take(&mut self.data_queued) {
+            self.data_flushes = self.data_flushes.saturating_add(1);
+        }
         self.buf.clear();
-        let keep = self.sending_data
+        let keep = self.data_flushes >= 2
             && self
                 .buf
                 .try_reclaim(FIRST_BUFFER.min(self.write_buffer_size))
@@ -215,7 +224,7 @@ impl FrameWriter {
     }
 
     fn data(&mut self, text: bool, payload: &Bytes) {
-        self.sending_data = true;
+        self.data_queued = true;
         let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
         match self.deflate {
             Some(d) if payload.len() >= d.threshold && !payload.is_empty() => {
@@ -238,7 +247,7 @@ impl FrameWriter {
     }
 
     fn shared(&mut self, p: &SharedPayload) {
-        self.sending_data = true;
+        self.data_queued = true;
         let opcode = OpCode::Data(if p.is_text() {
             Data::Text
         } else {
@@ -268,9 +277,9 @@ impl FrameWriter {
     /// compressed form: the data is in the context's window now, and a client
     /// that never saw it could not resolve references to it.
     fn compress_with_context(&mut self, opcode: OpCode, payload: &Bytes, d: DeflateParams) {
-        let context = self
-            .context
-            .get_or_insert_with(|| deflate::new_deflater(d.server_max_window_bits, d.level));
+        let context = self.context.get_or_insert_with(|| {
+            Box::new(deflate::new_deflater(d.server_max_window_bits, d.level))
+        });
         match deflate::compress_message(context, payload) {
             Some(c) => self.frame(opcode, true, &Bytes::from(c)),
             None => {
