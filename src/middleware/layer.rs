@@ -24,18 +24,18 @@ pub(crate) type BoxConsumer = Arc<dyn Fn(Connection) -> BoxFuture<'static, ()> +
 
 /// Logs a consumer service that failed to become ready (the connection is
 /// then dropped undecided: 403).
-fn not_ready(route: &str, e: BoxError) {
+fn not_ready(route: &str, e: &BoxError) {
     tracing::error!(
-        error = &*e as &(dyn std::error::Error + 'static),
+        error = &**e as &(dyn std::error::Error + 'static),
         route,
         "consumer service not ready"
     );
 }
 
 /// Logs a consumer service whose call failed.
-fn consumer_failed(route: &str, e: BoxError) {
+fn consumer_failed(route: &str, e: &BoxError) {
     tracing::error!(
-        error = &*e as &(dyn std::error::Error + 'static),
+        error = &**e as &(dyn std::error::Error + 'static),
         route,
         "consumer failed"
     );
@@ -112,7 +112,7 @@ impl WebSocketLayer {
                     match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(conn))) {
                         Ok(running) => Box::pin(running.map(move |done| {
                             if let Err(e) = done {
-                                consumer_failed(scope.route(), e.into());
+                                consumer_failed(scope.route(), &e.into());
                             }
                         })),
                         Err(p) => {
@@ -123,17 +123,17 @@ impl WebSocketLayer {
                     }
                 }
                 Poll::Ready(Err(e)) => {
-                    not_ready(conn.scope().route(), e.into());
+                    not_ready(conn.scope().route(), &e.into());
                     Box::pin(std::future::ready(()))
                 }
                 Poll::Pending => Box::pin(async move {
                     if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
-                        not_ready(conn.scope().route(), e.into());
+                        not_ready(conn.scope().route(), &e.into());
                         return;
                     }
                     let scope = conn.scope().clone();
                     if let Err(e) = svc.call(conn).await {
-                        consumer_failed(scope.route(), e.into());
+                        consumer_failed(scope.route(), &e.into());
                     }
                 }),
             }
