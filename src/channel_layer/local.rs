@@ -37,7 +37,12 @@ struct State {
 #[derive(Debug)]
 struct Entry {
     sender: ChannelSender,
-    groups: HashSet<String>,
+    /// The groups it is in; `None` until it joins one. Boxed: a registry
+    /// slot per channel, most of them (idle connections) in no group or
+    /// not yet.
+    // The box is the point: 8 bytes in the slot instead of the set's 48.
+    #[allow(clippy::box_collection)]
+    groups: Option<Box<HashSet<String>>>,
 }
 
 /// Locks `m`, ignoring poisoning: the channel layers' critical sections
@@ -145,7 +150,7 @@ impl Registry {
             key,
             Entry {
                 sender,
-                groups: HashSet::new(),
+                groups: None,
             },
         );
         Ok(())
@@ -163,7 +168,7 @@ impl Registry {
             return Vec::new();
         };
         let mut emptied = Vec::new();
-        for group in entry.groups {
+        for group in entry.groups.into_iter().flat_map(|g| *g) {
             if let Some(members) = st.groups.get_mut(&group) {
                 members.remove(name);
                 if members.is_empty() {
@@ -183,7 +188,10 @@ impl Registry {
             .get_mut(channel)
             .filter(|e| !e.sender.is_closed())
             .ok_or_else(|| no_such_channel(channel))?;
-        entry.groups.insert(group.to_owned());
+        entry
+            .groups
+            .get_or_insert_with(Box::default)
+            .insert(group.to_owned());
         let sender = entry.sender.clone();
         st.groups
             .entry(group.to_owned())
@@ -196,7 +204,9 @@ impl Registry {
     pub(crate) fn group_discard(&self, group: &str, channel: &str) {
         let mut st = self.write();
         if let Some(entry) = st.channels.get_mut(channel) {
-            entry.groups.remove(group);
+            if let Some(groups) = &mut entry.groups {
+                groups.remove(group);
+            }
         }
         if let Some(members) = st.groups.get_mut(group) {
             members.remove(channel);
@@ -280,7 +290,7 @@ impl Registry {
         let mut st = self.write();
         st.groups.clear();
         for entry in st.channels.values_mut() {
-            entry.groups.clear();
+            entry.groups = None;
             entry.sender.clear();
         }
     }

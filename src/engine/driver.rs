@@ -645,7 +645,7 @@ impl Engine {
     fn peer_closed(&mut self, frame: Option<CloseFrame>) {
         let code = frame.as_ref().map_or(close_code::STATUS, |f| f.code);
         let reply = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
-        self.link.lock().peer_close = Some(frame);
+        self.link.lock().peer_close = Some(Box::new(frame));
         self.enter_closing(Closing {
             code,
             deadline: Instant::now() + self.config().close_timeout,

@@ -65,7 +65,9 @@ pub(crate) struct State {
     // Application -> engine.
     pub(crate) out: VecDeque<Outbound>,
     pub(crate) out_bytes: usize,
-    pub(crate) close: Option<CloseRequest>,
+    /// Boxed, as `peer_close`: set once in a connection's life, and the
+    /// link is part of every idle connection's memory.
+    pub(crate) close: Option<Box<CloseRequest>>,
     /// A send would have crossed the hard cap: the client is too slow.
     pub(crate) overflow: bool,
     /// The layer is shutting down: close with 1001 after the queued output.
@@ -74,7 +76,7 @@ pub(crate) struct State {
     pub(crate) incoming: VecDeque<Message>,
     pub(crate) in_bytes: usize,
     /// The close the peer sent (or the abnormal end), handed out after `incoming`.
-    pub(crate) peer_close: Option<Option<CloseFrame>>,
+    pub(crate) peer_close: Option<Box<Option<CloseFrame>>>,
     /// Everything the application queued has been written to the socket.
     pub(crate) flushed: bool,
     /// Data moved more than once the same way since the last ping: an
@@ -276,7 +278,7 @@ impl Link {
         }
         if let Some(frame) = st.peer_close.take() {
             st.wake_host();
-            return Some(Some(Message::Close(frame)));
+            return Some(Some(Message::Close(*frame)));
         }
         matches!(st.status, Status::Closed(_)).then_some(None)
     }
@@ -309,10 +311,10 @@ impl Link {
     pub(crate) fn close(&self, frame: CloseFrame, after_queued: bool) {
         let mut st = self.lock();
         if st.close.is_none() && matches!(st.status, Status::Open | Status::Handshake) {
-            st.close = Some(CloseRequest {
+            st.close = Some(Box::new(CloseRequest {
                 frame,
                 after_queued,
-            });
+            }));
             st.wake_host();
         }
     }

@@ -118,7 +118,7 @@ mod size_tests {
             ("Engine", size_of::<super::Engine>(), 656),
             ("FrameReader", size_of::<super::wire::FrameReader>(), 176),
             ("FrameWriter", size_of::<super::wire::FrameWriter>(), 120),
-            ("Link", size_of::<super::Link>(), 320),
+            ("Link", size_of::<super::Link>(), 240),
         ];
         for (name, size, bound) in sizes {
             assert!(size <= bound, "{name} is {size} bytes (bound {bound})");
