@@ -100,7 +100,10 @@ pub(crate) struct Engine {
     /// read before it.
     deferred_close: Option<Box<Option<CloseFrame>>>,
     ping_due: bool,
-    pong_due: Option<Bytes>,
+    /// Boxed, as `over_budget_since` and `rate`: rarely set (or only with
+    /// a setting), and the engine is part of every idle connection's
+    /// memory.
+    pong_due: Option<Box<Bytes>>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
     /// Outgoing data waits for the write delay until then.
@@ -109,14 +112,14 @@ pub(crate) struct Engine {
     next_ping: Option<Instant>,
     /// Since when the queue has been above the soft budget, and `drained`
     /// at that moment.
-    over_budget_since: Option<(Instant, usize)>,
+    over_budget_since: Option<Box<(Instant, usize)>>,
     /// Bytes of application output moved to the writer so far.
     drained: usize,
     /// Application output was moved to the writer (or dropped by a close)
     /// since the application was last told that all of it is written.
     unflushed: bool,
     /// The rate limit's tokens and when they were last counted.
-    rate: Option<(f64, Instant)>,
+    rate: Option<Box<(f64, Instant)>>,
     /// Messages counted since the last fold into the layer's metrics.
     counts: LocalCounts,
     /// The transport's name (the metrics' `transport` label).
@@ -170,7 +173,9 @@ impl Engine {
             over_budget_since: None,
             drained: 0,
             unflushed: false,
-            rate: config.rate_limit.map(|r| (f64::from(r.burst.max(1)), now)),
+            rate: config
+                .rate_limit
+                .map(|r| Box::new((f64::from(r.burst.max(1)), now))),
             counts: LocalCounts::default(),
             transport,
             io: Arc::default(),
@@ -404,7 +409,7 @@ impl Engine {
                 Phase::Closed { .. } => (false, false),
             };
             if let Some(p) = self.pong_due.take() {
-                socket.queue_pong(p);
+                socket.queue_pong(*p);
             } else if std::mem::take(&mut self.ping_due) {
                 socket.queue_ping();
                 (self.data_in, self.data_out) = (0, 0);
@@ -614,11 +619,11 @@ impl Engine {
                 match &mut self.socket {
                     Some(socket) if socket.has_room() => {
                         if let Some(older) = self.pong_due.take() {
-                            socket.queue_pong(older);
+                            socket.queue_pong(*older);
                         }
                         socket.queue_pong(p);
                     }
-                    _ => self.pong_due = Some(p),
+                    _ => self.pong_due = Some(Box::new(p)),
                 }
             }
             Message::Pong(_) => {}
@@ -700,11 +705,11 @@ impl Engine {
 
     /// Spends one token of the rate limit; false when the budget is exhausted.
     fn take_token(&mut self) -> bool {
-        let (Some(limit), Some((tokens, last))) =
-            (self.link.runtime.config.rate_limit, &mut self.rate)
+        let (Some(limit), Some(rate)) = (self.link.runtime.config.rate_limit, &mut self.rate)
         else {
             return true;
         };
+        let (tokens, last) = &mut **rate;
         let now = Instant::now();
         let refill = now.duration_since(*last).as_secs_f64() * limit.per_second;
         *tokens = (*tokens + refill).min(f64::from(limit.burst.max(1)));
@@ -728,8 +733,8 @@ impl Engine {
             self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Peer::queued_bytes);
         if queued > soft_budget {
             let now = Instant::now();
-            let (since, at) = match self.over_budget_since {
-                Some(s) => s,
+            let (since, at) = match self.over_budget_since.as_deref() {
+                Some(&s) => s,
                 None => {
                     self.set_over_budget(Some((now, self.drained)));
                     (now, self.drained)
@@ -749,8 +754,8 @@ impl Engine {
 
     /// Sets when the queue went above the soft budget (a deadline input).
     fn set_over_budget(&mut self, since: Option<(Instant, usize)>) {
-        if self.over_budget_since != since {
-            self.over_budget_since = since;
+        if self.over_budget_since.as_deref() != since.as_ref() {
+            self.over_budget_since = since.map(Box::new);
             self.deadline_stale = true;
         }
     }
@@ -765,7 +770,8 @@ impl Engine {
                 let idle = config.idle_timeout.map(|t| self.last_seen + t);
                 let slow = self
                     .over_budget_since
-                    .map(|(s, _)| s + config.slow_client_timeout);
+                    .as_deref()
+                    .map(|&(s, _)| s + config.slow_client_timeout);
                 [idle, self.next_ping, slow, self.hold_until]
                     .into_iter()
                     .flatten()

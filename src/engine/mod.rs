@@ -114,10 +114,10 @@ mod size_tests {
     fn connection_state_stays_small() {
         use std::mem::size_of;
         let sizes = [
-            ("Host", size_of::<super::Host>(), 720),
-            ("Engine", size_of::<super::Engine>(), 656),
-            ("FrameReader", size_of::<super::wire::FrameReader>(), 176),
-            ("FrameWriter", size_of::<super::wire::FrameWriter>(), 120),
+            ("Host", size_of::<super::Host>(), 616),
+            ("Engine", size_of::<super::Engine>(), 552),
+            ("FrameReader", size_of::<super::wire::FrameReader>(), 136),
+            ("FrameWriter", size_of::<super::wire::FrameWriter>(), 112),
             ("Link", size_of::<super::Link>(), 240),
         ];
         for (name, size, bound) in sizes {

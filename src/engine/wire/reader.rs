@@ -54,7 +54,9 @@ pub(crate) struct FrameReader {
     context: Option<Box<Decompress>>,
     failed: Option<ProtocolError>,
     /// What compressed frames may still inflate to (`WireLimits::inflate`).
-    inflate_budget: Option<InflateBudget>,
+    /// Made on the first compressed frame (full, as it would be by then
+    /// anyway); boxed, as most connections never compress.
+    inflate_budget: Option<Box<InflateBudget>>,
 }
 
 /// A token bucket of inflated bytes.
@@ -137,9 +139,7 @@ impl FrameReader {
             partial: None,
             context: None,
             failed: None,
-            inflate_budget: limits
-                .inflate
-                .map(|l| InflateBudget::new(l, limits.max_message_size)),
+            inflate_budget: None,
         }
     }
 
@@ -352,8 +352,11 @@ impl FrameReader {
                     deflate::inflate_into(inflater.get(), &TAIL, &mut p.data, limit)?;
                 }
                 let inflated = p.data.len() - before;
-                if let Some(budget) = &mut self.inflate_budget {
-                    budget.charge(inflated)?;
+                if let Some(rate) = self.limits.inflate {
+                    let max = self.limits.max_message_size;
+                    self.inflate_budget
+                        .get_or_insert_with(|| Box::new(InflateBudget::new(rate, max)))
+                        .charge(inflated)?;
                 }
             }
             None => {
