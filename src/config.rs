@@ -9,7 +9,9 @@ use crate::Compression;
 /// The defaults keep an idle connection small (no read buffer between
 /// messages, a write buffer that is released once the queue is written, and
 /// no deflate state between messages) and cap what a peer can make the
-/// server hold.
+/// server hold. A connection that sends data keeps a write buffer of at
+/// most 1 KiB between writes, given back after a ping interval without
+/// data (with no ping interval, it keeps it until it closes).
 ///
 /// | setting | default |
 /// |---|---|

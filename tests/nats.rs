@@ -442,6 +442,84 @@ async fn named_group_members() {
     assert_eq!(dropped, 70 - 64, "capacity 64: the rest dropped");
 }
 
+/// `flush` empties what the JetStream store keeps under its prefix, for
+/// every process: histories (recovering fails, the next send starts a new
+/// epoch), presence, named members (a group send no longer reaches them).
+/// Another prefix on the same NATS keeps its own.
+#[tokio::test]
+async fn flush_empties_the_store_of_its_prefix_only() {
+    use tower_channels::channel_layer::{PresenceInfo, RecoveryFailure};
+    let Some(nats) = nats().await else { return };
+    let prefix = unique_prefix("flush");
+    let a = configured(&nats.url, &prefix).await;
+    let b = configured(&nats.url, &prefix).await;
+    let other = configured(&nats.url, &unique_prefix("flush-other")).await;
+    let history = format!("{}.flush", conformance::HISTORY_GROUPS);
+    let room = "flush.room";
+    let since_first = |p: &StreamPosition| StreamPosition::new(1, p.epoch());
+    let users = |members: Vec<tower_channels::channel_layer::PresenceMember>| -> Vec<String> {
+        members.iter().map(|m| m.user_id().to_owned()).collect()
+    };
+    // The same groups, user and named channel under both prefixes.
+    let mut kept = Vec::new();
+    for (layer, receiver) in [(&a, &b), (&other, &other)] {
+        let mut last = None;
+        for n in 0..3u32 {
+            let sent = layer.group_send(&history, Event::new("h", n)).await;
+            last = sent.unwrap().position;
+        }
+        let last = last.unwrap();
+        let r = layer.recover(&history, &since_first(&last)).await.unwrap();
+        assert_eq!(r.events().len(), 2, "{r:?}");
+        let member = layer.new_channel().await.unwrap();
+        let ada = PresenceInfo::new("ada").unwrap();
+        layer.presence_join(room, member.name(), ada).await.unwrap();
+        assert_eq!(users(layer.presence(room).await.unwrap()), ["ada"]);
+        let mut jobs = receiver.receive("flush.jobs").await.unwrap();
+        layer.group_add(room, "flush.jobs").await.unwrap();
+        let report = layer.group_send(room, Event::bare("before")).await.unwrap();
+        assert_eq!(report.remote_receivers, Some(1), "{report:?}");
+        assert_eq!(recv(&mut jobs).await.kind(), "before");
+        kept.push((last, member, jobs));
+    }
+    let (old, _member, mut jobs) = kept.remove(0);
+    let (other_last, _other_member, mut other_jobs) = kept.remove(0);
+
+    a.flush().await.unwrap();
+
+    let r = b.recover(&history, &old).await.unwrap();
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged), "{r:?}");
+    assert!(r.events().is_empty());
+    assert!(a.presence(room).await.unwrap().is_empty());
+    assert!(b.presence(room).await.unwrap().is_empty());
+    let report = a.group_send(room, Event::bare("after")).await.unwrap();
+    assert_eq!((report.remote_receivers, report.dropped), (None, 0));
+    a.send("flush.jobs", Event::bare("marker")).await.unwrap();
+    assert_eq!(
+        recv(&mut jobs).await.kind(),
+        "marker",
+        "a group send reached a flushed named member"
+    );
+    let new = b.group_send(&history, Event::bare("h")).await.unwrap();
+    let new = new.position.unwrap();
+    assert_eq!(new.offset(), 1);
+    assert_ne!(new.epoch(), old.epoch());
+    // A process that appended before the flush continues the new epoch.
+    let next = a.group_send(&history, Event::bare("h")).await.unwrap();
+    assert_eq!(next.position, Some(StreamPosition::new(2, new.epoch())));
+
+    // The other prefix is untouched.
+    let r = other
+        .recover(&history, &since_first(&other_last))
+        .await
+        .unwrap();
+    assert_eq!(r.events().len(), 2, "{r:?}");
+    assert_eq!(users(other.presence(room).await.unwrap()), ["ada"]);
+    let report = other.group_send(room, Event::bare("kept")).await.unwrap();
+    assert_eq!(report.remote_receivers, Some(1), "{report:?}");
+    assert_eq!(recv(&mut other_jobs).await.kind(), "kept");
+}
+
 /// Many concurrent history sends from three processes: offsets are
 /// contiguous and unique (the expected-last-sequence race is retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

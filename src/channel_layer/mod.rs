@@ -276,6 +276,8 @@ pub trait ChannelLayer: fmt::Debug + Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>>;
 
     /// Drops every group and every queued event (Django's `flush`), for tests.
+    /// A layer that keeps histories, presence or named group members in a
+    /// broker empties them too, for every process sharing its prefix.
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>>;
 
     /// Counters since the layer was created. The default returns zeros.

@@ -127,6 +127,11 @@ pub(crate) struct Engine {
     read_armed: bool,
     /// The timer was polled at its current deadline and has not fired.
     timer_armed: bool,
+    /// The next deadline (see [`next_deadline`](Self::next_deadline)),
+    /// computed again only after one of its inputs changed
+    /// (`deadline_stale`), not on every poll.
+    deadline: Option<Instant>,
+    deadline_stale: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -167,6 +172,8 @@ impl Engine {
             io: Arc::default(),
             read_armed: false,
             timer_armed: false,
+            deadline: None,
+            deadline_stale: true,
             link,
         };
         e.rearm_timer();
@@ -211,6 +218,7 @@ impl Engine {
         self.start_leaving(groups);
         self.ping_due = false;
         self.over_budget_since = None;
+        self.deadline_stale = true;
         self.rearm_timer();
     }
 
@@ -236,6 +244,7 @@ impl Engine {
             return;
         }
         self.phase = Phase::Closed { code };
+        self.deadline_stale = true;
         // The buffers go now (disconnect may run long); the transport
         // lingers if the peer may still be sending.
         if let Some(socket) = self.socket.take() {
@@ -402,6 +411,7 @@ impl Engine {
                 if self.hold_until.is_some_and(|t| Instant::now() >= t) {
                     // The delayed batch is out; the next one waits again.
                     self.hold_until = None;
+                    self.deadline_stale = true;
                 }
                 break;
             }
@@ -445,7 +455,8 @@ impl Engine {
                     break;
                 }
             }
-            if st.out.is_empty() && st.out.capacity() > 16 {
+            let emptied = st.out.is_empty();
+            if emptied && st.out.capacity() > 16 {
                 st.out = Default::default();
             }
             if st.out_bytes <= soft_budget {
@@ -458,6 +469,12 @@ impl Engine {
                 socket.queue(&out);
             }
             moved = true;
+            if emptied {
+                // Nothing left; what the application queues meanwhile
+                // wakes the host again (or sets its `dirty` flag), so the
+                // next round or poll sees it without another lock here.
+                break;
+            }
         }
         self.unflushed |= moved;
         moved
@@ -479,6 +496,7 @@ impl Engine {
                     return false;
                 }
                 self.hold_until = Some(now + delay);
+                self.deadline_stale = true;
                 self.rearm_timer();
                 true
             }
@@ -542,6 +560,7 @@ impl Engine {
         if seen && self.config().idle_timeout.is_some() {
             // One clock read per batch read, not per message.
             self.last_seen = Instant::now();
+            self.deadline_stale = true;
         }
         progress
     }
@@ -691,7 +710,7 @@ impl Engine {
     /// Queued bytes above the soft budget start the slow-client clock.
     fn check_budget(&mut self) {
         if !matches!(self.phase, Phase::Open) {
-            self.over_budget_since = None;
+            self.set_over_budget(None);
             return;
         }
         let soft_budget = self.config().max_outbound_bytes;
@@ -699,16 +718,30 @@ impl Engine {
             self.link.lock().out_bytes + self.socket.as_ref().map_or(0, Peer::queued_bytes);
         if queued > soft_budget {
             let now = Instant::now();
-            let (since, at) = *self.over_budget_since.get_or_insert((now, self.drained));
+            let (since, at) = match self.over_budget_since {
+                Some(s) => s,
+                None => {
+                    self.set_over_budget(Some((now, self.drained)));
+                    (now, self.drained)
+                }
+            };
             if self.drained - at >= soft_budget {
                 // The client read a whole budget's worth: it is reading,
                 // just behind a burst. The clock restarts.
-                self.over_budget_since = Some((now, self.drained));
+                self.set_over_budget(Some((now, self.drained)));
             } else if now.duration_since(since) >= self.config().slow_client_timeout {
                 self.slow_close("slow consumer: outbound queue full");
             }
         } else {
-            self.over_budget_since = None;
+            self.set_over_budget(None);
+        }
+    }
+
+    /// Sets when the queue went above the soft budget (a deadline input).
+    fn set_over_budget(&mut self, since: Option<(Instant, usize)>) {
+        if self.over_budget_since != since {
+            self.over_budget_since = since;
+            self.deadline_stale = true;
         }
     }
 
@@ -732,7 +765,10 @@ impl Engine {
     }
 
     fn rearm_timer(&mut self) {
-        let next = self.next_deadline();
+        if std::mem::take(&mut self.deadline_stale) {
+            self.deadline = self.next_deadline();
+        }
+        let next = self.deadline;
         if next != self.timer_at {
             if let Some(d) = next {
                 self.timer.as_mut().reset(d);
@@ -787,10 +823,12 @@ impl Engine {
                     if now >= at {
                         self.ping_due = true;
                         self.next_ping = Some(now + every);
+                        self.deadline_stale = true;
                     }
                 }
                 if self.hold_until.is_some_and(|t| now >= t) {
                     self.hold_until = None;
+                    self.deadline_stale = true;
                 }
             }
         }

@@ -48,6 +48,12 @@
 //!   and removes it on a leave, and keeps a liveness per group with a TTL,
 //!   refreshed every third of it; a listing is the entries of live
 //!   processes. See [`presence`].
+//! * **Flush** drops this process's group memberships and queued events,
+//!   and empties the [`Store`] under the prefix ([`Store::clear`]):
+//!   histories (the next send starts a new epoch), presence and named
+//!   members, of every process. Another process that still has presence
+//!   entries writes them again on its next refresh, as after a broker lost
+//!   its store.
 //!
 //! Each broker supplies only [`Transport`]'s three primitives, and
 //! optionally a [`Store`] and [`Queues`]. The in-process [`sim`] transport injects faults
@@ -1110,7 +1116,6 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
         Box::pin(async move {
             let inner = &self.inner;
             inner.registry.clear();
-            inner.presence_clear().await?;
             let groups: Vec<String> = {
                 let prefix = format!("{}.group.", inner.config.prefix);
                 lock(&inner.subscribed)
@@ -1118,10 +1123,16 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
                     .filter_map(|s| s.strip_prefix(&prefix).map(str::to_owned))
                     .collect()
             };
-            for group in groups {
-                inner.sync_group(&group).await?;
+            let synced = async {
+                for group in groups {
+                    inner.sync_group(&group).await?;
+                }
+                Ok(())
             }
-            Ok(())
+            .await;
+            // Histories, presence and named members, of every process.
+            let cleared = inner.clear_store().await;
+            synced.and(cleared)
         })
     }
 

@@ -532,10 +532,14 @@ impl<T: Transport> Inner<T> {
         Ok(())
     }
 
-    /// Forgets every local entry and removes this process's entries from
-    /// the store (`flush`).
-    pub(super) async fn presence_clear(&self) -> Result<(), ChannelLayerError> {
-        let Ok((_, store)) = self.presence_store() else {
+    /// Forgets every local entry and empties the store (`flush`, see
+    /// [`Store::clear`]): histories, every process's presence and the
+    /// named members under the prefix. Runs with the presence writes held,
+    /// so no refresh writes this process's entries back meanwhile. When
+    /// emptying fails, the groups this process had written are marked to
+    /// be dropped on the next refresh (their entries may still be stored).
+    pub(super) async fn clear_store(&self) -> Result<(), ChannelLayerError> {
+        let Some(store) = self.transport.store() else {
             return Ok(());
         };
         let _one_at_a_time = self.presence_writes.lock().await;
@@ -545,19 +549,19 @@ impl<T: Transport> Inner<T> {
             *presence = LocalPresence::default();
             groups
                 .into_iter()
-                .chain(lock(&self.presence_groups).keys().cloned())
+                .chain(lock(&self.presence_groups).drain().map(|(group, _)| group))
                 .collect()
         };
         lock(&self.presence_stays).clear();
-        let process = self.process();
-        for group in groups {
-            self.attempt(&format!("removing the presence of {group:?}"), || {
-                store.presence_drop(&group, process)
-            })
-            .await?;
-            lock(&self.presence_groups).remove(&group);
+        let cleared = self
+            .attempt("emptying the store (flush)", || store.clear())
+            .await;
+        if cleared.is_err() && self.presence_store().is_ok() {
+            for group in groups {
+                self.mark(&group, Written::Resync);
+            }
         }
-        Ok(())
+        cleared
     }
 }
 

@@ -668,4 +668,17 @@ impl Store for SimTransport {
         });
         Box::pin(std::future::ready(result))
     }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        // One prefix per network ([`PREFIX`]): everything is under it.
+        let result = self.check().map(|()| {
+            let mut net = self.net.lock();
+            net.histories.clear();
+            net.presence.clear();
+            net.alive.clear();
+            net.named.clear();
+            net.claims.clear();
+        });
+        Box::pin(std::future::ready(result))
+    }
 }

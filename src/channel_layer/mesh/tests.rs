@@ -494,3 +494,89 @@ async fn presence_of_a_silent_process_expires() {
     }
     drop(on_b);
 }
+
+/// `flush` empties the store for every process: histories (recovering
+/// an old position fails, the next send starts a new epoch that members
+/// elsewhere follow), presence (listed nobody; a process that still has
+/// entries writes them again on its next refresh) and named members (a
+/// group send no longer reaches them).
+#[tokio::test(start_paused = true)]
+async fn flush_empties_the_store() {
+    use crate::channel_layer::{PresenceInfo, RecoveryFailure, StreamPosition};
+    let net = SimNet::new(25);
+    let a = process(&net, 64).await;
+    let b = process(&net, 64).await;
+    let history = history_group("flush");
+    let mut on_b = b.new_channel().await.unwrap();
+    b.group_add(&history, on_b.name()).await.unwrap();
+    let mut last = None;
+    for i in 0..3u64 {
+        let sent = a.group_send(&history, Event::new("h", i)).await.unwrap();
+        last = sent.position;
+    }
+    let old = last.unwrap();
+    assert_eq!(positions(&mut on_b, 3).await.len(), 3);
+    assert!(b
+        .recover(&history, &StreamPosition::new(1, old.epoch()))
+        .await
+        .unwrap()
+        .is_recovered());
+
+    let room = "flush.room";
+    let info = |u: &str| PresenceInfo::new(u).unwrap();
+    let on_a = a.new_channel().await.unwrap();
+    a.presence_join(room, on_a.name(), info("ada"))
+        .await
+        .unwrap();
+    let bob = b.new_channel().await.unwrap();
+    b.presence_join(room, bob.name(), info("bob"))
+        .await
+        .unwrap();
+    let users = |members: Vec<crate::channel_layer::PresenceMember>| -> Vec<String> {
+        members.iter().map(|m| m.user_id().to_owned()).collect()
+    };
+    assert_eq!(users(a.presence(room).await.unwrap()), ["ada", "bob"]);
+
+    let mut jobs = b.receive("flush.jobs").await.unwrap();
+    a.group_add(room, "flush.jobs").await.unwrap();
+    // b's process (bob) and the named member.
+    let report = a.group_send(room, Event::bare("before")).await.unwrap();
+    assert_eq!(report.remote_receivers, Some(2), "{report:?}");
+    assert_eq!(recv(&mut jobs).await.kind(), "before");
+
+    a.flush().await.unwrap();
+
+    let r = b.recover(&history, &old).await.unwrap();
+    assert_eq!(r.failure(), Some(RecoveryFailure::EpochChanged));
+    assert!(r.events().is_empty());
+    assert!(a.presence(room).await.unwrap().is_empty());
+    let report = a.group_send(room, Event::bare("after")).await.unwrap();
+    assert_eq!((report.local_members, report.dropped), (0, 0));
+    // b's process only: bob is still its member.
+    assert_eq!(report.remote_receivers, Some(1), "{report:?}");
+    a.send("flush.jobs", Event::bare("marker")).await.unwrap();
+    assert_eq!(
+        recv(&mut jobs).await.kind(),
+        "marker",
+        "a group send reached a flushed named member"
+    );
+
+    let new = a
+        .group_send(&history, Event::bare("h"))
+        .await
+        .unwrap()
+        .position
+        .unwrap();
+    assert_eq!(new.offset(), 1);
+    assert_ne!(new.epoch(), old.epoch());
+    assert_eq!(positions(&mut on_b, 1).await, [(1, new.epoch().to_owned())]);
+
+    // b still has bob: it writes him again on its next refresh.
+    let ttl = conformance::presence_config().time_limit();
+    let flushed = tokio::time::Instant::now();
+    while users(a.presence(room).await.unwrap()) != ["bob"] {
+        assert!(flushed.elapsed() <= ttl, "bob not written again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((on_a, bob));
+}

@@ -285,9 +285,8 @@ pub(crate) trait Store: Send + Sync {
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
     /// The named members of `group` whose membership has not expired.
-    /// Asked on every group send: a store answers from memory (NATS keeps
-    /// a mirror of its bucket, updated by a watch) or in the send's own
-    /// round trip (a Redis script).
+    /// Asked on every group send, so a store answers in one round trip
+    /// (NATS reads the group's key in its bucket).
     fn named_members<'a>(
         &'a self,
         group: &'a str,
@@ -301,6 +300,15 @@ pub(crate) trait Store: Send + Sync {
         key: &'a str,
         ttl: std::time::Duration,
     ) -> BoxFuture<'a, Result<bool, TransportError>>;
+
+    /// Empties what the store keeps under the layer's prefix, for every
+    /// group and every process (`flush`): the histories (the next
+    /// [`append`](Self::append) to a group starts a new epoch at offset
+    /// 1), the presence entries, livenesses, records of processes and
+    /// claims, and the named members. What other prefixes keep on the same
+    /// broker is untouched. A store forgets any cache of what it removed
+    /// (e.g. the last offset it appended). May cost O(what is stored).
+    fn clear(&self) -> BoxFuture<'_, Result<(), TransportError>>;
 }
 
 /// One presence entry as stored (see [`Store::presence_add`]).

@@ -219,6 +219,16 @@
 //! [`ChannelLayerError::Unsupported`], and
 //! [`capabilities`](ChannelLayer::capabilities) says so.
 //!
+//! ## Flush
+//!
+//! [`flush`](ChannelLayer::flush) also purges the prefix's history stream
+//! and its buckets (those of other prefixes are untouched): histories
+//! start new epochs on their next send (recovering an older position
+//! answers [`RecoveryFailure::EpochChanged`](super::RecoveryFailure::EpochChanged)),
+//! presence lists nobody, and named channels are no longer group members,
+//! for every process. A process that still has presence members writes
+//! them again on its next refresh, as after NATS lost its store.
+//!
 //! # Not yet supported
 //!
 //! * Replicated streams: the history stream and presence buckets have one

@@ -853,6 +853,39 @@ impl JetStreamStore {
         Ok(true)
     }
 
+    /// Purges this prefix's history stream and buckets (each prefix has
+    /// its own, see the module docs), then forgets the cached offsets and
+    /// liveness revisions (an append in flight may have cached one).
+    async fn clear_all(&self) -> Result<(), TransportError> {
+        self.check_connected()?;
+        let streams = self
+            .history
+            .iter()
+            .chain(self.presence.iter().map(|bucket| &bucket.stream))
+            .chain(self.entries.iter().map(|bucket| &bucket.stream))
+            .chain(std::iter::once(&self.named.stream));
+        let mut lost = false;
+        for stream in streams {
+            match stream.purge().await {
+                Ok(_) => {}
+                // Lost with NATS's store: empty already.
+                Err(e)
+                    if matches!(e.kind(), stream::PurgeErrorKind::JetStream(ref js)
+                        if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    lost = true;
+                }
+                Err(e) => return Err(failed("emptying the JetStream store", e)),
+            }
+        }
+        if lost {
+            self.recreate().await;
+        }
+        lock(&self.last).clear();
+        lock(&self.alive).clear();
+        Ok(())
+    }
+
     async fn processes(&self, group: &str) -> Result<Vec<(String, bool)>, TransportError> {
         let what = format!("reading the presence of {group:?}");
         let (_, recorded) = self
@@ -1107,6 +1140,10 @@ impl Store for JetStreamStore {
                 )),
             }
         })
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(self.clear_all())
     }
 }
 

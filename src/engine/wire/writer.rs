@@ -26,8 +26,13 @@ use crate::payload::SharedPayload;
 /// member's task), so small frames stay batched in one buffer.
 pub(crate) const ZERO_COPY_MIN: usize = 4096;
 
-/// The small-frame buffer's first capacity after a flush.
+/// The small-frame buffer's first capacity.
 const FIRST_BUFFER: usize = 512;
+
+/// The largest small-frame buffer kept between writes while a connection
+/// sends data (see [`FrameWriter::poll_flush`]): allocating and freeing it
+/// per write was a tenth of a paced delivery's instructions.
+const KEPT_BUFFER: usize = 1024;
 
 /// Most slices handed to one vectored write (Linux's `IOV_MAX` is 1024; this
 /// keeps the array on the stack).
@@ -67,6 +72,11 @@ pub(crate) struct FrameWriter {
     /// Frames ready to write, in order.
     segments: VecDeque<Bytes>,
     queued: usize,
+    /// A data frame was queued since the last ping: keep the small-frame
+    /// buffer between writes. A ping goes out every ping interval, so a
+    /// connection that wrote no data for a whole interval gives its buffer
+    /// back once that ping is written.
+    sending_data: bool,
 }
 
 impl std::fmt::Debug for FrameWriter {
@@ -83,7 +93,9 @@ impl FrameWriter {
     /// A writer compressing per `deflate` (when negotiated), allocating a
     /// buffer for small frames when it has something to send (growing
     /// towards `write_buffer_size`, which the engine fills at most per
-    /// write) and releasing it once the queue is written.
+    /// write) and releasing it once the queue is written, except for a
+    /// buffer of at most 1 KiB kept while the connection sends data (until
+    /// the next ping).
     pub(crate) fn new(deflate: Option<DeflateParams>, write_buffer_size: usize) -> Self {
         Self {
             deflate,
@@ -92,6 +104,7 @@ impl FrameWriter {
             buf: BytesMut::new(),
             segments: VecDeque::new(),
             queued: 0,
+            sending_data: false,
         }
     }
 
@@ -102,6 +115,7 @@ impl FrameWriter {
             Outbound::Message(Message::Text(t)) => self.data(true, t.as_bytes()),
             Outbound::Message(Message::Binary(b)) => self.data(false, b),
             Outbound::Message(Message::Ping(b)) => {
+                self.sending_data = false;
                 self.control(Control::Ping, &b[..b.len().min(125)]);
             }
             Outbound::Message(Message::Pong(b)) => {
@@ -165,9 +179,22 @@ impl FrameWriter {
             self.advance(n);
         }
         ready!(Pin::new(&mut *io).poll_flush(cx))?;
-        // Idle: hold no write buffer at all.
-        self.buf = BytesMut::new();
-        self.segments = VecDeque::new();
+        // Between writes of a connection that sends data, keep a small
+        // buffer (at most KEPT_BUFFER bytes; `try_reclaim` rewinds it
+        // without allocating); otherwise hold none: an idle connection
+        // costs no write buffer.
+        self.buf.clear();
+        let keep = self.sending_data
+            && self
+                .buf
+                .try_reclaim(FIRST_BUFFER.min(self.write_buffer_size))
+            && self.buf.capacity() <= KEPT_BUFFER;
+        if !keep {
+            self.buf = BytesMut::new();
+        }
+        if self.segments.capacity() > 0 {
+            self.segments = VecDeque::new();
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -188,6 +215,7 @@ impl FrameWriter {
     }
 
     fn data(&mut self, text: bool, payload: &Bytes) {
+        self.sending_data = true;
         let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
         match self.deflate {
             Some(d) if payload.len() >= d.threshold && !payload.is_empty() => {
@@ -210,6 +238,7 @@ impl FrameWriter {
     }
 
     fn shared(&mut self, p: &SharedPayload) {
+        self.sending_data = true;
         let opcode = OpCode::Data(if p.is_text() {
             Data::Text
         } else {

@@ -547,6 +547,62 @@ async fn idle_connection_memory_with_deflate() {
         w.buffered_bytes(),
         structs + heap,
     );
-    assert_eq!(w.buffered_bytes(), 0, "the write buffer is released");
+    // A connection sending data keeps a small write buffer between
+    // writes; a ping interval without data gives it back.
+    assert!(
+        w.buffered_bytes() <= KEPT_BUFFER,
+        "{} B kept",
+        w.buffered_bytes()
+    );
     assert!(structs + heap <= 8 << 10, "{} bytes", structs + heap);
+    w.queue(&Outbound::Message(Message::Ping(Bytes::new())));
+    flush_now(&mut w, &mut io);
+    assert_eq!(
+        w.buffered_bytes(),
+        0,
+        "the write buffer is released after a ping"
+    );
+}
+
+/// A connection that sends small messages writes each from the same buffer
+/// (no allocation per write); a burst that grew it past `KEPT_BUFFER`, or
+/// a ping after a quiet interval, gives it back; control frames alone keep
+/// none.
+#[test]
+fn write_buffer_is_kept_between_small_writes_and_bounded() {
+    let mut w = FrameWriter::new(None, 8192);
+    let mut io = Recorder::default();
+    // Control frames only (pongs): nothing kept.
+    w.queue(&Outbound::Message(Message::Pong(Bytes::from_static(b"p"))));
+    flush_now(&mut w, &mut io);
+    assert_eq!(w.buffered_bytes(), 0);
+
+    w.queue(&Outbound::Message(Message::text("a".repeat(100))));
+    flush_now(&mut w, &mut io);
+    let kept = w.buffered_bytes();
+    assert!((1..=KEPT_BUFFER).contains(&kept), "{kept} B kept");
+    let first = w.buf.as_ptr();
+    w.queue(&Outbound::Message(Message::text("b".repeat(100))));
+    assert_eq!(
+        w.buf.as_ptr(),
+        first,
+        "the next frame reuses the kept buffer"
+    );
+    flush_now(&mut w, &mut io);
+    assert_eq!(w.buffered_bytes(), kept);
+
+    // A burst grows the buffer past the bound: released after the flush.
+    for _ in 0..20 {
+        w.queue(&Outbound::Message(Message::text("c".repeat(200))));
+    }
+    flush_now(&mut w, &mut io);
+    assert!(
+        w.buffered_bytes() <= KEPT_BUFFER,
+        "{} B",
+        w.buffered_bytes()
+    );
+
+    // Everything arrived, in order.
+    let frames = parse_server_frames(&io.data);
+    assert_eq!(frames.len(), 23);
 }
