@@ -111,19 +111,11 @@ pub(crate) const NAMED_MEMBER_EXPIRY: Duration = Duration::from_secs(86_400);
 
 /// `impl ChannelLayer for $layer`, every method delegated to its
 /// [`MeshLayer`] field `$mesh` (a broker layer is a transport and a
-/// builder around the mesh). With `flush = |$this| ...`, `flush` is that
-/// expression instead (`$this` is `&self`). `ChannelLayer` is the caller's
-/// (in scope there, as its docs link to it).
+/// builder around the mesh). `ChannelLayer` is the caller's (in scope
+/// there, as its docs link to it).
 #[cfg(any(feature = "nats", feature = "redis"))]
 macro_rules! delegate_to_mesh {
     ($layer:ty, $mesh:ident) => {
-        $crate::channel_layer::mesh::delegate_to_mesh!(
-            $layer,
-            $mesh,
-            flush = |layer| layer.$mesh.flush()
-        );
-    };
-    ($layer:ty, $mesh:ident, flush = |$this:ident| $flush:expr) => {
         impl ChannelLayer for $layer {
             fn capabilities(&self) -> $crate::channel_layer::Capabilities {
                 self.$mesh.capabilities()
@@ -207,8 +199,7 @@ macro_rules! delegate_to_mesh {
                 '_,
                 Result<(), $crate::channel_layer::ChannelLayerError>,
             > {
-                let $this = self;
-                $flush
+                self.$mesh.flush()
             }
 
             fn stats(&self) -> $crate::channel_layer::ChannelLayerStats {

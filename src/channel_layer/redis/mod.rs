@@ -209,6 +209,15 @@
 //! primary, optionally behind Sentinel, or `RedisClusterChannelLayer`
 //! (feature `redis-cluster`), which uses the cluster's sharded Pub/Sub.
 //!
+//! # Flush
+//!
+//! [`flush`](ChannelLayer::flush) also deletes every key under the prefix
+//! (the mesh store's `clear`: one `SCAN` and `DEL`
+//! per batch): histories start new epochs, presence lists nobody, named
+//! channels leave their groups and the events queued in their lists are
+//! dropped, for every process sharing the prefix. A process that still has
+//! presence members writes them again on its next refresh.
+//!
 //! # Wire format
 //!
 //! Every Pub/Sub message is the mesh's MessagePack envelope
@@ -489,37 +498,6 @@ impl RedisChannelLayer {
     pub fn channel_count(&self) -> usize {
         self.mesh.channel_count()
     }
-
-    /// Deletes every key under the prefix (after the mesh's own flush).
-    async fn delete_keys(&self) -> Result<(), ChannelLayerError> {
-        let pattern = format!("{}:*", escape_glob(self.prefix()));
-        let mut conn = self.mesh.transport().conn.clone();
-        let timeout = self.mesh.config().timeout;
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500);
-            let (next, keys) = within(
-                timeout,
-                "SCAN",
-                scan.query_async::<(u64, Vec<Vec<u8>>)>(&mut conn),
-            )
-            .await?;
-            if !keys.is_empty() {
-                let mut del = redis::cmd("DEL");
-                del.arg(&keys);
-                within(timeout, "DEL", del.query_async::<()>(&mut conn)).await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
-    }
 }
 
 /// `f` (a Redis command called `what`) within `timeout`.
@@ -615,16 +593,7 @@ fn escape_glob(s: &str) -> String {
     out
 }
 
-// Flushing also deletes every key under the prefix (named channels'
-// lists included).
-crate::channel_layer::mesh::delegate_to_mesh!(
-    RedisChannelLayer,
-    mesh,
-    flush = |layer| Box::pin(async move {
-        layer.mesh.flush().await?;
-        layer.delete_keys().await
-    })
-);
+crate::channel_layer::mesh::delegate_to_mesh!(RedisChannelLayer, mesh);
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use std::{collections::HashSet, time::Duration};
 use bytes::Bytes;
 use redis::{aio::ConnectionManager, FromRedisValue, Script};
 
-use super::{invoke, query, unix_now, RedisFailure};
+use super::{escape_glob, invoke, query, unix_now, RedisFailure};
 use crate::channel_layer::{
     history::policy_for,
     mesh::{live_subject, HistoryRange, PresenceListing, Store, StoredEntry, TransportError},
@@ -633,6 +633,38 @@ impl Store for RedisStore {
             let claimed: Option<String> = query(&self.conn, "presence claim", &set).await?;
             Ok(claimed.is_some())
         })
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(self.delete_keys())
+    }
+}
+
+impl RedisStore {
+    /// [`Store::clear`]: deletes every key under the prefix (`SCAN`, then
+    /// `DEL` of each batch), the named channels' lists included, so a
+    /// flush also drops the events queued there.
+    async fn delete_keys(&self) -> Result<(), TransportError> {
+        let pattern = format!("{}:*", escape_glob(&self.prefix));
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500);
+            let (next, keys): (u64, Vec<Vec<u8>>) = query(&self.conn, "SCAN", &scan).await?;
+            if !keys.is_empty() {
+                let mut del = redis::cmd("DEL");
+                del.arg(&keys);
+                query::<()>(&self.conn, "DEL", &del).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
     }
 }
 
