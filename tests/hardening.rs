@@ -1666,3 +1666,90 @@ async fn never_reading_clients_hold_at_most_the_hard_cap() {
         drop(within("a writer", w).await);
     }
 }
+
+/// Data frames from `buf` (unmasked server frames with payloads under 126
+/// bytes): their payloads as text. Panics on a partial frame.
+fn text_frames(mut buf: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        assert!(buf.len() >= 2, "partial frame header");
+        assert_eq!(buf[0] & 0x0f, 0x1, "a text frame");
+        let len = usize::from(buf[1] & 0x7f);
+        assert!(
+            len < 126 && buf.len() >= 2 + len,
+            "short frames only, whole"
+        );
+        out.push(String::from_utf8(buf[2..2 + len].to_vec()).expect("utf-8"));
+        buf = &buf[2 + len..];
+    }
+    out
+}
+
+/// `write_delay`: messages queued within the delay leave in one write, not
+/// before the delay; after a batch the next message is held and sent again
+/// (the deadline moves with each batch), and a later batch too.
+#[tokio::test]
+async fn write_delay_batches_messages_and_strands_none() {
+    const DELAY: Duration = Duration::from_millis(150);
+    let _shared = LOAD.read().await;
+    let p = probes();
+    let addr = serve(&p.layer(WebSocketConfig::default().write_delay(Some(DELAY)))).await;
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut stream = raw_handshake(stream, addr, "/ws/probe", "").await.0;
+    stream.set_nodelay(true).expect("nodelay");
+
+    // Reads until `n` frames arrived; returns them and how many reads it took.
+    async fn frames(stream: &mut TcpStream, n: usize) -> (Vec<String>, usize) {
+        let mut buf = Vec::new();
+        let mut reads = 0;
+        within("the echoed frames", async {
+            while text_frames_complete(&buf) < n {
+                let mut chunk = [0u8; 4096];
+                let got = stream.read(&mut chunk).await.expect("read");
+                assert!(got > 0, "the server closed");
+                buf.extend_from_slice(&chunk[..got]);
+                reads += 1;
+            }
+        })
+        .await;
+        (text_frames(&buf), reads)
+    }
+
+    for (round, count) in [(1, 5), (2, 1), (3, 3)] {
+        // `count` messages in one TCP write: the server reads them at once
+        // and the echo consumer queues `count` replies.
+        let mut wire = Vec::new();
+        let sent: Vec<String> = (0..count).map(|i| format!("r{round}m{i}")).collect();
+        for text in &sent {
+            wire.extend(client_frame(Frame::message(
+                text.clone().into_bytes(),
+                OpCode::Data(Data::Text),
+                true,
+            )));
+        }
+        let start = Instant::now();
+        stream.write_all(&wire).await.expect("write");
+        let (got, reads) = frames(&mut stream, count).await;
+        let took = start.elapsed();
+        assert_eq!(got, sent, "round {round}: every message, in order");
+        assert!(
+            took >= DELAY,
+            "round {round}: held for the write delay, arrived after {took:?}"
+        );
+        assert_eq!(reads, 1, "round {round}: one write for the batch");
+    }
+}
+
+/// How many whole frames `buf` holds (short unmasked frames).
+fn text_frames_complete(mut buf: &[u8]) -> usize {
+    let mut n = 0;
+    while buf.len() >= 2 {
+        let len = usize::from(buf[1] & 0x7f);
+        if buf.len() < 2 + len {
+            break;
+        }
+        buf = &buf[2 + len..];
+        n += 1;
+    }
+    n
+}

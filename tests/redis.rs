@@ -435,11 +435,13 @@ async fn two_instances() {
     loop {
         match a.send(&b_channel, Event::bare("anyone?")).await {
             Err(ChannelLayerError::NoSuchChannel { .. }) => break,
-            Ok(()) => assert!(
+            // A request that reached b's connection while it was closing
+            // is answered by nobody: it times out, as any such request.
+            Err(e) if common::error_chain(&e).contains("timed out") => assert!(
                 Instant::now() < deadline,
                 "b's channel still has a subscriber"
             ),
-            Err(e) => panic!("{e}"),
+            other => panic!("{other:?}"),
         }
         tokio::task::yield_now().await;
     }

@@ -144,7 +144,7 @@ mod event;
 mod history;
 mod local;
 mod memory;
-#[cfg(any(test, feature = "nats"))]
+#[cfg(any(test, feature = "nats", feature = "redis"))]
 mod mesh;
 mod names;
 #[cfg(feature = "nats")]
@@ -156,7 +156,7 @@ mod queue;
 pub mod redis;
 #[cfg(any(test, feature = "redis", feature = "nats"))]
 mod sequencer;
-#[cfg(any(feature = "redis", feature = "django"))]
+#[cfg(any(feature = "redis-cluster", feature = "django"))]
 mod subscriber_error;
 
 use std::{fmt, future::Future, pin::Pin};

@@ -12,17 +12,20 @@
 //!   processes (a broker that reports no subscriber gives `NoSuchChannel`
 //!   at once). A named channel (no `!`, a worker channel) is a queue
 //!   subscription to `{prefix}.channel.{name}`: each send is a request that
-//!   one receiving process answers.
+//!   one receiving process answers. On a broker without queue
+//!   subscriptions it is a queue the broker keeps ([`Queues`]): a send
+//!   pushes, each receiver pops when it has room.
 //! * **Groups** are subjects `{prefix}.group.{group}`, subscribed while the
 //!   process has a member (the subscription follows membership, one
 //!   change at a time). A group send hands the event to local members
 //!   first, then publishes it once; the other processes fan it out.
 //! * **Membership** of another process's channel is a request to it; it
 //!   subscribes before answering. A named channel joins a group in the
-//!   transport's [`Store`] (expiring after [`NAMED_MEMBER_EXPIRY`] unless
-//!   added again); a group send then also sends the event to each named
-//!   member, as a send to the channel (one process receiving it takes it;
-//!   a full one or one nobody receives counts as dropped).
+//!   transport's [`Store`] (expiring after [`MeshConfig::named_expiry`]
+//!   unless added again); a group send reads the named members alongside
+//!   its own broker call and then sends the event to each, as a send to
+//!   the channel (one process receiving it, or the broker's queue, takes
+//!   it; a full one or one nobody receives counts as dropped).
 //! * **One envelope** ([`Envelope`]): origin, sequence number, and an enum
 //!   of operations. Duplicates (same origin and sequence) are dropped.
 //! * **Timeouts and one retry.** Every broker operation has the layer's
@@ -53,7 +56,7 @@
 //!   its store.
 //!
 //! Each broker supplies only [`Transport`]'s three primitives, and
-//! optionally a [`Store`]. The in-process [`sim`] transport injects faults
+//! optionally a [`Store`] and [`Queues`]. The in-process [`sim`] transport injects faults
 //! (drop, delay, duplicate, reorder, partition, restart) on a paused clock
 //! for the tests, and keeps histories and presence in memory.
 
@@ -82,11 +85,13 @@ use tokio::sync::{mpsc, oneshot};
 
 #[cfg(feature = "nats")]
 pub(crate) use self::transport::history_subject;
+#[cfg(feature = "redis")]
+pub(crate) use self::transport::QueueConsumer;
 pub(crate) use self::{
     envelope::{Dedup, Envelope, Op, Status},
     transport::{
-        live_subject, Arrival, HistoryRange, Inbox, Incoming, PresenceListing, Store, StoredEntry,
-        Transport, TransportError,
+        live_subject, Arrival, HistoryRange, Inbox, Incoming, PresenceListing, Queues, Store,
+        StoredEntry, Transport, TransportError,
     },
 };
 use super::{
@@ -101,7 +106,146 @@ use super::{
 
 /// How long a named channel stays a member of a group unless added again
 /// (channels_redis' `group_expiry` default, as on Redis).
+#[cfg(any(test, feature = "nats"))]
 pub(crate) const NAMED_MEMBER_EXPIRY: Duration = Duration::from_secs(86_400);
+
+/// `impl ChannelLayer for $layer`, every method delegated to its
+/// [`MeshLayer`] field `$mesh` (a broker layer is a transport and a
+/// builder around the mesh). `ChannelLayer` is the caller's (in scope
+/// there, as its docs link to it).
+#[cfg(any(feature = "nats", feature = "redis"))]
+macro_rules! delegate_to_mesh {
+    ($layer:ty, $mesh:ident) => {
+        impl ChannelLayer for $layer {
+            fn capabilities(&self) -> $crate::channel_layer::Capabilities {
+                self.$mesh.capabilities()
+            }
+
+            fn new_channel(
+                &self,
+            ) -> $crate::channel_layer::BoxFuture<
+                '_,
+                Result<
+                    $crate::channel_layer::ChannelReceiver,
+                    $crate::channel_layer::ChannelLayerError,
+                >,
+            > {
+                self.$mesh.new_channel()
+            }
+
+            fn receive<'a>(
+                &'a self,
+                channel: &'a str,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<
+                    $crate::channel_layer::ChannelReceiver,
+                    $crate::channel_layer::ChannelLayerError,
+                >,
+            > {
+                self.$mesh.receive(channel)
+            }
+
+            fn send<'a>(
+                &'a self,
+                channel: &'a str,
+                event: $crate::channel_layer::Event,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<(), $crate::channel_layer::ChannelLayerError>,
+            > {
+                self.$mesh.send(channel, event)
+            }
+
+            fn group_add<'a>(
+                &'a self,
+                group: &'a str,
+                channel: &'a str,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<(), $crate::channel_layer::ChannelLayerError>,
+            > {
+                self.$mesh.group_add(group, channel)
+            }
+
+            fn group_discard<'a>(
+                &'a self,
+                group: &'a str,
+                channel: &'a str,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<(), $crate::channel_layer::ChannelLayerError>,
+            > {
+                self.$mesh.group_discard(group, channel)
+            }
+
+            fn group_send<'a>(
+                &'a self,
+                group: &'a str,
+                event: $crate::channel_layer::Event,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<
+                    $crate::channel_layer::GroupSendReport,
+                    $crate::channel_layer::ChannelLayerError,
+                >,
+            > {
+                self.$mesh.group_send(group, event)
+            }
+
+            fn flush(
+                &self,
+            ) -> $crate::channel_layer::BoxFuture<
+                '_,
+                Result<(), $crate::channel_layer::ChannelLayerError>,
+            > {
+                self.$mesh.flush()
+            }
+
+            fn stats(&self) -> $crate::channel_layer::ChannelLayerStats {
+                self.$mesh.stats()
+            }
+
+            fn presence_join<'a>(
+                &'a self,
+                group: &'a str,
+                channel: &'a str,
+                info: $crate::channel_layer::PresenceInfo,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<(), $crate::channel_layer::ChannelLayerError>,
+            > {
+                self.$mesh.presence_join(group, channel, info)
+            }
+
+            fn presence<'a>(
+                &'a self,
+                group: &'a str,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<
+                    Vec<$crate::channel_layer::PresenceMember>,
+                    $crate::channel_layer::ChannelLayerError,
+                >,
+            > {
+                self.$mesh.presence(group)
+            }
+
+            fn recover<'a>(
+                &'a self,
+                group: &'a str,
+                since: &'a $crate::channel_layer::StreamPosition,
+            ) -> $crate::channel_layer::BoxFuture<
+                'a,
+                Result<$crate::channel_layer::Recovery, $crate::channel_layer::ChannelLayerError>,
+            > {
+                self.$mesh.recover(group, since)
+            }
+        }
+    };
+}
+#[cfg(any(feature = "nats", feature = "redis"))]
+pub(crate) use delegate_to_mesh;
 
 /// Settings of a mesh layer.
 #[derive(Debug, Clone)]
@@ -116,6 +260,9 @@ pub(crate) struct MeshConfig {
     pub(crate) history: Vec<HistoryPolicy>,
     /// Presence, if configured (used when the transport has a [`Store`]).
     pub(crate) presence: Option<PresenceConfig>,
+    /// How long a named channel stays a member of a group unless added
+    /// again (`NAMED_MEMBER_EXPIRY` on NATS, `group_expiry` on Redis).
+    pub(crate) named_expiry: Duration,
 }
 
 /// A channel layer: the mesh protocol over the transport `T`.
@@ -221,29 +368,29 @@ impl<T: Transport> MeshLayer<T> {
     }
 
     /// The transport.
-    // Used by the NATS transport only (the mesh is also built for tests).
-    #[cfg(feature = "nats")]
+    // Used by the broker layers (the mesh is also built for tests).
+    #[cfg(any(feature = "nats", feature = "redis"))]
     pub(crate) fn transport(&self) -> &T {
         &self.inner.transport
     }
 
     /// The settings.
-    // Used by the NATS transport only (the mesh is also built for tests).
-    #[cfg(feature = "nats")]
+    // Used by the broker layers (the mesh is also built for tests).
+    #[cfg(any(feature = "nats", feature = "redis"))]
     pub(crate) fn config(&self) -> &MeshConfig {
         &self.inner.config
     }
 
     /// Number of this process's channels in `group`.
-    // Used by the NATS transport only (the mesh is also built for tests).
-    #[cfg(feature = "nats")]
+    // Used by the broker layers (the mesh is also built for tests).
+    #[cfg(any(feature = "nats", feature = "redis"))]
     pub(crate) fn local_group_len(&self, group: &str) -> usize {
         self.inner.registry.group_len(group)
     }
 
     /// Number of this process's channels that have a receiver.
-    // Used by the NATS transport only (the mesh is also built for tests).
-    #[cfg(feature = "nats")]
+    // Used by the broker layers (the mesh is also built for tests).
+    #[cfg(any(feature = "nats", feature = "redis"))]
     pub(crate) fn channel_count(&self) -> usize {
         self.inner.registry.channel_count()
     }
@@ -579,37 +726,49 @@ impl<T: Transport> Inner<T> {
 }
 
 impl<T: Transport> Inner<T> {
-    /// Sends `event` to each named member of `group` (when the transport
-    /// has a store), as a send to the channel: counted in
-    /// `remote_receivers` when a process took it, in `dropped` when the
-    /// channel was full or nobody receives it.
+    /// The named members of `group`, when the transport has a store.
+    async fn named_members(&self, group: &str) -> Result<Vec<String>, ChannelLayerError> {
+        let Some(store) = self.transport.store() else {
+            return Ok(Vec::new());
+        };
+        self.attempt(&format!("reading the named members of {group:?}"), || {
+            store.named_members(group)
+        })
+        .await
+    }
+
+    /// Sends `event` to each of `group`'s named `members`, as a send to
+    /// the channel: counted in `remote_receivers` when a process (or the
+    /// broker's queue) took it, in `dropped` when the channel was full or
+    /// nobody receives it.
     async fn send_to_named(
         &self,
         group: &str,
         event: &Event,
+        members: &[String],
         report: &mut GroupSendReport,
     ) -> Result<(), ChannelLayerError> {
-        let Some(store) = self.transport.store() else {
-            return Ok(());
-        };
-        let members = self
-            .attempt(&format!("reading the named members of {group:?}"), || {
-                store.named_members(group)
-            })
-            .await?;
         if members.is_empty() {
             return Ok(());
         }
         let encoded = event.encode()?;
         let sends = members.iter().map(|channel| {
-            let subject = self.channel_subject(channel);
             let encoded = &encoded;
             async move {
-                let op = Op::Channel {
-                    channel,
-                    event: encoded,
+                let status = match self.transport.queues() {
+                    Some(queues) => self
+                        .push(queues, channel, encoded)
+                        .await
+                        .map(|()| Status::Ok),
+                    None => {
+                        let op = Op::Channel {
+                            channel,
+                            event: encoded,
+                        };
+                        self.request(&self.channel_subject(channel), op).await
+                    }
                 };
-                (channel, self.request(&subject, op).await)
+                (channel, status)
             }
         });
         for (channel, status) in futures_util::future::join_all(sends).await {
@@ -633,6 +792,74 @@ impl<T: Transport> Inner<T> {
             }
         }
         Ok(())
+    }
+
+    /// A send to the named channel `channel` kept in the broker's queue.
+    async fn push(
+        &self,
+        queues: &dyn Queues,
+        channel: &str,
+        encoded: &[u8],
+    ) -> Result<(), ChannelLayerError> {
+        let payload = Bytes::copy_from_slice(encoded);
+        let pushed = self
+            .attempt(&format!("send to {channel:?}"), || {
+                queues.push(channel, payload.clone())
+            })
+            .await?;
+        if pushed {
+            Ok(())
+        } else {
+            Err(ChannelLayerError::ChannelFull {
+                channel: channel.to_owned(),
+            })
+        }
+    }
+
+    /// `receive` of the named channel `channel` kept in the broker's queue:
+    /// a task pops an event whenever the receiver has room for it (so the
+    /// others wait in the broker, for other receivers), until the receiver
+    /// is dropped.
+    async fn consume_queue(
+        &self,
+        queues: &dyn Queues,
+        channel: &str,
+    ) -> Result<ChannelReceiver, ChannelLayerError> {
+        let mut consumer = self
+            .attempt(&format!("receiving {channel:?}"), || {
+                queues.consume(channel)
+            })
+            .await?;
+        let (sender, rx) = super::channel(channel, self.config.capacity);
+        let (stop_tx, mut stop) = oneshot::channel::<()>();
+        let counters = self.counters.clone();
+        let name = channel.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let payload = tokio::select! {
+                    _ = &mut stop => return,
+                    payload = consumer.next() => payload,
+                };
+                let event = match Event::decode(&payload) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        tracing::warn!(channel = name, "dropping an event: {e}");
+                        Counters::add(&counters.dropped_other, 1);
+                        continue;
+                    }
+                };
+                let sent = tokio::select! {
+                    _ = &mut stop => Err(()),
+                    sent = sender.send(event) => sent.map_err(drop),
+                };
+                if sent.is_err() {
+                    Counters::add(&counters.dropped_other, 1);
+                    return;
+                }
+            }
+        });
+        // Dropping the receiver drops `stop_tx`, which ends the task.
+        Ok(rx.on_drop(move || drop(stop_tx)))
     }
 }
 
@@ -730,11 +957,14 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
             let inner = &self.inner;
             match inner.receive_local(channel)? {
                 Some(rx) => Ok(rx),
-                None => {
-                    let rx = inner.register(channel.to_owned())?;
-                    inner.sync_named(channel).await?;
-                    Ok(rx)
-                }
+                None => match inner.transport.queues() {
+                    Some(queues) => inner.consume_queue(queues, channel).await,
+                    None => {
+                        let rx = inner.register(channel.to_owned())?;
+                        inner.sync_named(channel).await?;
+                        Ok(rx)
+                    }
+                },
             }
         })
     }
@@ -750,7 +980,10 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
             let subject = match inner.registry.owner(channel) {
                 Owner::Local => return inner.registry.send(channel, event),
                 Owner::Process(process) => inner.proc_subject_of(process),
-                Owner::Named => inner.channel_subject(channel),
+                Owner::Named => match inner.transport.queues() {
+                    Some(queues) => return inner.push(queues, channel, &event.encode()?).await,
+                    None => inner.channel_subject(channel),
+                },
             };
             let encoded = event.encode()?;
             let status = inner
@@ -790,7 +1023,7 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
                     let store = inner.store(Feature::NamedGroupMembers)?;
                     inner
                         .attempt(&format!("adding {channel:?} to {group:?}"), || {
-                            store.named_add(group, channel, NAMED_MEMBER_EXPIRY)
+                            store.named_add(group, channel, inner.config.named_expiry)
                         })
                         .await
                 }
@@ -849,14 +1082,23 @@ impl<T: Transport> ChannelLayer for MeshLayer<T> {
         Box::pin(async move {
             validate_group_name(group)?;
             let inner = &self.inner;
-            let mut report = match inner
-                .history_policy(group)
-                .filter(|_| !event.is_ephemeral())
-            {
-                Some(_) => inner.group_send_with_history(group, &event).await,
-                None => inner.group_send_plain(group, &event).await,
-            }?;
-            inner.send_to_named(group, &event, &mut report).await?;
+            let send = async {
+                match inner
+                    .history_policy(group)
+                    .filter(|_| !event.is_ephemeral())
+                {
+                    Some(_) => inner.group_send_with_history(group, &event).await,
+                    None => inner.group_send_plain(group, &event).await,
+                }
+            };
+            // The named members are read alongside the send, in the same
+            // round trip on a pipelining client.
+            let (report, named) =
+                futures_util::future::join(send, inner.named_members(group)).await;
+            let mut report = report?;
+            inner
+                .send_to_named(group, &event, &named?, &mut report)
+                .await?;
             Ok(report)
         })
     }

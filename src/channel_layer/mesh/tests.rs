@@ -23,6 +23,7 @@ fn config(capacity: usize) -> MeshConfig {
         timeout: TIMEOUT,
         history: vec![conformance::history_policy()],
         presence: Some(conformance::presence_config()),
+        named_expiry: super::NAMED_MEMBER_EXPIRY,
     }
 }
 

@@ -35,7 +35,14 @@ impl fmt::Display for TransportError {
     }
 }
 
-impl std::error::Error for TransportError {}
+impl std::error::Error for TransportError {
+    /// The cause's own source: the cause is displayed as this error.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TransportError::NotSent(e) | TransportError::Failed(e) => e.source(),
+        }
+    }
+}
 
 /// The primitives the mesh protocol needs from a broker. Subjects are the
 /// mesh's names (`{prefix}.proc.{process}`, `{prefix}.group.{group}`,
@@ -92,6 +99,41 @@ pub(crate) trait Transport: fmt::Debug + Send + Sync + 'static {
     fn store(&self) -> Option<&dyn Store> {
         None
     }
+
+    /// The broker's queues for named channels, for a broker without queue
+    /// subscriptions (Redis lists). `None` (the default): a named channel
+    /// is a queue subscription ([`subscribe`](Self::subscribe) with
+    /// `queue`) and each send a request one receiver answers.
+    fn queues(&self) -> Option<&dyn Queues> {
+        None
+    }
+}
+
+/// Named channels as queues the broker keeps (see [`Transport::queues`]):
+/// a send pushes the encoded event, each receiver pops, so each event goes
+/// to one receiver, and waits in the broker while nobody receives.
+pub(crate) trait Queues: Send + Sync {
+    /// Appends `payload` (an encoded event) to `channel`'s queue; `false`
+    /// when the queue is full (it holds the layer's capacity).
+    fn push<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<bool, TransportError>>;
+
+    /// Starts taking `channel`'s items: each [`QueueConsumer::next`]
+    /// pops one, so a consumer only takes what its receiver has room for.
+    fn consume<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn QueueConsumer>, TransportError>>;
+}
+
+/// Pops one named channel's queue (made by [`Queues::consume`]).
+pub(crate) trait QueueConsumer: Send {
+    /// The next item, waiting until there is one (reconnecting meanwhile,
+    /// if the connection breaks).
+    fn next(&mut self) -> BoxFuture<'_, Bytes>;
 }
 
 /// Storage a broker may offer the mesh: group histories and presence
@@ -378,7 +420,7 @@ impl Inbox {
     /// Hands a message to the mesh, waiting while the inbox is full (the
     /// broker client then buffers, within its own bound); false when the
     /// mesh is gone.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
     pub(crate) async fn send(&self, message: Incoming) -> bool {
         self.tx.send(Arrival::Message(message)).await.is_ok()
     }

@@ -45,7 +45,7 @@
 //!   [`RecvError::Lagged`](super::RecvError::Lagged)). The sending process
 //!   delivers to its own members directly. NATS does not tell a publisher
 //!   how many subscribers got a message, so
-//!   [`GroupSendReport::remote_receivers`] is `None`.
+//!   [`GroupSendReport::remote_receivers`](super::GroupSendReport::remote_receivers) is `None`.
 //! * **Direct sends** to a channel `specific.<token>!<n>` of another process
 //!   are a NATS request to that process's subject `{prefix}.proc.specific.<token>`;
 //!   the process routes it to the channel and answers, so the sender gets
@@ -81,7 +81,7 @@
 //! except in groups with a history: it reads those back once reconnected.
 //! Each subscription buffers at most `capacity` messages on the client;
 //! beyond that async-nats drops them (a slow consumer) and the layer counts
-//! them in [`ChannelLayerStats::dropped_other`].
+//! them in [`ChannelLayerStats::dropped_other`](super::ChannelLayerStats::dropped_other).
 //!
 //! # Presence and history
 //!
@@ -261,11 +261,9 @@ use self::store::JetStreamStore;
 use super::{
     local::Counters,
     mesh::{Inbox, Incoming, MeshConfig, MeshLayer, Store, Transport, TransportError},
-    BoxError, BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver,
-    Event, GroupSendReport, HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery,
-    StreamPosition, DEFAULT_CAPACITY,
+    BoxError, BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig,
+    DEFAULT_CAPACITY,
 };
-use crate::channel_layer::Capabilities;
 
 /// The default subject prefix.
 pub const DEFAULT_PREFIX: &str = "tower-channels";
@@ -445,6 +443,7 @@ impl NatsChannelLayerBuilder {
             timeout: self.timeout,
             history: self.history,
             presence: self.presence,
+            named_expiry: crate::channel_layer::mesh::NAMED_MEMBER_EXPIRY,
         };
         let mesh = MeshLayer::start(transport, messages, config, counters).await?;
         Ok(NatsChannelLayer { mesh })
@@ -709,86 +708,7 @@ impl Transport for NatsTransport {
     }
 }
 
-impl ChannelLayer for NatsChannelLayer {
-    fn capabilities(&self) -> Capabilities {
-        self.mesh.capabilities()
-    }
-
-    fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-        self.mesh.new_channel()
-    }
-
-    fn receive<'a>(
-        &'a self,
-        channel: &'a str,
-    ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
-        self.mesh.receive(channel)
-    }
-
-    fn send<'a>(
-        &'a self,
-        channel: &'a str,
-        event: Event,
-    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        self.mesh.send(channel, event)
-    }
-
-    fn group_add<'a>(
-        &'a self,
-        group: &'a str,
-        channel: &'a str,
-    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        self.mesh.group_add(group, channel)
-    }
-
-    fn group_discard<'a>(
-        &'a self,
-        group: &'a str,
-        channel: &'a str,
-    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        self.mesh.group_discard(group, channel)
-    }
-
-    fn group_send<'a>(
-        &'a self,
-        group: &'a str,
-        event: Event,
-    ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
-        self.mesh.group_send(group, event)
-    }
-
-    fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
-        self.mesh.flush()
-    }
-
-    fn stats(&self) -> ChannelLayerStats {
-        self.mesh.stats()
-    }
-
-    fn presence_join<'a>(
-        &'a self,
-        group: &'a str,
-        channel: &'a str,
-        info: PresenceInfo,
-    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-        self.mesh.presence_join(group, channel, info)
-    }
-
-    fn presence<'a>(
-        &'a self,
-        group: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<PresenceMember>, ChannelLayerError>> {
-        self.mesh.presence(group)
-    }
-
-    fn recover<'a>(
-        &'a self,
-        group: &'a str,
-        since: &'a StreamPosition,
-    ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
-        self.mesh.recover(group, since)
-    }
-}
+crate::channel_layer::mesh::delegate_to_mesh!(NatsChannelLayer, mesh);
 
 #[cfg(test)]
 mod tests {

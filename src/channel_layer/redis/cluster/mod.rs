@@ -2,7 +2,11 @@
 //! are on [`RedisClusterChannelLayer`], public as
 //! `channel_layer::redis::RedisClusterChannelLayer`.
 
+mod history;
+mod presence;
+mod shared;
 mod subscriber;
+mod wire;
 mod worker;
 
 use std::{
@@ -25,18 +29,20 @@ use redis::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use self::subscriber::Command;
+use self::{
+    shared::{GroupKeys, Host, Shared},
+    subscriber::Command,
+    wire::Envelope,
+};
 use super::{
-    escape_glob, history, lock, presence,
-    shared::{self, GroupKeys, Host, Shared},
-    unix_now,
-    wire::{self, Envelope},
-    BackendError, Counters, LocalChannels, LuaScript, QueryError, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
-    DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX, DEFAULT_TIMEOUT, SEND_SCRIPT,
+    escape_glob, unix_now, CONNECT_TIMEOUT, DEFAULT_EXPIRY, DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN, SEND_SCRIPT,
 };
 use crate::channel_layer::{
-    local::{no_such_channel, Owner, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    local::{lock, no_such_channel, Counters, LocalChannels, Owner, Registry},
+    names,
+    subscriber_error::SubscriberError,
+    validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
     HistoryPolicy, PresenceConfig, PresenceInfo, PresenceMember, Recovery, StreamPosition,
     DEFAULT_CAPACITY,
@@ -1118,6 +1124,80 @@ impl Inner {
         } else {
             Ok(())
         }
+    }
+}
+
+/// A Lua script and the SHA1 Redis knows it by once loaded.
+#[derive(Debug)]
+pub(super) struct LuaScript {
+    code: &'static str,
+    sha: Mutex<String>,
+}
+
+impl LuaScript {
+    fn new(code: &'static str) -> Self {
+        Self {
+            code,
+            sha: Mutex::default(),
+        }
+    }
+
+    /// A script made of `parts`, one per line, joined once into `source`
+    /// (the caller's own static).
+    fn composed(source: &'static OnceLock<String>, parts: &[&str]) -> Self {
+        Self::new(source.get_or_init(|| parts.join("\n")))
+    }
+}
+
+#[derive(Debug)]
+enum QueryError {
+    Redis(redis::RedisError),
+    Timeout(Duration),
+}
+
+impl QueryError {
+    fn context(self, what: &str) -> ChannelLayerError {
+        match self {
+            QueryError::Redis(e) => BackendError::Redis(format!("Redis {what} failed"), e).into(),
+            QueryError::Timeout(d) => BackendError::Timeout(format!("Redis {what}"), d).into(),
+        }
+    }
+}
+
+/// A backend failure, wrapped in [`ChannelLayerError::Backend`]. The
+/// `String`s say what was being done; causes are typed `source`s.
+#[derive(Debug, thiserror::Error)]
+enum BackendError {
+    #[error("{0}")]
+    Redis(String, #[source] redis::RedisError),
+    #[error("{0} timed out after {1:?} (is Redis reachable?)")]
+    Timeout(String, Duration),
+    /// The builder was given settings that cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// A Lua script answered something it never returns.
+    #[error("malformed reply of the {0} script")]
+    MalformedReply(&'static str),
+    /// The layer's Pub/Sub task ended (the runtime is shutting down).
+    #[error("the Redis subscriber task has stopped")]
+    SubscriberStopped,
+    /// The Pub/Sub task could not do what was asked.
+    #[error("{0}")]
+    Subscriber(String, #[source] SubscriberError),
+    /// Another process answered a membership change with a failure.
+    #[error("{0}: it could not subscribe")]
+    RemoteFailed(String),
+    /// A reply that does not have the shape the command returns.
+    #[error("unexpected reply: {0}")]
+    UnexpectedReply(String),
+    /// Another process dropped a membership request unanswered.
+    #[error("{0}: no reply")]
+    NoReply(String),
+}
+
+impl From<BackendError> for ChannelLayerError {
+    fn from(e: BackendError) -> Self {
+        ChannelLayerError::backend(e)
     }
 }
 

@@ -22,16 +22,13 @@ use tokio::{
     time::Instant,
 };
 
-use super::{within, Inner};
-use crate::channel_layer::redis::{
-    lock,
+use super::{
+    history, lock, presence,
     wire::{self, Envelope},
-    Counters, LocalChannels, QueryError, SubscriberError, RECONNECT_MAX, RECONNECT_MIN,
+    within, Counters, Inner, LocalChannels, QueryError, SubscriberError, RECONNECT_MAX,
+    RECONNECT_MIN,
 };
-use crate::channel_layer::{
-    redis::{history, presence},
-    Event,
-};
+use crate::channel_layer::Event;
 
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);

@@ -6,12 +6,8 @@ use std::{sync::Arc, time::Duration};
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::oneshot;
 
-use super::{connect, Inner};
-use crate::channel_layer::{
-    channel,
-    redis::{wire::Envelope, Counters, RECONNECT_MAX, RECONNECT_MIN},
-    ChannelLayerError, ChannelReceiver, ChannelSender,
-};
+use super::{connect, wire::Envelope, Counters, Inner, RECONNECT_MAX, RECONNECT_MIN};
+use crate::channel_layer::{channel, ChannelLayerError, ChannelReceiver, ChannelSender};
 
 /// How long one `BRPOP` blocks.
 pub(super) const BLOCK: Duration = Duration::from_secs(5);

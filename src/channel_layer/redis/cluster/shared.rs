@@ -11,7 +11,7 @@
 //! group's stream, offset and epoch and its presence entries all live on
 //! the group's slot and every script call runs on one node.
 
-use std::{borrow::Cow, future::Future, sync::Mutex, time::Duration};
+use std::{future::Future, sync::Mutex, time::Duration};
 
 use redis::{Cmd, FromRedisValue};
 use tokio::sync::oneshot;
@@ -87,37 +87,23 @@ pub(super) async fn wait_reply(
     }
 }
 
-/// Names the per-group keys of presence and history.
+/// Names the per-group keys of presence and history: the group is a hash
+/// tag (`{group}`), so they all live on the group's slot.
 #[derive(Debug)]
 pub(super) struct GroupKeys {
     prefix: String,
-    /// Whether the group is written as a hash tag (`{group}`, Redis Cluster).
-    hash_tag: bool,
 }
 
 impl GroupKeys {
-    pub(super) fn plain(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            hash_tag: false,
-        }
-    }
-
     /// Keys whose slot is the group name's (the prefix has no braces).
-    #[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
     pub(super) fn hash_tagged(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),
-            hash_tag: true,
         }
     }
 
-    fn group<'a>(&self, group: &'a str) -> Cow<'a, str> {
-        if self.hash_tag {
-            Cow::Owned(format!("{{{group}}}"))
-        } else {
-            Cow::Borrowed(group)
-        }
+    fn group(&self, group: &str) -> String {
+        format!("{{{group}}}")
     }
 
     /// The capped stream of the group's history.

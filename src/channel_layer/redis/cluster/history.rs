@@ -147,7 +147,6 @@ pub(super) async fn follow<H: Host>(inner: &H, groups: &[String]) {
 
 /// Stops following `group` (its subscription ended because it has no
 /// local member left).
-#[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
 pub(super) fn unfollow<H: Host>(inner: &H, group: &str) {
     inner.shared().sequencer.retain(|g| g != group);
 }
