@@ -672,3 +672,32 @@ fn old_consumer_names_still_compile() {
         wrapped,
     );
 }
+
+/// A consumer factory that panics (in the route's closure, before any
+/// handler) is the consumer's panic: counted, the handshake refused, the
+/// server and other connections untouched. The `Connection` is dropped
+/// undecided, so the client gets 403, as for a `connect` that fails before
+/// deciding (documented on `Connection`).
+#[tokio::test]
+async fn a_panicking_consumer_factory_is_contained() {
+    let channels = fragile_layer().route(
+        "/ws/broken",
+        websocket_consumer(|_| -> Fragile { panic!("factory panicked (expected by the test)") }),
+    );
+    let addr = serve_axum(Router::new().layer(channels.clone())).await;
+    let mut bystander = connect(addr, "/ws/fragile").await;
+    echo_text(&mut bystander, "before").await;
+
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/broken")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 403, "the handshake is refused");
+        }
+        other => panic!("expected the handshake to be refused with 403, got {other:?}"),
+    }
+    assert_eq!(channels.stats().panics, 1, "the panic is counted");
+
+    echo_text(&mut bystander, "after").await;
+    let mut newcomer = connect(addr, "/ws/fragile").await;
+    echo_text(&mut newcomer, "new connection works").await;
+}

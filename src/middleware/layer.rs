@@ -13,7 +13,6 @@ use super::{Runtime, ShutdownHandle, WebSocketService};
 use crate::{
     channel_layer::{BoxError, BoxFuture, ChannelLayer, InMemoryChannelLayer},
     consumer::{Connection, ConsumerService},
-    engine::panic_message,
     metrics::ConnectionStats,
     origin::AllowedOrigins,
     route::{Params, RoutePattern},
@@ -105,7 +104,6 @@ impl WebSocketLayer {
             match svc.poll_ready(&mut noop) {
                 Poll::Ready(Ok(())) => {
                     let scope = conn.scope().clone();
-                    let runtime = conn.runtime.clone();
                     // The call (the consumer's factory) runs here, in the
                     // connection's span (see `spawn_connection`); a panic
                     // in it is the consumer's, as one in its future is.
@@ -115,11 +113,10 @@ impl WebSocketLayer {
                                 consumer_failed(scope.route(), &e.into());
                             }
                         })),
-                        Err(p) => {
-                            tracing::error!(panic = %panic_message(&*p), "consumer panicked; closing with 1011");
-                            runtime.metrics.panicked();
-                            Box::pin(std::future::ready(()))
-                        }
+                        // Raised again where the host polls the
+                        // application, which logs it, counts it and closes
+                        // with 1011, as for a panic in the future itself.
+                        Err(p) => Box::pin(async move { std::panic::resume_unwind(p) }),
                     }
                 }
                 Poll::Ready(Err(e)) => {
