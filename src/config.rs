@@ -9,9 +9,11 @@ use crate::Compression;
 /// The defaults keep an idle connection small (no read buffer between
 /// messages, a write buffer that is released once the queue is written, and
 /// no deflate state between messages) and cap what a peer can make the
-/// server hold. A connection that sends data keeps a write buffer of at
-/// most 1 KiB between writes, given back after a ping interval without
-/// data (with no ping interval, it keeps it until it closes).
+/// server hold. A connection that keeps sending (a second message since
+/// the last ping) keeps a write buffer of at most 1 KiB and its emptied
+/// message queues (up to 16 entries each) between messages, given back
+/// after a ping interval without data (with no ping interval, until it
+/// closes).
 ///
 /// | setting | default |
 /// |---|---|
