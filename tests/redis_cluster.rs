@@ -410,8 +410,7 @@ async fn history_and_presence_keys_share_the_group_slot() {
         format!("{prefix}:history:{tag}"),
         format!("{prefix}:history-meta:{tag}"),
         format!("{prefix}:presence:{tag}:procs"),
-        format!("{prefix}:presence:{tag}:c:{}", layer.process_name()),
-        format!("{prefix}:presence:{tag}:u:{}", layer.process_name()),
+        format!("{prefix}:presence:{tag}:users"),
     ];
     let owner_url = format!(
         "redis://127.0.0.1:{}",

@@ -222,10 +222,7 @@ impl Registry {
     }
 
     /// Groups with at least one local member.
-    #[cfg_attr(
-        not(any(feature = "redis-cluster", feature = "django")),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(feature = "django"), allow(dead_code))]
     pub(crate) fn group_names(&self) -> Vec<String> {
         self.read().groups.keys().cloned().collect()
     }
@@ -435,10 +432,7 @@ pub(crate) trait LocalChannels: Send + Sync + Sized + 'static {
     /// An event another process sent to one of our channels: delivered
     /// without waiting; a full channel counts in `dropped_full`, an unknown
     /// or closed one in `dropped_other`.
-    #[cfg_attr(
-        not(any(feature = "redis-cluster", feature = "django")),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(feature = "django"), allow(dead_code))]
     fn deliver_remote(&self, channel: &str, event: Event) {
         let counters = self.counters();
         match self.registry().send_lossy(channel, event) {

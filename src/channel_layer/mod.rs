@@ -154,9 +154,14 @@ mod presence;
 mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
+// Shared by the Redis and the Django layers (the `django` feature does not
+// turn on `redis`), so declared here rather than in `redis`.
+#[cfg(any(feature = "redis", feature = "django"))]
+#[path = "redis/keys.rs"]
+mod redis_keys;
 #[cfg(any(test, feature = "redis", feature = "nats"))]
 mod sequencer;
-#[cfg(any(feature = "redis-cluster", feature = "django"))]
+#[cfg(feature = "django")]
 mod subscriber_error;
 
 use std::{fmt, future::Future, pin::Pin};

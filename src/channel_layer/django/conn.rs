@@ -155,3 +155,25 @@ impl Host {
         }
     }
 }
+
+/// `SCAN` and `DEL` on the server, with [`Host::query`]'s timeout and retry.
+impl crate::channel_layer::redis_keys::Keyspace for Host {
+    type Error = ChannelLayerError;
+
+    fn scan<'a>(
+        &'a self,
+        scan: &'a Cmd,
+    ) -> crate::channel_layer::BoxFuture<
+        'a,
+        Result<crate::channel_layer::redis_keys::ScanStep, ChannelLayerError>,
+    > {
+        Box::pin(self.query("SCAN", scan))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        del: &'a Cmd,
+    ) -> crate::channel_layer::BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(self.query("DEL", del))
+    }
+}

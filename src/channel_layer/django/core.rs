@@ -21,9 +21,9 @@ use super::{
 };
 use crate::channel_layer::{
     local::{LocalChannels, Registry},
-    names, validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
-    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, Feature,
-    GroupSendReport,
+    names, redis_keys, validate_channel_name, validate_group_name, BoxFuture, Capabilities,
+    ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery,
+    Event, Feature, GroupSendReport,
 };
 
 /// How long one `BZPOPMIN` blocks (channels_redis' `brpop_timeout`).
@@ -260,25 +260,7 @@ impl Inner {
 
     async fn flush_host(&self, host: &Host) -> Result<(), ChannelLayerError> {
         let pattern = format!("{}*", escape_glob(&self.config.prefix));
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500);
-            let (next, keys): (u64, Vec<Vec<u8>>) = host.query("SCAN", &scan).await?;
-            if !keys.is_empty() {
-                let mut del = redis::cmd("DEL");
-                del.arg(&keys);
-                host.query::<()>("DEL", &del).await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
+        redis_keys::delete_matching(host, &pattern).await
     }
 }
 

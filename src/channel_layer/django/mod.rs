@@ -169,7 +169,7 @@ use std::{
 };
 
 pub use self::{core::DjangoChannelLayer, pubsub::DjangoPubSubChannelLayer};
-use super::{local::Counters, ChannelLayerError, DEFAULT_CAPACITY};
+use super::{local::Counters, redis_keys::escape_glob, ChannelLayerError, DEFAULT_CAPACITY};
 #[cfg(doc)]
 use super::{ChannelLayerStats, Event};
 
@@ -426,17 +426,6 @@ fn now_secs_f64() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn escape_glob(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]

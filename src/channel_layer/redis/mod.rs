@@ -255,7 +255,7 @@ use std::{
 };
 
 use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     FromRedisValue, RedisError, Script, ScriptInvocation,
 };
 
@@ -263,7 +263,8 @@ use self::{queue::RedisQueues, store::RedisStore, transport::RedisTransport};
 use super::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
-    ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
+    redis_keys::{self, Keyspace},
+    BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 
 /// The default key prefix.
@@ -395,16 +396,17 @@ impl RedisChannelLayerBuilder {
         let pubsub = transport::open(&client, &[], timeout).await?;
         let counters = Arc::new(Counters::default());
         let (inbox, messages) = Inbox::new();
+        let layout = Layout::new(&self.prefix, false);
         let store = RedisStore::new(
             conn.clone(),
-            &self.prefix,
+            layout.clone(),
             self.history.clone(),
             self.presence.time_limit(),
         );
         let queues = RedisQueues {
-            client,
+            connector: client,
             conn,
-            prefix: self.prefix.clone(),
+            layout,
             capacity: self.capacity,
             expiry: self.expiry,
             timeout,
@@ -552,9 +554,124 @@ fn failure(what: &str, e: RedisError) -> TransportError {
     }
 }
 
+/// A command connection the [store](store) and the [named
+/// channels](queue) run on: one server ([`ConnectionManager`]) or a
+/// cluster (redis-rs's `ClusterConnection`, which routes each command and
+/// script call by its first key).
+trait Connection: ConnectionLike + Clone + Send + Sync + 'static {
+    /// Deletes every key matching `pattern` (on every primary of a cluster).
+    fn delete_matching<'a>(&'a self, pattern: &'a str)
+        -> BoxFuture<'a, Result<(), TransportError>>;
+}
+
+impl Connection for ConnectionManager {
+    fn delete_matching<'a>(
+        &'a self,
+        pattern: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move { redis_keys::delete_matching(&Server(self), pattern).await })
+    }
+}
+
+/// The keys of the one server `conn` is connected to.
+struct Server<'a, C>(&'a C);
+
+impl<C: Connection> Keyspace for Server<'_, C> {
+    type Error = TransportError;
+
+    fn scan<'a>(
+        &'a self,
+        scan: &'a redis::Cmd,
+    ) -> BoxFuture<'a, Result<redis_keys::ScanStep, TransportError>> {
+        Box::pin(query(self.0, "SCAN", scan))
+    }
+
+    fn delete<'a>(&'a self, del: &'a redis::Cmd) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(query(self.0, "DEL", del))
+    }
+}
+
+/// The names of keys and Pub/Sub channels under a prefix. On one server a
+/// key is `{prefix}:{kind}:{name}` and a channel is the mesh's subject
+/// `{prefix}.{kind}.{name}`. On a cluster (`sharded`) the name (a group, a
+/// named channel, a process) is a hash tag, `{prefix}:{kind}:{<name>}` and
+/// `{prefix}.{kind}.{<name>}` (the braces literal), so every key and shard
+/// channel of one group hashes to the group's slot, and scripts publish
+/// with `SPUBLISH`.
+#[derive(Debug, Clone)]
+struct Layout {
+    prefix: String,
+    sharded: bool,
+}
+
+impl Layout {
+    fn new(prefix: &str, sharded: bool) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            sharded,
+        }
+    }
+
+    fn tagged<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.sharded {
+            format!("{{{name}}}").into()
+        } else {
+            name.into()
+        }
+    }
+
+    /// The key of `kind` for `name`: `{prefix}:{kind}:{name}`, the name
+    /// hash-tagged on a cluster.
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}:{kind}:{}", self.prefix, self.tagged(name))
+    }
+
+    /// The Pub/Sub channel of the mesh subject `{prefix}.{kind}.{name}`:
+    /// the subject itself, or with the name hash-tagged on a cluster.
+    fn channel(&self, subject: &str) -> String {
+        if !self.sharded {
+            return subject.to_owned();
+        }
+        let split = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(|s| s.split_once('.'));
+        match split {
+            Some((kind, name)) => format!("{}.{kind}.{{{name}}}", self.prefix),
+            // Not a mesh subject: no tag (never made by the mesh).
+            None => subject.to_owned(),
+        }
+    }
+
+    /// The mesh subject of a channel [`channel`](Self::channel) made;
+    /// `None` for another one. (Only the cluster's subscriptions map
+    /// channels back; a single server's are the subjects.)
+    #[cfg_attr(not(any(test, feature = "redis-cluster")), allow(dead_code))]
+    fn subject(&self, channel: &str) -> Option<String> {
+        if !self.sharded {
+            return Some(channel.to_owned());
+        }
+        let (kind, tagged) = channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?
+            .split_once('.')?;
+        let name = tagged.strip_prefix('{')?.strip_suffix('}')?;
+        Some(format!("{}.{kind}.{name}", self.prefix))
+    }
+
+    /// The command scripts publish with: `PUBLISH`, `SPUBLISH` on a cluster.
+    fn publish(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+}
+
 /// Runs `cmd` (`what`, in errors) on a handle of `conn`.
-async fn query<T: FromRedisValue>(
-    conn: &ConnectionManager,
+async fn query<T: FromRedisValue, C: Connection>(
+    conn: &C,
     what: &str,
     cmd: &redis::Cmd,
 ) -> Result<T, TransportError> {
@@ -564,9 +681,9 @@ async fn query<T: FromRedisValue>(
 }
 
 /// Runs `script` (`what`, in errors) on a handle of `conn`, by its SHA1
-/// (loading it again where Redis forgot it).
-async fn invoke<T: FromRedisValue>(
-    conn: &ConnectionManager,
+/// (loading it again where Redis forgot it: on a cluster, on every primary).
+async fn invoke<T: FromRedisValue, C: Connection>(
+    conn: &C,
     what: &str,
     script: &ScriptInvocation<'_>,
 ) -> Result<T, TransportError> {
@@ -582,17 +699,6 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn escape_glob(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 crate::channel_layer::mesh::delegate_to_mesh!(RedisChannelLayer, mesh);
 
 #[cfg(test)]
@@ -600,9 +706,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn glob_escaping() {
-        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
-        assert_eq!(escape_glob("tower-channels"), "tower-channels");
+    fn layouts() {
+        let one = Layout::new("app.x", false);
+        assert_eq!(one.key("history", "lobby"), "app.x:history:lobby");
+        assert_eq!(one.channel("app.x.group.lobby"), "app.x.group.lobby");
+        assert_eq!(
+            one.subject("app.x.group.lobby").unwrap(),
+            "app.x.group.lobby"
+        );
+        assert_eq!(one.publish(), "PUBLISH");
+
+        let sharded = Layout::new("app.x", true);
+        assert_eq!(sharded.key("history", "lobby"), "app.x:history:{lobby}");
+        assert_eq!(sharded.channel("app.x.group.a.b"), "app.x.group.{a.b}");
+        assert_eq!(
+            sharded.channel("app.x.proc.specific.t"),
+            "app.x.proc.{specific.t}"
+        );
+        for subject in [
+            "app.x.group.a.b",
+            "app.x.hlive.lobby",
+            "app.x.proc.specific.t",
+        ] {
+            assert_eq!(sharded.subject(&sharded.channel(subject)).unwrap(), subject);
+        }
+        assert!(sharded.subject("app.x.group.lobby").is_none());
+        assert!(sharded.subject("other.group.{lobby}").is_none());
+        assert_eq!(sharded.publish(), "SPUBLISH");
     }
 
     #[tokio::test]

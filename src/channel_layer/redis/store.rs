@@ -1,24 +1,31 @@
-//! The mesh's [`Store`] on one Redis server: histories in streams,
-//! presence in two keys per group, named members in a sorted set, each
-//! operation one command or one Lua script (see the module docs' "Keys").
+//! The mesh's [`Store`] on Redis, one server or a cluster: histories in
+//! streams, presence in two keys per group, named members in a sorted set,
+//! each operation one command or one Lua script (see the module docs'
+//! "Keys"). Every key of a group is named by the [`Layout`], which on a
+//! cluster hash-tags the group, so each script touches (and publishes on)
+//! one slot only.
 
 use std::{collections::HashSet, time::Duration};
 
 use bytes::Bytes;
-use redis::{aio::ConnectionManager, FromRedisValue, Script};
+use redis::{FromRedisValue, Script};
 
-use super::{escape_glob, invoke, query, unix_now, RedisFailure};
+use super::{invoke, query, unix_now, Connection, Layout, RedisFailure};
 use crate::channel_layer::{
     history::policy_for,
     mesh::{live_subject, HistoryRange, PresenceListing, Store, StoredEntry, TransportError},
-    names, BoxFuture, HistoryPolicy, StreamPosition,
+    names,
+    redis_keys::escape_glob,
+    BoxFuture, HistoryPolicy, StreamPosition,
 };
 
 /// `KEYS`: stream, meta hash. `ARGV`: live channel, encoded event, max
 /// len, ttl (ms), a new epoch. Appends the event with the next offset
 /// (starting a new epoch at 1 when the stream or its meta is gone),
 /// publishes `{offset}:{epoch}:{event}` on the live channel and returns
-/// `{offset, epoch}`.
+/// `{offset, epoch}`. `$PUBLISH` is the layout's publish command
+/// ([`Layout::publish`]: `SPUBLISH` on a cluster, where the live channel
+/// hashes to the slot of both keys).
 const APPEND: &str = r"
 local stream, meta = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -31,7 +38,7 @@ local offset = redis.call('HINCRBY', meta, 'top', 1)
 redis.call('XADD', stream, 'MAXLEN', ARGV[3], offset .. '-0', 'e', ARGV[2])
 redis.call('PEXPIRE', stream, ARGV[4])
 redis.call('PEXPIRE', meta, ARGV[4])
-redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
+redis.call('$PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
 return {offset, epoch}
 ";
 
@@ -206,10 +213,11 @@ struct Scripts {
 }
 
 impl Scripts {
-    fn new() -> Self {
+    /// The scripts, publishing with `publish` (`PUBLISH` or `SPUBLISH`).
+    fn new(publish: &str) -> Self {
         let presence = |body: &str| Script::new(&format!("{PRESENCE}{body}"));
         Self {
-            append: Script::new(APPEND),
+            append: Script::new(&APPEND.replace("$PUBLISH", publish)),
             latest: Script::new(LATEST),
             read: Script::new(READ),
             add: presence(PRESENCE_ADD),
@@ -225,10 +233,11 @@ impl Scripts {
     }
 }
 
-/// Histories, presence and named members in Redis.
-pub(super) struct RedisStore {
-    conn: ConnectionManager,
-    prefix: String,
+/// Histories, presence and named members in Redis, on the connection `C`
+/// (one server or a cluster).
+pub(super) struct RedisStore<C> {
+    conn: C,
+    layout: Layout,
     history: Vec<HistoryPolicy>,
     /// How long a group's presence keys live after the last write (twice
     /// the presence TTL: a live process writes every third of it).
@@ -240,37 +249,43 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl RedisStore {
+impl<C: Connection> RedisStore<C> {
     pub(super) fn new(
-        conn: ConnectionManager,
-        prefix: &str,
+        conn: C,
+        layout: Layout,
         history: Vec<HistoryPolicy>,
         presence_ttl: Duration,
     ) -> Self {
+        let scripts = Scripts::new(layout.publish());
         Self {
             conn,
-            prefix: prefix.to_owned(),
+            layout,
             history,
             keep_ms: millis(presence_ttl * 2),
-            scripts: Scripts::new(),
+            scripts,
         }
     }
 
     fn stream(&self, group: &str) -> String {
-        format!("{}:history:{group}", self.prefix)
+        self.layout.key("history", group)
     }
 
     fn meta(&self, group: &str) -> String {
-        format!("{}:history-meta:{group}", self.prefix)
+        self.layout.key("history-meta", group)
+    }
+
+    /// `{prefix}:presence:{group}`, which the group's presence keys extend.
+    fn presence_base(&self, group: &str) -> String {
+        self.layout.key("presence", group)
     }
 
     fn presence_keys(&self, group: &str) -> [String; 2] {
-        let base = format!("{}:presence:{group}", self.prefix);
+        let base = self.presence_base(group);
         [format!("{base}:procs"), format!("{base}:users")]
     }
 
     fn named_key(&self, group: &str) -> String {
-        format!("{}:group:{group}", self.prefix)
+        self.layout.key("group", group)
     }
 
     /// Runs `script` on `keys` with `args` (by its SHA1, loading it again
@@ -389,7 +404,7 @@ pub(super) fn live_event(payload: &[u8]) -> Option<(StreamPosition, Bytes)> {
     ))
 }
 
-impl Store for RedisStore {
+impl<C: Connection> Store for RedisStore<C> {
     fn append<'a>(
         &'a self,
         group: &'a str,
@@ -398,7 +413,9 @@ impl Store for RedisStore {
         Box::pin(async move {
             let policy = policy_for(&self.history, group)
                 .ok_or_else(|| malformed("history append (no policy)"))?;
-            let live = live_subject(&self.prefix, group);
+            let live = self
+                .layout
+                .channel(&live_subject(&self.layout.prefix, group));
             let (len, ttl) = (
                 policy.len_limit().to_string(),
                 millis(policy.time_limit()).to_string(),
@@ -625,7 +642,7 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<bool, TransportError>> {
         Box::pin(async move {
             let mut set = redis::cmd("SET");
-            set.arg(format!("{}:presence:{group}:claim:{key}", self.prefix))
+            set.arg(format!("{}:claim:{key}", self.presence_base(group)))
                 .arg(1)
                 .arg("NX")
                 .arg("PX")
@@ -635,36 +652,14 @@ impl Store for RedisStore {
         })
     }
 
+    /// Deletes every key under the prefix (`SCAN`, then `DEL` of each
+    /// batch, on every primary of a cluster), the named channels' lists
+    /// included, so a flush also drops the events queued there.
     fn clear(&self) -> BoxFuture<'_, Result<(), TransportError>> {
-        Box::pin(self.delete_keys())
-    }
-}
-
-impl RedisStore {
-    /// [`Store::clear`]: deletes every key under the prefix (`SCAN`, then
-    /// `DEL` of each batch), the named channels' lists included, so a
-    /// flush also drops the events queued there.
-    async fn delete_keys(&self) -> Result<(), TransportError> {
-        let pattern = format!("{}:*", escape_glob(&self.prefix));
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500);
-            let (next, keys): (u64, Vec<Vec<u8>>) = query(&self.conn, "SCAN", &scan).await?;
-            if !keys.is_empty() {
-                let mut del = redis::cmd("DEL");
-                del.arg(&keys);
-                query::<()>(&self.conn, "DEL", &del).await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
+        Box::pin(async move {
+            let pattern = format!("{}:*", escape_glob(&self.layout.prefix));
+            self.conn.delete_matching(&pattern).await
+        })
     }
 }
 

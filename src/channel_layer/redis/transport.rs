@@ -46,8 +46,8 @@ pub(super) struct RedisTransport {
     commands: mpsc::UnboundedSender<Command>,
     /// Whether the Pub/Sub connection is up (written by its task).
     pub(super) connected: Arc<AtomicBool>,
-    store: RedisStore,
-    queues: RedisQueues,
+    store: RedisStore<ConnectionManager>,
+    queues: RedisQueues<ConnectionManager, redis::Client>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -108,18 +108,18 @@ impl RedisTransport {
         pubsub: PubSub,
         inbox: Inbox,
         counters: Arc<Counters>,
-        store: RedisStore,
-        queues: RedisQueues,
+        store: RedisStore<ConnectionManager>,
+        queues: RedisQueues<ConnectionManager, redis::Client>,
     ) -> Self {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(true));
         let conn = queues.conn.clone();
         let task = PubSubTask {
-            client: queues.client.clone(),
+            client: queues.connector.clone(),
             timeout: queues.timeout,
             inbox,
             counters,
-            live_prefix: live_subject(&queues.prefix, ""),
+            live_prefix: live_subject(&queues.layout.prefix, ""),
             commands: commands_rx,
             conn: Some(pubsub),
             wanted: HashSet::new(),

@@ -1,0 +1,479 @@
+//! The mesh's [`Transport`] on a Redis Cluster: `SPUBLISH` on the command
+//! connection, shard subscriptions on a second cluster connection whose
+//! RESP3 pushes a handler ([`Pushes`]) queues for the mesh without waiting,
+//! and one task ([`Subscriptions`]) that owns the subscriptions: it
+//! (un)subscribes as asked, subscribes again after a node connection
+//! dropped, a health check failed or a slot moved, and then tells the mesh.
+
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use redis::{
+    cluster::{ClusterClient, ClusterConfig},
+    cluster_async::ClusterConnection,
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
+    PushInfo, PushKind, Value,
+};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
+use super::{connect, query, Layout, Receivers, RedisFailure};
+use crate::channel_layer::{
+    local::Counters,
+    mesh::{live_subject, Inbox, Incoming, Queues, Store, Transport, TransportError},
+    redis::{store::live_event, within, RECONNECT_MAX, RECONNECT_MIN},
+    BoxFuture,
+};
+
+use crate::channel_layer::redis::{queue::RedisQueues, store::RedisStore};
+
+/// How often every primary is pinged to tell whether the layer is connected.
+const HEALTH_CHECK: Duration = Duration::from_secs(2);
+
+/// Bytes of payloads queued between the push handler and the mesh's
+/// inbox, at most; past it a message is dropped and counted in
+/// `dropped_other` (see the layer's docs, "Limits").
+const QUEUED_BYTES: usize = 16 << 20;
+
+/// Redis Cluster for the mesh.
+pub(in crate::channel_layer::redis) struct ClusterTransport {
+    conn: ClusterConnection,
+    pub(super) layout: Layout,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Whether every primary answers and every subscription is confirmed.
+    pub(super) connected: Arc<AtomicBool>,
+    store: RedisStore<ClusterConnection>,
+    queues: RedisQueues<ClusterConnection, Receivers>,
+}
+
+impl std::fmt::Debug for ClusterTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTransport")
+            .field("connected", &self.connected.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), RedisFailure>>;
+
+enum Command {
+    Subscribe(String, Ack),
+    Unsubscribe(String, Ack),
+    /// The server ended a shard subscription (its slot moved).
+    Ended(String),
+    /// A node connection dropped: subscribe again to everything.
+    Resync,
+}
+
+impl ClusterTransport {
+    /// Connects the subscription connection (with `client`) and starts its
+    /// task, delivering into `inbox`; commands go over `conn`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn start(
+        client: &ClusterClient,
+        conn: ClusterConnection,
+        layout: Layout,
+        timeout: Duration,
+        inbox: Inbox,
+        counters: Arc<Counters>,
+        store: RedisStore<ClusterConnection>,
+        queues: RedisQueues<ClusterConnection, Receivers>,
+    ) -> Result<Self, RedisFailure> {
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (forward, forward_rx) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(true));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let pushes = Pushes {
+            live_prefix: live_subject(&layout.prefix, ""),
+            layout: layout.clone(),
+            forward,
+            queued: queued.clone(),
+            counters,
+            commands: commands.downgrade(),
+            connected: connected.clone(),
+        };
+        let config = ClusterConfig::new().set_push_sender(move |push: PushInfo| {
+            pushes.push(&push);
+            Ok::<(), Infallible>(())
+        });
+        let pubsub = connect(client, config, timeout).await?;
+        tokio::spawn(forward_to(inbox.clone(), forward_rx, queued));
+        let task = Subscriptions {
+            pubsub,
+            timeout,
+            inbox,
+            commands: commands_rx,
+            wanted: HashSet::new(),
+            retry: HashSet::new(),
+            resync: false,
+            resumed: false,
+            backoff: RECONNECT_MIN,
+            next_retry: Instant::now(),
+            connected: connected.clone(),
+        };
+        tokio::spawn(task.run());
+        Ok(Self {
+            conn,
+            layout,
+            commands,
+            connected,
+            store,
+            queues,
+        })
+    }
+
+    async fn command(&self, make: impl FnOnce(Ack) -> Command) -> Result<(), TransportError> {
+        let (ack, done) = oneshot::channel();
+        self.commands
+            .send(make(ack))
+            .map_err(|_| TransportError::NotSent(RedisFailure::Stopped.into()))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(TransportError::Failed(e.into())),
+            Err(_) => Err(TransportError::Failed(RedisFailure::Stopped.into())),
+        }
+    }
+}
+
+impl Transport for ClusterTransport {
+    fn publish<'a>(
+        &'a self,
+        subject: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<Option<usize>, TransportError>> {
+        Box::pin(async move {
+            let mut publish = redis::cmd("SPUBLISH");
+            publish
+                .arg(self.layout.channel(subject))
+                .arg(payload.as_ref());
+            Ok(Some(query(&self.conn, "SPUBLISH", &publish).await?))
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        subject: &'a str,
+        _queue: bool,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        // Named channels are lists here (`queues`): never a queue subscription.
+        let channel = self.layout.channel(subject);
+        Box::pin(self.command(|ack| Command::Subscribe(channel, ack)))
+    }
+
+    fn unsubscribe<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<(), TransportError>> {
+        let channel = self.layout.channel(subject);
+        Box::pin(self.command(|ack| Command::Unsubscribe(channel, ack)))
+    }
+
+    fn store(&self) -> Option<&dyn Store> {
+        Some(&self.store)
+    }
+
+    fn queues(&self) -> Option<&dyn Queues> {
+        Some(&self.queues)
+    }
+}
+
+/// Handles the subscription connection's pushes, in redis-rs's connection
+/// task: never waits.
+struct Pushes {
+    layout: Layout,
+    /// `{prefix}.hlive.`: stored history events arrive on these subjects.
+    live_prefix: String,
+    forward: mpsc::UnboundedSender<(Incoming, usize)>,
+    /// Bytes in `forward`, bounded by [`QUEUED_BYTES`].
+    queued: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+    /// Weak: the subscription task ends with the transport.
+    commands: mpsc::WeakUnboundedSender<Command>,
+    connected: Arc<AtomicBool>,
+}
+
+fn text(value: Option<&Value>) -> Option<&[u8]> {
+    match value? {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+impl Pushes {
+    fn push(&self, push: &PushInfo) {
+        match push.kind {
+            PushKind::SMessage => {
+                let channel = text(push.data.first()).and_then(|c| std::str::from_utf8(c).ok());
+                match (channel, text(push.data.get(1))) {
+                    (Some(channel), Some(payload)) => self.message(channel, payload),
+                    _ => Counters::add(&self.counters.dropped_other, 1),
+                }
+            }
+            PushKind::SUnsubscribe => {
+                // Ours are unwanted by then; the task subscribes again to
+                // any other (the server ended it: its slot moved).
+                let channel = text(push.data.first()).and_then(|c| std::str::from_utf8(c).ok());
+                if let Some(channel) = channel {
+                    self.tell(Command::Ended(channel.to_owned()));
+                }
+            }
+            PushKind::Disconnection => {
+                self.connected.store(false, Ordering::Relaxed);
+                self.tell(Command::Resync);
+            }
+            _ => {}
+        }
+    }
+
+    fn tell(&self, command: Command) {
+        if let Some(commands) = self.commands.upgrade() {
+            let _ = commands.send(command);
+        }
+    }
+
+    fn message(&self, channel: &str, payload: &[u8]) {
+        let Some(subject) = self.layout.subject(channel) else {
+            Counters::add(&self.counters.dropped_other, 1);
+            return;
+        };
+        let (payload, position) = if subject.starts_with(&self.live_prefix) {
+            match live_event(payload) {
+                Some((position, event)) => (event, Some(position)),
+                None => {
+                    tracing::warn!(subject, "dropping a malformed history event");
+                    Counters::add(&self.counters.dropped_other, 1);
+                    return;
+                }
+            }
+        } else {
+            (Bytes::copy_from_slice(payload), None)
+        };
+        let bytes = payload.len();
+        if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > QUEUED_BYTES {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            tracing::debug!(subject, "shard messages queue full: dropping one");
+            Counters::add(&self.counters.dropped_other, 1);
+            return;
+        }
+        let incoming = Incoming {
+            subject,
+            reply_to: None,
+            payload,
+            position,
+        };
+        if self.forward.send((incoming, bytes)).is_err() {
+            // The mesh is gone.
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hands queued messages to the mesh, waiting while its inbox is full,
+/// until the mesh is gone.
+async fn forward_to(
+    inbox: Inbox,
+    mut rx: mpsc::UnboundedReceiver<(Incoming, usize)>,
+    queued: Arc<AtomicUsize>,
+) {
+    while let Some((incoming, bytes)) = rx.recv().await {
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+        if !inbox.send(incoming).await {
+            return;
+        }
+    }
+}
+
+/// Owns the shard subscriptions until the transport is dropped.
+struct Subscriptions {
+    pubsub: ClusterConnection,
+    timeout: Duration,
+    inbox: Inbox,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// The shard channels the mesh subscribed to.
+    wanted: HashSet<String>,
+    /// Wanted channels whose subscription failed or ended, retried.
+    retry: HashSet<String>,
+    /// Whether to subscribe again to everything once every primary answers.
+    resync: bool,
+    /// Whether to tell the mesh once the subscriptions are back (it then
+    /// reads what its history groups missed and writes its presence again).
+    resumed: bool,
+    backoff: Duration,
+    next_retry: Instant,
+    connected: Arc<AtomicBool>,
+}
+
+enum Wake {
+    Command(Option<Command>),
+    Retry,
+    Health,
+}
+
+impl Subscriptions {
+    fn pending(&self) -> bool {
+        self.resync || !self.retry.is_empty()
+    }
+
+    async fn run(mut self) {
+        let mut health = tokio::time::interval_at(Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = if self.pending() {
+                tokio::select! {
+                    cmd = self.commands.recv() => Wake::Command(cmd),
+                    () = tokio::time::sleep_until(self.next_retry) => Wake::Retry,
+                    _ = health.tick() => Wake::Health,
+                }
+            } else {
+                tokio::select! {
+                    cmd = self.commands.recv() => Wake::Command(cmd),
+                    _ = health.tick() => Wake::Health,
+                }
+            };
+            let alive = match wake {
+                // The transport is gone.
+                Wake::Command(None) => false,
+                Wake::Command(Some(cmd)) => {
+                    self.command(cmd).await;
+                    true
+                }
+                Wake::Retry => self.retry().await,
+                Wake::Health => {
+                    self.health().await;
+                    true
+                }
+            };
+            if !alive {
+                return;
+            }
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe(channel, ack) => {
+                self.wanted.insert(channel.clone());
+                let result = self.ssubscribe(&channel).await;
+                match &result {
+                    Ok(()) => {
+                        self.retry.remove(&channel);
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel, "{e}; retrying in the background");
+                        self.retry.insert(channel);
+                        self.failed();
+                    }
+                }
+                let _ = ack.send(result);
+            }
+            Command::Unsubscribe(channel, ack) => {
+                self.wanted.remove(&channel);
+                self.retry.remove(&channel);
+                let mut conn = self.pubsub.clone();
+                if let Err(e) =
+                    within(self.timeout, "SUNSUBSCRIBE", conn.sunsubscribe(&channel)).await
+                {
+                    // The node is unreachable: its connection and the
+                    // subscription go together.
+                    tracing::debug!(channel, "{e}");
+                }
+                let _ = ack.send(Ok(()));
+            }
+            Command::Ended(channel) => {
+                if self.wanted.contains(&channel) {
+                    tracing::info!(channel, "a shard subscription ended; subscribing again");
+                    if !self.pending() {
+                        self.backoff = RECONNECT_MIN;
+                        self.next_retry = Instant::now();
+                    }
+                    self.retry.insert(channel);
+                    self.resumed = true;
+                }
+            }
+            Command::Resync => self.lost(),
+        }
+    }
+
+    /// Everything is to be subscribed again once every primary answers.
+    fn lost(&mut self) {
+        if !self.pending() {
+            self.backoff = RECONNECT_MIN;
+            self.next_retry = Instant::now() + RECONNECT_MIN;
+        }
+        self.resync = true;
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn failed(&mut self) {
+        self.next_retry = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    async fn ssubscribe(&self, channel: &str) -> Result<(), RedisFailure> {
+        let mut conn = self.pubsub.clone();
+        within(self.timeout, "SSUBSCRIBE", conn.ssubscribe(channel)).await
+    }
+
+    /// Retries what is pending; false when the mesh is gone.
+    async fn retry(&mut self) -> bool {
+        if self.resync {
+            if !self.ping_all().await {
+                self.failed();
+                return true;
+            }
+            tracing::info!("every primary answers again: subscribing again");
+            self.resync = false;
+            self.resumed = true;
+            self.retry.extend(self.wanted.iter().cloned());
+        }
+        let channels: Vec<String> = self.retry.iter().cloned().collect();
+        for channel in channels {
+            if let Err(e) = self.ssubscribe(&channel).await {
+                tracing::debug!(channel, retry_in = ?self.backoff, "{e}");
+                self.failed();
+                return true;
+            }
+            self.retry.remove(&channel);
+        }
+        self.backoff = RECONNECT_MIN;
+        self.connected.store(true, Ordering::Relaxed);
+        if std::mem::take(&mut self.resumed) {
+            tracing::info!("shard subscriptions restored");
+            return self.inbox.reconnected().await;
+        }
+        true
+    }
+
+    async fn health(&mut self) {
+        if self.ping_all().await {
+            self.connected.store(!self.pending(), Ordering::Relaxed);
+        } else if !self.resync {
+            // A node may have restarted (and lost our subscriptions)
+            // without redis-rs telling: subscribe again once it answers.
+            tracing::warn!("a primary did not answer the health check");
+            self.lost();
+        }
+    }
+
+    /// Whether every primary answers a `PING` on the subscription connection.
+    async fn ping_all(&self) -> bool {
+        let mut conn = self.pubsub.clone();
+        let ping = conn.route_command(
+            redis::cmd("PING"),
+            RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            )),
+        );
+        within(self.timeout, "PING", ping).await.is_ok()
+    }
+}
