@@ -259,7 +259,11 @@ use redis::{
     FromRedisValue, RedisError, Script, ScriptInvocation,
 };
 
-use self::{queue::RedisQueues, store::RedisStore, transport::RedisTransport};
+use self::{
+    queue::{Connector, RedisQueues},
+    store::RedisStore,
+    transport::RedisTransport,
+};
 use super::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
@@ -396,23 +400,6 @@ impl RedisChannelLayerBuilder {
         let pubsub = transport::open(&client, &[], timeout).await?;
         let counters = Arc::new(Counters::default());
         let (inbox, messages) = Inbox::new();
-        let layout = Layout::new(&self.prefix, false);
-        let store = RedisStore::new(
-            conn.clone(),
-            layout.clone(),
-            self.history.clone(),
-            self.presence.time_limit(),
-        );
-        let queues = RedisQueues {
-            connector: client,
-            conn,
-            layout,
-            capacity: self.capacity,
-            expiry: self.expiry,
-            timeout,
-            send: Script::new(SEND_SCRIPT),
-        };
-        let transport = RedisTransport::start(pubsub, inbox, counters.clone(), store, queues);
         let config = MeshConfig {
             prefix: self.prefix,
             capacity: self.capacity,
@@ -421,6 +408,8 @@ impl RedisChannelLayerBuilder {
             presence: Some(self.presence),
             named_expiry: self.group_expiry,
         };
+        let (store, queues) = storage(conn, client, false, &config, self.expiry);
+        let transport = RedisTransport::start(pubsub, inbox, counters.clone(), store, queues);
         let mesh = MeshLayer::start(transport, messages, config, counters).await?;
         Ok(RedisChannelLayer { mesh })
     }
@@ -666,6 +655,62 @@ impl Layout {
         } else {
             "PUBLISH"
         }
+    }
+}
+
+/// The store and the named channels' lists of a Redis layer with
+/// `config`, on `conn` (one server, or a cluster when `sharded`); each
+/// receiver of a named channel connects with `connector`, and events wait
+/// `expiry` in a list after the last push.
+fn storage<C: Connection, K: Connector>(
+    conn: C,
+    connector: K,
+    sharded: bool,
+    config: &MeshConfig,
+    expiry: Duration,
+) -> (RedisStore<C>, RedisQueues<C, K>) {
+    let layout = Layout::new(&config.prefix, sharded);
+    let presence_ttl = config
+        .presence
+        .as_ref()
+        .map(PresenceConfig::time_limit)
+        .unwrap_or_default();
+    let store = RedisStore::new(
+        conn.clone(),
+        layout.clone(),
+        config.history.clone(),
+        presence_ttl,
+    );
+    let queues = RedisQueues {
+        connector,
+        conn,
+        layout,
+        capacity: config.capacity,
+        expiry,
+        timeout: config.timeout,
+        send: Script::new(SEND_SCRIPT),
+    };
+    (store, queues)
+}
+
+/// What a subscription task (the Pub/Sub task, or the cluster's) answers
+/// a command with.
+type Ack = tokio::sync::oneshot::Sender<Result<(), RedisFailure>>;
+
+/// Sends the command `make` builds to a subscription task and waits for
+/// its answer.
+async fn ask<C>(
+    commands: &tokio::sync::mpsc::UnboundedSender<C>,
+    make: impl FnOnce(Ack) -> C,
+) -> Result<(), TransportError> {
+    let (ack, done) = tokio::sync::oneshot::channel();
+    commands
+        .send(make(ack))
+        .map_err(|_| TransportError::NotSent(RedisFailure::Stopped.into()))?;
+    match done.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(TransportError::Failed(e.into())),
+        Err(_) => Err(TransportError::Failed(RedisFailure::Stopped.into())),
     }
 }
 

@@ -19,13 +19,10 @@ use redis::{
     aio::{ConnectionManager, PubSubSink, PubSubStream},
     Msg,
 };
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    query, queue::RedisQueues, store::RedisStore, within, RedisFailure, CONNECT_TIMEOUT,
+    ask, query, queue::RedisQueues, store::RedisStore, within, Ack, RedisFailure, CONNECT_TIMEOUT,
     RECONNECT_MAX, RECONNECT_MIN,
 };
 use crate::channel_layer::{
@@ -57,8 +54,6 @@ impl std::fmt::Debug for RedisTransport {
             .finish_non_exhaustive()
     }
 }
-
-type Ack = oneshot::Sender<Result<(), RedisFailure>>;
 
 enum Command {
     Subscribe(String, Ack),
@@ -137,18 +132,6 @@ impl RedisTransport {
             queues,
         }
     }
-
-    async fn command(&self, make: impl FnOnce(Ack) -> Command) -> Result<(), TransportError> {
-        let (ack, done) = oneshot::channel();
-        self.commands
-            .send(make(ack))
-            .map_err(|_| TransportError::NotSent(RedisFailure::Stopped.into()))?;
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TransportError::Failed(e.into())),
-            Err(_) => Err(TransportError::Failed(RedisFailure::Stopped.into())),
-        }
-    }
 }
 
 impl Transport for RedisTransport {
@@ -170,11 +153,15 @@ impl Transport for RedisTransport {
         _queue: bool,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         // Named channels are lists here (`queues`): never a queue subscription.
-        Box::pin(self.command(|ack| Command::Subscribe(subject.to_owned(), ack)))
+        Box::pin(ask(&self.commands, |ack| {
+            Command::Subscribe(subject.to_owned(), ack)
+        }))
     }
 
     fn unsubscribe<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(self.command(|ack| Command::Unsubscribe(subject.to_owned(), ack)))
+        Box::pin(ask(&self.commands, |ack| {
+            Command::Unsubscribe(subject.to_owned(), ack)
+        }))
     }
 
     fn store(&self) -> Option<&dyn Store> {

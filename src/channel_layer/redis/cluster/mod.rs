@@ -13,16 +13,15 @@ use redis::{
     cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
     cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
-    FromRedisValue, ProtocolVersion, Script, Value,
+    FromRedisValue, ProtocolVersion, Value,
 };
 
 use self::transport::ClusterTransport;
 use super::{
     failure, query,
-    queue::{Connector, RedisQueues, BLOCK},
-    store::RedisStore,
-    Connection, Layout, RedisFailure, CONNECT_TIMEOUT, DEFAULT_EXPIRY, DEFAULT_GROUP_EXPIRY,
-    DEFAULT_PREFIX, DEFAULT_TIMEOUT, SEND_SCRIPT,
+    queue::{Connector, BLOCK},
+    storage, Connection, Layout, RedisFailure, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
+    DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
 };
 use crate::channel_layer::{
     local::Counters,
@@ -135,33 +134,6 @@ impl RedisClusterChannelLayerBuilder {
         let conn = connect(&commands, ClusterConfig::new(), timeout).await?;
         let counters = std::sync::Arc::new(Counters::default());
         let (inbox, messages) = Inbox::new();
-        let layout = Layout::new(&self.prefix, true);
-        let store = RedisStore::new(
-            conn.clone(),
-            layout.clone(),
-            self.history.clone(),
-            self.presence.time_limit(),
-        );
-        let queues = RedisQueues {
-            connector: receivers,
-            conn: conn.clone(),
-            layout: layout.clone(),
-            capacity: self.capacity,
-            expiry: self.expiry,
-            timeout,
-            send: Script::new(SEND_SCRIPT),
-        };
-        let transport = ClusterTransport::start(
-            &subscriptions,
-            conn,
-            layout,
-            timeout,
-            inbox,
-            counters.clone(),
-            store,
-            queues,
-        )
-        .await?;
         let config = MeshConfig {
             prefix: self.prefix,
             capacity: self.capacity,
@@ -170,6 +142,9 @@ impl RedisClusterChannelLayerBuilder {
             presence: Some(self.presence),
             named_expiry: self.group_expiry,
         };
+        let (store, queues) = storage(conn, receivers, true, &config, self.expiry);
+        let transport =
+            ClusterTransport::start(&subscriptions, inbox, counters.clone(), store, queues).await?;
         let mesh = MeshLayer::start(transport, messages, config, counters).await?;
         Ok(RedisClusterChannelLayer { mesh })
     }

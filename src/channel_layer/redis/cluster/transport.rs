@@ -22,20 +22,20 @@ use redis::{
     cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
     PushInfo, PushKind, Value,
 };
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use tokio::{sync::mpsc, time::Instant};
 
 use super::{connect, query, Layout, Receivers, RedisFailure};
 use crate::channel_layer::{
     local::Counters,
     mesh::{live_subject, Inbox, Incoming, Queues, Store, Transport, TransportError},
-    redis::{store::live_event, within, RECONNECT_MAX, RECONNECT_MIN},
+    redis::{
+        ask,
+        queue::RedisQueues,
+        store::{live_event, RedisStore},
+        within, Ack, RECONNECT_MAX, RECONNECT_MIN,
+    },
     BoxFuture,
 };
-
-use crate::channel_layer::redis::{queue::RedisQueues, store::RedisStore};
 
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
@@ -64,8 +64,6 @@ impl std::fmt::Debug for ClusterTransport {
     }
 }
 
-type Ack = oneshot::Sender<Result<(), RedisFailure>>;
-
 enum Command {
     Subscribe(String, Ack),
     Unsubscribe(String, Ack),
@@ -77,18 +75,16 @@ enum Command {
 
 impl ClusterTransport {
     /// Connects the subscription connection (with `client`) and starts its
-    /// task, delivering into `inbox`; commands go over `conn`.
-    #[allow(clippy::too_many_arguments)]
+    /// task, delivering into `inbox`; commands go over the connection
+    /// `queues` uses, with its layout and timeout.
     pub(super) async fn start(
         client: &ClusterClient,
-        conn: ClusterConnection,
-        layout: Layout,
-        timeout: Duration,
         inbox: Inbox,
         counters: Arc<Counters>,
         store: RedisStore<ClusterConnection>,
         queues: RedisQueues<ClusterConnection, Receivers>,
     ) -> Result<Self, RedisFailure> {
+        let (conn, layout, timeout) = (queues.conn.clone(), queues.layout.clone(), queues.timeout);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (forward, forward_rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(true));
@@ -131,18 +127,6 @@ impl ClusterTransport {
             queues,
         })
     }
-
-    async fn command(&self, make: impl FnOnce(Ack) -> Command) -> Result<(), TransportError> {
-        let (ack, done) = oneshot::channel();
-        self.commands
-            .send(make(ack))
-            .map_err(|_| TransportError::NotSent(RedisFailure::Stopped.into()))?;
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TransportError::Failed(e.into())),
-            Err(_) => Err(TransportError::Failed(RedisFailure::Stopped.into())),
-        }
-    }
 }
 
 impl Transport for ClusterTransport {
@@ -167,12 +151,14 @@ impl Transport for ClusterTransport {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         // Named channels are lists here (`queues`): never a queue subscription.
         let channel = self.layout.channel(subject);
-        Box::pin(self.command(|ack| Command::Subscribe(channel, ack)))
+        Box::pin(ask(&self.commands, |ack| Command::Subscribe(channel, ack)))
     }
 
     fn unsubscribe<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<(), TransportError>> {
         let channel = self.layout.channel(subject);
-        Box::pin(self.command(|ack| Command::Unsubscribe(channel, ack)))
+        Box::pin(ask(&self.commands, |ack| {
+            Command::Unsubscribe(channel, ack)
+        }))
     }
 
     fn store(&self) -> Option<&dyn Store> {
