@@ -359,17 +359,23 @@ impl Keyspace for Primary<'_> {
 ///
 /// * when a node connection drops (redis-rs's disconnection push) or a
 ///   health check (a `PING` to every primary every 2 s) fails, the task
-///   waits until every primary answers again and then `SSUBSCRIBE`s again
-///   to everything wanted (redis-rs's own re-subscription did not always
-///   restore the shard channels in our tests; a repeated `SSUBSCRIBE` is
-///   harmless);
+///   `SSUBSCRIBE`s again to everything wanted (redis-rs's own
+///   re-subscription did not always restore the shard channels in our
+///   tests; a repeated `SSUBSCRIBE` is harmless); what fails there (its
+///   shard is still down) is retried, the rest is restored at once. It does
+///   so again at each health check for 10 s after the last such
+///   disturbance: while redis-rs recovers from a lost node it may replace
+///   the connections to other nodes without telling, and their shard
+///   subscriptions go with them (seen in `chat_survives_node_restarts`);
+/// * when health checks keep failing for 6 s, the subscription connection
+///   is replaced by a new one (redis-rs's could stay broken after the node
+///   came back: its slot refresh found no connection), and again every 6 s
+///   while they fail;
 /// * when a slot migrates, the old owner ends its shard subscriptions with
 ///   `SUNSUBSCRIBE` pushes; the task subscribes again to each one still
 ///   wanted, which redis-rs routes to the new owner;
 /// * a subscription that failed (its shard was down) is retried with
-///   backoff (50 ms doubling up to 1 s) until it succeeds or is no longer
-///   wanted (the operation that asked for it failed meanwhile, see
-///   below).
+///   backoff (50 ms doubling up to 1 s) until it succeeds.
 ///
 /// After any of these the layer reads back what its history groups missed
 /// and writes its presence again.
@@ -393,12 +399,15 @@ impl Keyspace for Primary<'_> {
 /// # Known issue
 ///
 /// While a node is down, redis-rs's cluster connection recovers from the
-/// lost node in the same task that forwards push messages; in our tests
+/// lost node in the same task that forwards push messages, and may replace
+/// the connections to the healthy nodes meanwhile; in our tests
 /// (`chat_survives_node_restarts`) messages from the *healthy* shards could
-/// be held up (or, rarely, lost) until the dead node came back. A layer
-/// built on one plain connection per node would avoid that; it was not
-/// built here because redis-rs does everything else (routing, redirects,
-/// re-subscription) right.
+/// be held up, or lost until the task above subscribed again (within a
+/// health check, 2 s). Events of history groups lost so are read back when
+/// the subscription is restored; those of other groups are lost for this
+/// process. A transport on one plain connection per node would avoid that;
+/// it was not built here because redis-rs does everything else (routing,
+/// redirects) right.
 ///
 /// # Limits
 ///

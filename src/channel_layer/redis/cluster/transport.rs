@@ -40,6 +40,17 @@ use crate::channel_layer::{
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
 
+/// How long health checks fail before the subscription connection is
+/// replaced ([`Subscriptions::reopen`]); again as long as they fail.
+const REOPEN: Duration = Duration::from_secs(6);
+
+/// How long after a disturbance (a node connection dropped, a health check
+/// or a subscription failed) each health check subscribes again to
+/// everything: while redis-rs recovers from a lost node it may replace
+/// other node connections without telling, and their shard subscriptions
+/// go with them.
+const SETTLE: Duration = Duration::from_secs(10);
+
 /// Bytes of payloads queued between the push handler and the mesh's
 /// inbox, at most; past it a message is dropped and counted in
 /// `dropped_other` (see the layer's docs, "Limits").
@@ -98,13 +109,13 @@ impl ClusterTransport {
             commands: commands.downgrade(),
             connected: connected.clone(),
         };
-        let config = ClusterConfig::new().set_push_sender(move |push: PushInfo| {
-            pushes.push(&push);
-            Ok::<(), Infallible>(())
-        });
-        let pubsub = connect(client, config, timeout).await?;
+        let pushes = Arc::new(pushes);
+        let pubsub = connect(client, push_config(&pushes), timeout).await?;
         tokio::spawn(forward_to(inbox.clone(), forward_rx, queued));
         let task = Subscriptions {
+            client: client.clone(),
+            pushes,
+            failing_since: None,
             pubsub,
             timeout,
             inbox,
@@ -113,6 +124,7 @@ impl ClusterTransport {
             retry: HashSet::new(),
             resync: false,
             resumed: false,
+            disturbed: None,
             backoff: RECONNECT_MIN,
             next_retry: Instant::now(),
             connected: connected.clone(),
@@ -277,8 +289,22 @@ async fn forward_to(
     }
 }
 
+/// A subscription connection's configuration: its pushes go to `pushes`.
+fn push_config(pushes: &Arc<Pushes>) -> ClusterConfig {
+    let pushes = pushes.clone();
+    ClusterConfig::new().set_push_sender(move |push: PushInfo| {
+        pushes.push(&push);
+        Ok::<(), Infallible>(())
+    })
+}
+
 /// Owns the shard subscriptions until the transport is dropped.
 struct Subscriptions {
+    /// Makes a new subscription connection ([`Subscriptions::reopen`]).
+    client: ClusterClient,
+    pushes: Arc<Pushes>,
+    /// Since when health checks fail, if they do.
+    failing_since: Option<Instant>,
     pubsub: ClusterConnection,
     timeout: Duration,
     inbox: Inbox,
@@ -292,6 +318,8 @@ struct Subscriptions {
     /// Whether to tell the mesh once the subscriptions are back (it then
     /// reads what its history groups missed and writes its presence again).
     resumed: bool,
+    /// When the last disturbance was (see [`SETTLE`]).
+    disturbed: Option<Instant>,
     backoff: Duration,
     next_retry: Instant,
     connected: Arc<AtomicBool>,
@@ -395,10 +423,12 @@ impl Subscriptions {
             self.next_retry = Instant::now() + RECONNECT_MIN;
         }
         self.resync = true;
+        self.disturbed = Some(Instant::now());
         self.connected.store(false, Ordering::Relaxed);
     }
 
     fn failed(&mut self) {
+        self.disturbed = Some(Instant::now());
         self.next_retry = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
         self.connected.store(false, Ordering::Relaxed);
@@ -410,43 +440,78 @@ impl Subscriptions {
     }
 
     /// Retries what is pending; false when the mesh is gone.
+    /// Subscribes again to what is pending (everything, after a
+    /// disturbance); what fails (its shard is down) stays pending, the rest
+    /// is restored at once. Returns false when the mesh is gone.
     async fn retry(&mut self) -> bool {
-        if self.resync {
-            if !self.ping_all().await {
-                self.failed();
-                return true;
-            }
-            tracing::info!("every primary answers again: subscribing again");
-            self.resync = false;
+        if std::mem::take(&mut self.resync) {
+            tracing::debug!("subscribing again to every shard channel");
             self.resumed = true;
             self.retry.extend(self.wanted.iter().cloned());
         }
         let channels: Vec<String> = self.retry.iter().cloned().collect();
+        let mut restored = false;
         for channel in channels {
-            if let Err(e) = self.ssubscribe(&channel).await {
-                tracing::debug!(channel, retry_in = ?self.backoff, "{e}");
-                self.failed();
-                return true;
+            match self.ssubscribe(&channel).await {
+                Ok(()) => {
+                    self.retry.remove(&channel);
+                    restored = true;
+                }
+                Err(e) => tracing::debug!(channel, retry_in = ?self.backoff, "{e}"),
             }
-            self.retry.remove(&channel);
         }
-        self.backoff = RECONNECT_MIN;
-        self.connected.store(true, Ordering::Relaxed);
-        if std::mem::take(&mut self.resumed) {
-            tracing::info!("shard subscriptions restored");
+        if self.retry.is_empty() {
+            self.backoff = RECONNECT_MIN;
+            self.connected.store(true, Ordering::Relaxed);
+        } else {
+            self.failed();
+        }
+        if restored && self.resumed {
+            // Told again when what is still pending comes back.
+            self.resumed = !self.retry.is_empty();
+            tracing::info!(pending = self.retry.len(), "shard subscriptions restored");
             return self.inbox.reconnected().await;
         }
         true
     }
 
+    /// Replaces the subscription connection with a new one (redis-rs's can
+    /// stay broken after a node came back: its slot refresh finds no
+    /// connection), then subscribes again to everything.
+    async fn reopen(&mut self) {
+        let config = push_config(&self.pushes);
+        match connect(&self.client, config, self.timeout).await {
+            Ok(pubsub) => {
+                tracing::warn!("health checks keep failing: a new subscription connection");
+                self.pubsub = pubsub;
+                self.lost();
+            }
+            Err(e) => tracing::debug!("a new subscription connection failed: {e}"),
+        }
+    }
+
     async fn health(&mut self) {
         if self.ping_all().await {
+            self.failing_since = None;
             self.connected.store(!self.pending(), Ordering::Relaxed);
-        } else if !self.resync {
+            let settling = self.disturbed.is_some_and(|at| at.elapsed() < SETTLE);
+            if settling && !self.pending() {
+                // Not a new disturbance: `disturbed` stays.
+                tracing::debug!("settling after a disturbance: subscribing again");
+                self.resync = true;
+                self.next_retry = Instant::now();
+            }
+        } else {
             // A node may have restarted (and lost our subscriptions)
-            // without redis-rs telling: subscribe again once it answers.
+            // without redis-rs telling: subscribe again.
             tracing::warn!("a primary did not answer the health check");
-            self.lost();
+            let since = *self.failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= REOPEN {
+                self.failing_since = Some(Instant::now());
+                self.reopen().await;
+            } else if !self.resync {
+                self.lost();
+            }
         }
     }
 
