@@ -35,14 +35,27 @@ async fn conformance_multi_thread() {
     suite().run().await;
 }
 
-/// A layer without history and presence configured still reports the
-/// features (they are configured per group): the suite says how to
-/// configure it instead of failing in a check.
+/// A layer without history and presence configured still reports both
+/// (they are configured per group): the suite says how to configure it
+/// instead of failing in a check.
 #[tokio::test]
 #[should_panic(expected = "configure it with conformance::history_policy()")]
 async fn unconfigured_history_is_named() {
     Suite::new(|| async {
         Arc::new(InMemoryChannelLayer::with_capacity(16)) as Arc<dyn ChannelLayer>
+    })
+    .run()
+    .await;
+}
+
+/// The same for presence without the notifications the checks expect.
+#[tokio::test]
+#[should_panic(expected = "configure it with conformance::presence_config()")]
+async fn unconfigured_presence_is_named() {
+    Suite::new(|| async {
+        Arc::new(
+            InMemoryChannelLayer::with_capacity(16).with_history(conformance::history_policy()),
+        ) as Arc<dyn ChannelLayer>
     })
     .run()
     .await;

@@ -81,9 +81,21 @@ async fn conformance_suite() {
     let url = redis.url.clone();
     common::layers::conformance_suite(unique_prefix, "conformance", |prefix| {
         let url = url.clone();
-        async move { layer(&url, &prefix, 16).await }
+        async move { without_history(&url, &prefix).await }
     })
     .await;
+}
+
+/// A layer without history; its presence (always on) notifies as the
+/// conformance checks expect.
+async fn without_history(url: &str, prefix: &str) -> RedisChannelLayer {
+    RedisChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(16)
+        .presence(conformance::presence_config())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
 async fn configured(url: &str, prefix: &str) -> RedisChannelLayer {
@@ -365,7 +377,7 @@ async fn conformance_suite_multi_thread() {
     let url = redis.url.clone();
     let connect = |prefix: String| {
         let url = url.clone();
-        async move { layer(&url, &prefix, 16).await }
+        async move { without_history(&url, &prefix).await }
     };
     common::layers::suite(unique_prefix, "conformance-mt", &connect)
         .run()

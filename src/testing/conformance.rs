@@ -304,8 +304,13 @@ impl<'a> Suite<'a> {
     /// # Panics
     ///
     /// When a check fails, like an assertion (the message says what
-    /// failed, a line on stderr which check), or when `make` returns
-    /// layers of different capabilities.
+    /// failed, a line on stderr which check), when `make` returns layers
+    /// of different capabilities, or when a layer reporting presence or
+    /// history is not configured as the checks expect (the message says
+    /// how).
+    ///
+    /// The future is not `Send` (the makers need not be): await it in the
+    /// test itself, as in `#[tokio::test]`, not in a spawned task.
     pub async fn run(self) {
         let Suite {
             mut make,
@@ -315,7 +320,7 @@ impl<'a> Suite<'a> {
         let first = make().await;
         let capabilities = first.capabilities();
         let mut spare = Some(first);
-        let mut history_checked = false;
+        let (mut history_checked, mut presence_checked) = (false, false);
         for &(name, feature, check) in SINGLE {
             if !applies(&skipped, name, feature, capabilities) {
                 continue;
@@ -332,6 +337,10 @@ impl<'a> Suite<'a> {
             if feature == Some(Feature::History) && !history_checked {
                 expect_history(&*layer).await;
                 history_checked = true;
+            }
+            if feature == Some(Feature::Presence) && !presence_checked {
+                expect_notifications(&*layer).await;
+                presence_checked = true;
             }
             let _running = Running(name);
             check(&*layer).await;
@@ -387,6 +396,26 @@ impl Drop for Running {
         if std::thread::panicking() {
             eprintln!("conformance: {} failed", self.0);
         }
+    }
+}
+
+/// Fails clearly when a layer reports [`Feature::Presence`] but sends no
+/// join notifications for [`NOTIFY_GROUPS`] (it was not configured with
+/// [`presence_config`]).
+async fn expect_notifications(layer: &dyn ChannelLayer) {
+    let group = format!("{NOTIFY_GROUPS}.configured");
+    let mut rx = new_channel(layer).await;
+    ok(
+        "presence_join",
+        layer.presence_join(&group, rx.name(), info("conformance")),
+    )
+    .await;
+    match tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await {
+        Ok(Ok(event)) if event.kind() == PRESENCE_JOIN => {}
+        other => panic!(
+            "conformance: the layer reports Feature::Presence but sent no {PRESENCE_JOIN} \
+             for {group:?} (got {other:?}): configure it with conformance::presence_config()"
+        ),
     }
 }
 
