@@ -57,14 +57,7 @@ where
         let input = match recovered {
             Some(event) => Ok(Incoming::Event(event)),
             None => {
-                poll_fn(|cx| {
-                    let input = next_input(&link, cx);
-                    if input.is_pending() {
-                        timer.waited();
-                    }
-                    input
-                })
-                .await
+                poll_fn(|cx| next_input(&link, cx)).await
             }
         };
         let input = match input {
