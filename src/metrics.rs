@@ -508,3 +508,57 @@ fn code_label(code: CloseCode) -> &'static str {
         .find(|(c, _)| *c == code)
         .map_or("other", |(_, label)| label)
 }
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+
+    /// Runs `calls` handler calls on `timer`; returns which were timed.
+    fn timed(timer: &mut HandlerTimer, metrics: &Metrics, calls: usize) -> Vec<bool> {
+        (0..calls)
+            .map(|_| {
+                timer.start();
+                let timed = timer.sample.started.is_some();
+                timer.finish(metrics);
+                assert!(
+                    timer.sample.started.is_none(),
+                    "a finished call stays timed"
+                );
+                timed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn handler_timer_times_one_call_in_sixteen() {
+        let metrics = Metrics::default();
+        let every = HANDLER_SAMPLE_EVERY as usize;
+        let mut timer = HandlerTimer::default();
+        let calls = timed(&mut timer, &metrics, every * 10);
+        let positions: Vec<usize> = (0..calls.len()).filter(|&i| calls[i]).collect();
+        assert_eq!(positions.len(), 10, "{positions:?}");
+        assert!(
+            positions.windows(2).all(|w| w[1] - w[0] == every),
+            "{positions:?}"
+        );
+    }
+
+    #[test]
+    fn handler_timers_start_at_different_phases() {
+        let metrics = Metrics::default();
+        let every = HANDLER_SAMPLE_EVERY as usize;
+        let first = |timer: &mut HandlerTimer| {
+            timed(timer, &metrics, every)
+                .iter()
+                .position(|&t| t)
+                .expect("one call in a cycle is timed")
+        };
+        let phases: std::collections::HashSet<usize> = (0..every)
+            .map(|_| first(&mut HandlerTimer::default()))
+            .collect();
+        // Consecutive timers step the phase by 7, coprime with 16: every
+        // phase comes round (other tests may take timers in between, so
+        // only require that they are not all alike).
+        assert!(phases.len() > 1, "{phases:?}");
+    }
+}
