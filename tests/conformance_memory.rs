@@ -3,35 +3,13 @@
 use std::sync::Arc;
 
 use tower_channels::channel_layer::{
-    BoxFuture, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupSendReport,
-    InMemoryChannelLayer, PresenceInfo, StreamPosition,
+    BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event,
+    GroupSendReport, InMemoryChannelLayer, PresenceInfo, StreamPosition,
 };
-use tower_channels::testing::conformance;
+use tower_channels::testing::conformance::{self, Suite};
 
+/// A fresh layer configured as the presence and history checks expect.
 fn layer() -> Arc<dyn ChannelLayer> {
-    Arc::new(InMemoryChannelLayer::with_capacity(16))
-}
-
-#[tokio::test]
-async fn conformance_single_layer() {
-    conformance::run_all(|| async { layer() }).await;
-}
-
-#[tokio::test]
-async fn conformance_pair_of_clones() {
-    conformance::run_pair(|| async {
-        let layer = layer();
-        (layer.clone(), layer)
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_single_layer_multi_thread() {
-    conformance::run_all(|| async { layer() }).await;
-}
-
-fn configured() -> Arc<dyn ChannelLayer> {
     Arc::new(
         InMemoryChannelLayer::with_capacity(16)
             .with_history(conformance::history_policy())
@@ -39,72 +17,140 @@ fn configured() -> Arc<dyn ChannelLayer> {
     )
 }
 
-#[tokio::test]
-async fn conformance_presence_history() {
-    conformance::run_presence_history(|| async { configured() }).await;
+/// The whole suite: the pair is two clones of one layer.
+fn suite() -> Suite<'static> {
+    Suite::new(|| async { layer() }).pair(|| async {
+        let layer = layer();
+        (layer.clone(), layer)
+    })
 }
 
 #[tokio::test]
-async fn conformance_presence_history_pair_of_clones() {
-    conformance::run_presence_history_pair(|| async {
-        let layer = configured();
-        (layer.clone(), layer)
-    })
-    .await;
+async fn conformance() {
+    suite().run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_presence_history_multi_thread() {
-    conformance::run_presence_history(|| async { configured() }).await;
+async fn conformance_multi_thread() {
+    suite().run().await;
+}
+
+/// A layer without history and presence configured still reports both
+/// (they are configured per group): the suite says how to configure it
+/// instead of failing in a check.
+#[tokio::test]
+#[should_panic(expected = "configure it with conformance::history_policy()")]
+async fn unconfigured_history_is_named() {
+    Suite::new(|| async {
+        Arc::new(InMemoryChannelLayer::with_capacity(16)) as Arc<dyn ChannelLayer>
+    })
+    .run()
+    .await;
+}
+
+/// The same for presence without the notifications the checks expect.
+#[tokio::test]
+#[should_panic(expected = "configure it with conformance::presence_config()")]
+async fn unconfigured_presence_is_named() {
+    Suite::new(|| async {
+        Arc::new(
+            InMemoryChannelLayer::with_capacity(16).with_history(conformance::history_policy()),
+        ) as Arc<dyn ChannelLayer>
+    })
+    .run()
+    .await;
+}
+
+#[test]
+#[should_panic(expected = "the checks are: new_channel_names, send_receive_roundtrip")]
+fn skipping_an_unknown_check_lists_the_checks() {
+    let _ = Suite::new(|| async { layer() }).skip("no_such_check", "a typo");
+}
+
+/// A skipped check does not run: `no_such_channel` fails on this layer.
+#[tokio::test]
+async fn skipped_checks_do_not_run() {
+    Suite::new(|| async {
+        Arc::new(Minimal(InMemoryChannelLayer::with_capacity(16), true)) as Arc<dyn ChannelLayer>
+    })
+    .skip("no_such_channel", "sends to unknown channels succeed here")
+    .run()
+    .await;
+}
+
+/// The check skipped above fails on that layer when it runs.
+#[tokio::test]
+#[should_panic(expected = "expected NoSuchChannel")]
+async fn unskipped_checks_run() {
+    Suite::new(|| async {
+        Arc::new(Minimal(InMemoryChannelLayer::with_capacity(16), true)) as Arc<dyn ChannelLayer>
+    })
+    .run()
+    .await;
+}
+
+/// An in-memory layer implementing only the required methods (and
+/// `stats`): the defaults answer presence and history as unsupported and
+/// the capabilities are none. With `.1` set, a send to a channel nobody
+/// receives succeeds (as on layers that cannot know), which fails the
+/// `no_such_channel` check.
+#[derive(Debug)]
+struct Minimal(InMemoryChannelLayer, bool);
+
+impl ChannelLayer for Minimal {
+    fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
+        self.0.new_channel()
+    }
+    fn receive<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
+        self.0.receive(channel)
+    }
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        Box::pin(async move {
+            match self.0.send(channel, event).await {
+                Err(ChannelLayerError::NoSuchChannel { .. }) if self.1 => Ok(()),
+                result => result,
+            }
+        })
+    }
+    fn group_add<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        self.0.group_add(group, channel)
+    }
+    fn group_discard<'a>(
+        &'a self,
+        group: &'a str,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
+        self.0.group_discard(group, channel)
+    }
+    fn group_send<'a>(
+        &'a self,
+        group: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
+        self.0.group_send(group, event)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
+        self.0.flush()
+    }
+    fn stats(&self) -> ChannelLayerStats {
+        self.0.stats()
+    }
 }
 
 #[tokio::test]
 async fn default_methods_answer_unsupported() {
-    #[derive(Debug)]
-    struct Minimal(InMemoryChannelLayer);
-    impl ChannelLayer for Minimal {
-        fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {
-            self.0.new_channel()
-        }
-        fn receive<'a>(
-            &'a self,
-            channel: &'a str,
-        ) -> BoxFuture<'a, Result<ChannelReceiver, ChannelLayerError>> {
-            self.0.receive(channel)
-        }
-        fn send<'a>(
-            &'a self,
-            channel: &'a str,
-            event: Event,
-        ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-            self.0.send(channel, event)
-        }
-        fn group_add<'a>(
-            &'a self,
-            group: &'a str,
-            channel: &'a str,
-        ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-            self.0.group_add(group, channel)
-        }
-        fn group_discard<'a>(
-            &'a self,
-            group: &'a str,
-            channel: &'a str,
-        ) -> BoxFuture<'a, Result<(), ChannelLayerError>> {
-            self.0.group_discard(group, channel)
-        }
-        fn group_send<'a>(
-            &'a self,
-            group: &'a str,
-            event: Event,
-        ) -> BoxFuture<'a, Result<GroupSendReport, ChannelLayerError>> {
-            self.0.group_send(group, event)
-        }
-        fn flush(&self) -> BoxFuture<'_, Result<(), ChannelLayerError>> {
-            self.0.flush()
-        }
-    }
-    let layer = Minimal(InMemoryChannelLayer::new());
+    let layer = Minimal(InMemoryChannelLayer::new(), false);
     let rx = layer.new_channel().await.unwrap();
     let info = PresenceInfo::new("a").unwrap();
     let err = layer.presence_join("g", rx.name(), info).await.unwrap_err();

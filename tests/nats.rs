@@ -182,7 +182,7 @@ async fn layer(url: &str, prefix: &str, capacity: usize) -> NatsChannelLayer {
 async fn conformance_suite() {
     let Some(nats) = nats().await else { return };
     let url = nats.url.clone();
-    common::layers::conformance_suite(unique_prefix, |prefix| {
+    common::layers::conformance_suite(unique_prefix, "conformance", |prefix| {
         let url = url.clone();
         async move { layer(&url, &prefix, 16).await }
     })
@@ -193,11 +193,13 @@ async fn conformance_suite() {
 async fn conformance_suite_multi_thread() {
     let Some(nats) = nats().await else { return };
     let url = nats.url.clone();
-    common::layers::run_all(unique_prefix, "conformance-mt", |prefix| {
+    let connect = |prefix: String| {
         let url = url.clone();
         async move { layer(&url, &prefix, 16).await }
-    })
-    .await;
+    };
+    common::layers::suite(unique_prefix, "conformance-mt", &connect)
+        .run()
+        .await;
 }
 
 /// Direct sends across processes answer exactly: full, gone, delivered; a
@@ -398,7 +400,7 @@ async fn conformance_presence_history() {
         .await
         .unwrap_err()
         .is_unsupported());
-    common::layers::presence_history_suite(unique_prefix, |prefix| {
+    common::layers::conformance_suite(unique_prefix, "conformance-ph", |prefix| {
         let url = url.clone();
         async move {
             let layer = configured(&url, &prefix).await;
@@ -410,19 +412,16 @@ async fn conformance_presence_history() {
     .await;
 }
 
-/// With JetStream, named channels are group members (the conformance
-/// checks gated on the capability), on one process and across two.
+/// With JetStream, named channels are group members: the conformance
+/// checks gated on the capability (`worker_channel`, `pair_worker`) run in
+/// `conformance_presence_history`; here, a full named member.
 #[tokio::test]
 async fn named_group_members() {
     let Some(nats) = nats().await else { return };
     let prefix = unique_prefix("named");
     let a = configured(&nats.url, &prefix).await;
-    assert!(a.capabilities().supports(Feature::NamedGroupMembers));
-    conformance::worker_channel(&a).await;
-    let prefix = unique_prefix("named-pair");
-    let a = configured(&nats.url, &prefix).await;
     let b = configured(&nats.url, &prefix).await;
-    conformance::pair_worker(&a, &b).await;
+    assert!(a.capabilities().supports(Feature::NamedGroupMembers));
     // A full named member counts as dropped; the group send succeeds.
     let mut group_member = a.new_channel().await.unwrap();
     a.group_add("named.full", group_member.name())

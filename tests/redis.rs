@@ -79,11 +79,23 @@ async fn layer(url: &str, prefix: &str, capacity: usize) -> RedisChannelLayer {
 async fn conformance_suite() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    common::layers::conformance_suite(unique_prefix, |prefix| {
+    common::layers::conformance_suite(unique_prefix, "conformance", |prefix| {
         let url = url.clone();
-        async move { layer(&url, &prefix, 16).await }
+        async move { without_history(&url, &prefix).await }
     })
     .await;
+}
+
+/// A layer without history; its presence (always on) notifies as the
+/// conformance checks expect.
+async fn without_history(url: &str, prefix: &str) -> RedisChannelLayer {
+    RedisChannelLayer::builder(url)
+        .prefix(prefix)
+        .capacity(16)
+        .presence(conformance::presence_config())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
 async fn configured(url: &str, prefix: &str) -> RedisChannelLayer {
@@ -97,11 +109,13 @@ async fn configured(url: &str, prefix: &str) -> RedisChannelLayer {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
+/// The whole suite on layers with presence and history (the checks of
+/// both run then).
 #[tokio::test]
 async fn conformance_presence_history() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    common::layers::presence_history_suite(unique_prefix, |prefix| {
+    common::layers::conformance_suite(unique_prefix, "conformance-ph", |prefix| {
         let url = url.clone();
         async move { configured(&url, &prefix).await }
     })
@@ -112,17 +126,9 @@ async fn conformance_presence_history() {
 async fn conformance_presence_history_multi_thread() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    conformance::run_presence_history_pair(|| {
+    common::layers::conformance_suite(unique_prefix, "conformance-ph-mt", |prefix| {
         let url = url.clone();
-        async move {
-            let prefix = unique_prefix("conformance-ph-mt");
-            let a = configured(&url, &prefix).await;
-            let b = configured(&url, &prefix).await;
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
+        async move { configured(&url, &prefix).await }
     })
     .await;
 }
@@ -369,11 +375,13 @@ async fn history_fills_what_pubsub_missed() {
 async fn conformance_suite_multi_thread() {
     let Some(redis) = redis().await else { return };
     let url = redis.url.clone();
-    common::layers::run_all(unique_prefix, "conformance-mt", |prefix| {
+    let connect = |prefix: String| {
         let url = url.clone();
-        async move { layer(&url, &prefix, 16).await }
-    })
-    .await;
+        async move { without_history(&url, &prefix).await }
+    };
+    common::layers::suite(unique_prefix, "conformance-mt", &connect)
+        .run()
+        .await;
 }
 
 /// Two instances (two processes) exchange group and direct messages; a full

@@ -339,15 +339,17 @@ async fn drain_until(
 
 // -------------------------------------------------------------------- tests
 
+/// The whole suite, on configured layers: the cluster layer reports
+/// presence and history whatever its configuration.
 #[tokio::test]
 async fn conformance_suite() {
     let Some(target) = cluster().await else {
         return;
     };
     let urls = target.urls.clone();
-    common::layers::conformance_suite(unique_prefix, |prefix| {
+    common::layers::conformance_suite(unique_prefix, "conformance", |prefix| {
         let urls = urls.clone();
-        async move { layer(&urls, &prefix, 16).await }
+        async move { configured(&urls, &prefix).await }
     })
     .await;
 }
@@ -372,19 +374,6 @@ async fn configured_with(
         .build()
         .await
         .unwrap_or_else(|e| panic!("connect to {urls:?}: {e}"))
-}
-
-#[tokio::test]
-async fn conformance_presence_history() {
-    let Some(target) = cluster().await else {
-        return;
-    };
-    let urls = target.urls.clone();
-    common::layers::presence_history_suite(unique_prefix, |prefix| {
-        let urls = urls.clone();
-        async move { configured(&urls, &prefix).await }
-    })
-    .await;
 }
 
 /// A group's history, offset, epoch and presence all live on the group's

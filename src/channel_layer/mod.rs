@@ -127,14 +127,15 @@
 //! [`ChannelReceiver`] (use [`ChannelReceiver::on_drop`] to forget a channel
 //! when its receiver goes away), use [`ChannelSender::try_send`] for direct
 //! sends and [`ChannelSender::send_lossy`] for group fan-out. Then run the
-//! conformance suite in [`crate::testing::conformance`] (feature `testing`)
-//! against your type.
+//! conformance [`Suite`](crate::testing::conformance::Suite) (feature
+//! `testing`) against your type.
 //! Presence and history are optional: the default
 //! [`presence_join`](ChannelLayer::presence_join),
 //! [`presence`](ChannelLayer::presence) and [`recover`](ChannelLayer::recover)
 //! fail with [`ChannelLayerError::Unsupported`]; a backend that implements
-//! them sets [`Event::with_position`] on delivered history events and runs
-//! [`run_presence_history`](crate::testing::conformance::run_presence_history) too.
+//! them sets [`Event::with_position`] on delivered history events and
+//! reports them in [`capabilities`](ChannelLayer::capabilities), and the
+//! suite runs their checks too.
 
 mod capabilities;
 #[cfg(feature = "django")]

@@ -2,50 +2,131 @@
 //! [`ChannelLayer`] backend must share with
 //! [`InMemoryChannelLayer`](crate::channel_layer::InMemoryChannelLayer).
 //!
-//! Run [`run_all`] with a function that makes a fresh layer (a fresh key
+//! [`Suite::new`] takes a function that makes a fresh layer (a fresh key
 //! prefix for backends that store state outside the process, and a small
-//! capacity such as 16: the suite fills channels until they are full), and
-//! [`run_pair`] with one that makes two instances sharing state, like two
-//! processes of one application. For a backend confined to one process the
-//! pair is two clones of one layer. Each check is also a public function, so
-//! a backend can run them as separate tests.
+//! capacity such as 16: the checks fill channels until they are full);
+//! [`Suite::pair`] adds the checks on two instances sharing state, like two
+//! processes of one application (for a backend confined to one process, two
+//! clones of one layer). [`Suite::run`] runs every check that applies: the
+//! presence and history checks run when the layer's
+//! [`capabilities`](ChannelLayer::capabilities) report
+//! [`Feature::Presence`] and [`Feature::History`], so such a layer must be
+//! configured with [`presence_config`] and [`history_policy`]. A backend
+//! that cannot pass a check by design names it in [`Suite::skip`], with the
+//! reason.
 //!
 //! ```
 //! use std::sync::Arc;
 //! use tower_channels::channel_layer::{ChannelLayer, InMemoryChannelLayer};
-//! use tower_channels::testing::conformance;
+//! use tower_channels::testing::conformance::{self, Suite};
+//!
+//! fn layer() -> Arc<dyn ChannelLayer> {
+//!     Arc::new(
+//!         InMemoryChannelLayer::with_capacity(16)
+//!             .with_history(conformance::history_policy())
+//!             .with_presence(conformance::presence_config()),
+//!     )
+//! }
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! conformance::run_all(|| async {
-//!     Arc::new(InMemoryChannelLayer::with_capacity(16)) as Arc<dyn ChannelLayer>
-//! })
-//! .await;
-//! conformance::run_pair(|| async {
-//!     let layer: Arc<dyn ChannelLayer> = Arc::new(InMemoryChannelLayer::with_capacity(16));
-//!     (layer.clone(), layer)
-//! })
-//! .await;
+//! Suite::new(|| async { layer() })
+//!     .pair(|| async {
+//!         let layer = layer();
+//!         (layer.clone(), layer)
+//!     })
+//!     .run()
+//!     .await;
 //! # });
 //! ```
 //!
 //! The checks never sleep to wait for something: they await receivers with
-//! a timeout ([`RECV_TIMEOUT`]), and check that an event did *not* arrive by
-//! sending a sentinel event afterwards and expecting the sentinel first.
-//! They panic on failure, like assertions.
+//! a timeout (5 s), and check that an event did *not* arrive by sending a
+//! sentinel event afterwards and expecting the sentinel first. They panic on
+//! failure, like assertions.
+//!
+//! # The checks
+//!
+//! By the names [`Suite::skip`] takes, in the order they run. On one layer:
+//!
+//! * `new_channel_names`: `new_channel` returns unique, valid,
+//!   process-specific (`!`) names.
+//! * `send_receive_roundtrip`: typed bodies, text and binary messages and
+//!   bare events arrive intact and in order.
+//! * `no_such_channel`: sends to a channel nobody receives fail with
+//!   `NoSuchChannel`.
+//! * `channel_full`: a direct send to a full channel fails with
+//!   `ChannelFull`, and succeeds again once the receiver made room.
+//! * `groups`: `group_add` / `group_send` / `group_discard`; adding twice
+//!   and discarding a non-member are not errors.
+//! * `no_delivery_to_other_groups`: a group send reaches only that group's
+//!   members.
+//! * `full_member_lags`: a group send never waits for a full member: it
+//!   drops the event for it, counts it in the report and the stats, and the
+//!   member sees `Lagged`.
+//! * `dropped_receiver_leaves_groups`: dropping a receiver removes its
+//!   channel from every group.
+//! * `invalid_names`: names that break Django's rules are refused with
+//!   `InvalidName`.
+//! * `flush`: drops every group and every queued event; channels keep
+//!   working.
+//! * `worker_channel`: a named channel (no `!`) is received with `receive`
+//!   and sent to by name; with [`Feature::NamedGroupMembers`], it is a group
+//!   member too.
+//! * `stats`: counts group sends and local deliveries.
+//! * With [`Feature::History`]: `history_offsets` (group sends to a history
+//!   group return consecutive offsets of one epoch, carried by the
+//!   delivered events), `history_recovery` (exactly the events after a
+//!   position, or why not), `ephemeral_events` (delivered without a
+//!   position, never stored), `recovery_switch_exactly_once` (join, recover,
+//!   then live while two publishers send: no gap, no duplicate).
+//! * With [`Feature::Presence`]: `presence_listing` (members grouped by
+//!   user, leaving with the group or their channel) and
+//!   `presence_notifications` (join and leave events, collapsed per user,
+//!   only where configured).
+//!
+//! On two instances ([`Suite::pair`]): `pair_direct` (direct sends both
+//! ways), `pair_groups` (groups spanning both, membership changed from
+//! either side), `pair_worker` (a named channel received on one gets what
+//! the other sends); with history `pair_history`, `pair_ephemeral_events`,
+//! `pair_recovery_switch_exactly_once`; with presence `pair_presence` (one
+//! listing, notifications collapsed per user across processes).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use crate::channel_layer::{
-    validate_channel_name, ChannelLayer, ChannelLayerError, ChannelReceiver, Event, GroupPattern,
-    HistoryPolicy, PresenceChange, PresenceConfig, PresenceInfo, PresenceMember, RecoveryFailure,
-    RecvError, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
+    validate_channel_name, Capabilities, ChannelLayer, ChannelLayerError, ChannelReceiver, Event,
+    Feature, GroupPattern, HistoryPolicy, PresenceChange, PresenceConfig, PresenceInfo,
+    PresenceMember, RecoveryFailure, RecvError, StreamPosition, PRESENCE_JOIN, PRESENCE_LEAVE,
 };
 use crate::message::Message;
 
+/// Groups with this prefix keep a history in the history checks: a layer
+/// reporting [`Feature::History`] must be configured with [`history_policy`].
+pub const HISTORY_GROUPS: &str = "conformance.history";
+/// Groups with this prefix get join and leave notifications in the presence
+/// checks: a layer reporting [`Feature::Presence`] must be configured with
+/// [`presence_config`].
+pub const NOTIFY_GROUPS: &str = "conformance.notify";
+
+/// Events the checks' histories keep.
+const HISTORY_LEN: usize = 8;
+
+/// The history policy the history checks expect: groups starting with
+/// [`HISTORY_GROUPS`] keep their last 8 events.
+pub fn history_policy() -> HistoryPolicy {
+    HistoryPolicy::new(GroupPattern::prefix(HISTORY_GROUPS)).max_len(HISTORY_LEN)
+}
+
+/// The presence configuration the presence checks expect: groups starting
+/// with [`NOTIFY_GROUPS`] get join and leave notifications.
+pub fn presence_config() -> PresenceConfig {
+    PresenceConfig::new().notify(GroupPattern::prefix(NOTIFY_GROUPS))
+}
+
 /// How long a check waits for an event that must arrive.
-pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends before a check gives up filling a channel.
 const MAX_FILL: usize = 100_000;
@@ -68,50 +149,291 @@ fn body(n: u32) -> Body {
     }
 }
 
-/// Runs every single-layer check, each on a fresh layer from `make`.
-pub async fn run_all<F, Fut>(mut make: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Arc<dyn ChannelLayer>>,
-{
-    macro_rules! check {
-        ($($name:ident),* $(,)?) => {$(
-            let layer = make().await;
-            $name(&*layer).await;
-            eprintln!("conformance: {} ok", stringify!($name));
-        )*};
-    }
-    check!(
-        new_channel_names,
-        send_receive_roundtrip,
-        no_such_channel,
-        channel_full,
-        groups,
-        no_delivery_to_other_groups,
-        full_member_lags,
-        dropped_receiver_leaves_groups,
-        invalid_names,
-        flush,
-        worker_channel,
-        stats,
-    );
+// ------------------------------------------------------------------ suite
+
+type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+type Pair = (Arc<dyn ChannelLayer>, Arc<dyn ChannelLayer>);
+type Make<'a> = Box<dyn FnMut() -> LocalFuture<'a, Arc<dyn ChannelLayer>> + 'a>;
+type MakePair<'a> = Box<dyn FnMut() -> LocalFuture<'a, Pair> + 'a>;
+type SingleCheck = for<'l> fn(&'l dyn ChannelLayer) -> LocalFuture<'l, ()>;
+type PairCheck = for<'l> fn(&'l dyn ChannelLayer, &'l dyn ChannelLayer) -> LocalFuture<'l, ()>;
+
+/// A check on one layer (`single!(name)`), or one that needs a feature
+/// (`single!(name, Feature)`).
+macro_rules! single {
+    ($name:ident) => {
+        single!(@ $name, None)
+    };
+    ($name:ident, $feature:ident) => {
+        single!(@ $name, Some(Feature::$feature))
+    };
+    (@ $name:ident, $feature:expr) => {
+        (stringify!($name), $feature, {
+            fn check(layer: &dyn ChannelLayer) -> LocalFuture<'_, ()> {
+                Box::pin($name(layer))
+            }
+            check as SingleCheck
+        })
+    };
 }
 
-/// Runs every check on two layer instances that share state (two processes
-/// of one application), each pair fresh from `make_pair`.
-pub async fn run_pair<F, Fut>(mut make_pair: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = (Arc<dyn ChannelLayer>, Arc<dyn ChannelLayer>)>,
-{
-    macro_rules! check {
-        ($($name:ident),* $(,)?) => {$(
-            let (a, b) = make_pair().await;
-            $name(&*a, &*b).await;
-            eprintln!("conformance: {} ok", stringify!($name));
-        )*};
+/// A check on two instances sharing state, as `single!`.
+macro_rules! pair {
+    ($name:ident) => {
+        pair!(@ $name, None)
+    };
+    ($name:ident, $feature:ident) => {
+        pair!(@ $name, Some(Feature::$feature))
+    };
+    (@ $name:ident, $feature:expr) => {
+        (stringify!($name), $feature, {
+            fn check<'l>(a: &'l dyn ChannelLayer, b: &'l dyn ChannelLayer) -> LocalFuture<'l, ()> {
+                Box::pin($name(a, b))
+            }
+            check as PairCheck
+        })
+    };
+}
+
+/// Every check on one layer, in the order [`Suite::run`] runs them.
+const SINGLE: &[(&str, Option<Feature>, SingleCheck)] = &[
+    single!(new_channel_names),
+    single!(send_receive_roundtrip),
+    single!(no_such_channel),
+    single!(channel_full),
+    single!(groups),
+    single!(no_delivery_to_other_groups),
+    single!(full_member_lags),
+    single!(dropped_receiver_leaves_groups),
+    single!(invalid_names),
+    single!(flush),
+    single!(worker_channel),
+    single!(stats),
+    single!(history_offsets, History),
+    single!(history_recovery, History),
+    single!(ephemeral_events, History),
+    single!(recovery_switch_exactly_once, History),
+    single!(presence_listing, Presence),
+    single!(presence_notifications, Presence),
+];
+
+/// Every check on two instances, in the order [`Suite::run`] runs them.
+const PAIR: &[(&str, Option<Feature>, PairCheck)] = &[
+    pair!(pair_direct),
+    pair!(pair_groups),
+    pair!(pair_worker),
+    pair!(pair_history, History),
+    pair!(pair_ephemeral_events, History),
+    pair!(pair_recovery_switch_exactly_once, History),
+    pair!(pair_presence, Presence),
+];
+
+/// The conformance suite for one backend: every check, each on fresh layers.
+///
+/// Built with [`new`](Suite::new), optionally given a [`pair`](Suite::pair)
+/// maker and checks to [`skip`](Suite::skip), then [`run`](Suite::run).
+/// See the [module docs](self).
+pub struct Suite<'a> {
+    make: Make<'a>,
+    make_pair: Option<MakePair<'a>>,
+    skipped: Vec<(&'static str, String)>,
+}
+
+impl fmt::Debug for Suite<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Suite")
+            .field("pair", &self.make_pair.is_some())
+            .field("skipped", &self.skipped)
+            .finish_non_exhaustive()
     }
-    check!(pair_direct, pair_groups, pair_worker);
+}
+
+impl<'a> Suite<'a> {
+    /// A suite whose checks on one layer each run on a fresh layer from
+    /// `make`.
+    pub fn new<F, Fut>(mut make: F) -> Self
+    where
+        F: FnMut() -> Fut + 'a,
+        Fut: Future<Output = Arc<dyn ChannelLayer>> + 'a,
+    {
+        Suite {
+            make: Box::new(move || Box::pin(make())),
+            make_pair: None,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Adds the checks on two instances sharing state (two processes of one
+    /// application), each on a fresh pair from `make_pair`. Without it, only
+    /// the checks on one layer run.
+    #[must_use]
+    pub fn pair<F, Fut>(mut self, mut make_pair: F) -> Self
+    where
+        F: FnMut() -> Fut + 'a,
+        Fut: Future<Output = (Arc<dyn ChannelLayer>, Arc<dyn ChannelLayer>)> + 'a,
+    {
+        self.make_pair = Some(Box::new(move || Box::pin(make_pair())));
+        self
+    }
+
+    /// Does not run the check named `check` (one of [the
+    /// checks](self#the-checks), such as `"no_such_channel"`), for a layer
+    /// that cannot pass it by design; [`run`](Suite::run) prints `why`.
+    ///
+    /// # Panics
+    ///
+    /// When no check has that name (the message lists the names).
+    #[must_use]
+    pub fn skip(mut self, check: &str, why: &str) -> Self {
+        let names = SINGLE.iter().map(|c| c.0).chain(PAIR.iter().map(|c| c.0));
+        let Some(name) = names.clone().find(|name| *name == check) else {
+            panic!(
+                "conformance: no check named {check:?}; the checks are: {}",
+                names.collect::<Vec<_>>().join(", ")
+            );
+        };
+        self.skipped.push((name, why.to_owned()));
+        self
+    }
+
+    /// Runs every check that applies, each on a fresh layer (or pair),
+    /// printing each name as it passes. The presence and history checks
+    /// run on layers whose capabilities report [`Feature::Presence`] and
+    /// [`Feature::History`].
+    ///
+    /// # Panics
+    ///
+    /// When a check fails, like an assertion (the message says what
+    /// failed, a line on stderr which check), when `make` returns layers
+    /// of different capabilities, or when a layer reporting presence or
+    /// history is not configured as the checks expect (the message says
+    /// how).
+    ///
+    /// The future is not `Send` (the makers need not be): await it in the
+    /// test itself, as in `#[tokio::test]`, not in a spawned task.
+    pub async fn run(self) {
+        let Suite {
+            mut make,
+            make_pair,
+            skipped,
+        } = self;
+        let first = make().await;
+        let capabilities = first.capabilities();
+        let mut spare = Some(first);
+        let (mut history_checked, mut presence_checked) = (false, false);
+        for &(name, feature, check) in SINGLE {
+            if !applies(&skipped, name, feature, capabilities) {
+                continue;
+            }
+            let layer = match spare.take() {
+                Some(layer) => layer,
+                None => make().await,
+            };
+            assert_eq!(
+                layer.capabilities(),
+                capabilities,
+                "conformance: the layers from `make` report different capabilities"
+            );
+            if feature == Some(Feature::History) && !history_checked {
+                expect_history(&*layer).await;
+                history_checked = true;
+            }
+            if feature == Some(Feature::Presence) && !presence_checked {
+                expect_notifications(&*layer).await;
+                presence_checked = true;
+            }
+            let _running = Running(name);
+            check(&*layer).await;
+            eprintln!("conformance: {name} ok");
+        }
+        let Some(mut make_pair) = make_pair else {
+            eprintln!("conformance: the checks on two instances did not run (no Suite::pair)");
+            return;
+        };
+        let first = make_pair().await;
+        let capabilities = first.0.capabilities();
+        let mut spare = Some(first);
+        for &(name, feature, check) in PAIR {
+            if !applies(&skipped, name, feature, capabilities) {
+                continue;
+            }
+            let (a, b) = match spare.take() {
+                Some(pair) => pair,
+                None => make_pair().await,
+            };
+            let _running = Running(name);
+            check(&*a, &*b).await;
+            eprintln!("conformance: {name} ok");
+        }
+    }
+}
+
+/// Whether the check `name` runs, saying why on stderr when not.
+fn applies(
+    skipped: &[(&str, String)],
+    name: &str,
+    feature: Option<Feature>,
+    capabilities: Capabilities,
+) -> bool {
+    if let Some((_, why)) = skipped.iter().find(|(n, _)| *n == name) {
+        eprintln!("conformance: {name} skipped: {why}");
+        return false;
+    }
+    match feature {
+        Some(feature) if !capabilities.supports(feature) => {
+            eprintln!("conformance: {name} does not apply (the layer has no {feature})");
+            false
+        }
+        _ => true,
+    }
+}
+
+/// Says on stderr which check failed when it panics.
+struct Running(&'static str);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("conformance: {} failed", self.0);
+        }
+    }
+}
+
+/// Fails clearly when a layer reports [`Feature::Presence`] but sends no
+/// join notifications for [`NOTIFY_GROUPS`] (it was not configured with
+/// [`presence_config`]).
+async fn expect_notifications(layer: &dyn ChannelLayer) {
+    let group = format!("{NOTIFY_GROUPS}.configured");
+    let mut rx = new_channel(layer).await;
+    ok(
+        "presence_join",
+        layer.presence_join(&group, rx.name(), info("conformance")),
+    )
+    .await;
+    match tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await {
+        Ok(Ok(event)) if event.kind() == PRESENCE_JOIN => {}
+        other => panic!(
+            "conformance: the layer reports Feature::Presence but sent no {PRESENCE_JOIN} \
+             for {group:?} (got {other:?}): configure it with conformance::presence_config()"
+        ),
+    }
+}
+
+/// Fails clearly when a layer reports [`Feature::History`] but keeps no
+/// history for [`HISTORY_GROUPS`] (it was not configured with
+/// [`history_policy`]).
+async fn expect_history(layer: &dyn ChannelLayer) {
+    let group = format!("{HISTORY_GROUPS}.configured");
+    let report = ok(
+        "group_send",
+        layer.group_send(&group, Event::bare("conformance.configured")),
+    )
+    .await;
+    assert!(
+        report.position.is_some(),
+        "conformance: the layer reports Feature::History but keeps no history for \
+         {group:?}: configure it with conformance::history_policy()"
+    );
 }
 
 // ---------------------------------------------------------------- helpers
@@ -181,7 +503,7 @@ async fn fill(layer: &dyn ChannelLayer, channel: &str) -> usize {
 // ---------------------------------------------------------------- checks
 
 /// `new_channel` returns unique, valid, process-specific (`!`) names.
-pub async fn new_channel_names(layer: &dyn ChannelLayer) {
+async fn new_channel_names(layer: &dyn ChannelLayer) {
     let mut receivers = Vec::new();
     let mut names = std::collections::HashSet::new();
     for _ in 0..64 {
@@ -202,7 +524,7 @@ pub async fn new_channel_names(layer: &dyn ChannelLayer) {
 }
 
 /// Typed bodies, text and binary messages and bare events arrive intact and in order.
-pub async fn send_receive_roundtrip(layer: &dyn ChannelLayer) {
+async fn send_receive_roundtrip(layer: &dyn ChannelLayer) {
     let mut rx = new_channel(layer).await;
     let name = rx.name().to_owned();
     ok(
@@ -262,7 +584,7 @@ pub async fn send_receive_roundtrip(layer: &dyn ChannelLayer) {
 }
 
 /// Sends to a channel nobody receives fail with `NoSuchChannel`.
-pub async fn no_such_channel(layer: &dyn ChannelLayer) {
+async fn no_such_channel(layer: &dyn ChannelLayer) {
     let rx = new_channel(layer).await;
     let name = rx.name().to_owned();
     drop(rx);
@@ -276,7 +598,7 @@ pub async fn no_such_channel(layer: &dyn ChannelLayer) {
 
 /// A direct send to a full channel fails with `ChannelFull`, and succeeds
 /// again once the receiver made room.
-pub async fn channel_full(layer: &dyn ChannelLayer) {
+async fn channel_full(layer: &dyn ChannelLayer) {
     let mut rx = new_channel(layer).await;
     let name = rx.name().to_owned();
     let accepted = fill(layer, &name).await;
@@ -300,7 +622,7 @@ pub async fn channel_full(layer: &dyn ChannelLayer) {
 
 /// group_add / group_send / group_discard; adding twice and discarding a
 /// non-member are not errors.
-pub async fn groups(layer: &dyn ChannelLayer) {
+async fn groups(layer: &dyn ChannelLayer) {
     let mut a = new_channel(layer).await;
     let mut b = new_channel(layer).await;
     ok("group_add a", layer.group_add("conformance", a.name())).await;
@@ -373,7 +695,7 @@ pub async fn groups(layer: &dyn ChannelLayer) {
 }
 
 /// A group send reaches only that group's members.
-pub async fn no_delivery_to_other_groups(layer: &dyn ChannelLayer) {
+async fn no_delivery_to_other_groups(layer: &dyn ChannelLayer) {
     let mut a = new_channel(layer).await;
     let mut c = new_channel(layer).await;
     ok("group_add", layer.group_add("conformance.one", a.name())).await;
@@ -389,7 +711,7 @@ pub async fn no_delivery_to_other_groups(layer: &dyn ChannelLayer) {
 
 /// A group send never waits for a full member: it drops the event for it,
 /// counts it in the report and the stats, and the member sees `Lagged`.
-pub async fn full_member_lags(layer: &dyn ChannelLayer) {
+async fn full_member_lags(layer: &dyn ChannelLayer) {
     let mut full = new_channel(layer).await;
     let mut fine = new_channel(layer).await;
     let full_name = full.name().to_owned();
@@ -427,7 +749,7 @@ pub async fn full_member_lags(layer: &dyn ChannelLayer) {
 }
 
 /// Dropping a receiver removes its channel from every group.
-pub async fn dropped_receiver_leaves_groups(layer: &dyn ChannelLayer) {
+async fn dropped_receiver_leaves_groups(layer: &dyn ChannelLayer) {
     let rx = new_channel(layer).await;
     ok("group_add", layer.group_add("conformance.drop", rx.name())).await;
     ok("group_add", layer.group_add("conformance.drop2", rx.name())).await;
@@ -460,7 +782,7 @@ pub async fn dropped_receiver_leaves_groups(layer: &dyn ChannelLayer) {
 }
 
 /// Names that break Django's rules are refused with `InvalidName`.
-pub async fn invalid_names(layer: &dyn ChannelLayer) {
+async fn invalid_names(layer: &dyn ChannelLayer) {
     let rx = new_channel(layer).await;
     let good = rx.name().to_owned();
     let long = "x".repeat(100);
@@ -482,7 +804,7 @@ pub async fn invalid_names(layer: &dyn ChannelLayer) {
 }
 
 /// `flush` drops every group and every queued event; channels keep working.
-pub async fn flush(layer: &dyn ChannelLayer) {
+async fn flush(layer: &dyn ChannelLayer) {
     let mut rx = new_channel(layer).await;
     let name = rx.name().to_owned();
     ok("group_add", layer.group_add("conformance.flush", &name)).await;
@@ -502,7 +824,7 @@ pub async fn flush(layer: &dyn ChannelLayer) {
 }
 
 /// A named channel (no `!`) is received with `receive` and sent to by name.
-pub async fn worker_channel(layer: &dyn ChannelLayer) {
+async fn worker_channel(layer: &dyn ChannelLayer) {
     let mut rx = ok("receive", layer.receive("conformance.worker")).await;
     assert_eq!(rx.name(), "conformance.worker");
     ok(
@@ -561,7 +883,7 @@ pub async fn worker_channel(layer: &dyn ChannelLayer) {
 }
 
 /// `stats` counts group sends and local deliveries.
-pub async fn stats(layer: &dyn ChannelLayer) {
+async fn stats(layer: &dyn ChannelLayer) {
     let mut a = new_channel(layer).await;
     let mut b = new_channel(layer).await;
     ok("group_add", layer.group_add("conformance.stats", a.name())).await;
@@ -585,7 +907,7 @@ pub async fn stats(layer: &dyn ChannelLayer) {
 }
 
 /// Direct sends between two instances, both ways.
-pub async fn pair_direct(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_direct(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let mut on_a = new_channel(a).await;
     let mut on_b = new_channel(b).await;
     ok(
@@ -617,7 +939,7 @@ pub async fn pair_direct(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
 }
 
 /// Groups spanning two instances; membership changed from either side.
-pub async fn pair_groups(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_groups(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let mut on_a = new_channel(a).await;
     let mut on_b = new_channel(b).await;
     ok(
@@ -689,7 +1011,7 @@ pub async fn pair_groups(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
 }
 
 /// A named channel received on one instance gets what the other sends.
-pub async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let mut jobs = ok("receive on a", a.receive("conformance.pair-worker")).await;
     for n in 0..3u32 {
         ok(
@@ -750,71 +1072,6 @@ pub async fn pair_worker(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
 
 // ------------------------------------------------------ presence and history
 
-/// Groups with this prefix keep a history in the presence and history
-/// checks: configure the layer under test with [`history_policy`].
-pub const HISTORY_GROUPS: &str = "conformance.history";
-/// Groups with this prefix get join and leave notifications in the
-/// presence checks: configure the layer under test with [`presence_config`].
-pub const NOTIFY_GROUPS: &str = "conformance.notify";
-/// Events the checks' histories keep.
-pub const HISTORY_LEN: usize = 8;
-
-/// The history policy [`run_presence_history`] expects the layer to have.
-pub fn history_policy() -> HistoryPolicy {
-    HistoryPolicy::new(GroupPattern::prefix(HISTORY_GROUPS)).max_len(HISTORY_LEN)
-}
-
-/// The presence configuration [`run_presence_history`] expects the layer to have.
-pub fn presence_config() -> PresenceConfig {
-    PresenceConfig::new().notify(GroupPattern::prefix(NOTIFY_GROUPS))
-}
-
-/// Runs the presence and history checks, each on a fresh layer from `make`
-/// configured with [`history_policy`] and [`presence_config`].
-pub async fn run_presence_history<F, Fut>(mut make: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Arc<dyn ChannelLayer>>,
-{
-    macro_rules! check {
-        ($($name:ident),* $(,)?) => {$(
-            let layer = make().await;
-            $name(&*layer).await;
-            eprintln!("conformance: {} ok", stringify!($name));
-        )*};
-    }
-    check!(
-        history_offsets,
-        history_recovery,
-        ephemeral_events,
-        recovery_switch_exactly_once,
-        presence_listing,
-        presence_notifications,
-    );
-}
-
-/// Runs the presence and history checks on two instances sharing state,
-/// configured as for [`run_presence_history`].
-pub async fn run_presence_history_pair<F, Fut>(mut make_pair: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = (Arc<dyn ChannelLayer>, Arc<dyn ChannelLayer>)>,
-{
-    macro_rules! check {
-        ($($name:ident),* $(,)?) => {$(
-            let (a, b) = make_pair().await;
-            $name(&*a, &*b).await;
-            eprintln!("conformance: {} ok", stringify!($name));
-        )*};
-    }
-    check!(
-        pair_history,
-        pair_ephemeral_events,
-        pair_recovery_switch_exactly_once,
-        pair_presence
-    );
-}
-
 fn offset_of(event: &Event) -> u64 {
     event
         .position()
@@ -856,7 +1113,7 @@ fn info(user: &str) -> PresenceInfo {
 
 /// Group sends to a history group return consecutive offsets of one epoch,
 /// and members get events carrying them; other groups have no positions.
-pub async fn history_offsets(layer: &dyn ChannelLayer) {
+async fn history_offsets(layer: &dyn ChannelLayer) {
     let group = format!("{HISTORY_GROUPS}.offsets");
     let mut rx = new_channel(layer).await;
     ok("group_add", layer.group_add(&group, rx.name())).await;
@@ -973,18 +1230,18 @@ async fn ephemeral_between(a: &dyn ChannelLayer, b: &dyn ChannelLayer, group: &s
 }
 
 /// Ephemeral events on one instance (see [`pair_ephemeral_events`]).
-pub async fn ephemeral_events(layer: &dyn ChannelLayer) {
+async fn ephemeral_events(layer: &dyn ChannelLayer) {
     ephemeral_between(layer, layer, &format!("{HISTORY_GROUPS}.ephemeral")).await;
 }
 
 /// An ephemeral group send to a history group: delivered to members on
 /// both instances without a position, no offset taken, never recovered.
-pub async fn pair_ephemeral_events(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_ephemeral_events(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     ephemeral_between(a, b, &format!("{HISTORY_GROUPS}.pair-ephemeral")).await;
 }
 
 /// Recovery gives exactly the events after a position, or says why not.
-pub async fn history_recovery(layer: &dyn ChannelLayer) {
+async fn history_recovery(layer: &dyn ChannelLayer) {
     let group = format!("{HISTORY_GROUPS}.recovery");
     let mut positions = Vec::new();
     for n in 1..=5u64 {
@@ -1134,20 +1391,20 @@ async fn join_recover_live(
 
 /// Join, recover, then live, while two publishers keep sending: no gap,
 /// no duplicate.
-pub async fn recovery_switch_exactly_once(layer: &dyn ChannelLayer) {
+async fn recovery_switch_exactly_once(layer: &dyn ChannelLayer) {
     let group = format!("{HISTORY_GROUPS}.switch");
     join_recover_live(layer, [layer, layer], &group).await;
 }
 
 /// The same as [`recovery_switch_exactly_once`] with one publisher on each
 /// instance and the member on `b`.
-pub async fn pair_recovery_switch_exactly_once(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_recovery_switch_exactly_once(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let group = format!("{HISTORY_GROUPS}.pair-switch");
     join_recover_live(b, [a, b], &group).await;
 }
 
 /// History written through one instance is recovered through the other.
-pub async fn pair_history(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_history(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let group = format!("{HISTORY_GROUPS}.pair");
     let mut on_b = new_channel(b).await;
     ok("group_add", b.group_add(&group, on_b.name())).await;
@@ -1186,7 +1443,7 @@ pub async fn pair_history(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
 
 /// Presence lists members grouped by user; they leave with the group or
 /// when their channel goes away.
-pub async fn presence_listing(layer: &dyn ChannelLayer) {
+async fn presence_listing(layer: &dyn ChannelLayer) {
     let group = "conformance.presence";
     let tab1 = new_channel(layer).await;
     let tab2 = new_channel(layer).await;
@@ -1273,7 +1530,7 @@ pub async fn presence_listing(layer: &dyn ChannelLayer) {
 }
 
 /// Join and leave notifications, collapsed per user, only where configured.
-pub async fn presence_notifications(layer: &dyn ChannelLayer) {
+async fn presence_notifications(layer: &dyn ChannelLayer) {
     let group = format!("{NOTIFY_GROUPS}.room");
     let mut watcher = new_channel(layer).await;
     ok(
@@ -1350,7 +1607,7 @@ pub async fn presence_notifications(layer: &dyn ChannelLayer) {
 
 /// Presence across instances: one listing, notifications collapsed per user
 /// across processes.
-pub async fn pair_presence(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
+async fn pair_presence(a: &dyn ChannelLayer, b: &dyn ChannelLayer) {
     let group = format!("{NOTIFY_GROUPS}.pair");
     let mut watcher = new_channel(a).await;
     ok(

@@ -13,7 +13,7 @@ use std::{
 };
 
 use tower_channels::channel_layer::{ChannelLayer, ChannelReceiver, Event};
-use tower_channels::testing::conformance;
+use tower_channels::testing::conformance::Suite;
 
 /// A port on 127.0.0.1 nothing listens on right now.
 pub(crate) fn free_port() -> u16 {
@@ -85,74 +85,54 @@ impl Process for tower_channels::channel_layer::nats::NatsChannelLayer {
     }
 }
 
-/// [`conformance::run_all`] on instances with prefixes of their own, made
-/// by `unique_prefix(test)`. `connect(prefix)` connects one instance.
-pub(crate) async fn run_all<L, F, Fut>(unique_prefix: fn(&str) -> String, test: &str, connect: F)
+/// The conformance [`Suite`] (without the pair checks) on instances with
+/// prefixes of their own, made by `unique_prefix(test)`. `connect(prefix)`
+/// connects one instance; one that reports presence or history must be
+/// configured with `conformance::history_policy()` and
+/// `conformance::presence_config()`.
+pub(crate) fn suite<'a, L, F, Fut>(
+    unique_prefix: fn(&str) -> String,
+    test: &'a str,
+    connect: &'a F,
+) -> Suite<'a>
 where
     L: ChannelLayer,
     F: Fn(String) -> Fut,
-    Fut: Future<Output = L>,
+    Fut: Future<Output = L> + 'a,
 {
-    conformance::run_all(|| {
+    Suite::new(move || {
         let layer = connect(unique_prefix(test));
         async move { Arc::new(layer.await) as Arc<dyn ChannelLayer> }
     })
-    .await;
 }
 
-/// The presence and history checks: [`conformance::run_presence_history`]
-/// on fresh instances, then [`conformance::run_presence_history_pair`] on
-/// two sharing a prefix. `connect(prefix)` connects one instance
-/// configured with [`conformance::history_policy`] and
-/// [`conformance::presence_config`].
-#[allow(dead_code)] // Not every test binary has a layer with presence.
-pub(crate) async fn presence_history_suite<L, F, Fut>(unique_prefix: fn(&str) -> String, connect: F)
-where
-    L: ChannelLayer,
-    F: Fn(String) -> Fut,
-    Fut: Future<Output = L>,
-{
-    conformance::run_presence_history(|| {
-        let layer = connect(unique_prefix("conformance-ph"));
-        async move { Arc::new(layer.await) as Arc<dyn ChannelLayer> }
-    })
-    .await;
-    conformance::run_presence_history_pair(|| {
-        let prefix = unique_prefix("conformance-ph-pair");
-        let (a, b) = (connect(prefix.clone()), connect(prefix));
-        async move {
-            (
-                Arc::new(a.await) as Arc<dyn ChannelLayer>,
-                Arc::new(b.await) as Arc<dyn ChannelLayer>,
-            )
-        }
-    })
-    .await;
-}
-
-/// The conformance suite: [`run_all`], then [`conformance::run_pair`] on
-/// two instances sharing one prefix (two processes of one application,
-/// with different process names). `connect(prefix)` connects one instance;
-/// `unique_prefix(test)` makes a prefix for `test` no other test uses.
-pub(crate) async fn conformance_suite<L, F, Fut>(unique_prefix: fn(&str) -> String, connect: F)
-where
+/// The whole conformance suite: [`suite`], with the pair checks on two
+/// instances sharing one prefix (two processes of one application, with
+/// different process names).
+pub(crate) async fn conformance_suite<L, F, Fut>(
+    unique_prefix: fn(&str) -> String,
+    test: &str,
+    connect: F,
+) where
     L: Process,
     F: Fn(String) -> Fut,
     Fut: Future<Output = L>,
 {
-    run_all(unique_prefix, "conformance", &connect).await;
-    conformance::run_pair(|| {
-        let prefix = unique_prefix("conformance-pair");
-        let (a, b) = (connect(prefix.clone()), connect(prefix));
-        async move {
-            let a = a.await;
-            let b = b.await;
-            assert_ne!(a.process_name(), b.process_name());
-            (
-                Arc::new(a) as Arc<dyn ChannelLayer>,
-                Arc::new(b) as Arc<dyn ChannelLayer>,
-            )
-        }
-    })
-    .await;
+    let pair_test = format!("{test}-pair");
+    suite(unique_prefix, test, &connect)
+        .pair(|| {
+            let prefix = unique_prefix(&pair_test);
+            let (a, b) = (connect(prefix.clone()), connect(prefix));
+            async move {
+                let a = a.await;
+                let b = b.await;
+                assert_ne!(a.process_name(), b.process_name());
+                (
+                    Arc::new(a) as Arc<dyn ChannelLayer>,
+                    Arc::new(b) as Arc<dyn ChannelLayer>,
+                )
+            }
+        })
+        .run()
+        .await;
 }

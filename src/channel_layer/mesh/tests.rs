@@ -53,14 +53,14 @@ async fn receive_set(rx: &mut ChannelReceiver, expected: &HashSet<String>) {
     }
 }
 
+/// The whole suite (the processes have presence and history).
 #[tokio::test(start_paused = true)]
 async fn conformance_on_the_simulated_broker() {
-    conformance::run_all(|| async {
+    conformance::Suite::new(|| async {
         let net = SimNet::new(1);
         Arc::new(process(&net, 16).await) as Arc<dyn ChannelLayer>
     })
-    .await;
-    conformance::run_pair(|| async {
+    .pair(|| async {
         let net = SimNet::new(2);
         let a = process(&net, 16).await;
         let b = process(&net, 16).await;
@@ -70,25 +70,7 @@ async fn conformance_on_the_simulated_broker() {
             Arc::new(b) as Arc<dyn ChannelLayer>,
         )
     })
-    .await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn presence_history_conformance_on_the_simulated_broker() {
-    conformance::run_presence_history(|| async {
-        let net = SimNet::new(11);
-        Arc::new(process(&net, 64).await) as Arc<dyn ChannelLayer>
-    })
-    .await;
-    conformance::run_presence_history_pair(|| async {
-        let net = SimNet::new(12);
-        let a = process(&net, 64).await;
-        let b = process(&net, 64).await;
-        (
-            Arc::new(a) as Arc<dyn ChannelLayer>,
-            Arc::new(b) as Arc<dyn ChannelLayer>,
-        )
-    })
+    .run()
     .await;
 }
 
