@@ -164,7 +164,7 @@
 //! | `tower_channels_ignored_events_total` | counter | events no handler took ([`consumer::UnhandledEvent`]) |
 //! | `tower_channels_group_sends_total` | counter | successful group sends (built-in layers) |
 //! | `tower_channels_group_send_dropped_total` | counter | members a group send skipped (queue full) |
-//! | `tower_channels_handler_duration_seconds` | histogram | time in `receive` / `event` handlers, one call in 16 per connection (see below) |
+//! | `tower_channels_handler_duration_seconds` | histogram | time in `receive` / `event` handlers |
 //! | `tower_channels_panics_total` | counter | handlers that panicked |
 //!
 //! Recording costs an atomic add: a layer registers its handles once, when
@@ -174,13 +174,8 @@
 //! counted, into counters of its worker thread's own (no cache line is
 //! written by two threads). The four message and byte counters reach the
 //! recorder from there once a second and whenever a connection closes, so
-//! they lag [`WebSocketLayer::stats`] by at most a second. The handler
-//! histogram times one handler call in 16 per connection (every sixteenth,
-//! from a phase that differs between connections), so its quantiles
-//! estimate every call's while its `_count` and `_sum` cover the timed
-//! calls only (the message counters count them all): a recorder's
-//! histogram costs far more per sample than a counter, and a group send to
-//! a thousand members is a thousand handler calls.
+//! they lag [`WebSocketLayer::stats`] by at most a second. The histogram
+//! reads the clock once per handler call.
 //!
 //! # Cancel safety
 //!

@@ -381,79 +381,41 @@ impl LocalCounts {
     }
 }
 
-/// One handler call in this many is timed for
-/// `tower_channels_handler_duration_seconds` (see [`HandlerTimer`]).
-#[cfg(feature = "metrics")]
-pub(crate) const HANDLER_SAMPLE_EVERY: u32 = 16;
-
-/// Times handler calls for `tower_channels_handler_duration_seconds`: one
-/// call in [`HANDLER_SAMPLE_EVERY`] per connection, systematically (every
-/// sixteenth call, starting at a phase that differs between connections),
-/// so the histogram's quantiles estimate those of every call while its
-/// `_count` and `_sum` cover the sampled calls only.
-///
-/// Why sampled: a recorder's histogram costs far more per sample than a
-/// counter (metrics-exporter-prometheus appends every sample, with a clock
-/// read of its own, to a shared bucket and folds it into a summary later),
-/// and a group send to a thousand local members is a thousand handler
-/// calls; timed one by one they made a Prometheus-enabled burst fan-out
-/// about a quarter slower. A sampled call reads the TSC clock (`quanta`)
-/// twice; the others read nothing. Without the `metrics` feature this is
-/// empty.
+/// Times handler calls for `tower_channels_handler_duration_seconds`, with
+/// one read of the TSC clock (`quanta`) per call: a call's start is the previous call's end when
+/// its input was already waiting, so only a call after a wait reads the
+/// clock twice. Without the `metrics` feature it is empty and reads nothing.
 #[derive(Debug, Default)]
 pub(crate) struct HandlerTimer {
     #[cfg(feature = "metrics")]
-    sample: Sample,
-}
-
-/// Where a connection's [`HandlerTimer`] is in its sampling cycle.
-#[cfg(feature = "metrics")]
-#[derive(Debug)]
-struct Sample {
-    /// Calls to let pass before the next timed one.
-    skip: u32,
-    /// When the call being timed started.
-    started: Option<quanta::Instant>,
-}
-
-#[cfg(feature = "metrics")]
-impl Default for Sample {
-    fn default() -> Self {
-        // Connections start at different points of the cycle, so calls
-        // that come at a fixed position of every connection's life (the
-        // first message, say) are not always, or never, the timed ones.
-        static PHASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        Self {
-            skip: PHASE.fetch_add(7, Relaxed) % HANDLER_SAMPLE_EVERY,
-            started: None,
-        }
-    }
+    mark: Option<quanta::Instant>,
 }
 
 impl HandlerTimer {
+    /// The next input had to be waited for: the last mark is stale.
+    pub(crate) fn waited(&mut self) {
+        emit! { self.mark = None; }
+    }
+
     /// A handler starts.
     pub(crate) fn start(&mut self) {
         emit! {
-            let sample = &mut self.sample;
-            if sample.skip == 0 {
-                sample.skip = HANDLER_SAMPLE_EVERY - 1;
-                sample.started = Some(quanta::Instant::now());
-            } else {
-                sample.skip -= 1;
+            if self.mark.is_none() {
+                self.mark = Some(quanta::Instant::now());
             }
         }
     }
 
-    /// The handler started last ended: records its duration if it was
-    /// timed.
+    /// The handler started last ended: records its duration.
     pub(crate) fn finish(&mut self, metrics: &Metrics) {
         let _ = metrics;
         emit! {
-            if let Some(start) = self.sample.started.take() {
+            let now = quanta::Instant::now();
+            if let Some(start) = self.mark.replace(now) {
                 metrics
                     .handles()
                     .handler
-                    .record(start.elapsed().as_secs_f64());
+                    .record(now.duration_since(start).as_secs_f64());
             }
         }
     }
@@ -507,58 +469,4 @@ fn code_label(code: CloseCode) -> &'static str {
         .iter()
         .find(|(c, _)| *c == code)
         .map_or("other", |(_, label)| label)
-}
-
-#[cfg(all(test, feature = "metrics"))]
-mod tests {
-    use super::*;
-
-    /// Runs `calls` handler calls on `timer`; returns which were timed.
-    fn timed(timer: &mut HandlerTimer, metrics: &Metrics, calls: usize) -> Vec<bool> {
-        (0..calls)
-            .map(|_| {
-                timer.start();
-                let timed = timer.sample.started.is_some();
-                timer.finish(metrics);
-                assert!(
-                    timer.sample.started.is_none(),
-                    "a finished call stays timed"
-                );
-                timed
-            })
-            .collect()
-    }
-
-    #[test]
-    fn handler_timer_times_one_call_in_sixteen() {
-        let metrics = Metrics::default();
-        let every = HANDLER_SAMPLE_EVERY as usize;
-        let mut timer = HandlerTimer::default();
-        let calls = timed(&mut timer, &metrics, every * 10);
-        let positions: Vec<usize> = (0..calls.len()).filter(|&i| calls[i]).collect();
-        assert_eq!(positions.len(), 10, "{positions:?}");
-        assert!(
-            positions.windows(2).all(|w| w[1] - w[0] == every),
-            "{positions:?}"
-        );
-    }
-
-    #[test]
-    fn handler_timers_start_at_different_phases() {
-        let metrics = Metrics::default();
-        let every = HANDLER_SAMPLE_EVERY as usize;
-        let first = |timer: &mut HandlerTimer| {
-            timed(timer, &metrics, every)
-                .iter()
-                .position(|&t| t)
-                .expect("one call in a cycle is timed")
-        };
-        let phases: std::collections::HashSet<usize> = (0..every)
-            .map(|_| first(&mut HandlerTimer::default()))
-            .collect();
-        // Consecutive timers step the phase by 7, coprime with 16: every
-        // phase comes round (other tests may take timers in between, so
-        // only require that they are not all alike).
-        assert!(phases.len() > 1, "{phases:?}");
-    }
 }

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use tower_channels::channel_layer::{
-    BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event,
-    GroupSendReport, InMemoryChannelLayer, PresenceInfo, StreamPosition,
+    BoxFuture, ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature,
+    GroupPattern, GroupSendReport, HistoryPolicy, InMemoryChannelLayer, PresenceInfo,
+    StreamPosition,
 };
 use tower_channels::testing::conformance::{self, Suite};
 
@@ -35,14 +36,34 @@ async fn conformance_multi_thread() {
     suite().run().await;
 }
 
-/// A layer without history and presence configured still reports both
-/// (they are configured per group): the suite says how to configure it
-/// instead of failing in a check.
+/// A layer that keeps histories, but not for the groups the checks use,
+/// reports history: the suite says how to configure it instead of failing
+/// in a check.
 #[tokio::test]
 #[should_panic(expected = "configure it with conformance::history_policy()")]
 async fn unconfigured_history_is_named() {
     Suite::new(|| async {
-        Arc::new(InMemoryChannelLayer::with_capacity(16)) as Arc<dyn ChannelLayer>
+        Arc::new(
+            InMemoryChannelLayer::with_capacity(16)
+                .with_history(HistoryPolicy::new(GroupPattern::prefix("elsewhere.")))
+                .with_presence(conformance::presence_config()),
+        ) as Arc<dyn ChannelLayer>
+    })
+    .run()
+    .await;
+}
+
+/// A layer without a history policy does not report history, so the
+/// history checks do not run on it (and the others pass).
+#[tokio::test]
+async fn a_layer_without_history_runs_the_other_checks() {
+    let layer =
+        InMemoryChannelLayer::with_capacity(16).with_presence(conformance::presence_config());
+    assert!(!layer.capabilities().supports(Feature::History));
+    Suite::new(|| async {
+        Arc::new(
+            InMemoryChannelLayer::with_capacity(16).with_presence(conformance::presence_config()),
+        ) as Arc<dyn ChannelLayer>
     })
     .run()
     .await;

@@ -47,9 +47,14 @@ impl fmt::Display for Feature {
 /// on every connection:
 ///
 /// ```
-/// use tower_channels::channel_layer::{ChannelLayer, Feature, InMemoryChannelLayer};
+/// use tower_channels::channel_layer::{
+///     ChannelLayer, Feature, GroupPattern, HistoryPolicy, InMemoryChannelLayer,
+/// };
 ///
 /// let layer = InMemoryChannelLayer::new();
+/// // History is reported once the layer keeps one:
+/// assert!(layer.capabilities().require(&[Feature::History]).is_err());
+/// let layer = layer.with_history(HistoryPolicy::new(GroupPattern::prefix("room.")));
 /// layer.capabilities().require(&[Feature::Presence, Feature::History])?;
 /// assert!(!layer.capabilities().supports(Feature::CrossProcess));
 /// # Ok::<_, tower_channels::channel_layer::ChannelLayerError>(())

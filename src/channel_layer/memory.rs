@@ -284,11 +284,18 @@ impl Inner {
 }
 
 impl ChannelLayer for InMemoryChannelLayer {
+    /// Presence and named group members always; history once a
+    /// [`HistoryPolicy`] was given ([`with_history`](Self::with_history)),
+    /// as on the cross-process layers.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE
+        let capabilities = Capabilities::NONE
             .with(Feature::Presence)
-            .with(Feature::History)
-            .with(Feature::NamedGroupMembers)
+            .with(Feature::NamedGroupMembers);
+        if self.inner.history.is_empty() {
+            capabilities
+        } else {
+            capabilities.with(Feature::History)
+        }
     }
 
     fn new_channel(&self) -> BoxFuture<'_, Result<ChannelReceiver, ChannelLayerError>> {

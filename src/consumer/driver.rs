@@ -56,7 +56,16 @@ where
         let recovered = ctx.resume.as_mut().and_then(|r| r.next_recovered());
         let input = match recovered {
             Some(event) => Ok(Incoming::Event(event)),
-            None => poll_fn(|cx| next_input(&link, cx)).await,
+            None => {
+                poll_fn(|cx| {
+                    let input = next_input(&link, cx);
+                    if input.is_pending() {
+                        timer.waited();
+                    }
+                    input
+                })
+                .await
+            }
         };
         let input = match input {
             Ok(input) => input,
