@@ -98,7 +98,7 @@ wait_for bash -c "redis-cli -p ${cluster_ports[0]} cluster info | grep -q cluste
 cluster_urls="$(printf 'redis://127.0.0.1:%s,' "${cluster_ports[@]}")"; cluster_urls="${cluster_urls%,}"
 
 nats_port="$(free_port)"
-nats-server -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
+nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$work/jetstream" >"$work/nats.log" 2>&1 &
 nats_pid=$!; pids+=("$nats_pid")
 wait_for bash -c "exec 3<>/dev/tcp/127.0.0.1/$nats_port; head -c 4 <&3 | grep -q INFO"
 
