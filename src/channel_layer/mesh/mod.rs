@@ -299,6 +299,12 @@ struct Inner<T> {
     pending: Mutex<HashMap<u64, oneshot::Sender<Status>>>,
     /// Subjects subscribed: groups and named channels received here.
     subscribed: Mutex<HashSet<String>>,
+    /// Subjects whose subscription failed in a way that may still have
+    /// taken effect (an answer lost, or one a transport makes once its
+    /// connection is back): unsubscribed when nobody here wants them, so a
+    /// failed subscription does not outlive the membership that asked
+    /// for it. Holds at most the subjects of failed subscriptions.
+    maybe_subscribed: Mutex<HashSet<String>>,
     /// Subscription changes run one at a time, so they follow membership.
     subscribing: tokio::sync::Mutex<()>,
     dedup: Mutex<Dedup>,
@@ -342,6 +348,7 @@ impl<T: Transport> MeshLayer<T> {
             next_seq: AtomicU64::new(1),
             pending: Mutex::default(),
             subscribed: Mutex::default(),
+            maybe_subscribed: Mutex::default(),
             subscribing: tokio::sync::Mutex::new(()),
             dedup: Mutex::default(),
             sequencer: Sequencer::default(),
@@ -368,8 +375,7 @@ impl<T: Transport> MeshLayer<T> {
     }
 
     /// The transport.
-    // Used by the broker layers (the mesh is also built for tests).
-    #[cfg(any(feature = "nats", feature = "redis"))]
+    // Used by the broker layers and the tests.
     pub(crate) fn transport(&self) -> &T {
         &self.inner.transport
     }
@@ -557,10 +563,16 @@ impl<T: Transport> Inner<T> {
         let have = lock(&self.subscribed).contains(subject);
         match (want, have) {
             (true, false) => {
-                self.attempt(&format!("subscribing to {subject:?}"), || {
-                    self.transport.subscribe(subject, queue)
-                })
-                .await?;
+                let subscribed = self
+                    .attempt(&format!("subscribing to {subject:?}"), || {
+                        self.transport.subscribe(subject, queue)
+                    })
+                    .await;
+                if let Err(e) = subscribed {
+                    lock(&self.maybe_subscribed).insert(subject.to_owned());
+                    return Err(e);
+                }
+                lock(&self.maybe_subscribed).remove(subject);
                 lock(&self.subscribed).insert(subject.to_owned());
             }
             (false, true) => {
@@ -569,6 +581,18 @@ impl<T: Transport> Inner<T> {
                     self.transport.unsubscribe(subject)
                 })
                 .await?;
+            }
+            (false, false) if lock(&self.maybe_subscribed).remove(subject) => {
+                let unsubscribed = self
+                    .attempt(&format!("unsubscribing from {subject:?}"), || {
+                        self.transport.unsubscribe(subject)
+                    })
+                    .await;
+                if unsubscribed.is_err() {
+                    // Tried again when the subject is next left.
+                    lock(&self.maybe_subscribed).insert(subject.to_owned());
+                }
+                unsubscribed?;
             }
             _ => {}
         }

@@ -41,6 +41,9 @@ pub(crate) struct Faults {
     /// connection broke), per thousand: the publisher gets
     /// [`TransportError::Failed`].
     pub(crate) lose_answer: u32,
+    /// Subscriptions that take effect but whose answer is lost, per
+    /// thousand: the subscriber gets [`TransportError::Failed`].
+    pub(crate) lose_subscribe_answer: u32,
 }
 
 /// The broker: every [`SimTransport`] connected to one network sees the
@@ -232,6 +235,11 @@ impl SimNet {
         self.lock().procs[client.id].partitioned = cut;
     }
 
+    /// Whether `client` is subscribed to `subject` at the broker.
+    pub(crate) fn subscribed(&self, client: &SimTransport, subject: &str) -> bool {
+        self.lock().procs[client.id].subjects.contains_key(subject)
+    }
+
     /// Restarts the broker: it is down for `down_for` (operations fail as
     /// not sent, copies in flight are lost), then every client's
     /// subscriptions are back (the clients re-subscribe, as async-nats
@@ -395,10 +403,18 @@ impl Transport for SimTransport {
         subject: &'a str,
         queue: bool,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        let result = self.check().map(|()| {
-            self.net.lock().procs[self.id]
+        let result = self.check().and_then(|()| {
+            let mut net = self.net.lock();
+            net.procs[self.id]
                 .subjects
                 .insert(subject.to_owned(), queue);
+            let lose = net.faults.lose_subscribe_answer;
+            if net.roll(lose) {
+                return Err(TransportError::Failed(
+                    "the connection broke after subscribing".into(),
+                ));
+            }
+            Ok(())
         });
         Box::pin(std::future::ready(result))
     }

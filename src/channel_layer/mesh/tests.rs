@@ -297,6 +297,38 @@ async fn maybe_sent_is_not_retried() {
     assert_eq!(recv(&mut on_b).await.kind(), "next");
 }
 
+/// A subscription whose answer was lost may have taken effect at the
+/// broker: the group add fails, and when the group's last member here
+/// leaves, the subscription is taken back instead of staying behind (and
+/// bringing the group's traffic to a process with no member in it).
+#[tokio::test(start_paused = true)]
+async fn a_failed_subscription_does_not_outlive_the_membership() {
+    let net = SimNet::new(12);
+    let a = process(&net, 16).await;
+    let on_a = a.new_channel().await.unwrap();
+    let subject = format!("{}.group.room", super::sim::PREFIX);
+    net.set_faults(Faults {
+        lose_subscribe_answer: 1000,
+        ..Faults::default()
+    });
+    let err = a.group_add("room", on_a.name()).await.unwrap_err();
+    assert!(
+        error_chain(&err).contains("broke after subscribing"),
+        "{}",
+        error_chain(&err)
+    );
+    net.set_faults(Faults::default());
+    assert!(
+        net.subscribed(a.transport(), &subject),
+        "the subscription took effect"
+    );
+    a.group_discard("room", on_a.name()).await.unwrap();
+    assert!(
+        !net.subscribed(a.transport(), &subject),
+        "the failed subscription stayed after the last member left"
+    );
+}
+
 fn history_group(name: &str) -> String {
     format!("{}.{name}", conformance::HISTORY_GROUPS)
 }
