@@ -7,13 +7,13 @@
 
 mod transport;
 
-use std::{fmt, sync::atomic::Ordering, time::Duration};
+use std::{fmt, time::Duration};
 
 use redis::{
     cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
     cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
-    FromRedisValue, ProtocolVersion, Value,
+    FromRedisValue, IntoConnectionInfo, ProtocolVersion, Value,
 };
 
 use self::transport::ClusterTransport;
@@ -127,8 +127,12 @@ impl RedisClusterChannelLayerBuilder {
                 .map_err(|e| RedisFailure::Redis("invalid Redis Cluster URL".into(), e))
         };
         let commands = client(ProtocolVersion::RESP2, timeout)?;
-        // Shard messages arrive as RESP3 pushes.
-        let subscriptions = client(ProtocolVersion::RESP3, timeout)?;
+        // Each primary's subscription connection is made like the first
+        // seed's (credentials, TLS), at the primary's address.
+        let seed = self.urls[0]
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| RedisFailure::Redis("invalid Redis Cluster URL".into(), e))?;
         let receivers = Receivers(client(ProtocolVersion::RESP2, BLOCK + timeout)?);
 
         let conn = connect(&commands, ClusterConfig::new(), timeout).await?;
@@ -144,7 +148,7 @@ impl RedisClusterChannelLayerBuilder {
         };
         let (store, queues) = storage(conn, receivers, true, &config, self.expiry);
         let transport =
-            ClusterTransport::start(&subscriptions, inbox, counters.clone(), store, queues).await?;
+            ClusterTransport::start(seed, inbox, counters.clone(), store, queues).await?;
         let mesh = MeshLayer::start(transport, messages, config, counters).await?;
         Ok(RedisClusterChannelLayer { mesh })
     }
@@ -328,10 +332,10 @@ impl Keyspace for Primary<'_> {
 ///   owning the channel's slot; the history scripts publish with `SPUBLISH`
 ///   too, on the group's live channel, which is on the slot of every key
 ///   the script touches, so a script call runs on one node. Each process
-///   `SSUBSCRIBE`s (through one multiplexed cluster connection, to the
-///   shard that owns each channel) to its process channel and, while it has
-///   a member there, to each group's channels; messages arrive as RESP3
-///   pushes.
+///   `SSUBSCRIBE`s to its process channel and, while it has a member
+///   there, to each group's channels: on one plain RESP3 connection per
+///   primary (messages arrive as pushes), each channel at the primary
+///   owning its slot.
 /// * **Named channels' receivers** are `BRPOP` loops, each on its own
 ///   cluster connection (a blocking command must not hold up the others).
 ///
@@ -351,31 +355,23 @@ impl Keyspace for Primary<'_> {
 ///
 /// # Redirects, restarts and slot migration
 ///
-/// Routing, `MOVED`/`ASK` redirects and reconnection come from redis-rs's
-/// cluster connection ([`redis::cluster_async`]), which also subscribes
-/// to shard channels (`ClusterConnection::ssubscribe`, RESP3 pushes
-/// delivered to a `push_sender`), so this layer keeps no slot map of its
-/// own. One task keeps the subscriptions:
+/// Commands (publications, the store, named channels) go through redis-rs's
+/// cluster connection ([`redis::cluster_async`]): its routing, `MOVED`/`ASK`
+/// redirects and reconnection. Subscriptions do not: the layer reads the
+/// slot map (`CLUSTER SLOTS`, on that connection) and keeps one
+/// subscription connection per primary, each with its own task, so what
+/// happens to one node's connection does not touch the others':
 ///
-/// * when a node connection drops (redis-rs's disconnection push) or a
-///   health check (a `PING` to every primary every 2 s) fails, the task
-///   `SSUBSCRIBE`s again to everything wanted (redis-rs's own
-///   re-subscription did not always restore the shard channels in our
-///   tests; a repeated `SSUBSCRIBE` is harmless); what fails there (its
-///   shard is still down) is retried, the rest is restored at once. It does
-///   so again at each health check for 10 s after the last such
-///   disturbance: while redis-rs recovers from a lost node it may replace
-///   the connections to other nodes without telling, and their shard
-///   subscriptions go with them (seen in `chat_survives_node_restarts`);
-/// * when health checks keep failing for 6 s, the subscription connection
-///   is replaced by a new one (redis-rs's could stay broken after the node
-///   came back: its slot refresh found no connection), and again every 6 s
-///   while they fail;
-/// * when a slot migrates, the old owner ends its shard subscriptions with
-///   `SUNSUBSCRIBE` pushes; the task subscribes again to each one still
-///   wanted, which redis-rs routes to the new owner;
-/// * a subscription that failed (its shard was down) is retried with
-///   backoff (50 ms doubling up to 1 s) until it succeeds.
+/// * each connection is health-checked (a `PING` every 2 s); when it drops
+///   or a check fails, its task reconnects (backoff 50 ms doubling up to
+///   1 s) and `SSUBSCRIBE`s again to every channel that node serves; the
+///   slot map is read again then, and every 2 s while a primary is down,
+///   so channels whose slots a replica took over move to it;
+/// * when a slot migrates, the old owner answers `MOVED` to a subscription
+///   or ends it with a `SUNSUBSCRIBE` push; the layer reads the slot map
+///   again and subscribes at the new owner;
+/// * a subscription to a node that is down fails at once and is made in
+///   the background when the node is back.
 ///
 /// After any of these the layer reads back what its history groups missed
 /// and writes its presence again.
@@ -394,26 +390,18 @@ impl Keyspace for Primary<'_> {
 /// The layer needs Redis 7 (`SPUBLISH`/`SSUBSCRIBE`), `EVALSHA` (with
 /// `cmsgpack`), list, sorted-set, hash and stream commands, `SCAN` (only
 /// for [`flush`](ChannelLayer::flush), on every primary) and RESP3 (set
-/// for you, on the subscription connection).
+/// for you, on the subscription connections).
 ///
-/// # Known issue
-///
-/// While a node is down, redis-rs's cluster connection recovers from the
-/// lost node in the same task that forwards push messages, and may replace
-/// the connections to the healthy nodes meanwhile; in our tests
-/// (`chat_survives_node_restarts`) messages from the *healthy* shards could
-/// be held up, or lost until the task above subscribed again (within a
-/// health check, 2 s). Events of history groups lost so are read back when
-/// the subscription is restored; those of other groups are lost for this
-/// process. A transport on one plain connection per node would avoid that;
-/// it was not built here because redis-rs does everything else (routing,
-/// redirects) right.
+/// A node that is down affects only the groups (and process channels) whose
+/// slots it serves: messages of the other shards keep arriving, neither
+/// held up nor lost, through the outage and the node's return
+/// (`tests/redis_cluster.rs`, `healthy_shards_lose_nothing_while_a_node_is_down`).
 ///
 /// # Limits
 ///
-/// redis-rs keeps an unbounded queue between a node connection and the
-/// push handler; the handler never waits: it queues each message for the
-/// layer, up to 16 MiB of payloads. Past it a message is dropped (counted
+/// Each subscription connection hands its messages to a handler that
+/// never waits: it queues each message for the layer, up to 16 MiB of
+/// payloads (all connections together). Past it a message is dropped (counted
 /// in `dropped_other`): an event of a history group is read back from the
 /// group's stream when the group's next event shows the gap, one of
 /// another group is lost for this process. Redis's own
@@ -487,7 +475,7 @@ impl RedisClusterChannelLayer {
     /// wanted subscription is confirmed (false while a shard is down or a
     /// subscription is being retried).
     pub fn is_connected(&self) -> bool {
-        self.mesh.transport().connected.load(Ordering::Relaxed)
+        self.mesh.transport().connected.get()
     }
 
     /// The key of `group`'s named members, `{prefix}:group:{<group>}`; its
