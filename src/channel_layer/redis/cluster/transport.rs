@@ -959,6 +959,11 @@ impl NodeTask {
                 tracing::debug!(channel, ?reply, "unexpected answer to SUNSUBSCRIBE");
                 self.disconnected();
             }
+            // `MOVED` (the slot left this node, which ended the
+            // subscription) or another refusal: nothing to undo.
+            Err(RedisFailure::Redis(_, e)) if !broken(&e) => {
+                tracing::debug!(channel, node = self.address, "SUNSUBSCRIBE: {e}");
+            }
             Err(e) => {
                 // Reconnecting subscribes to what is wanted only.
                 tracing::debug!(channel, node = self.address, "{e}");
