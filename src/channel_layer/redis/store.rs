@@ -13,7 +13,10 @@ use redis::{FromRedisValue, Script};
 use super::{invoke, query, unix_now, Connection, Layout, RedisFailure};
 use crate::channel_layer::{
     history::policy_for,
-    mesh::{live_subject, HistoryRange, PresenceListing, Store, StoredEntry, TransportError},
+    local::Counters,
+    mesh::{
+        live_subject, HistoryRange, Incoming, PresenceListing, Store, StoredEntry, TransportError,
+    },
     names,
     redis_keys::escape_glob,
     BoxFuture, HistoryPolicy, StreamPosition,
@@ -388,6 +391,36 @@ fn history_range(reply: &[Vec<u8>]) -> Option<HistoryRange> {
         latest: StreamPosition::new(top, epoch),
         first,
         events,
+    })
+}
+
+/// A Pub/Sub message on `subject` as the mesh takes it (on both Redis
+/// layers): a stored history event, on a `live_prefix` subject
+/// (`{prefix}.hlive.`), is split into its position and event; `None`
+/// (counted in `dropped_other`) if such an event is malformed.
+pub(super) fn incoming(
+    subject: String,
+    payload: &[u8],
+    live_prefix: &str,
+    counters: &Counters,
+) -> Option<Incoming> {
+    let (payload, position) = if subject.starts_with(live_prefix) {
+        match live_event(payload) {
+            Some((position, event)) => (event, Some(position)),
+            None => {
+                tracing::warn!(subject, "dropping a malformed history event");
+                Counters::add(&counters.dropped_other, 1);
+                return None;
+            }
+        }
+    } else {
+        (Bytes::copy_from_slice(payload), None)
+    };
+    Some(Incoming {
+        subject,
+        reply_to: None,
+        payload,
+        position,
     })
 }
 

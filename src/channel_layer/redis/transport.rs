@@ -27,7 +27,7 @@ use super::{
 };
 use crate::channel_layer::{
     local::Counters,
-    mesh::{live_subject, Inbox, Incoming, Queues, Store, Transport, TransportError},
+    mesh::{live_subject, Inbox, Queues, Store, Transport, TransportError},
     BoxFuture,
 };
 
@@ -330,27 +330,11 @@ impl PubSubTask {
 
     /// Hands a message to the mesh; false when the mesh is gone.
     async fn message(&mut self, msg: &Msg) -> bool {
-        let subject = msg.get_channel_name();
+        let subject = msg.get_channel_name().to_owned();
         let payload = msg.get_payload_bytes();
-        let (payload, position) = if subject.starts_with(&self.live_prefix) {
-            match super::store::live_event(payload) {
-                Some((position, event)) => (event, Some(position)),
-                None => {
-                    tracing::warn!(subject, "dropping a malformed history event");
-                    Counters::add(&self.counters.dropped_other, 1);
-                    return true;
-                }
-            }
-        } else {
-            (Bytes::copy_from_slice(payload), None)
-        };
-        self.inbox
-            .send(Incoming {
-                subject: subject.to_owned(),
-                reply_to: None,
-                payload,
-                position,
-            })
-            .await
+        match super::store::incoming(subject, payload, &self.live_prefix, &self.counters) {
+            Some(incoming) => self.inbox.send(incoming).await,
+            None => true,
+        }
     }
 }

@@ -33,7 +33,7 @@ use crate::channel_layer::{
     redis::{
         ask,
         queue::RedisQueues,
-        store::{live_event, RedisStore},
+        store::{incoming, RedisStore},
         within, Ack, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
     },
     BoxFuture,
@@ -250,31 +250,19 @@ impl Pushes {
             Counters::add(&self.counters.dropped_other, 1);
             return;
         };
-        let (payload, position) = if subject.starts_with(&self.live_prefix) {
-            match live_event(payload) {
-                Some((position, event)) => (event, Some(position)),
-                None => {
-                    tracing::warn!(subject, "dropping a malformed history event");
-                    Counters::add(&self.counters.dropped_other, 1);
-                    return;
-                }
-            }
-        } else {
-            (Bytes::copy_from_slice(payload), None)
+        let Some(incoming) = incoming(subject, payload, &self.live_prefix, &self.counters) else {
+            return;
         };
-        let bytes = payload.len();
+        let bytes = incoming.payload.len();
         if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > QUEUED_BYTES {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
-            tracing::debug!(subject, "shard messages queue full: dropping one");
+            tracing::debug!(
+                subject = incoming.subject,
+                "shard messages queue full: dropping one"
+            );
             Counters::add(&self.counters.dropped_other, 1);
             return;
         }
-        let incoming = Incoming {
-            subject,
-            reply_to: None,
-            payload,
-            position,
-        };
         if self.forward.send((incoming, bytes)).is_err() {
             // The mesh is gone.
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
@@ -1212,4 +1200,96 @@ fn confirms(reply: &Value, kind: &PushKind, channel: &str) -> bool {
 /// Whether an error leaves the connection unusable.
 fn broken(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::IntoConnectionInfo;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn slot_map_from_cluster_slots() {
+        let range = |start: i64, end: i64, host: &str, port: i64| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(end),
+                Value::Array(vec![bulk(host), Value::Int(port), bulk("id")]),
+                // A replica: ignored.
+                Value::Array(vec![bulk("10.0.0.9"), Value::Int(7009), bulk("id2")]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            range(0, 5460, "10.0.0.1", 7000),
+            range(5461, 10922, "", 7001),
+            range(10923, 16383, "10.0.0.3", 7002),
+        ]);
+        let slots = parse_slots(&reply, "seed.example").unwrap();
+        assert_eq!(slots.len(), 16384);
+        let at = |n: u16| slots[&Slot::new(n).unwrap()].as_str();
+        assert_eq!(at(0), "10.0.0.1:7000");
+        assert_eq!(at(5461), "seed.example:7001");
+        assert_eq!(at(16383), "10.0.0.3:7002");
+        // The channel's hash tag decides its slot.
+        let slot = Slot::for_key("tc.group.{lobby}");
+        assert_eq!(slot, Slot::for_key("lobby"));
+        assert!(slots.contains_key(&slot));
+
+        // Malformed answers are refused, not trusted.
+        for bad in [
+            Value::Nil,
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![
+                Value::Int(0),
+                Value::Int(99_999),
+                Value::Array(vec![bulk("h"), Value::Int(1)]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                Value::Int(0),
+                Value::Int(1),
+                Value::Array(vec![bulk("h"), Value::Int(-1)]),
+            ])]),
+        ] {
+            assert!(parse_slots(&bad, "seed").is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn node_connections_take_the_seed_settings() {
+        let seed = "redis://user:secret@10.0.0.1:7000/"
+            .into_connection_info()
+            .unwrap();
+        let info = node_info(&seed, "10.0.0.2:7001");
+        assert!(matches!(info.addr(), ConnectionAddr::Tcp(h, 7001) if h == "10.0.0.2"));
+        assert_eq!(info.redis_settings().username(), Some("user"));
+        assert_eq!(info.redis_settings().password(), Some("secret"));
+        assert_eq!(info.redis_settings().protocol(), ProtocolVersion::RESP3);
+    }
+
+    #[test]
+    fn confirmations_name_the_channel() {
+        let push = |kind: PushKind, channel: &str| Value::Push {
+            kind,
+            data: vec![bulk(channel), Value::Int(1)],
+        };
+        assert!(confirms(
+            &push(PushKind::SSubscribe, "a"),
+            &PushKind::SSubscribe,
+            "a"
+        ));
+        assert!(!confirms(
+            &push(PushKind::SSubscribe, "b"),
+            &PushKind::SSubscribe,
+            "a"
+        ));
+        assert!(!confirms(
+            &push(PushKind::SUnsubscribe, "a"),
+            &PushKind::SSubscribe,
+            "a"
+        ));
+        assert!(!confirms(&Value::Okay, &PushKind::SSubscribe, "a"));
+    }
 }
