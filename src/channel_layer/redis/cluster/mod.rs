@@ -359,8 +359,10 @@ impl Keyspace for Primary<'_> {
 /// cluster connection ([`redis::cluster_async`]): its routing, `MOVED`/`ASK`
 /// redirects and reconnection. Subscriptions do not: the layer reads the
 /// slot map (`CLUSTER SLOTS`, on that connection) and keeps one
-/// subscription connection per primary, each with its own task, so what
-/// happens to one node's connection does not touch the others':
+/// subscription connection per primary (made with the first seed URL's
+/// settings, such as user, password and TLS, at the address `CLUSTER
+/// SLOTS` gives), each with its own task, so what happens to one node's
+/// connection does not touch the others':
 ///
 /// * each connection is health-checked (a `PING` every 2 s); when it drops
 ///   or a check fails, its task reconnects (backoff 50 ms doubling up to
@@ -407,6 +409,13 @@ impl Keyspace for Primary<'_> {
 /// another group is lost for this process. Redis's own
 /// `client-output-buffer-limit pubsub` disconnects a client that falls too
 /// far behind.
+///
+/// During a slot migration, a `SUNSUBSCRIBE` push that arrives while the
+/// layer waits on that node's answer to a command takes the answer's place;
+/// the layer notices (the answer names another channel, or is no `PONG`)
+/// and reconnects to that node, so that node's other channels are
+/// subscribed again after a short gap (history groups read back what they
+/// missed; events of other groups in that gap are lost for the process).
 ///
 /// Cloning is cheap and shares the connections and local state (a clone is
 /// the same "process"). Dropping the last clone closes the connections.
