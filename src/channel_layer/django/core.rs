@@ -158,16 +158,6 @@ impl DjangoChannelLayer {
     pub fn process_name(&self) -> &str {
         self.inner.process()
     }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.inner.registry.group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.inner.registry.channel_count()
-    }
 }
 
 /// channels_redis' `non_local_name`: up to and including the `!`.

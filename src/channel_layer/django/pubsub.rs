@@ -136,16 +136,6 @@ impl DjangoPubSubChannelLayer {
     pub fn process_name(&self) -> &str {
         self.inner.process()
     }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.inner.registry.group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.inner.registry.channel_count()
-    }
 }
 
 impl LocalChannels for Inner {

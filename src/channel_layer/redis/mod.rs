@@ -272,14 +272,14 @@ use super::{
 };
 
 /// The default key prefix.
-pub const DEFAULT_PREFIX: &str = "tower-channels";
+pub(crate) const DEFAULT_PREFIX: &str = "tower-channels";
 /// How long a named channel's membership of a group lasts unless renewed
 /// (Django's default: one day).
-pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
 /// How long events wait in a named channel's list after the last push.
-pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
 /// The default timeout of each Redis command.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
@@ -327,7 +327,7 @@ impl RedisChannelLayerBuilder {
     }
 
     /// The prefix of every key and Pub/Sub channel (default
-    /// [`DEFAULT_PREFIX`]). Applications sharing one Redis server use
+    /// `"tower-channels"`). Applications sharing one Redis server use
     /// different prefixes; processes of one application use the same.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -344,20 +344,20 @@ impl RedisChannelLayerBuilder {
     }
 
     /// How long a named channel stays in a group after its last
-    /// [`group_add`](ChannelLayer::group_add) (default [`DEFAULT_GROUP_EXPIRY`]).
+    /// [`group_add`](ChannelLayer::group_add) (default one day).
     pub fn group_expiry(mut self, expiry: Duration) -> Self {
         self.group_expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
     /// How long events wait in a named channel's list after the last push
-    /// (default [`DEFAULT_EXPIRY`]).
+    /// (default 60 s).
     pub fn expiry(mut self, expiry: Duration) -> Self {
         self.expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
-    /// The timeout of each Redis command (default [`DEFAULT_TIMEOUT`]):
+    /// The timeout of each Redis command (default 2 s):
     /// how long an operation may take while Redis is unreachable before it
     /// fails.
     ///
@@ -428,16 +428,16 @@ pub struct RedisChannelLayer {
 impl fmt::Debug for RedisChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisChannelLayer")
-            .field("prefix", &self.prefix())
+            .field("prefix", &self.mesh.config().prefix)
             .field("process", &self.process_name())
-            .field("capacity", &self.capacity())
+            .field("capacity", &self.mesh.config().capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
 }
 
 impl RedisChannelLayer {
-    /// Connects with every default (prefix [`DEFAULT_PREFIX`], capacity
+    /// Connects with every default (prefix `"tower-channels"`, capacity
     /// [`DEFAULT_CAPACITY`], ...). `url` is a redis-rs URL such as
     /// `redis://127.0.0.1:6379`, `redis://:password@host/2` or `rediss://host`
     /// (TLS needs one of redis-rs's TLS features).
@@ -459,35 +459,15 @@ impl RedisChannelLayer {
         }
     }
 
-    /// The key prefix.
-    pub fn prefix(&self) -> &str {
-        &self.mesh.config().prefix
-    }
-
     /// This instance's process name, `specific.<token>`: the part of its
     /// channel names before the `!`.
     pub fn process_name(&self) -> &str {
         self.mesh.process_name()
     }
 
-    /// Events a channel holds.
-    pub fn capacity(&self) -> usize {
-        self.mesh.config().capacity
-    }
-
     /// Whether the Pub/Sub connection is up (false while reconnecting).
     pub fn is_connected(&self) -> bool {
         self.mesh.transport().connected.load(Ordering::Relaxed)
-    }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.mesh.local_group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.mesh.channel_count()
     }
 }
 
