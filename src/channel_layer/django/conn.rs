@@ -11,11 +11,10 @@ use redis::{
 use tokio::time::{timeout_at, Instant};
 
 use super::BackendError;
-use crate::channel_layer::ChannelLayerError;
-
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
-pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(1);
+use crate::channel_layer::{
+    redis_pubsub::{CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN},
+    ChannelLayerError,
+};
 
 #[derive(Clone)]
 pub(super) struct Host {
