@@ -4,7 +4,8 @@
 //! [`Handler`] wants, hands what arrives to the handler, checks the idle
 //! connection with `PING`, and reconnects with a backoff (subscribing again
 //! to everything wanted, then telling the handler) when the connection
-//! breaks. Also the connection timings both layers' other connections use.
+//! breaks. Also the connection timings both layers' other connections use,
+//! and the command connection both open.
 //!
 //! Declared beside `redis` rather than in it: the `django` feature does not
 //! turn on `redis`.
@@ -21,7 +22,7 @@ use std::{
 
 use futures_util::StreamExt;
 use redis::{
-    aio::{PubSubSink, PubSubStream},
+    aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream},
     Msg, RedisError,
 };
 use tokio::{
@@ -37,6 +38,27 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const RECONNECT_MIN: Duration = Duration::from_millis(50);
 /// The longest delay before reconnecting.
 pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// Opens a self-reconnecting command connection with `client`: each command
+/// gets `timeout`, and after a connection error redis-rs connects again
+/// (twice at most, [`RECONNECT_MIN`] to [`RECONNECT_MAX`] apart). `None`
+/// when connecting took more than `timeout` + [`CONNECT_TIMEOUT`].
+pub(crate) async fn command_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager, Option<RedisError>> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(RECONNECT_MIN)
+        .set_max_delay(RECONNECT_MAX);
+    let connect = ConnectionManager::new_with_config(client.clone(), config);
+    match tokio::time::timeout(timeout + CONNECT_TIMEOUT, connect).await {
+        Ok(result) => result.map_err(Some),
+        Err(_) => Err(None),
+    }
+}
 
 /// How often an idle Pub/Sub connection is checked with `PING`.
 const HEALTH_CHECK: Duration = Duration::from_secs(5);

@@ -255,7 +255,7 @@ use std::{
 };
 
 use redis::{
-    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager},
     FromRedisValue, RedisError, Script, ScriptInvocation,
 };
 
@@ -268,7 +268,7 @@ use super::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
     redis_keys::{self, Keyspace},
-    redis_pubsub::{SubscriberError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN},
+    redis_pubsub::{command_connection, SubscriberError, CONNECT_TIMEOUT},
     BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 
@@ -375,25 +375,14 @@ impl RedisChannelLayerBuilder {
         let client = redis::Client::open(self.url.as_str())
             .map_err(|e| RedisFailure::Redis("invalid Redis URL".into(), e))?;
         let timeout = self.timeout;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(RECONNECT_MIN)
-            .set_max_delay(RECONNECT_MAX);
-        let wait = timeout + CONNECT_TIMEOUT;
-        let conn = match tokio::time::timeout(
-            wait,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(RedisFailure::Redis("cannot connect to Redis".into(), e).into())
-            }
-            Err(_) => return Err(RedisFailure::Timeout("connecting to Redis".into(), wait).into()),
-        };
+        let conn = command_connection(&client, timeout)
+            .await
+            .map_err(|e| match e {
+                Some(e) => RedisFailure::Redis("cannot connect to Redis".into(), e),
+                None => {
+                    RedisFailure::Timeout("connecting to Redis".into(), timeout + CONNECT_TIMEOUT)
+                }
+            })?;
         let counters = Arc::new(Counters::default());
         let (inbox, messages) = Inbox::new();
         let config = MeshConfig {
