@@ -39,27 +39,6 @@ pub(crate) const RECONNECT_MIN: Duration = Duration::from_millis(50);
 /// The longest delay before reconnecting.
 pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
-/// Opens a self-reconnecting command connection with `client`: each command
-/// gets `timeout`, and after a connection error redis-rs connects again
-/// (twice at most, [`RECONNECT_MIN`] to [`RECONNECT_MAX`] apart). `None`
-/// when connecting took more than `timeout` + [`CONNECT_TIMEOUT`].
-pub(crate) async fn command_connection(
-    client: &redis::Client,
-    timeout: Duration,
-) -> Result<ConnectionManager, Option<RedisError>> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_min_delay(RECONNECT_MIN)
-        .set_max_delay(RECONNECT_MAX);
-    let connect = ConnectionManager::new_with_config(client.clone(), config);
-    match tokio::time::timeout(timeout + CONNECT_TIMEOUT, connect).await {
-        Ok(result) => result.map_err(Some),
-        Err(_) => Err(None),
-    }
-}
-
 /// How often an idle Pub/Sub connection is checked with `PING`.
 const HEALTH_CHECK: Duration = Duration::from_secs(5);
 /// Channels per `SUBSCRIBE` or `UNSUBSCRIBE`.
@@ -91,6 +70,27 @@ pub(crate) async fn within<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(SubscriberError::Command(what.to_owned(), Arc::new(e))),
         Err(_) => Err(SubscriberError::CommandTimeout(what.to_owned(), timeout)),
+    }
+}
+
+/// Opens a self-reconnecting command connection with `client`: each command
+/// gets `timeout`, and after a connection error redis-rs connects again
+/// (twice at most, [`RECONNECT_MIN`] to [`RECONNECT_MAX`] apart). `None`
+/// when connecting took more than `timeout` + [`CONNECT_TIMEOUT`].
+pub(crate) async fn command_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager, Option<RedisError>> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(RECONNECT_MIN)
+        .set_max_delay(RECONNECT_MAX);
+    let connect = ConnectionManager::new_with_config(client.clone(), config);
+    match tokio::time::timeout(timeout + CONNECT_TIMEOUT, connect).await {
+        Ok(result) => result.map_err(Some),
+        Err(_) => Err(None),
     }
 }
 
