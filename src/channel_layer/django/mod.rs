@@ -412,7 +412,7 @@ pub(crate) enum BackendError {
     #[error("{0}")]
     Subscriber(
         String,
-        #[source] crate::channel_layer::subscriber_error::SubscriberError,
+        #[source] crate::channel_layer::redis_pubsub::SubscriberError,
     ),
 }
 

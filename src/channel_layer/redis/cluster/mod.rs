@@ -20,13 +20,14 @@ use self::transport::ClusterTransport;
 use super::{
     failure, query,
     queue::{Connector, BLOCK},
-    storage, Connection, Layout, RedisFailure, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
-    DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
+    storage, Connection, Layout, RedisFailure, DEFAULT_EXPIRY, DEFAULT_GROUP_EXPIRY,
+    DEFAULT_PREFIX, DEFAULT_TIMEOUT,
 };
 use crate::channel_layer::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
     redis_keys::{self, Keyspace},
+    redis_pubsub::CONNECT_TIMEOUT,
     BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 

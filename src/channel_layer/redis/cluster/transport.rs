@@ -32,10 +32,13 @@ use crate::channel_layer::{
         ask,
         queue::RedisQueues,
         store::{live_event, RedisStore},
-        within, Ack, RECONNECT_MAX, RECONNECT_MIN,
     },
+    redis_pubsub::{within, RECONNECT_MAX, RECONNECT_MIN},
     BoxFuture,
 };
+
+/// What the subscription task answers a command with.
+type Ack = tokio::sync::oneshot::Sender<Result<(), RedisFailure>>;
 
 /// How often every primary is pinged to tell whether the layer is connected.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
@@ -436,7 +439,7 @@ impl Subscriptions {
 
     async fn ssubscribe(&self, channel: &str) -> Result<(), RedisFailure> {
         let mut conn = self.pubsub.clone();
-        within(self.timeout, "SSUBSCRIBE", conn.ssubscribe(channel)).await
+        Ok(within(self.timeout, "SSUBSCRIBE", conn.ssubscribe(channel)).await?)
     }
 
     /// Retries what is pending; false when the mesh is gone.
