@@ -391,8 +391,9 @@ async fn conformance_suite_multi_thread() {
 async fn two_instances() {
     let Some(redis) = redis().await else { return };
     let prefix = unique_prefix("two");
-    let a = layer(&redis.url, &prefix, 4).await;
-    let b = layer(&redis.url, &prefix, 4).await;
+    let capacity = 4;
+    let a = layer(&redis.url, &prefix, capacity).await;
+    let b = layer(&redis.url, &prefix, capacity).await;
 
     let mut on_a = a.new_channel().await.unwrap();
     let mut on_b = b.new_channel().await.unwrap();
@@ -418,8 +419,7 @@ async fn two_instances() {
 
     // Fill b's member, then group send from a: b drops it, counts it and
     // marks the member as lagging.
-    let fill = b.capacity();
-    for _ in 0..fill {
+    for _ in 0..capacity {
         b.send(on_b.name(), Event::bare("fill")).await.unwrap();
     }
     let before = b.stats();
@@ -430,7 +430,7 @@ async fn two_instances() {
         other => panic!("expected Lagged(1), got {other:?}"),
     }
     assert_eq!(b.stats().dropped_full, before.dropped_full + 1);
-    for _ in 0..fill {
+    for _ in 0..capacity {
         assert_eq!(recv(&mut on_b).await.kind(), "fill");
     }
 

@@ -155,15 +155,15 @@ mod presence;
 mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
-// Shared by the Redis and the Django layers (the `django` feature does not
-// turn on `redis`), so declared here rather than in `redis`.
+// These two are shared by the Redis and the Django layers (the `django`
+// feature does not turn on `redis`), so declared here rather than in `redis`.
 #[cfg(any(feature = "redis", feature = "django"))]
 #[path = "redis/keys.rs"]
 mod redis_keys;
+#[cfg(any(feature = "redis", feature = "django"))]
+mod redis_pubsub;
 #[cfg(any(test, feature = "redis", feature = "nats"))]
 mod sequencer;
-#[cfg(feature = "django")]
-mod subscriber_error;
 
 use std::{fmt, future::Future, pin::Pin};
 

@@ -22,9 +22,9 @@ use crate::{
 };
 
 /// How long [`Communicator::receive`] waits by default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long [`Communicator::receive_nothing`] listens.
-pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
+const NOTHING_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Tests a consumer without a network: Django's `WebsocketCommunicator`.
 ///
@@ -143,7 +143,7 @@ pub enum ReceiveError {
     Unexpected(Message),
     /// The text was not the JSON expected.
     #[error("invalid JSON")]
-    Json(#[from] serde_json::Error),
+    Json(#[source] serde_json::Error),
     /// The connection is not open (call `connect` first).
     #[error("not connected")]
     NotConnected,
@@ -483,7 +483,7 @@ impl Communicator {
         self.send_text(text).await;
     }
 
-    /// The next message, waiting at most [`DEFAULT_TIMEOUT`]. A close from the
+    /// The next message, waiting at most 1 s. A close from the
     /// consumer is returned as [`Message::Close`].
     pub async fn receive(&mut self) -> Result<Message, ReceiveError> {
         self.receive_timeout(DEFAULT_TIMEOUT).await
@@ -530,7 +530,7 @@ impl Communicator {
     /// The next message, which must be JSON text decoding into `T`.
     pub async fn receive_json<T: DeserializeOwned>(&mut self) -> Result<T, ReceiveError> {
         let text = self.receive_text().await?;
-        Ok(serde_json::from_str(&text)?)
+        serde_json::from_str(&text).map_err(ReceiveError::Json)
     }
 
     /// The next message, which must be a close; returns its code (1005 if none).
@@ -541,7 +541,7 @@ impl Communicator {
         }
     }
 
-    /// Whether nothing arrives within [`NOTHING_TIMEOUT`] (Django's `receive_nothing`).
+    /// Whether nothing arrives within 100 ms (Django's `receive_nothing`).
     pub async fn receive_nothing(&mut self) -> bool {
         matches!(
             self.receive_timeout(NOTHING_TIMEOUT).await,
@@ -577,7 +577,7 @@ impl Communicator {
     /// the next message), without the consumer having to answer. Use it where
     /// a test would otherwise sleep before looking at what a message did (a
     /// database row, a counter, another connection's inbox). Returns `false`
-    /// if that did not happen within [`DEFAULT_TIMEOUT`] or the connection
+    /// if that did not happen within 1 s or the connection
     /// ended first.
     ///
     /// ```

@@ -45,8 +45,6 @@ mod http_client;
 mod through;
 mod wire_check;
 
-pub use self::communicator::{
-    Accepted, Communicator, ReceiveError, Rejected, DEFAULT_TIMEOUT, NOTHING_TIMEOUT,
-};
+pub use self::communicator::{Accepted, Communicator, ReceiveError, Rejected};
 pub use self::http_client::HttpTransport;
 pub use self::wire_check::WireCheckLayer;

@@ -5,17 +5,16 @@
 use std::{future::Future, time::Duration};
 
 use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    aio::{ConnectionManager, MultiplexedConnection},
     AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, RedisResult,
 };
 use tokio::time::{timeout_at, Instant};
 
 use super::BackendError;
-use crate::channel_layer::ChannelLayerError;
-
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
-pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(1);
+use crate::channel_layer::{
+    redis_pubsub::{command_connection, CONNECT_TIMEOUT},
+    ChannelLayerError,
+};
 
 #[derive(Clone)]
 pub(super) struct Host {
@@ -43,32 +42,15 @@ impl Host {
     pub(super) async fn connect(url: &str, timeout: Duration) -> Result<Self, ChannelLayerError> {
         let client = redis::Client::open(url)
             .map_err(|e| BackendError::Redis(format!("invalid Redis URL {url:?}"), e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(RECONNECT_MIN)
-            .set_max_delay(RECONNECT_MAX);
-        let conn = match tokio::time::timeout(
-            timeout + CONNECT_TIMEOUT,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(
-                    BackendError::Redis(format!("cannot connect to Redis at {url}"), e).into(),
-                )
-            }
-            Err(_) => {
-                return Err(BackendError::Timeout(
+        let conn = command_connection(&client, timeout)
+            .await
+            .map_err(|e| match e {
+                Some(e) => BackendError::Redis(format!("cannot connect to Redis at {url}"), e),
+                None => BackendError::Timeout(
                     format!("connecting to Redis at {url}"),
                     timeout + CONNECT_TIMEOUT,
-                )
-                .into())
-            }
-        };
+                ),
+            })?;
         Ok(Host {
             url: url.to_owned(),
             client,

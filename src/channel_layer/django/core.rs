@@ -16,14 +16,16 @@ use tokio::{runtime::Handle, sync::watch};
 
 use super::{
     codec::{consistent_hash, Codec, Dict, Target},
-    conn::{Host, RECONNECT_MAX, RECONNECT_MIN},
+    conn::Host,
     escape_glob, lock, now_secs_f64, Counters, DjangoConfig,
 };
 use crate::channel_layer::{
     local::{LocalChannels, Registry},
-    names, redis_keys, validate_channel_name, validate_group_name, BoxFuture, Capabilities,
-    ChannelLayer, ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery,
-    Event, Feature, GroupSendReport,
+    names, redis_keys,
+    redis_pubsub::{RECONNECT_MAX, RECONNECT_MIN},
+    validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
+    ChannelLayerError, ChannelLayerStats, ChannelReceiver, ChannelSender, Delivery, Event, Feature,
+    GroupSendReport,
 };
 
 /// How long one `BZPOPMIN` blocks (channels_redis' `brpop_timeout`).
@@ -157,16 +159,6 @@ impl DjangoChannelLayer {
     /// its channel names before the `!`.
     pub fn process_name(&self) -> &str {
         self.inner.process()
-    }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.inner.registry.group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.inner.registry.channel_count()
     }
 }
 

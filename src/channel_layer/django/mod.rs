@@ -174,15 +174,15 @@ use super::{local::Counters, redis_keys::escape_glob, ChannelLayerError, DEFAULT
 use super::{ChannelLayerStats, Event};
 
 /// channels_redis' default key prefix.
-pub const DEFAULT_PREFIX: &str = "asgi";
+const DEFAULT_PREFIX: &str = "asgi";
 /// channels_redis' default message expiry.
-pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
+const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
 /// channels_redis' default group expiry (one day).
-pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
+const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
 /// channels_redis' default random prefix length of core messages.
-pub const DEFAULT_RANDOM_PREFIX_LENGTH: usize = 12;
+const DEFAULT_RANDOM_PREFIX_LENGTH: usize = 12;
 /// The default timeout of each Redis command.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// channels_redis' `serializer_format`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -412,7 +412,7 @@ pub(crate) enum BackendError {
     #[error("{0}")]
     Subscriber(
         String,
-        #[source] crate::channel_layer::subscriber_error::SubscriberError,
+        #[source] crate::channel_layer::redis_pubsub::SubscriberError,
     ),
 }
 

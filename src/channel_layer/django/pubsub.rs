@@ -9,31 +9,21 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
-use redis::{
-    aio::{PubSubSink, PubSubStream},
-    Msg,
-};
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use redis::Msg;
+use tokio::sync::oneshot;
 
 use super::{
     codec::{consistent_hash, Codec, Dict, Target},
-    conn::{Host, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN},
+    conn::Host,
     escape_glob, lock, BackendError, Counters, DjangoConfig,
 };
 use crate::channel_layer::{
     local::{no_such_channel, LocalChannels, Registry},
     names,
-    subscriber_error::SubscriberError,
+    redis_pubsub::{Command, Handler, Subscriber, SubscriberError, CONNECT_TIMEOUT},
     validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
 };
-
-/// How often an idle Pub/Sub connection is checked with `PING`.
-const HEALTH_CHECK: Duration = Duration::from_secs(5);
 
 /// A [`ChannelLayer`] speaking `channels_redis.pubsub.RedisPubSubChannelLayer`'s
 /// format; see the [module docs](super).
@@ -61,16 +51,8 @@ struct Inner {
 
 struct Shard {
     host: Host,
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-type Ack = oneshot::Sender<Result<(), SubscriberError>>;
-
-enum Command {
-    /// Subscribe to or unsubscribe from one Redis channel to match local state.
-    Sync { channel: String, ack: Option<Ack> },
-    /// Same for every channel subscribed (after a flush).
-    SyncAll { ack: Ack },
+    /// Its Pub/Sub task, subscribed to what [`Inner::wanted`] says.
+    subscriber: Subscriber,
 }
 
 impl fmt::Debug for DjangoPubSubChannelLayer {
@@ -95,12 +77,12 @@ impl DjangoPubSubChannelLayer {
             None,
         )?;
         let mut shards = Vec::new();
-        let mut receivers = Vec::new();
+        let mut tasks = Vec::new();
         for url in config.hosts() {
             let host = Host::connect(&url, config.timeout).await?;
-            let (commands, rx) = mpsc::unbounded_channel();
-            shards.push(Shard { host, commands });
-            receivers.push(rx);
+            let (subscriber, task) = Subscriber::new();
+            shards.push(Shard { host, subscriber });
+            tasks.push(task);
         }
         let process = format!("{}specific.{}", config.prefix, names::random_token(16));
         validate_channel_name(&format!("{process}!0"))
@@ -114,20 +96,17 @@ impl DjangoPubSubChannelLayer {
             counters: Arc::default(),
             config,
         });
-        for (index, commands) in receivers.into_iter().enumerate() {
-            let conn = open(&inner, index)
-                .await
-                .map_err(|e| BackendError::Subscriber("cannot subscribe to Redis".into(), e))?;
-            let sub = Subscriber {
+        // Our channels' pattern, on every shard.
+        let pattern = format!("{}!*", escape_glob(inner.process()));
+        for (index, task) in tasks.into_iter().enumerate() {
+            let handler = ToLayer {
                 inner: Arc::downgrade(&inner),
                 index,
-                commands,
-                conn: Some(conn),
-                subscribed: HashSet::new(),
-                backoff: RECONNECT_MIN,
-                next_attempt: Instant::now(),
             };
-            tokio::spawn(sub.run());
+            let client = &inner.shards[index].host.client;
+            task.start(client, vec![pattern.clone()], inner.config.timeout, handler)
+                .await
+                .map_err(|e| BackendError::Subscriber("cannot subscribe to Redis".into(), e))?;
         }
         Ok(DjangoPubSubChannelLayer { inner })
     }
@@ -135,16 +114,6 @@ impl DjangoPubSubChannelLayer {
     /// The start of this instance's channel names, `<prefix>specific.<token>`.
     pub fn process_name(&self) -> &str {
         self.inner.process()
-    }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.inner.registry.group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.inner.registry.channel_count()
     }
 }
 
@@ -172,6 +141,7 @@ impl LocalChannels for Inner {
             // The task is gone only when the layer is, and then nothing is subscribed.
             let _ = self
                 .shard_of(&channel)
+                .subscriber
                 .commands
                 .send(Command::Sync { channel, ack: None });
         }
@@ -201,6 +171,7 @@ impl Inner {
         let (ack, done) = oneshot::channel();
         let what = format!("subscribing to {redis_channel:?}");
         self.shard_of(&redis_channel)
+            .subscriber
             .commands
             .send(Command::Sync {
                 channel: redis_channel,
@@ -248,199 +219,48 @@ async fn wait(
     }
 }
 
-struct PubSub {
-    sink: PubSubSink,
-    stream: PubSubStream,
-}
-
-/// Opens shard `index`'s Pub/Sub connection: our channel pattern, then every
-/// group and named channel this process needs there.
-async fn open(inner: &Inner, index: usize) -> Result<PubSub, SubscriberError> {
-    let timeout = inner.config.timeout;
-    let host = &inner.shards[index].host;
-    let pubsub = match tokio::time::timeout(
-        CONNECT_TIMEOUT.min(timeout) + timeout,
-        host.client.get_async_pubsub(),
-    )
-    .await
-    {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return Err(SubscriberError::Connect(Arc::new(e))),
-        Err(_) => return Err(SubscriberError::ConnectTimeout),
-    };
-    let (mut sink, stream) = pubsub.split();
-    let pattern = format!("{}!*", escape_glob(inner.process()));
-    within(timeout, "PSUBSCRIBE", sink.psubscribe(pattern)).await?;
-    Ok(PubSub { sink, stream })
-}
-
-async fn within(
-    timeout: Duration,
-    what: &str,
-    fut: impl std::future::Future<Output = redis::RedisResult<()>>,
-) -> Result<(), SubscriberError> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(SubscriberError::Command(what.to_owned(), Arc::new(e))),
-        Err(_) => Err(SubscriberError::CommandTimeout(what.to_owned(), timeout)),
-    }
-}
-
-/// Owns one shard's Pub/Sub connection; reconnects and re-subscribes.
-struct Subscriber {
+/// What a shard's Pub/Sub task does for the layer: subscribe to the
+/// shard's channels local state wants, and deliver into the registry.
+struct ToLayer {
     inner: Weak<Inner>,
     index: usize,
-    commands: mpsc::UnboundedReceiver<Command>,
-    conn: Option<PubSub>,
-    /// Redis channels subscribed on the current connection.
-    subscribed: HashSet<String>,
-    backoff: Duration,
-    next_attempt: Instant,
 }
 
-enum Wake {
-    Command(Option<Command>),
-    Message(Option<Msg>),
-    Ping,
-    Retry,
-}
+impl Handler for ToLayer {
+    const WAIT_FOR_RECONNECT: bool = false;
 
-impl Subscriber {
-    async fn run(mut self) {
-        let mut ping = tokio::time::interval_at(Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if self.conn.is_none() && Instant::now() >= self.next_attempt {
-                let Some(inner) = self.inner.upgrade() else {
-                    return;
-                };
-                self.reconnect(&inner).await;
-            }
-            let wake = match self.conn.as_mut() {
-                Some(conn) => tokio::select! {
-                    cmd = self.commands.recv() => Wake::Command(cmd),
-                    msg = conn.stream.next() => Wake::Message(msg),
-                    _ = ping.tick() => Wake::Ping,
-                },
-                None => tokio::select! {
-                    cmd = self.commands.recv() => Wake::Command(cmd),
-                    () = tokio::time::sleep_until(self.next_attempt) => Wake::Retry,
-                },
-            };
-            let Some(inner) = self.inner.upgrade() else {
-                return;
-            };
-            match wake {
-                Wake::Command(None) => return,
-                Wake::Command(Some(Command::Sync { channel, ack })) => {
-                    let result = self.reconcile(&inner, vec![channel]).await;
-                    if let Some(ack) = ack {
-                        let _ = ack.send(result);
-                    }
-                }
-                Wake::Command(Some(Command::SyncAll { ack })) => {
-                    let all = self.subscribed.iter().cloned().collect();
-                    let _ = ack.send(self.reconcile(&inner, all).await);
-                }
-                Wake::Message(Some(msg)) => inner.message(&msg),
-                Wake::Message(None) => self.disconnected("the Redis Pub/Sub connection closed"),
-                Wake::Ping => {
-                    if let Some(conn) = self.conn.as_mut() {
-                        let pinged = tokio::time::timeout(
-                            inner.config.timeout,
-                            conn.sink.ping::<redis::Value>(),
-                        )
-                        .await;
-                        if !matches!(pinged, Ok(Ok(_))) {
-                            self.disconnected("Redis Pub/Sub PING failed");
-                        }
-                    }
-                }
-                Wake::Retry => {}
-            }
-        }
+    fn wanted(&self, channel: &str) -> bool {
+        self.inner
+            .upgrade()
+            .is_some_and(|inner| inner.wanted(channel))
     }
 
-    async fn reconnect(&mut self, inner: &Inner) {
-        match open(inner, self.index).await {
-            Ok(conn) => {
-                self.conn = Some(conn);
-                self.subscribed.clear();
-                self.backoff = RECONNECT_MIN;
-                // Everything this shard should carry.
-                let mut wanted: Vec<String> = inner
-                    .registry
-                    .group_names()
-                    .iter()
-                    .map(|g| inner.group_channel(g))
-                    .collect();
-                wanted.extend(lock(&inner.named).iter().cloned());
-                wanted.retain(|c| consistent_hash(c, inner.shards.len()) == self.index);
-                if let Err(e) = self.reconcile(inner, wanted).await {
-                    tracing::debug!("re-subscribing failed: {e}");
-                } else {
-                    tracing::info!(process = %inner.process(), "connected to Redis Pub/Sub and subscribed");
-                }
-            }
-            Err(e) => {
-                tracing::debug!(retry_in = ?self.backoff, "Redis Pub/Sub reconnect failed: {e}");
-                self.next_attempt = Instant::now() + self.backoff;
-                self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
-            }
-        }
-    }
-
-    fn disconnected(&mut self, reason: &str) {
-        if self.conn.take().is_none() {
-            return;
-        }
-        tracing::warn!("{reason}; reconnecting");
-        self.subscribed.clear();
-        self.backoff = RECONNECT_MIN;
-        self.next_attempt = Instant::now() + RECONNECT_MIN;
-    }
-
-    /// Subscribes to the channels that local state needs and unsubscribes
-    /// from the others, among `channels`.
-    async fn reconcile(
-        &mut self,
-        inner: &Inner,
-        channels: Vec<String>,
-    ) -> Result<(), SubscriberError> {
-        let (mut sub, mut unsub) = (Vec::new(), Vec::new());
-        for c in channels {
-            match (inner.wanted(&c), self.subscribed.contains(&c)) {
-                (true, false) => sub.push(c),
-                (false, true) => unsub.push(c),
-                _ => {}
-            }
-        }
-        if sub.is_empty() && unsub.is_empty() {
-            return Ok(());
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(SubscriberError::Reconnecting);
+    /// Every group and named channel this shard should carry.
+    fn all_wanted(&self) -> Vec<String> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Vec::new();
         };
-        let timeout = inner.config.timeout;
-        let mut result = Ok(());
-        if !unsub.is_empty() {
-            result = within(timeout, "UNSUBSCRIBE", conn.sink.unsubscribe(&unsub)).await;
-            if result.is_ok() {
-                for c in &unsub {
-                    self.subscribed.remove(c);
-                }
-            }
-        }
-        if result.is_ok() && !sub.is_empty() {
-            result = within(timeout, "SUBSCRIBE", conn.sink.subscribe(&sub)).await;
-            if result.is_ok() {
-                self.subscribed.extend(sub);
-            }
-        }
-        if let Err(e) = &result {
-            self.disconnected(&e.to_string());
-        }
-        result
+        let mut wanted: Vec<String> = inner
+            .registry
+            .group_names()
+            .iter()
+            .map(|g| inner.group_channel(g))
+            .collect();
+        wanted.extend(lock(&inner.named).iter().cloned());
+        wanted.retain(|c| consistent_hash(c, inner.shards.len()) == self.index);
+        wanted
+    }
+
+    async fn message(&self, msg: &Msg) -> bool {
+        let Some(inner) = self.inner.upgrade() else {
+            return false;
+        };
+        inner.message(msg);
+        true
+    }
+
+    async fn reconnected(&self) -> bool {
+        self.inner.strong_count() > 0
     }
 }
 
@@ -555,6 +375,7 @@ impl ChannelLayer for DjangoPubSubChannelLayer {
             for shard in &inner.shards {
                 let (ack, done) = oneshot::channel();
                 shard
+                    .subscriber
                     .commands
                     .send(Command::SyncAll { ack })
                     .map_err(|_| BackendError::SubscriberStopped)?;

@@ -386,20 +386,6 @@ impl<T: Transport> MeshLayer<T> {
     pub(crate) fn config(&self) -> &MeshConfig {
         &self.inner.config
     }
-
-    /// Number of this process's channels in `group`.
-    // Used by the broker layers (the mesh is also built for tests).
-    #[cfg(any(feature = "nats", feature = "redis"))]
-    pub(crate) fn local_group_len(&self, group: &str) -> usize {
-        self.inner.registry.group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    // Used by the broker layers (the mesh is also built for tests).
-    #[cfg(any(feature = "nats", feature = "redis"))]
-    pub(crate) fn channel_count(&self) -> usize {
-        self.inner.registry.channel_count()
-    }
 }
 
 impl<T: Transport> LocalChannels for Inner<T> {

@@ -266,10 +266,10 @@ use super::{
 };
 
 /// The default subject prefix.
-pub const DEFAULT_PREFIX: &str = "tower-channels";
+const DEFAULT_PREFIX: &str = "tower-channels";
 /// The default timeout of requests (direct sends, membership changes) and
 /// subscription round trips.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The queue group of worker-channel subscriptions.
 const QUEUE_GROUP: &str = "tower-channels-workers";
@@ -320,7 +320,7 @@ impl NatsChannelLayerBuilder {
         self
     }
 
-    /// The first token(s) of every subject (default [`DEFAULT_PREFIX`]).
+    /// The first token(s) of every subject (default `"tower-channels"`).
     /// Applications sharing a NATS account use different prefixes.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -336,7 +336,7 @@ impl NatsChannelLayerBuilder {
     }
 
     /// How long a request or subscription may take before it fails (default
-    /// [`DEFAULT_TIMEOUT`]).
+    /// 2 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(10));
         self
@@ -462,9 +462,9 @@ pub struct NatsChannelLayer {
 impl fmt::Debug for NatsChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsChannelLayer")
-            .field("prefix", &self.prefix())
+            .field("prefix", &self.mesh.config().prefix)
             .field("process", &self.process_name())
-            .field("capacity", &self.capacity())
+            .field("capacity", &self.mesh.config().capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
@@ -490,39 +490,14 @@ impl NatsChannelLayer {
         }
     }
 
-    /// The subject prefix.
-    pub fn prefix(&self) -> &str {
-        &self.mesh.config().prefix
-    }
-
     /// This instance's process name, `specific.<token>`.
     pub fn process_name(&self) -> &str {
         self.mesh.process_name()
     }
 
-    /// Events a channel holds.
-    pub fn capacity(&self) -> usize {
-        self.mesh.config().capacity
-    }
-
     /// Whether the NATS connection is up (false while reconnecting).
     pub fn is_connected(&self) -> bool {
         self.mesh.transport().client.connection_state() == State::Connected
-    }
-
-    /// The subject that carries `group`.
-    pub fn group_subject(&self, group: &str) -> String {
-        format!("{}.group.{group}", self.prefix())
-    }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.mesh.local_group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.mesh.channel_count()
     }
 }
 

@@ -250,12 +250,12 @@ pub use self::cluster::{RedisClusterChannelLayer, RedisClusterChannelLayerBuilde
 
 use std::{
     fmt,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use redis::{
-    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager},
     FromRedisValue, RedisError, Script, ScriptInvocation,
 };
 
@@ -268,22 +268,19 @@ use super::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
     redis_keys::{self, Keyspace},
+    redis_pubsub::{command_connection, SubscriberError, CONNECT_TIMEOUT},
     BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 
 /// The default key prefix.
-pub const DEFAULT_PREFIX: &str = "tower-channels";
+pub(crate) const DEFAULT_PREFIX: &str = "tower-channels";
 /// How long a named channel's membership of a group lasts unless renewed
 /// (Django's default: one day).
-pub const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_GROUP_EXPIRY: Duration = Duration::from_secs(86_400);
 /// How long events wait in a named channel's list after the last push.
-pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_EXPIRY: Duration = Duration::from_secs(60);
 /// The default timeout of each Redis command.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const RECONNECT_MIN: Duration = Duration::from_millis(50);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `KEYS[1]` list; `ARGV`: payload, capacity, expiry (s). Returns 1 if
 /// pushed, 0 if full. A named channel's send on both Redis layers.
@@ -327,7 +324,7 @@ impl RedisChannelLayerBuilder {
     }
 
     /// The prefix of every key and Pub/Sub channel (default
-    /// [`DEFAULT_PREFIX`]). Applications sharing one Redis server use
+    /// `"tower-channels"`). Applications sharing one Redis server use
     /// different prefixes; processes of one application use the same.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -344,20 +341,20 @@ impl RedisChannelLayerBuilder {
     }
 
     /// How long a named channel stays in a group after its last
-    /// [`group_add`](ChannelLayer::group_add) (default [`DEFAULT_GROUP_EXPIRY`]).
+    /// [`group_add`](ChannelLayer::group_add) (default one day).
     pub fn group_expiry(mut self, expiry: Duration) -> Self {
         self.group_expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
     /// How long events wait in a named channel's list after the last push
-    /// (default [`DEFAULT_EXPIRY`]).
+    /// (default 60 s).
     pub fn expiry(mut self, expiry: Duration) -> Self {
         self.expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
-    /// The timeout of each Redis command (default [`DEFAULT_TIMEOUT`]):
+    /// The timeout of each Redis command (default 2 s):
     /// how long an operation may take while Redis is unreachable before it
     /// fails.
     ///
@@ -378,26 +375,14 @@ impl RedisChannelLayerBuilder {
         let client = redis::Client::open(self.url.as_str())
             .map_err(|e| RedisFailure::Redis("invalid Redis URL".into(), e))?;
         let timeout = self.timeout;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(timeout)))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(RECONNECT_MIN)
-            .set_max_delay(RECONNECT_MAX);
-        let wait = timeout + CONNECT_TIMEOUT;
-        let conn = match tokio::time::timeout(
-            wait,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(RedisFailure::Redis("cannot connect to Redis".into(), e).into())
-            }
-            Err(_) => return Err(RedisFailure::Timeout("connecting to Redis".into(), wait).into()),
-        };
-        let pubsub = transport::open(&client, &[], timeout).await?;
+        let conn = command_connection(&client, timeout)
+            .await
+            .map_err(|e| match e {
+                Some(e) => RedisFailure::Redis("cannot connect to Redis".into(), e),
+                None => {
+                    RedisFailure::Timeout("connecting to Redis".into(), timeout + CONNECT_TIMEOUT)
+                }
+            })?;
         let counters = Arc::new(Counters::default());
         let (inbox, messages) = Inbox::new();
         let config = MeshConfig {
@@ -409,7 +394,7 @@ impl RedisChannelLayerBuilder {
             named_expiry: self.group_expiry,
         };
         let (store, queues) = storage(conn, client, false, &config, self.expiry);
-        let transport = RedisTransport::start(pubsub, inbox, counters.clone(), store, queues);
+        let transport = RedisTransport::start(inbox, counters.clone(), store, queues).await?;
         let mesh = MeshLayer::start(transport, messages, config, counters).await?;
         Ok(RedisChannelLayer { mesh })
     }
@@ -428,16 +413,16 @@ pub struct RedisChannelLayer {
 impl fmt::Debug for RedisChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisChannelLayer")
-            .field("prefix", &self.prefix())
+            .field("prefix", &self.mesh.config().prefix)
             .field("process", &self.process_name())
-            .field("capacity", &self.capacity())
+            .field("capacity", &self.mesh.config().capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
 }
 
 impl RedisChannelLayer {
-    /// Connects with every default (prefix [`DEFAULT_PREFIX`], capacity
+    /// Connects with every default (prefix `"tower-channels"`, capacity
     /// [`DEFAULT_CAPACITY`], ...). `url` is a redis-rs URL such as
     /// `redis://127.0.0.1:6379`, `redis://:password@host/2` or `rediss://host`
     /// (TLS needs one of redis-rs's TLS features).
@@ -459,48 +444,15 @@ impl RedisChannelLayer {
         }
     }
 
-    /// The key prefix.
-    pub fn prefix(&self) -> &str {
-        &self.mesh.config().prefix
-    }
-
     /// This instance's process name, `specific.<token>`: the part of its
     /// channel names before the `!`.
     pub fn process_name(&self) -> &str {
         self.mesh.process_name()
     }
 
-    /// Events a channel holds.
-    pub fn capacity(&self) -> usize {
-        self.mesh.config().capacity
-    }
-
     /// Whether the Pub/Sub connection is up (false while reconnecting).
     pub fn is_connected(&self) -> bool {
-        self.mesh.transport().connected.load(Ordering::Relaxed)
-    }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.mesh.local_group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.mesh.channel_count()
-    }
-}
-
-/// `f` (a Redis command called `what`) within `timeout`.
-async fn within<T>(
-    timeout: Duration,
-    what: &str,
-    f: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, RedisFailure> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(RedisFailure::Redis(format!("Redis {what} failed"), e)),
-        Err(_) => Err(RedisFailure::Timeout(format!("Redis {what}"), timeout)),
+        self.mesh.transport().subscriber.is_connected()
     }
 }
 
@@ -526,6 +478,9 @@ enum RedisFailure {
     #[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
     #[error("{0}")]
     Unreachable(String),
+    /// A Pub/Sub connection or subscription failed.
+    #[error(transparent)]
+    PubSub(#[from] SubscriberError),
 }
 
 impl From<RedisFailure> for ChannelLayerError {
@@ -698,23 +653,23 @@ fn storage<C: Connection, K: Connector>(
     (store, queues)
 }
 
-/// What a subscription task (the Pub/Sub task, or the cluster's) answers
-/// a command with.
-type Ack = tokio::sync::oneshot::Sender<Result<(), RedisFailure>>;
-
-/// Sends the command `make` builds to a subscription task and waits for
+/// Sends the command `make` builds (around the answer's sender) to a
+/// subscription task (the Pub/Sub task, or the cluster's) and waits for
 /// its answer.
-async fn ask<C>(
+async fn ask<C, E>(
     commands: &tokio::sync::mpsc::UnboundedSender<C>,
-    make: impl FnOnce(Ack) -> C,
-) -> Result<(), TransportError> {
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), E>>) -> C,
+) -> Result<(), TransportError>
+where
+    RedisFailure: From<E>,
+{
     let (ack, done) = tokio::sync::oneshot::channel();
     commands
         .send(make(ack))
         .map_err(|_| TransportError::NotSent(RedisFailure::Stopped.into()))?;
     match done.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(TransportError::Failed(e.into())),
+        Ok(Err(e)) => Err(TransportError::Failed(RedisFailure::from(e).into())),
         Err(_) => Err(TransportError::Failed(RedisFailure::Stopped.into())),
     }
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::{aio::ConnectionLike, aio::MultiplexedConnection, AsyncConnectionConfig, Script};
 
-use super::{failure, invoke, Connection, Layout, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN};
+use super::{failure, invoke, Connection, Layout};
 use crate::channel_layer::{
     mesh::{QueueConsumer, Queues, TransportError},
+    redis_pubsub::{CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN},
     BoxFuture,
 };
 

@@ -20,13 +20,14 @@ use self::transport::ClusterTransport;
 use super::{
     failure, query,
     queue::{Connector, BLOCK},
-    storage, Connection, Layout, RedisFailure, CONNECT_TIMEOUT, DEFAULT_EXPIRY,
-    DEFAULT_GROUP_EXPIRY, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
+    storage, Connection, Layout, RedisFailure, DEFAULT_EXPIRY, DEFAULT_GROUP_EXPIRY,
+    DEFAULT_PREFIX, DEFAULT_TIMEOUT,
 };
 use crate::channel_layer::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
     redis_keys::{self, Keyspace},
+    redis_pubsub::CONNECT_TIMEOUT,
     BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 
@@ -63,7 +64,7 @@ impl RedisClusterChannelLayerBuilder {
     }
 
     /// The prefix of every key and shard channel (default
-    /// [`DEFAULT_PREFIX`]); it may not contain `{` or `}` (the layer's hash
+    /// `"tower-channels"`); it may not contain `{` or `}` (the layer's hash
     /// tags follow it).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -78,21 +79,21 @@ impl RedisClusterChannelLayerBuilder {
     }
 
     /// How long a named channel stays in a group after its last
-    /// [`group_add`](ChannelLayer::group_add) (default [`DEFAULT_GROUP_EXPIRY`]).
+    /// [`group_add`](ChannelLayer::group_add) (default one day).
     pub fn group_expiry(mut self, expiry: Duration) -> Self {
         self.group_expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
     /// How long events wait in a named channel's list after the last push
-    /// (default [`DEFAULT_EXPIRY`]).
+    /// (default 60 s).
     pub fn expiry(mut self, expiry: Duration) -> Self {
         self.expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
     /// The timeout of each operation, redirects and retries included
-    /// (default [`DEFAULT_TIMEOUT`]): how long a send to a shard that is
+    /// (default 2 s): how long a send to a shard that is
     /// down takes to fail. It also bounds each wait on an answer, as on the
     /// [Redis layer](super::RedisChannelLayerBuilder::timeout): a
     /// subscription, and another process's reply to a direct send or a
@@ -427,9 +428,9 @@ pub struct RedisClusterChannelLayer {
 impl fmt::Debug for RedisClusterChannelLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisClusterChannelLayer")
-            .field("prefix", &self.prefix())
+            .field("prefix", &self.mesh.config().prefix)
             .field("process", &self.process_name())
-            .field("capacity", &self.capacity())
+            .field("capacity", &self.mesh.config().capacity)
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
@@ -465,19 +466,9 @@ impl RedisClusterChannelLayer {
         }
     }
 
-    /// The key prefix.
-    pub fn prefix(&self) -> &str {
-        &self.mesh.config().prefix
-    }
-
     /// This instance's process name, `specific.<token>`.
     pub fn process_name(&self) -> &str {
         self.mesh.process_name()
-    }
-
-    /// Events a channel holds.
-    pub fn capacity(&self) -> usize {
-        self.mesh.config().capacity
     }
 
     /// Whether every primary answered the last health check and every
@@ -493,16 +484,6 @@ impl RedisClusterChannelLayer {
     /// (`CLUSTER KEYSLOT`).
     pub fn group_key(&self, group: &str) -> String {
         self.mesh.transport().layout.key("group", group)
-    }
-
-    /// Number of this process's channels in `group`.
-    pub fn local_group_len(&self, group: &str) -> usize {
-        self.mesh.local_group_len(group)
-    }
-
-    /// Number of this process's channels that have a receiver.
-    pub fn channel_count(&self) -> usize {
-        self.mesh.channel_count()
     }
 }
 

@@ -34,10 +34,13 @@ use crate::channel_layer::{
         ask,
         queue::RedisQueues,
         store::{incoming, RedisStore},
-        within, Ack, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN,
     },
+    redis_pubsub::{within, SubscriberError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN},
     BoxFuture,
 };
+
+/// What a subscription command is answered with.
+type Ack = tokio::sync::oneshot::Sender<Result<(), RedisFailure>>;
 
 /// How often each primary's subscription connection is pinged, and how
 /// often the slot map is read again while a primary is down or a channel
@@ -649,7 +652,7 @@ async fn read_slots(
                 return parse_slots(&reply, seed_host)
                     .ok_or(RedisFailure::Malformed("CLUSTER SLOTS"));
             }
-            Err(e) => last = Some(e),
+            Err(e) => last = Some(RedisFailure::from(e)),
         }
     }
     Err(last.unwrap_or(RedisFailure::Stopped))
@@ -949,7 +952,7 @@ impl NodeTask {
             }
             // `MOVED` (the slot left this node, which ended the
             // subscription) or another refusal: nothing to undo.
-            Err(RedisFailure::Redis(_, e)) if !broken(&e) => {
+            Err(SubscriberError::Command(_, e)) if !broken(&e) => {
                 tracing::debug!(channel, node = self.address, "SUNSUBSCRIBE: {e}");
             }
             Err(e) => {
