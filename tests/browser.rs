@@ -570,7 +570,10 @@ async fn reconnect_scenario(
 ) -> Result<()> {
     let page = new_session(&format!("http://127.0.0.1:{port}"), &profiles[0]).await?;
     sessions.push(page.clone());
-    let room = format!("reconnect{}", std::process::id());
+    // One room per scenario (A's port is this scenario's): the WebSocket
+    // and the SSE variants run at the same time in this process, on the
+    // same Redis, and must not see each other's messages.
+    let room = format!("reconnect{}x{}", std::process::id(), a.addr.port());
     let addr_a = &a.addr.to_string();
     join_room(&page, &format!("http://{addr_a}{path}"), &room).await?;
 
