@@ -12,6 +12,7 @@
 #
 #   bench/callgrind.sh                 # tc+P, tc and the axum baseline
 #   RATE=5 A=20 B=120 bench/callgrind.sh
+#   SERVERS=examples/chat:tc bench/callgrind.sh   # only these (binary:label)
 #
 # Needs valgrind and the release binaries bench/run.sh builds.
 set -euo pipefail
@@ -56,7 +57,7 @@ echo "date $(date -u +%F), load average $(cut -d' ' -f1-3 /proc/loadavg), $(npro
 echo
 echo "| server | instructions per delivery |"
 echo "|---|---:|"
-for server in chat-metrics:tc+P examples/chat:tc baseline:axum; do
+for server in ${SERVERS:-chat-metrics:tc+P examples/chat:tc baseline:axum}; do
     bin="$dir/${server%%:*}"
     [ -x "$bin" ] || { echo "missing $bin (run bench/run.sh --smoke first)" >&2; exit 1; }
     ia="$(count "$bin" "$a")"
