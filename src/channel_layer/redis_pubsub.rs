@@ -819,25 +819,14 @@ impl Kind for Sharded {
     ) -> Result<Refusals, SubscriberError> {
         let mut refusals = Refusals::default();
         for channel in channels {
-            let mut cmd = redis::cmd("SSUBSCRIBE");
-            cmd.arg(channel);
-            match within(timeout, "SSUBSCRIBE", cmd.query_async(&mut conn.conn)).await {
-                Ok(reply) if confirms(&reply, &redis::PushKind::SSubscribe, channel) => {}
-                Ok(reply) => {
-                    // A push the server sent on its own (an ended
-                    // subscription) was taken for the answer: the answers
-                    // are out of step.
-                    tracing::debug!(channel, ?reply, "unexpected answer to SSUBSCRIBE");
-                    return Err(SubscriberError::Unexpected("SSUBSCRIBE"));
+            let kind = redis::PushKind::SSubscribe;
+            match shard_command(conn, "SSUBSCRIBE", kind, channel, timeout).await? {
+                None => {}
+                Some(e) if e.redirect_node().is_some() => refusals.moved.push(channel.clone()),
+                Some(e) => {
+                    let e = SubscriberError::Command("SSUBSCRIBE".into(), e);
+                    refusals.refused.push((channel.clone(), e));
                 }
-                Err(SubscriberError::Command(_, e)) if e.redirect_node().is_some() => {
-                    refusals.moved.push(channel.clone());
-                }
-                Err(SubscriberError::Command(what, e)) if !broken(&e) => {
-                    let refusal = SubscriberError::Command(what, e);
-                    refusals.refused.push((channel.clone(), refusal));
-                }
-                Err(e) => return Err(e),
             }
         }
         Ok(refusals)
@@ -849,20 +838,11 @@ impl Kind for Sharded {
         timeout: Duration,
     ) -> Result<(), SubscriberError> {
         for channel in channels {
-            let mut cmd = redis::cmd("SUNSUBSCRIBE");
-            cmd.arg(channel);
-            match within(timeout, "SUNSUBSCRIBE", cmd.query_async(&mut conn.conn)).await {
-                Ok(reply) if confirms(&reply, &redis::PushKind::SUnsubscribe, channel) => {}
-                Ok(reply) => {
-                    tracing::debug!(channel, ?reply, "unexpected answer to SUNSUBSCRIBE");
-                    return Err(SubscriberError::Unexpected("SUNSUBSCRIBE"));
-                }
-                // `MOVED` (the slot left this node, which ended the
-                // subscription) or another refusal: nothing to undo.
-                Err(SubscriberError::Command(_, e)) if !broken(&e) => {
-                    tracing::debug!(channel, "SUNSUBSCRIBE: {e}");
-                }
-                Err(e) => return Err(e),
+            let kind = redis::PushKind::SUnsubscribe;
+            // `MOVED` (the slot left this node, which ended the
+            // subscription) or another refusal: nothing to undo.
+            if let Some(e) = shard_command(conn, "SUNSUBSCRIBE", kind, channel, timeout).await? {
+                tracing::debug!(channel, "SUNSUBSCRIBE: {e}");
             }
         }
         Ok(())
@@ -881,6 +861,32 @@ impl Kind for Sharded {
 
     async fn next(conn: &mut ShardedConn) -> Option<Push> {
         conn.ended.recv().await.flatten().map(Push::Ended)
+    }
+}
+
+/// `command channel` (`SSUBSCRIBE` or `SUNSUBSCRIBE`), which a push of
+/// `kind` naming the channel confirms: the server's refusal, if it refused;
+/// an error when the connection cannot be trusted any more (it failed, or
+/// answered something else: a push the server sent on its own, such as an
+/// ended subscription, was taken for the answer).
+#[cfg(feature = "redis-cluster")]
+async fn shard_command(
+    conn: &mut ShardedConn,
+    command: &'static str,
+    kind: redis::PushKind,
+    channel: &str,
+    timeout: Duration,
+) -> Result<Option<Arc<RedisError>>, SubscriberError> {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(channel);
+    match within(timeout, command, cmd.query_async(&mut conn.conn)).await {
+        Ok(reply) if confirms(&reply, &kind, channel) => Ok(None),
+        Ok(reply) => {
+            tracing::debug!(channel, ?reply, "unexpected answer to {command}");
+            Err(SubscriberError::Unexpected(command))
+        }
+        Err(SubscriberError::Command(_, e)) if !broken(&e) => Ok(Some(e)),
+        Err(e) => Err(e),
     }
 }
 
