@@ -285,11 +285,11 @@ struct Refusals {
     refused: Vec<(String, SubscriberError)>,
 }
 
-/// What a Pub/Sub task subscribes with: the connection it opens, its
-/// subscribe and unsubscribe commands, and what it hears.
+/// What a Pub/Sub task subscribes with: the [`Connection`] it opens, how
+/// often it checks it, and what it answers while there is none.
 trait Kind: Send + Sync + 'static {
     /// An open connection.
-    type Conn: Send;
+    type Conn: Connection;
     /// How often the idle connection is checked with `PING`.
     const HEALTH_CHECK: Duration;
 
@@ -299,36 +299,49 @@ trait Kind: Send + Sync + 'static {
     /// What a subscription gets while there is no connection.
     fn down(&self) -> SubscriberError;
 
-    /// Opens a connection (its commands get `timeout`).
+    /// Opens a connection, whose commands get `timeout`.
     fn open(
         &self,
         timeout: Duration,
     ) -> impl Future<Output = Result<Self::Conn, SubscriberError>> + Send;
+}
 
+/// An open Pub/Sub connection: its subscribe and unsubscribe commands, and
+/// what it hears.
+trait Connection: Send {
     /// Subscribes to `channels`: an error when the connection cannot be
     /// trusted any more, else the channels the server would not take.
     fn subscribe(
-        conn: &mut Self::Conn,
+        &mut self,
         channels: &[String],
-        timeout: Duration,
     ) -> impl Future<Output = Result<Refusals, SubscriberError>> + Send;
 
     /// Unsubscribes from `channels`; an error when the connection cannot be
     /// trusted any more.
     fn unsubscribe(
-        conn: &mut Self::Conn,
+        &mut self,
         channels: &[String],
-        timeout: Duration,
     ) -> impl Future<Output = Result<(), SubscriberError>> + Send;
 
     /// Checks the connection.
-    fn ping(
-        conn: &mut Self::Conn,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<(), SubscriberError>> + Send;
+    fn ping(&mut self) -> impl Future<Output = Result<(), SubscriberError>> + Send;
 
     /// What the connection says next; `None` once it closed.
-    fn next(conn: &mut Self::Conn) -> impl Future<Output = Option<Push>> + Send;
+    fn next(&mut self) -> impl Future<Output = Option<Push>> + Send;
+}
+
+/// Waits for `connect`, allowing [`CONNECT_TIMEOUT`] (at most `timeout`)
+/// on top of `timeout`.
+async fn connecting<T>(
+    timeout: Duration,
+    connect: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, SubscriberError> {
+    let wait = CONNECT_TIMEOUT.min(timeout) + timeout;
+    match tokio::time::timeout(wait, connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(SubscriberError::Connect(Arc::new(e))),
+        Err(_) => Err(SubscriberError::ConnectTimeout(wait)),
+    }
 }
 
 /// Plain Pub/Sub (`SUBSCRIBE`) on a RESP2 connection opened with `client`,
@@ -342,6 +355,7 @@ struct Plain {
 struct PubSub {
     sink: PubSubSink,
     stream: PubSubStream,
+    timeout: Duration,
 }
 
 impl Kind for Plain {
@@ -357,44 +371,36 @@ impl Kind for Plain {
     }
 
     async fn open(&self, timeout: Duration) -> Result<PubSub, SubscriberError> {
-        let wait = CONNECT_TIMEOUT.min(timeout) + timeout;
-        let pubsub = match tokio::time::timeout(wait, self.client.get_async_pubsub()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Err(SubscriberError::Connect(Arc::new(e))),
-            Err(_) => return Err(SubscriberError::ConnectTimeout(wait)),
-        };
+        let pubsub = connecting(timeout, self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
         if !self.patterns.is_empty() {
             within(timeout, "PSUBSCRIBE", sink.psubscribe(&self.patterns)).await?;
         }
-        Ok(PubSub { sink, stream })
+        Ok(PubSub {
+            sink,
+            stream,
+            timeout,
+        })
     }
+}
 
-    async fn subscribe(
-        conn: &mut PubSub,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<Refusals, SubscriberError> {
-        within(timeout, "SUBSCRIBE", conn.sink.subscribe(channels)).await?;
+impl Connection for PubSub {
+    async fn subscribe(&mut self, channels: &[String]) -> Result<Refusals, SubscriberError> {
+        within(self.timeout, "SUBSCRIBE", self.sink.subscribe(channels)).await?;
         Ok(Refusals::default())
     }
 
-    async fn unsubscribe(
-        conn: &mut PubSub,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<(), SubscriberError> {
-        within(timeout, "UNSUBSCRIBE", conn.sink.unsubscribe(channels)).await
+    async fn unsubscribe(&mut self, channels: &[String]) -> Result<(), SubscriberError> {
+        within(self.timeout, "UNSUBSCRIBE", self.sink.unsubscribe(channels)).await
     }
 
-    async fn ping(conn: &mut PubSub, timeout: Duration) -> Result<(), SubscriberError> {
-        within(timeout, "PING", conn.sink.ping::<redis::Value>())
-            .await
-            .map(drop)
+    async fn ping(&mut self) -> Result<(), SubscriberError> {
+        let ping = self.sink.ping::<redis::Value>();
+        within(self.timeout, "PING", ping).await.map(drop)
     }
 
-    async fn next(conn: &mut PubSub) -> Option<Push> {
-        conn.stream.next().await.map(Push::Message)
+    async fn next(&mut self) -> Option<Push> {
+        self.stream.next().await.map(Push::Message)
     }
 }
 
@@ -443,7 +449,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
             let wake = match self.conn.as_mut() {
                 Some(conn) => tokio::select! {
                     cmd = self.commands.recv() => Wake::Command(cmd),
-                    push = K::next(conn) => Wake::Push(push),
+                    push = conn.next() => Wake::Push(push),
                     _ = ping.tick() => Wake::Ping,
                     () = tokio::time::sleep_until(next_attempt), if retrying => Wake::Retry,
                 },
@@ -529,7 +535,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
         let channels = self.handler.all_wanted();
         let mut refusals = Refusals::default();
         for chunk in channels.chunks(CHUNK) {
-            let more = K::subscribe(&mut conn, chunk, self.timeout).await?;
+            let more = conn.subscribe(chunk).await?;
             refusals.moved.extend(more.moved);
             refusals.refused.extend(more.refused);
         }
@@ -598,7 +604,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        if let Err(e) = K::ping(conn, self.timeout).await {
+        if let Err(e) = conn.ping().await {
             self.disconnected(&format!("Redis Pub/Sub health check: {e}"));
         }
     }
@@ -703,7 +709,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
         };
         let mut result = Ok(());
         for chunk in unsub.chunks(CHUNK) {
-            result = K::unsubscribe(conn, chunk, self.timeout).await;
+            result = conn.unsubscribe(chunk).await;
             if result.is_err() {
                 break;
             }
@@ -713,7 +719,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
         }
         if result.is_ok() {
             for chunk in sub.chunks(CHUNK) {
-                let more = match K::subscribe(conn, chunk, self.timeout).await {
+                let more = match conn.subscribe(chunk).await {
                     Ok(more) => more,
                     Err(e) => {
                         result = Err(e);
@@ -759,6 +765,7 @@ struct ShardedConn {
     /// From the connection's push handler: each subscription the server
     /// ended, and `None` when the connection dropped.
     ended: mpsc::UnboundedReceiver<Option<String>>,
+    timeout: Duration,
 }
 
 #[cfg(feature = "redis-cluster")]
@@ -799,28 +806,27 @@ impl Kind for Sharded {
                 }
                 Ok::<(), std::convert::Infallible>(())
             });
-        let wait = CONNECT_TIMEOUT.min(timeout) + timeout;
-        let connect = async {
+        let conn = connecting(timeout, async {
             redis::Client::open(self.info.clone())?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
-        };
-        match tokio::time::timeout(wait, connect).await {
-            Ok(Ok(conn)) => Ok(ShardedConn { conn, ended }),
-            Ok(Err(e)) => Err(SubscriberError::Connect(Arc::new(e))),
-            Err(_) => Err(SubscriberError::ConnectTimeout(wait)),
-        }
+        })
+        .await?;
+        Ok(ShardedConn {
+            conn,
+            ended,
+            timeout,
+        })
     }
+}
 
-    async fn subscribe(
-        conn: &mut ShardedConn,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<Refusals, SubscriberError> {
+#[cfg(feature = "redis-cluster")]
+impl Connection for ShardedConn {
+    async fn subscribe(&mut self, channels: &[String]) -> Result<Refusals, SubscriberError> {
         let mut refusals = Refusals::default();
         for channel in channels {
             let kind = redis::PushKind::SSubscribe;
-            match shard_command(conn, "SSUBSCRIBE", kind, channel, timeout).await? {
+            match self.command("SSUBSCRIBE", kind, channel).await? {
                 None => {}
                 Some(e) if e.redirect_node().is_some() => refusals.moved.push(channel.clone()),
                 Some(e) => {
@@ -832,25 +838,21 @@ impl Kind for Sharded {
         Ok(refusals)
     }
 
-    async fn unsubscribe(
-        conn: &mut ShardedConn,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<(), SubscriberError> {
+    async fn unsubscribe(&mut self, channels: &[String]) -> Result<(), SubscriberError> {
         for channel in channels {
             let kind = redis::PushKind::SUnsubscribe;
             // `MOVED` (the slot left this node, which ended the
             // subscription) or another refusal: nothing to undo.
-            if let Some(e) = shard_command(conn, "SUNSUBSCRIBE", kind, channel, timeout).await? {
+            if let Some(e) = self.command("SUNSUBSCRIBE", kind, channel).await? {
                 tracing::debug!(channel, "SUNSUBSCRIBE: {e}");
             }
         }
         Ok(())
     }
 
-    async fn ping(conn: &mut ShardedConn, timeout: Duration) -> Result<(), SubscriberError> {
+    async fn ping(&mut self) -> Result<(), SubscriberError> {
         let ping = redis::cmd("PING");
-        match within(timeout, "PING", ping.query_async(&mut conn.conn)).await? {
+        match within(self.timeout, "PING", ping.query_async(&mut self.conn)).await? {
             redis::Value::SimpleString(s) if s == "PONG" => Ok(()),
             reply => {
                 tracing::debug!(?reply, "unexpected answer to PING");
@@ -859,34 +861,35 @@ impl Kind for Sharded {
         }
     }
 
-    async fn next(conn: &mut ShardedConn) -> Option<Push> {
-        conn.ended.recv().await.flatten().map(Push::Ended)
+    async fn next(&mut self) -> Option<Push> {
+        self.ended.recv().await.flatten().map(Push::Ended)
     }
 }
 
-/// `command channel` (`SSUBSCRIBE` or `SUNSUBSCRIBE`), which a push of
-/// `kind` naming the channel confirms: the server's refusal, if it refused;
-/// an error when the connection cannot be trusted any more (it failed, or
-/// answered something else: a push the server sent on its own, such as an
-/// ended subscription, was taken for the answer).
 #[cfg(feature = "redis-cluster")]
-async fn shard_command(
-    conn: &mut ShardedConn,
-    command: &'static str,
-    kind: redis::PushKind,
-    channel: &str,
-    timeout: Duration,
-) -> Result<Option<Arc<RedisError>>, SubscriberError> {
-    let mut cmd = redis::cmd(command);
-    cmd.arg(channel);
-    match within(timeout, command, cmd.query_async(&mut conn.conn)).await {
-        Ok(reply) if confirms(&reply, &kind, channel) => Ok(None),
-        Ok(reply) => {
-            tracing::debug!(channel, ?reply, "unexpected answer to {command}");
-            Err(SubscriberError::Unexpected(command))
+impl ShardedConn {
+    /// `command channel` (`SSUBSCRIBE` or `SUNSUBSCRIBE`), which a push of
+    /// `kind` naming the channel confirms: the server's refusal, if it
+    /// refused; an error when the connection cannot be trusted any more (it
+    /// failed, or answered something else: a push the server sent on its
+    /// own, such as an ended subscription, was taken for the answer).
+    async fn command(
+        &mut self,
+        command: &'static str,
+        kind: redis::PushKind,
+        channel: &str,
+    ) -> Result<Option<Arc<RedisError>>, SubscriberError> {
+        let mut cmd = redis::cmd(command);
+        cmd.arg(channel);
+        match within(self.timeout, command, cmd.query_async(&mut self.conn)).await {
+            Ok(reply) if confirms(&reply, &kind, channel) => Ok(None),
+            Ok(reply) => {
+                tracing::debug!(channel, ?reply, "unexpected answer to {command}");
+                Err(SubscriberError::Unexpected(command))
+            }
+            Err(SubscriberError::Command(_, e)) if !broken(&e) => Ok(Some(e)),
+            Err(e) => Err(e),
         }
-        Err(SubscriberError::Command(_, e)) if !broken(&e) => Ok(Some(e)),
-        Err(e) => Err(e),
     }
 }
 
