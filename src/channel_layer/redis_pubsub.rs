@@ -144,10 +144,16 @@ pub(crate) trait Handler: Send + Sync + 'static {
     /// Hands on a message; false when the layer is gone (the task ends).
     fn message(&self, msg: &Msg) -> impl Future<Output = bool> + Send;
 
-    /// Called after a reconnect (everything wanted is subscribed again), or
-    /// after channels refused or adopted earlier were subscribed; false when
-    /// the layer is gone (the task ends).
+    /// Called after a reconnect (everything wanted is subscribed again);
+    /// false when the layer is gone (the task ends).
     fn reconnected(&self) -> impl Future<Output = bool> + Send;
+
+    /// Called after channels the server refused, or adopted ones, were
+    /// subscribed (they may have missed messages); false when the layer is
+    /// gone (the task ends). By default as after a reconnect.
+    fn restored(&self) -> impl Future<Output = bool> + Send {
+        self.reconnected()
+    }
 
     /// `channel`, still wanted, is not served by this connection's server
     /// (only a sharded connection says so: the server answered `MOVED`, or
@@ -412,8 +418,8 @@ struct PubSubTask<H, K: Kind> {
     handler: H,
     commands: mpsc::UnboundedReceiver<Command>,
     conn: Option<K::Conn>,
-    /// Whether a connection was ever open: the first one is news to the
-    /// handler only if it subscribed to something.
+    /// Whether a connection was ever open: the first one is no reconnect,
+    /// and news to the handler only if it subscribed to something.
     ever_up: bool,
     /// Channels subscribed on the current connection.
     subscribed: HashSet<String>,
@@ -511,10 +517,11 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
                 for ack in self.waiting.drain(..) {
                     let _ = ack.send(Ok(()));
                 }
-                if again || !self.subscribed.is_empty() {
+                if again {
                     self.handler.reconnected().await
                 } else {
-                    true
+                    // A first connection: news only for what it subscribed.
+                    self.subscribed.is_empty() || self.handler.restored().await
                 }
             }
             Err(e) => {
@@ -637,7 +644,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
             refused = self.refused.len(),
             "Redis Pub/Sub subscriptions restored"
         );
-        self.handler.reconnected().await
+        self.handler.restored().await
     }
 
     /// Syncs each of `channels` (moved here), answering its ack, then tells
@@ -649,7 +656,7 @@ impl<H: Handler, K: Kind> PubSubTask<H, K> {
         for (channel, ack) in channels {
             restored |= self.sync(vec![channel], ack).await;
         }
-        !restored || self.handler.reconnected().await
+        !restored || self.handler.restored().await
     }
 
     /// Subscribes to the channels among `channels` that the handler wants

@@ -756,6 +756,12 @@ impl Handler for ToNode {
     /// history groups missed and writes its presence again.
     async fn reconnected(&self) -> bool {
         self.tell(Event::Back);
+        self.restored().await
+    }
+
+    /// The mesh reads what its history groups missed and writes its
+    /// presence again.
+    async fn restored(&self) -> bool {
         self.inbox.reconnected().await
     }
 
