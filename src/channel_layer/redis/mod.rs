@@ -473,11 +473,6 @@ enum RedisFailure {
     /// The Pub/Sub task ended (the runtime is shutting down).
     #[error("the Redis Pub/Sub task has stopped")]
     Stopped,
-    /// A subscription could not be made now (a Redis Cluster node is down,
-    /// or its slot has no known owner); it is made in the background.
-    #[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
-    #[error("{0}")]
-    Unreachable(String),
     /// A Pub/Sub connection or subscription failed.
     #[error(transparent)]
     PubSub(#[from] SubscriberError),

@@ -1,14 +1,15 @@
 //! The mesh's [`Transport`] on a Redis Cluster: `SPUBLISH` on the command
-//! connection, and shard subscriptions on one plain RESP3 connection per
-//! primary, each owned by its own task ([`NodeTask`]): a node that is down
-//! holds up, drops or loses nothing on the others. One task
+//! connection, and shard subscriptions on one RESP3 connection per primary,
+//! each owned by its own shared Pub/Sub task
+//! ([`redis_pubsub`](crate::channel_layer::redis_pubsub), sharded kind:
+//! health check, reconnect with backoff, re-subscription): a node that is
+//! down holds up, drops or loses nothing on the others. One task
 //! ([`Subscriptions`]) keeps the slot map (`CLUSTER SLOTS`, read on the
 //! command connection), routes each shard channel to the primary owning its
 //! slot and moves channels when slots move or a primary is replaced.
 
 use std::{
     collections::{HashMap, HashSet},
-    convert::Infallible,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -18,33 +19,29 @@ use std::{
 
 use bytes::Bytes;
 use redis::{
-    aio::MultiplexedConnection,
     cluster_async::ClusterConnection,
     cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
-    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, ProtocolVersion, PushInfo, PushKind,
-    RedisError, Value,
+    ConnectionAddr, ConnectionInfo, Msg, ProtocolVersion, PushInfo, Value,
 };
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{query, Layout, Receivers, RedisFailure};
 use crate::channel_layer::{
-    local::Counters,
+    local::{lock, Counters},
     mesh::{live_subject, Inbox, Incoming, Queues, Store, Transport, TransportError},
     redis::{
         ask,
         queue::RedisQueues,
         store::{incoming, RedisStore},
     },
-    redis_pubsub::{within, SubscriberError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN},
+    redis_pubsub::{
+        self, within, Ack, Handler, Sharded, Subscriber, SubscriberError, RECONNECT_MIN,
+    },
     BoxFuture,
 };
 
-/// What a subscription command is answered with.
-type Ack = tokio::sync::oneshot::Sender<Result<(), RedisFailure>>;
-
-/// How often each primary's subscription connection is pinged, and how
-/// often the slot map is read again while a primary is down or a channel
-/// has no owner.
+/// How often the slot map is read again while a primary is down or a
+/// channel has no owner.
 const HEALTH_CHECK: Duration = Duration::from_secs(2);
 
 /// Bytes of payloads queued between the node connections and the mesh's
@@ -72,45 +69,38 @@ impl std::fmt::Debug for ClusterTransport {
 }
 
 /// Whether every primary answers and every wanted subscription is
-/// confirmed: each node task writes its own entry.
+/// confirmed: each node's Pub/Sub task writes its own flag.
 #[derive(Default)]
 pub(in crate::channel_layer::redis) struct Connected {
     /// Per primary (`host:port`): connected, and every channel it serves
     /// confirmed.
-    nodes: Mutex<HashMap<String, bool>>,
+    nodes: Mutex<HashMap<String, Arc<AtomicBool>>>,
     /// Wanted channels whose slot has no known owner.
     unrouted: AtomicBool,
 }
 
 impl Connected {
     pub(in crate::channel_layer::redis) fn get(&self) -> bool {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        !self.unrouted.load(Ordering::Relaxed) && !nodes.is_empty() && nodes.values().all(|&ok| ok)
+        let nodes = lock(&self.nodes);
+        !self.unrouted.load(Ordering::Relaxed) && !nodes.is_empty() && all_ok(&nodes)
     }
 
-    /// A new primary, not connected yet.
-    fn add(&self, node: &str) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.insert(node.to_owned(), false);
-    }
-
-    /// A primary's state (unless it was removed: its task is ending).
-    fn set(&self, node: &str, ok: bool) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = nodes.get_mut(node) {
-            *entry = ok;
-        }
+    /// A new primary, with the flag its task writes.
+    fn add(&self, node: &str, ok: Arc<AtomicBool>) {
+        lock(&self.nodes).insert(node.to_owned(), ok);
     }
 
     fn remove(&self, node: &str) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.remove(node);
+        lock(&self.nodes).remove(node);
     }
 
     fn all_nodes_ok(&self) -> bool {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.values().all(|&ok| ok)
+        all_ok(&lock(&self.nodes))
     }
+}
+
+fn all_ok(nodes: &HashMap<String, Arc<AtomicBool>>) -> bool {
+    nodes.values().all(|ok| ok.load(Ordering::Relaxed))
 }
 
 enum Command {
@@ -230,6 +220,7 @@ struct Pushes {
     counters: Arc<Counters>,
 }
 
+/// A reply's text field.
 fn text(value: Option<&Value>) -> Option<&[u8]> {
     match value? {
         Value::BulkString(b) => Some(b),
@@ -290,7 +281,7 @@ async fn forward_to(
 
 // ---------------------------------------------------------------- routing
 
-/// What a node task tells the routing task.
+/// What a node's Pub/Sub task tells the routing task.
 enum Event {
     /// The node (`host:port`) answered `MOVED` to a subscription (or ended
     /// one that is still wanted: its slot migrated); the channel left it.
@@ -306,20 +297,11 @@ enum Event {
     Slots(Result<HashMap<Slot, String>, RedisFailure>),
 }
 
-/// What the routing task asks of a node task.
-enum NodeCommand {
-    Subscribe(String, Ack),
-    Unsubscribe(String, Ack),
-    /// Channels that moved to this node (a slot migrated, a primary was
-    /// replaced): subscribed, then the mesh is told.
-    Adopt(Vec<(String, Option<Ack>)>),
-    /// Channels that moved away from this node.
-    Release(Vec<String>),
-}
-
-/// A node task, seen from the routing task.
+/// A primary's Pub/Sub task, seen from the routing task.
 struct Node {
-    commands: mpsc::UnboundedSender<NodeCommand>,
+    subscriber: Subscriber,
+    /// The channels routed to the node (its task subscribes to them).
+    wanted: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Owns the slot map and the routes of the shard subscriptions until the
@@ -334,11 +316,11 @@ struct Subscriptions {
     pushes: Arc<Pushes>,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedReceiver<Event>,
-    /// Handed to node tasks (weak: the routing task ends with the transport).
+    /// Handed to node handlers (weak: the routing task ends with the transport).
     events_tx: mpsc::WeakUnboundedSender<Event>,
     /// Each slot's primary (`host:port`).
     slots: HashMap<Slot, String>,
-    /// A task per primary.
+    /// A Pub/Sub task per primary.
     nodes: HashMap<String, Node>,
     /// Each wanted channel's node.
     assigned: HashMap<String, String>,
@@ -362,7 +344,7 @@ enum Wake {
 
 impl Subscriptions {
     async fn run(mut self, events_tx: mpsc::UnboundedSender<Event>) {
-        // Held here only until the loop starts: node tasks hold weak ones,
+        // Held here only until the loop starts: node handlers hold weak ones,
         // and `self.events` must not end while the task runs.
         let _events_tx = events_tx;
         let mut health = tokio::time::interval_at(Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
@@ -407,10 +389,10 @@ impl Subscriptions {
                 if let Some(node) = self.owner(&channel) {
                     let node = node.to_owned();
                     self.assigned.insert(channel.clone(), node.clone());
-                    self.tell(&node, NodeCommand::Subscribe(channel, ack));
+                    self.want(&node, channel, true, Some(ack));
                 } else {
                     // Subscribed in the background once its slot has an owner.
-                    let _ = ack.send(Err(RedisFailure::Unreachable(format!(
+                    let _ = ack.send(Err(SubscriberError::Unreachable(format!(
                         "no primary known for shard channel {channel}"
                     ))));
                     self.unrouted.entry(channel).or_default();
@@ -424,7 +406,7 @@ impl Subscriptions {
                     .unrouted
                     .store(!self.unrouted.is_empty(), Ordering::Relaxed);
                 match self.assigned.remove(&channel) {
-                    Some(node) => self.tell(&node, NodeCommand::Unsubscribe(channel, ack)),
+                    Some(node) => self.want(&node, channel, false, Some(ack)),
                     None => {
                         let _ = ack.send(Ok(()));
                     }
@@ -445,13 +427,16 @@ impl Subscriptions {
                         "a shard channel's slot moved; reading the slot map"
                     );
                     self.assigned.remove(&channel);
+                    if let Some(n) = self.nodes.get(&node) {
+                        lock(&n.wanted).remove(&channel);
+                    }
                     let waiting = self.unrouted.entry(channel).or_default();
                     waiting.extend(ack);
                     self.connected.unrouted.store(true, Ordering::Relaxed);
                     self.refresh_soon(RECONNECT_MIN);
                 } else if let Some(ack) = ack {
                     // Being subscribed where the newer slot map says.
-                    let _ = ack.send(Err(RedisFailure::Unreachable(format!(
+                    let _ = ack.send(Err(SubscriberError::Unreachable(format!(
                         "the slot of shard channel {channel} moved"
                     ))));
                 }
@@ -484,18 +469,22 @@ impl Subscriptions {
         self.slots.get(&Slot::for_key(channel)).map(String::as_str)
     }
 
-    fn tell(&mut self, node: &str, command: NodeCommand) {
-        if let Some(n) = self.nodes.get(node) {
-            if let Err(mpsc::error::SendError(command)) = n.commands.send(command) {
-                // The node task is gone (the runtime is shutting down).
-                match command {
-                    NodeCommand::Subscribe(_, ack) | NodeCommand::Unsubscribe(_, ack) => {
-                        let _ = ack.send(Err(RedisFailure::Stopped));
-                    }
-                    NodeCommand::Adopt(_) | NodeCommand::Release(_) => {}
-                }
-            }
+    /// Notes whether `node` serves `channel`, and has its task subscribe or
+    /// unsubscribe to match, then answer `ack` (dropped, which the waiter
+    /// takes for a stopped task, if the node's task is gone).
+    fn want(&self, node: &str, channel: String, wanted: bool, ack: Option<Ack>) {
+        let Some(n) = self.nodes.get(node) else {
+            return;
+        };
+        if wanted {
+            lock(&n.wanted).insert(channel.clone());
+        } else {
+            lock(&n.wanted).remove(&channel);
         }
+        let _ = n
+            .subscriber
+            .commands
+            .send(redis_pubsub::Command::Sync { channel, ack });
     }
 
     /// Reads the slot map (`CLUSTER SLOTS`) and [applies](Self::apply) it
@@ -591,10 +580,20 @@ impl Subscriptions {
             .unrouted
             .store(!self.unrouted.is_empty(), Ordering::Relaxed);
         for (node, channels) in released {
-            self.tell(&node, NodeCommand::Release(channels));
+            for channel in channels {
+                self.want(&node, channel, false, None);
+            }
         }
         for (node, channels) in adopted {
-            self.tell(&node, NodeCommand::Adopt(channels));
+            let Some(n) = self.nodes.get(&node) else {
+                continue;
+            };
+            lock(&n.wanted).extend(channels.iter().map(|(channel, _)| channel.clone()));
+            // Subscribed there, then the mesh reads back what it missed.
+            let _ = n
+                .subscriber
+                .commands
+                .send(redis_pubsub::Command::Adopt(channels));
         }
     }
 
@@ -605,31 +604,25 @@ impl Subscriptions {
         }
     }
 
+    /// Starts the Pub/Sub task of the primary at `address`.
     fn spawn_node(&self, address: &str) -> Node {
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (internal_tx, internal) = mpsc::unbounded_channel();
-        self.connected.add(address);
-        let task = NodeTask {
+        let wanted = Arc::new(Mutex::new(HashSet::new()));
+        let (subscriber, task) = Subscriber::new();
+        let pushes = self.pushes.clone();
+        let kind = Sharded {
             address: address.to_owned(),
             info: node_info(&self.seed, address),
-            timeout: self.timeout,
-            inbox: self.inbox.clone(),
-            pushes: self.pushes.clone(),
-            commands: commands_rx,
-            internal,
-            internal_tx: internal_tx.downgrade(),
-            events: self.events_tx.clone(),
-            conn: None,
-            generation: 0,
-            channels: HashSet::new(),
-            pending: HashSet::new(),
-            ever_up: false,
-            backoff: RECONNECT_MIN,
-            next_attempt: Instant::now(),
-            connected: self.connected.clone(),
+            deliver: Arc::new(move |push: PushInfo| pushes.message(&push)),
         };
-        tokio::spawn(task.run(internal_tx));
-        Node { commands }
+        let handler = ToNode {
+            address: address.to_owned(),
+            wanted: wanted.clone(),
+            inbox: self.inbox.clone(),
+            events: self.events_tx.clone(),
+        };
+        task.spawn_sharded(kind, self.timeout, handler);
+        self.connected.add(address, subscriber.connected_flag());
+        Node { subscriber, wanted }
     }
 }
 
@@ -721,264 +714,55 @@ fn node_info(seed: &ConnectionInfo, address: &str) -> ConnectionInfo {
 
 // ------------------------------------------------------------------ nodes
 
-/// What a node connection's push handler tells its task.
-enum Internal {
-    /// The connection of this generation dropped.
-    Dropped(u64),
-    /// The server ended the subscription to this channel on the connection
-    /// of this generation (its slot migrated; or it confirms our own
-    /// `SUNSUBSCRIBE`).
-    Ended(u64, String),
-}
-
-/// Owns one primary's subscription connection until the routing task
-/// drops it: subscribes as asked, checks the connection's health,
-/// reconnects and subscribes again after it dropped (then tells the mesh).
-struct NodeTask {
+/// What a primary's Pub/Sub task does for the routing task and the mesh
+/// (its shard messages go from the connection to [`Pushes`] directly).
+struct ToNode {
     /// `host:port`.
     address: String,
-    info: ConnectionInfo,
-    timeout: Duration,
+    /// The channels routed to this primary.
+    wanted: Arc<Mutex<HashSet<String>>>,
     inbox: Inbox,
-    pushes: Arc<Pushes>,
-    commands: mpsc::UnboundedReceiver<NodeCommand>,
-    internal: mpsc::UnboundedReceiver<Internal>,
-    /// Handed to each connection's push handler.
-    internal_tx: mpsc::WeakUnboundedSender<Internal>,
     events: mpsc::WeakUnboundedSender<Event>,
-    conn: Option<MultiplexedConnection>,
-    /// Of `conn`: what its push handler reports about.
-    generation: u64,
-    /// The shard channels this node serves for us.
-    channels: HashSet<String>,
-    /// Of `channels`, those not confirmed on `conn`.
-    pending: HashSet<String>,
-    /// Whether a connection was ever made (a reconnect is news to the mesh
-    /// and to the routing task; the first connect is not).
-    ever_up: bool,
-    backoff: Duration,
-    /// When to connect again (without `conn`) or retry `pending` (with it).
-    next_attempt: Instant,
-    connected: Arc<Connected>,
 }
 
-enum NodeWake {
-    Command(Option<NodeCommand>),
-    Internal(Option<Internal>),
-    Retry,
-    Health,
-}
-
-/// How a subscription command went.
-enum Outcome {
-    Done,
-    /// `MOVED`: the channel's slot is elsewhere.
-    Moved,
-    /// The connection cannot be trusted any more (it failed, timed out, or
-    /// answered something else than asked): reconnect.
-    Broken(RedisFailure),
-    /// The server refused (e.g. `TRYAGAIN`): retried later.
-    Refused(RedisFailure),
-}
-
-impl NodeTask {
-    async fn run(mut self, internal_tx: mpsc::UnboundedSender<Internal>) {
-        // Push handlers hold weak senders; `self.internal` must not end.
-        let _internal_tx = internal_tx;
-        let mut health = tokio::time::interval_at(Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if self.conn.is_none() && Instant::now() >= self.next_attempt && !self.reconnect().await
-            {
-                return;
-            }
-            let retrying = self.conn.is_none() || !self.pending.is_empty();
-            let next_attempt = self.next_attempt;
-            let wake = tokio::select! {
-                biased;
-                internal = self.internal.recv() => NodeWake::Internal(internal),
-                cmd = self.commands.recv() => NodeWake::Command(cmd),
-                () = tokio::time::sleep_until(next_attempt), if retrying => NodeWake::Retry,
-                _ = health.tick() => NodeWake::Health,
-            };
-            let alive = match wake {
-                // The routing task dropped this node (or the transport is gone).
-                NodeWake::Command(None) | NodeWake::Internal(None) => false,
-                NodeWake::Command(Some(cmd)) => self.command(cmd).await,
-                NodeWake::Internal(Some(internal)) => {
-                    self.internal(internal);
-                    true
-                }
-                NodeWake::Retry => self.retry().await,
-                NodeWake::Health => {
-                    self.health().await;
-                    true
-                }
-            };
-            if !alive {
-                return;
-            }
-        }
-    }
-
-    fn state(&self) {
-        self.connected.set(
-            &self.address,
-            self.conn.is_some() && self.pending.is_empty(),
-        );
-    }
-
+impl ToNode {
     fn tell(&self, event: Event) {
         if let Some(events) = self.events.upgrade() {
             let _ = events.send(event);
         }
     }
+}
 
-    /// Returns false when the mesh is gone.
-    async fn command(&mut self, cmd: NodeCommand) -> bool {
-        match cmd {
-            NodeCommand::Subscribe(channel, ack) => {
-                self.channels.insert(channel.clone());
-                self.pending.insert(channel.clone());
-                if self.conn.is_none() {
-                    // Subscribed once the node is back (then the mesh is told).
-                    let _ = ack.send(Err(self.unreachable()));
-                    self.state();
-                    return true;
-                }
-                match self.ssubscribe(&channel).await {
-                    Outcome::Done => {
-                        let _ = ack.send(Ok(()));
-                    }
-                    Outcome::Moved => {
-                        self.channels.remove(&channel);
-                        self.pending.remove(&channel);
-                        self.moved(channel, Some(ack));
-                    }
-                    Outcome::Broken(e) => {
-                        tracing::warn!(
-                            channel,
-                            node = self.address,
-                            "{e}; retrying in the background"
-                        );
-                        let _ = ack.send(Err(e));
-                        self.disconnected();
-                    }
-                    Outcome::Refused(e) => {
-                        tracing::warn!(
-                            channel,
-                            node = self.address,
-                            "{e}; retrying in the background"
-                        );
-                        let _ = ack.send(Err(e));
-                        self.retry_later();
-                    }
-                }
-                self.state();
-                true
-            }
-            NodeCommand::Unsubscribe(channel, ack) => {
-                self.unsubscribe(&channel).await;
-                let _ = ack.send(Ok(()));
-                self.state();
-                true
-            }
-            NodeCommand::Release(channels) => {
-                for channel in channels {
-                    self.unsubscribe(&channel).await;
-                }
-                self.state();
-                true
-            }
-            NodeCommand::Adopt(channels) => {
-                let mut restored = false;
-                for (channel, ack) in channels {
-                    self.channels.insert(channel.clone());
-                    self.pending.insert(channel.clone());
-                    let outcome = match self.conn {
-                        Some(_) => self.ssubscribe(&channel).await,
-                        None => Outcome::Broken(self.unreachable()),
-                    };
-                    match outcome {
-                        Outcome::Done => {
-                            restored = true;
-                            if let Some(ack) = ack {
-                                let _ = ack.send(Ok(()));
-                            }
-                        }
-                        Outcome::Moved => {
-                            self.channels.remove(&channel);
-                            self.pending.remove(&channel);
-                            self.moved(channel, ack);
-                        }
-                        Outcome::Broken(e) => {
-                            tracing::debug!(channel, node = self.address, "{e}");
-                            if let Some(ack) = ack {
-                                let _ = ack.send(Err(e));
-                            }
-                            self.disconnected();
-                        }
-                        Outcome::Refused(e) => {
-                            tracing::debug!(channel, node = self.address, "{e}");
-                            if let Some(ack) = ack {
-                                let _ = ack.send(Err(e));
-                            }
-                            self.retry_later();
-                        }
-                    }
-                }
-                self.state();
-                // Moved channels may have missed events meanwhile: the mesh
-                // reads back what its history groups missed.
-                !restored || self.inbox.reconnected().await
-            }
-        }
+impl Handler for ToNode {
+    /// A subscription the node cannot make now fails at once; it is made
+    /// in the background (then the mesh is told).
+    const WAIT_FOR_RECONNECT: bool = false;
+
+    fn wanted(&self, channel: &str) -> bool {
+        lock(&self.wanted).contains(channel)
     }
 
-    /// Stops serving `channel` here.
-    async fn unsubscribe(&mut self, channel: &str) {
-        self.channels.remove(channel);
-        self.pending.remove(channel);
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let mut cmd = redis::cmd("SUNSUBSCRIBE");
-        cmd.arg(channel);
-        match within(self.timeout, "SUNSUBSCRIBE", cmd.query_async::<Value>(conn)).await {
-            Ok(reply) if confirms(&reply, &PushKind::SUnsubscribe, channel) => {}
-            Ok(reply) => {
-                tracing::debug!(channel, ?reply, "unexpected answer to SUNSUBSCRIBE");
-                self.disconnected();
-            }
-            // `MOVED` (the slot left this node, which ended the
-            // subscription) or another refusal: nothing to undo.
-            Err(SubscriberError::Command(_, e)) if !broken(&e) => {
-                tracing::debug!(channel, node = self.address, "SUNSUBSCRIBE: {e}");
-            }
-            Err(e) => {
-                // Reconnecting subscribes to what is wanted only.
-                tracing::debug!(channel, node = self.address, "{e}");
-                self.disconnected();
-            }
-        }
+    fn all_wanted(&self) -> Vec<String> {
+        lock(&self.wanted).iter().cloned().collect()
     }
 
-    fn internal(&mut self, internal: Internal) {
-        match internal {
-            Internal::Dropped(generation) if generation == self.generation => {
-                self.disconnected();
-            }
-            Internal::Ended(generation, channel)
-                if generation == self.generation && self.channels.remove(&channel) =>
-            {
-                // Still wanted here: its slot migrated (our own
-                // unsubscriptions leave `channels` first).
-                self.pending.remove(&channel);
-                self.state();
-                self.moved(channel, None);
-            }
-            Internal::Dropped(_) | Internal::Ended(..) => {}
-        }
+    /// Never called: a sharded connection hands its messages to [`Pushes`].
+    async fn message(&self, _msg: &Msg) -> bool {
+        true
+    }
+
+    /// The routing task reads the slot map (a replica may have taken over
+    /// some of the node's slots meanwhile), and the mesh reads what its
+    /// history groups missed and writes its presence again.
+    async fn reconnected(&self) -> bool {
+        self.tell(Event::Back);
+        self.restored().await
+    }
+
+    /// The mesh reads what its history groups missed and writes its
+    /// presence again.
+    async fn restored(&self) -> bool {
+        self.inbox.reconnected().await
     }
 
     fn moved(&self, channel: String, ack: Option<Ack>) {
@@ -988,221 +772,6 @@ impl NodeTask {
             ack,
         });
     }
-
-    fn unreachable(&self) -> RedisFailure {
-        RedisFailure::Unreachable(format!(
-            "Redis Cluster node {} is unreachable",
-            self.address
-        ))
-    }
-
-    /// The connection is lost (or cannot be trusted): reconnect soon and
-    /// subscribe again to every channel.
-    fn disconnected(&mut self) {
-        if self.conn.take().is_some() {
-            tracing::warn!(
-                node = self.address,
-                "subscription connection lost; reconnecting"
-            );
-            self.backoff = RECONNECT_MIN;
-            self.next_attempt = Instant::now() + RECONNECT_MIN;
-        }
-        self.pending.extend(self.channels.iter().cloned());
-        self.state();
-    }
-
-    fn retry_later(&mut self) {
-        self.next_attempt = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
-    }
-
-    /// `SSUBSCRIBE channel` on the connection, which must be there.
-    async fn ssubscribe(&mut self, channel: &str) -> Outcome {
-        let Some(conn) = self.conn.as_mut() else {
-            return Outcome::Broken(self.unreachable());
-        };
-        let mut cmd = redis::cmd("SSUBSCRIBE");
-        cmd.arg(channel);
-        let outcome = match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(conn)).await
-        {
-            Ok(Ok(reply)) if confirms(&reply, &PushKind::SSubscribe, channel) => Outcome::Done,
-            Ok(Ok(reply)) => {
-                // A push the server sent on its own (an ended subscription)
-                // was taken for the answer: the answers are out of step.
-                tracing::debug!(channel, ?reply, "unexpected answer to SSUBSCRIBE");
-                Outcome::Broken(RedisFailure::Malformed("SSUBSCRIBE"))
-            }
-            Ok(Err(e)) if e.redirect_node().is_some() => Outcome::Moved,
-            Ok(Err(e)) => {
-                let broken = broken(&e);
-                let e = RedisFailure::Redis("Redis SSUBSCRIBE failed".into(), e);
-                if broken {
-                    Outcome::Broken(e)
-                } else {
-                    Outcome::Refused(e)
-                }
-            }
-            Err(_) => Outcome::Broken(RedisFailure::Timeout(
-                "Redis SSUBSCRIBE".into(),
-                self.timeout,
-            )),
-        };
-        if matches!(outcome, Outcome::Done) {
-            self.pending.remove(channel);
-        }
-        outcome
-    }
-
-    /// Connects (when there is no connection) and subscribes to what is
-    /// pending. Returns false when the mesh is gone.
-    async fn retry(&mut self) -> bool {
-        if self.conn.is_none() {
-            return self.reconnect().await;
-        }
-        self.subscribe_pending().await
-    }
-
-    /// Subscribes to every pending channel on the connection; tells the
-    /// mesh if any was restored. Returns false when the mesh is gone.
-    async fn subscribe_pending(&mut self) -> bool {
-        let channels: Vec<String> = self.pending.iter().cloned().collect();
-        let mut restored = false;
-        for channel in channels {
-            match self.ssubscribe(&channel).await {
-                Outcome::Done => restored = true,
-                Outcome::Moved => {
-                    self.channels.remove(&channel);
-                    self.pending.remove(&channel);
-                    self.moved(channel, None);
-                }
-                Outcome::Broken(e) => {
-                    tracing::debug!(channel, node = self.address, "{e}");
-                    self.disconnected();
-                    self.retry_later();
-                    break;
-                }
-                Outcome::Refused(e) => {
-                    tracing::debug!(channel, node = self.address, "{e}");
-                    self.retry_later();
-                }
-            }
-        }
-        if self.pending.is_empty() {
-            self.backoff = RECONNECT_MIN;
-        }
-        self.state();
-        if restored {
-            tracing::info!(
-                node = self.address,
-                pending = self.pending.len(),
-                "shard subscriptions restored"
-            );
-            // The mesh reads what its history groups missed and writes its
-            // presence again.
-            return self.inbox.reconnected().await;
-        }
-        true
-    }
-
-    /// Connects to the node and subscribes to its channels again. Returns
-    /// false when the mesh is gone.
-    async fn reconnect(&mut self) -> bool {
-        self.generation += 1;
-        let generation = self.generation;
-        let (pushes, internal) = (self.pushes.clone(), self.internal_tx.clone());
-        let tell = move |what: Internal| {
-            if let Some(internal) = internal.upgrade() {
-                let _ = internal.send(what);
-            }
-        };
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT.min(self.timeout)))
-            .set_response_timeout(Some(self.timeout))
-            .set_push_sender(move |push: PushInfo| {
-                match push.kind {
-                    PushKind::SMessage => pushes.message(&push),
-                    PushKind::SUnsubscribe => {
-                        if let Some(channel) = text_str(push.data.first()) {
-                            tell(Internal::Ended(generation, channel.to_owned()));
-                        }
-                    }
-                    PushKind::Disconnection => tell(Internal::Dropped(generation)),
-                    _ => {}
-                }
-                Ok::<(), Infallible>(())
-            });
-        let wait = CONNECT_TIMEOUT.min(self.timeout) + self.timeout;
-        let connect = async {
-            redis::Client::open(self.info.clone())?
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-        };
-        match tokio::time::timeout(wait, connect).await {
-            Ok(Ok(conn)) => {
-                let again = self.ever_up;
-                self.ever_up = true;
-                self.conn = Some(conn);
-                self.backoff = RECONNECT_MIN;
-                self.pending.extend(self.channels.iter().cloned());
-                if again {
-                    tracing::info!(node = self.address, "reconnected to the node");
-                    // A replica may have taken over some of its slots.
-                    self.tell(Event::Back);
-                }
-                self.subscribe_pending().await
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(node = self.address, retry_in = ?self.backoff, "connecting: {e}");
-                self.retry_later();
-                self.state();
-                true
-            }
-            Err(_) => {
-                tracing::debug!(node = self.address, retry_in = ?self.backoff, "connecting timed out");
-                self.retry_later();
-                self.state();
-                true
-            }
-        }
-    }
-
-    async fn health(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        match within(
-            self.timeout,
-            "PING",
-            redis::cmd("PING").query_async::<Value>(conn),
-        )
-        .await
-        {
-            Ok(Value::SimpleString(s)) if s == "PONG" => {}
-            Ok(reply) => {
-                tracing::debug!(node = self.address, ?reply, "unexpected answer to PING");
-                self.disconnected();
-            }
-            Err(e) => {
-                tracing::warn!(node = self.address, "health check failed: {e}");
-                self.disconnected();
-            }
-        }
-    }
-}
-
-/// Whether `reply` is the confirmation of `kind` for `channel`.
-fn confirms(reply: &Value, kind: &PushKind, channel: &str) -> bool {
-    match reply {
-        Value::Push { kind: k, data } => {
-            k == kind && text(data.first()) == Some(channel.as_bytes())
-        }
-        _ => false,
-    }
-}
-
-/// Whether an error leaves the connection unusable.
-fn broken(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
 #[cfg(test)]
@@ -1270,29 +839,5 @@ mod tests {
         assert_eq!(info.redis_settings().username(), Some("user"));
         assert_eq!(info.redis_settings().password(), Some("secret"));
         assert_eq!(info.redis_settings().protocol(), ProtocolVersion::RESP3);
-    }
-
-    #[test]
-    fn confirmations_name_the_channel() {
-        let push = |kind: PushKind, channel: &str| Value::Push {
-            kind,
-            data: vec![bulk(channel), Value::Int(1)],
-        };
-        assert!(confirms(
-            &push(PushKind::SSubscribe, "a"),
-            &PushKind::SSubscribe,
-            "a"
-        ));
-        assert!(!confirms(
-            &push(PushKind::SSubscribe, "b"),
-            &PushKind::SSubscribe,
-            "a"
-        ));
-        assert!(!confirms(
-            &push(PushKind::SUnsubscribe, "a"),
-            &PushKind::SSubscribe,
-            "a"
-        ));
-        assert!(!confirms(&Value::Okay, &PushKind::SSubscribe, "a"));
     }
 }
