@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! loadgen echo        --addr A [--conns 50] [--size 64] [--duration 10] [--warmup 1] [--server-pid P]
-//! loadgen fanout      --addr A [--addr2 B] [--subs 1000] [--msgs 500] [--size 100] [--rate 0] [--server-pid P]...
+//! loadgen fanout      --addr A [--addr2 B [--split N]] [--subs 1000] [--msgs 500] [--size 100] [--rate 0] [--server-pid P]...
 //! loadgen idle        --addr A [--conns 5000] --server-pid P
 //! loadgen connections --addr A [--conns 19900] [--procs N] [--local-ip 127.0.0.2-127.0.0.5]... [--server-pid P]
 //! loadgen post-rtt    --addr LB --upstream A --upstream B [--msgs 500] [--rate 50] [--size 100] [--server-pid P]...
@@ -43,7 +43,8 @@ const USAGE: &str =
     "usage: loadgen <echo|fanout|idle|connections|post-rtt> --addr HOST:PORT [options]
   common:      --server-pid PID (repeatable; CPU/RSS are summed over them)
   echo:        --conns 50 --size 64 --duration 10 --warmup 1
-  fanout:      --subs 1000 --msgs 500 --size 100 [--addr2 HOST:PORT] [--room NAME] [--timeout 30]
+  fanout:      --subs 1000 --msgs 500 --size 100 [--addr2 HOST:PORT [--split N]] [--room NAME]
+               [--timeout 30]
                [--rate MSGS_PER_S (0: back to back)] [--sub-transport ws|sse]
   idle:        --conns 5000 [--transport ws|sse]
   post-rtt:    --addr LOAD_BALANCER --upstream A --upstream B [--msgs 500] [--rate 50] [--size 100]
@@ -672,6 +673,12 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let size: usize = args.get("size", 100)?;
     let timeout: f64 = args.get("timeout", 30.0)?;
     let transport = Transport::parse(&args.get("sub-transport", "ws".to_owned())?)?;
+    // Subscribers on the first server (the publisher's); the rest go to
+    // --addr2. 0 measures the receiving process alone.
+    let split: usize = args.get("split", subs.div_ceil(2))?;
+    if split > subs {
+        return err(format!("--split {split} is more than --subs {subs}"));
+    }
     // Messages per second; 0 sends back to back.
     let rate: f64 = args.get("rate", 0.0)?;
     if !rate.is_finite() || rate < 0.0 {
@@ -687,8 +694,8 @@ async fn fanout(mut args: Args) -> Result<bool> {
     let path = format!("/ws/chat/{room}");
 
     // 1. Connect the subscribers (alternating between the two servers).
-    let (mut ws1, mut errors) = open_subs(addr, &path, subs.div_ceil(2), 64, transport).await;
-    let (ws2, errors2) = open_subs(addr2.unwrap_or(addr), &path, subs / 2, 64, transport).await;
+    let (mut ws1, mut errors) = open_subs(addr, &path, split, 64, transport).await;
+    let (ws2, errors2) = open_subs(addr2.unwrap_or(addr), &path, subs - split, 64, transport).await;
     errors.extend(errors2);
     if !errors.is_empty() {
         print_errors(&errors);
