@@ -50,6 +50,8 @@ struct Node {
 struct Cluster {
     dir: PathBuf,
     nodes: Vec<Node>,
+    /// Replicas per primary.
+    replicas: usize,
 }
 
 impl Cluster {
@@ -58,6 +60,12 @@ impl Cluster {
     }
 
     async fn start() -> Self {
+        Self::start_with(0).await
+    }
+
+    /// Three primaries with `replicas` replicas each; a node that stops
+    /// answering for a second is failed over.
+    async fn start_with(replicas: usize) -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tower-channels-cluster-{}-{}",
@@ -66,8 +74,9 @@ impl Cluster {
         ));
         std::fs::create_dir_all(&dir).expect("cluster directory");
         let mut cluster = Cluster {
+            replicas,
             dir,
-            nodes: (0..3)
+            nodes: (0..3 * (1 + replicas))
                 .map(|_| Node {
                     port: free_port(),
                     bus: free_port(),
@@ -75,7 +84,7 @@ impl Cluster {
                 })
                 .collect(),
         };
-        for i in 0..3 {
+        for i in 0..cluster.nodes.len() {
             cluster.spawn(i).await;
         }
         let addrs: Vec<String> = cluster
@@ -87,7 +96,7 @@ impl Cluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -108,6 +117,8 @@ impl Cluster {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "node {i} already running");
         let port = node.port.to_string();
+        // With replicas, a primary silent for a second is failed over.
+        let node_timeout = if self.replicas > 0 { "1000" } else { "15000" };
         let child = Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
@@ -118,6 +129,10 @@ impl Cluster {
             .arg(&self.dir)
             // A shard that is down must not stop the others.
             .args(["--cluster-require-full-coverage", "no"])
+            .args(["--cluster-node-timeout", node_timeout])
+            // A replica may take over however long ago it last heard from
+            // its primary (a fresh one may not have synced yet).
+            .args(["--cluster-replica-validity-factor", "0"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -155,7 +170,8 @@ impl Cluster {
 
     async fn wait_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        for url in self.urls() {
+        let running = self.nodes.iter().filter(|n| n.child.is_some());
+        for url in running.map(|n| format!("redis://127.0.0.1:{}", n.port)) {
             loop {
                 let info = query::<String>(&url, redis::cmd("CLUSTER").arg("INFO")).await;
                 if info.is_ok_and(|i| i.contains("cluster_state:ok")) {
@@ -661,6 +677,71 @@ async fn node_restart() {
         assert!(
             Instant::now() < deadline,
             "layers never reported connected again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A primary that dies for good is replaced by its replica: the groups on
+/// its slots are delivered again, through the promoted replica, without
+/// the dead node coming back.
+#[tokio::test]
+async fn a_replica_takes_over_a_dead_primary() {
+    if !Cluster::available() {
+        skip("redis-server/redis-cli are not installed");
+        return;
+    }
+    let mut cluster = Cluster::start_with(1).await;
+    let urls = cluster.urls();
+    let prefix = unique_prefix("failover");
+    let a = layer(&urls, &prefix, 16).await;
+    let b = layer(&urls, &prefix, 16).await;
+    let group = "room-failover";
+    let key = a.group_key(group);
+    let old_owner = owner(&urls[0], &key).await;
+    let victim = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == old_owner)
+        .expect("the owner is one of the cluster's nodes");
+    let mut rx = b.new_channel().await.unwrap();
+    b.group_add(group, rx.name()).await.unwrap();
+    a.group_send(group, Event::bare("before")).await.unwrap();
+    assert_eq!(recv(&mut rx).await.kind(), "before");
+
+    cluster.kill(victim);
+    let killed = Instant::now();
+    // The cluster promotes the replica (node timeout 1 s, then an election).
+    let survivor = cluster
+        .nodes
+        .iter()
+        .find(|n| n.child.is_some())
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .expect("a node is running");
+    let new_owner = loop {
+        let port = owner(&survivor, &key).await;
+        if port != old_owner {
+            break port;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "no replica took over within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let promoted = killed.elapsed();
+    let resumed = until_delivered(&a, group, &mut rx, "after").await;
+    eprintln!(
+        "failover: replica {new_owner} promoted {promoted:?} after the kill, \
+         delivery resumed {resumed:?} after that"
+    );
+    drain_until(&a, group, &mut rx, "after").await;
+    // Both layers say so once the subscriptions follow the new owner.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(a.is_connected() && b.is_connected()) {
+        assert!(
+            Instant::now() < deadline,
+            "layers never reported connected after the failover"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
