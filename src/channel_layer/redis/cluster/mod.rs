@@ -371,8 +371,9 @@ impl Keyspace for Primary<'_> {
 ///   slot map is read again then, and every 2 s while a primary is down,
 ///   so channels whose slots a replica took over move to it (with
 ///   `cluster-node-timeout 1000`, groups on a killed primary's slots were
-///   delivered again 1.6-2.1 s after its replica was promoted:
-///   `a_replica_takes_over_a_dead_primary` in `tests/redis_cluster.rs`);
+///   delivered again about 4 s after the kill, 1.6-2.1 s of it after the
+///   cluster promoted the replica: `a_replica_takes_over_a_dead_primary`
+///   in `tests/redis_cluster.rs`);
 /// * when a slot migrates, the old owner answers `MOVED` to a subscription
 ///   or ends it with a `SUNSUBSCRIBE` push; the layer reads the slot map
 ///   again and subscribes at the new owner;
