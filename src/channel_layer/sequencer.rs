@@ -9,8 +9,10 @@
 //! last position delivered here and:
 //!
 //! * delivers the next offset at once and drops one already delivered;
-//! * on a jump, keeps the early event back (at most [`MAX_PENDING`]) and
-//!   reads the missing offsets from the history, then delivers in order;
+//! * on a jump, keeps the early event back and reads the missing offsets
+//!   from the history, then delivers in order. At most [`MAX_PENDING`]
+//!   events are kept back; later ones are let go, as they are in the
+//!   history too and the read brings them back;
 //! * on a new epoch (the history was reset: expired, flushed, the broker
 //!   restarted), delivers what it kept back of the old epoch and reads the
 //!   new one from its first offset, so events published in the new epoch
@@ -19,15 +21,21 @@
 //! * after a reconnect, [`Sequencer::catch_up`] reads what was missed
 //!   without waiting for the next event.
 //!
-//! A read that fails (the broker is down) keeps the held-back events; the
-//! next event or catch-up tries again. A read that cannot say (the history
-//! was trimmed past the position, or lost) delivers what was held back and
-//! counts the missing offsets as lost.
+//! A read that fails (the broker is down, or only the connection that
+//! reads is) keeps the held-back events and is tried again after a delay
+//! ([`SequencerHost::catch_up_later`], [`RETRY_MIN`] doubling up to
+//! [`RETRY_MAX`]) until it succeeds or the group is left, whether or not
+//! more events arrive; meanwhile events after the gap are kept back, not
+//! read again one by one. So an event is given up only when the history
+//! no longer has it: a read that says so (the history was trimmed past
+//! the position, or lost) delivers what was held back and counts the
+//! missing offsets as lost.
 
 use super::local::lock;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::sync::Mutex as AsyncMutex;
@@ -36,11 +44,17 @@ use super::{
     local::Counters, BoxFuture, ChannelLayerError, Event, Recovery, RecoveryFailure, StreamPosition,
 };
 
-/// Events of one group held back while missing offsets are read; past this
-/// the held-back events are delivered and the gap counted as lost. Bounds
-/// the memory a stalled history read can hold (events are shared, so this
-/// is at most `MAX_PENDING` references per group).
+/// Events of one group held back while missing offsets are read; events
+/// after these are let go (the read brings them back from the history).
+/// Bounds the memory a stalled history read can hold (events are shared,
+/// so this is at most `MAX_PENDING` references per group).
 pub(crate) const MAX_PENDING: usize = 1024;
+
+/// The first delay before a failed history read is tried again.
+pub(crate) const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The longest delay between retries of a failing history read.
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Epochs remembered per group as "left", whose late events are dropped.
 const RETIRED: usize = 8;
@@ -58,6 +72,10 @@ pub(crate) trait SequencerHost: Send + Sync {
 
     /// Hands `event` to every local member of `group`.
     fn deliver(&self, group: &str, event: &Event);
+
+    /// Calls [`Sequencer::retry`] for `group` after `delay` (a history
+    /// read failed), unless the layer is gone by then.
+    fn catch_up_later(&self, group: &str, delay: Duration);
 
     /// `count` events of `group` could not be delivered here (`None`: an
     /// unknown number); `why` says why.
@@ -98,6 +116,11 @@ struct Track {
     retired: Vec<Arc<str>>,
     /// Events of the base's epoch after a gap, by offset.
     pending: BTreeMap<u64, Event>,
+    /// A retry of a failed read is scheduled: events after a gap wait
+    /// for it instead of each reading again.
+    retrying: bool,
+    /// The delay before the next retry.
+    retry_delay: Duration,
 }
 
 /// The [`Track`]s of the history groups this process is subscribed to.
@@ -122,6 +145,8 @@ impl Sequencer {
                     base,
                     retired: Vec::new(),
                     pending: BTreeMap::new(),
+                    retrying: false,
+                    retry_delay: RETRY_MIN,
                 }))
             });
     }
@@ -162,6 +187,17 @@ impl Sequencer {
             track.lock().await.catch_up(host, group).await;
         }
     }
+
+    /// The retry [`SequencerHost::catch_up_later`] scheduled: reads again
+    /// (and schedules the next retry if it fails). Nothing once `group`
+    /// is no longer followed.
+    pub(crate) async fn retry<H: SequencerHost + ?Sized>(&self, host: &H, group: &str) {
+        if let Some(track) = self.track(group) {
+            let mut track = track.lock().await;
+            track.retrying = false;
+            track.catch_up(host, group).await;
+        }
+    }
 }
 
 impl Track {
@@ -198,12 +234,13 @@ impl Track {
             self.drain_contiguous(host, group);
             return;
         }
-        self.pending.insert(pos.offset(), event);
-        if self.pending.len() > MAX_PENDING {
-            self.flush_pending(host, group, "too many events held back");
-            return;
+        if self.pending.len() < MAX_PENDING {
+            self.pending.insert(pos.offset(), event);
         }
-        self.catch_up(host, group).await;
+        // Else let go: it is in the history, which the read brings back.
+        if !self.retrying {
+            self.catch_up(host, group).await;
+        }
     }
 
     /// The broker moved to `epoch`: what was held back of the old one is
@@ -229,11 +266,23 @@ impl Track {
                 return;
             };
             let recovery = match host.read_history(group, &since).await {
-                Ok(recovery) => recovery,
+                Ok(recovery) => {
+                    self.retry_delay = RETRY_MIN;
+                    recovery
+                }
                 Err(e) => {
-                    // Keep what was held back: the next event, or the
-                    // catch-up after the reconnect, tries again.
-                    tracing::debug!(group, "reading missed history events failed: {e}");
+                    // Keep what was held back and try again later (the
+                    // catch-up after a reconnect, too, may come first).
+                    tracing::debug!(
+                        group,
+                        retry_in = ?self.retry_delay,
+                        "reading missed history events failed: {e}"
+                    );
+                    if !self.retrying {
+                        self.retrying = true;
+                        host.catch_up_later(group, self.retry_delay);
+                        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                    }
                     return;
                 }
             };
@@ -322,6 +371,9 @@ mod tests {
         down: Mutex<bool>,
         delivered: Mutex<Vec<(u64, String)>>,
         lost: Mutex<u64>,
+        reads: Mutex<u64>,
+        /// The delays of the retries asked for.
+        retries: Mutex<Vec<Duration>>,
     }
 
     fn at(offset: u64, epoch: &str) -> Event {
@@ -351,6 +403,7 @@ mod tests {
             _group: &'a str,
             since: &'a StreamPosition,
         ) -> BoxFuture<'a, Result<Recovery, ChannelLayerError>> {
+            *lock(&self.reads) += 1;
             let result = if *lock(&self.down) {
                 Err(ChannelLayerError::backend("down"))
             } else {
@@ -378,6 +431,10 @@ mod tests {
 
         fn lost(&self, _group: &str, count: Option<u64>, _why: &str) {
             *lock(&self.lost) += count.unwrap_or(0);
+        }
+
+        fn catch_up_later(&self, _group: &str, delay: Duration) {
+            lock(&self.retries).push(delay);
         }
     }
 
@@ -491,6 +548,33 @@ mod tests {
             // delivered and 2..4 counted lost.
             assert_eq!(offsets(&host, "a"), [5]);
             assert_eq!(*lock(&host.lost), 3);
+        });
+    }
+
+    #[test]
+    fn beyond_the_bound_events_are_read_back_by_the_retry() {
+        block_on(async {
+            let top = MAX_PENDING as u64 + 50;
+            let host = Host::new("a", top);
+            let seq = Sequencer::default();
+            seq.start("g", Base::At(StreamPosition::new(1, "a")));
+            *lock(&host.down) = true;
+            // Offset 2 was missed; 3..=top arrive while reads fail.
+            for offset in 3..=top {
+                seq.offer(&host, "g", at(offset, "a")).await;
+            }
+            assert!(host.delivered().is_empty());
+            // One read, one retry asked for: the events after it wait.
+            assert_eq!(*lock(&host.reads), 1);
+            assert_eq!(*lock(&host.retries), [RETRY_MIN]);
+            // The retry fails too: the next one waits twice as long.
+            seq.retry(&host, "g").await;
+            assert_eq!(*lock(&host.retries), [RETRY_MIN, RETRY_MIN * 2]);
+            *lock(&host.down) = false;
+            seq.retry(&host, "g").await;
+            assert_eq!(offsets(&host, "a"), (2..=top).collect::<Vec<_>>());
+            assert_eq!(*lock(&host.lost), 0);
+            assert_eq!(lock(&host.retries).len(), 2, "no retry after a success");
         });
     }
 }

@@ -228,6 +228,16 @@ impl<T: Transport> SequencerHost for Inner<T> {
         self.fan_out(group, event);
     }
 
+    fn catch_up_later(&self, group: &str, delay: std::time::Duration) {
+        let (inner, group) = (self.me.clone(), group.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(inner) = inner.upgrade() {
+                inner.sequencer.retry(&*inner, &group).await;
+            }
+        });
+    }
+
     fn lost(&self, group: &str, count: Option<u64>, why: &str) {
         sequencer::count_lost(&self.counters, group, count, why);
     }

@@ -310,6 +310,8 @@ struct Inner<T> {
     dedup: Mutex<Dedup>,
     /// Delivers history events to local members in offset order, once.
     sequencer: Sequencer,
+    /// This, for the tasks it starts later (the sequencer's retries).
+    me: Weak<Inner<T>>,
     /// Presence entries of this process's channels.
     presence: Mutex<LocalPresence>,
     /// Presence writes run one at a time, so the store gets the entries
@@ -339,7 +341,7 @@ impl<T: Transport> MeshLayer<T> {
     ) -> Result<Self, ChannelLayerError> {
         let process = format!("specific.{}", names::random_token(12));
         let proc_subject = format!("{}.proc.{process}", config.prefix);
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
             transport,
             config,
             registry: Registry::new(process),
@@ -352,6 +354,7 @@ impl<T: Transport> MeshLayer<T> {
             subscribing: tokio::sync::Mutex::new(()),
             dedup: Mutex::default(),
             sequencer: Sequencer::default(),
+            me: me.clone(),
             presence: Mutex::default(),
             presence_writes: tokio::sync::Mutex::new(()),
             presence_groups: Mutex::default(),

@@ -25,7 +25,7 @@ use crate::channel_layer::{BoxFuture, StreamPosition};
 /// The subject prefix the simulated broker's clients use.
 pub(crate) const PREFIX: &str = "t";
 /// Events the simulated store keeps per group.
-pub(crate) const KEPT: usize = 64;
+pub(crate) const KEPT: usize = 4096;
 
 /// Which faults the network injects, per message and receiver.
 #[derive(Debug, Clone, Copy, Default)]
@@ -91,6 +91,12 @@ struct Proc {
     /// Subject → queue subscription.
     subjects: HashMap<String, bool>,
     partitioned: bool,
+    /// Its subscriptions are not back yet after a restart (its commands
+    /// work): live copies to it are lost.
+    deaf: bool,
+    /// Its commands fail as not sent (its command connection is down)
+    /// while its subscriptions work.
+    commands_cut: bool,
 }
 
 impl Net {
@@ -113,6 +119,9 @@ impl Net {
         }
         if self.procs[from].partitioned {
             return Err(not_sent("partitioned from the broker"));
+        }
+        if self.procs[from].commands_cut {
+            return Err(not_sent("the command connection is down"));
         }
         Ok(())
     }
@@ -208,6 +217,8 @@ impl SimNet {
             inbox,
             subjects: HashMap::new(),
             partitioned: false,
+            deaf: false,
+            commands_cut: false,
         });
         let id = net.procs.len() - 1;
         (
@@ -229,6 +240,14 @@ impl SimNet {
         self.lock().faults = faults;
     }
 
+    /// Cuts (or restores) `client`'s commands only: its publications,
+    /// subscriptions and store operations fail as not sent, while what it
+    /// is subscribed to still reaches it (a command connection down, its
+    /// Pub/Sub connection up).
+    pub(crate) fn cut_commands(&self, client: &SimTransport, cut: bool) {
+        self.lock().procs[client.id].commands_cut = cut;
+    }
+
     /// Cuts `client` off the broker (or heals it): nothing reaches it and
     /// its operations fail as not sent.
     pub(crate) fn partition(&self, client: &SimTransport, cut: bool) {
@@ -241,23 +260,53 @@ impl SimNet {
     }
 
     /// Restarts the broker: it is down for `down_for` (operations fail as
-    /// not sent, copies in flight are lost), then every client's
-    /// subscriptions are back (the clients re-subscribe, as async-nats
-    /// does). Returns when it is up again.
+    /// not sent, copies in flight are lost), then each client's
+    /// subscriptions come back after a delay of its own, drawn up to
+    /// `resubscribe` (the clients re-subscribe, as async-nats and the Redis
+    /// Pub/Sub task do; until then its commands work but live copies to it
+    /// are lost), and the client is told it reconnected. Returns when every
+    /// client is back.
     pub(crate) async fn restart(&self, down_for: Duration) {
+        self.restart_with(down_for, Duration::ZERO).await;
+    }
+
+    /// [`restart`](Self::restart) with each client re-subscribing within
+    /// `resubscribe` of the broker coming back.
+    pub(crate) async fn restart_with(&self, down_for: Duration, resubscribe: Duration) {
         {
             let mut net = self.lock();
             net.epoch += 1;
             net.down = true;
+            for proc in &mut net.procs {
+                proc.deaf = true;
+            }
         }
         tokio::time::sleep(down_for).await;
-        let inboxes: Vec<Inbox> = {
+        let clients: Vec<(usize, Duration)> = {
             let mut net = self.lock();
             net.down = false;
-            net.procs.iter().map(|p| p.inbox.clone()).collect()
+            let max = u64::try_from(resubscribe.as_micros()).unwrap_or(u64::MAX);
+            (0..net.procs.len())
+                .map(|id| {
+                    let delay = if max == 0 { 0 } else { net.next() % max };
+                    (id, Duration::from_micros(delay))
+                })
+                .collect()
         };
-        for inbox in inboxes {
-            inbox.reconnected().await;
+        let back = clients.into_iter().map(|(id, delay)| {
+            let net = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let inbox = {
+                    let mut net = net.lock();
+                    net.procs[id].deaf = false;
+                    net.procs[id].inbox.clone()
+                };
+                inbox.reconnected().await;
+            })
+        });
+        for client in back.collect::<Vec<_>>() {
+            let _ = client.await;
         }
     }
 
@@ -316,8 +365,8 @@ impl SimNet {
         let mut queue = Vec::new();
         for (id, proc) in net.procs.iter().enumerate() {
             match proc.subjects.get(subject) {
-                Some(false) if !proc.partitioned => targets.push(id),
-                Some(true) if !proc.partitioned => queue.push(id),
+                Some(false) if !proc.partitioned && !proc.deaf => targets.push(id),
+                Some(true) if !proc.partitioned && !proc.deaf => queue.push(id),
                 _ => {}
             }
         }
@@ -352,6 +401,7 @@ impl SimNet {
                     if net.epoch == epoch
                         && !net.down
                         && !proc.partitioned
+                        && !proc.deaf
                         && proc.subjects.contains_key(&subject)
                     {
                         proc.inbox.deliver(&subject, payload, position);
@@ -383,6 +433,9 @@ impl SimTransport {
         }
         if net.procs[self.id].partitioned {
             return Err(not_sent("partitioned from the broker"));
+        }
+        if net.procs[self.id].commands_cut {
+            return Err(not_sent("the command connection is down"));
         }
         Ok(())
     }
