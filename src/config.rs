@@ -104,6 +104,7 @@ pub struct WebSocketConfig {
     pub(crate) max_connections: Option<usize>,
     pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) inflate_limit: Option<InflateLimit>,
+    pub(crate) time_event_handlers: bool,
 }
 
 /// A per-connection budget of incoming messages: `per_second` on average,
@@ -192,6 +193,7 @@ impl Default for WebSocketConfig {
             max_connections: None,
             rate_limit: None,
             inflate_limit: Some(InflateLimit::default()),
+            time_event_handlers: false,
         }
     }
 }
@@ -316,6 +318,20 @@ impl WebSocketConfig {
         /// connections (see [`InflateLimit`]); `None` turns it off. On by
         /// default.
         inflate_limit: Option<InflateLimit>
+    );
+
+    setting!(
+        /// Whether calls of consumers' `event` handlers are timed, in
+        /// `tower_channels_handler_duration_seconds{handler="event"}`
+        /// (feature `metrics`; `receive` handlers, one per client message,
+        /// are always timed, in `{handler="receive"}`). Off by default, as
+        /// Phoenix times `handle_in` but not the delivery of broadcasts: a
+        /// group send runs an `event` handler per member, so timing them
+        /// records one sample per delivery, and a Prometheus exporter
+        /// stores each sample until it renders (measured: about 10 % of
+        /// the server's CPU on a burst fan-out; see the README's
+        /// performance section).
+        time_event_handlers: bool
     );
 
     /// The hard cap of queued outgoing bytes (4 x the soft budget).

@@ -104,7 +104,9 @@ struct Handles {
     slow_closes: metrics::Counter,
     ignored_events: metrics::Counter,
     panics: metrics::Counter,
-    handler: metrics::Histogram,
+    /// `handler_duration_seconds{handler="receive"}` and `{handler="event"}`.
+    receive: metrics::Histogram,
+    event: metrics::Histogram,
     /// Per transport (see [`TRANSPORTS`]): open sessions, accepted sessions.
     by_transport: [(metrics::Gauge, metrics::Counter); 4],
 }
@@ -124,7 +126,8 @@ impl Handles {
             slow_closes: metrics::counter!("tower_channels_slow_client_closes_total"),
             ignored_events: metrics::counter!("tower_channels_ignored_events_total"),
             panics: metrics::counter!("tower_channels_panics_total"),
-            handler: metrics::histogram!("tower_channels_handler_duration_seconds"),
+            receive: metrics::histogram!("tower_channels_handler_duration_seconds", "handler" => "receive"),
+            event: metrics::histogram!("tower_channels_handler_duration_seconds", "handler" => "event"),
             by_transport: TRANSPORTS.map(|t| {
                 (
                     metrics::gauge!("tower_channels_transport_connections_open", "transport" => t),
@@ -381,14 +384,30 @@ impl LocalCounts {
     }
 }
 
+/// Which handler a [`HandlerTimer`] times: the label `handler` of
+/// `tower_channels_handler_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handler {
+    /// `receive`: a client message. Always timed.
+    Receive,
+    /// `event`: a channel-layer event; timed only when
+    /// [`WebSocketConfig::time_event_handlers`](crate::WebSocketConfig::time_event_handlers)
+    /// is on (one sample per delivery of a group send otherwise).
+    Event,
+}
+
 /// Times handler calls for `tower_channels_handler_duration_seconds`, with
-/// one read of the TSC clock (`quanta`) per call: a call's start is the previous call's end when
-/// its input was already waiting, so only a call after a wait reads the
-/// clock twice. Without the `metrics` feature it is empty and reads nothing.
+/// one read of the TSC clock (`quanta`) per timed call: a call's start is
+/// the previous timed call's end when its input was already waiting, so
+/// only a call after a wait (or after a call not timed) reads the clock
+/// twice. Without the `metrics` feature it is empty and reads nothing.
 #[derive(Debug, Default)]
 pub(crate) struct HandlerTimer {
     #[cfg(feature = "metrics")]
     mark: Option<quanta::Instant>,
+    /// The handler started last, when it is timed.
+    #[cfg(feature = "metrics")]
+    timing: Option<Handler>,
 }
 
 impl HandlerTimer {
@@ -397,25 +416,38 @@ impl HandlerTimer {
         emit! { self.mark = None; }
     }
 
-    /// A handler starts.
-    pub(crate) fn start(&mut self) {
+    /// A `handler` starts; `timed` says whether it is timed.
+    pub(crate) fn start(&mut self, handler: Handler, timed: bool) {
+        let _ = (handler, timed);
         emit! {
+            if !timed {
+                // Its time must not count as the next timed call's.
+                self.mark = None;
+                self.timing = None;
+                return;
+            }
             if self.mark.is_none() {
                 self.mark = Some(quanta::Instant::now());
             }
+            self.timing = Some(handler);
         }
     }
 
-    /// The handler started last ended: records its duration.
+    /// The handler started last ended: records its duration if timed.
     pub(crate) fn finish(&mut self, metrics: &Metrics) {
         let _ = metrics;
         emit! {
+            let Some(handler) = self.timing.take() else {
+                return;
+            };
             let now = quanta::Instant::now();
             if let Some(start) = self.mark.replace(now) {
-                metrics
-                    .handles()
-                    .handler
-                    .record(now.duration_since(start).as_secs_f64());
+                let handles = metrics.handles();
+                let histogram = match handler {
+                    Handler::Receive => &handles.receive,
+                    Handler::Event => &handles.event,
+                };
+                histogram.record(now.duration_since(start).as_secs_f64());
             }
         }
     }
@@ -469,4 +501,69 @@ fn code_label(code: CloseCode) -> &'static str {
         .iter()
         .find(|(c, _)| *c == code)
         .map_or("other", |(_, label)| label)
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+    use metrics::{
+        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
+        Unit,
+    };
+    use std::sync::Mutex;
+
+    /// Records the `handler` label of every histogram sample.
+    #[derive(Default)]
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    struct Sample {
+        label: String,
+        samples: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl HistogramFn for Sample {
+        fn record(&self, _value: f64) {
+            self.samples.lock().unwrap().push(self.label.clone());
+        }
+    }
+
+    impl Recorder for Capture {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            let label = key
+                .labels()
+                .find(|l| l.key() == "handler")
+                .map_or_else(String::new, |l| l.value().to_owned());
+            Histogram::from_arc(Arc::new(Sample {
+                label,
+                samples: self.0.clone(),
+            }))
+        }
+    }
+
+    #[test]
+    fn handler_timer_records_only_timed_calls_under_their_label() {
+        let capture = Capture::default();
+        let samples = capture.0.clone();
+        metrics::with_local_recorder(&capture, || {
+            let metrics = Metrics::default();
+            let mut timer = HandlerTimer::default();
+            timer.start(Handler::Receive, true);
+            timer.finish(&metrics);
+            timer.start(Handler::Event, false);
+            timer.finish(&metrics);
+            timer.waited();
+            timer.start(Handler::Event, true);
+            timer.finish(&metrics);
+        });
+        assert_eq!(*samples.lock().unwrap(), ["receive", "event"]);
+    }
 }

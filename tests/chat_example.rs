@@ -195,4 +195,12 @@ async fn metrics_endpoint_is_scraped() {
             || text.contains("# TYPE tower_channels_handler_duration_seconds histogram"),
         "{text}"
     );
+    // One client message, one `receive` call timed; the `event` call that
+    // delivered the room's message back is not timed by default.
+    assert!(
+        text.lines()
+            .any(|l| l == r#"tower_channels_handler_duration_seconds_count{handler="receive"} 1"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"handler="event""#), "{text}");
 }

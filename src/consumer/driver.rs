@@ -18,7 +18,7 @@ use crate::{
     channel_layer::BoxError,
     engine::{panic_message, Link, Status},
     message::{close_code, CloseCode, CloseFrame, Message},
-    metrics::HandlerTimer,
+    metrics::{Handler, HandlerTimer},
 };
 
 enum Outcome {
@@ -71,7 +71,12 @@ where
             Ok(input) => input,
             Err(code) => break code,
         };
-        timer.start();
+        let (handler, timed) = match &input {
+            Incoming::Message(_) => (Handler::Receive, true),
+            Incoming::Event(_) => (Handler::Event, link.runtime.config.time_event_handlers),
+            Incoming::Lagged(_) => (Handler::Event, false),
+        };
+        timer.start(handler, timed);
         let outcome = match input {
             // Handler futures are boxed while they run: inline, the largest
             // of them would be part of every idle connection's state.
