@@ -86,10 +86,17 @@ pub(crate) async fn within<T>(
     }
 }
 
+/// How long opening a connection may take, for a layer whose commands get
+/// `timeout`: `timeout` plus [`CONNECT_TIMEOUT`] (at most `timeout`). The
+/// one bound of every connect, Pub/Sub and command connections alike.
+pub(crate) fn connect_bound(timeout: Duration) -> Duration {
+    CONNECT_TIMEOUT.min(timeout) + timeout
+}
+
 /// Opens a self-reconnecting command connection with `client`: each command
 /// gets `timeout`, and after a connection error redis-rs connects again
 /// (twice at most, [`RECONNECT_MIN`] to [`RECONNECT_MAX`] apart). `None`
-/// when connecting took more than `timeout` + [`CONNECT_TIMEOUT`].
+/// when connecting took more than [`connect_bound`]`(timeout)`.
 pub(crate) async fn command_connection(
     client: &redis::Client,
     timeout: Duration,
@@ -101,7 +108,7 @@ pub(crate) async fn command_connection(
         .set_min_delay(RECONNECT_MIN)
         .set_max_delay(RECONNECT_MAX);
     let connect = ConnectionManager::new_with_config(client.clone(), config);
-    match tokio::time::timeout(timeout + CONNECT_TIMEOUT, connect).await {
+    match tokio::time::timeout(connect_bound(timeout), connect).await {
         Ok(result) => result.map_err(Some),
         Err(_) => Err(None),
     }
@@ -336,13 +343,12 @@ trait Connection: Send {
     fn next(&mut self) -> impl Future<Output = Option<Push>> + Send;
 }
 
-/// Waits for `connect`, allowing [`CONNECT_TIMEOUT`] (at most `timeout`)
-/// on top of `timeout`.
+/// Waits for `connect`, at most [`connect_bound`]`(timeout)`.
 async fn connecting<T>(
     timeout: Duration,
     connect: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, SubscriberError> {
-    let wait = CONNECT_TIMEOUT.min(timeout) + timeout;
+    let wait = connect_bound(timeout);
     match tokio::time::timeout(wait, connect).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(SubscriberError::Connect(Arc::new(e))),

@@ -12,7 +12,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::BackendError;
 use crate::channel_layer::{
-    redis_pubsub::{command_connection, CONNECT_TIMEOUT},
+    redis_pubsub::{command_connection, connect_bound, CONNECT_TIMEOUT},
     ChannelLayerError,
 };
 
@@ -48,7 +48,7 @@ impl Host {
                 Some(e) => BackendError::Redis(format!("cannot connect to Redis at {url}"), e),
                 None => BackendError::Timeout(
                     format!("connecting to Redis at {url}"),
-                    timeout + CONNECT_TIMEOUT,
+                    connect_bound(timeout),
                 ),
             })?;
         Ok(Host {
@@ -125,7 +125,7 @@ impl Host {
             .set_connection_timeout(Some(CONNECT_TIMEOUT.min(self.timeout)))
             .set_response_timeout(Some(block + self.timeout));
         match tokio::time::timeout(
-            CONNECT_TIMEOUT.min(self.timeout) + self.timeout,
+            connect_bound(self.timeout),
             self.client
                 .get_multiplexed_async_connection_with_config(&config),
         )

@@ -20,7 +20,7 @@ use super::{
 use crate::channel_layer::{
     local::{no_such_channel, LocalChannels, Registry},
     names,
-    redis_pubsub::{Command, Handler, Subscriber, SubscriberError, CONNECT_TIMEOUT},
+    redis_pubsub::{connect_bound, Command, Handler, Subscriber, SubscriberError},
     validate_channel_name, validate_group_name, BoxFuture, Capabilities, ChannelLayer,
     ChannelLayerError, ChannelLayerStats, ChannelReceiver, Event, Feature, GroupSendReport,
 };
@@ -211,11 +211,12 @@ async fn wait(
     what: String,
     timeout: Duration,
 ) -> Result<(), ChannelLayerError> {
-    match tokio::time::timeout(timeout + CONNECT_TIMEOUT, done).await {
+    let bound = connect_bound(timeout);
+    match tokio::time::timeout(bound, done).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(BackendError::Subscriber(what, e).into()),
         Ok(Err(_)) => Err(BackendError::SubscriberStopped.into()),
-        Err(_) => Err(BackendError::Timeout(what, timeout + CONNECT_TIMEOUT).into()),
+        Err(_) => Err(BackendError::Timeout(what, bound).into()),
     }
 }
 

@@ -268,7 +268,7 @@ use super::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
     redis_keys::{self, Keyspace},
-    redis_pubsub::{command_connection, SubscriberError, CONNECT_TIMEOUT},
+    redis_pubsub::{command_connection, connect_bound, SubscriberError},
     BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 
@@ -379,9 +379,7 @@ impl RedisChannelLayerBuilder {
             .await
             .map_err(|e| match e {
                 Some(e) => RedisFailure::Redis("cannot connect to Redis".into(), e),
-                None => {
-                    RedisFailure::Timeout("connecting to Redis".into(), timeout + CONNECT_TIMEOUT)
-                }
+                None => RedisFailure::Timeout("connecting to Redis".into(), connect_bound(timeout)),
             })?;
         let counters = Arc::new(Counters::default());
         let (inbox, messages) = Inbox::new();

@@ -27,7 +27,7 @@ use crate::channel_layer::{
     local::Counters,
     mesh::{Inbox, MeshConfig, MeshLayer, TransportError},
     redis_keys::{self, Keyspace},
-    redis_pubsub::CONNECT_TIMEOUT,
+    redis_pubsub::{connect_bound, CONNECT_TIMEOUT},
     BoxFuture, ChannelLayer, ChannelLayerError, HistoryPolicy, PresenceConfig, DEFAULT_CAPACITY,
 };
 
@@ -155,14 +155,13 @@ impl RedisClusterChannelLayerBuilder {
     }
 }
 
-/// Connects `client` with `config`, within the timeout plus the connect
-/// timeout.
+/// Connects `client` with `config`, within [`connect_bound`]`(timeout)`.
 async fn connect(
     client: &ClusterClient,
     config: ClusterConfig,
     timeout: Duration,
 ) -> Result<ClusterConnection, RedisFailure> {
-    let wait = timeout + CONNECT_TIMEOUT;
+    let wait = connect_bound(timeout);
     match tokio::time::timeout(wait, client.get_async_connection_with_config(config)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(RedisFailure::Redis(
