@@ -525,3 +525,173 @@ async fn presence_is_whole_again_right_after_a_restart() {
     }
     assert_eq!(a.presence("room").await.unwrap()[0].user_id(), "alice");
 }
+
+/// A chat frame as a member sees it: `(message, offset, epoch)`, or `None`
+/// for frames that are not room messages (presence, errors).
+fn chat_frame(frame: &str) -> Option<(String, u64, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(frame).unwrap_or_else(|e| panic!("not JSON: {frame:?}: {e}"));
+    let message = v["message"].as_str()?.to_owned();
+    let offset = v["offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no offset: {frame}"));
+    let epoch = v["epoch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no epoch: {frame}"));
+    Some((message, offset, epoch.to_owned()))
+}
+
+/// POSTs `message` to the room `faults-chat` on `addr`: whether it was
+/// answered OK (200).
+async fn post_chat(addr: std::net::SocketAddr, message: String) -> bool {
+    let req = http::Request::post("/rooms/faults-chat/messages")
+        .header("host", addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from(message)))
+        .unwrap();
+    http1(addr, req).await.status == http::StatusCode::OK
+}
+
+/// A chat member reading as the messages come until it has seen `finals`
+/// messages whose text starts with `final.`; returns the room messages.
+fn chat_reader(
+    mut ws: Client,
+    finals: usize,
+) -> tokio::task::JoinHandle<Vec<(String, u64, String)>> {
+    use futures_util::StreamExt;
+    tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut seen = 0;
+        while seen < finals {
+            let frame = match tokio::time::timeout(common::layers::RECV, ws.next()).await {
+                Ok(Some(Ok(WsMessage::Text(t)))) => t.as_str().to_owned(),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("a member: {other:?}; got {got:?}"),
+            };
+            if let Some(message) = chat_frame(&frame) {
+                seen += usize::from(message.0.starts_with("final."));
+                got.push(message);
+            }
+        }
+        got
+    })
+}
+
+/// Issue 22 (tests): Redis, keeping what it acknowledged, killed and
+/// restarted twice under two chat processes while one client sends over
+/// its WebSocket to the first and another `POST`s to the second: every
+/// message answered OK (no error frame; `200`) reaches the member on each
+/// process, once, in offset order.
+#[tokio::test]
+async fn chat_sends_answered_ok_reach_everyone_across_restarts() {
+    use tokio::sync::watch;
+    if skip() {
+        return;
+    }
+    let mut server = RedisServer::start_persistent().await;
+    let url = server.url();
+    let (_a, addr_a) = spawn_example_with("chat", &["--redis", &url]);
+    let (_b, addr_b) = spawn_example_with("chat", &["--redis", &url]);
+    let path = "/ws/chat/faults-chat";
+    // A member on each process (in the room once the handshake is done).
+    let readers = [
+        chat_reader(connect(addr_a, path).await, 2),
+        chat_reader(connect(addr_b, path).await, 2),
+    ];
+    let (stop, stopped) = watch::channel(false);
+
+    // Over the WebSocket to A: each message is answered by its own copy
+    // (OK) or by an error frame.
+    let (ws_count, mut ws_answered) = watch::channel(0usize);
+    let mut ws = connect(addr_a, path).await;
+    let ws_stopped = stopped.clone();
+    let ws_sender = tokio::spawn(async move {
+        let mut ok = Vec::new();
+        let mut i = 0;
+        while !*ws_stopped.borrow() {
+            i += 1;
+            let text = format!("w.{i}");
+            let frame = serde_json::json!({ "message": text }).to_string();
+            ws.send(WsMessage::text(frame)).await.unwrap();
+            loop {
+                let frame = next_text(&mut ws).await;
+                match chat_frame(&frame) {
+                    Some((message, ..)) if message == text => {
+                        ok.push(text);
+                        ws_count.send_replace(ok.len());
+                        break;
+                    }
+                    Some(_) => {} // another message of the room
+                    None if frame.contains(r#""type":"error""#) => {
+                        // Failed while Redis is down: pace the retries.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+        }
+        ok
+    });
+    // POSTs to B.
+    let (post_count, mut post_answered) = watch::channel(0usize);
+    let post_sender = tokio::spawn(async move {
+        let mut ok = Vec::new();
+        let mut i = 0;
+        while !*stopped.borrow() {
+            i += 1;
+            let text = format!("p.{i}");
+            if post_chat(addr_b, text.clone()).await {
+                ok.push(text);
+                post_count.send_replace(ok.len());
+            } else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        ok
+    });
+
+    async fn more(answered: &mut watch::Receiver<usize>, n: usize) {
+        let target = *answered.borrow() + n;
+        within("sends answered OK", answered.wait_for(|&k| k >= target))
+            .await
+            .expect("a sender stopped");
+    }
+    for _ in 0..2 {
+        more(&mut ws_answered, 20).await;
+        more(&mut post_answered, 20).await;
+        server.kill();
+        outage().await;
+        server.restart().await;
+    }
+    more(&mut ws_answered, 20).await;
+    more(&mut post_answered, 20).await;
+    stop.send_replace(true);
+    let mut expected = ws_sender.await.unwrap();
+    expected.extend(post_sender.await.unwrap());
+    // Redis is up: the final messages are answered OK (a `POST` to each
+    // process); once a member has both, everything before them came.
+    for (addr, name) in [(addr_a, "final.a"), (addr_b, "final.b")] {
+        assert!(post_chat(addr, name.to_owned()).await, "{name}");
+    }
+    for (reader, process) in readers.into_iter().zip(["A", "B"]) {
+        let got = reader.await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for pair in got.windows(2) {
+            let ((_, o1, e1), (m2, o2, e2)) = (&pair[0], &pair[1]);
+            assert!(
+                e1 != e2 || o2 > o1,
+                "member on {process}: {m2} out of order"
+            );
+        }
+        for (message, ..) in &got {
+            assert!(seen.insert(message), "member on {process}: {message} twice");
+        }
+        let missed: Vec<&String> = expected.iter().filter(|m| !seen.contains(m)).collect();
+        assert!(
+            missed.is_empty(),
+            "member on {process}: {} of {} answered OK never arrived: {missed:?}",
+            missed.len(),
+            expected.len()
+        );
+    }
+}
