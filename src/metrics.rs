@@ -104,9 +104,11 @@ struct Handles {
     slow_closes: metrics::Counter,
     ignored_events: metrics::Counter,
     panics: metrics::Counter,
-    /// `handler_duration_seconds{handler="receive"}` and `{handler="event"}`.
+    /// `handler_duration_seconds{handler="receive"}`.
     receive: metrics::Histogram,
-    event: metrics::Histogram,
+    /// `{handler="event"}`, registered at its first sample, so that a
+    /// layer that does not time `event` handlers shows no empty series.
+    event: std::sync::OnceLock<metrics::Histogram>,
     /// Per transport (see [`TRANSPORTS`]): open sessions, accepted sessions.
     by_transport: [(metrics::Gauge, metrics::Counter); 4],
 }
@@ -127,7 +129,7 @@ impl Handles {
             ignored_events: metrics::counter!("tower_channels_ignored_events_total"),
             panics: metrics::counter!("tower_channels_panics_total"),
             receive: metrics::histogram!("tower_channels_handler_duration_seconds", "handler" => "receive"),
-            event: metrics::histogram!("tower_channels_handler_duration_seconds", "handler" => "event"),
+            event: std::sync::OnceLock::new(),
             by_transport: TRANSPORTS.map(|t| {
                 (
                     metrics::gauge!("tower_channels_transport_connections_open", "transport" => t),
@@ -445,7 +447,9 @@ impl HandlerTimer {
                 let handles = metrics.handles();
                 let histogram = match handler {
                     Handler::Receive => &handles.receive,
-                    Handler::Event => &handles.event,
+                    Handler::Event => handles.event.get_or_init(|| {
+                        metrics::histogram!("tower_channels_handler_duration_seconds", "handler" => "event")
+                    }),
                 };
                 histogram.record(now.duration_since(start).as_secs_f64());
             }
