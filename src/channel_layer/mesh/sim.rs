@@ -114,13 +114,18 @@ impl Net {
     /// becomes of it), or fails as not sent.
     fn reach(&mut self, from: usize) -> Result<(), TransportError> {
         self.publish_calls += 1;
+        self.usable(from)
+    }
+
+    /// Whether client `id` can send the broker a command now.
+    fn usable(&self, id: usize) -> Result<(), TransportError> {
         if self.down {
             return Err(not_sent("the broker is down"));
         }
-        if self.procs[from].partitioned {
+        if self.procs[id].partitioned {
             return Err(not_sent("partitioned from the broker"));
         }
-        if self.procs[from].commands_cut {
+        if self.procs[id].commands_cut {
             return Err(not_sent("the command connection is down"));
         }
         Ok(())
@@ -260,18 +265,19 @@ impl SimNet {
     }
 
     /// Restarts the broker: it is down for `down_for` (operations fail as
-    /// not sent, copies in flight are lost), then each client's
-    /// subscriptions come back after a delay of its own, drawn up to
-    /// `resubscribe` (the clients re-subscribe, as async-nats and the Redis
-    /// Pub/Sub task do; until then its commands work but live copies to it
-    /// are lost), and the client is told it reconnected. Returns when every
-    /// client is back.
+    /// not sent, copies in flight are lost), then every client's
+    /// subscriptions are back (the clients re-subscribe, as async-nats
+    /// does) and each client is told it reconnected. Returns when it is up
+    /// again.
     pub(crate) async fn restart(&self, down_for: Duration) {
         self.restart_with(down_for, Duration::ZERO).await;
     }
 
-    /// [`restart`](Self::restart) with each client re-subscribing within
-    /// `resubscribe` of the broker coming back.
+    /// [`restart`](Self::restart), each client's subscriptions coming back
+    /// after a delay of its own, drawn up to `resubscribe` (as the Redis
+    /// Pub/Sub task reconnects on its own back-off): until then its
+    /// commands work but live copies to it are lost. Returns when every
+    /// client is back.
     pub(crate) async fn restart_with(&self, down_for: Duration, resubscribe: Duration) {
         {
             let mut net = self.lock();
@@ -427,17 +433,7 @@ pub(crate) struct SimTransport {
 
 impl SimTransport {
     fn check(&self) -> Result<(), TransportError> {
-        let net = self.net.lock();
-        if net.down {
-            return Err(not_sent("the broker is down"));
-        }
-        if net.procs[self.id].partitioned {
-            return Err(not_sent("partitioned from the broker"));
-        }
-        if net.procs[self.id].commands_cut {
-            return Err(not_sent("the command connection is down"));
-        }
-        Ok(())
+        self.net.lock().usable(self.id)
     }
 }
 
