@@ -216,8 +216,8 @@ struct Answered {
 }
 
 /// One sender's events answered OK, reported as they are answered.
-struct Sender {
-    task: tokio::task::JoinHandle<Vec<Answered>>,
+struct Sender<T = Answered> {
+    task: tokio::task::JoinHandle<Vec<T>>,
     answered: tokio::sync::watch::Receiver<usize>,
 }
 
@@ -255,7 +255,7 @@ fn start_sender(
     Sender { task, answered }
 }
 
-impl Sender {
+impl<T> Sender<T> {
     fn answered(&self) -> usize {
         *self.answered.borrow()
     }
@@ -265,6 +265,11 @@ impl Sender {
         within("sends answered OK", self.answered.wait_for(|&k| k >= n))
             .await
             .expect("the sender stopped");
+    }
+
+    /// Waits until `n` more sends were answered OK.
+    async fn wait_more(&mut self, n: usize) {
+        self.wait_answered(self.answered() + n).await;
     }
 }
 
@@ -385,16 +390,14 @@ async fn sends_across_restarts(
     ];
     for _ in 0..2 {
         for sender in &mut senders {
-            let n = sender.answered() + 20;
-            sender.wait_answered(n).await;
+            sender.wait_more(20).await;
         }
         server.kill();
         outage().await;
         server.restart().await;
     }
     for sender in &mut senders {
-        let n = sender.answered() + 20;
-        sender.wait_answered(n).await;
+        sender.wait_more(20).await;
     }
     stop.send_replace(true);
     let [sa, sb] = senders;
@@ -601,10 +604,10 @@ async fn chat_sends_answered_ok_reach_everyone_across_restarts() {
 
     // Over the WebSocket to A: each message is answered by its own copy
     // (OK) or by an error frame.
-    let (ws_count, mut ws_answered) = watch::channel(0usize);
+    let (ws_count, answered) = watch::channel(0usize);
     let mut ws = connect(addr_a, path).await;
     let ws_stopped = stopped.clone();
-    let ws_sender = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut ok = Vec::new();
         let mut i = 0;
         while !*ws_stopped.borrow() {
@@ -632,9 +635,10 @@ async fn chat_sends_answered_ok_reach_everyone_across_restarts() {
         }
         ok
     });
+    let mut ws_sender = Sender { task, answered };
     // POSTs to B.
-    let (post_count, mut post_answered) = watch::channel(0usize);
-    let post_sender = tokio::spawn(async move {
+    let (post_count, answered) = watch::channel(0usize);
+    let task = tokio::spawn(async move {
         let mut ok = Vec::new();
         let mut i = 0;
         while !*stopped.borrow() {
@@ -644,30 +648,26 @@ async fn chat_sends_answered_ok_reach_everyone_across_restarts() {
                 ok.push(text);
                 post_count.send_replace(ok.len());
             } else {
+                // 503 while Redis is down: pace the retries (not a
+                // synchronization).
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         ok
     });
-
-    async fn more(answered: &mut watch::Receiver<usize>, n: usize) {
-        let target = *answered.borrow() + n;
-        within("sends answered OK", answered.wait_for(|&k| k >= target))
-            .await
-            .expect("a sender stopped");
-    }
+    let mut post_sender = Sender { task, answered };
     for _ in 0..2 {
-        more(&mut ws_answered, 20).await;
-        more(&mut post_answered, 20).await;
+        ws_sender.wait_more(20).await;
+        post_sender.wait_more(20).await;
         server.kill();
         outage().await;
         server.restart().await;
     }
-    more(&mut ws_answered, 20).await;
-    more(&mut post_answered, 20).await;
+    ws_sender.wait_more(20).await;
+    post_sender.wait_more(20).await;
     stop.send_replace(true);
-    let mut expected = ws_sender.await.unwrap();
-    expected.extend(post_sender.await.unwrap());
+    let mut expected = ws_sender.task.await.unwrap();
+    expected.extend(post_sender.task.await.unwrap());
     // Redis is up: the final messages are answered OK (a `POST` to each
     // process); once a member has both, everything before them came.
     for (addr, name) in [(addr_a, "final.a"), (addr_b, "final.b")] {
