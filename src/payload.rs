@@ -3,13 +3,14 @@
 //! A value type, below both the channel layer (an [`Event`] carries one) and
 //! the engine (whose frame writer compresses and writes it), so neither
 //! imports the other: the engine hands its deflate function to
-//! [`SharedPayload::compressed_with`], and this module keeps the result.
+//! [`SharedPayload::compressed_with`] and its header encoder to
+//! [`SharedPayload::plain_header_with`], and this module keeps the results.
 //!
 //! [`Event`]: crate::channel_layer::Event
 
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use bytes::Bytes;
@@ -29,6 +30,10 @@ struct Shared {
     plain: Bytes,
     /// `(window_bits, level, compressed)`; `None`: deflate failed (sent plain).
     compressed: Mutex<Vec<(u8, u32, Option<Bytes>)>>,
+    /// The frame header of the plain payload, encoded by the first member's
+    /// writer and copied by the others (server frames are unmasked, so
+    /// every member sends the same header).
+    plain_header: OnceLock<FrameHeaderBytes>,
     #[cfg(test)]
     compressions: std::sync::atomic::AtomicUsize,
 }
@@ -39,6 +44,7 @@ impl SharedPayload {
             text,
             plain,
             compressed: Mutex::new(Vec::new()),
+            plain_header: OnceLock::new(),
             #[cfg(test)]
             compressions: std::sync::atomic::AtomicUsize::new(0),
         }))
@@ -106,12 +112,45 @@ impl SharedPayload {
         c
     }
 
+    /// The plain payload's frame header, encoded by `encode` on first use
+    /// and shared by every member after it: a group send's header is
+    /// encoded once, as its payload is compressed once.
+    pub(crate) fn plain_header_with(
+        &self,
+        encode: impl FnOnce() -> FrameHeaderBytes,
+    ) -> &FrameHeaderBytes {
+        self.0.plain_header.get_or_init(encode)
+    }
+
     /// How many times this payload was compressed (tests).
     #[cfg(test)]
     pub(crate) fn compressions(&self) -> usize {
         self.0
             .compressions
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// An encoded WebSocket frame header (at most 14 bytes: 2, 8 for a 64-bit
+/// length, 4 for a client's mask).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FrameHeaderBytes {
+    bytes: [u8; 14],
+    len: u8,
+}
+
+impl FrameHeaderBytes {
+    /// The header held in `bytes[..len]`.
+    pub(crate) fn new(bytes: [u8; 14], len: usize) -> Self {
+        Self {
+            bytes,
+            len: len.min(14) as u8,
+        }
+    }
+
+    /// The encoded bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 

@@ -139,6 +139,15 @@ pub(crate) struct Engine {
     /// (`deadline_stale`), not on every poll.
     deadline: Option<Instant>,
     deadline_stale: bool,
+    /// What this poll already knows of the link: the application's
+    /// requests were checked (`app_checked`), its queue was found empty
+    /// (`out_empty`). Within one poll only the engine changes the link
+    /// (an application on another task that queues or closes wakes the
+    /// host, which polls again), so a round after the first takes the
+    /// lock again only when the engine's own move may have changed the
+    /// answer (an emptied queue lets a close after the queued output go).
+    app_checked: bool,
+    out_empty: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -185,6 +194,8 @@ impl Engine {
             timer_armed: false,
             deadline: None,
             deadline_stale: true,
+            app_checked: false,
+            out_empty: false,
             link,
         };
         e.rearm_timer();
@@ -284,6 +295,7 @@ impl Engine {
             self.timer_armed = false;
         }
         let waker = waker_ref(&io);
+        (self.app_checked, self.out_empty) = (false, false);
         let res = self.poll_inner(&mut Context::from_waker(&waker));
         self.counts.fold(&self.link.runtime.metrics);
         res
@@ -336,7 +348,7 @@ impl Engine {
 
     /// Acts on what the application asked for: a close, or an overflow.
     fn check_application(&mut self) {
-        if !matches!(self.phase, Phase::Open) {
+        if !matches!(self.phase, Phase::Open) || std::mem::replace(&mut self.app_checked, true) {
             return;
         }
         if self.deferred_close.is_some() && self.link.lock().incoming.is_empty() {
@@ -414,7 +426,7 @@ impl Engine {
                 socket.queue_ping();
                 (self.data_in, self.data_out) = (0, 0);
                 self.link.lock().release_idle_queues();
-            } else if draining && !holding && self.move_queued() {
+            } else if draining && !holding && !self.out_empty && self.move_queued() {
                 // Moved a batch; the writer may have room for more.
             } else if let (true, Phase::Closing(c)) = (close_ready, &mut self.phase) {
                 if let (Some(frame), Some(socket)) = (c.to_send.take(), &mut self.socket) {
@@ -434,38 +446,52 @@ impl Engine {
     }
 
     /// Moves queued application output into the writer while it has room,
-    /// taking up to [`MOVE_BATCH`] messages per lock of the link (frames are
-    /// encoded, and maybe compressed, outside the lock). Returns whether
-    /// anything moved.
+    /// at most a write buffer's worth per lock of the link. Without
+    /// compression a message is encoded under the lock (a copy into the
+    /// write buffer, as cheap as moving it out); with compression up to
+    /// [`MOVE_BATCH`] messages are taken per lock and encoded outside it,
+    /// so an application on another task is not held up by deflate.
+    /// Returns whether anything moved.
     fn move_queued(&mut self) -> bool {
         let Some(socket) = &mut self.socket else {
             return false;
         };
-        let soft_budget = self.link.runtime.config.max_outbound_bytes;
+        let config = &self.link.runtime.config;
+        let inline = socket.encodes_by_copy();
         let mut moved = false;
         while socket.has_room() {
             let mut st = self.link.lock();
             if st.out.is_empty() {
+                self.out_empty = true;
                 break;
             }
-            let mut batch: [Option<Outbound>; MOVE_BATCH] = Default::default();
-            let mut n = 0;
-            let mut room = self
-                .link
-                .runtime
-                .config
+            let mut room = config
                 .write_buffer_size
                 .saturating_sub(socket.queued_bytes());
-            while n < MOVE_BATCH {
-                let Some(out) = st.out.pop_front() else {
-                    break;
-                };
+            let mut take = || {
+                let out = st.out.pop_front()?;
                 st.out_bytes -= out.len();
                 room = room.saturating_sub(out.len());
-                batch[n] = Some(out);
-                n += 1;
-                if room == 0 {
-                    break;
+                self.drained += out.len();
+                self.counts.message_out(out.len());
+                Some((out, room == 0))
+            };
+            let mut batch: Option<[Option<Outbound>; MOVE_BATCH]> = None;
+            if inline {
+                while let Some((out, full)) = take() {
+                    socket.queue(&out);
+                    if full {
+                        break;
+                    }
+                }
+            } else {
+                let batch = batch.insert(Default::default());
+                for slot in batch.iter_mut() {
+                    let Some((out, full)) = take() else { break };
+                    *slot = Some(out);
+                    if full {
+                        break;
+                    }
                 }
             }
             st.note_data(&mut self.data_out);
@@ -473,13 +499,16 @@ impl Engine {
             if emptied && !keeps_capacity(st.busy, st.out.capacity()) {
                 st.out = Default::default();
             }
-            if st.out_bytes <= soft_budget {
+            if emptied {
+                self.out_empty = true;
+                // A close asked for after the queued output can go now.
+                self.app_checked &= st.close.is_none();
+            }
+            if st.out_bytes <= config.max_outbound_bytes {
                 st.wake_output_waiter();
             }
             drop(st);
-            for out in batch.iter_mut().take(n).filter_map(Option::take) {
-                self.drained += out.len();
-                self.counts.message_out(out.len());
+            for out in batch.iter_mut().flatten().map_while(Option::take) {
                 socket.queue(&out);
             }
             moved = true;
@@ -522,6 +551,11 @@ impl Engine {
         let mut seen = false;
         while !self.read_done && self.deferred_close.is_none() {
             if matches!(self.phase, Phase::Open) {
+                if self.read_armed {
+                    // Nothing can have arrived: `io` was not woken. (While
+                    // closing, an HTTP peer's read answers our own close.)
+                    break;
+                }
                 let config = &self.link.runtime.config;
                 let st = self.link.lock();
                 if !st.incoming.is_empty()
@@ -531,11 +565,6 @@ impl Engine {
                     // Full: stop reading, TCP holds the client back.
                     break;
                 }
-            }
-            if self.read_armed && matches!(self.phase, Phase::Open) {
-                // Nothing can have arrived: `io` was not woken. (While
-                // closing, an HTTP peer's read answers our own close.)
-                break;
             }
             let Some(socket) = &mut self.socket else {
                 return progress;

@@ -81,6 +81,17 @@ impl Peer {
         both!(self, p => p.queue(out))
     }
 
+    /// Whether queuing a message only copies it into the write buffer (a
+    /// WebSocket without permessage-deflate): cheap enough to do while the
+    /// link is locked.
+    #[inline]
+    pub(crate) fn encodes_by_copy(&self) -> bool {
+        match self {
+            Peer::WebSocket(s) => !s.compresses(),
+            Peer::Http(_) => false,
+        }
+    }
+
     #[inline]
     pub(crate) fn queue_ping(&mut self) {
         both!(self, p => p.queue_ping())

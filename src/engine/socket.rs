@@ -146,6 +146,11 @@ impl Socket {
         self.writer.queue(out);
     }
 
+    /// Whether permessage-deflate was negotiated.
+    pub(crate) fn compresses(&self) -> bool {
+        self.writer.compresses()
+    }
+
     pub(crate) fn queue_ping(&mut self) {
         self.writer
             .queue(&Outbound::Message(Message::Ping(Bytes::new())));

@@ -17,7 +17,7 @@ use tungstenite::protocol::frame::{
 
 use super::{deflate, DeflateParams};
 use crate::message::Message;
-use crate::payload::SharedPayload;
+use crate::payload::{FrameHeaderBytes, SharedPayload};
 
 /// Payloads at least this long are written from their own `Bytes` (a vectored
 /// write of header + payload); shorter ones are copied into the write buffer.
@@ -112,6 +112,11 @@ impl FrameWriter {
             data_queued: false,
             data_flushes: 0,
         }
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub(crate) fn compresses(&self) -> bool {
+        self.deflate.is_some()
     }
 
     /// Encodes one message/frame into the queue (compressing data messages per
@@ -269,7 +274,11 @@ impl FrameWriter {
                     self.compress_with_context(opcode, p.plain(), d);
                 }
             }
-            _ => self.frame(opcode, false, p.plain()),
+            _ => {
+                // Encoded by the first member's writer, copied by the rest.
+                let header = p.plain_header_with(|| encode_header(opcode, false, p.len()));
+                self.push_frame(header.as_bytes(), p.plain());
+            }
         }
     }
 
@@ -292,13 +301,21 @@ impl FrameWriter {
     }
 
     fn control(&mut self, control: Control, payload: &[u8]) {
-        self.header(OpCode::Control(control), false, payload.len());
+        let header = encode_header(OpCode::Control(control), false, payload.len());
+        self.push_header(header.as_bytes(), payload.len());
         self.buf.extend_from_slice(payload);
         self.queued += payload.len();
     }
 
     fn frame(&mut self, opcode: OpCode, compressed: bool, payload: &Bytes) {
-        self.header(opcode, compressed, payload.len());
+        let header = encode_header(opcode, compressed, payload.len());
+        self.push_frame(header.as_bytes(), payload);
+    }
+
+    /// Queues an encoded `header` and its `payload`: copied into the write
+    /// buffer when small, as a segment of its own (no copy) when large.
+    fn push_frame(&mut self, header: &[u8], payload: &Bytes) {
+        self.push_header(header, payload.len());
         if payload.len() >= ZERO_COPY_MIN {
             self.seal();
             self.segments.push_back(payload.clone());
@@ -308,31 +325,20 @@ impl FrameWriter {
         self.queued += payload.len();
     }
 
-    fn header(&mut self, opcode: OpCode, rsv1: bool, len: usize) {
-        let header = FrameHeader {
-            is_final: true,
-            rsv1,
-            rsv2: false,
-            rsv3: false,
-            opcode,
-            mask: None,
-        };
-        let mut bytes = [0u8; 14];
-        let mut cursor = Cursor::new(&mut bytes[..]);
-        // 14 bytes always hold an unmasked header; formatting cannot fail.
-        let _ = header.format(len as u64, &mut cursor);
-        let n = usize::try_from(cursor.position()).unwrap_or(0);
+    /// Appends an encoded header of a frame whose payload is `len` bytes.
+    fn push_header(&mut self, header: &[u8], len: usize) {
         if self.buf.capacity() == 0 {
             // The buffer is dropped after every flush (an idle connection
             // holds none), so this runs about once per write: start at what
             // this frame needs, small enough for the allocator's fast path;
             // a batch grows it by doubling.
             self.buf.reserve(
-                (n + len.min(ZERO_COPY_MIN)).max(FIRST_BUFFER.min(self.write_buffer_size)),
+                (header.len() + len.min(ZERO_COPY_MIN))
+                    .max(FIRST_BUFFER.min(self.write_buffer_size)),
             );
         }
-        self.buf.extend_from_slice(&bytes[..n]);
-        self.queued += n;
+        self.buf.extend_from_slice(header);
+        self.queued += header.len();
     }
 
     /// Moves the small-frame buffer's content into the segment queue.
@@ -357,6 +363,24 @@ impl FrameWriter {
             }
         }
     }
+}
+
+/// Encodes the header of an unmasked, final frame (tungstenite's encoder).
+fn encode_header(opcode: OpCode, rsv1: bool, len: usize) -> FrameHeaderBytes {
+    let header = FrameHeader {
+        is_final: true,
+        rsv1,
+        rsv2: false,
+        rsv3: false,
+        opcode,
+        mask: None,
+    };
+    let mut bytes = [0u8; 14];
+    let mut cursor = Cursor::new(&mut bytes[..]);
+    // 14 bytes always hold an unmasked header: formatting cannot fail.
+    let _ = header.format(len as u64, &mut cursor);
+    let n = usize::try_from(cursor.position()).unwrap_or(0);
+    FrameHeaderBytes::new(bytes, n)
 }
 
 /// zlib-rs deflate state at window 15 and the default memory level (an
