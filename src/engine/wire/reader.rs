@@ -179,16 +179,44 @@ impl FrameReader {
                 let mut read = ReadBuf::uninit(&mut stack[..self.read_buffer_size.min(IDLE_READ)]);
                 ready!(std::pin::Pin::new(&mut *io).poll_read(cx, &mut read))
                     .map_err(WireError::Io)?;
-                if read.filled().is_empty() {
+                let filled = read.filled();
+                if filled.is_empty() {
                     return Poll::Ready(self.end_of_stream());
                 }
-                self.buf.reserve(
-                    self.need
-                        .max(self.read_buffer_size)
-                        .max(read.filled().len()),
-                );
-                self.buf.extend_from_slice(read.filled());
-                continue;
+                // The common case, a whole small message per read, is
+                // decoded from the stack: only its payload is copied to the
+                // heap, and no read buffer is taken.
+                let (first, used) = match self.parse(filled) {
+                    Ok(Parsed::Frame(header, header_len, len)) => {
+                        let total = header_len + len;
+                        let payload = BytesMut::from(&filled[header_len..total]);
+                        (Some(self.payload(&header, payload)), total)
+                    }
+                    Ok(Parsed::Need(need)) => {
+                        self.need = need;
+                        (None, 0)
+                    }
+                    Err(e) => (Some(Err(e)), filled.len()),
+                };
+                let rest = &filled[used..];
+                if !rest.is_empty() {
+                    self.buf
+                        .reserve(self.need.max(self.read_buffer_size).max(rest.len()));
+                    self.buf.extend_from_slice(rest);
+                }
+                match first {
+                    Some(Ok(Some(msg))) => {
+                        self.shrink_if_idle();
+                        return Poll::Ready(Ok(Some(msg)));
+                    }
+                    Some(Err(e)) => {
+                        self.failed = Some(e.clone());
+                        self.release();
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    // A fragment was absorbed, or the frame is incomplete.
+                    Some(Ok(None)) | None => continue,
+                }
             }
             let want = self.need.max(self.read_buffer_size);
             if self.buf.capacity() < want {
@@ -229,28 +257,47 @@ impl FrameReader {
     /// Decodes at most one frame from `buf`. `Ok(None)`: need more bytes (set
     /// in `need`) or a fragment was absorbed (`need` <= `buf.len()`).
     fn decode(&mut self) -> Result<Option<Message>, ProtocolError> {
-        let mut cursor = Cursor::new(&self.buf[..]);
+        let (header, header_len, len) = match self.parse(&self.buf)? {
+            Parsed::Frame(header, header_len, len) => (header, header_len, len),
+            Parsed::Need(need) => {
+                self.need = need;
+                return Ok(None);
+            }
+        };
+        let mut payload = self.buf.split_to(header_len + len);
+        payload.advance(header_len);
+        self.payload(&header, payload)
+    }
+
+    /// The first frame in `bytes`: its header, checked, with its length
+    /// and its payload's once `bytes` holds the whole frame.
+    fn parse(&self, bytes: &[u8]) -> Result<Parsed, ProtocolError> {
+        let mut cursor = Cursor::new(bytes);
         let Some((header, len)) =
             FrameHeader::parse(&mut cursor).map_err(|_| ProtocolError::BadOpcode)?
         else {
-            self.need = (self.buf.len() + 1).max(2);
-            return Ok(None);
+            return Ok(Parsed::Need((bytes.len() + 1).max(2)));
         };
         let header_len = usize::try_from(cursor.position()).unwrap_or(MAX_HEADER);
         // Check everything the header tells before buffering the payload.
         let len = self.check_header(&header, len)?;
-        let total = header_len + len;
-        if self.buf.len() < total {
-            self.need = total;
-            return Ok(None);
+        if bytes.len() < header_len + len {
+            return Ok(Parsed::Need(header_len + len));
         }
-        let mut payload = self.buf.split_to(total);
-        payload.advance(header_len);
+        Ok(Parsed::Frame(header, header_len, len))
+    }
+
+    /// A whole frame's (still masked) payload: unmasks it and hands it on.
+    fn payload(
+        &mut self,
+        header: &FrameHeader,
+        mut payload: BytesMut,
+    ) -> Result<Option<Message>, ProtocolError> {
         if let Some(mask) = header.mask {
             apply_mask(&mut payload, mask);
         }
         self.need = 2;
-        self.frame(&header, payload)
+        self.frame(header, payload)
     }
 
     fn check_header(&self, h: &FrameHeader, len: u64) -> Result<usize, ProtocolError> {
@@ -432,6 +479,14 @@ impl FrameReader {
         }
         self.context = None;
     }
+}
+
+/// What [`FrameReader::parse`] found at the start of the bytes.
+enum Parsed {
+    /// A whole frame: its header, the header's length and the payload's.
+    Frame(FrameHeader, usize, usize),
+    /// Not a whole frame yet: the bytes it needs.
+    Need(usize),
 }
 
 /// zlib-rs inflate state plus its 32 KiB window (an estimate for budgets).

@@ -495,6 +495,70 @@ async fn buffers_shrink_back_after_a_1_mib_message() {
     }
 }
 
+/// Hands out one chunk per read.
+struct Chunks<'a>(std::collections::VecDeque<&'a [u8]>);
+
+impl AsyncRead for Chunks<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(chunk) = self.0.pop_front() {
+            buf.put_slice(chunk);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads that each start while the reader holds no buffer go onto the
+/// stack and decode from there: a whole frame, a frame and the start of the
+/// next, half a frame, a first fragment, a bad frame. The messages are the
+/// same as from a buffer, and between messages the reader holds nothing.
+#[tokio::test]
+async fn reads_onto_the_stack_decode_whole_frames_and_keep_the_rest() {
+    let a = client_frame(true, false, 1, b"alone");
+    let b = client_frame(true, false, 2, b"first of two");
+    let c = client_frame(true, false, 1, b"second of two, half in the next read");
+    let (c1, c2) = c.split_at(10);
+    let f1 = client_frame(false, false, 1, b"frag");
+    let f2 = client_frame(true, false, 0, b"ment");
+    let ping = client_frame(true, false, 9, b"p");
+    let two = [b.clone(), c1.to_vec()].concat();
+    let mut io = Chunks([&a[..], &two, c2, &f1, &f2, &ping].into_iter().collect());
+    let mut reader = FrameReader::new(LIMITS, None, 2048);
+    let first = poll_fn(|cx| reader.poll_read(&mut io, cx)).await.unwrap();
+    assert_eq!(first, Some(text("alone")));
+    assert_eq!(reader.buffered_bytes(), 0, "a whole frame takes no buffer");
+    let (msgs, err) = read_all(&mut reader, &mut io).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        msgs,
+        vec![
+            Message::Binary(Bytes::from_static(b"first of two")),
+            text("second of two, half in the next read"),
+            text("fragment"),
+            Message::Ping(Bytes::from_static(b"p")),
+        ]
+    );
+    assert_eq!(
+        reader.buffered_bytes(),
+        0,
+        "no buffer held between messages"
+    );
+
+    // A protocol violation read onto the stack fails as from a buffer.
+    let bad = client_frame(true, true, 1, b"rsv1 without deflate");
+    let mut io = Chunks([&a[..], &bad].into_iter().collect());
+    let mut reader = FrameReader::new(LIMITS, None, 2048);
+    let (msgs, err) = read_all(&mut reader, &mut io).await;
+    assert_eq!(msgs, vec![text("alone")]);
+    assert!(matches!(
+        err,
+        Some(WireError::Protocol(ProtocolError::CompressionNotNegotiated))
+    ));
+}
+
 #[test]
 fn mask_matches_a_bytewise_xor() {
     let mask = [1, 2, 3, 4];
