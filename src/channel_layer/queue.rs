@@ -4,9 +4,11 @@ use std::{
     collections::VecDeque,
     fmt,
     future::poll_fn,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     task::{Context, Poll, Waker},
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use super::Event;
 
@@ -73,10 +75,9 @@ struct State {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the queue inconsistent
-        // (every critical section is a push, pop or flag write), so poisoning
-        // is ignored.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        // parking_lot's mutex (see `Link::lock`): every critical section is
+        // a push, pop or flag write, consistent after a panic.
+        self.state.lock()
     }
 }
 

@@ -468,6 +468,13 @@ impl Engine {
             let mut room = config
                 .write_buffer_size
                 .saturating_sub(socket.queued_bytes());
+            if inline && st.out.len() > 1 {
+                // About what this batch encodes: its payloads (as much as
+                // fits) and a short header each. (One frame sizes the
+                // buffer itself.)
+                let headers = st.out.len().saturating_mul(4);
+                socket.reserve(st.out_bytes.min(room).saturating_add(headers));
+            }
             let mut take = || {
                 let out = st.out.pop_front()?;
                 st.out_bytes -= out.len();

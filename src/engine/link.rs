@@ -10,9 +10,11 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     task::{Context as TaskContext, Poll, Waker},
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::{
     channel_layer::{ChannelLayerError, ChannelReceiver, Event, PresenceInfo, RecvError},
@@ -165,9 +167,11 @@ impl Link {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        // Critical sections are queue pushes and pops and flag writes;
-        // a poisoned lock still holds a consistent state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        // parking_lot's mutex: taken several times per delivery, and it
+        // does not poison (critical sections are queue pushes and pops and
+        // flag writes, consistent after a panic) nor check the thread's
+        // panic count on unlock, as std's does.
+        self.state.lock()
     }
 
     // ----- application side -------------------------------------------------

@@ -92,6 +92,15 @@ impl Peer {
         }
     }
 
+    /// Makes room for about `bytes` of frames before a batch is encoded
+    /// (a WebSocket's write buffer; an HTTP session grows its own).
+    #[inline]
+    pub(crate) fn reserve(&mut self, bytes: usize) {
+        if let Peer::WebSocket(s) = self {
+            s.reserve(bytes);
+        }
+    }
+
     #[inline]
     pub(crate) fn queue_ping(&mut self) {
         both!(self, p => p.queue_ping())

@@ -146,6 +146,11 @@ impl Socket {
         self.writer.queue(out);
     }
 
+    /// See [`FrameWriter::reserve`].
+    pub(crate) fn reserve(&mut self, bytes: usize) {
+        self.writer.reserve(bytes);
+    }
+
     /// Whether permessage-deflate was negotiated.
     pub(crate) fn compresses(&self) -> bool {
         self.writer.compresses()
