@@ -333,6 +333,48 @@ async fn calc_server() -> SocketAddr {
     .await
 }
 
+/// Sends the number of messages the client asks for, then closes, all in
+/// one handler call.
+struct SayAndGo;
+
+impl WebSocketConsumer for SayAndGo {
+    async fn receive(&mut self, ctx: &mut Context, msg: message::Message) -> Result<(), BoxError> {
+        let n: usize = msg.as_text().unwrap_or_default().parse()?;
+        for i in 0..n {
+            ctx.send_text(format!("{i:0>100}"))?;
+        }
+        ctx.close(message::close_code::NORMAL, "done");
+        Ok(())
+    }
+}
+
+/// A close asked for after sends goes after them, without waiting for
+/// anything else to wake the connection: in one batch (1, 3 messages) and
+/// across several write buffers (300 x 100 B).
+#[tokio::test]
+async fn messages_sent_before_a_close_reach_the_client_before_it() {
+    let addr = serve_axum(
+        Router::new().layer(WebSocketLayer::new().route("/ws", websocket_consumer(|_| SayAndGo))),
+    )
+    .await;
+    for n in [1usize, 3, 300] {
+        let mut ws = connect(addr, "/ws").await;
+        ws.send(Message::text(n.to_string())).await.expect("send");
+        for i in 0..n {
+            assert_eq!(
+                next_text(&mut ws).await,
+                format!("{i:0>100}"),
+                "message {i} of {n}"
+            );
+        }
+        assert_eq!(
+            next_close(&mut ws).await,
+            (1000, "done".to_owned()),
+            "after {n}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn json_consumer_dispatches_typed_enum() {
     let addr = calc_server().await;
