@@ -338,16 +338,11 @@ impl FrameWriter {
 
     /// Appends an encoded header of a frame whose payload is `len` bytes.
     fn push_header(&mut self, header: &[u8], len: usize) {
-        if self.buf.capacity() == 0 {
-            // The buffer is dropped after every flush (an idle connection
-            // holds none), so this runs about once per write: start at what
-            // this frame needs, small enough for the allocator's fast path;
-            // a batch grows it by doubling.
-            self.buf.reserve(
-                (header.len() + len.min(ZERO_COPY_MIN))
-                    .max(FIRST_BUFFER.min(self.write_buffer_size)),
-            );
-        }
+        // The buffer is dropped after every flush (an idle connection holds
+        // none), so a frame often finds it empty: start at what this frame
+        // needs, small enough for the allocator's fast path; a batch grows
+        // it by doubling, or `reserve`s it whole first.
+        self.reserve(header.len() + len.min(ZERO_COPY_MIN));
         self.buf.extend_from_slice(header);
         self.queued += header.len();
     }
