@@ -155,17 +155,9 @@ impl FrameReader {
             return Poll::Ready(Err(e.clone().into()));
         }
         loop {
-            match self.decode() {
-                Ok(Some(msg)) => {
-                    self.shrink_if_idle();
-                    return Poll::Ready(Ok(Some(msg)));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.failed = Some(e.clone());
-                    self.release();
-                    return Poll::Ready(Err(e.into()));
-                }
+            let decoded = self.decode();
+            if let Some(done) = self.settle(decoded) {
+                return Poll::Ready(done);
             }
             if self.buf.len() >= self.need {
                 // A fragment was consumed; decode the next frame.
@@ -204,19 +196,11 @@ impl FrameReader {
                         .reserve(self.need.max(self.read_buffer_size).max(rest.len()));
                     self.buf.extend_from_slice(rest);
                 }
-                match first {
-                    Some(Ok(Some(msg))) => {
-                        self.shrink_if_idle();
-                        return Poll::Ready(Ok(Some(msg)));
-                    }
-                    Some(Err(e)) => {
-                        self.failed = Some(e.clone());
-                        self.release();
-                        return Poll::Ready(Err(e.into()));
-                    }
-                    // A fragment was absorbed, or the frame is incomplete.
-                    Some(Ok(None)) | None => continue,
+                if let Some(done) = first.and_then(|decoded| self.settle(decoded)) {
+                    return Poll::Ready(done);
                 }
+                // A fragment was absorbed, or the frame is incomplete.
+                continue;
             }
             let want = self.need.max(self.read_buffer_size);
             if self.buf.capacity() < want {
@@ -228,6 +212,28 @@ impl FrameReader {
             let n = ready!(read.poll(cx)).map_err(WireError::Io)?;
             if n == 0 {
                 return Poll::Ready(self.end_of_stream());
+            }
+        }
+    }
+
+    /// What a decoded frame means for `poll_read`, from the buffer or the
+    /// stack alike: a message to hand out (the buffer is given back if
+    /// nothing more is held), an error to keep returning (everything held is
+    /// dropped), or `None` to read on.
+    fn settle(
+        &mut self,
+        decoded: Result<Option<Message>, ProtocolError>,
+    ) -> Option<Result<Option<Message>, WireError>> {
+        match decoded {
+            Ok(Some(msg)) => {
+                self.shrink_if_idle();
+                Some(Ok(Some(msg)))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.failed = Some(e.clone());
+                self.release();
+                Some(Err(e.into()))
             }
         }
     }
