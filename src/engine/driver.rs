@@ -28,7 +28,9 @@ use crate::{
     WebSocketConfig,
 };
 
-/// Most queued messages moved to the writer per lock of the link.
+/// Most queued messages taken from the link per lock when they are
+/// compressed (encoded outside the lock); without compression a lock moves
+/// a write buffer's worth (see `Engine::move_queued`).
 const MOVE_BATCH: usize = 16;
 
 /// Where a connection is in its life.
